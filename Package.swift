@@ -1,0 +1,72 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "DurableEntities",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "DurableEntities", targets: ["DurableEntities"]),
+        .library(name: "LMDB", targets: ["LMDB"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+    ],
+    targets: [
+        // C interop stays at the edge: one system-library target for Debian's liblmdb-dev.
+        .systemLibrary(
+            name: "CLMDB",
+            pkgConfig: "lmdb",
+            providers: [.apt(["liblmdb-dev"])]
+        ),
+        // The LMDB wrapper: every C call passes through it. Knows nothing of entities.
+        .target(
+            name: "LMDB",
+            dependencies: ["CLMDB"]
+        ),
+        // The runtime. Starts with the journal and its group-committing writer.
+        .target(
+            name: "DurableEntities",
+            dependencies: [
+                "LMDB",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "DequeModule", package: "swift-collections"),
+            ]
+        ),
+        .executableTarget(
+            name: "Benchmarks",
+            dependencies: [
+                "DurableEntities",
+                "LMDB",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            path: "Benchmarks"
+        ),
+        .executableTarget(
+            name: "JournalDemo",
+            dependencies: [
+                "DurableEntities",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Samples/JournalDemo"
+        ),
+        // A child process for crash tests: the tests SIGKILL it mid-stream and check the directory.
+        .executableTarget(
+            name: "JournalCrashChild",
+            dependencies: ["DurableEntities"],
+            path: "Tests/Support/JournalCrashChild"
+        ),
+        .testTarget(
+            name: "LMDBTests",
+            dependencies: ["LMDB"]
+        ),
+        .testTarget(
+            name: "DurableEntitiesTests",
+            dependencies: ["DurableEntities", "LMDB"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,80 @@
+/// Writes that commit together, atomically: all of a batch's operations become durable in one
+/// transaction, or none do.
+///
+/// A batch is what one caller hands to ``Journal/commit(_:)``. The journal's writer packs many batches
+/// from many callers into each LMDB transaction (group commit), but checks each batch on its own: a
+/// batch with a wrong sequence number is refused alone and the others still commit.
+///
+/// ## Usage
+/// ```swift
+/// var batch = JournalBatch()
+/// batch.append(key, sequence: 42, payload: bytes)
+/// batch.saveSnapshot(key, sequence: 42, payload: state)
+/// try await journal.commit(batch)
+/// ```
+public struct JournalBatch: Sendable {
+    enum Operation: Sendable {
+        case register(EntityName)
+        case append(EntityKey, sequence: UInt64, payload: [UInt8])
+        case snapshot(EntityKey, sequence: UInt64, payload: [UInt8])
+        case prune(EntityKey, before: UInt64)
+        case metadata(EntityKey, EntityMetadata)
+        case scheduleTimer(JournalTimer)
+        case cancelTimer(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64)
+        case recordResult(key: [UInt8], payload: [UInt8])
+    }
+
+    var operations: [Operation] = []
+
+    public init() {}
+
+    /// Whether the batch has no operations.
+    public var isEmpty: Bool { operations.isEmpty }
+
+    /// Registers an entity (idempotent); its key comes back in ``CommitReceipt/registered``.
+    public mutating func register(_ name: EntityName) {
+        operations.append(.register(name))
+    }
+
+    /// Appends an event. `sequence` must be the entity's latest sequence (counting earlier appends in
+    /// this batch) plus one, or the batch is refused with ``JournalError/Code/nonConsecutiveSequence``.
+    public mutating func append(_ entity: EntityKey, sequence: UInt64, payload: [UInt8]) {
+        operations.append(.append(entity, sequence: sequence, payload: payload))
+    }
+
+    /// Replaces the entity's snapshot.
+    public mutating func saveSnapshot(_ entity: EntityKey, sequence: UInt64, payload: [UInt8]) {
+        operations.append(.snapshot(entity, sequence: sequence, payload: payload))
+    }
+
+    /// Deletes the entity's events before `sequence` (retention). The latest sequence is kept.
+    public mutating func deleteHistory(of entity: EntityKey, before sequence: UInt64) {
+        operations.append(.prune(entity, before: sequence))
+    }
+
+    /// Replaces the entity's metadata (status, run).
+    public mutating func setMetadata(_ entity: EntityKey, _ metadata: EntityMetadata) {
+        operations.append(.metadata(entity, metadata))
+    }
+
+    /// Adds a durable timer row.
+    public mutating func scheduleTimer(_ timer: JournalTimer) {
+        operations.append(.scheduleTimer(timer))
+    }
+
+    /// Removes a durable timer row (no effect when absent).
+    public mutating func cancelTimer(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64) {
+        operations.append(.cancelTimer(dueNanoseconds: dueNanoseconds, entity: entity, id: id))
+    }
+
+    /// Records the result for an idempotency key. The first recorded result wins.
+    public mutating func recordResult(forKey key: [UInt8], payload: [UInt8]) {
+        operations.append(.recordResult(key: key, payload: payload))
+    }
+}
+
+/// What a durable commit returns.
+public struct CommitReceipt: Sendable {
+    /// The keys of the entities the batch registered, in the order of its `register` calls.
+    public var registered: [EntityKey]
+}

@@ -1,0 +1,130 @@
+import LMDB
+
+/// How the journal lays bytes out in LMDB. All integers in keys are big-endian, so LMDB's byte order
+/// is numeric order.
+///
+/// | database | key | value |
+/// | --- | --- | --- |
+/// | `log` | position (8) | entity key (8), sequence (8), CRC-32C (4), payload |
+/// | `history` | entity key (8), sequence (8) | CRC-32C (4), payload |
+/// | `names` | type UTF-8, 0x00, id UTF-8 | entity key (8) |
+/// | `entities` | entity key (8) | metadata record |
+/// | `snapshots` | entity key (8) | sequence (8), CRC-32C (4), payload |
+/// | `timers` | due (8), entity key (8), timer id (8) | payload |
+/// | `idempotency` | caller's key | CRC-32C (4), payload |
+enum JournalLayout {
+    static let logHeader = 20
+    static let checksumBytes = 4
+}
+
+/// Two big-endian integers as one 16-byte key.
+struct Key16 {
+    private var high: UInt64
+    private var low: UInt64
+    init(_ high: UInt64, _ low: UInt64) {
+        self.high = high.bigEndian
+        self.low = low.bigEndian
+    }
+    @inline(__always)
+    func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        var copy = self
+        return try withUnsafeBytes(of: &copy, body)
+    }
+}
+
+/// One big-endian integer as an 8-byte key.
+struct Key8 {
+    private var value: UInt64
+    init(_ value: UInt64) { self.value = value.bigEndian }
+    @inline(__always)
+    func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        var copy = self
+        return try withUnsafeBytes(of: &copy, body)
+    }
+}
+
+/// Three big-endian integers as one 24-byte key (timers).
+struct Key24 {
+    private var a: UInt64, b: UInt64, c: UInt64
+    init(_ a: UInt64, _ b: UInt64, _ c: UInt64) {
+        self.a = a.bigEndian
+        self.b = b.bigEndian
+        self.c = c.bigEndian
+    }
+    @inline(__always)
+    func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        var copy = self
+        return try withUnsafeBytes(of: &copy, body)
+    }
+}
+
+extension UnsafeRawBufferPointer {
+    @inline(__always)
+    func bigEndianUInt64(at offset: Int) -> UInt64 {
+        loadUnaligned(fromByteOffset: offset, as: UInt64.self).bigEndian
+    }
+    @inline(__always)
+    func littleEndianUInt32(at offset: Int) -> UInt32 {
+        loadUnaligned(fromByteOffset: offset, as: UInt32.self).littleEndian
+    }
+}
+
+extension UnsafeMutableRawBufferPointer {
+    @inline(__always)
+    func storeBigEndian(_ value: UInt64, at offset: Int) {
+        storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt64.self)
+    }
+    @inline(__always)
+    func storeLittleEndian(_ value: UInt32, at offset: Int) {
+        storeBytes(of: value.littleEndian, toByteOffset: offset, as: UInt32.self)
+    }
+}
+
+extension EntityName {
+    /// The `names` key: type, a zero byte, id. LMDB keys hold at most 511 bytes.
+    func nameKey() throws(JournalError) -> [UInt8] {
+        var bytes = Array(type.utf8)
+        bytes.append(0)
+        bytes.append(contentsOf: id.utf8)
+        guard bytes.count <= 511, !type.isEmpty, !type.utf8.contains(0) else {
+            throw JournalError(.nameTooLong, entity: self,
+                               "an entity type plus id must be 1...510 UTF-8 bytes and the type must not contain a zero byte (got \(bytes.count - 1))")
+        }
+        return bytes
+    }
+}
+
+extension EntityMetadata {
+    private static let version: UInt8 = 1
+
+    func encoded() -> [UInt8] {
+        let type = Array(name.type.utf8)
+        let id = Array(name.id.utf8)
+        var bytes = [UInt8](repeating: 0, count: 20 + type.count + id.count)
+        bytes.withUnsafeMutableBytes { out in
+            out[0] = Self.version
+            out[1] = status
+            out.storeBigEndian(run, at: 2)
+            out.storeBigEndian(prunedBefore, at: 10)
+            out.storeBytes(of: UInt16(type.count).bigEndian, toByteOffset: 18, as: UInt16.self)
+        }
+        bytes.replaceSubrange(20..<(20 + type.count), with: type)
+        bytes.replaceSubrange((20 + type.count)..., with: id)
+        return bytes
+    }
+
+    static func decode(_ bytes: UnsafeRawBufferPointer, key: EntityKey) throws(JournalError) -> EntityMetadata {
+        guard bytes.count >= 20, bytes[0] == version else {
+            throw JournalError(.corruptedRecord, key: key, "the entity's metadata record is damaged (\(bytes.count) bytes)")
+        }
+        let typeCount = Int(bytes.loadUnaligned(fromByteOffset: 18, as: UInt16.self).bigEndian)
+        guard 20 + typeCount <= bytes.count else {
+            throw JournalError(.corruptedRecord, key: key, "the entity's metadata record is damaged (type length \(typeCount))")
+        }
+        let type = String(decoding: bytes[20..<(20 + typeCount)], as: UTF8.self)
+        let id = String(decoding: bytes[(20 + typeCount)...], as: UTF8.self)
+        var metadata = EntityMetadata(name: EntityName(type: type, id: id), status: bytes[1], run: bytes.bigEndianUInt64(at: 2))
+        metadata.prunedBefore = bytes.bigEndianUInt64(at: 10)
+        return metadata
+    }
+}

@@ -1,0 +1,333 @@
+@testable import DurableEntities
+import Foundation
+import LMDB
+import Testing
+
+@Suite("Journal")
+struct JournalTests {
+    @Test("appends survive close and reopen, across coalesced moves and the log window")
+    func appendsSurviveReopen() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        // Small threshold and window, so events are spread over log, moves and history.
+        let configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 4, logWindow: 64, logger: quietLogger)
+        var keys: [EntityKey] = []
+        do {
+            let journal = try Journal(configuration: configuration)
+            for i in 0..<20 { keys.append(try await journal.register(EntityName(type: "Account", id: "a\(i)"))) }
+            #expect(Set(keys).count == 20)
+            // Registration is idempotent.
+            #expect(try await journal.register(EntityName(type: "Account", id: "a3")) == keys[3])
+            for round in 1...30 {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for (index, key) in keys.enumerated() where (index + round) % 3 != 0 || round == 1 {
+                        group.addTask {
+                            let next = try journal.latestSequence(of: key) + 1
+                            var batch = JournalBatch()
+                            batch.append(key, sequence: next, payload: bytes("\(key.rawValue):\(next)"))
+                            _ = try await journal.commit(batch)
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+            }
+            try checkHistories(journal, keys)
+            journal.close()
+        }
+        let reopened = try Journal(configuration: configuration)
+        defer { reopened.close() }
+        try checkHistories(reopened, keys)
+        #expect(try reopened.key(for: EntityName(type: "Account", id: "a7")) == keys[7])
+        #expect(try reopened.metadata(of: keys[7])?.name == EntityName(type: "Account", id: "a7"))
+        // Appends continue where they stopped.
+        let next = try reopened.latestSequence(of: keys[0]) + 1
+        var batch = JournalBatch()
+        batch.append(keys[0], sequence: next, payload: bytes("\(keys[0].rawValue):\(next)"))
+        _ = try await reopened.commit(batch)
+        try checkHistories(reopened, keys)
+    }
+
+    private func checkHistories(_ journal: Journal, _ keys: [EntityKey]) throws {
+        for key in keys {
+            let events = try journal.events(of: key)
+            let latest = try journal.latestSequence(of: key)
+            #expect(latest > 0)
+            #expect(events.map(\.sequence) == Array(1...latest))
+            for event in events { #expect(event.payload == bytes("\(key.rawValue):\(event.sequence)")) }
+            // Partial ranges.
+            let middle = try journal.events(of: key, from: 2, through: 3)
+            #expect(middle.map(\.sequence) == Array(2...min(3, latest)))
+        }
+    }
+
+    @Test("a non-consecutive append is refused alone; the rest of the group commit lands")
+    func nonConsecutiveAppendIsRejected() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        defer { journal.close() }
+        let alice = try await journal.register(EntityName(type: "Account", id: "alice"))
+        let bob = try await journal.register(EntityName(type: "Account", id: "bob"))
+
+        var first = JournalBatch()
+        first.append(alice, sequence: 1, payload: bytes("a1"))
+        _ = try await journal.commit(first)
+
+        // A gap, a repeat, and a valid batch, submitted together so they share one transaction.
+        var gapBatch = JournalBatch()
+        gapBatch.append(alice, sequence: 3, payload: bytes("x"))
+        var repeatBatch = JournalBatch()
+        repeatBatch.append(alice, sequence: 1, payload: bytes("x"))
+        var validBatch = JournalBatch()
+        validBatch.append(bob, sequence: 1, payload: bytes("b1"))
+        validBatch.append(bob, sequence: 2, payload: bytes("b2"))
+        async let gap = Result { try await journal.commit(gapBatch) }
+        async let repeated = Result { try await journal.commit(repeatBatch) }
+        async let valid = Result { try await journal.commit(validBatch) }
+
+        for outcome in await [gap, repeated] {
+            guard case .failure(let error as JournalError) = outcome else {
+                Issue.record("expected a refusal, got \(outcome)")
+                continue
+            }
+            #expect(error.code == .nonConsecutiveSequence)
+            #expect(error.entity == EntityName(type: "Account", id: "alice"))
+            #expect(error.sequence != nil)
+        }
+        _ = try await valid.get()
+        #expect(try journal.events(of: alice).map(\.payload) == [bytes("a1")])
+        #expect(try journal.events(of: bob).map(\.payload) == [bytes("b1"), bytes("b2")])
+
+        // A batch is all or nothing: a bad second append leaves the first unwritten.
+        var mixed = JournalBatch()
+        mixed.append(alice, sequence: 2, payload: bytes("a2"))
+        mixed.append(alice, sequence: 4, payload: bytes("a4"))
+        await #expect(throws: JournalError.self) { try await journal.commit(mixed) }
+        #expect(try journal.latestSequence(of: alice) == 1)
+
+        // Unknown entity keys and oversized payloads are refused with their own codes.
+        var unknown = JournalBatch()
+        unknown.append(EntityKey(rawValue: 999), sequence: 1, payload: [])
+        let unknownError = await #expect(throws: JournalError.self) { try await journal.commit(unknown) }
+        #expect(unknownError?.code == .unknownEntity)
+    }
+
+    @Test("oversized payloads are refused and nothing is written")
+    func oversizedPayload() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, maxPayloadBytes: 1_000, logger: quietLogger))
+        defer { journal.close() }
+        let key = try await journal.register(EntityName(type: "Cart", id: "c1"))
+        var batch = JournalBatch()
+        batch.append(key, sequence: 1, payload: [UInt8](repeating: 7, count: 1_001))
+        let error = await #expect(throws: JournalError.self) { try await journal.commit(batch) }
+        #expect(error?.code == .payloadTooLarge)
+        #expect(error?.sequence == 1)
+        #expect(try journal.latestSequence(of: key) == 0)
+    }
+
+    @Test("snapshots, retention, timers, idempotency results and metadata round-trip")
+    func sideTables() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 3, logger: quietLogger)
+        let key: EntityKey
+        do {
+            let journal = try Journal(configuration: configuration)
+            key = try await journal.register(EntityName(type: "Order", id: "o-1"))
+            var batch = JournalBatch()
+            for sequence in 1...10 { batch.append(key, sequence: UInt64(sequence), payload: bytes("e\(sequence)")) }
+            batch.saveSnapshot(key, sequence: 8, payload: bytes("state@8"))
+            batch.scheduleTimer(JournalTimer(dueNanoseconds: 2_000, entity: key, id: 2, payload: bytes("late")))
+            batch.scheduleTimer(JournalTimer(dueNanoseconds: 1_000, entity: key, id: 1, payload: bytes("early")))
+            batch.scheduleTimer(JournalTimer(dueNanoseconds: 3_000, entity: key, id: 3))
+            batch.recordResult(forKey: bytes("charge-1"), payload: bytes("ok:42"))
+            _ = try await journal.commit(batch)
+
+            var more = JournalBatch()
+            more.deleteHistory(of: key, before: 8)
+            more.cancelTimer(dueNanoseconds: 3_000, entity: key, id: 3)
+            more.recordResult(forKey: bytes("charge-1"), payload: bytes("second write loses"))
+            var metadata = EntityMetadata(name: EntityName(type: "Order", id: "o-1"), status: 2, run: 3)
+            metadata.status = 2
+            more.setMetadata(key, metadata)
+            _ = try await journal.commit(more)
+            journal.close()
+        }
+        let journal = try Journal(configuration: configuration)
+        defer { journal.close() }
+        #expect(try journal.events(of: key).map(\.sequence) == [8, 9, 10])
+        #expect(try journal.latestSequence(of: key) == 10)
+        #expect(try journal.snapshot(of: key) == JournalSnapshot(sequence: 8, payload: bytes("state@8")))
+        #expect(try journal.timers(dueAtOrBefore: 2_500).map(\.id) == [1, 2])
+        #expect(try journal.timers().map(\.payload) == [bytes("early"), bytes("late")])
+        #expect(try journal.recordedResult(forKey: bytes("charge-1")) == bytes("ok:42"))
+        #expect(try journal.recordedResult(forKey: bytes("missing")) == nil)
+        let metadata = try #require(try journal.metadata(of: key))
+        #expect(metadata.status == 2 && metadata.run == 3 && metadata.prunedBefore == 8)
+
+        // Pruning everything keeps the latest sequence: the next append must still be 11.
+        var all = JournalBatch()
+        all.deleteHistory(of: key, before: 100)
+        _ = try await journal.commit(all)
+        #expect(try journal.events(of: key).isEmpty)
+        #expect(try journal.latestSequence(of: key) == 10)
+        var next = JournalBatch()
+        next.append(key, sequence: 11, payload: bytes("e11"))
+        _ = try await journal.commit(next)
+        #expect(try journal.events(of: key).map(\.sequence) == [11])
+    }
+
+    @Test("a damaged record gives a typed error naming the entity and sequence", arguments: ["history", "log"])
+    func corruptedRecord(database: String) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        // Threshold 4: events 1-4 move to history, 5-6 stay in the log.
+        let configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 4, logger: quietLogger)
+        let key: EntityKey
+        do {
+            let journal = try Journal(configuration: configuration)
+            key = try await journal.register(EntityName(type: "Account", id: "damaged"))
+            for sequence in 1...6 {
+                var batch = JournalBatch()
+                batch.append(key, sequence: UInt64(sequence), payload: bytes("payload-\(sequence)"))
+                _ = try await journal.commit(batch)
+            }
+            journal.close()
+        }
+        // Flip one payload byte behind the journal's back.
+        let target: UInt64 = database == "history" ? 2 : 5
+        try damage(sequence: target, in: database, directory: directory.path)
+
+        let journal = try Journal(configuration: configuration)
+        defer { journal.close() }
+        let error = #expect(throws: JournalError.self) { try journal.events(of: key) }
+        #expect(error?.code == .corruptedRecord)
+        #expect(error?.sequence == target)
+        #expect(error?.entity == EntityName(type: "Account", id: "damaged"))
+        // The events before the damaged one are still readable.
+        #expect(try journal.events(of: key, through: target - 1).count == Int(target - 1))
+    }
+
+    private func damage(sequence target: UInt64, in database: String, directory: String) throws {
+        let environment = try Environment.open(.init(directory: directory))
+        defer { environment.close() }
+        let store = try environment.database(database)
+        try environment.write { txn in
+            try txn.withCursor(store) { cursor in
+                var entry = try cursor.first()
+                while let current = entry {
+                    let sequence = database == "history" ? current.key.bigEndianUInt64(at: 8) : current.value.bigEndianUInt64(at: 8)
+                    if sequence == target {
+                        var value = Array(current.value)
+                        value[value.count - 1] ^= 0xFF
+                        let keyBytes = Array(current.key)
+                        try txn.put(value, forKey: keyBytes, in: store)
+                        return
+                    }
+                    entry = try cursor.next()
+                }
+                Issue.record("sequence \(target) not found in \(database)")
+            }
+        }
+    }
+
+    @Test("map growth under concurrent load loses nothing")
+    func mapGrowthUnderLoad() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, initialMapSize: 256 << 10, coalesceThreshold: 8, logger: quietLogger))
+        defer { journal.close() }
+        var keys: [EntityKey] = []
+        for i in 0..<16 { keys.append(try await journal.register(EntityName(type: "Blob", id: "b\(i)"))) }
+        let payload = [UInt8](repeating: 0xAB, count: 2_000)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for key in keys {
+                group.addTask {
+                    for sequence in 1...150 {
+                        var batch = JournalBatch()
+                        batch.append(key, sequence: UInt64(sequence), payload: payload + bytes("\(sequence)"))
+                        _ = try await journal.commit(batch)
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(journal.environment.mapGrowthCount > 0)
+        for key in keys {
+            let events = try journal.events(of: key)
+            #expect(events.map(\.sequence) == Array(1...150))
+            #expect(events.allSatisfy { $0.payload == payload + bytes("\($0.sequence)") })
+        }
+    }
+
+    @Test("a failed commit fails every caller in it and leaves nothing visible")
+    func failedCommitFailsAll() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        // The map may not grow past 1 MiB; a batch larger than that cannot commit.
+        let journal = try Journal(configuration: .init(directory: directory.path, initialMapSize: 1 << 20, maxMapSize: 1 << 20, logger: quietLogger))
+        defer { journal.close() }
+        let key = try await journal.register(EntityName(type: "Blob", id: "big"))
+        let other = try await journal.register(EntityName(type: "Blob", id: "small"))
+        var huge = JournalBatch()
+        huge.append(key, sequence: 1, payload: [UInt8](repeating: 1, count: 2 << 20))
+        var small = JournalBatch()
+        small.append(other, sequence: 1, payload: bytes("tiny"))
+        async let a = Result { try await journal.commit(huge) }
+        async let b = Result { try await journal.commit(small) }
+        let results = await [a, b]
+        // The huge batch always fails; the small one fails too when it shared the transaction.
+        guard case .failure(let error as JournalError) = results[0] else {
+            Issue.record("the oversized commit succeeded")
+            return
+        }
+        #expect(error.code == .storage)
+        #expect(try journal.latestSequence(of: key) == 0)
+        if case .failure = results[1] { #expect(try journal.latestSequence(of: other) == 0) }
+        // The journal still works afterwards.
+        var after = JournalBatch()
+        after.append(key, sequence: 1, payload: bytes("fits"))
+        _ = try await journal.commit(after)
+        #expect(try journal.events(of: key).map(\.payload) == [bytes("fits")])
+    }
+
+    @Test("a second journal on an open directory gets a clear error, never a second writer")
+    func secondOpenerIsRefused() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        let error = #expect(throws: JournalError.self) { try Journal(configuration: .init(directory: directory.path, logger: quietLogger)) }
+        #expect(error?.code == .alreadyOpen)
+        // The first one is unharmed.
+        let key = try await journal.register(EntityName(type: "A", id: "1"))
+        var batch = JournalBatch()
+        batch.append(key, sequence: 1, payload: bytes("x"))
+        _ = try await journal.commit(batch)
+        journal.close()
+        // Once closed, the directory opens again.
+        let again = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        #expect(try again.latestSequence(of: key) == 1)
+        again.close()
+    }
+
+    @Test("commits after close fail with a typed error")
+    func commitAfterClose() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        let key = try await journal.register(EntityName(type: "A", id: "1"))
+        journal.close()
+        var batch = JournalBatch()
+        batch.append(key, sequence: 1, payload: [])
+        let error = await #expect(throws: JournalError.self) { try await journal.commit(batch) }
+        #expect(error?.code == .closed)
+    }
+}
+
+extension Result where Failure == any Error {
+    init(catching body: () async throws -> Success) async {
+        do { self = .success(try await body()) } catch { self = .failure(error) }
+    }
+}

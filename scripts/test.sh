@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds everything (library, samples, benchmarks, tests) and runs the test suites.
+# Extra arguments go to `swift test`, e.g. `scripts/test.sh --filter Journal`.
+#
+# Usage: scripts/test.sh [swift test options…]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/ensure-lmdb.sh
+swift build --build-tests
+swift test --skip-build "$@"
