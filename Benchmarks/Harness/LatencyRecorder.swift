@@ -35,7 +35,11 @@ final class LatencyRecorder: Sendable {
     /// An empty histogram with the layout every recorder uses: 1 ns resolution, three significant
     /// digits, growing as larger values arrive. Histograms with this layout can be merged.
     static func makeHistogram() -> Histogram<UInt64> {
-        Histogram<UInt64>(numberOfSignificantValueDigits: .three)
+        // Pre-sized to one hour: an auto-resizing histogram re-allocates as larger values arrive, and
+        // that resizing dominated a profile of journal-append with 4,096 recording tasks.
+        var histogram = Histogram<UInt64>(highestTrackableValue: 3_600_000_000_000, numberOfSignificantValueDigits: .three)
+        histogram.autoResize = true
+        return histogram
     }
 
     // MARK: Measured interval

@@ -8,9 +8,8 @@ enum Scenarios {
     static var all: [any BenchmarkScenario.Type] {
         [
             NoopScenario.self,
-            // Journal scenarios register here, e.g.:
-            // JournalAppendScenario.self,   // "journal-append"
-            // JournalReadScenario.self,     // "journal-read"
+            JournalAppendScenario.self,
+            JournalReadScenario.self,
         ]
     }
 

@@ -72,6 +72,8 @@ public final class Environment: @unchecked Sendable {
     public let path: String
     /// The configuration it was opened with.
     public let configuration: Configuration
+    /// How many stale reader slots (left by dead processes) were cleared when it opened.
+    public let staleReadersCleared: Int
 
     let handle: OpaquePointer
     let resizeLock = ReadWriteLock()
@@ -84,10 +86,11 @@ public final class Environment: @unchecked Sendable {
         var mapGrowths = 0
     }
 
-    private init(handle: OpaquePointer, path: String, configuration: Configuration) {
+    private init(handle: OpaquePointer, path: String, configuration: Configuration, staleReadersCleared: Int) {
         self.handle = handle
         self.path = path
         self.configuration = configuration
+        self.staleReadersCleared = staleReadersCleared
         self.state = Mutex(State())
     }
 
@@ -144,11 +147,11 @@ public final class Environment: @unchecked Sendable {
             try LMDBError.check(mdb_env_open(env, path, flags, 0o644), "mdb_env_open", path: path)
             var dead: Int32 = 0
             try LMDBError.check(mdb_reader_check(env, &dead), "mdb_reader_check", path: path)
+            return Environment(handle: env, path: path, configuration: configuration, staleReadersCleared: Int(dead))
         } catch {
             mdb_env_close(env)
             throw error
         }
-        return Environment(handle: env, path: path, configuration: configuration)
     }
 
     /// Releases this opener's share; the last ``close()`` closes the environment.
@@ -210,6 +213,10 @@ public final class Environment: @unchecked Sendable {
     /// The transaction sees the last commit made before it began. Anything read from it (raw buffers,
     /// cursor entries) is valid only inside `body`.
     /// - Throws: ``LMDBError``, or what `body` throws.
+    // Swift 6.3.1's generic specializer crashes ("Cannot initialize a nonCopyable type with a guaranteed
+    // value") when it specializes a function that lends a ~Copyable transaction to a generic closure.
+    // Transactions are begun once per closure call, so not specializing costs nothing measurable.
+    @_semantics("optimize.sil.specialize.generic.never")
     @available(*, noasync, message: "LMDB transactions cannot span an await; call from synchronous code")
     public func read<R>(_ body: (borrowing ReadTransaction) throws -> R) throws -> R {
         while true {
@@ -249,13 +256,18 @@ public final class Environment: @unchecked Sendable {
         while true {
             do {
                 return try writeTransaction(body)
-            } catch let error as LMDBError where error.code == .mapFull {
-                try growMap(after: error)
+            } catch {
+                guard let full = error as? LMDBError, full.code == .mapFull else { throw error }
+                try growMap(after: full)
             }
         }
     }
 
-    private func writeTransaction<R, E: Error>(_ body: (borrowing WriteTransaction) throws(E) -> R) throws -> R {
+    // Swift 6.3.1's generic specializer crashes ("Cannot initialize a nonCopyable type with a guaranteed
+    // value") when it specializes a function that lends a ~Copyable transaction to a generic closure.
+    // Transactions are begun once per closure call, so not specializing costs nothing measurable.
+    @_semantics("optimize.sil.specialize.generic.never")
+    private func writeTransaction<R>(_ body: (borrowing WriteTransaction) throws -> R) throws -> R {
         while true {
             resizeLock.lockShared()
             if state.withLock({ $0.closed }) {

@@ -2,6 +2,7 @@ import DequeModule
 import Dispatch
 import Foundation
 import LMDB
+import Synchronization
 
 /// The journal's single writer: one dedicated thread owns every LMDB write transaction.
 ///
@@ -26,6 +27,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let configuration: Journal.Configuration
     private var state: WriterCounters
 
+    /// Counters for benchmarks and metrics.
+    let statistics = Mutex(Journal.Statistics())
     private let condition = NSCondition()
     private var pending = Deque<Submission>()
     private var closing = false
@@ -42,7 +45,6 @@ final class GroupCommitWriter: @unchecked Sendable {
         self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead,
                            nextEntityKey: recovered.nextEntityKey)
         let thread = Thread { [unowned self] in self.run() }
-        thread.name = "DurableEntities.Journal.writer"
         thread.stackSize = 8 << 20
         self.thread = thread
         thread.start()
@@ -111,8 +113,14 @@ final class GroupCommitWriter: @unchecked Sendable {
 
     private func process(_ batch: [Submission]) {
         let outcome: Outcome
+        let started = ContinuousClock.now
+        var built = started
         do {
-            outcome = try environment.write { txn in try write(batch, in: txn) }
+            outcome = try environment.write { txn in
+                let outcome = try write(batch, in: txn)
+                built = ContinuousClock.now
+                return outcome
+            }
         } catch {
             let failure = JournalError.storage(error, "committing \(batch.count) batches; none of them was written")
             configuration.logger.error("journal commit failed", metadata: ["journal.error": "\(error)"])
@@ -120,6 +128,14 @@ final class GroupCommitWriter: @unchecked Sendable {
             return
         }
         state = outcome.state
+        let committed = ContinuousClock.now
+        statistics.withLock { stats in
+            stats.commits += 1
+            stats.submissions += batch.count
+            stats.operations += batch.reduce(0) { $0 + $1.batch.operations.count }
+            stats.buildTime += built - started
+            stats.commitTime += committed - built
+        }
         tails.runs.withLock { runs in
             for entity in outcome.removed { runs[entity] = nil }
             for (entity, run) in outcome.runs { runs[entity] = run.positions.isEmpty ? nil : run }
@@ -216,7 +232,8 @@ private struct CommitContext {
 
     /// Checks a batch without writing anything: sequence numbers, entity keys, sizes.
     mutating func validate(_ batch: JournalBatch, in txn: borrowing WriteTransaction) throws {
-        var latest: [UInt64: UInt64] = [:]
+        // Latest sequence per entity within this batch; batches touch few entities, so a small array.
+        var latest: [(entity: UInt64, sequence: UInt64)] = []
         let maxPayload = configuration.maxPayloadBytes
         func checkSize(_ payload: [UInt8], _ entity: EntityKey?, _ sequence: UInt64?, _ what: String) throws(JournalError) {
             guard payload.count <= maxPayload else {
@@ -237,12 +254,8 @@ private struct CommitContext {
             case .append(let entity, let sequence, let payload):
                 try checkKnown(entity, sequence)
                 try checkSize(payload, entity, sequence, "event")
-                let previous: UInt64
-                if let known = latest[entity.rawValue] {
-                    previous = known
-                } else {
-                    previous = try run(of: entity.rawValue, in: txn).latestSequence
-                }
+                let slot = latest.firstIndex { $0.entity == entity.rawValue }
+                let previous = try slot.map { latest[$0].sequence } ?? run(of: entity.rawValue, in: txn).latestSequence
                 guard sequence == previous + 1 else {
                     let name = try? Key8(entity.rawValue).withBytes { k in
                         try txn.withValue(forKey: k, in: stores.entities) { v in
@@ -252,7 +265,7 @@ private struct CommitContext {
                     throw JournalError(.nonConsecutiveSequence, entity: name ?? nil, key: entity, sequence: sequence,
                                        "the entity's latest sequence is \(previous), so the next append must be \(previous + 1); nothing was written")
                 }
-                latest[entity.rawValue] = sequence
+                if let slot { latest[slot].sequence = sequence } else { latest.append((entity.rawValue, sequence)) }
             case .snapshot(let entity, let sequence, let payload):
                 try checkKnown(entity, sequence)
                 try checkSize(payload, entity, sequence, "snapshot")

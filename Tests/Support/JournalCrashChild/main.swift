@@ -1,1 +1,89 @@
-print("placeholder")
+// A child process for crash tests. The tests start it, read what it acknowledges on stdout, kill it
+// with SIGKILL at a random moment, and check the directory it leaves behind.
+//
+//   JournalCrashChild append DIR ENTITIES EVENTS_PER_BATCH
+//       Registers ENTITIES accounts and appends batches of EVENTS_PER_BATCH events to them from
+//       concurrent tasks, forever. After each durable commit prints `ack <entity-key> <last-sequence>`.
+//       Event payloads are "<entity-key>:<sequence>", so the checker can verify content.
+//   JournalCrashChild hold-reader DIR
+//       Opens the LMDB environment, holds a read transaction, prints `reading`, and waits to be killed.
+import DurableEntities
+import Foundation
+import LMDB
+import Logging
+import Synchronization
+
+let output = Mutex<Void>(())
+/// Writes one line to stdout at once (a single write(2), so lines never interleave).
+func emit(_ line: String) {
+    output.withLock { _ in
+        let bytes = Array((line + "\n").utf8)
+        _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
+    }
+}
+func fail(_ message: String) -> Never {
+    let bytes = Array((message + "\n").utf8)
+    _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+    exit(2)
+}
+
+/// Holds a read transaction until the process is killed (synchronous: transactions cannot span an await).
+func holdReader(_ directory: String) throws {
+    let environment = try Environment.open(.init(directory: directory))
+    let database = try environment.database("data")
+    try environment.read { txn in
+        _ = try txn.count(database)
+        emit("reading")
+        while true { sleep(60) }
+    }
+}
+
+let arguments = CommandLine.arguments
+guard arguments.count >= 3 else {
+    fail("usage: JournalCrashChild append DIR ENTITIES EVENTS_PER_BATCH | hold-reader DIR")
+}
+let directory = arguments[2]
+let quiet = Logger(label: "child", factory: { _ in SwiftLogNoOpLogHandler() })
+
+switch arguments[1] {
+case "append":
+    let entityCount = Int(arguments[3]) ?? 100
+    let eventsPerBatch = Int(arguments[4]) ?? 3
+    // Small threshold and window so a kill can hit moves and log trimming too.
+    let journal = try Journal(configuration: .init(directory: directory, coalesceThreshold: 8, logWindow: 512, logger: quiet))
+    var keys: [EntityKey] = []
+    for index in 0..<entityCount {
+        keys.append(try await journal.register(EntityName(type: "Account", id: "acc-\(index)")))
+    }
+    emit("registered \(keys.count)")
+    let workers = 8
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for worker in 0..<workers {
+            let mine = keys.enumerated().filter { $0.offset % workers == worker }.map(\.element)
+            group.addTask {
+                var latest = try mine.map { try journal.latestSequence(of: $0) }
+                var round = 0
+                while true {
+                    for (index, key) in mine.enumerated() {
+                        var batch = JournalBatch()
+                        for step in 1...eventsPerBatch {
+                            let sequence = latest[index] + UInt64(step)
+                            batch.append(key, sequence: sequence, payload: Array("\(key.rawValue):\(sequence)".utf8))
+                        }
+                        let last = latest[index] + UInt64(eventsPerBatch)
+                        if round % 5 == 4 { batch.saveSnapshot(key, sequence: last, payload: Array("snap:\(last)".utf8)) }
+                        _ = try await journal.commit(batch)
+                        latest[index] = last
+                        emit("ack \(key.rawValue) \(last)")
+                    }
+                    round += 1
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+case "hold-reader":
+    try holdReader(directory)
+default:
+    fail("unknown mode \(arguments[1])")
+}

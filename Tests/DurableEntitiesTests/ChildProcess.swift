@@ -1,0 +1,66 @@
+import Foundation
+
+/// A helper executable of this package, started as a child process whose stdout the test reads line
+/// by line, and which the test can kill with SIGKILL.
+final class ChildProcess {
+    let process = Process()
+    private let pipe = Pipe()
+    private var buffer: [UInt8] = []
+
+    /// Finds an executable product built next to the test bundle (`swift build --build-tests` builds it).
+    static func executable(_ name: String) throws -> URL {
+        var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")).map(URL.init(fileURLWithPath:))
+        for candidate in [directory, exe?.deletingLastPathComponent()].compactMap({ $0 }) {
+            // Inside an .xctest bundle on some layouts: walk up until the product is found.
+            var url = candidate
+            for _ in 0..<4 {
+                let path = url.appendingPathComponent(name)
+                if FileManager.default.isExecutableFile(atPath: path.path) { return path }
+                url = url.deletingLastPathComponent()
+            }
+            directory = candidate
+        }
+        throw ChildProcessError(message: "executable '\(name)' not found near \(directory.path); run `swift build --build-tests` first")
+    }
+
+    init(_ name: String, arguments: [String]) throws {
+        process.executableURL = try Self.executable(name)
+        process.arguments = arguments
+        process.standardOutput = pipe
+        process.standardError = FileHandle.standardError
+        try process.run()
+    }
+
+    /// The next line the child printed, or `nil` at end of output. Blocks until one arrives.
+    func readLine() -> String? {
+        while true {
+            if let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: buffer[..<newline], as: UTF8.self)
+                buffer.removeSubrange(...newline)
+                return line
+            }
+            let chunk = pipe.fileHandleForReading.availableData
+            if chunk.isEmpty { return buffer.isEmpty ? nil : String(decoding: buffer, as: UTF8.self) }
+            buffer.append(contentsOf: chunk)
+        }
+    }
+
+    /// Kills the child with SIGKILL and waits for it.
+    func kill() {
+        _ = Foundation.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    /// Every line still in the pipe after the child died: what it printed before the kill.
+    func remainingLines() -> [String] {
+        var lines: [String] = []
+        while let line = readLine() { lines.append(line) }
+        return lines
+    }
+}
+
+struct ChildProcessError: Error, CustomStringConvertible {
+    let message: String
+    var description: String { message }
+}
