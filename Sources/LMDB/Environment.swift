@@ -72,7 +72,11 @@ public final class Environment: @unchecked Sendable {
     public let path: String
     /// The configuration it was opened with.
     public let configuration: Configuration
-    /// How many stale reader slots (left by dead processes) were cleared when it opened.
+    /// How many stale reader slots (left by dead processes) `mdb_reader_check` cleared at open.
+    ///
+    /// When no other process has the environment open, LMDB rebuilds the whole reader table before
+    /// that check, so dead readers are dropped then and this counts 0; it counts them when another
+    /// live process keeps the environment open.
     public let staleReadersCleared: Int
 
     let handle: OpaquePointer
@@ -179,8 +183,11 @@ public final class Environment: @unchecked Sendable {
     /// How many times the map has grown since open.
     public var mapGrowthCount: Int { state.withLock { $0.mapGrowths } }
 
-    /// The current map size in bytes.
+    /// The current map size in bytes (0 once closed).
     public var mapSize: Int {
+        resizeLock.lockShared()
+        defer { resizeLock.unlock() }
+        guard !isClosed else { return 0 }
         var info = MDB_envinfo()
         mdb_env_info(handle, &info)
         return info.me_mapsize
@@ -254,11 +261,12 @@ public final class Environment: @unchecked Sendable {
     @available(*, noasync, message: "LMDB transactions cannot span an await; call from synchronous code")
     public func write<R>(_ body: (borrowing WriteTransaction) throws -> R) throws -> R {
         while true {
+            let generation = mapGrowthCount
             do {
                 return try writeTransaction(body)
             } catch {
                 guard let full = error as? LMDBError, full.code == .mapFull else { throw error }
-                try growMap(after: full)
+                try growMap(after: full, seenGeneration: generation)
             }
         }
     }
@@ -299,10 +307,15 @@ public final class Environment: @unchecked Sendable {
         }
     }
 
-    private func growMap(after error: LMDBError) throws(LMDBError) {
+    /// Grows the map, unless another writer grew it since this one's attempt began (then the caller
+    /// just retries): concurrent writers that all hit a full map grow it once, not once each.
+    private func growMap(after error: LMDBError, seenGeneration: Int) throws(LMDBError) {
         resizeLock.lockExclusive()
         defer { resizeLock.unlock() }
-        let current = mapSize
+        guard state.withLock({ $0.mapGrowths }) == seenGeneration else { return }
+        var info = MDB_envinfo()
+        mdb_env_info(handle, &info)
+        let current = info.me_mapsize
         guard current < configuration.maxMapSize else {
             throw LMDBError(returnCode: MDB_MAP_FULL, operation: error.operation, path: path,
                             detail: "the map reached maxMapSize (\(configuration.maxMapSize) bytes)")
@@ -320,6 +333,11 @@ public final class Environment: @unchecked Sendable {
 
     /// Flushes the data file to disk; useful after commits made in ``Durability/relaxed`` mode.
     public func sync() throws(LMDBError) {
+        resizeLock.lockShared()
+        defer { resizeLock.unlock() }
+        guard !isClosed else {
+            throw LMDBError(code: .badTransaction, operation: "mdb_env_sync", path: path, detail: "environment is closed")
+        }
         try LMDBError.check(mdb_env_sync(handle, 1), "mdb_env_sync", path: path)
     }
 }
