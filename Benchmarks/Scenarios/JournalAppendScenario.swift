@@ -159,7 +159,9 @@ final class AppendGenerator: Sendable {
             state.next += 1
             state.sequences[index] += 1
             var batch = JournalBatch()
-            batch.append(keys[index], sequence: state.sequences[index], payload: payload)
+            // A fresh payload per event, as a caller encoding its event would have (one array shared
+            // by every in-flight append would make its refcount a contended cache line).
+            batch.append(keys[index], sequence: state.sequences[index], payload: Array(payload))
             journal.submit(batch, completion: completion)
             return true
         }

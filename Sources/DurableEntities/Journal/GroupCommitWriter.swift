@@ -26,6 +26,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let tails: TailIndex
     private let configuration: Journal.Configuration
     private var state: WriterCounters
+    /// Entities whose tail reached the coalesce threshold and awaits a move (owed work).
+    private var fullTails: Set<UInt64>
 
     /// Counters for benchmarks and metrics.
     let statistics = Mutex(Journal.Statistics())
@@ -44,6 +46,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         self.configuration = configuration
         self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead,
                            nextEntityKey: recovered.nextEntityKey)
+        self.fullTails = recovered.fullTails
         let thread = Thread { [unowned self] in self.run() }
         thread.stackSize = 8 << 20
         self.thread = thread
@@ -106,8 +109,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     /// What a transaction body produced, published only after the commit succeeds.
     private struct Outcome {
         var results: [Result<CommitReceipt, JournalError>]
-        var runs: [UInt64: TailRun] = [:]
-        var removed: Set<UInt64> = []
+        var deltas: [UInt64: TailDelta] = [:]
+        var fullTails: Set<UInt64> = []
         var state: WriterCounters
     }
 
@@ -128,6 +131,7 @@ final class GroupCommitWriter: @unchecked Sendable {
             return
         }
         state = outcome.state
+        fullTails = outcome.fullTails
         let committed = ContinuousClock.now
         statistics.withLock { stats in
             stats.commits += 1
@@ -136,10 +140,7 @@ final class GroupCommitWriter: @unchecked Sendable {
             stats.buildTime += built - started
             stats.commitTime += committed - built
         }
-        tails.runs.withLock { runs in
-            for entity in outcome.removed { runs[entity] = nil }
-            for (entity, run) in outcome.runs { runs[entity] = run.positions.isEmpty ? nil : run }
-        }
+        tails.publish(outcome.deltas)
         completions.async {
             for (submission, result) in zip(batch, outcome.results) { submission.completion(result) }
         }
@@ -149,23 +150,28 @@ final class GroupCommitWriter: @unchecked Sendable {
     /// again after growing a full map).
     private func write(_ batch: [Submission], in txn: borrowing WriteTransaction) throws -> Outcome {
         var context = CommitContext(stores: stores, tails: tails, configuration: configuration, counters: state)
+        context.fullTails = fullTails
+        context.deltas.reserveCapacity(batch.count)
         var outcome = Outcome(results: [], state: state)
         outcome.results.reserveCapacity(batch.count)
-        for submission in batch {
+        for index in batch.indices {
             do {
-                try context.validate(submission.batch, in: txn)
+                try context.validate(batch[index].batch, in: txn)
             } catch let refusal as JournalError {
                 outcome.results.append(.failure(refusal))
                 continue
             }
-            let registered = try context.apply(submission.batch, in: txn)
+            let registered = try context.apply(batch[index].batch, in: txn)
             outcome.results.append(.success(CommitReceipt(registered: registered)))
         }
-        try context.moveFullTails(in: txn)
+        // Moves are owed work, paid a bounded amount per commit so no single commit stalls: twice what
+        // was appended (so the backlog shrinks under load) plus a floor (so it drains when load stops).
+        context.moveBudget = 2 * context.appendedCount + 1_024
         try context.moveExpiredTails(in: txn)
+        try context.moveFullTails(in: txn)
         try context.trimLog(in: txn)
-        outcome.runs = context.runs
-        outcome.removed = context.removed
+        outcome.deltas = context.deltas
+        outcome.fullTails = context.fullTails
         outcome.state = context.counters
         return outcome
     }
@@ -199,13 +205,13 @@ private struct CommitContext {
         get { counters.nextEntityKey }
         set { counters.nextEntityKey = newValue }
     }
-    /// Tails loaded or changed by this transaction.
-    var runs: [UInt64: TailRun] = [:]
-    /// Tails moved entirely to history by this transaction.
-    var removed: Set<UInt64> = []
-    /// Entities appended to by this transaction (candidates for a coalesced move).
-    var appended: Set<UInt64> = []
+    /// What this transaction changes in the tails it touched.
+    var deltas: [UInt64: TailDelta] = [:]
+    /// Entities whose tail reached the coalesce threshold, waiting for a move.
+    var fullTails: Set<UInt64> = []
     var appendedCount = 0
+    /// How many events this transaction may still move.
+    var moveBudget = 0
     var registeredHere: [EntityName: EntityKey] = [:]
     var scratch: [UInt8] = []
 
@@ -216,24 +222,42 @@ private struct CommitContext {
         self.counters = counters
     }
 
-    /// The entity's tail as this transaction sees it; loads it from the shared index or, when the
-    /// entity has no tail, starts an empty one after its latest committed sequence.
-    private mutating func run(of entity: UInt64, in txn: borrowing WriteTransaction) throws -> TailRun {
-        if let run = runs[entity] { return run }
-        if !removed.contains(entity), let shared = tails.run(of: entity) {
-            runs[entity] = shared
-            return shared
+    /// The entity's tail as this transaction sees it: a delta over the published run or, when the
+    /// entity has no tail, an empty one after its latest committed sequence.
+    private mutating func delta(of entity: UInt64, in txn: borrowing WriteTransaction) throws -> TailDelta {
+        if let delta = deltas[entity] { return delta }
+        let delta: TailDelta
+        if let published = tails.run(of: entity) {
+            delta = TailDelta(baseCount: published.positions.count, firstSequence: published.firstSequence)
+        } else {
+            let latest = try Journal.latestCommittedSequence(of: entity, in: txn, stores: stores)
+            delta = TailDelta(baseCount: 0, firstSequence: latest + 1)
         }
-        let latest = try Journal.latestCommittedSequence(of: entity, in: txn, stores: stores)
-        let run = TailRun(firstSequence: latest + 1, positions: [])
-        runs[entity] = run
-        return run
+        deltas[entity] = delta
+        return delta
+    }
+
+    /// Every position of the entity's tail as this transaction sees it.
+    private func positions(of entity: UInt64, _ delta: TailDelta) -> [UInt64] {
+        guard !delta.moved, delta.baseCount > delta.dropped, let published = tails.run(of: entity) else { return delta.appended }
+        return Array(published.positions[delta.dropped...]) + delta.appended
+    }
+
+    /// The oldest position of the entity's tail, without copying it.
+    private func firstPosition(of entity: UInt64) -> UInt64? {
+        if let delta = deltas[entity] {
+            if !delta.moved, delta.baseCount > delta.dropped { return tails.run(of: entity)?.positions[delta.dropped] }
+            return delta.appended.first
+        }
+        return tails.run(of: entity)?.positions.first
     }
 
     /// Checks a batch without writing anything: sequence numbers, entity keys, sizes.
     mutating func validate(_ batch: JournalBatch, in txn: borrowing WriteTransaction) throws {
-        // Latest sequence per entity within this batch; batches touch few entities, so a small array.
-        var latest: [(entity: UInt64, sequence: UInt64)] = []
+        // Latest sequence per entity within this batch. Most batches touch one entity: keep it inline
+        // and only spill to an array for others.
+        var first: (entity: UInt64, sequence: UInt64) = (0, 0)
+        var others: [(entity: UInt64, sequence: UInt64)] = []
         let maxPayload = configuration.maxPayloadBytes
         func checkSize(_ payload: [UInt8], _ entity: EntityKey?, _ sequence: UInt64?, _ what: String) throws(JournalError) {
             guard payload.count <= maxPayload else {
@@ -251,11 +275,16 @@ private struct CommitContext {
             switch operation {
             case .register(let name):
                 _ = try name.nameKey()
-            case .append(let entity, let sequence, let payload):
+            case .append(let entity, let sequence, let payload, _):
                 try checkKnown(entity, sequence)
                 try checkSize(payload, entity, sequence, "event")
-                let slot = latest.firstIndex { $0.entity == entity.rawValue }
-                let previous = try slot.map { latest[$0].sequence } ?? run(of: entity.rawValue, in: txn).latestSequence
+                let slot = first.entity == entity.rawValue ? -1 : others.firstIndex { $0.entity == entity.rawValue }
+                let previous: UInt64
+                switch slot {
+                case -1: previous = first.sequence
+                case let index?: previous = others[index].sequence
+                case nil: previous = try delta(of: entity.rawValue, in: txn).latestSequence
+                }
                 guard sequence == previous + 1 else {
                     let name = try? Key8(entity.rawValue).withBytes { k in
                         try txn.withValue(forKey: k, in: stores.entities) { v in
@@ -265,7 +294,12 @@ private struct CommitContext {
                     throw JournalError(.nonConsecutiveSequence, entity: name ?? nil, key: entity, sequence: sequence,
                                        "the entity's latest sequence is \(previous), so the next append must be \(previous + 1); nothing was written")
                 }
-                if let slot { latest[slot].sequence = sequence } else { latest.append((entity.rawValue, sequence)) }
+                switch slot {
+                case -1: first.sequence = sequence
+                case let index?: others[index].sequence = sequence
+                case nil where first.entity == 0: first = (entity.rawValue, sequence)
+                case nil: others.append((entity.rawValue, sequence))
+                }
             case .snapshot(let entity, let sequence, let payload):
                 try checkKnown(entity, sequence)
                 try checkSize(payload, entity, sequence, "snapshot")
@@ -285,6 +319,15 @@ private struct CommitContext {
         }
     }
 
+    /// The coalesce threshold of one entity: the configured one, spread by up to +50% by a hash of the
+    /// key, so entities that receive events in lock-step (round-robin load) do not all fill at once
+    /// and make one commit move everything.
+    func threshold(of entity: UInt64) -> Int {
+        let base = configuration.coalesceThreshold
+        let spread = (entity &* 0x9E37_79B9_7F4A_7C15) >> 33
+        return base + Int(spread % UInt64(base / 2 + 1))
+    }
+
     /// Writes a validated batch. Returns the keys of the entities it registered.
     mutating func apply(_ batch: JournalBatch, in txn: borrowing WriteTransaction) throws -> [EntityKey] {
         var registered: [EntityKey] = []
@@ -292,10 +335,9 @@ private struct CommitContext {
             switch operation {
             case .register(let name):
                 registered.append(try register(name, in: txn))
-            case .append(let entity, let sequence, let payload):
+            case .append(let entity, let sequence, let payload, let checksum):
                 let position = nextPosition
                 nextPosition += 1
-                let checksum = CRC32C.checksum(payload)
                 try Key8(position).withBytes { key in
                     try txn.put(reserving: JournalLayout.logHeader + payload.count, forKey: key, in: stores.log, flags: .append) { out in
                         out.storeBigEndian(entity.rawValue, at: 0)
@@ -304,8 +346,7 @@ private struct CommitContext {
                         payload.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: out[20...]).copyMemory(from: $0) }
                     }
                 }
-                runs[entity.rawValue]!.positions.append(position)
-                appended.insert(entity.rawValue)
+                if deltas[entity.rawValue]!.append(position) == threshold(of: entity.rawValue) { fullTails.insert(entity.rawValue) }
                 appendedCount += 1
             case .snapshot(let entity, let sequence, let payload):
                 let checksum = CRC32C.checksum(payload)
@@ -372,7 +413,7 @@ private struct CommitContext {
     /// Deletes events before `before` from history and from the entity's tail, and records the floor
     /// so the latest sequence survives even when every event is gone.
     private mutating func prune(_ entity: EntityKey, before requested: UInt64, in txn: borrowing WriteTransaction) throws {
-        var tail = try run(of: entity.rawValue, in: txn)
+        var tail = try delta(of: entity.rawValue, in: txn)
         let before = min(requested, tail.latestSequence + 1)
         guard before > 1 else { return }
         try txn.withCursor(stores.history) { cursor in
@@ -384,10 +425,13 @@ private struct CommitContext {
             }
         }
         if tail.firstSequence < before {
-            let drop = min(Int(before - tail.firstSequence), tail.positions.count)
-            tail.positions.removeFirst(drop)
-            tail.firstSequence += UInt64(drop)
-            runs[entity.rawValue] = tail
+            var drop = min(Int(before - tail.firstSequence), tail.count)
+            let fromBase = min(drop, tail.baseCount - tail.dropped)
+            tail.dropped += fromBase
+            drop -= fromBase
+            tail.appended.removeFirst(drop)
+            tail.firstSequence += UInt64(fromBase + drop)
+            deltas[entity.rawValue] = tail
         }
         guard var metadata = try readMetadata(entity, in: txn) else { return }
         metadata.prunedBefore = max(metadata.prunedBefore, before)
@@ -397,9 +441,11 @@ private struct CommitContext {
     }
 
     /// Moves an entity's whole tail from the log into its history range: one page for many events.
+    @discardableResult
     private mutating func moveTail(of entity: UInt64, in txn: borrowing WriteTransaction) throws -> Int {
-        guard let tail = runs[entity] ?? (removed.contains(entity) ? nil : tails.run(of: entity)) else { return 0 }
-        for (offset, position) in tail.positions.enumerated() {
+        var tail = try delta(of: entity, in: txn)
+        let positions = positions(of: entity, tail)
+        for (offset, position) in positions.enumerated() {
             try Key8(position).withBytes { key in
                 try txn.withValue(forKey: key, in: stores.log) { value in
                     guard let value, value.count >= JournalLayout.logHeader else {
@@ -414,27 +460,41 @@ private struct CommitContext {
                 try scratch.withUnsafeBytes { try txn.put($0, forKey: key, in: stores.history) }
             }
         }
-        runs[entity] = nil
-        removed.insert(entity)
-        return tail.positions.count
+        tail.firstSequence += UInt64(positions.count)
+        tail.baseCount = 0
+        tail.dropped = 0
+        tail.appended = []
+        tail.moved = true
+        deltas[entity] = tail
+        fullTails.remove(entity)
+        moveBudget -= positions.count
+        return positions.count
     }
 
-    /// Moves the tails of entities appended to here that reached the coalesce threshold.
+    /// Moves full tails (at or past the coalesce threshold), largest first, while the budget lasts.
     mutating func moveFullTails(in txn: borrowing WriteTransaction) throws {
-        let threshold = configuration.coalesceThreshold
-        for entity in appended.sorted() where (runs[entity]?.positions.count ?? 0) >= threshold {
-            _ = try moveTail(of: entity, in: txn)
+        guard moveBudget > 0, !fullTails.isEmpty else { return }
+        var candidates: [(entity: UInt64, count: Int)] = []
+        candidates.reserveCapacity(fullTails.count)
+        for entity in fullTails {
+            let count = deltas[entity]?.count ?? tails.run(of: entity)?.positions.count ?? 0
+            candidates.append((entity, count))
+        }
+        candidates.sort { $0.count != $1.count ? $0.count > $1.count : $0.entity < $1.entity }
+        for candidate in candidates {
+            guard moveBudget > 0 else { break }
+            if candidate.count == 0 { fullTails.remove(candidate.entity); continue }
+            try moveTail(of: candidate.entity, in: txn)
         }
     }
 
     /// Walks the log from its oldest live entry and moves the tails of entities whose oldest event is
-    /// out of the window, so the log stays bounded. Bounded work per commit: a little more than was
-    /// appended, so the log keeps up under load without one commit doing it all.
+    /// out of the window, so the log stays bounded.
     mutating func moveExpiredTails(in txn: borrowing WriteTransaction) throws {
         let window = UInt64(configuration.logWindow)
-        guard nextPosition - liveHead > window else { return }
-        var budget = appendedCount + 1_024
+        guard nextPosition - liveHead > window, moveBudget > 0 else { return }
         var expired: [(position: UInt64, entity: UInt64)] = []
+        let budget = moveBudget
         try txn.withCursor(stores.log) { cursor in
             var entry = try Key8(liveHead).withBytes { try cursor.seek(atLeast: $0) }
             var head = liveHead
@@ -446,11 +506,10 @@ private struct CommitContext {
             }
         }
         for (position, entity) in expired {
-            guard budget > 0 else { break }
+            guard moveBudget > 0 else { break }
             liveHead = position + 1
-            let tail = runs[entity] ?? (removed.contains(entity) ? nil : tails.run(of: entity))
-            guard let tail, tail.positions.first == position else { continue }  // moved already
-            budget -= try moveTail(of: entity, in: txn)
+            guard firstPosition(of: entity) == position else { continue }  // moved already
+            try moveTail(of: entity, in: txn)
         }
     }
 

@@ -140,7 +140,8 @@ public final class Journal: Sendable {
                 timers: try environment.database("timers"),
                 idempotency: try environment.database("idempotency"))
             tails = TailIndex()
-            let recovered = try Self.recover(environment: environment, stores: stores, tails: tails)
+            let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
+                                             coalesceThreshold: configuration.coalesceThreshold)
             writer = GroupCommitWriter(
                 environment: environment, stores: stores, tails: tails,
                 configuration: configuration, recovered: recovered)
@@ -413,11 +414,12 @@ public final class Journal: Sendable {
         var nextEntityKey: UInt64 = 1
         var tailEvents = 0
         var tailEntities = 0
+        var fullTails: Set<UInt64> = []
     }
 
     /// Rebuilds the tail index from the log: an entry is live when its entity's history and retention
     /// floor do not already cover its sequence.
-    private static func recover(environment: Environment, stores: Stores, tails: TailIndex) throws -> Recovered {
+    private static func recover(environment: Environment, stores: Stores, tails: TailIndex, coalesceThreshold: Int) throws -> Recovered {
         try environment.read { txn in
             var recovered = Recovered()
             try txn.withCursor(stores.entities) { cursor in
@@ -455,6 +457,8 @@ public final class Journal: Sendable {
             recovered.liveHead = firstLive ?? recovered.nextPosition
             recovered.tailEntities = runs.count
             recovered.tailEvents = runs.values.reduce(0) { $0 + $1.positions.count }
+            // The writer's per-entity thresholds are at least the configured one; it re-checks on the next append.
+            recovered.fullTails = Set(runs.filter { $0.value.positions.count >= coalesceThreshold }.keys)
             tails.runs.withLock { $0 = runs }
             return recovered
         }

@@ -15,7 +15,8 @@
 public struct JournalBatch: Sendable {
     enum Operation: Sendable {
         case register(EntityName)
-        case append(EntityKey, sequence: UInt64, payload: [UInt8])
+        /// The checksum is computed by the caller's thread, off the writer's critical path.
+        case append(EntityKey, sequence: UInt64, payload: [UInt8], checksum: UInt32)
         case snapshot(EntityKey, sequence: UInt64, payload: [UInt8])
         case prune(EntityKey, before: UInt64)
         case metadata(EntityKey, EntityMetadata)
@@ -39,7 +40,7 @@ public struct JournalBatch: Sendable {
     /// Appends an event. `sequence` must be the entity's latest sequence (counting earlier appends in
     /// this batch) plus one, or the batch is refused with ``JournalError/Code/nonConsecutiveSequence``.
     public mutating func append(_ entity: EntityKey, sequence: UInt64, payload: [UInt8]) {
-        operations.append(.append(entity, sequence: sequence, payload: payload))
+        operations.append(.append(entity, sequence: sequence, payload: payload, checksum: CRC32C.checksum(payload)))
     }
 
     /// Replaces the entity's snapshot.

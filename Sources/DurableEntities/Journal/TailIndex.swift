@@ -7,6 +7,13 @@ struct TailRun: Sendable {
     var positions: [UInt64]
 
     var latestSequence: UInt64 { firstSequence + UInt64(positions.count) - 1 }
+
+    /// Applies a delta over this run in place (one dictionary access in ``TailIndex/publish(_:)``).
+    mutating func apply(_ delta: TailDelta) {
+        if delta.dropped > 0 { positions.removeFirst(delta.dropped) }
+        positions.append(contentsOf: delta.appended)
+        firstSequence = delta.firstSequence
+    }
 }
 
 /// Entity key → its tail in the log. Written by the journal's writer thread after each commit, read by
@@ -17,5 +24,46 @@ final class TailIndex: Sendable {
 
     func run(of entity: UInt64) -> TailRun? {
         runs.withLock { $0[entity] }
+    }
+}
+
+/// What one transaction changes in an entity's tail, kept apart from the published ``TailRun`` so that
+/// the transaction never copies the published positions (copy-on-write) and publishing appends in place.
+struct TailDelta {
+    /// Positions the published run had when the transaction loaded it (0 when none, or after a move).
+    var baseCount: Int
+    /// Positions dropped from the front of the published run by retention.
+    var dropped = 0
+    /// The sequence of the tail's first event, after drops and moves.
+    var firstSequence: UInt64
+    /// Positions this transaction appended.
+    var appended: [UInt64] = []
+    /// The whole tail was moved to history by this transaction; the published run no longer applies.
+    var moved = false
+
+    var count: Int { baseCount - dropped + appended.count }
+
+    /// Appends a position; returns the tail's new length.
+    mutating func append(_ position: UInt64) -> Int {
+        appended.append(position)
+        return count
+    }
+    var latestSequence: UInt64 { firstSequence + UInt64(count) - 1 }
+}
+
+extension TailIndex {
+    /// Applies a committed transaction's deltas in place.
+    func publish(_ deltas: [UInt64: TailDelta]) {
+        runs.withLock { runs in
+            for (entity, delta) in deltas {
+                if delta.count == 0 {
+                    runs[entity] = nil
+                } else if delta.moved || delta.baseCount == 0 {
+                    runs[entity] = TailRun(firstSequence: delta.firstSequence, positions: delta.appended)
+                } else if delta.dropped > 0 || !delta.appended.isEmpty {
+                    runs[entity]?.apply(delta)
+                }
+            }
+        }
     }
 }
