@@ -20,8 +20,9 @@ struct JournalAppendScenario: BenchmarkScenario {
         let total = options.value(\.events, full: 2_000_000, quick: 20_000)
         let payloadSize = try options.extra("payload", full: 64, quick: 64)
         let durability = try Self.durability(options.extra("durability") ?? "durable")
-        let window = try options.extra("window", full: 262_144, quick: 262_144)
-        let threshold = try options.extra("threshold", full: 32, quick: 32)
+        let defaults = Journal.Configuration(directory: "")
+        let window = try options.extra("window", full: defaults.logWindow, quick: defaults.logWindow)
+        let threshold = try options.extra("threshold", full: defaults.coalesceThreshold, quick: defaults.coalesceThreshold)
         let writeMap = try options.extra("writemap", full: false, quick: false)
         let mode = options.extra("mode") ?? "callbacks"
 

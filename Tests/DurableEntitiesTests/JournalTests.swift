@@ -183,22 +183,24 @@ struct JournalTests {
     func corruptedRecord(database: String) async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
-        // Threshold 4: events 1-4 move to history, 5-6 stay in the log.
+        // A low threshold: the first events move to history chunks, the last ones wait in the log.
         let configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 4, logger: quietLogger)
         let key: EntityKey
+        let tail: TailRun
         do {
             let journal = try Journal(configuration: configuration)
             key = try await journal.register(EntityName(type: "Account", id: "damaged"))
-            for sequence in 1...6 {
+            for sequence in 1...9 {
                 var batch = JournalBatch()
                 batch.append(key, sequence: UInt64(sequence), payload: bytes("payload-\(sequence)"))
                 _ = try await journal.commit(batch)
             }
+            tail = try #require(journal.tails.run(of: key.rawValue))
             journal.close()
         }
+        #expect(tail.firstSequence > 1, "some events moved to history")
         // Flip one payload byte behind the journal's back.
-        let target: UInt64 = database == "history" ? 2 : 5
-        try damage(sequence: target, in: database, directory: directory.path)
+        let target = try damage(in: database, tail: tail, directory: directory.path)
 
         let journal = try Journal(configuration: configuration)
         defer { journal.close() }
@@ -210,25 +212,30 @@ struct JournalTests {
         #expect(try journal.events(of: key, through: target - 1).count == Int(target - 1))
     }
 
-    private func damage(sequence target: UInt64, in database: String, directory: String) throws {
+    /// Damages the last payload byte of the tail's first log record, or of the first history chunk
+    /// (its last event). Returns the damaged event's sequence.
+    private func damage(in database: String, tail: TailRun, directory: String) throws -> UInt64 {
         let environment = try Environment.open(.init(directory: directory))
         defer { environment.close() }
         let store = try environment.database(database)
-        try environment.write { txn in
+        return try environment.write { txn in
             try txn.withCursor(store) { cursor in
-                var entry = try cursor.first()
-                while let current = entry {
-                    let sequence = database == "history" ? current.key.bigEndianUInt64(at: 8) : current.value.bigEndianUInt64(at: 8)
-                    if sequence == target {
-                        var value = Array(current.value)
-                        value[value.count - 1] ^= 0xFF
-                        let keyBytes = Array(current.key)
-                        try txn.put(value, forKey: keyBytes, in: store)
-                        return
-                    }
-                    entry = try cursor.next()
+                let entry: Cursor.Entry?
+                let target: UInt64
+                if database == "log" {
+                    entry = try cursor.seek(atLeast: Key8(tail.positions[0]).withBytes { Array($0) })
+                    target = tail.firstSequence
+                } else {
+                    entry = try cursor.first()
+                    let found = try #require(entry)
+                    target = try #require(HistoryChunk(firstSequence: found.key.bigEndianUInt64(at: 8), bytes: found.value).lastSequence)
                 }
-                Issue.record("sequence \(target) not found in \(database)")
+                let current = try #require(entry)
+                var value = Array(current.value)
+                value[value.count - 1] ^= 0xFF
+                let keyBytes = Array(current.key)
+                try txn.put(value, forKey: keyBytes, in: store)
+                return target
             }
         }
     }

@@ -213,7 +213,7 @@ private struct CommitContext {
     /// How many events this transaction may still move.
     var moveBudget = 0
     var registeredHere: [EntityName: EntityKey] = [:]
-    var scratch: [UInt8] = []
+    var chunk = ChunkBuilder()
 
     init(stores: Journal.Stores, tails: TailIndex, configuration: Journal.Configuration, counters: WriterCounters) {
         self.stores = stores
@@ -412,17 +412,40 @@ private struct CommitContext {
 
     /// Deletes events before `before` from history and from the entity's tail, and records the floor
     /// so the latest sequence survives even when every event is gone.
+    private func putChunk(of entity: UInt64, in txn: borrowing WriteTransaction) throws {
+        guard !chunk.isEmpty else { return }
+        try Key16(entity, chunk.firstSequence).withBytes { key in
+            try chunk.bytes.withUnsafeBytes { try txn.put($0, forKey: key, in: stores.history) }
+        }
+    }
+
     private mutating func prune(_ entity: EntityKey, before requested: UInt64, in txn: borrowing WriteTransaction) throws {
         var tail = try delta(of: entity.rawValue, in: txn)
         let before = min(requested, tail.latestSequence + 1)
         guard before > 1 else { return }
+        // Delete whole chunks before `before`; the chunk that straddles it is rewritten from `before`.
+        var straddling: ChunkBuilder?
         try txn.withCursor(stores.history) { cursor in
             var entry = try Key16(entity.rawValue, 0).withBytes { try cursor.seek(atLeast: $0) }
             while let current = entry, current.key.bigEndianUInt64(at: 0) == entity.rawValue,
                   current.key.bigEndianUInt64(at: 8) < before {
+                let chunk = HistoryChunk(firstSequence: current.key.bigEndianUInt64(at: 8), bytes: current.value)
+                if let last = chunk.lastSequence, last >= before {
+                    var rest = ChunkBuilder()
+                    rest.start(at: before)
+                    _ = chunk.forEach { sequence, record in
+                        if sequence >= before { rest.add(record: record) }
+                        return true
+                    }
+                    straddling = rest
+                }
                 try cursor.deleteCurrent()
                 entry = try cursor.next()
             }
+        }
+        if let straddling {
+            chunk = straddling
+            try putChunk(of: entity.rawValue, in: txn)
         }
         if tail.firstSequence < before {
             var drop = min(Int(before - tail.firstSequence), tail.count)
@@ -445,21 +468,26 @@ private struct CommitContext {
     private mutating func moveTail(of entity: UInt64, in txn: borrowing WriteTransaction) throws -> Int {
         var tail = try delta(of: entity, in: txn)
         let positions = positions(of: entity, tail)
+        guard !positions.isEmpty else { return 0 }
+        chunk.start(at: tail.firstSequence)
         for (offset, position) in positions.enumerated() {
+            let sequence = tail.firstSequence + UInt64(offset)
             try Key8(position).withBytes { key in
                 try txn.withValue(forKey: key, in: stores.log) { value in
                     guard let value, value.count >= JournalLayout.logHeader else {
-                        throw JournalError(.corruptedRecord, key: EntityKey(rawValue: entity), sequence: tail.firstSequence + UInt64(offset),
+                        throw JournalError(.corruptedRecord, key: EntityKey(rawValue: entity), sequence: sequence,
                                            "the log has no record at position \(position), which the tail index lists")
                     }
-                    scratch.removeAll(keepingCapacity: true)
-                    scratch.append(contentsOf: UnsafeRawBufferPointer(rebasing: value[16...]))
+                    let record = UnsafeRawBufferPointer(rebasing: value[16...])
+                    if !chunk.fits(record.count) {
+                        try putChunk(of: entity, in: txn)
+                        chunk.start(at: sequence)
+                    }
+                    chunk.add(record: record)
                 }
             }
-            try Key16(entity, tail.firstSequence + UInt64(offset)).withBytes { key in
-                try scratch.withUnsafeBytes { try txn.put($0, forKey: key, in: stores.history) }
-            }
         }
+        try putChunk(of: entity, in: txn)
         tail.firstSequence += UInt64(positions.count)
         tail.baseCount = 0
         tail.dropped = 0

@@ -48,9 +48,15 @@ public final class Journal: Sendable {
         public var maxMapSize: Int
         /// The most operations one LMDB transaction takes from the queue.
         public var maxOperationsPerCommit: Int
-        /// An entity's events move from the log to its history range once this many wait.
+        /// An entity's events move from the log to its history range once about this many wait
+        /// (each entity's threshold is spread up to +50% by key). Measured on the reference machine
+        /// (`journal-append --entities 1000`): 32 → 327K events/s, 64 → 380K, 128 → 486K, 256 → 616K.
+        /// Larger means fewer, fuller history pages per move, and more point reads of the log when an
+        /// entity's newest events are replayed.
         public var coalesceThreshold: Int
-        /// Events older than this many log positions are moved regardless of count, bounding the log.
+        /// Events older than this many log positions are moved regardless of count, bounding the log
+        /// (and the in-memory tail index, 8 bytes an event). With 100,000 entities: 262,144 → 303K
+        /// events/s, 1,048,576 → 467K.
         public var logWindow: Int
         /// The largest payload accepted for an event, snapshot or result.
         public var maxPayloadBytes: Int
@@ -65,8 +71,8 @@ public final class Journal: Sendable {
             initialMapSize: Int = 1 << 30,
             maxMapSize: Int = 1 << 40,
             maxOperationsPerCommit: Int = 16_384,
-            coalesceThreshold: Int = 32,
-            logWindow: Int = 262_144,
+            coalesceThreshold: Int = 256,
+            logWindow: Int = 1_048_576,
             maxPayloadBytes: Int = 16 << 20,
             writeMap: Bool = false,
             logger: Logger = Logger(label: "DurableEntities.Journal")
@@ -260,13 +266,26 @@ public final class Journal: Sendable {
         try read("reading the history of \(entity)") { txn in
             var last: UInt64 = from == 0 ? 0 : from - 1
             try txn.withCursor(stores.history) { cursor in
-                var entry = try Key16(entity.rawValue, from).withBytes { try cursor.seek(atLeast: $0) }
-                while let current = entry {
-                    guard current.key.count == 16, current.key.bigEndianUInt64(at: 0) == entity.rawValue else { break }
-                    let sequence = current.key.bigEndianUInt64(at: 8)
-                    guard sequence <= through else { break }
-                    try body(sequence, try verified(current.value, entity: entity, sequence: sequence, in: txn))
-                    last = sequence
+                // Start at the chunk holding `from`: the last chunk that starts at or before it.
+                var entry = try cursor.seek(below: Key16(entity.rawValue, from &+ 1).bytes)
+                if entry.map({ $0.key.bigEndianUInt64(at: 0) != entity.rawValue }) ?? true {
+                    entry = try Key16(entity.rawValue, from).withBytes { try cursor.seek(atLeast: $0) }
+                }
+                while let current = entry, current.key.count == 16, current.key.bigEndianUInt64(at: 0) == entity.rawValue {
+                    let chunk = HistoryChunk(firstSequence: current.key.bigEndianUInt64(at: 8), bytes: current.value)
+                    guard chunk.firstSequence <= through else { break }
+                    var finished = false
+                    let broken = try chunk.forEach { sequence, record in
+                        guard sequence <= through else { finished = true; return false }
+                        guard sequence > last else { return true }
+                        try body(sequence, try verified(record, entity: entity, sequence: sequence, in: txn))
+                        last = sequence
+                        return true
+                    }
+                    if let broken {
+                        throw corrupted(entity, broken, "its history chunk starting at \(chunk.firstSequence) is malformed", txn)
+                    }
+                    if finished { break }
                     entry = try cursor.next()
                 }
             }
@@ -397,7 +416,12 @@ public final class Journal: Sendable {
                 entry = try cursor.last()
             }
             guard let entry, entry.key.count == 16, entry.key.bigEndianUInt64(at: 0) == entity else { return 0 }
-            return entry.key.bigEndianUInt64(at: 8)
+            let chunk = HistoryChunk(firstSequence: entry.key.bigEndianUInt64(at: 8), bytes: entry.value)
+            guard let lastSequence = chunk.lastSequence else {
+                throw JournalError(.corruptedRecord, key: EntityKey(rawValue: entity), sequence: chunk.firstSequence,
+                                   "its history chunk starting at \(chunk.firstSequence) has a damaged header")
+            }
+            return lastSequence
         }
         let prunedBefore: UInt64 = try Key8(entity).withBytes { k in
             try txn.withValue(forKey: k, in: stores.entities) { value in
@@ -459,7 +483,9 @@ public final class Journal: Sendable {
             recovered.tailEvents = runs.values.reduce(0) { $0 + $1.positions.count }
             // The writer's per-entity thresholds are at least the configured one; it re-checks on the next append.
             recovered.fullTails = Set(runs.filter { $0.value.positions.count >= coalesceThreshold }.keys)
-            tails.runs.withLock { $0 = runs }
+            tails.runs.withLock { table in
+                for (entity, run) in runs { table[entity] = run }
+            }
             return recovered
         }
     }

@@ -6,7 +6,7 @@ import LMDB
 /// | database | key | value |
 /// | --- | --- | --- |
 /// | `log` | position (8) | entity key (8), sequence (8), CRC-32C (4), payload |
-/// | `history` | entity key (8), sequence (8) | CRC-32C (4), payload |
+/// | `history` | entity key (8), first sequence (8) | a chunk: count (4), then per event length (4), CRC-32C (4), payload |
 /// | `names` | type UTF-8, 0x00, id UTF-8 | entity key (8) |
 /// | `entities` | entity key (8) | metadata record |
 /// | `snapshots` | entity key (8) | sequence (8), CRC-32C (4), payload |
@@ -15,10 +15,82 @@ import LMDB
 enum JournalLayout {
     static let logHeader = 20
     static let checksumBytes = 4
+    /// A history chunk stays under this many bytes, so it fits in a 4 KiB leaf page with its key and
+    /// never needs LMDB overflow pages (a single larger event gets a chunk of its own).
+    static let chunkBytes = 2_000
+    static let chunkHeader = 4
+    static let chunkEventHeader = 8
+}
+
+/// Reads the events of one history chunk: consecutive sequence numbers from the key's.
+struct HistoryChunk {
+    let firstSequence: UInt64
+    let bytes: UnsafeRawBufferPointer
+
+    /// How many events the chunk holds, or `nil` when its header is damaged.
+    var count: Int? {
+        guard bytes.count >= JournalLayout.chunkHeader else { return nil }
+        return Int(bytes.littleEndianUInt32(at: 0))
+    }
+
+    var lastSequence: UInt64? { count.map { firstSequence + UInt64($0) - 1 } }
+
+    /// Calls `body` with each event's sequence and `CRC-32C (4) + payload` record; stops when it returns false.
+    /// - Returns: `nil` when the chunk is well-formed, else the sequence where it breaks.
+    func forEach(_ body: (UInt64, UnsafeRawBufferPointer) throws -> Bool) rethrows -> UInt64? {
+        guard let count else { return firstSequence }
+        var offset = JournalLayout.chunkHeader
+        for index in 0..<count {
+            let sequence = firstSequence + UInt64(index)
+            guard offset + JournalLayout.chunkEventHeader <= bytes.count else { return sequence }
+            let length = Int(bytes.littleEndianUInt32(at: offset))
+            let end = offset + JournalLayout.chunkEventHeader + length
+            guard end <= bytes.count else { return sequence }
+            let record = UnsafeRawBufferPointer(rebasing: bytes[(offset + 4)..<end])
+            guard try body(sequence, record) else { return nil }
+            offset = end
+        }
+        return nil
+    }
+}
+
+/// Builds a history chunk in a reusable buffer.
+struct ChunkBuilder {
+    private(set) var bytes: [UInt8] = []
+    private(set) var count = 0
+    private(set) var firstSequence: UInt64 = 0
+
+    var isEmpty: Bool { count == 0 }
+
+    mutating func start(at sequence: UInt64) {
+        bytes.removeAll(keepingCapacity: true)
+        bytes.append(contentsOf: [0, 0, 0, 0])
+        count = 0
+        firstSequence = sequence
+    }
+
+    /// Whether an event of `recordBytes` (checksum + payload) fits without passing the chunk size.
+    func fits(_ recordBytes: Int) -> Bool {
+        count == 0 || bytes.count + 4 + recordBytes <= JournalLayout.chunkBytes
+    }
+
+    /// Adds one event from its `CRC-32C (4) + payload` record.
+    mutating func add(record: UnsafeRawBufferPointer) {
+        var length = UInt32(record.count - 4).littleEndian
+        withUnsafeBytes(of: &length) { bytes.append(contentsOf: $0) }
+        bytes.append(contentsOf: record)
+        count += 1
+        var total = UInt32(count).littleEndian
+        withUnsafeBytes(of: &total) { header in
+            bytes.withUnsafeMutableBytes { $0.copyMemory(from: header) }
+        }
+    }
 }
 
 /// Two big-endian integers as one 16-byte key.
 struct Key16 {
+    var bytes: [UInt8] { withBytes { Array($0) } }
+
     private var high: UInt64
     private var low: UInt64
     init(_ high: UInt64, _ low: UInt64) {
