@@ -51,7 +51,8 @@ let package = Package(
                 "DurableEntities",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            path: "Samples/JournalDemo"
+            path: "Samples/JournalDemo",
+            exclude: ["README.md"]
         ),
         // A child process for crash tests: the tests SIGKILL it mid-stream and check the directory.
         .executableTarget(
