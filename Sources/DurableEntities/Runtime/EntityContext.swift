@@ -1,0 +1,62 @@
+import Logging
+
+/// What a handler may use besides the state: the entity's identity, and deterministic time,
+/// randomness and ids. During replay every value is the same as when the message was first handled.
+public struct EntityContext: Sendable {
+    /// The entity's id.
+    public let id: String
+    /// The sequence number the message being handled gets in the entity's history.
+    public let sequence: UInt64
+    /// The time at which the message was first handled, in nanoseconds since the Unix epoch, from the
+    /// runtime's clock. Recorded in the history: a replay sees the same value.
+    public let nowNanoseconds: UInt64
+    /// Logs with the entity's type and id as metadata.
+    public let logger: Logger
+
+    /// A generator seeded by the entity and the sequence: the same numbers on every replay.
+    public func randomNumberGenerator() -> DeterministicRandom {
+        DeterministicRandom(seed: sequence &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(truncatingIfNeeded: id.hashValueStable))
+    }
+
+    /// A UUID-shaped id (version 4 layout) from the deterministic generator, distinct per `index`.
+    public func uuid(_ index: UInt64 = 0) -> String {
+        var random = DeterministicRandom(seed: (sequence &+ index &* 0x1000_0000_01B3) ^ UInt64(truncatingIfNeeded: id.hashValueStable))
+        let high = random.next()
+        let low = random.next()
+        let bytes = withUnsafeBytes(of: (high.bigEndian, low.bigEndian)) { Array($0) }
+        var b = bytes
+        b[6] = (b[6] & 0x0F) | 0x40
+        b[8] = (b[8] & 0x3F) | 0x80
+        let hex = b.map { String($0, radix: 16).leftPadded(to: 2) }
+        return "\(hex[0..<4].joined())-\(hex[4..<6].joined())-\(hex[6..<8].joined())-\(hex[8..<10].joined())-\(hex[10..<16].joined())"
+    }
+}
+
+/// SplitMix64: small, fast, and the same on every platform — what replay needs.
+public struct DeterministicRandom: RandomNumberGenerator, Sendable {
+    private var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+extension String {
+    /// FNV-1a over the UTF-8 bytes: unlike `hashValue`, the same in every process.
+    var hashValueStable: UInt64 {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in utf8 {
+            hash ^= UInt64(byte)
+            hash &*= 0x100_0000_01B3
+        }
+        return hash
+    }
+
+    func leftPadded(to width: Int) -> String {
+        count >= width ? self : String(repeating: "0", count: width - count) + self
+    }
+}

@@ -1,0 +1,70 @@
+/// A typed reference to one entity. Cheap to make and to copy; every call goes to the entity's
+/// mailbox and returns once the outcome is durable.
+public struct EntityRef<W: EntityWorkflow>: Sendable {
+    /// The entity's id.
+    public let id: String
+    let runtime: EntityRuntime
+
+    /// The entity's full name.
+    public var name: EntityName { EntityName(type: W.entityType, id: id) }
+
+    /// Sends a signal; returns once it is recorded durably (or refused).
+    /// - Parameter idempotencyKey: a sender's id for this signal: resending it after an unclear outcome
+    ///   (a crash, a timeout) records it at most once.
+    /// - Throws: ``EntityError``: `rejected` (the handler threw), `terminated`, `payloadTooLarge`,
+    ///   `unencodablePayload`, `storage`, `closed`. Nothing is recorded when it throws.
+    public func signal(_ signal: W.Signal, idempotencyKey: String? = nil) async throws(EntityError) {
+        let bytes: [UInt8]
+        do { bytes = try runtime.core.codec.encode(signal) } catch {
+            throw EntityError(.unencodablePayload, entity: name, "the signal does not encode; nothing was recorded", underlying: error)
+        }
+        try await send(signal, bytes: bytes, idempotencyKey: idempotencyKey)
+    }
+
+    func send(_ signal: W.Signal, bytes: [UInt8], idempotencyKey: String?) async throws(EntityError) {
+        try await deliver { reply in .signal(signal, bytes: bytes, key: idempotencyKey, reply: reply) }
+    }
+
+    /// Sends an update: validated, applied, recorded, and its result returned once durable. A refused
+    /// update records nothing.
+    /// - Parameter idempotencyKey: resending an update with the same key returns the first result
+    ///   without applying it again.
+    public func update(_ update: W.Update, idempotencyKey: String? = nil) async throws(EntityError) -> W.UpdateResult {
+        let bytes: [UInt8]
+        do { bytes = try runtime.core.codec.encode(update) } catch {
+            throw EntityError(.unencodablePayload, entity: name, "the update does not encode; nothing was recorded", underlying: error)
+        }
+        return try await deliver { reply in .update(update, bytes: bytes, key: idempotencyKey, reply: reply) }
+    }
+
+    /// Reads the entity's committed state: every acknowledged signal and update is in it, nothing
+    /// uncommitted is. Never recorded.
+    public func query<Result: Sendable>(_ read: @Sendable (W.State) -> Result) async throws(EntityError) -> Result {
+        let cell = runtime.core.cell(W.self, name)
+        if let state = cell.committedState() { return read(state) }
+        let state: W.State = try await deliver { reply in .read(reply) }
+        return read(state)
+    }
+
+    /// Terminates the entity: recorded, after which it refuses every message with `terminated`.
+    public func terminate(reason: String) async throws(EntityError) {
+        try await deliver { reply in .terminate(reason: reason, reply: reply) }
+    }
+
+    private func deliver<Value: Sendable>(
+        _ message: @escaping @Sendable (@escaping @Sendable (Result<Value, EntityError>) -> Void) -> EntityCell<W>.Message
+    ) async throws(EntityError) -> Value {
+        let core = runtime.core
+        let name = self.name
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Value, EntityError>, Never>) in
+            guard !core.closed.load(ordering: .acquiring) else {
+                continuation.resume(returning: .failure(EntityError(.closed, entity: name, "the runtime is closed; nothing was recorded")))
+                return
+            }
+            let envelope = message { continuation.resume(returning: $0) }
+            // A cell passivated between lookup and enqueue refuses; the next lookup makes a fresh one.
+            while !core.cell(W.self, name).enqueue(envelope) {}
+        }
+        return try result.get()
+    }
+}

@@ -1,0 +1,125 @@
+import Foundation
+import LMDB
+import Logging
+
+/// The runtime a service embeds: one LMDB directory, its entity types, and the sharded scheduler that
+/// runs their turns.
+///
+/// ## Usage
+/// ```swift
+/// let runtime = try EntityRuntime(configuration: .init(directory: "./data"))
+/// let alice = runtime.entity(Account.self, id: "alice")
+/// try await alice.signal(.deposit(100))                   // returns once durable
+/// let balance = try await alice.query { $0.balance }       // reads committed state
+/// runtime.close()
+/// ```
+public final class EntityRuntime: Sendable {
+    /// Options for a runtime.
+    public struct Configuration: Sendable {
+        /// The LMDB directory.
+        public var directory: String
+        /// `durable` (fsync per commit) or `relaxed` (acknowledges before fsync, survives a process crash only).
+        public var durability: Environment.Durability
+        /// How many shards (threads running turns). Default: one per core.
+        public var shards: Int
+        /// The most messages one turn takes from an entity's mailbox.
+        public var maxMessagesPerTurn: Int
+        /// A snapshot is written after this many events since the last one.
+        public var snapshotEvery: Int
+        /// Past this many resident entities, idle ones are passivated (oldest first).
+        public var maxResidentEntities: Int
+        /// The largest encoded message accepted.
+        public var maxPayloadBytes: Int
+        /// How states and messages become bytes.
+        public var codec: any EntityCodec
+        /// The time recorded in history events.
+        public var clock: any EntityClock
+        /// Options passed to the journal (its directory and durability are taken from above).
+        public var journal: Journal.Configuration
+        public var logger: Logger
+
+        public init(
+            directory: String,
+            durability: Environment.Durability = .durable,
+            shards: Int = ProcessInfo.processInfo.activeProcessorCount,
+            maxMessagesPerTurn: Int = 256,
+            snapshotEvery: Int = 100,
+            maxResidentEntities: Int = 100_000,
+            maxPayloadBytes: Int = 1 << 20,
+            codec: any EntityCodec = JSONEntityCodec(),
+            clock: any EntityClock = SystemEntityClock(),
+            logger: Logger = Logger(label: "DurableEntities")
+        ) {
+            self.directory = directory
+            self.durability = durability
+            self.shards = shards
+            self.maxMessagesPerTurn = maxMessagesPerTurn
+            self.snapshotEvery = snapshotEvery
+            self.maxResidentEntities = maxResidentEntities
+            self.maxPayloadBytes = maxPayloadBytes
+            self.codec = codec
+            self.clock = clock
+            self.journal = Journal.Configuration(directory: directory, durability: durability, logger: logger)
+            self.logger = logger
+        }
+    }
+
+    let core: RuntimeCore
+
+    /// Opens the runtime on `configuration.directory`.
+    /// - Parameter entityTypes: types to register now (``entity(_:id:)`` registers others on first use).
+    /// - Throws: ``EntityError`` with code `storage` when the journal cannot open.
+    public init(configuration: Configuration, entityTypes: [any EntityWorkflow.Type] = []) throws(EntityError) {
+        var journalConfiguration = configuration.journal
+        journalConfiguration.directory = configuration.directory
+        journalConfiguration.durability = configuration.durability
+        let journal: Journal
+        do {
+            journal = try Journal(configuration: journalConfiguration)
+        } catch {
+            throw EntityError(.storage, entity: nil, "the journal in '\(configuration.directory)' did not open", underlying: error)
+        }
+        core = RuntimeCore(journal: journal, configuration: configuration)
+        for type in entityTypes { register(type) }
+    }
+
+    /// Registers an entity type (idempotent).
+    public func register(_ type: any EntityWorkflow.Type) {
+        func open<W: EntityWorkflow>(_ type: W.Type) {
+            core.types.withLock { types in
+                if types[W.entityType] == nil { types[W.entityType] = Registered<W>() }
+            }
+        }
+        open(type)
+    }
+
+    /// A reference to the entity `id` of type `W`; registers `W` if needed. Cheap: no I/O.
+    public func entity<W: EntityWorkflow>(_ type: W.Type, id: String) -> EntityRef<W> {
+        register(type)
+        return EntityRef(id: id, runtime: self)
+    }
+
+    /// Signals an entity from an encoded payload (for gateways that receive bytes).
+    /// - Throws: ``EntityError`` `unknownEntityType`, `undecodablePayload`, `payloadTooLarge`,
+    ///   `rejected`, `terminated`; nothing is recorded for any of them.
+    public func signal(entityType: String, id: String, payload: [UInt8], idempotencyKey: String? = nil) async throws(EntityError) {
+        guard let registered = core.types.withLock({ $0[entityType] }) else {
+            throw EntityError(.unknownEntityType, entity: EntityName(type: entityType, id: id),
+                              "no entity type '\(entityType)' is registered; nothing was recorded")
+        }
+        try await registered.signal(id: id, payload: payload, idempotencyKey: idempotencyKey, runtime: self)
+    }
+
+    /// How many entities are in memory now.
+    public var residentEntities: Int { core.residentCount }
+
+    /// The journal underneath (for inspection and tools).
+    public var journal: Journal { core.journal }
+
+    /// Stops accepting messages, finishes the turns already queued or in flight, and closes the journal.
+    public func close() {
+        guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        for shard in core.shards { shard.stop() }
+        core.journal.close()
+    }
+}

@@ -1,0 +1,66 @@
+/// One event of an entity's history, as the journal stores it: a kind, the time it was first handled,
+/// an optional idempotency key, and the kind's body.
+///
+/// Layout: kind (1) · time in ns since the Unix epoch (8, big-endian) · key length (2) · key · body.
+/// - `signal`: body = the encoded signal.
+/// - `update`: body = update length (4) · the encoded update · the encoded result.
+/// - `terminated`: body = the reason, UTF-8.
+public struct HistoryEvent: Sendable, Hashable {
+    public enum Kind: UInt8, Sendable, Hashable, Codable {
+        case signal = 1
+        case update = 2
+        case terminated = 3
+    }
+
+    public var kind: Kind
+    public var timeNanoseconds: UInt64
+    /// The sender's idempotency key, when it gave one.
+    public var idempotencyKey: String?
+    public var body: [UInt8]
+
+    public init(kind: Kind, timeNanoseconds: UInt64, idempotencyKey: String? = nil, body: [UInt8]) {
+        self.kind = kind
+        self.timeNanoseconds = timeNanoseconds
+        self.idempotencyKey = idempotencyKey
+        self.body = body
+    }
+
+    static func update(time: UInt64, key: String?, update: [UInt8], result: [UInt8]) -> HistoryEvent {
+        var body = [UInt8]()
+        body.reserveCapacity(4 + update.count + result.count)
+        withUnsafeBytes(of: UInt32(update.count).bigEndian) { body.append(contentsOf: $0) }
+        body.append(contentsOf: update)
+        body.append(contentsOf: result)
+        return HistoryEvent(kind: .update, timeNanoseconds: time, idempotencyKey: key, body: body)
+    }
+
+    /// The update and result parts of an `update` event's body.
+    func updateParts() -> (update: ArraySlice<UInt8>, result: ArraySlice<UInt8>)? {
+        guard kind == .update, body.count >= 4 else { return nil }
+        let length = body.withUnsafeBytes { Int($0.loadUnaligned(as: UInt32.self).bigEndian) }
+        guard 4 + length <= body.count else { return nil }
+        return (body[4..<(4 + length)], body[(4 + length)...])
+    }
+
+    func encoded() -> [UInt8] {
+        let key = idempotencyKey.map { Array($0.utf8) } ?? []
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(11 + key.count + body.count)
+        bytes.append(kind.rawValue)
+        withUnsafeBytes(of: timeNanoseconds.bigEndian) { bytes.append(contentsOf: $0) }
+        withUnsafeBytes(of: UInt16(key.count).bigEndian) { bytes.append(contentsOf: $0) }
+        bytes.append(contentsOf: key)
+        bytes.append(contentsOf: body)
+        return bytes
+    }
+
+    /// Parses a stored event; `nil` when the bytes are not an event of a known kind.
+    static func decode(_ bytes: UnsafeRawBufferPointer) -> HistoryEvent? {
+        guard bytes.count >= 11, let kind = Kind(rawValue: bytes[0]) else { return nil }
+        let time = bytes.loadUnaligned(fromByteOffset: 1, as: UInt64.self).bigEndian
+        let keyLength = Int(bytes.loadUnaligned(fromByteOffset: 9, as: UInt16.self).bigEndian)
+        guard 11 + keyLength <= bytes.count else { return nil }
+        let key = keyLength == 0 ? nil : String(decoding: bytes[11..<(11 + keyLength)], as: UTF8.self)
+        return HistoryEvent(kind: kind, timeNanoseconds: time, idempotencyKey: key, body: Array(bytes[(11 + keyLength)...]))
+    }
+}

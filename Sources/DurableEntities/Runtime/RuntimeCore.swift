@@ -1,0 +1,109 @@
+import DequeModule
+import Dispatch
+import Logging
+import Synchronization
+
+/// What every cell of a runtime shares: the journal, codec, clock, shards and the resident cells.
+final class RuntimeCore: Sendable {
+    let journal: Journal
+    let codec: any EntityCodec
+    let clock: any EntityClock
+    let configuration: EntityRuntime.Configuration
+    let logger: Logger
+    let shards: [Shard]
+    let types = Mutex<[String: any RegisteredEntityType]>([:])
+    private let tables: [CellTableBox]
+    let closed = Atomic<Bool>(false)
+
+    final class CellTableBox: Sendable {
+        let table = Mutex(CellTable())
+    }
+
+    /// The resident cells of one shard, with passivation order.
+    struct CellTable: ~Copyable {
+        var cells: [EntityName: any ResidentCell] = [:]
+        /// Cells in the order they became resident; passivation looks at the oldest first.
+        var order = Deque<EntityName>()
+    }
+
+    init(journal: Journal, configuration: EntityRuntime.Configuration) {
+        self.journal = journal
+        self.codec = configuration.codec
+        self.clock = configuration.clock
+        self.configuration = configuration
+        self.logger = configuration.logger
+        let count = max(1, configuration.shards)
+        self.shards = (0..<count).map { Shard(index: $0) }
+        self.tables = (0..<count).map { _ in CellTableBox() }
+    }
+
+    func shardIndex(_ name: EntityName) -> Int {
+        Int((name.type.hashValueStable ^ name.id.hashValueStable &* 0x100_0000_01B3) % UInt64(shards.count))
+    }
+
+    /// The resident cell of an entity, created (not yet loaded) when it is not resident.
+    func cell<W: EntityWorkflow>(_ type: W.Type, _ name: EntityName) -> EntityCell<W> {
+        let index = shardIndex(name)
+        let maxResident = max(1, configuration.maxResidentEntities / shards.count)
+        return tables[index].table.withLock { table in
+            if let existing = table.cells[name] as? EntityCell<W> { return existing }
+            let cell = EntityCell<W>(name: name, core: self, shard: shards[index])
+            table.cells[name] = cell
+            table.order.append(name)
+            // Passivate idle entities, oldest first, while the shard holds more than its share.
+            var checked = 0
+            while table.cells.count > maxResident, checked < table.order.count, let oldest = table.order.popFirst() {
+                checked += 1
+                guard let candidate = table.cells[oldest] else { continue }
+                if candidate.evictIfIdle() {
+                    table.cells[oldest] = nil
+                } else {
+                    table.order.append(oldest)
+                }
+            }
+            return cell
+        }
+    }
+
+    /// How many entities are resident.
+    var residentCount: Int { tables.reduce(0) { $0 + $1.table.withLock { $0.cells.count } } }
+
+    /// The journal key under which an idempotency result is stored: the entity's key, then the sender's.
+    static func resultKey(_ key: String, _ entity: EntityKey) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: 8)
+        bytes.withUnsafeMutableBytes { $0.storeBytes(of: entity.rawValue.bigEndian, as: UInt64.self) }
+        bytes.append(contentsOf: key.utf8.prefix(500))
+        return bytes
+    }
+
+    /// The recorded result of a message with idempotency key `key`, if one was committed.
+    func recorded(_ key: String, for entity: EntityKey?) -> [UInt8]? {
+        guard let entity else { return nil }
+        return try? journal.recordedResult(forKey: Self.resultKey(key, entity))
+    }
+}
+
+/// A resident cell, whatever its entity type.
+protocol ResidentCell: AnyObject, Sendable {
+    func evictIfIdle() -> Bool
+}
+
+extension EntityCell: ResidentCell {}
+
+/// A registered entity type, for the untyped entry points (raw payloads, recovery).
+protocol RegisteredEntityType: Sendable {
+    func signal(id: String, payload: [UInt8], idempotencyKey: String?, runtime: EntityRuntime) async throws(EntityError)
+}
+
+struct Registered<W: EntityWorkflow>: RegisteredEntityType {
+    func signal(id: String, payload: [UInt8], idempotencyKey: String?, runtime: EntityRuntime) async throws(EntityError) {
+        let name = EntityName(type: W.entityType, id: id)
+        let signal: W.Signal
+        do {
+            signal = try payload.withUnsafeBytes { try runtime.core.codec.decode(W.Signal.self, from: $0) }
+        } catch {
+            throw EntityError(.undecodablePayload, entity: name, "the payload is not a \(W.entityType) signal; nothing was recorded", underlying: error)
+        }
+        try await runtime.entity(W.self, id: id).send(signal, bytes: payload, idempotencyKey: idempotencyKey)
+    }
+}

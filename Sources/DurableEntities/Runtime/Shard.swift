@@ -1,0 +1,60 @@
+import DequeModule
+import Foundation
+
+/// Work a shard runs: an entity cell with something in its mailbox.
+protocol ShardWork: AnyObject, Sendable {
+    /// Runs one turn on the shard's thread.
+    func runTurn()
+}
+
+/// One shard of the mailbox scheduler: a thread that runs entity turns, one at a time, from a queue
+/// of entities that have messages. Entities hash to shards by name, so an entity's turns always run
+/// on the same thread.
+///
+/// `@unchecked Sendable`: the queue is guarded by `condition`.
+final class Shard: @unchecked Sendable {
+    let index: Int
+    private let condition = NSCondition()
+    private var ready = Deque<any ShardWork>()
+    private var stopping = false
+    private var stopped = false
+
+    init(index: Int) {
+        self.index = index
+        let thread = Thread { [unowned self] in self.run() }
+        thread.stackSize = 4 << 20
+        thread.start()
+    }
+
+    /// Queues `work` for a turn. The caller guarantees it is not queued twice at once.
+    func schedule(_ work: any ShardWork) {
+        condition.lock()
+        ready.append(work)
+        if ready.count == 1 { condition.signal() }
+        condition.unlock()
+    }
+
+    /// Runs what is queued, then stops the thread.
+    func stop() {
+        condition.lock()
+        stopping = true
+        condition.broadcast()
+        while !stopped { condition.wait() }
+        condition.unlock()
+    }
+
+    private func run() {
+        while true {
+            condition.lock()
+            while ready.isEmpty && !stopping { condition.wait() }
+            guard let work = ready.popFirst() else {
+                stopped = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            condition.unlock()
+            work.runTurn()
+        }
+    }
+}

@@ -1,0 +1,157 @@
+@testable import DurableEntities
+import Foundation
+import Testing
+
+@Suite("Entity runtime")
+struct EntityRuntimeTests {
+    func configuration(_ directory: TemporaryDirectory, snapshotEvery: Int = 100) -> EntityRuntime.Configuration {
+        var configuration = EntityRuntime.Configuration(directory: directory.path, snapshotEvery: snapshotEvery, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        return configuration
+    }
+
+    @Test("signals, updates and queries; state survives close and reopen from snapshot plus tail")
+    func signalsUpdatesQueries() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        do {
+            let runtime = try EntityRuntime(configuration: configuration(directory, snapshotEvery: 7))
+            let alice = runtime.entity(Account.self, id: "alice")
+            for _ in 0..<25 { try await alice.signal(.deposit(10)) }
+            #expect(try await alice.query(\.balance) == 250)
+            #expect(try await alice.update(.withdraw(40)) == 210)
+            // A refused update records nothing.
+            let refused = await #expect(throws: EntityError.self) { try await alice.update(.withdraw(1_000)) }
+            #expect(refused?.code == .rejected)
+            #expect(refused?.underlying is Account.InsufficientFunds)
+            // A refused signal changes nothing, even though its handler touched the state.
+            let failed = await #expect(throws: EntityError.self) { try await alice.signal(.fail) }
+            #expect(failed?.code == .rejected)
+            #expect(try await alice.query { $0 } == Account.State(balance: 210, deposits: 25))
+            #expect(try runtime.journal.latestSequence(of: try #require(try runtime.journal.key(for: alice.name))) == 26)
+            runtime.close()
+        }
+        let runtime = try EntityRuntime(configuration: configuration(directory, snapshotEvery: 7))
+        defer { runtime.close() }
+        let alice = runtime.entity(Account.self, id: "alice")
+        #expect(try await alice.query { $0 } == Account.State(balance: 210, deposits: 25))
+        try await alice.signal(.deposit(1))
+        #expect(try await alice.query(\.balance) == 211)
+        // A never-touched entity has its initial state, and querying it records nothing.
+        #expect(try await runtime.entity(Account.self, id: "nobody").query(\.balance) == 0)
+        #expect(try runtime.journal.key(for: EntityName(type: "Account", id: "nobody")) == nil)
+    }
+
+    @Test("an idempotency key makes a resent signal or update count once")
+    func idempotencyKeys() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory))
+        defer { runtime.close() }
+        let bob = runtime.entity(Account.self, id: "bob")
+        try await bob.signal(.deposit(100), idempotencyKey: "d-1")
+        try await bob.signal(.deposit(100), idempotencyKey: "d-1")
+        try await bob.signal(.deposit(100), idempotencyKey: "d-2")
+        #expect(try await bob.query(\.balance) == 200)
+        #expect(try await bob.update(.withdraw(50), idempotencyKey: "w-1") == 150)
+        #expect(try await bob.update(.withdraw(50), idempotencyKey: "w-1") == 150)
+        #expect(try await bob.query(\.balance) == 150)
+    }
+
+    @Test("concurrent senders: every acknowledged deposit is counted exactly once")
+    func concurrentSenders() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory, snapshotEvery: 50))
+        defer { runtime.close() }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for sender in 0..<50 {
+                group.addTask {
+                    for round in 0..<40 {
+                        try await runtime.entity(Account.self, id: "acc-\((sender + round) % 10)").signal(.deposit(1))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        var total: Int64 = 0
+        for index in 0..<10 { total += try await runtime.entity(Account.self, id: "acc-\(index)").query(\.balance) }
+        #expect(total == 2_000)
+    }
+
+    @Test("unknown types, undecodable or oversized payloads and terminated entities give typed errors and record nothing")
+    func typedErrors() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = configuration(directory)
+        configuration.maxPayloadBytes = 64
+        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self])
+        defer { runtime.close() }
+
+        let unknown = await #expect(throws: EntityError.self) {
+            try await runtime.signal(entityType: "Nope", id: "x", payload: Array(#"{"deposit":{"_0":1}}"#.utf8))
+        }
+        #expect(unknown?.code == .unknownEntityType)
+        #expect(unknown?.entity == EntityName(type: "Nope", id: "x"))
+
+        let undecodable = await #expect(throws: EntityError.self) {
+            try await runtime.signal(entityType: "Account", id: "carol", payload: Array("not json".utf8))
+        }
+        #expect(undecodable?.code == .undecodablePayload)
+        #expect(undecodable?.entity == EntityName(type: "Account", id: "carol"))
+
+        let oversized = await #expect(throws: EntityError.self) {
+            try await runtime.signal(entityType: "Account", id: "carol",
+                                     payload: Array(#"{"deposit":{"_0":1}}"#.utf8) + Array(repeating: 0x20, count: 100))
+        }
+        #expect(oversized?.code == .payloadTooLarge)
+        #expect(try runtime.journal.key(for: EntityName(type: "Account", id: "carol")) == nil, "nothing recorded")
+
+        // A raw payload that decodes is accepted.
+        try await runtime.signal(entityType: "Account", id: "carol", payload: Array(#"{"deposit":{"_0":5}}"#.utf8))
+        let carol = runtime.entity(Account.self, id: "carol")
+        #expect(try await carol.query(\.balance) == 5)
+
+        try await carol.terminate(reason: "closed by the customer")
+        let terminated = await #expect(throws: EntityError.self) { try await carol.signal(.deposit(1)) }
+        #expect(terminated?.code == .terminated)
+        let key = try #require(try runtime.journal.key(for: carol.name))
+        #expect(try runtime.journal.latestSequence(of: key) == 2)
+    }
+
+    @Test("a terminated entity stays terminated after reopen")
+    func terminatedAfterReopen() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        do {
+            let runtime = try EntityRuntime(configuration: configuration(directory))
+            try await runtime.entity(Account.self, id: "dave").signal(.deposit(3))
+            try await runtime.entity(Account.self, id: "dave").terminate(reason: "fraud")
+            runtime.close()
+        }
+        let runtime = try EntityRuntime(configuration: configuration(directory))
+        defer { runtime.close() }
+        let error = await #expect(throws: EntityError.self) { try await runtime.entity(Account.self, id: "dave").signal(.deposit(1)) }
+        #expect(error?.code == .terminated)
+    }
+
+    @Test("passivated entities come back with identical state; residents stay within the bound")
+    func passivation() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = configuration(directory, snapshotEvery: 3)
+        configuration.maxResidentEntities = 20
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        for index in 0..<200 {
+            let account = runtime.entity(Account.self, id: "p-\(index)")
+            for _ in 0..<(index % 5 + 1) { try await account.signal(.deposit(Int64(index))) }
+        }
+        #expect(runtime.residentEntities <= 20 + configuration.shards)
+        for index in 0..<200 {
+            let state = try await runtime.entity(Account.self, id: "p-\(index)").query { $0 }
+            #expect(state == Account.State(balance: Int64(index * (index % 5 + 1)), deposits: index % 5 + 1))
+        }
+        #expect(runtime.residentEntities <= 20 + configuration.shards)
+    }
+}
