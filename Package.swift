@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .library(name: "DurableEntities", targets: ["DurableEntities"]),
         .library(name: "LMDB", targets: ["LMDB"]),
+        .library(name: "DurableEntitiesTesting", targets: ["DurableEntitiesTesting"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
@@ -35,6 +36,11 @@ let package = Package(
                 .product(name: "DequeModule", package: "swift-collections"),
             ]
         ),
+        // The test kit, shipped as a library product: test clock, history replayer, crash-and-reopen.
+        .target(
+            name: "DurableEntitiesTesting",
+            dependencies: ["DurableEntities"]
+        ),
         .executableTarget(
             name: "Benchmarks",
             dependencies: [
@@ -54,7 +60,22 @@ let package = Package(
             path: "Samples/JournalDemo",
             exclude: ["README.md"]
         ),
-        // A child process for crash tests: the tests SIGKILL it mid-stream and check the directory.
+        .executableTarget(
+            name: "BankSample",
+            dependencies: [
+                "DurableEntities",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Samples/Bank",
+            exclude: ["README.md"]
+        ),
+        // Child processes for crash tests: the tests SIGKILL them mid-stream and check the directory.
+        .executableTarget(
+            name: "EntityCrashChild",
+            dependencies: ["DurableEntities"],
+            path: "Tests/Support/EntityCrashChild"
+        ),
         .executableTarget(
             name: "JournalCrashChild",
             dependencies: ["DurableEntities"],
@@ -66,7 +87,7 @@ let package = Package(
         ),
         .testTarget(
             name: "DurableEntitiesTests",
-            dependencies: ["DurableEntities", "LMDB"]
+            dependencies: ["DurableEntities", "DurableEntitiesTesting", "LMDB"]
         ),
     ],
     swiftLanguageModes: [.v6]

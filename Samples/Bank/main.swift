@@ -1,0 +1,1 @@
+print("BankSample: not written yet")

@@ -1,0 +1,1 @@
+print("EntityCrashChild: not written yet")
