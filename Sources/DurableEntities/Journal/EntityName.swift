@@ -71,13 +71,16 @@ public struct EntityMetadata: Sendable, Hashable {
     public var status: UInt8
     /// The current run (continue-as-new starts a new one).
     public var run: UInt64
+    /// The sequence number of the current run's first event (continue-as-new starts a run).
+    public var runStartSequence: UInt64
     /// Events before this sequence number were deleted by retention.
     public internal(set) var prunedBefore: UInt64
 
-    public init(name: EntityName, status: UInt8 = 0, run: UInt64 = 1) {
+    public init(name: EntityName, status: UInt8 = 0, run: UInt64 = 1, runStartSequence: UInt64 = 1) {
         self.name = name
         self.status = status
         self.run = run
+        self.runStartSequence = runStartSequence
         self.prunedBefore = 0
     }
 }

@@ -167,35 +167,38 @@ extension EntityName {
 }
 
 extension EntityMetadata {
-    private static let version: UInt8 = 1
+    private static let version: UInt8 = 2
+    private static let header = 28
 
     func encoded() -> [UInt8] {
         let type = Array(name.type.utf8)
         let id = Array(name.id.utf8)
-        var bytes = [UInt8](repeating: 0, count: 20 + type.count + id.count)
+        var bytes = [UInt8](repeating: 0, count: Self.header + type.count + id.count)
         bytes.withUnsafeMutableBytes { out in
             out[0] = Self.version
             out[1] = status
             out.storeBigEndian(run, at: 2)
             out.storeBigEndian(prunedBefore, at: 10)
-            out.storeBytes(of: UInt16(type.count).bigEndian, toByteOffset: 18, as: UInt16.self)
+            out.storeBigEndian(runStartSequence, at: 18)
+            out.storeBytes(of: UInt16(type.count).bigEndian, toByteOffset: 26, as: UInt16.self)
         }
-        bytes.replaceSubrange(20..<(20 + type.count), with: type)
-        bytes.replaceSubrange((20 + type.count)..., with: id)
+        bytes.replaceSubrange(Self.header..<(Self.header + type.count), with: type)
+        bytes.replaceSubrange((Self.header + type.count)..., with: id)
         return bytes
     }
 
     static func decode(_ bytes: UnsafeRawBufferPointer, key: EntityKey) throws(JournalError) -> EntityMetadata {
-        guard bytes.count >= 20, bytes[0] == version else {
+        guard bytes.count >= header, bytes[0] == version else {
             throw JournalError(.corruptedRecord, key: key, "the entity's metadata record is damaged (\(bytes.count) bytes)")
         }
-        let typeCount = Int(bytes.loadUnaligned(fromByteOffset: 18, as: UInt16.self).bigEndian)
-        guard 20 + typeCount <= bytes.count else {
+        let typeCount = Int(bytes.loadUnaligned(fromByteOffset: 26, as: UInt16.self).bigEndian)
+        guard header + typeCount <= bytes.count else {
             throw JournalError(.corruptedRecord, key: key, "the entity's metadata record is damaged (type length \(typeCount))")
         }
-        let type = String(decoding: bytes[20..<(20 + typeCount)], as: UTF8.self)
-        let id = String(decoding: bytes[(20 + typeCount)...], as: UTF8.self)
-        var metadata = EntityMetadata(name: EntityName(type: type, id: id), status: bytes[1], run: bytes.bigEndianUInt64(at: 2))
+        let type = String(decoding: bytes[header..<(header + typeCount)], as: UTF8.self)
+        let id = String(decoding: bytes[(header + typeCount)...], as: UTF8.self)
+        var metadata = EntityMetadata(name: EntityName(type: type, id: id), status: bytes[1], run: bytes.bigEndianUInt64(at: 2),
+                                      runStartSequence: bytes.bigEndianUInt64(at: 18))
         metadata.prunedBefore = bytes.bigEndianUInt64(at: 10)
         return metadata
     }

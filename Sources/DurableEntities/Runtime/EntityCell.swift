@@ -33,6 +33,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var lastSequence: UInt64
         var snapshotSequence: UInt64
         var status: Status
+        /// The current run and the sequence of its first event.
+        var run: UInt64 = 1
+        var runStartSequence: UInt64 = 1
+        /// Bytes of events in the current run since activation (for the automatic continue-as-new).
+        var runBytes = 0
     }
 
     struct State {
@@ -153,11 +158,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
         func record(_ event: HistoryEvent) -> UInt64 {
             next.lastSequence += 1
-            pendingEvents.append((next.lastSequence, event.encoded()))
+            let encoded = event.encoded()
+            next.runBytes += encoded.count
+            pendingEvents.append((next.lastSequence, encoded))
             return next.lastSequence
         }
+        let requests = TurnRequests()
         func context(_ sequence: UInt64) -> EntityContext {
-            EntityContext(id: name.id, sequence: sequence, nowNanoseconds: now, logger: core.logger)
+            EntityContext(id: name.id, sequence: sequence, nowNanoseconds: now, logger: core.logger, requests: requests)
         }
 
         for message in messages {
@@ -231,11 +239,17 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             finishWithoutCommit(replies)
             return
         }
-        commit(pendingEvents, keys: keysThisTurn, next: next, replies: replies, into: JournalBatch())
+        let configuration = core.configuration
+        let continueAsNew = requests.continueAsNew
+            || next.lastSequence + 1 - next.runStartSequence >= UInt64(configuration.continueAsNewAfterEvents)
+            || next.runBytes >= configuration.continueAsNewAfterBytes
+        commit(pendingEvents, keys: keysThisTurn, next: next, continueAsNew: continueAsNew && next.status == .active,
+               replies: replies, into: JournalBatch())
     }
 
     /// Writes the turn's events (registering the entity first if it is new), then completes the turn.
-    private func commit(_ events: [(UInt64, [UInt8])], keys: [String: [UInt8]], next: Durable, replies: [Reply], into batch: JournalBatch) {
+    private func commit(_ events: [(UInt64, [UInt8])], keys: [String: [UInt8]], next: Durable, continueAsNew: Bool,
+                        replies: [Reply], into batch: JournalBatch) {
         guard let key = next.key else {
             var registration = JournalBatch()
             registration.register(name)
@@ -244,7 +258,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 case .success(let receipt):
                     var registered = next
                     registered.key = receipt.registered[0]
-                    self.commit(events, keys: keys, next: registered, replies: replies, into: batch)
+                    self.commit(events, keys: keys, next: registered, continueAsNew: continueAsNew, replies: replies, into: batch)
                 case .failure(let error):
                     self.complete(.failure(EntityError(.storage, entity: self.name, "registering the entity failed; nothing was recorded", underlying: error)), next: next, replies: replies)
                 }
@@ -255,13 +269,27 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         for (sequence, payload) in events { batch.append(key, sequence: sequence, payload: payload) }
         for (idempotencyKey, result) in keys { batch.recordResult(forKey: RuntimeCore.resultKey(idempotencyKey, key), payload: result) }
         var committed = next
-        if next.lastSequence - next.snapshotSequence >= UInt64(core.configuration.snapshotEvery),
-           let snapshot = try? core.codec.encode(next.state) {
+        let snapshotDue = next.lastSequence - next.snapshotSequence >= UInt64(core.configuration.snapshotEvery)
+        if snapshotDue || continueAsNew, let snapshot = try? core.codec.encode(next.state) {
             batch.saveSnapshot(key, sequence: next.lastSequence, payload: snapshot)
             committed.snapshotSequence = next.lastSequence
+            if continueAsNew {
+                // The new run starts from this snapshot, in the same commit as the turn: nothing that
+                // arrives later can land in the old run, and nothing of the turn can be lost.
+                let retention = core.configuration.keepRuns
+                committed.run += 1
+                committed.runBytes = 0
+                committed.runStartSequence = next.lastSequence + 1
+                if retention == 0 {
+                    batch.deleteHistory(of: key, before: committed.runStartSequence)
+                } else if retention == 1 {
+                    batch.deleteHistory(of: key, before: next.runStartSequence)
+                }
+            }
         }
-        if next.status == .terminated {
-            batch.setMetadata(key, EntityMetadata(name: name, status: Status.terminated.rawValue))
+        if next.status == .terminated || committed.run != next.run {
+            batch.setMetadata(key, EntityMetadata(name: name, status: committed.status.rawValue, run: committed.run,
+                                                  runStartSequence: committed.runStartSequence))
         }
         let published = committed
         core.journal.submit(batch) { result in
@@ -326,8 +354,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         var durable = Durable(state: W.initialState(id: name.id), key: key, lastSequence: 0, snapshotSequence: 0, status: .active)
         do {
-            if let metadata = try journal.metadata(of: key), metadata.status == Status.terminated.rawValue {
-                durable.status = .terminated
+            if let metadata = try journal.metadata(of: key) {
+                if metadata.status == Status.terminated.rawValue { durable.status = .terminated }
+                durable.run = metadata.run
+                durable.runStartSequence = metadata.runStartSequence
             }
             if let snapshot = try journal.snapshot(of: key) {
                 durable.state = try snapshot.payload.withUnsafeBytes { try core.codec.decode(W.State.self, from: $0) }
@@ -360,7 +390,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         guard let event = HistoryEvent.decode(payload) else {
             throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the event is not a history event this runtime knows")
         }
-        let context = EntityContext(id: name.id, sequence: sequence, nowNanoseconds: event.timeNanoseconds, logger: core.logger)
+        let context = EntityContext(id: name.id, sequence: sequence, nowNanoseconds: event.timeNanoseconds, logger: core.logger,
+                                    requests: TurnRequests())
+        durable.runBytes += payload.count
         do {
             switch event.kind {
             case .signal:

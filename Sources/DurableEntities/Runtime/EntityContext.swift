@@ -12,6 +12,15 @@ public struct EntityContext: Sendable {
     public let nowNanoseconds: UInt64
     /// Logs with the entity's type and id as metadata.
     public let logger: Logger
+    let requests: TurnRequests
+
+    /// Asks the runtime to continue the entity as new at the end of this turn: its state is
+    /// snapshotted into a new run, atomically with the turn, and older runs' history is pruned by
+    /// the retention policy. Messages that arrive meanwhile go to the new run. (The runtime also does
+    /// this on its own past `continueAsNewAfterEvents` events or `continueAsNewAfterBytes` bytes.)
+    public func continueAsNew() {
+        requests.continueAsNew = true
+    }
 
     /// A generator seeded by the entity and the sequence: the same numbers on every replay.
     public func randomNumberGenerator() -> DeterministicRandom {
@@ -59,4 +68,9 @@ extension String {
     func leftPadded(to width: Int) -> String {
         count >= width ? self : String(repeating: "0", count: width - count) + self
     }
+}
+
+/// What handlers asked of the runtime during one turn. Only touched on the entity's shard thread.
+final class TurnRequests: @unchecked Sendable {
+    var continueAsNew = false
 }

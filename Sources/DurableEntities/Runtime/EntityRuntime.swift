@@ -30,6 +30,13 @@ public final class EntityRuntime: Sendable {
         public var maxResidentEntities: Int
         /// The largest encoded message accepted.
         public var maxPayloadBytes: Int
+        /// An entity continues as new (snapshot into a new run) once its current run has this many events.
+        public var continueAsNewAfterEvents: Int
+        /// … or this many bytes of events since it was activated.
+        public var continueAsNewAfterBytes: Int
+        /// How many finished runs keep their history after continue-as-new: 1 (the default) keeps the
+        /// previous run's, 0 keeps none.
+        public var keepRuns: Int
         /// How states and messages become bytes.
         public var codec: any EntityCodec
         /// The time recorded in history events.
@@ -46,6 +53,9 @@ public final class EntityRuntime: Sendable {
             snapshotEvery: Int = 100,
             maxResidentEntities: Int = 100_000,
             maxPayloadBytes: Int = 1 << 20,
+            continueAsNewAfterEvents: Int = 1_000,
+            continueAsNewAfterBytes: Int = 4 << 20,
+            keepRuns: Int = 1,
             codec: any EntityCodec = JSONEntityCodec(),
             clock: any EntityClock = SystemEntityClock(),
             logger: Logger = Logger(label: "DurableEntities")
@@ -57,6 +67,9 @@ public final class EntityRuntime: Sendable {
             self.snapshotEvery = snapshotEvery
             self.maxResidentEntities = maxResidentEntities
             self.maxPayloadBytes = maxPayloadBytes
+            self.continueAsNewAfterEvents = continueAsNewAfterEvents
+            self.continueAsNewAfterBytes = continueAsNewAfterBytes
+            self.keepRuns = keepRuns
             self.codec = codec
             self.clock = clock
             self.journal = Journal.Configuration(directory: directory, durability: durability, logger: logger)
