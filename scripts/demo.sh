@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs the demo sample in release mode; arguments go to the sample (try `scripts/demo.sh --help`).
+# Runs the bank sample's demo in release mode on ./bank-data; arguments go to the demo
+# (try `scripts/demo.sh --help`, or `scripts/demo.sh --keep` to run it again on the same data).
 #
-# Usage: scripts/demo.sh [sample options…]
+# Usage: scripts/demo.sh [demo options…]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/ensure-lmdb.sh
-exec swift run -c release JournalDemo "$@"
+exec swift run -c release BankSample demo "$@"

@@ -2,23 +2,28 @@ import DequeModule
 import Logging
 import Synchronization
 
-/// The runtime's in-memory side of one entity: its mailbox and its committed state.
+/// The runtime's in-memory side of one entity: its mailbox, its committed state and, for an entity
+/// type with a run body, the body's live execution.
 ///
 /// Messages queue in the mailbox; the entity's shard runs *turns*. A turn works on a copy of the
-/// committed state, applies up to `maxMessagesPerTurn` messages, and hands the resulting events to the
+/// committed state, applies up to `maxMessagesPerTurn` messages — recording each input, then letting
+/// the run body go as far as it can and recording the commands it issued — and hands the events to the
 /// journal's group commit. Only when that commit is durable does the copy become the committed state
-/// and are the senders acknowledged; if it fails, the senders get the error and the entity reloads from
-/// its history. One turn per entity is in flight at a time, so history order is mailbox order; other
-/// entities on the shard keep running meanwhile.
+/// and are the senders acknowledged. If it fails, the senders get the error and the entity reloads from
+/// its history (the run body is abandoned and replayed). One turn per entity is in flight at a time, so
+/// history order is mailbox order; other entities on the shard keep running meanwhile.
 ///
-/// `@unchecked Sendable`: all mutable state is inside `cell` (a `Mutex`); `runTurn` runs on the shard's
-/// thread only.
+/// `@unchecked Sendable`: all mutable state is inside `cell` (a `Mutex`); turns run on the shard's
+/// thread only, and so does the run body (its executor is drained there).
 final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
-    enum Message {
+    enum Message: Sendable {
         case signal(W.Signal, bytes: [UInt8], key: String?, reply: @Sendable (Result<Void, EntityError>) -> Void)
         case update(W.Update, bytes: [UInt8], key: String?, reply: @Sendable (Result<W.UpdateResult, EntityError>) -> Void)
         case read(@Sendable (Result<W.State, EntityError>) -> Void)
         case terminate(reason: String, reply: @Sendable (Result<Void, EntityError>) -> Void)
+        case start(W.Input, bytes: [UInt8], reply: @Sendable (Result<Void, EntityError>) -> Void)
+        case result(@Sendable (Result<W.Output, EntityError>) -> Void)
+        case timerFired(id: UInt64, due: UInt64, reply: @Sendable (Result<Void, EntityError>) -> Void)
     }
 
     enum Status: UInt8, Sendable {
@@ -38,6 +43,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var runStartSequence: UInt64 = 1
         /// Bytes of events in the current run since activation (for the automatic continue-as-new).
         var runBytes = 0
+        /// The run body's live execution, once started in this run.
+        var workflow: WorkflowRun<W>?
     }
 
     struct State {
@@ -48,6 +55,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         /// `nil` until the entity is loaded, and again after a failed commit.
         var durable: Durable?
         var failure: EntityError?
+        /// Callers awaiting the run body's result.
+        var resultWaiters: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
     }
 
     let name: EntityName
@@ -74,7 +83,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return true
         }
         guard let schedule else { return false }
-        if schedule { shard.schedule(self) }
+        if schedule {
+            core.becameBusy()
+            shard.schedule(self)
+        }
         return true
     }
 
@@ -86,13 +98,18 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
     }
 
-    /// Marks the cell evicted if it is idle; returns whether it was.
+    /// Marks the cell evicted if it is idle; returns whether it was. A run body in memory is abandoned
+    /// (it is replayed from history when the entity is next activated).
     func evictIfIdle() -> Bool {
-        cell.withLock { state in
-            guard state.messages.isEmpty, !state.inFlight, !state.scheduled else { return false }
+        let workflow = cell.withLock { state -> WorkflowRun<W>?? in
+            guard state.messages.isEmpty, !state.inFlight, !state.scheduled, state.resultWaiters.isEmpty else { return nil }
             state.evicted = true
-            return true
+            defer { state.durable = nil }
+            return .some(state.durable?.workflow)
         }
+        guard let workflow else { return false }
+        if let run = workflow { shard.schedule(AbandonRun(run)) }
+        return true
     }
 
     // MARK: The shard's thread
@@ -139,37 +156,70 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
         static func fail(_ message: Message, _ error: EntityError) -> Reply {
             switch message {
-            case .signal(_, _, _, let reply): .failed { reply(.failure(error)) }
+            case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply):
+                .failed { reply(.failure(error)) }
             case .update(_, _, _, let reply): .failed { reply(.failure(error)) }
             case .read(let reply): .failed { reply(.failure(error)) }
-            case .terminate(_, let reply): .failed { reply(.failure(error)) }
+            case .result(let reply): .failed { reply(.failure(error)) }
             }
         }
     }
 
+    /// What a turn produced besides events.
+    struct TurnOutput {
+        var events: [(UInt64, [UInt8])] = []
+        var keys: [String: [UInt8]] = [:]
+        var timersStarted: [(id: UInt64, due: UInt64)] = []
+        var timersDone: [(id: UInt64, due: UInt64)] = []
+        var resultWaiters: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
+    }
+
     private func process(_ messages: [Message], from start: Durable) {
         var next = start
-        var pendingEvents: [(UInt64, [UInt8])] = []
+        var output = TurnOutput()
         var replies: [Reply] = []
         replies.reserveCapacity(messages.count)
-        var keysThisTurn: [String: [UInt8]] = [:]
         let now = core.clock.nowNanoseconds()
         let limit = core.configuration.maxPayloadBytes
+        let requests = TurnRequests()
 
-        func record(_ event: HistoryEvent) -> UInt64 {
+        func record(_ event: HistoryEvent) {
             next.lastSequence += 1
             let encoded = event.encoded()
             next.runBytes += encoded.count
-            pendingEvents.append((next.lastSequence, encoded))
-            return next.lastSequence
+            output.events.append((next.lastSequence, encoded))
         }
-        let requests = TurnRequests()
         func context(_ sequence: UInt64) -> EntityContext {
             EntityContext(id: name.id, sequence: sequence, nowNanoseconds: now, logger: core.logger, requests: requests)
+        }
+        /// Lets the run body react to the input just recorded, and records what it issued.
+        func settle(_ body: (WorkflowRun<W>) -> Void = { $0.settle() }) {
+            guard let run = next.workflow else { return }
+            run.state = next.state
+            run.now = now
+            body(run)
+            next.state = run.state
+            for command in run.issued {
+                record(.command(command, time: now))
+                switch command {
+                case .startTimer(let id, let due): output.timersStarted.append((id, due))
+                case .cancelTimer(let id, let due): output.timersDone.append((id, due))
+                default: break
+                }
+            }
+            run.issued.removeAll()
+        }
+        func tooLarge(_ what: String, _ count: Int) -> EntityError {
+            EntityError(.payloadTooLarge, entity: name, "the \(what) has \(count) bytes, more than the limit of \(limit)")
         }
 
         for message in messages {
             if next.status == .terminated {
+                if case .timerFired(let id, let due, let reply) = message {
+                    output.timersDone.append((id, due))  // a terminated entity's timers are dropped
+                    replies.append(.done { reply(.success(())) })
+                    continue
+                }
                 replies.append(.fail(message, EntityError(.terminated, entity: name, "the entity was terminated; it accepts no more messages")))
                 continue
             }
@@ -179,10 +229,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 replies.append(.done { reply(.success(state)) })
             case .signal(let signal, let bytes, let key, let reply):
                 if bytes.count > limit {
-                    replies.append(.failed { reply(.failure(EntityError(.payloadTooLarge, entity: self.name, "the signal has \(bytes.count) bytes, more than the limit of \(limit)"))) })
+                    let error = tooLarge("signal", bytes.count)
+                    replies.append(.failed { reply(.failure(error)) })
                     continue
                 }
-                if let key, (keysThisTurn[key] != nil || core.recorded(key, for: next.key) != nil) {
+                if let key, output.keys[key] != nil || core.recorded(key, for: next.key) != nil {
                     replies.append(.done { reply(.success(())) })  // a retry of a delivered signal
                     continue
                 }
@@ -194,15 +245,17 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     continue
                 }
                 next.state = state
-                _ = record(HistoryEvent(kind: .signal, timeNanoseconds: now, idempotencyKey: key, body: bytes))
-                if let key { keysThisTurn[key] = [] }
+                record(HistoryEvent(kind: .signal, timeNanoseconds: now, idempotencyKey: key, body: bytes))
+                if let key { output.keys[key] = [] }
+                settle()
                 replies.append(.signal(reply))
             case .update(let update, let bytes, let key, let reply):
                 if bytes.count > limit {
-                    replies.append(.failed { reply(.failure(EntityError(.payloadTooLarge, entity: self.name, "the update has \(bytes.count) bytes, more than the limit of \(limit)"))) })
+                    let error = tooLarge("update", bytes.count)
+                    replies.append(.failed { reply(.failure(error)) })
                     continue
                 }
-                if let key, let recorded = keysThisTurn[key] ?? core.recorded(key, for: next.key) {
+                if let key, let recorded = output.keys[key] ?? core.recorded(key, for: next.key) {
                     let decoded = Result { try recorded.withUnsafeBytes { try core.codec.decode(W.UpdateResult.self, from: $0) } }
                         .mapError { EntityError(.undecodablePayload, entity: self.name, "the recorded result of update '\(key)' does not decode", underlying: $0) }
                     replies.append(.done { reply(decoded) })
@@ -214,42 +267,87 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 do {
                     try W.validate(update, state: state)
                     result = try W.apply(update, state: &state, context: context(next.lastSequence + 1))
+                    resultBytes = try core.codec.encode(result)
                 } catch {
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the update was refused; nothing was recorded", underlying: error))) })
                     continue
                 }
-                do {
-                    resultBytes = try core.codec.encode(result)
-                } catch {
-                    replies.append(.failed { reply(.failure(EntityError(.unencodablePayload, entity: self.name, "the update's result does not encode; nothing was recorded", underlying: error))) })
-                    continue
-                }
                 next.state = state
-                _ = record(.update(time: now, key: key, update: bytes, result: resultBytes))
-                if let key { keysThisTurn[key] = resultBytes }
+                record(.update(time: now, key: key, update: bytes, result: resultBytes))
+                if let key { output.keys[key] = resultBytes }
+                settle()
                 replies.append(.update(reply, result))
             case .terminate(let reason, let reply):
                 next.status = .terminated
-                _ = record(HistoryEvent(kind: .terminated, timeNanoseconds: now, body: Array(reason.utf8)))
+                record(HistoryEvent(kind: .terminated, timeNanoseconds: now, body: Array(reason.utf8)))
+                if let run = next.workflow {
+                    for (id, due) in run.timerDue { output.timersDone.append((id, due)) }
+                }
+                replies.append(.signal(reply))
+            case .start(let input, let bytes, let reply):
+                guard W.hasRunBody else {
+                    replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "\(W.entityType) has no run body to start"))) })
+                    continue
+                }
+                if next.workflow?.started == true {
+                    replies.append(.done { reply(.success(())) })  // starting twice is idempotent
+                    continue
+                }
+                if bytes.count > limit {
+                    let error = tooLarge("input", bytes.count)
+                    replies.append(.failed { reply(.failure(error)) })
+                    continue
+                }
+                let run = next.workflow ?? WorkflowRun<W>(name: name, run: next.run, state: next.state, codec: core.codec, logger: core.logger)
+                next.workflow = run
+                record(HistoryEvent(kind: .started, timeNanoseconds: now, body: bytes))
+                settle { $0.start(input) }
+                replies.append(.signal(reply))
+            case .result(let reply):
+                if let outcome = next.workflow?.outcome, start.workflow?.outcome != nil {
+                    let result = decodeOutcome(outcome)
+                    replies.append(.done { reply(result) })
+                } else if next.workflow?.started == true {
+                    output.resultWaiters.append(reply)
+                } else {
+                    replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the entity's run body was not started"))) })
+                }
+            case .timerFired(let id, let due, let reply):
+                output.timersDone.append((id, due))
+                if let run = next.workflow, run.timerDue[id] != nil {
+                    var body = [UInt8]()
+                    withUnsafeBytes(of: id.bigEndian) { body.append(contentsOf: $0) }
+                    record(HistoryEvent(kind: .timerFired, timeNanoseconds: now, body: body))
+                    settle { _ = $0.fire(timer: id) }
+                }
                 replies.append(.signal(reply))
             }
         }
 
-        guard !pendingEvents.isEmpty else {
+        guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.resultWaiters.isEmpty else {
             finishWithoutCommit(replies)
             return
         }
         let configuration = core.configuration
-        let continueAsNew = requests.continueAsNew
+        let bodyRunning = next.workflow.map { $0.started && $0.outcome == nil } ?? false
+        let continueAsNew = !bodyRunning && next.status == .active && (requests.continueAsNew
             || next.lastSequence + 1 - next.runStartSequence >= UInt64(configuration.continueAsNewAfterEvents)
-            || next.runBytes >= configuration.continueAsNewAfterBytes
-        commit(pendingEvents, keys: keysThisTurn, next: next, continueAsNew: continueAsNew && next.status == .active,
-               replies: replies, into: JournalBatch())
+            || next.runBytes >= configuration.continueAsNewAfterBytes)
+        commit(output, next: next, continueAsNew: continueAsNew, replies: replies)
+    }
+
+    private func decodeOutcome(_ outcome: Result<[UInt8], WorkflowFailure>) -> Result<W.Output, EntityError> {
+        switch outcome {
+        case .success(let bytes):
+            Result { try bytes.withUnsafeBytes { try core.codec.decode(W.Output.self, from: $0) } }
+                .mapError { EntityError(.undecodablePayload, entity: name, "the run's recorded output does not decode", underlying: $0) }
+        case .failure(let failure):
+            .failure(EntityError(.rejected, entity: name, "the run body failed: \(failure.message)", underlying: failure))
+        }
     }
 
     /// Writes the turn's events (registering the entity first if it is new), then completes the turn.
-    private func commit(_ events: [(UInt64, [UInt8])], keys: [String: [UInt8]], next: Durable, continueAsNew: Bool,
-                        replies: [Reply], into batch: JournalBatch) {
+    private func commit(_ output: TurnOutput, next: Durable, continueAsNew: Bool, replies: [Reply]) {
         guard let key = next.key else {
             var registration = JournalBatch()
             registration.register(name)
@@ -258,18 +356,23 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 case .success(let receipt):
                     var registered = next
                     registered.key = receipt.registered[0]
-                    self.commit(events, keys: keys, next: registered, continueAsNew: continueAsNew, replies: replies, into: batch)
+                    self.commit(output, next: registered, continueAsNew: continueAsNew, replies: replies)
                 case .failure(let error):
-                    self.complete(.failure(EntityError(.storage, entity: self.name, "registering the entity failed; nothing was recorded", underlying: error)), next: next, replies: replies)
+                    self.complete(.failure(EntityError(.storage, entity: self.name, "registering the entity failed; nothing was recorded", underlying: error)),
+                                  next: next, waiters: output.resultWaiters, replies: replies)
                 }
             }
             return
         }
-        var batch = batch
-        for (sequence, payload) in events { batch.append(key, sequence: sequence, payload: payload) }
-        for (idempotencyKey, result) in keys { batch.recordResult(forKey: RuntimeCore.resultKey(idempotencyKey, key), payload: result) }
+        var batch = JournalBatch()
+        for (sequence, payload) in output.events { batch.append(key, sequence: sequence, payload: payload) }
+        for (idempotencyKey, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(idempotencyKey, key), payload: result) }
+        for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
+        for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }
         var committed = next
-        let snapshotDue = next.lastSequence - next.snapshotSequence >= UInt64(core.configuration.snapshotEvery)
+        // A run body cannot be rebuilt from a snapshot (only replayed), so its entities snapshot at
+        // run boundaries only.
+        let snapshotDue = !W.hasRunBody && next.lastSequence - next.snapshotSequence >= UInt64(core.configuration.snapshotEvery)
         if snapshotDue || continueAsNew, let snapshot = try? core.codec.encode(next.state) {
             batch.saveSnapshot(key, sequence: next.lastSequence, payload: snapshot)
             committed.snapshotSequence = next.lastSequence
@@ -280,6 +383,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 committed.run += 1
                 committed.runBytes = 0
                 committed.runStartSequence = next.lastSequence + 1
+                committed.workflow = nil
                 if retention == 0 {
                     batch.deleteHistory(of: key, before: committed.runStartSequence)
                 } else if retention == 1 {
@@ -292,26 +396,40 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                                                   runStartSequence: committed.runStartSequence))
         }
         let published = committed
+        let waiters = output.resultWaiters
         core.journal.submit(batch) { result in
             self.complete(result.map { _ in () }.mapError {
                 EntityError(.storage, entity: self.name, "committing the turn failed; nothing of it was recorded", underlying: $0)
-            }, next: published, replies: replies)
+            }, next: published, waiters: waiters, replies: replies)
+            if !output.timersStarted.isEmpty { self.core.timers.wake() }
         }
     }
 
     /// Publishes a committed turn (or drops the entity's state after a failed one), then replies.
-    private func complete(_ outcome: Result<Void, EntityError>, next: Durable, replies: [Reply]) {
-        let reschedule = cell.withLock { state -> Bool in
+    private func complete(_ outcome: Result<Void, EntityError>, next: Durable, waiters: [@Sendable (Result<W.Output, EntityError>) -> Void],
+                          replies: [Reply]) {
+        var abandoned: WorkflowRun<W>?
+        let (reschedule, finished, resolved) = cell.withLock { state -> (Bool, Bool, [@Sendable (Result<W.Output, EntityError>) -> Void]) in
+            state.resultWaiters += waiters
+            var resolved: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
             switch outcome {
-            case .success: state.durable = next
-            case .failure: state.durable = nil  // reload from history on the next turn
+            case .success:
+                state.durable = next
+                if next.workflow?.outcome != nil || next.status == .terminated {
+                    resolved = state.resultWaiters
+                    state.resultWaiters = []
+                }
+            case .failure:
+                abandoned = next.workflow
+                state.durable = nil  // reload from history on the next turn
             }
             state.inFlight = false
-            guard !state.messages.isEmpty, !state.scheduled else { return false }
+            guard !state.messages.isEmpty, !state.scheduled else { return (false, true, resolved) }
             state.scheduled = true
-            return true
+            return (true, false, resolved)
         }
-        if reschedule { shard.schedule(self) }
+        if let abandoned { shard.schedule(AbandonRun(abandoned)) }
+        if reschedule { shard.schedule(self) } else if finished { core.becameIdle() }
         for reply in replies {
             switch (reply, outcome) {
             case (.signal(let reply), .success): reply(.success(()))
@@ -320,6 +438,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             case (.update(let reply, _), .failure(let error)): reply(.failure(error))
             case (.failed(let reply), _), (.done(let reply), _): reply()
             }
+        }
+        if !resolved.isEmpty {
+            let result: Result<W.Output, EntityError> = next.workflow?.outcome.map(decodeOutcome)
+                ?? .failure(EntityError(.terminated, entity: name, "the entity was terminated before its run body finished"))
+            for waiter in resolved { waiter(result) }
         }
     }
 
@@ -330,7 +453,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             state.scheduled = true
             return true
         }
-        if reschedule { shard.schedule(self) }
+        if reschedule { shard.schedule(self) } else { core.becameIdle() }
         for reply in replies {
             switch reply {
             case .failed(let reply), .done(let reply): reply()
@@ -342,7 +465,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     // MARK: Activation
 
-    /// Rebuilds the entity from its latest snapshot and the events after it, through the same handlers.
+    /// Rebuilds the entity: an entity type without a run body from its latest snapshot and the events
+    /// after it; one with a run body by replaying its current run from the start, matching the
+    /// commands the code issues against the recorded ones.
     private func load() throws(EntityError) -> Durable {
         let journal = core.journal
         let key: EntityKey?
@@ -359,59 +484,130 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 durable.run = metadata.run
                 durable.runStartSequence = metadata.runStartSequence
             }
-            if let snapshot = try journal.snapshot(of: key) {
+            if let snapshot = try journal.snapshot(of: key), !W.hasRunBody || snapshot.sequence < durable.runStartSequence {
                 durable.state = try snapshot.payload.withUnsafeBytes { try core.codec.decode(W.State.self, from: $0) }
                 durable.lastSequence = snapshot.sequence
                 durable.snapshotSequence = snapshot.sequence
             }
+            durable.lastSequence = max(durable.lastSequence, durable.runStartSequence - 1)
         } catch let error as EntityError {
             throw error
         } catch {
             throw EntityError(.failedOnReplay, entity: name, sequence: durable.snapshotSequence,
                               "the entity's snapshot or metadata cannot be read", underlying: error)
         }
-        var replayError: EntityError?
+        var events: [(UInt64, HistoryEvent)] = []
         do {
             try journal.forEachEvent(of: key, from: durable.lastSequence + 1) { sequence, payload in
-                do throws(EntityError) {
-                    try replay(sequence, payload, into: &durable)
-                } catch {
-                    replayError = error
-                    throw error
+                guard let event = HistoryEvent.decode(payload) else {
+                    throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the event is not a history event this runtime knows")
+                }
+                events.append((sequence, event))
+            }
+        } catch let error as EntityError {
+            throw error
+        } catch {
+            throw EntityError(.failedOnReplay, entity: name, "reading the entity's history failed", underlying: error)
+        }
+        if W.hasRunBody, events.contains(where: { $0.1.kind == .started }) {
+            let run = WorkflowRun<W>(name: name, run: durable.run, state: durable.state, codec: core.codec, logger: core.logger)
+            for (_, event) in events {
+                switch event.command {
+                case .sideEffect(let id, let value)?: run.recordedSideEffects[id] = value
+                case .marker(let changeID, let version)?: run.recordedVersions[changeID] = version
+                default: break
                 }
             }
-        } catch {
-            throw replayError ?? EntityError(.failedOnReplay, entity: name, "reading the entity's history failed", underlying: error)
+            run.replaying = true
+            durable.workflow = run
+        }
+        // Replaying stays on through the last event: code that runs after it was already run when
+        // that event was first handled, and issued nothing then (or history would go on).
+        for (sequence, event) in events {
+            try replay(sequence, event, into: &durable)
+        }
+        if let run = durable.workflow {
+            run.replaying = false
+            if let extra = run.issued.first {
+                run.abandon()
+                throw nondeterminism(at: durable.lastSequence + 1, recorded: "nothing (the history ends here)", issued: extra.description)
+            }
         }
         return durable
     }
 
-    private func replay(_ sequence: UInt64, _ payload: UnsafeRawBufferPointer, into durable: inout Durable) throws(EntityError) {
-        guard let event = HistoryEvent.decode(payload) else {
-            throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the event is not a history event this runtime knows")
-        }
+    private func nondeterminism(at sequence: UInt64, recorded: String, issued: String) -> EntityError {
+        let detail = NondeterminismError(entity: name, sequence: sequence, recorded: recorded, issued: issued)
+        return EntityError(.nondeterminism, entity: name, sequence: sequence,
+                           "replay diverged from history; the history is kept and the entity is marked failed", underlying: detail)
+    }
+
+    private func replay(_ sequence: UInt64, _ event: HistoryEvent, into durable: inout Durable) throws(EntityError) {
         let context = EntityContext(id: name.id, sequence: sequence, nowNanoseconds: event.timeNanoseconds, logger: core.logger,
                                     requests: TurnRequests())
-        durable.runBytes += payload.count
+        durable.runBytes += event.body.count
+        durable.lastSequence = sequence
+        if event.kind.isCommand {
+            guard let recorded = event.command else {
+                throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the \(event.kind) event is malformed")
+            }
+            guard let run = durable.workflow else {
+                throw nondeterminism(at: sequence, recorded: recorded.description, issued: "nothing (no run body was started)")
+            }
+            guard let issued = run.issued.first else {
+                run.abandon()
+                throw nondeterminism(at: sequence, recorded: recorded.description, issued: "nothing")
+            }
+            guard issued.matches(recorded) else {
+                run.abandon()
+                throw nondeterminism(at: sequence, recorded: recorded.description, issued: issued.description)
+            }
+            run.issued.removeFirst()
+            return
+        }
+        func settle(_ body: (WorkflowRun<W>) -> Void = { $0.settle() }) {
+            guard let run = durable.workflow else { return }
+            run.state = durable.state
+            run.now = event.timeNanoseconds
+            body(run)
+            durable.state = run.state
+        }
         do {
             switch event.kind {
             case .signal:
                 let signal = try event.body.withUnsafeBytes { try core.codec.decode(W.Signal.self, from: $0) }
                 try W.handle(signal, state: &durable.state, context: context)
+                settle()
             case .update:
                 guard let parts = event.updateParts() else { throw HistoryEventError.malformed }
                 let update = try parts.update.withUnsafeBytes { try core.codec.decode(W.Update.self, from: $0) }
                 _ = try W.apply(update, state: &durable.state, context: context)
+                settle()
             case .terminated:
                 durable.status = .terminated
+            case .started:
+                let input = try event.body.withUnsafeBytes { try core.codec.decode(W.Input.self, from: $0) }
+                settle { $0.start(input) }
+            case .timerFired:
+                guard let id = event.firedTimer else { throw HistoryEventError.malformed }
+                settle { _ = $0.fire(timer: id) }
+            default:
+                break
             }
         } catch {
+            durable.workflow?.abandon()
             throw EntityError(.failedOnReplay, entity: name, sequence: sequence,
                               "replaying the \(event.kind) event failed; the history is kept and the entity is marked failed. Fix the code (or its Codable types) and restart",
                               underlying: error)
         }
-        durable.lastSequence = sequence
     }
+}
+
+/// Abandons a run body that left memory, on its shard's thread (where its executor is drained).
+final class AbandonRun<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
+    let run: WorkflowRun<W>
+    init(_ run: WorkflowRun<W>) { self.run = run }
+    func runTurn() { run.abandon() }
 }
 
 enum HistoryEventError: Error {

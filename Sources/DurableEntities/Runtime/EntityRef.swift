@@ -46,6 +46,29 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         return read(state)
     }
 
+    /// Starts the entity's run body with `input`; returns once the start is durable. Starting a body
+    /// that already started in the current run does nothing (so a retried start is safe).
+    /// - Throws: ``EntityError``: `rejected` if the type has no run body, `terminated`, `storage`, …
+    public func start(_ input: W.Input) async throws(EntityError) {
+        let bytes: [UInt8]
+        do { bytes = try runtime.core.codec.encode(input) } catch {
+            throw EntityError(.unencodablePayload, entity: name, "the input does not encode; nothing was recorded", underlying: error)
+        }
+        try await deliver { reply in .start(input, bytes: bytes, reply: reply) }
+    }
+
+    /// Sends a signal, starting the run body first if it has not started (both durable at return).
+    public func signalWithStart(_ signal: W.Signal, input: W.Input, idempotencyKey: String? = nil) async throws(EntityError) {
+        try await start(input)
+        try await self.signal(signal, idempotencyKey: idempotencyKey)
+    }
+
+    /// Waits for the run body's outcome: its output, or ``EntityError/Code/rejected`` carrying the
+    /// body's ``WorkflowFailure``. Waiting costs no thread; the body may take months.
+    public func result() async throws(EntityError) -> W.Output {
+        try await deliver { reply in .result(reply) }
+    }
+
     /// Terminates the entity: recorded, after which it refuses every message with `terminated`.
     public func terminate(reason: String) async throws(EntityError) {
         try await deliver { reply in .terminate(reason: reason, reply: reply) }

@@ -94,6 +94,9 @@ public final class EntityRuntime: Sendable {
         }
         core = RuntimeCore(journal: journal, configuration: configuration)
         for type in entityTypes { register(type) }
+        // Recovery: the timer service fires what fell due while the process was down, which
+        // activates just those entities; idle ones stay on disk.
+        core.timers.start(core: core)
     }
 
     /// Registers an entity type (idempotent).
@@ -132,6 +135,7 @@ public final class EntityRuntime: Sendable {
     /// Stops accepting messages, finishes the turns already queued or in flight, and closes the journal.
     public func close() {
         guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        core.timers.stop()
         for shard in core.shards { shard.stop() }
         core.journal.close()
     }

@@ -40,6 +40,11 @@ public protocol EntityWorkflow: Sendable {
     associatedtype Update: Codable & Sendable = NoMessage
     /// What an accepted update returns.
     associatedtype UpdateResult: Codable & Sendable = NoMessage
+    /// The input of the entity's long-running ``run(_:context:)`` body. An entity type has a body when
+    /// its `Input` is not ``NoMessage`` (use ``EmptyInput`` for a body without input).
+    associatedtype Input: Codable & Sendable = NoMessage
+    /// What the body returns.
+    associatedtype Output: Codable & Sendable = NoMessage
 
     /// The entity type's name in histories and errors. Changing it orphans existing entities.
     static var entityType: String { get }
@@ -55,11 +60,34 @@ public protocol EntityWorkflow: Sendable {
 
     /// Applies an accepted update and returns its result.
     static func apply(_ update: Update, state: inout State, context: EntityContext) throws -> UpdateResult
+
+    /// The entity's long-running body: orchestration code that waits on durable timers, on conditions
+    /// over the state (which signals change), and records side effects — deterministically.
+    ///
+    /// It runs on an executor the runtime drives, so one history always gives one interleaving, and
+    /// after a restart it is replayed from the run's history to where it was. It must get time,
+    /// randomness and every outside value from `context`, and must not await anything but `context`
+    /// (and its own child tasks). Handlers keep running while it waits.
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> Output
+}
+
+/// The input of a run body that takes none.
+public struct EmptyInput: Codable, Sendable, Hashable {
+    public init() {}
 }
 
 extension EntityWorkflow {
     public static var entityType: String { String(describing: Self.self) }
     public static func validate(_ update: Update, state: State) throws {}
+
+    /// Whether the type has a run body (its `Input` is not ``NoMessage``).
+    static var hasRunBody: Bool { Input.self != NoMessage.self }
+}
+
+extension EntityWorkflow where Input == NoMessage {
+    public static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> Output {
+        throw EntityError(.rejected, entity: EntityName(type: entityType, id: context.id), "this entity type has no run body")
+    }
 }
 
 extension EntityWorkflow where Signal == NoMessage {

@@ -7,9 +7,26 @@
 /// - `terminated`: body = the reason, UTF-8.
 public struct HistoryEvent: Sendable, Hashable {
     public enum Kind: UInt8, Sendable, Hashable, Codable {
+        // Inputs: what happened to the entity.
         case signal = 1
         case update = 2
         case terminated = 3
+        case started = 4
+        case timerFired = 6
+        // Commands: what its run body did (matched on replay).
+        case timerStarted = 5
+        case timerCancelled = 7
+        case sideEffect = 8
+        case versionMarker = 9
+        case completed = 10
+        case failed = 11
+
+        var isCommand: Bool {
+            switch self {
+            case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed: true
+            default: false
+            }
+        }
     }
 
     public var kind: Kind
@@ -40,6 +57,49 @@ public struct HistoryEvent: Sendable, Hashable {
         let length = body.withUnsafeBytes { Int($0.loadUnaligned(as: UInt32.self).bigEndian) }
         guard 4 + length <= body.count else { return nil }
         return (body[4..<(4 + length)], body[(4 + length)...])
+    }
+
+    /// The event that records a run body's command.
+    static func command(_ command: WorkflowCommand, time: UInt64) -> HistoryEvent {
+        func ids(_ values: UInt64...) -> [UInt8] {
+            var bytes: [UInt8] = []
+            for value in values { withUnsafeBytes(of: value.bigEndian) { bytes.append(contentsOf: $0) } }
+            return bytes
+        }
+        switch command {
+        case .startTimer(let id, let due): return HistoryEvent(kind: .timerStarted, timeNanoseconds: time, body: ids(id, due))
+        case .cancelTimer(let id, let due): return HistoryEvent(kind: .timerCancelled, timeNanoseconds: time, body: ids(id, due))
+        case .sideEffect(let id, let value): return HistoryEvent(kind: .sideEffect, timeNanoseconds: time, body: ids(id) + value)
+        case .marker(let changeID, let version):
+            return HistoryEvent(kind: .versionMarker, timeNanoseconds: time, body: ids(UInt64(bitPattern: Int64(version))) + Array(changeID.utf8))
+        case .complete(let output): return HistoryEvent(kind: .completed, timeNanoseconds: time, body: output)
+        case .fail(let message): return HistoryEvent(kind: .failed, timeNanoseconds: time, body: Array(message.utf8))
+        }
+    }
+
+    /// The command a command event records; `nil` for inputs or a malformed body.
+    var command: WorkflowCommand? {
+        func id(_ index: Int) -> UInt64? {
+            guard body.count >= (index + 1) * 8 else { return nil }
+            return body.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self).bigEndian }
+        }
+        switch kind {
+        case .timerStarted: guard let a = id(0), let b = id(1) else { return nil }; return .startTimer(id: a, due: b)
+        case .timerCancelled: guard let a = id(0), let b = id(1) else { return nil }; return .cancelTimer(id: a, due: b)
+        case .sideEffect: guard let a = id(0) else { return nil }; return .sideEffect(id: a, value: Array(body[8...]))
+        case .versionMarker:
+            guard let a = id(0) else { return nil }
+            return .marker(changeID: String(decoding: body[8...], as: UTF8.self), version: Int(Int64(bitPattern: a)))
+        case .completed: return .complete(output: body)
+        case .failed: return .fail(message: String(decoding: body, as: UTF8.self))
+        default: return nil
+        }
+    }
+
+    /// The timer id of a `timerFired` event.
+    var firedTimer: UInt64? {
+        guard kind == .timerFired, body.count >= 8 else { return nil }
+        return body.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self).bigEndian }
     }
 
     func encoded() -> [UInt8] {

@@ -14,6 +14,10 @@ final class RuntimeCore: Sendable {
     let types = Mutex<[String: any RegisteredEntityType]>([:])
     private let tables: [CellTableBox]
     let closed = Atomic<Bool>(false)
+    /// Entities with messages queued or a turn in flight, plus timers being delivered. Zero means idle:
+    /// every entity waits (for a message or a timer).
+    private let busy = Atomic<Int>(0)
+    let timers = TimerService()
 
     final class CellTableBox: Sendable {
         let table = Mutex(CellTable())
@@ -36,6 +40,14 @@ final class RuntimeCore: Sendable {
         self.shards = (0..<count).map { Shard(index: $0) }
         self.tables = (0..<count).map { _ in CellTableBox() }
     }
+
+    func becameBusy() { busy.add(1, ordering: .relaxed) }
+
+    func becameIdle() {
+        if busy.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { timers.wake() }
+    }
+
+    var isIdle: Bool { busy.load(ordering: .acquiring) == 0 }
 
     func shardIndex(_ name: EntityName) -> Int {
         Int((name.type.hashValueStable ^ name.id.hashValueStable &* 0x100_0000_01B3) % UInt64(shards.count))
@@ -93,6 +105,7 @@ extension EntityCell: ResidentCell {}
 /// A registered entity type, for the untyped entry points (raw payloads, recovery).
 protocol RegisteredEntityType: Sendable {
     func signal(id: String, payload: [UInt8], idempotencyKey: String?, runtime: EntityRuntime) async throws(EntityError)
+    func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void)
 }
 
 struct Registered<W: EntityWorkflow>: RegisteredEntityType {
@@ -105,5 +118,11 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
             throw EntityError(.undecodablePayload, entity: name, "the payload is not a \(W.entityType) signal; nothing was recorded", underlying: error)
         }
         try await runtime.entity(W.self, id: id).send(signal, bytes: payload, idempotencyKey: idempotencyKey)
+    }
+
+    func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void) {
+        let name = EntityName(type: W.entityType, id: entityID)
+        let message = EntityCell<W>.Message.timerFired(id: id, due: due) { _ in done() }
+        while !core.cell(W.self, name).enqueue(message) {}
     }
 }

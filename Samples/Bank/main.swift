@@ -1,1 +1,0 @@
-print("BankSample: not written yet")

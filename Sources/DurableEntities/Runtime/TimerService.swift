@@ -1,0 +1,114 @@
+import Foundation
+import Logging
+
+/// Fires durable timers: one thread sleeps until the earliest due timer (on the runtime's clock), then
+/// hands every due timer to its entity as a message. The entity records the firing and deletes the
+/// timer row in one commit, so a timer fires at least once and takes effect once; a timer that fell
+/// due while the process was down fires right after the runtime opens.
+///
+/// `@unchecked Sendable`: its state is guarded by `condition`.
+final class TimerService: @unchecked Sendable {
+    /// Set once by ``start(core:)``, before the thread starts.
+    private unowned(unsafe) var core: RuntimeCore!
+    private let condition = NSCondition()
+    private var woken = false
+    private var stopping = false
+    private var stopped = false
+    /// Timers handed to their entity and not yet confirmed.
+    private var delivering: Set<TimerID> = []
+
+    struct TimerID: Hashable {
+        let entity: EntityKey
+        let id: UInt64
+    }
+
+    init() {}
+
+    func start(core: RuntimeCore) {
+        self.core = core
+        core.clock.observe { [weak self] in self?.wake() }
+        let thread = Thread { [self] in self.loop() }
+        thread.start()
+    }
+
+    /// Looks at the timers again (a new one was committed, the clock moved, the runtime went idle).
+    func wake() {
+        condition.lock()
+        woken = true
+        condition.signal()
+        condition.unlock()
+    }
+
+    func stop() {
+        condition.lock()
+        stopping = true
+        condition.signal()
+        while !stopped { condition.wait() }
+        condition.unlock()
+    }
+
+    private func loop() {
+        while true {
+            condition.lock()
+            if stopping {
+                stopped = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            woken = false
+            condition.unlock()
+
+            let now = core.clock.nowNanoseconds()
+            let due = (try? core.journal.timers(dueAtOrBefore: now, limit: 1_024)) ?? []
+            for timer in due { deliver(timer) }
+
+            // The next timer still to come (skipping those being delivered).
+            let upcoming = ((try? core.journal.timers(limit: 1_024 + delivering.count)) ?? [])
+                .first { $0.dueNanoseconds > now && !isDelivering($0) }
+            var wait: Duration? = nil
+            if let upcoming {
+                if core.isIdle, core.clock.advanceWhenIdle(to: upcoming.dueNanoseconds) { continue }
+                wait = core.clock.realWait(until: upcoming.dueNanoseconds)
+            }
+            condition.lock()
+            if !woken && !stopping {
+                if let wait {
+                    let (seconds, attoseconds) = wait.components
+                    let interval = Double(seconds) + Double(attoseconds) / 1e18
+                    _ = condition.wait(until: Date(timeIntervalSinceNow: max(0.000_1, interval)))
+                } else {
+                    condition.wait()
+                }
+            }
+            condition.unlock()
+        }
+    }
+
+    private func isDelivering(_ timer: JournalTimer) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return delivering.contains(TimerID(entity: timer.entity, id: timer.id))
+    }
+
+    private func deliver(_ timer: JournalTimer) {
+        let id = TimerID(entity: timer.entity, id: timer.id)
+        condition.lock()
+        let fresh = delivering.insert(id).inserted
+        condition.unlock()
+        guard fresh else { return }
+        guard let name = try? core.journal.metadata(of: timer.entity)?.name,
+              let type = core.types.withLock({ $0[name.type] }) else {
+            core.logger.warning("a timer's entity type is not registered; the timer waits", metadata: ["entity.key": "\(timer.entity)"])
+            return
+        }
+        core.becameBusy()
+        type.fireTimer(id: timer.id, due: timer.dueNanoseconds, entityID: name.id, core: core) { [self] in
+            condition.lock()
+            delivering.remove(id)
+            condition.unlock()
+            core.becameIdle()
+            wake()
+        }
+    }
+}

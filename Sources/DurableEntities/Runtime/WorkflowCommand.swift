@@ -1,0 +1,34 @@
+/// What a run body asks of the runtime. Each command becomes one history event; on replay the commands
+/// the code issues must match the recorded ones, in order.
+enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
+    case startTimer(id: UInt64, due: UInt64)
+    case cancelTimer(id: UInt64, due: UInt64)
+    case sideEffect(id: UInt64, value: [UInt8])
+    case marker(changeID: String, version: Int)
+    case complete(output: [UInt8])
+    case fail(message: String)
+
+    /// Whether a recorded command and a new one are the same step of the code (ids and kinds; not
+    /// values, which a replay takes from history).
+    func matches(_ other: WorkflowCommand) -> Bool {
+        switch (self, other) {
+        case (.startTimer(let a, _), .startTimer(let b, _)): a == b
+        case (.cancelTimer(let a, _), .cancelTimer(let b, _)): a == b
+        case (.sideEffect(let a, _), .sideEffect(let b, _)): a == b
+        case (.marker(let a, let x), .marker(let b, let y)): a == b && x == y
+        case (.complete, .complete), (.fail, .fail): true
+        default: false
+        }
+    }
+
+    var description: String {
+        switch self {
+        case .startTimer(let id, let due): "StartTimer(id: \(id), due: \(due))"
+        case .cancelTimer(let id, _): "CancelTimer(id: \(id))"
+        case .sideEffect(let id, let value): "SideEffect(id: \(id), \(value.count) bytes)"
+        case .marker(let changeID, let version): "VersionMarker(\"\(changeID)\", version: \(version))"
+        case .complete(let output): "Complete(\(output.count) bytes)"
+        case .fail(let message): "Fail(\(message))"
+        }
+    }
+}

@@ -1,0 +1,123 @@
+/// What a run body uses to wait, to remember and to read the state — all deterministic: during a
+/// replay every call returns what it returned the first time.
+///
+/// ## Usage
+/// ```swift
+/// static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> Output {
+///     guard try await context.condition(timeout: .seconds(86_400), { $0.approved }) else {
+///         return .expired                                   // 24 hours passed without approval
+///     }
+///     let reference = try context.sideEffect { UUID().uuidString }   // recorded once
+///     try await context.sleep(for: .seconds(60))                     // a durable timer
+///     return .done(reference)
+/// }
+/// ```
+public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
+    let run: WorkflowRun<W>
+
+    init(run: WorkflowRun<W>) { self.run = run }
+
+    /// The entity's id.
+    public var id: String { run.name.id }
+
+    /// The time of the event the body is handling, in nanoseconds since the Unix epoch.
+    public var nowNanoseconds: UInt64 { run.now }
+
+    /// The entity's current state (signals and updates change it between the body's steps).
+    public var state: W.State { run.state }
+
+    /// Changes the state from the body. Deterministic, like everything the body does: replay repeats it.
+    public func updateState(_ change: (inout W.State) -> Void) {
+        change(&run.state)
+    }
+
+    /// Sleeps on a durable timer: survives restarts; a timer due while the process was down fires
+    /// right after it opens again.
+    /// - Throws: `CancellationError` if the run is cancelled.
+    public func sleep(for duration: Duration) async throws {
+        let id = run.nextCommandID()
+        let due = run.now &+ duration.nanoseconds
+        run.timerDue[id] = due
+        run.issued.append(.startTimer(id: id, due: due))
+        _ = try await withUnsafeThrowingContinuation { continuation in
+            run.wait(predicate: nil, timer: id, continuation)
+        }
+    }
+
+    /// Waits until `predicate` holds for the state (checked after every event the entity handles).
+    public func condition(_ predicate: @escaping (W.State) -> Bool) async throws {
+        if predicate(run.state) { return }
+        _ = try await withUnsafeThrowingContinuation { continuation in
+            run.wait(predicate: predicate, timer: nil, continuation)
+        }
+    }
+
+    /// Waits until `predicate` holds, or `timeout` passes on a durable timer.
+    /// - Returns: `true` if the predicate held, `false` on timeout.
+    public func condition(timeout: Duration, _ predicate: @escaping (W.State) -> Bool) async throws -> Bool {
+        if predicate(run.state) { return true }
+        let id = run.nextCommandID()
+        let due = run.now &+ timeout.nanoseconds
+        run.timerDue[id] = due
+        run.issued.append(.startTimer(id: id, due: due))
+        return try await withUnsafeThrowingContinuation { continuation in
+            run.wait(predicate: predicate, timer: id, continuation)
+        }
+    }
+
+    /// Runs `body` once and records its result; a replay returns the recorded result without running it.
+    /// Use it for small non-deterministic values (a generated id, a reading of the wall clock).
+    public func sideEffect<Value: Codable & Sendable>(_ body: () throws -> Value) throws -> Value {
+        let id = run.nextCommandID()
+        if let recorded = run.recordedSideEffects[id] {
+            run.issued.append(.sideEffect(id: id, value: recorded))
+            return try recorded.withUnsafeBytes { try run.codec.decode(Value.self, from: $0) }
+        }
+        let value = try body()
+        let bytes = try run.codec.encode(value)
+        run.recordedSideEffects[id] = bytes
+        run.issued.append(.sideEffect(id: id, value: bytes))
+        return value
+    }
+
+    /// Guards a code change so that runs already in flight keep their old path.
+    ///
+    /// A run that first reaches this call records `maxSupported` and gets it back, then and on every
+    /// replay. A run whose history was recorded before the call existed gets
+    /// ``WorkflowContext/defaultVersion`` (0).
+    /// - Throws: ``EntityError/Code/nondeterminism`` when the recorded version is outside the range.
+    public func version(_ changeID: String, minSupported: Int, maxSupported: Int) throws -> Int {
+        let version: Int
+        if let recorded = run.recordedVersions[changeID] {
+            version = recorded
+            run.issued.append(.marker(changeID: changeID, version: recorded))
+        } else if run.replaying {
+            version = Self.defaultVersion
+        } else {
+            version = maxSupported
+            run.recordedVersions[changeID] = maxSupported
+            run.issued.append(.marker(changeID: changeID, version: maxSupported))
+        }
+        guard (minSupported...maxSupported).contains(version) else {
+            throw EntityError(.nondeterminism, entity: run.name,
+                              "the history recorded version \(version) of change '\(changeID)', outside \(minSupported)...\(maxSupported)")
+        }
+        return version
+    }
+
+    /// The version a run recorded before a change guarded by ``version(_:minSupported:maxSupported:)`` existed.
+    public static var defaultVersion: Int { 0 }
+
+    /// A random number, the same on every replay.
+    public func random() -> UInt64 {
+        var generator = DeterministicRandom(seed: run.nextCommandID() ^ run.name.id.hashValueStable)
+        return generator.next()
+    }
+}
+
+extension Duration {
+    var nanoseconds: UInt64 {
+        let (seconds, attoseconds) = components
+        return UInt64(max(0, seconds)) &* 1_000_000_000 &+ UInt64(max(0, attoseconds) / 1_000_000_000)
+    }
+}

@@ -1,0 +1,158 @@
+import Logging
+
+/// One live execution of an entity's run body: its task on a ``WorkflowExecutor``, the waits it is
+/// suspended on, and the commands it issued that are not yet recorded.
+///
+/// Touched only on the entity's shard thread (and by the body's jobs, which that thread runs).
+/// `@unchecked Sendable` for that reason.
+final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
+    /// A suspended wait: a timer, a condition, or both (a condition with a timeout).
+    final class Waiter {
+        let continuation: UnsafeContinuation<Bool, any Error>
+        let predicate: ((W.State) -> Bool)?
+        let timer: UInt64?
+        var done = false
+
+        init(continuation: UnsafeContinuation<Bool, any Error>, predicate: ((W.State) -> Bool)?, timer: UInt64?) {
+            self.continuation = continuation
+            self.predicate = predicate
+            self.timer = timer
+        }
+    }
+
+    struct Abandoned: Error {}
+
+    let executor = WorkflowExecutor()
+    let name: EntityName
+    let run: UInt64
+    let codec: any EntityCodec
+    let logger: Logger
+    /// The working state, shared with the turn.
+    var state: W.State
+    /// The time of the input being handled.
+    var now: UInt64 = 0
+    /// Commands issued and not yet recorded (live) or matched (replay).
+    var issued: [WorkflowCommand] = []
+    /// Whether history events remain to be replayed.
+    var replaying = false
+    var recordedSideEffects: [UInt64: [UInt8]] = [:]
+    var recordedVersions: [String: Int] = [:]
+    /// Due time of every started, unfinished timer.
+    var timerDue: [UInt64: UInt64] = [:]
+    private var nextCommand: UInt64 = 1
+    private var waiters: [Waiter] = []
+    private var timers: [UInt64: Waiter] = [:]
+    /// The body's outcome once it finished: encoded output, or the failure's description.
+    private(set) var outcome: Result<[UInt8], WorkflowFailure>?
+    var started: Bool { task != nil }
+    private var task: Task<Void, Never>?
+
+    init(name: EntityName, run: UInt64, state: W.State, codec: any EntityCodec, logger: Logger) {
+        self.name = name
+        self.run = run
+        self.state = state
+        self.codec = codec
+        self.logger = logger
+    }
+
+    /// The id of the next command: the run in the high bits keeps timer ids of different runs apart.
+    func nextCommandID() -> UInt64 {
+        defer { nextCommand += 1 }
+        return run << 32 | nextCommand
+    }
+
+    /// Starts the body with `input`, and runs it until it waits.
+    func start(_ input: W.Input) {
+        let context = WorkflowContext<W>(run: self)
+        task = Task(executorPreference: executor) { [self] in
+            do {
+                let output = try await W.run(input, context: context)
+                do {
+                    let bytes = try codec.encode(output)
+                    outcome = .success(bytes)
+                    issued.append(.complete(output: bytes))
+                } catch {
+                    outcome = .failure(WorkflowFailure(message: "the run's output does not encode: \(error)"))
+                    issued.append(.fail(message: outcome!.failureMessage))
+                }
+            } catch is Abandoned {
+                return
+            } catch {
+                outcome = .failure(WorkflowFailure(message: "\(error)"))
+                issued.append(.fail(message: "\(error)"))
+            }
+        }
+        settle()
+    }
+
+    /// Runs the body until every task waits, resuming conditions that became true on the way.
+    func settle() {
+        repeat {
+            executor.drain()
+        } while resumeSatisfiedConditions()
+    }
+
+    private func resumeSatisfiedConditions() -> Bool {
+        var resumed = false
+        for waiter in waiters where !waiter.done {
+            guard let predicate = waiter.predicate, predicate(state) else { continue }
+            finish(waiter, with: .success(true))
+            resumed = true
+        }
+        waiters.removeAll { $0.done }
+        return resumed
+    }
+
+    private func finish(_ waiter: Waiter, with result: Result<Bool, any Error>) {
+        waiter.done = true
+        if let timer = waiter.timer, waiter.predicate != nil, (try? result.get()) == true {
+            // The condition won the race with its timeout: cancel the timer.
+            timers[timer] = nil
+            if let due = timerDue.removeValue(forKey: timer) { issued.append(.cancelTimer(id: timer, due: due)) }
+        }
+        waiter.continuation.resume(with: result)
+    }
+
+    /// A durable timer fired; returns whether the run was waiting for it.
+    func fire(timer id: UInt64) -> Bool {
+        guard let waiter = timers.removeValue(forKey: id) else { return false }
+        timerDue[id] = nil
+        if !waiter.done {
+            // A plain sleep resumes with true; a condition's timeout with false.
+            finish(waiter, with: .success(waiter.predicate == nil))
+        }
+        settle()
+        return true
+    }
+
+    /// Registers a wait; resumes at once if its predicate already holds.
+    func wait(predicate: ((W.State) -> Bool)?, timer: UInt64?, _ continuation: UnsafeContinuation<Bool, any Error>) {
+        let waiter = Waiter(continuation: continuation, predicate: predicate, timer: timer)
+        if let timer { timers[timer] = waiter }
+        if predicate != nil { waiters.append(waiter) }
+    }
+
+    /// Ends the body without recording anything (the run is dropped from memory): every wait
+    /// resumes with an error the body does not see as a failure.
+    func abandon() {
+        for waiter in waiters where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
+        for waiter in timers.values where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
+        waiters.removeAll()
+        timers.removeAll()
+        executor.drain()
+    }
+}
+
+/// A run body's failure, as recorded.
+public struct WorkflowFailure: Error, Sendable, Hashable, CustomStringConvertible {
+    public let message: String
+    public var description: String { message }
+}
+
+extension Result where Failure == WorkflowFailure {
+    var failureMessage: String {
+        if case .failure(let failure) = self { return failure.message }
+        return ""
+    }
+}
+

@@ -1,0 +1,133 @@
+@testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Testing
+
+/// A transfer approval: waits up to 24 hours for an approval signal.
+struct Approval: EntityWorkflow {
+    struct State: Codable, Sendable, Equatable {
+        var approved = false
+        var reminders = 0
+        var outcome: String?
+    }
+    enum Signal: Codable, Sendable { case approve }
+    struct Input: Codable, Sendable { var amount: Int64 }
+    enum Output: Codable, Sendable, Equatable { case approved(reference: String), expired }
+
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws {
+        state.approved = true
+    }
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> Output {
+        // A reminder after 1 hour, expiry after 24.
+        if try await context.condition(timeout: .seconds(3_600), { $0.approved }) == false {
+            context.updateState { $0.reminders += 1 }
+            guard try await context.condition(timeout: .seconds(23 * 3_600), { $0.approved }) else {
+                context.updateState { $0.outcome = "expired" }
+                return .expired
+            }
+        }
+        let reference = try context.sideEffect { "ref-\(input.amount)-\(UUID().uuidString.prefix(8))" }
+        context.updateState { $0.outcome = reference }
+        return .approved(reference: reference)
+    }
+}
+
+/// Sleeps, then reports.
+struct Reminder: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    struct Input: Codable, Sendable { var after: Duration }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
+        try await context.sleep(for: input.after)
+        return "reminded"
+    }
+}
+
+@Suite("Workflow run bodies")
+struct WorkflowTests {
+    func configuration(_ directory: TemporaryDirectory, clock: TestClock) -> EntityRuntime.Configuration {
+        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        return configuration
+    }
+
+    @Test("a query answers while the body waits on a 24-hour timer; the wait expires in milliseconds")
+    func approvalExpires() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        defer { runtime.close() }
+        let approval = runtime.entity(Approval.self, id: "t-1")
+        try await approval.start(.init(amount: 50_000))
+        #expect(try await approval.query { $0 } == Approval.State())
+        // Now let every wait run out: the clock jumps to each timer as soon as everything waits.
+        let started = ContinuousClock.now
+        clock.skipsTimeWhenIdle = true
+        #expect(try await approval.result() == .expired)
+        #expect(ContinuousClock.now - started < .seconds(5))
+        #expect(try await approval.query { $0 } == Approval.State(approved: false, reminders: 1, outcome: "expired"))
+    }
+
+    @Test("an approval signal ends the wait early, cancels the timer, and the outcome survives a reopen")
+    func approvedBySignal() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let reference: String
+        do {
+            let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+            let approval = runtime.entity(Approval.self, id: "t-2")
+            try await approval.start(.init(amount: 7))
+            try await approval.signal(.approve)
+            guard case .approved(let ref) = try await approval.result() else {
+                Issue.record("expected an approval")
+                return
+            }
+            reference = ref
+            #expect(try runtime.journal.timers().isEmpty, "the timeout timer was cancelled")
+            runtime.close()
+        }
+        // Replay after a reopen returns the recorded side effect, not a new UUID.
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        defer { runtime.close() }
+        let approval = runtime.entity(Approval.self, id: "t-2")
+        #expect(try await approval.result() == .approved(reference: reference))
+        #expect(try await approval.query(\.outcome) == reference)
+    }
+
+    @Test("with a test clock that skips idle time, a 24-hour wait completes at once")
+    func idleTimeIsSkipped() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: true)
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        defer { runtime.close() }
+        let approval = runtime.entity(Approval.self, id: "t-3")
+        let before = clock.nowNanoseconds()
+        try await approval.start(.init(amount: 1))
+        #expect(try await approval.result() == .expired)
+        #expect(clock.nowNanoseconds() - before >= 24 * 3_600 * 1_000_000_000)
+    }
+
+    @Test("a timer that fell due while the process was down fires right after reopen")
+    func timerDueDuringDowntime() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        do {
+            let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+            try await runtime.entity(Reminder.self, id: "r-1").start(.init(after: .seconds(3_600)))
+            #expect(try runtime.journal.timers().count == 1)
+            runtime.close()
+        }
+        clock.advance(by: .seconds(2 * 3_600))     // "downtime": the timer is now overdue
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        defer { runtime.close() }
+        // Nobody sends it anything: the timer service activates the entity on its own.
+        let reminder = runtime.entity(Reminder.self, id: "r-1")
+        #expect(try await reminder.result() == "reminded")
+        #expect(try runtime.journal.timers().isEmpty)
+    }
+}
