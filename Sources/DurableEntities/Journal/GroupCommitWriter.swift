@@ -67,8 +67,19 @@ final class GroupCommitWriter: @unchecked Sendable {
 
     /// Stops taking submissions, commits everything already queued, and waits for the thread to end
     /// and for every completion to have run.
-    func shutdown() {
+    func shutdown(abandoningQueued: Bool = false) {
         condition.lock()
+        if abandoningQueued {
+            // As if the process died now: what is queued was never committed, so its callers never
+            // get an acknowledgement.
+            let lost = pending
+            pending.removeAll()
+            completions.async {
+                for submission in lost {
+                    submission.completion(.failure(JournalError(.closed, "the journal was abandoned (a simulated crash); nothing of this batch was written")))
+                }
+            }
+        }
         closing = true
         condition.broadcast()
         while !finished { condition.wait() }

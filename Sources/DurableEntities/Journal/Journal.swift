@@ -168,8 +168,20 @@ public final class Journal: Sendable {
     /// Finishes what is queued (every queued caller is completed), then closes the environment.
     /// Later commits fail with ``JournalError/Code/closed``. Calling it twice has no effect.
     public func close() {
+        close(abandoningQueued: false)
+    }
+
+    /// Closes as a crash would leave things: batches still queued are not written (their callers get
+    /// ``JournalError/Code/closed``); the commit in progress, if any, finishes or not as LMDB decides.
+    /// For tests of recovery inside one process.
+    @_spi(Testing)
+    public func abandon() {
+        close(abandoningQueued: true)
+    }
+
+    private func close(abandoningQueued: Bool) {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        writer.shutdown()
+        writer.shutdown(abandoningQueued: abandoningQueued)
         environment.close()
         flock(lockDescriptor, LOCK_UN)
         Glibc.close(lockDescriptor)

@@ -24,6 +24,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         case start(W.Input, bytes: [UInt8], reply: @Sendable (Result<Void, EntityError>) -> Void)
         case result(@Sendable (Result<W.Output, EntityError>) -> Void)
         case timerFired(id: UInt64, due: UInt64, reply: @Sendable (Result<Void, EntityError>) -> Void)
+        case cancel(reply: @Sendable (Result<Void, EntityError>) -> Void)
     }
 
     enum Status: UInt8, Sendable {
@@ -156,7 +157,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
         static func fail(_ message: Message, _ error: EntityError) -> Reply {
             switch message {
-            case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply):
+            case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply),
+                 .cancel(let reply):
                 .failed { reply(.failure(error)) }
             case .update(_, _, _, let reply): .failed { reply(.failure(error)) }
             case .read(let reply): .failed { reply(.failure(error)) }
@@ -312,6 +314,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 } else {
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the entity's run body was not started"))) })
                 }
+            case .cancel(let reply):
+                guard let run = next.workflow, run.started, run.outcome == nil else {
+                    replies.append(.done { reply(.success(())) })  // nothing running: nothing to cancel
+                    continue
+                }
+                record(HistoryEvent(kind: .cancelRequested, timeNanoseconds: now, body: []))
+                settle { $0.cancel() }
+                replies.append(.signal(reply))
             case .timerFired(let id, let due, let reply):
                 output.timersDone.append((id, due))
                 if let run = next.workflow, run.timerDue[id] != nil {
@@ -509,97 +519,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         } catch {
             throw EntityError(.failedOnReplay, entity: name, "reading the entity's history failed", underlying: error)
         }
-        if W.hasRunBody, events.contains(where: { $0.1.kind == .started }) {
-            let run = WorkflowRun<W>(name: name, run: durable.run, state: durable.state, codec: core.codec, logger: core.logger)
-            for (_, event) in events {
-                switch event.command {
-                case .sideEffect(let id, let value)?: run.recordedSideEffects[id] = value
-                case .marker(let changeID, let version)?: run.recordedVersions[changeID] = version
-                default: break
-                }
-            }
-            run.replaying = true
-            durable.workflow = run
-        }
-        // Replaying stays on through the last event: code that runs after it was already run when
-        // that event was first handled, and issued nothing then (or history would go on).
-        for (sequence, event) in events {
-            try replay(sequence, event, into: &durable)
-        }
-        if let run = durable.workflow {
-            run.replaying = false
-            if let extra = run.issued.first {
-                run.abandon()
-                throw nondeterminism(at: durable.lastSequence + 1, recorded: "nothing (the history ends here)", issued: extra.description)
-            }
-        }
+        try HistoryReplayer<W>(name: name, codec: core.codec, logger: core.logger).replay(events, into: &durable)
         return durable
-    }
-
-    private func nondeterminism(at sequence: UInt64, recorded: String, issued: String) -> EntityError {
-        let detail = NondeterminismError(entity: name, sequence: sequence, recorded: recorded, issued: issued)
-        return EntityError(.nondeterminism, entity: name, sequence: sequence,
-                           "replay diverged from history; the history is kept and the entity is marked failed", underlying: detail)
-    }
-
-    private func replay(_ sequence: UInt64, _ event: HistoryEvent, into durable: inout Durable) throws(EntityError) {
-        let context = EntityContext(id: name.id, sequence: sequence, nowNanoseconds: event.timeNanoseconds, logger: core.logger,
-                                    requests: TurnRequests())
-        durable.runBytes += event.body.count
-        durable.lastSequence = sequence
-        if event.kind.isCommand {
-            guard let recorded = event.command else {
-                throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the \(event.kind) event is malformed")
-            }
-            guard let run = durable.workflow else {
-                throw nondeterminism(at: sequence, recorded: recorded.description, issued: "nothing (no run body was started)")
-            }
-            guard let issued = run.issued.first else {
-                run.abandon()
-                throw nondeterminism(at: sequence, recorded: recorded.description, issued: "nothing")
-            }
-            guard issued.matches(recorded) else {
-                run.abandon()
-                throw nondeterminism(at: sequence, recorded: recorded.description, issued: issued.description)
-            }
-            run.issued.removeFirst()
-            return
-        }
-        func settle(_ body: (WorkflowRun<W>) -> Void = { $0.settle() }) {
-            guard let run = durable.workflow else { return }
-            run.state = durable.state
-            run.now = event.timeNanoseconds
-            body(run)
-            durable.state = run.state
-        }
-        do {
-            switch event.kind {
-            case .signal:
-                let signal = try event.body.withUnsafeBytes { try core.codec.decode(W.Signal.self, from: $0) }
-                try W.handle(signal, state: &durable.state, context: context)
-                settle()
-            case .update:
-                guard let parts = event.updateParts() else { throw HistoryEventError.malformed }
-                let update = try parts.update.withUnsafeBytes { try core.codec.decode(W.Update.self, from: $0) }
-                _ = try W.apply(update, state: &durable.state, context: context)
-                settle()
-            case .terminated:
-                durable.status = .terminated
-            case .started:
-                let input = try event.body.withUnsafeBytes { try core.codec.decode(W.Input.self, from: $0) }
-                settle { $0.start(input) }
-            case .timerFired:
-                guard let id = event.firedTimer else { throw HistoryEventError.malformed }
-                settle { _ = $0.fire(timer: id) }
-            default:
-                break
-            }
-        } catch {
-            durable.workflow?.abandon()
-            throw EntityError(.failedOnReplay, entity: name, sequence: sequence,
-                              "replaying the \(event.kind) event failed; the history is kept and the entity is marked failed. Fix the code (or its Codable types) and restart",
-                              underlying: error)
-        }
     }
 }
 

@@ -69,6 +69,13 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         try await deliver { reply in .result(reply) }
     }
 
+    /// Asks the run body to stop, cooperatively: recorded, then the wait the body is suspended on
+    /// throws `CancellationError`. The body decides what to do (compensate, then finish or rethrow).
+    /// Cancelling when no body runs does nothing.
+    public func cancel() async throws(EntityError) {
+        try await deliver { reply in .cancel(reply: reply) }
+    }
+
     /// Terminates the entity: recorded, after which it refuses every message with `terminated`.
     public func terminate(reason: String) async throws(EntityError) {
         try await deliver { reply in .terminate(reason: reason, reply: reply) }

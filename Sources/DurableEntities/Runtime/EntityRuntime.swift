@@ -126,11 +126,51 @@ public final class EntityRuntime: Sendable {
         try await registered.signal(id: id, payload: payload, idempotencyKey: idempotencyKey, runtime: self)
     }
 
+    /// Exports an entity's current run (its start state and events) for ``ExportedHistory/replay(as:codec:logger:)``.
+    /// - Throws: ``EntityError`` `storage` when the journal cannot be read; `rejected` when the entity
+    ///   has no history.
+    public func exportHistory(of name: EntityName) throws(EntityError) -> ExportedHistory {
+        let journal = core.journal
+        do {
+            guard let key = try journal.key(for: name), let metadata = try journal.metadata(of: key) else {
+                throw EntityError(.rejected, entity: name, "the entity has no history")
+            }
+            var startState: String?
+            if metadata.runStartSequence > 1, let snapshot = try journal.snapshot(of: key), snapshot.sequence == metadata.runStartSequence - 1 {
+                startState = Base64.encode(snapshot.payload)
+            }
+            var events: [ExportedHistory.Event] = []
+            try journal.forEachEvent(of: key, from: metadata.runStartSequence) { sequence, payload in
+                guard let event = HistoryEvent.decode(payload) else {
+                    throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the event is not a history event this runtime knows")
+                }
+                events.append(.init(sequence: sequence, kind: event.kind, timeNanoseconds: event.timeNanoseconds,
+                                    idempotencyKey: event.idempotencyKey, body: Base64.encode(event.body)))
+            }
+            return ExportedHistory(entityType: name.type, entityID: name.id, run: metadata.run, startState: startState, events: events)
+        } catch let error as EntityError {
+            throw error
+        } catch {
+            throw EntityError(.storage, entity: name, "reading the entity's history failed", underlying: error)
+        }
+    }
+
     /// How many entities are in memory now.
     public var residentEntities: Int { core.residentCount }
 
     /// The journal underneath (for inspection and tools).
     public var journal: Journal { core.journal }
+
+    /// Drops the runtime as a crash would: messages not yet committed are lost (their senders get an
+    /// error, never an acknowledgement), nothing acknowledged is. The directory can then be opened
+    /// again in the same process. For recovery tests (see `DurableEntitiesTesting`).
+    @_spi(Testing)
+    public func simulateCrash() {
+        guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        core.journal.abandon()
+        core.timers.stop()
+        for shard in core.shards { shard.stop() }
+    }
 
     /// Stops accepting messages, finishes the turns already queued or in flight, and closes the journal.
     public func close() {

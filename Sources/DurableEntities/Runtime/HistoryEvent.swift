@@ -13,6 +13,7 @@ public struct HistoryEvent: Sendable, Hashable {
         case terminated = 3
         case started = 4
         case timerFired = 6
+        case cancelRequested = 12
         // Commands: what its run body did (matched on replay).
         case timerStarted = 5
         case timerCancelled = 7

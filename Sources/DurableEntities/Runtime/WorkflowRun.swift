@@ -132,6 +132,19 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         if predicate != nil { waiters.append(waiter) }
     }
 
+    /// Cooperative cancellation: every wait the body is suspended on throws `CancellationError`, once.
+    /// The body may catch it and clean up (waits after that work normally), or let it end the run.
+    func cancel() {
+        for waiter in waiters where !waiter.done { finish(waiter, with: .failure(CancellationError())) }
+        for (id, waiter) in timers where !waiter.done {
+            finish(waiter, with: .failure(CancellationError()))
+            if let due = timerDue.removeValue(forKey: id) { issued.append(.cancelTimer(id: id, due: due)) }
+        }
+        waiters.removeAll()
+        timers.removeAll()
+        settle()
+    }
+
     /// Ends the body without recording anything (the run is dropped from memory): every wait
     /// resumes with an error the body does not see as a failure.
     func abandon() {
