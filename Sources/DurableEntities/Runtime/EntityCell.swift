@@ -116,17 +116,20 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     // MARK: The shard's thread
 
     func runTurn() {
-        let (messages, durable, failure) = cell.withLock { state -> ([Message], Durable?, EntityError?) in
+        let (messages, durable, failure, idle) = cell.withLock { state -> ([Message], Durable?, EntityError?, Bool) in
             state.scheduled = false
-            guard !state.inFlight, !state.messages.isEmpty else { return ([], nil, nil) }
+            guard !state.inFlight, !state.messages.isEmpty else { return ([], nil, nil, !state.inFlight) }
             let count = min(state.messages.count, core.configuration.maxMessagesPerTurn)
             var taken: [Message] = []
             taken.reserveCapacity(count)
             for _ in 0..<count { taken.append(state.messages.removeFirst()) }
             state.inFlight = true
-            return (taken, state.durable, state.failure)
+            return (taken, state.durable, state.failure, false)
         }
-        guard !messages.isEmpty else { return }
+        guard !messages.isEmpty else {
+            if idle { core.becameIdle() }
+            return
+        }
         if let failure {
             finishWithoutCommit(messages.map { Reply.fail($0, failure) })
             return

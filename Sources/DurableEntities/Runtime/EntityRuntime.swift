@@ -172,10 +172,12 @@ public final class EntityRuntime: Sendable {
         for shard in core.shards { shard.stop() }
     }
 
-    /// Stops accepting messages, finishes the turns already queued or in flight, and closes the journal.
+    /// Stops accepting messages, finishes every turn already queued or in flight (their senders get
+    /// their answers), and closes the journal. Blocks until then.
     public func close() {
         guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         core.timers.stop()
+        core.waitUntilIdle()
         for shard in core.shards { shard.stop() }
         core.journal.close()
     }

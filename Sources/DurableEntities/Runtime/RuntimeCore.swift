@@ -1,5 +1,6 @@
 import DequeModule
 import Dispatch
+import Foundation
 import Logging
 import Synchronization
 
@@ -18,6 +19,8 @@ final class RuntimeCore: Sendable {
     /// every entity waits (for a message or a timer).
     private let busy = Atomic<Int>(0)
     let timers = TimerService()
+    /// Signalled when the runtime becomes idle (for a draining close).
+    private let idle = NSCondition()
 
     final class CellTableBox: Sendable {
         let table = Mutex(CellTable())
@@ -44,7 +47,19 @@ final class RuntimeCore: Sendable {
     func becameBusy() { busy.add(1, ordering: .relaxed) }
 
     func becameIdle() {
-        if busy.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { timers.wake() }
+        if busy.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 {
+            timers.wake()
+            idle.lock()
+            idle.broadcast()
+            idle.unlock()
+        }
+    }
+
+    /// Blocks until no entity has messages queued or a turn in flight.
+    func waitUntilIdle() {
+        idle.lock()
+        while !isIdle { idle.wait() }
+        idle.unlock()
     }
 
     var isIdle: Bool { busy.load(ordering: .acquiring) == 0 }
