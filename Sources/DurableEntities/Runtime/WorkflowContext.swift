@@ -108,6 +108,13 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// The version a run recorded before a change guarded by ``version(_:minSupported:maxSupported:)`` existed.
     public static var defaultVersion: Int { 0 }
 
+    /// A UUID-shaped id (version 4 layout), the same on every replay.
+    public func uuid() -> String {
+        let seed = run.nextCommandID()
+        return EntityContext(id: run.name.id, sequence: seed, nowNanoseconds: run.now, logger: run.logger,
+                             requests: TurnRequests()).uuid()
+    }
+
     /// A random number, the same on every replay.
     public func random() -> UInt64 {
         var generator = DeterministicRandom(seed: run.nextCommandID() ^ run.name.id.hashValueStable)
