@@ -107,7 +107,7 @@ struct EntityCrashTests {
             var unsentKeys: [Int] = []
             if let key = try runtime.journal.key(for: ref.name) {
                 for index in stride(from: account, to: Self.depositCount, by: Self.accountCount) {
-                    let isRecorded = try runtime.journal.recordedResult(forKey: RuntimeCore.resultKey("dep-\(index)", key)) != nil
+                    let isRecorded = try runtime.journal.recordedResult(forKey: RuntimeCore.resultKey("dep-\(index)", .signal, key)) != nil
                     if isRecorded {
                         recorded.balance += Self.amount(index)
                         recorded.deposits += 1

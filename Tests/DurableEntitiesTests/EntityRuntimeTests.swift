@@ -154,4 +154,40 @@ struct EntityRuntimeTests {
         }
         #expect(runtime.residentEntities <= 20 + configuration.shards)
     }
+
+    @Test("idempotency keys: too long is refused, never truncated; signals and updates have separate keys")
+    func idempotencyKeyEdges() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory))
+        defer { runtime.close() }
+        let erin = runtime.entity(Account.self, id: "erin")
+        let long = String(repeating: "x", count: 500)
+        let error = await #expect(throws: EntityError.self) { try await erin.signal(.deposit(1), idempotencyKey: long + "-a") }
+        #expect(error?.code == .payloadTooLarge)
+        try await erin.signal(.deposit(10), idempotencyKey: "same")
+        #expect(try await erin.update(.withdraw(3), idempotencyKey: "same") == 7)
+        #expect(try await erin.query(\.balance) == 7)
+    }
+
+    @Test("more busy entities than the resident bound: senders are served, nothing spins or is lost")
+    func busyBeyondTheBound() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = configuration(directory)
+        configuration.maxResidentEntities = 2
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for sender in 0..<64 {
+                group.addTask {
+                    for _ in 0..<5 { try await runtime.entity(Account.self, id: "busy-\(sender)").signal(.deposit(1)) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        for sender in 0..<64 {
+            #expect(try await runtime.entity(Account.self, id: "busy-\(sender)").query(\.balance) == 5)
+        }
+    }
 }

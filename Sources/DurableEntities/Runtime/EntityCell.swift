@@ -170,10 +170,26 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
     }
 
+    /// An idempotency key with its kind.
+    struct KeyName: Hashable {
+        let key: String
+        let kind: RuntimeCore.KeyKind
+    }
+
+    private func keyName(_ key: String, _ kind: RuntimeCore.KeyKind) -> KeyName { KeyName(key: key, kind: kind) }
+
+    /// A key that cannot be stored whole is refused (truncating it could make two keys collide).
+    private func invalidKey(_ key: String) -> EntityError? {
+        let count = key.utf8.count
+        guard count == 0 || count > RuntimeCore.maxIdempotencyKeyBytes else { return nil }
+        return EntityError(.payloadTooLarge, entity: name,
+                           "an idempotency key must have 1...\(RuntimeCore.maxIdempotencyKeyBytes) UTF-8 bytes (got \(count)); nothing was recorded")
+    }
+
     /// What a turn produced besides events.
     struct TurnOutput {
         var events: [(UInt64, [UInt8])] = []
-        var keys: [String: [UInt8]] = [:]
+        var keys: [KeyName: [UInt8]] = [:]
         var timersStarted: [(id: UInt64, due: UInt64)] = []
         var timersDone: [(id: UInt64, due: UInt64)] = []
         var resultWaiters: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
@@ -238,9 +254,22 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.failed { reply(.failure(error)) })
                     continue
                 }
-                if let key, output.keys[key] != nil || core.recorded(key, for: next.key) != nil {
-                    replies.append(.done { reply(.success(())) })  // a retry of a delivered signal
-                    continue
+                if let key {
+                    if let error = invalidKey(key) {
+                        replies.append(.failed { reply(.failure(error)) })
+                        continue
+                    }
+                    var seen = output.keys[keyName(key, .signal)] != nil
+                    do throws(EntityError) {
+                        if !seen { seen = try core.recorded(key, .signal, for: next.key, name: name) != nil }
+                    } catch {
+                        replies.append(.failed { reply(.failure(error)) })
+                        continue
+                    }
+                    if seen {
+                        replies.append(.done { reply(.success(())) })  // a retry of a delivered signal
+                        continue
+                    }
                 }
                 var state = next.state
                 do {
@@ -251,7 +280,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 }
                 next.state = state
                 record(HistoryEvent(kind: .signal, timeNanoseconds: now, idempotencyKey: key, body: bytes))
-                if let key { output.keys[key] = [] }
+                if let key { output.keys[keyName(key, .signal)] = [] }
                 settle()
                 replies.append(.signal(reply))
             case .update(let update, let bytes, let key, let reply):
@@ -260,11 +289,24 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.failed { reply(.failure(error)) })
                     continue
                 }
-                if let key, let recorded = output.keys[key] ?? core.recorded(key, for: next.key) {
-                    let decoded = Result { try recorded.withUnsafeBytes { try core.codec.decode(W.UpdateResult.self, from: $0) } }
-                        .mapError { EntityError(.undecodablePayload, entity: self.name, "the recorded result of update '\(key)' does not decode", underlying: $0) }
-                    replies.append(.done { reply(decoded) })
-                    continue
+                if let key {
+                    if let error = invalidKey(key) {
+                        replies.append(.failed { reply(.failure(error)) })
+                        continue
+                    }
+                    var recorded = output.keys[keyName(key, .update)]
+                    do throws(EntityError) {
+                        if recorded == nil { recorded = try core.recorded(key, .update, for: next.key, name: name) }
+                    } catch {
+                        replies.append(.failed { reply(.failure(error)) })
+                        continue
+                    }
+                    if let recorded {
+                        let decoded = Result { try recorded.withUnsafeBytes { try core.codec.decode(W.UpdateResult.self, from: $0) } }
+                            .mapError { EntityError(.undecodablePayload, entity: self.name, "the recorded result of update '\(key)' does not decode", underlying: $0) }
+                        replies.append(.done { reply(decoded) })
+                        continue
+                    }
                 }
                 var state = next.state
                 let result: W.UpdateResult
@@ -279,7 +321,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 }
                 next.state = state
                 record(.update(time: now, key: key, update: bytes, result: resultBytes))
-                if let key { output.keys[key] = resultBytes }
+                if let key { output.keys[keyName(key, .update)] = resultBytes }
                 settle()
                 replies.append(.update(reply, result))
             case .terminate(let reason, let reply):
@@ -379,7 +421,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         var batch = JournalBatch()
         for (sequence, payload) in output.events { batch.append(key, sequence: sequence, payload: payload) }
-        for (idempotencyKey, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(idempotencyKey, key), payload: result) }
+        for (name, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(name.key, name.kind, key), payload: result) }
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
         for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }
         var committed = next

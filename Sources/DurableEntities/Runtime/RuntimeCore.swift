@@ -74,12 +74,12 @@ final class RuntimeCore: Sendable {
         let maxResident = max(1, configuration.maxResidentEntities / shards.count)
         return tables[index].table.withLock { table in
             if let existing = table.cells[name] as? EntityCell<W> { return existing }
-            let cell = EntityCell<W>(name: name, core: self, shard: shards[index])
-            table.cells[name] = cell
-            table.order.append(name)
-            // Passivate idle entities, oldest first, while the shard holds more than its share.
+            // Passivate idle entities, oldest first, while the shard holds its share or more. Busy
+            // ones stay (the bound is soft while entities are busy), and the new cell is added after
+            // the sweep, so it is never its own victim.
             var checked = 0
-            while table.cells.count > maxResident, checked < table.order.count, let oldest = table.order.popFirst() {
+            let candidates = table.order.count
+            while table.cells.count >= maxResident, checked < candidates, let oldest = table.order.popFirst() {
                 checked += 1
                 guard let candidate = table.cells[oldest] else { continue }
                 if candidate.evictIfIdle() {
@@ -88,6 +88,9 @@ final class RuntimeCore: Sendable {
                     table.order.append(oldest)
                 }
             }
+            let cell = EntityCell<W>(name: name, core: self, shard: shards[index])
+            table.cells[name] = cell
+            table.order.append(name)
             return cell
         }
     }
@@ -95,18 +98,36 @@ final class RuntimeCore: Sendable {
     /// How many entities are resident.
     var residentCount: Int { tables.reduce(0) { $0 + $1.table.withLock { $0.cells.count } } }
 
-    /// The journal key under which an idempotency result is stored: the entity's key, then the sender's.
-    static func resultKey(_ key: String, _ entity: EntityKey) -> [UInt8] {
+    /// The longest idempotency key accepted, in UTF-8 bytes (LMDB keys hold 511; the entity key and
+    /// a kind byte come first).
+    static let maxIdempotencyKeyBytes = 400
+
+    /// Which kind of message an idempotency key belongs to: signals and updates have separate keys.
+    enum KeyKind: UInt8 {
+        case signal = 0x73  // "s"
+        case update = 0x75  // "u"
+    }
+
+    /// The journal key under which an idempotency result is stored: the entity's key, the kind, then
+    /// the sender's key (whole: a key that does not fit is refused, never truncated).
+    static func resultKey(_ key: String, _ kind: KeyKind, _ entity: EntityKey) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: 8)
         bytes.withUnsafeMutableBytes { $0.storeBytes(of: entity.rawValue.bigEndian, as: UInt64.self) }
-        bytes.append(contentsOf: key.utf8.prefix(500))
+        bytes.append(kind.rawValue)
+        bytes.append(contentsOf: key.utf8)
         return bytes
     }
 
     /// The recorded result of a message with idempotency key `key`, if one was committed.
-    func recorded(_ key: String, for entity: EntityKey?) -> [UInt8]? {
+    /// - Throws: ``EntityError`` `storage` when the lookup fails: a resent message is then refused
+    ///   rather than risked twice.
+    func recorded(_ key: String, _ kind: KeyKind, for entity: EntityKey?, name: EntityName) throws(EntityError) -> [UInt8]? {
         guard let entity else { return nil }
-        return try? journal.recordedResult(forKey: Self.resultKey(key, entity))
+        do {
+            return try journal.recordedResult(forKey: Self.resultKey(key, kind, entity))
+        } catch {
+            throw EntityError(.storage, entity: name, "looking up idempotency key '\(key)' failed; nothing was recorded", underlying: error)
+        }
     }
 }
 

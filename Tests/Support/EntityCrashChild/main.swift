@@ -10,6 +10,15 @@
 //       `done` when every deposit is acknowledged and the runtime is closed; exits 0.
 //       INDICES is a comma-separated list of indices and inclusive ranges, e.g. `3,17,40-9999`
 //       (`-` alone for none).
+//
+//   EntityCrashChild withdraw DIR INDICES CONCURRENCY
+//       Opens a runtime on DIR (the same settings), first makes sure each of the accounts "acc-<k>",
+//       k in 0..<20, has its opening deposit of 1,000,000 with idempotency key "open-<k>" (so every
+//       round after the first re-sends them as no-ops), printing `opened` once all are acknowledged.
+//       Then sends withdrawal number i, for every i in INDICES (increasing, from CONCURRENCY tasks):
+//       the update `.withdraw((i % 5) + 1)` to "acc-<i % 20>" with idempotency key "wd-<i>", printing
+//       `send <i>` before and `ack <i> <balance>` after, where <balance> is the update's result (the
+//       recorded result when the key was already applied). Then `done`, exit 0.
 import DurableEntities
 import Foundation
 import Logging
@@ -24,7 +33,13 @@ struct Account: EntityWorkflow {
     }
     enum Signal: Codable, Sendable {
         case deposit(Int64)
+        case fail
     }
+    enum Update: Codable, Sendable {
+        case withdraw(Int64)
+    }
+    struct InsufficientFunds: Error {}
+    struct Refused: Error {}
 
     static var entityType: String { "Account" }
     static func initialState(id: String) -> State { State() }
@@ -33,6 +48,19 @@ struct Account: EntityWorkflow {
         case .deposit(let amount):
             state.balance += amount
             state.deposits += 1
+        case .fail:
+            state.balance = -999  // never seen: the handler throws, so the signal is refused
+            throw Refused()
+        }
+    }
+    static func validate(_ update: Update, state: State) throws {
+        if case .withdraw(let amount) = update, amount > state.balance { throw InsufficientFunds() }
+    }
+    static func apply(_ update: Update, state: inout State, context: EntityContext) throws -> Int64 {
+        switch update {
+        case .withdraw(let amount):
+            state.balance -= amount
+            return state.balance
         }
     }
 }
@@ -68,13 +96,18 @@ func parseIndices(_ text: String) -> [Int] {
 /// The next position in the list of indices to send, shared by the sending tasks.
 let cursor = Atomic<Int>(0)
 
-func deposit(directory: String, indices: [Int], concurrency: Int) async throws {
+/// The runtime both modes use (the tests open the directory with the same settings).
+func openRuntime(_ directory: String) throws -> EntityRuntime {
     let quiet = Logger(label: "child", factory: { _ in SwiftLogNoOpLogHandler() })
     var configuration = EntityRuntime.Configuration(directory: directory, snapshotEvery: 10, logger: quiet)
     // Small threshold and window so a kill can hit snapshots, moves and log trimming too.
     configuration.journal.coalesceThreshold = 8
     configuration.journal.logWindow = 512
-    let runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self])
+    return try EntityRuntime(configuration: configuration, entityTypes: [Account.self])
+}
+
+func deposit(directory: String, indices: [Int], concurrency: Int) async throws {
+    let runtime = try openRuntime(directory)
     try await withThrowingTaskGroup(of: Void.self) { group in
         for _ in 0..<concurrency {
             group.addTask {
@@ -95,12 +128,50 @@ func deposit(directory: String, indices: [Int], concurrency: Int) async throws {
     emit("done")
 }
 
+/// The `withdraw` mode: opening deposits (idempotent), then keyed withdrawals, each acknowledged with
+/// the balance the update returned.
+func withdraw(directory: String, indices: [Int], concurrency: Int) async throws {
+    let accounts = 20
+    let runtime = try openRuntime(directory)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for account in 0..<accounts {
+            group.addTask {
+                try await runtime.entity(Account.self, id: "acc-\(account)").signal(.deposit(1_000_000), idempotencyKey: "open-\(account)")
+            }
+        }
+        try await group.waitForAll()
+    }
+    emit("opened")
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for _ in 0..<concurrency {
+            group.addTask {
+                while true {
+                    let position = cursor.wrappingAdd(1, ordering: .relaxed).oldValue
+                    guard position < indices.count else { return }
+                    let index = indices[position]
+                    emit("send \(index)")
+                    let balance = try await runtime.entity(Account.self, id: "acc-\(index % accounts)")
+                        .update(.withdraw(Int64(index % 5 + 1)), idempotencyKey: "wd-\(index)")
+                    emit("ack \(index) \(balance)")
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+    runtime.close()
+    emit("done")
+}
+
 let arguments = CommandLine.arguments
-guard arguments.count == 5, arguments[1] == "deposit", let concurrency = Int(arguments[4]), concurrency > 0 else {
-    fail("usage: EntityCrashChild deposit DIR INDICES CONCURRENCY")
+guard arguments.count == 5, ["deposit", "withdraw"].contains(arguments[1]), let concurrency = Int(arguments[4]), concurrency > 0 else {
+    fail("usage: EntityCrashChild deposit|withdraw DIR INDICES CONCURRENCY")
 }
 do {
-    try await deposit(directory: arguments[2], indices: parseIndices(arguments[3]), concurrency: concurrency)
+    if arguments[1] == "deposit" {
+        try await deposit(directory: arguments[2], indices: parseIndices(arguments[3]), concurrency: concurrency)
+    } else {
+        try await withdraw(directory: arguments[2], indices: parseIndices(arguments[3]), concurrency: concurrency)
+    }
 } catch {
     fail("EntityCrashChild: \(error)")
 }
