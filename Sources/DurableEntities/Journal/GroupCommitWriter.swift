@@ -321,6 +321,15 @@ private struct CommitContext {
                 try checkSize(timer.payload, timer.entity, nil, "timer payload")
             case .cancelTimer:
                 break
+            case .putTask(let key, let value):
+                guard (1...511).contains(key.count) else {
+                    throw JournalError(.nameTooLong, "a task key must have 1...511 bytes (got \(key.count)); nothing was written")
+                }
+                try checkSize(value, nil, nil, "task")
+            case .deleteTask(let key):
+                guard (1...511).contains(key.count) else {
+                    throw JournalError(.nameTooLong, "a task key must have 1...511 bytes (got \(key.count)); nothing was written")
+                }
             case .recordResult(let key, let payload):
                 guard (1...511).contains(key.count) else {
                     throw JournalError(.nameTooLong, "an idempotency key must have 1...511 bytes (got \(key.count)); nothing was written")
@@ -381,6 +390,10 @@ private struct CommitContext {
                 }
             case .cancelTimer(let due, let entity, let id):
                 try Key24(due, entity.rawValue, id).withBytes { key in _ = try txn.delete(key, in: stores.timers) }
+            case .putTask(let key, let value):
+                try txn.put(value, forKey: key, in: stores.tasks)
+            case .deleteTask(let key):
+                _ = try txn.delete(key, in: stores.tasks)
             case .recordResult(let key, let payload):
                 let checksum = CRC32C.checksum(payload)
                 var record = [UInt8](repeating: 0, count: 4)

@@ -92,7 +92,7 @@ public final class Journal: Sendable {
 
     /// The named databases.
     struct Stores: Sendable {
-        let log, history, names, entities, snapshots, timers, idempotency: Database
+        let log, history, names, entities, snapshots, timers, idempotency, tasks: Database
     }
 
     public let configuration: Configuration
@@ -144,7 +144,8 @@ public final class Journal: Sendable {
                 entities: try environment.database("entities"),
                 snapshots: try environment.database("snapshots"),
                 timers: try environment.database("timers"),
-                idempotency: try environment.database("idempotency"))
+                idempotency: try environment.database("idempotency"),
+                tasks: try environment.database("tasks"))
             tails = TailIndex()
             let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
                                              coalesceThreshold: configuration.coalesceThreshold)
@@ -376,6 +377,27 @@ public final class Journal: Sendable {
                 }
             }
         }
+    }
+
+    /// Pending tasks (work the runtime owes: activities to run, messages to deliver), in key order,
+    /// those whose key starts with `prefix`.
+    public func tasks(prefix: [UInt8] = []) throws(JournalError) -> [(key: [UInt8], value: [UInt8])] {
+        try read("reading tasks") { txn in
+            var tasks: [(key: [UInt8], value: [UInt8])] = []
+            try txn.withCursor(stores.tasks) { cursor in
+                var entry = prefix.isEmpty ? try cursor.first() : try cursor.seek(atLeast: prefix)
+                while let current = entry, current.key.starts(with: prefix) {
+                    tasks.append((Array(current.key), Array(current.value)))
+                    entry = try cursor.next()
+                }
+            }
+            return tasks
+        }
+    }
+
+    /// One pending task's value, or `nil`.
+    public func task(forKey key: [UInt8]) throws(JournalError) -> [UInt8]? {
+        try read("reading a task") { txn in try txn.value(forKey: key, in: stores.tasks) }
     }
 
     // MARK: Internals shared with the writer

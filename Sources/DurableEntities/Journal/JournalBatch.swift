@@ -23,6 +23,8 @@ public struct JournalBatch: Sendable {
         case scheduleTimer(JournalTimer)
         case cancelTimer(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64)
         case recordResult(key: [UInt8], payload: [UInt8])
+        case putTask(key: [UInt8], value: [UInt8])
+        case deleteTask(key: [UInt8])
     }
 
     var operations: [Operation] = []
@@ -66,6 +68,16 @@ public struct JournalBatch: Sendable {
     /// Removes a durable timer row (no effect when absent).
     public mutating func cancelTimer(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64) {
         operations.append(.cancelTimer(dueNanoseconds: dueNanoseconds, entity: entity, id: id))
+    }
+
+    /// Stores a pending task (work owed: an activity to run, a message to deliver), replacing any.
+    public mutating func putTask(key: [UInt8], value: [UInt8]) {
+        operations.append(.putTask(key: key, value: value))
+    }
+
+    /// Removes a pending task (no effect when absent).
+    public mutating func deleteTask(key: [UInt8]) {
+        operations.append(.deleteTask(key: key))
     }
 
     /// Records the result for an idempotency key. The first recorded result wins.

@@ -25,6 +25,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         case result(@Sendable (Result<W.Output, EntityError>) -> Void)
         case timerFired(id: UInt64, due: UInt64, reply: @Sendable (Result<Void, EntityError>) -> Void)
         case cancel(reply: @Sendable (Result<Void, EntityError>) -> Void)
+        case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: @Sendable (Result<Void, EntityError>) -> Void)
     }
 
     enum Status: UInt8, Sendable {
@@ -161,7 +162,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         static func fail(_ message: Message, _ error: EntityError) -> Reply {
             switch message {
             case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply),
-                 .cancel(let reply):
+                 .cancel(let reply), .activityOutcome(_, _, let reply):
                 .failed { reply(.failure(error)) }
             case .update(_, _, _, let reply): .failed { reply(.failure(error)) }
             case .read(let reply): .failed { reply(.failure(error)) }
@@ -193,14 +194,18 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var timersStarted: [(id: UInt64, due: UInt64)] = []
         var timersDone: [(id: UInt64, due: UInt64)] = []
         var resultWaiters: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
+        var activitiesScheduled: [(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)] = []
+        var now: UInt64 = 0
+        var tasksDone: [[UInt8]] = []
     }
 
     private func process(_ messages: [Message], from start: Durable) {
         var next = start
         var output = TurnOutput()
+        output.now = core.clock.nowNanoseconds()
         var replies: [Reply] = []
         replies.reserveCapacity(messages.count)
-        let now = core.clock.nowNanoseconds()
+        let now = output.now
         let limit = core.configuration.maxPayloadBytes
         let requests = TurnRequests()
 
@@ -225,6 +230,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 switch command {
                 case .startTimer(let id, let due): output.timersStarted.append((id, due))
                 case .cancelTimer(let id, let due): output.timersDone.append((id, due))
+                case .scheduleActivity(let id, let name, let input, let options):
+                    output.activitiesScheduled.append((id, name, input, options))
                 default: break
                 }
             }
@@ -367,6 +374,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 record(HistoryEvent(kind: .cancelRequested, timeNanoseconds: now, body: []))
                 settle { $0.cancel() }
                 replies.append(.signal(reply))
+            case .activityOutcome(let id, let outcome, let reply):
+                if let key = next.key { output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id)) }
+                if let run = next.workflow, run.isAwaitingActivity(id) {
+                    record(.activityOutcome(id: id, outcome, time: now))
+                    settle { $0.completeActivity(id, outcome) }
+                }
+                replies.append(.signal(reply))
             case .timerFired(let id, let due, let reply):
                 output.timersDone.append((id, due))
                 if let run = next.workflow, run.timerDue[id] != nil {
@@ -379,7 +393,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
         }
 
-        guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.resultWaiters.isEmpty else {
+        guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.resultWaiters.isEmpty || !output.tasksDone.isEmpty else {
             finishWithoutCommit(replies)
             return
         }
@@ -424,6 +438,17 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         for (name, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(name.key, name.kind, key), payload: result) }
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
         for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }
+        for task in output.tasksDone { batch.deleteTask(key: task) }
+        var tasks: [ActivityTask] = []
+        for activity in output.activitiesScheduled {
+            let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: next.run,
+                                    activityID: activity.id, name: activity.name, input: activity.input, options: activity.options,
+                                    attempt: 1, scheduledAt: output.now, notBefore: output.now)
+            if let value = try? JSONEntityCodec().encode(task) {
+                batch.putTask(key: task.key, value: value)
+                tasks.append(task)
+            }
+        }
         var committed = next
         // A run body cannot be rebuilt from a snapshot (only replayed), so its entities snapshot at
         // run boundaries only.
@@ -452,11 +477,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         let published = committed
         let waiters = output.resultWaiters
+        let dispatched = tasks
         core.journal.submit(batch) { result in
             self.complete(result.map { _ in () }.mapError {
                 EntityError(.storage, entity: self.name, "committing the turn failed; nothing of it was recorded", underlying: $0)
             }, next: published, waiters: waiters, replies: replies)
             if !output.timersStarted.isEmpty { self.core.timers.wake() }
+            // Activities run only once the commit that scheduled them is durable.
+            if case .success = result { for task in dispatched { self.core.activities.dispatch(task) } }
         }
     }
 

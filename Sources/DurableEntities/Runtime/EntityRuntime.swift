@@ -37,6 +37,8 @@ public final class EntityRuntime: Sendable {
         /// How many finished runs keep their history after continue-as-new: 1 (the default) keeps the
         /// previous run's, 0 keeps none.
         public var keepRuns: Int
+        /// The most activity attempts running at once; more wait in the pool's queue.
+        public var maxConcurrentActivities: Int
         /// How states and messages become bytes.
         public var codec: any EntityCodec
         /// The time recorded in history events.
@@ -56,6 +58,7 @@ public final class EntityRuntime: Sendable {
             continueAsNewAfterEvents: Int = 1_000,
             continueAsNewAfterBytes: Int = 4 << 20,
             keepRuns: Int = 1,
+            maxConcurrentActivities: Int = 64,
             codec: any EntityCodec = JSONEntityCodec(),
             clock: any EntityClock = SystemEntityClock(),
             logger: Logger = Logger(label: "DurableEntities")
@@ -70,6 +73,7 @@ public final class EntityRuntime: Sendable {
             self.continueAsNewAfterEvents = continueAsNewAfterEvents
             self.continueAsNewAfterBytes = continueAsNewAfterBytes
             self.keepRuns = keepRuns
+            self.maxConcurrentActivities = maxConcurrentActivities
             self.codec = codec
             self.clock = clock
             self.journal = Journal.Configuration(directory: directory, durability: durability, logger: logger)
@@ -82,7 +86,9 @@ public final class EntityRuntime: Sendable {
     /// Opens the runtime on `configuration.directory`.
     /// - Parameter entityTypes: types to register now (``entity(_:id:)`` registers others on first use).
     /// - Throws: ``EntityError`` with code `storage` when the journal cannot open.
-    public init(configuration: Configuration, entityTypes: [any EntityWorkflow.Type] = []) throws(EntityError) {
+    /// - Parameter activities: activities to register now (``register(activity:)`` registers others).
+    public init(configuration: Configuration, entityTypes: [any EntityWorkflow.Type] = [],
+                activities: [any Activity] = []) throws(EntityError) {
         var journalConfiguration = configuration.journal
         journalConfiguration.directory = configuration.directory
         journalConfiguration.durability = configuration.durability
@@ -94,9 +100,17 @@ public final class EntityRuntime: Sendable {
         }
         core = RuntimeCore(journal: journal, configuration: configuration)
         for type in entityTypes { register(type) }
-        // Recovery: the timer service fires what fell due while the process was down, which
-        // activates just those entities; idle ones stay on disk.
+        for activity in activities { register(activity: activity) }
+        // Recovery: the timer service fires what fell due while the process was down, and stored
+        // activity tasks run again; that activates just those entities, idle ones stay on disk.
         core.timers.start(core: core)
+        core.activities.recover()
+    }
+
+    /// Registers an activity under its type's ``Activity/name``; replaces one of the same name.
+    /// Register activities before (or when) opening, so that recovered tasks find them.
+    public func register(activity: some Activity) {
+        core.activities.register(activity)
     }
 
     /// Registers an entity type (idempotent).

@@ -14,6 +14,8 @@ public struct HistoryEvent: Sendable, Hashable {
         case started = 4
         case timerFired = 6
         case cancelRequested = 12
+        case activityCompleted = 14
+        case activityFailed = 15
         // Commands: what its run body did (matched on replay).
         case timerStarted = 5
         case timerCancelled = 7
@@ -21,10 +23,11 @@ public struct HistoryEvent: Sendable, Hashable {
         case versionMarker = 9
         case completed = 10
         case failed = 11
+        case activityScheduled = 13
 
         var isCommand: Bool {
             switch self {
-            case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed: true
+            case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed, .activityScheduled: true
             default: false
             }
         }
@@ -73,6 +76,9 @@ public struct HistoryEvent: Sendable, Hashable {
         case .sideEffect(let id, let value): return HistoryEvent(kind: .sideEffect, timeNanoseconds: time, body: ids(id) + value)
         case .marker(let changeID, let version):
             return HistoryEvent(kind: .versionMarker, timeNanoseconds: time, body: ids(UInt64(bitPattern: Int64(version))) + Array(changeID.utf8))
+        case .scheduleActivity(let id, let name, let input, let options):
+            let spec = (try? JSONEntityCodec().encode(ScheduledActivity(name: name, input: input, options: options))) ?? []
+            return HistoryEvent(kind: .activityScheduled, timeNanoseconds: time, body: ids(id) + spec)
         case .complete(let output): return HistoryEvent(kind: .completed, timeNanoseconds: time, body: output)
         case .fail(let message): return HistoryEvent(kind: .failed, timeNanoseconds: time, body: Array(message.utf8))
         }
@@ -91,9 +97,40 @@ public struct HistoryEvent: Sendable, Hashable {
         case .versionMarker:
             guard let a = id(0) else { return nil }
             return .marker(changeID: String(decoding: body[8...], as: UTF8.self), version: Int(Int64(bitPattern: a)))
+        case .activityScheduled:
+            guard let a = id(0),
+                  let spec = try? body[8...].withUnsafeBytes({ try JSONEntityCodec().decode(ScheduledActivity.self, from: $0) })
+            else { return nil }
+            return .scheduleActivity(id: a, name: spec.name, input: spec.input, options: spec.options)
         case .completed: return .complete(output: body)
         case .failed: return .fail(message: String(decoding: body, as: UTF8.self))
         default: return nil
+        }
+    }
+
+    /// The activity id and outcome of an `activityCompleted` or `activityFailed` event.
+    var activityOutcome: (id: UInt64, outcome: Result<[UInt8], ActivityFailure>)? {
+        guard body.count >= 8 else { return nil }
+        let id = body.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self).bigEndian }
+        switch kind {
+        case .activityCompleted: return (id, .success(Array(body[8...])))
+        case .activityFailed:
+            guard let failure = try? body[8...].withUnsafeBytes({ try JSONEntityCodec().decode(ActivityFailure.self, from: $0) }) else { return nil }
+            return (id, .failure(failure))
+        default: return nil
+        }
+    }
+
+    static func activityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64) -> HistoryEvent {
+        var body = [UInt8]()
+        withUnsafeBytes(of: id.bigEndian) { body.append(contentsOf: $0) }
+        switch outcome {
+        case .success(let output):
+            body.append(contentsOf: output)
+            return HistoryEvent(kind: .activityCompleted, timeNanoseconds: time, body: body)
+        case .failure(let failure):
+            body.append(contentsOf: (try? JSONEntityCodec().encode(failure)) ?? [])
+            return HistoryEvent(kind: .activityFailed, timeNanoseconds: time, body: body)
         }
     }
 
@@ -124,4 +161,11 @@ public struct HistoryEvent: Sendable, Hashable {
         let key = keyLength == 0 ? nil : String(decoding: bytes[11..<(11 + keyLength)], as: UTF8.self)
         return HistoryEvent(kind: kind, timeNanoseconds: time, idempotencyKey: key, body: Array(bytes[(11 + keyLength)...]))
     }
+}
+
+/// What an `activityScheduled` event records besides the id.
+struct ScheduledActivity: Codable {
+    var name: String
+    var input: [UInt8]
+    var options: ActivityOptions
 }

@@ -94,6 +94,9 @@ struct HistoryReplayer<W: EntityWorkflow> {
                 settle { _ = $0.fire(timer: id) }
             case .cancelRequested:
                 settle { $0.cancel() }
+            case .activityCompleted, .activityFailed:
+                guard let (id, outcome) = event.activityOutcome else { throw HistoryEventError.malformed }
+                settle { $0.completeActivity(id, outcome) }
             default:
                 break
             }

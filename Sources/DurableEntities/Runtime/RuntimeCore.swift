@@ -19,6 +19,7 @@ final class RuntimeCore: Sendable {
     /// every entity waits (for a message or a timer).
     private let busy = Atomic<Int>(0)
     let timers = TimerService()
+    let activities: ActivityWorker
     /// Signalled when the runtime becomes idle (for a draining close).
     private let idle = NSCondition()
 
@@ -42,6 +43,8 @@ final class RuntimeCore: Sendable {
         let count = max(1, configuration.shards)
         self.shards = (0..<count).map { Shard(index: $0) }
         self.tables = (0..<count).map { _ in CellTableBox() }
+        self.activities = ActivityWorker(limit: configuration.maxConcurrentActivities)
+        self.activities.attach(self)
     }
 
     func becameBusy() { busy.add(1, ordering: .relaxed) }
@@ -142,6 +145,8 @@ extension EntityCell: ResidentCell {}
 protocol RegisteredEntityType: Sendable {
     func signal(id: String, payload: [UInt8], idempotencyKey: String?, runtime: EntityRuntime) async throws(EntityError)
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void)
+    func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
+                                done: @escaping @Sendable () -> Void)
 }
 
 struct Registered<W: EntityWorkflow>: RegisteredEntityType {
@@ -159,6 +164,13 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void) {
         let name = EntityName(type: W.entityType, id: entityID)
         let message = EntityCell<W>.Message.timerFired(id: id, due: due) { _ in done() }
+        while !core.cell(W.self, name).enqueue(message) {}
+    }
+
+    func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
+                                done: @escaping @Sendable () -> Void) {
+        let name = EntityName(type: W.entityType, id: entityID)
+        let message = EntityCell<W>.Message.activityOutcome(id: id, outcome) { _ in done() }
         while !core.cell(W.self, name).enqueue(message) {}
     }
 }

@@ -16,6 +16,28 @@ final class TimerService: @unchecked Sendable {
     private var stopped = false
     /// Timers handed to their entity and not yet confirmed.
     private var delivering: Set<TimerID> = []
+    /// In-memory alarms on the runtime's clock (activity timeouts): not durable, as the attempts they
+    /// watch do not outlive the process either.
+    private var alarms: [UInt64: (deadline: UInt64, action: @Sendable () -> Void)] = [:]
+    private var nextAlarm: UInt64 = 1
+
+    /// Calls `action` once the runtime's clock reaches `deadline`. Returns an id for ``cancelAlarm(_:)``.
+    func alarm(at deadline: UInt64, _ action: @escaping @Sendable () -> Void) -> UInt64 {
+        condition.lock()
+        let id = nextAlarm
+        nextAlarm += 1
+        alarms[id] = (deadline, action)
+        woken = true
+        condition.signal()
+        condition.unlock()
+        return id
+    }
+
+    func cancelAlarm(_ id: UInt64) {
+        condition.lock()
+        alarms[id] = nil
+        condition.unlock()
+    }
 
     struct TimerID: Hashable {
         let entity: EntityKey
@@ -60,6 +82,12 @@ final class TimerService: @unchecked Sendable {
             condition.unlock()
 
             let now = core.clock.nowNanoseconds()
+            condition.lock()
+            let ringing = alarms.filter { $0.value.deadline <= now }
+            for id in ringing.keys { alarms[id] = nil }
+            let nextAlarmDeadline = alarms.values.map(\.deadline).min()
+            condition.unlock()
+            for alarm in ringing.values { alarm.action() }
             let due = (try? core.journal.timers(dueAtOrBefore: now, limit: 1_024)) ?? []
             for timer in due { deliver(timer) }
 
@@ -67,9 +95,10 @@ final class TimerService: @unchecked Sendable {
             let upcoming = ((try? core.journal.timers(limit: 1_024 + delivering.count)) ?? [])
                 .first { $0.dueNanoseconds > now && !isDelivering($0) }
             var wait: Duration? = nil
-            if let upcoming {
-                if core.isIdle, core.clock.advanceWhenIdle(to: upcoming.dueNanoseconds) { continue }
-                wait = core.clock.realWait(until: upcoming.dueNanoseconds)
+            let nextDeadline = [upcoming?.dueNanoseconds, nextAlarmDeadline].compactMap { $0 }.min()
+            if let nextDeadline {
+                if core.isIdle, core.clock.advanceWhenIdle(to: nextDeadline) { continue }
+                wait = core.clock.realWait(until: nextDeadline)
             }
             condition.lock()
             if !woken && !stopping {
@@ -97,6 +126,17 @@ final class TimerService: @unchecked Sendable {
         let fresh = delivering.insert(id).inserted
         condition.unlock()
         guard fresh else { return }
+        if timer.payload.first == 1 {
+            core.becameBusy()
+            core.activities.retryDue(timer) { [self] in
+                condition.lock()
+                delivering.remove(id)
+                condition.unlock()
+                core.becameIdle()
+                wake()
+            }
+            return
+        }
         guard let name = try? core.journal.metadata(of: timer.entity)?.name,
               let type = core.types.withLock({ $0[name.type] }) else {
             core.logger.warning("a timer's entity type is not registered; the timer waits", metadata: ["entity.key": "\(timer.entity)"])

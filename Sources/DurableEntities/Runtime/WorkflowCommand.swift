@@ -5,6 +5,7 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
     case cancelTimer(id: UInt64, due: UInt64)
     case sideEffect(id: UInt64, value: [UInt8])
     case marker(changeID: String, version: Int)
+    case scheduleActivity(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)
     case complete(output: [UInt8])
     case fail(message: String)
 
@@ -16,6 +17,7 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case (.cancelTimer(let a, _), .cancelTimer(let b, _)): a == b
         case (.sideEffect(let a, _), .sideEffect(let b, _)): a == b
         case (.marker(let a, let x), .marker(let b, let y)): a == b && x == y
+        case (.scheduleActivity(let a, let x, _, _), .scheduleActivity(let b, let y, _, _)): a == b && x == y
         case (.complete, .complete), (.fail, .fail): true
         default: false
         }
@@ -27,6 +29,7 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case .cancelTimer(let id, _): "CancelTimer(id: \(id))"
         case .sideEffect(let id, let value): "SideEffect(id: \(id), \(value.count) bytes)"
         case .marker(let changeID, let version): "VersionMarker(\"\(changeID)\", version: \(version))"
+        case .scheduleActivity(let id, let name, let input, _): "ScheduleActivity(id: \(id), \(name), \(input.count) bytes)"
         case .complete(let output): "Complete(\(output.count) bytes)"
         case .fail(let message): "Fail(\(message))"
         }

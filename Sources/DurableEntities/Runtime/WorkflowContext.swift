@@ -65,6 +65,20 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         }
     }
 
+    /// Runs an activity — on the runtime's activity pool, retried by `options` — and returns its
+    /// output once it is recorded. A restart neither loses nor repeats a recorded outcome.
+    /// - Throws: ``ActivityFailure`` when the activity ends for good (retries exhausted, a
+    ///   non-retryable error, a timeout); `CancellationError` if the run is cancelled meanwhile.
+    public func execute<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
+        let id = run.nextCommandID()
+        let bytes = try run.codec.encode(input)
+        run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
+        let output = try await withUnsafeThrowingContinuation { continuation in
+            run.awaitActivity(id, continuation)
+        }
+        return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
+    }
+
     /// Runs `body` once and records its result; a replay returns the recorded result without running it.
     /// Use it for small non-deterministic values (a generated id, a reading of the wall clock).
     public func sideEffect<Value: Codable & Sendable>(_ body: () throws -> Value) throws -> Value {

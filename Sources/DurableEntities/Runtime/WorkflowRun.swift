@@ -41,6 +41,8 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
     var timerDue: [UInt64: UInt64] = [:]
     private var nextCommand: UInt64 = 1
     private var waiters: [Waiter] = []
+    /// Activities the body awaits, by id.
+    private var activities: [UInt64: UnsafeContinuation<[UInt8], any Error>] = [:]
     private var timers: [UInt64: Waiter] = [:]
     /// The body's outcome once it finished: encoded output, or the failure's description.
     private(set) var outcome: Result<[UInt8], WorkflowFailure>?
@@ -113,6 +115,21 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         waiter.continuation.resume(with: result)
     }
 
+    /// Registers the body's wait for an activity's outcome.
+    func awaitActivity(_ id: UInt64, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
+        activities[id] = continuation
+    }
+
+    /// Whether the body awaits activity `id`.
+    func isAwaitingActivity(_ id: UInt64) -> Bool { activities[id] != nil }
+
+    /// An activity ended: resumes the body with its output or its ``ActivityFailure``.
+    func completeActivity(_ id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>) {
+        guard let continuation = activities.removeValue(forKey: id) else { return }
+        continuation.resume(with: outcome.mapError { $0 as any Error })
+        settle()
+    }
+
     /// A durable timer fired; returns whether the run was waiting for it.
     func fire(timer id: UInt64) -> Bool {
         guard let waiter = timers.removeValue(forKey: id) else { return false }
@@ -142,6 +159,8 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         }
         waiters.removeAll()
         timers.removeAll()
+        for continuation in activities.values { continuation.resume(throwing: CancellationError()) }
+        activities.removeAll()
         settle()
     }
 
@@ -152,6 +171,8 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         for waiter in timers.values where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
         waiters.removeAll()
         timers.removeAll()
+        for continuation in activities.values { continuation.resume(throwing: Abandoned()) }
+        activities.removeAll()
         executor.drain()
     }
 }

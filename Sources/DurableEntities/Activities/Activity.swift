@@ -1,0 +1,177 @@
+import Logging
+import Synchronization
+
+/// A unit of work with side effects — a payment, an e-mail, a database write — called from a run body
+/// with ``WorkflowContext/execute(_:_:options:)``.
+///
+/// Activities run on the runtime's bounded activity pool, outside the shards. They may run more than
+/// once (a retry, a crash before the outcome was recorded), so they must be idempotent: use
+/// ``ActivityContext/idempotencyKey``, which is the same on every attempt and across restarts.
+///
+/// ## Usage
+/// ```swift
+/// struct Charge: Activity {
+///     let gateway: PaymentGateway
+///     func run(_ input: ChargeRequest, context: ActivityContext) async throws -> Receipt {
+///         try await gateway.charge(input, idempotencyKey: context.idempotencyKey)
+///     }
+/// }
+/// runtime.register(activity: Charge(gateway: gateway))
+/// ```
+public protocol Activity: Sendable {
+    associatedtype Input: Codable & Sendable
+    associatedtype Output: Codable & Sendable
+    /// The name under which it is registered and recorded in histories.
+    static var name: String { get }
+    func run(_ input: Input, context: ActivityContext) async throws -> Output
+}
+
+extension Activity {
+    public static var name: String { String(describing: Self.self) }
+}
+
+/// What an attempt of an activity knows and can do.
+public final class ActivityContext: Sendable {
+    /// The same for every attempt of this activity, across retries and restarts: hand it to the
+    /// system the activity calls so that a repeated call has one effect.
+    public let idempotencyKey: String
+    /// 1 for the first attempt.
+    public let attempt: Int
+    /// The entity whose run body scheduled the activity.
+    public let entity: EntityName
+    public let logger: Logger
+    private let heartbeats: Mutex<[UInt8]?>
+    private let onHeartbeat: @Sendable ([UInt8]) -> Void
+    private let codec: any EntityCodec
+
+    init(idempotencyKey: String, attempt: Int, entity: EntityName, logger: Logger, lastHeartbeat: [UInt8]?, codec: any EntityCodec,
+         onHeartbeat: @escaping @Sendable ([UInt8]) -> Void) {
+        self.idempotencyKey = idempotencyKey
+        self.attempt = attempt
+        self.entity = entity
+        self.logger = logger
+        self.heartbeats = Mutex(lastHeartbeat)
+        self.codec = codec
+        self.onHeartbeat = onHeartbeat
+    }
+
+    /// Reports progress: resets the heartbeat timeout, and `details` are kept for the next attempt
+    /// (durably) if this one fails.
+    public func heartbeat<Details: Codable & Sendable>(_ details: Details) {
+        guard let bytes = try? codec.encode(details) else { return }
+        heartbeats.withLock { $0 = bytes }
+        onHeartbeat(bytes)
+    }
+
+    /// The details of the last heartbeat — of this attempt, or else of the attempt before it.
+    public func lastHeartbeat<Details: Codable & Sendable>(as type: Details.Type) -> Details? {
+        guard let bytes = heartbeats.withLock({ $0 }) else { return nil }
+        return try? bytes.withUnsafeBytes { try codec.decode(Details.self, from: $0) }
+    }
+
+    /// Whether the attempt was cancelled (a timeout, or the runtime closing).
+    public var isCancelled: Bool { Task.isCancelled }
+}
+
+/// How an activity is retried. Delays grow from `initialInterval` by `backoffCoefficient` up to
+/// `maximumInterval`; the default retries without limit (bounded by `scheduleToCloseTimeout`).
+public struct RetryPolicy: Codable, Sendable, Hashable {
+    public var initialInterval: Duration
+    public var backoffCoefficient: Double
+    /// The longest delay between attempts (default: 100 × `initialInterval`).
+    public var maximumInterval: Duration?
+    /// The most attempts in all, first included; 0 means no limit.
+    public var maximumAttempts: Int
+    /// Error type names (`String(describing: type(of: error))`) that end the retries at once.
+    public var nonRetryableErrorTypes: [String]
+
+    public init(initialInterval: Duration = .seconds(1), backoffCoefficient: Double = 2, maximumInterval: Duration? = nil,
+                maximumAttempts: Int = 0, nonRetryableErrorTypes: [String] = []) {
+        self.initialInterval = initialInterval
+        self.backoffCoefficient = backoffCoefficient
+        self.maximumInterval = maximumInterval
+        self.maximumAttempts = maximumAttempts
+        self.nonRetryableErrorTypes = nonRetryableErrorTypes
+    }
+
+    /// 1 s, ×2, at most 100 s between attempts, no limit on attempts.
+    public static let `default` = RetryPolicy()
+    /// One attempt only.
+    public static let never = RetryPolicy(maximumAttempts: 1)
+
+    /// Exponential backoff with at most `max` attempts.
+    public static func exponential(max attempts: Int, initial: Duration = .seconds(1), coefficient: Double = 2) -> RetryPolicy {
+        RetryPolicy(initialInterval: initial, backoffCoefficient: coefficient, maximumAttempts: attempts)
+    }
+
+    /// The delay before attempt `attempt + 1`, after attempt `attempt` failed.
+    public func delay(after attempt: Int) -> Duration {
+        let initial = Double(initialInterval.nanoseconds)
+        let grown = initial * pow(backoffCoefficient, Double(max(0, attempt - 1)))
+        let cap = Double((maximumInterval ?? initialInterval * 100).nanoseconds)
+        return .nanoseconds(Int64(min(grown, cap)))
+    }
+}
+
+/// Options of one activity call.
+public struct ActivityOptions: Codable, Sendable, Hashable {
+    public var retry: RetryPolicy
+    /// The longest one attempt may run.
+    public var startToCloseTimeout: Duration?
+    /// The longest all attempts together may take, from scheduling.
+    public var scheduleToCloseTimeout: Duration?
+    /// The longest an attempt may go without a heartbeat.
+    public var heartbeatTimeout: Duration?
+
+    public init(retry: RetryPolicy = .default, startToCloseTimeout: Duration? = nil, scheduleToCloseTimeout: Duration? = nil,
+                heartbeatTimeout: Duration? = nil) {
+        self.retry = retry
+        self.startToCloseTimeout = startToCloseTimeout
+        self.scheduleToCloseTimeout = scheduleToCloseTimeout
+        self.heartbeatTimeout = heartbeatTimeout
+    }
+
+    public static let `default` = ActivityOptions()
+
+    /// Retries by `policy`, other options default.
+    public static func retrying(_ policy: RetryPolicy) -> ActivityOptions { ActivityOptions(retry: policy) }
+}
+
+/// Thrown by an activity to stop the retries at once, whatever the policy.
+public struct NonRetryableError: Error, Sendable, CustomStringConvertible {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// How an activity ended for good, as the run body sees it.
+public struct ActivityFailure: Error, Codable, Sendable, Hashable, CustomStringConvertible {
+    public enum Reason: String, Codable, Sendable, Hashable {
+        /// The last attempt failed and the policy allowed no more (maximum attempts).
+        case retriesExhausted
+        /// The error's type is non-retryable.
+        case nonRetryable
+        /// A timeout ended the last attempt and no more were allowed.
+        case startToCloseTimeout, scheduleToCloseTimeout, heartbeatTimeout
+        /// The activity is not registered with the runtime.
+        case notRegistered
+    }
+
+    public let activity: String
+    public let reason: Reason
+    /// How many attempts ran.
+    public let attempts: Int
+    /// The last attempt's error type and description.
+    public let causeType: String
+    public let cause: String
+
+    public var isTimeout: Bool { [.startToCloseTimeout, .scheduleToCloseTimeout, .heartbeatTimeout].contains(reason) }
+
+    public var description: String {
+        "activity \(activity) failed (\(reason)) after \(attempts) attempt\(attempts == 1 ? "" : "s"): \(causeType): \(cause)"
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,40 @@
+/// An activity the runtime owes: stored in the journal's `tasks` table from the commit that
+/// scheduled it until the commit that records its outcome. Its attempt count and last heartbeat
+/// survive a crash; at open, every stored task whose next attempt is due runs again.
+struct ActivityTask: Codable, Sendable {
+    var entityType: String
+    var entityID: String
+    var entityKey: UInt64
+    var run: UInt64
+    var activityID: UInt64
+    var name: String
+    var input: [UInt8]
+    var options: ActivityOptions
+    /// The next attempt's number (1 for the first).
+    var attempt: Int
+    /// When it was first scheduled (for the schedule-to-close timeout), ns on the runtime's clock.
+    var scheduledAt: UInt64
+    /// No attempt before this time (a retry's backoff).
+    var notBefore: UInt64
+    var heartbeat: [UInt8]?
+    /// The last failed attempt's error, for the final ``ActivityFailure``.
+    var lastErrorType: String?
+    var lastError: String?
+
+    static let keyPrefix: UInt8 = 0x61  // "a"
+
+    /// `a`, the entity key, the activity id: an entity's tasks sort together.
+    var key: [UInt8] { Self.key(entity: entityKey, activity: activityID) }
+
+    static func key(entity: UInt64, activity: UInt64) -> [UInt8] {
+        var bytes: [UInt8] = [keyPrefix]
+        withUnsafeBytes(of: entity.bigEndian) { bytes.append(contentsOf: $0) }
+        withUnsafeBytes(of: activity.bigEndian) { bytes.append(contentsOf: $0) }
+        return bytes
+    }
+
+    /// The same for every attempt and across restarts.
+    var idempotencyKey: String { "\(entityType)/\(entityID)/\(activityID)" }
+
+    var entityName: EntityName { EntityName(type: entityType, id: entityID) }
+}

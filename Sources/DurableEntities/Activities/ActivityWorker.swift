@@ -1,0 +1,237 @@
+import DequeModule
+import Foundation
+import Logging
+import Synchronization
+
+/// An activity, whatever its types: decodes its input, runs it, encodes its output.
+protocol AnyActivity: Sendable {
+    func run(_ input: [UInt8], context: ActivityContext, codec: any EntityCodec) async throws -> [UInt8]
+}
+
+struct RegisteredActivity<A: Activity>: AnyActivity {
+    let activity: A
+    func run(_ input: [UInt8], context: ActivityContext, codec: any EntityCodec) async throws -> [UInt8] {
+        let decoded = try input.withUnsafeBytes { try codec.decode(A.Input.self, from: $0) }
+        return try codec.encode(try await activity.run(decoded, context: context))
+    }
+}
+
+/// Runs activity attempts outside the shards, at most `maxConcurrentActivities` at once (the rest
+/// wait in a queue: backpressure on the pool, not on the shards). Applies the retry policy and the
+/// timeouts, persists the attempt count between attempts, and hands each final outcome to the entity
+/// as a message, which records it.
+///
+/// `@unchecked Sendable`: `core` is set once before use; everything else is in `Mutex`es.
+final class ActivityWorker: @unchecked Sendable {
+    private unowned(unsafe) var core: RuntimeCore!
+    private let activities = Mutex<[String: any AnyActivity]>([:])
+    private struct Pool {
+        var running = 0
+        var queue = Deque<ActivityTask>()
+        /// Tasks queued or running, by key: a task is never run twice at once.
+        var active: Set<[UInt8]> = []
+    }
+    private let pool = Mutex(Pool())
+    private let limit: Int
+
+    init(limit: Int) { self.limit = max(1, limit) }
+
+    func attach(_ core: RuntimeCore) { self.core = core }
+
+    func register<A: Activity>(_ activity: A) {
+        activities.withLock { $0[A.name] = RegisteredActivity(activity: activity) }
+    }
+
+    /// Queues an attempt of `task` (once: a task already queued or running is left alone).
+    func dispatch(_ task: ActivityTask) {
+        let start = pool.withLock { pool -> Bool in
+            guard pool.active.insert(task.key).inserted else { return false }
+            pool.queue.append(task)
+            guard pool.running < limit else { return false }
+            pool.running += 1
+            return true
+        }
+        guard start else { return }
+        core.becameBusy()
+        Task { await self.drain() }
+    }
+
+    /// Runs queued attempts until the queue is empty, then gives its slot back.
+    private func drain() async {
+        while let task = pool.withLock({ $0.queue.popFirst() }) {
+            await attempt(task)
+            pool.withLock { _ = $0.active.remove(task.key) }
+        }
+        pool.withLock { $0.running -= 1 }
+        // A dispatch may have queued work after the last pop and found every slot taken.
+        let again = pool.withLock { pool -> Bool in
+            guard !pool.queue.isEmpty, pool.running < limit else { return false }
+            pool.running += 1
+            return true
+        }
+        if again {
+            core.becameBusy()
+            Task { await self.drain() }
+        }
+        core.becameIdle()
+    }
+
+    /// At open: every stored task whose next attempt is due runs again (same idempotency key); the
+    /// others wait for their retry timers.
+    func recover() {
+        let now = core.clock.nowNanoseconds()
+        guard let stored = try? core.journal.tasks(prefix: [ActivityTask.keyPrefix]) else { return }
+        for (_, value) in stored {
+            guard let task = try? value.withUnsafeBytes({ try JSONEntityCodec().decode(ActivityTask.self, from: $0) }) else { continue }
+            if task.notBefore <= now { dispatch(task) }
+        }
+    }
+
+    /// A retry timer fell due: run the task's next attempt (if it is still owed).
+    func retryDue(_ timer: JournalTimer, done: @escaping @Sendable () -> Void) {
+        let key = Array(timer.payload.dropFirst())
+        var batch = JournalBatch()
+        batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+        core.journal.submit(batch) { [self] _ in
+            if let value = try? core.journal.task(forKey: key),
+               let task = try? value.withUnsafeBytes({ try JSONEntityCodec().decode(ActivityTask.self, from: $0) }) {
+                dispatch(task)
+            }
+            done()
+        }
+    }
+
+    // MARK: One attempt
+
+    fileprivate enum Timeout: Sendable { case startToClose, heartbeat, scheduleToClose }
+
+    /// What the watchdogs of one attempt share with it.
+    private final class Attempt: Sendable {
+        struct State {
+            var timedOut: Timeout?
+            var work: Task<[UInt8], any Error>?
+            var heartbeat: [UInt8]?
+            var heartbeatAlarm: UInt64?
+        }
+        let state: Mutex<State>
+        init(heartbeat: [UInt8]?) { state = Mutex(State(heartbeat: heartbeat)) }
+
+        /// A watchdog's action: records why the attempt ended and cancels it.
+        func expire(_ reason: Timeout) -> @Sendable () -> Void {
+            { [self] in
+                let work = state.withLock { state -> Task<[UInt8], any Error>? in
+                    if state.timedOut == nil { state.timedOut = reason }
+                    return state.work
+                }
+                work?.cancel()
+            }
+        }
+    }
+
+    private func attempt(_ task: ActivityTask) async {
+        let clock = core.clock
+        let codec = core.codec
+        guard let activity = activities.withLock({ $0[task.name] }) else {
+            finish(task, .failure(ActivityFailure(activity: task.name, reason: .notRegistered, attempts: task.attempt - 1,
+                                                  causeType: "ActivityNotRegistered", cause: "no activity named \(task.name) is registered")))
+            return
+        }
+        let attempt = Attempt(heartbeat: task.heartbeat)
+        let alarms = core.timers
+        let started = clock.nowNanoseconds()
+        var scheduled: [UInt64] = []
+        if let limit = task.options.startToCloseTimeout {
+            scheduled.append(alarms.alarm(at: started &+ limit.nanoseconds, attempt.expire(.startToClose)))
+        }
+        if let limit = task.options.scheduleToCloseTimeout {
+            scheduled.append(alarms.alarm(at: task.scheduledAt &+ limit.nanoseconds, attempt.expire(.scheduleToClose)))
+        }
+        if let limit = task.options.heartbeatTimeout {
+            let alarm = alarms.alarm(at: started &+ limit.nanoseconds, attempt.expire(.heartbeat))
+            attempt.state.withLock { $0.heartbeatAlarm = alarm }
+        }
+        let context = ActivityContext(
+            idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
+            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec
+        ) { details in
+            var next: UInt64?
+            if let limit = task.options.heartbeatTimeout {
+                next = alarms.alarm(at: clock.nowNanoseconds() &+ limit.nanoseconds, attempt.expire(.heartbeat))
+            }
+            let previous = attempt.state.withLock { state -> UInt64? in
+                state.heartbeat = details
+                defer { if next != nil { state.heartbeatAlarm = next } }
+                return next == nil ? nil : state.heartbeatAlarm
+            }
+            if let previous { alarms.cancelAlarm(previous) }
+        }
+        let running = Task { try await activity.run(task.input, context: context, codec: codec) }
+        attempt.state.withLock { $0.work = running }
+        let result = await running.result
+        for alarm in scheduled { alarms.cancelAlarm(alarm) }
+        let (timedOut, heartbeat, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeat, $0.heartbeatAlarm) }
+        if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
+
+        var next = task
+        next.heartbeat = heartbeat
+        if let reason = timedOut {
+            retryOrFail(next, errorType: "\(reason)Timeout", error: "the attempt timed out (\(reason))", timeout: reason, nonRetryable: false)
+            return
+        }
+        switch result {
+        case .success(let output):
+            finish(task, .success(output))
+        case .failure(let error):
+            let type = String(describing: Swift.type(of: error))
+            let nonRetryable = error is NonRetryableError || task.options.retry.nonRetryableErrorTypes.contains(type)
+            retryOrFail(next, errorType: type, error: "\(error)", timeout: nil, nonRetryable: nonRetryable)
+        }
+    }
+
+    /// After a failed attempt: schedules the next one durably, or gives the final failure.
+    private func retryOrFail(_ task: ActivityTask, errorType: String, error: String, timeout: Timeout?, nonRetryable: Bool) {
+        let policy = task.options.retry
+        let attempts = task.attempt
+        func fail(_ reason: ActivityFailure.Reason) {
+            finish(task, .failure(ActivityFailure(activity: task.name, reason: reason, attempts: attempts, causeType: errorType, cause: error)))
+        }
+        if nonRetryable { return fail(.nonRetryable) }
+        if timeout == .scheduleToClose { return fail(.scheduleToCloseTimeout) }
+        let timeoutReason: ActivityFailure.Reason? = switch timeout {
+        case .startToClose: .startToCloseTimeout
+        case .heartbeat: .heartbeatTimeout
+        default: nil
+        }
+        if policy.maximumAttempts > 0, attempts >= policy.maximumAttempts { return fail(timeoutReason ?? .retriesExhausted) }
+        let now = core.clock.nowNanoseconds()
+        let due = now &+ policy.delay(after: attempts).nanoseconds
+        if let limit = task.options.scheduleToCloseTimeout, due >= task.scheduledAt &+ limit.nanoseconds {
+            return fail(.scheduleToCloseTimeout)
+        }
+        var next = task
+        next.attempt += 1
+        next.notBefore = due
+        next.lastErrorType = errorType
+        next.lastError = error
+        guard let value = try? JSONEntityCodec().encode(next) else { return fail(.retriesExhausted) }
+        var batch = JournalBatch()
+        batch.putTask(key: next.key, value: value)
+        batch.scheduleTimer(JournalTimer(dueNanoseconds: due, entity: EntityKey(rawValue: task.entityKey),
+                                         id: task.activityID | (1 << 63), payload: [1] + next.key))
+        core.becameBusy()
+        core.journal.submit(batch) { [core] _ in
+            core!.timers.wake()
+            core!.becameIdle()
+        }
+    }
+
+    /// Hands the final outcome to the entity, whose turn records it and deletes the task.
+    private func finish(_ task: ActivityTask, _ outcome: Result<[UInt8], ActivityFailure>) {
+        guard let type = core.types.withLock({ $0[task.entityType] }) else {
+            core.logger.warning("an activity's entity type is not registered; its outcome waits", metadata: ["entity.type": "\(task.entityType)"])
+            return
+        }
+        core.becameBusy()
+        type.deliverActivityOutcome(id: task.activityID, outcome, entityID: task.entityID, core: core) { [core] in core!.becameIdle() }
+    }
+}

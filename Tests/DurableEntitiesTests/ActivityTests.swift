@@ -1,0 +1,136 @@
+@testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Synchronization
+import Testing
+
+/// The activity the tests stub: takes a label, returns a string.
+struct Step: Activity {
+    func run(_ input: String, context: ActivityContext) async throws -> String { "real:\(input)" }
+}
+
+/// Calls `Step` once with the options in its input; returns the output or the failure's description.
+struct CallStep: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    struct Input: Codable, Sendable { var label: String; var options: ActivityOptions }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
+        do {
+            return try await context.execute(Step.self, input.label, options: input.options)
+        } catch let failure as ActivityFailure {
+            return "failed:\(failure.reason):\(failure.attempts):\(failure.causeType)"
+        }
+    }
+}
+
+/// Attempts of a stubbed activity: time on the test clock, attempt number, idempotency key.
+final class AttemptLog: Sendable {
+    struct Attempt: Equatable { var time: UInt64; var number: Int; var key: String; var heartbeat: Int? }
+    let attempts = Mutex<[Attempt]>([])
+    func add(_ attempt: Attempt) { attempts.withLock { $0.append(attempt) } }
+    var all: [Attempt] { attempts.withLock { $0 } }
+}
+
+struct Flake: Error {}
+struct Fatal: Error {}
+
+@Suite("Activities")
+struct ActivityTests {
+    func runtime(_ directory: TemporaryDirectory, _ clock: TestClock, _ stub: ActivityStub<Step>) throws -> EntityRuntime {
+        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        return try EntityRuntime(configuration: configuration, activities: [stub])
+    }
+
+    @Test("fails 3 times then succeeds: 4 attempts, one idempotency key, gaps exactly 1 s, 2 s, 4 s on the test clock")
+    func retryGaps() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let log = AttemptLog()
+        let runtime = try runtime(directory, clock, ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            if context.attempt < 4 { throw Flake() }
+            return "ok:\(label)"
+        })
+        defer { runtime.close() }
+        let call = runtime.entity(CallStep.self, id: "retry")
+        try await call.start(.init(label: "x", options: .retrying(.init(initialInterval: .seconds(1), backoffCoefficient: 2))))
+        #expect(try await call.result() == "ok:x")
+        let attempts = log.all
+        #expect(attempts.map(\.number) == [1, 2, 3, 4])
+        #expect(Set(attempts.map(\.key)).count == 1)
+        let gaps = zip(attempts.dropFirst(), attempts).map { $0.time - $1.time }
+        #expect(gaps == [1_000_000_000, 2_000_000_000, 4_000_000_000])
+    }
+
+    @Test("a non-retryable error fails at once; maximum attempts is honoured")
+    func nonRetryableAndMaximumAttempts() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let log = AttemptLog()
+        let runtime = try runtime(directory, clock, ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: label))
+            if label == "fatal" { throw Fatal() }
+            throw Flake()
+        })
+        defer { runtime.close() }
+        let fatal = runtime.entity(CallStep.self, id: "fatal")
+        try await fatal.start(.init(label: "fatal", options: .retrying(.init(nonRetryableErrorTypes: ["Fatal"]))))
+        #expect(try await fatal.result() == "failed:nonRetryable:1:Fatal")
+        let limited = runtime.entity(CallStep.self, id: "limited")
+        try await limited.start(.init(label: "limited", options: .retrying(.exponential(max: 3))))
+        #expect(try await limited.result() == "failed:retriesExhausted:3:Flake")
+        #expect(log.all.filter { $0.key == "fatal" }.count == 1)
+        #expect(log.all.filter { $0.key == "limited" }.count == 3)
+    }
+
+    @Test("schedule-to-close ends the retries on time")
+    func scheduleToClose() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let log = AttemptLog()
+        let runtime = try runtime(directory, clock, ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: label))
+            throw Flake()
+        })
+        defer { runtime.close() }
+        let start = clock.nowNanoseconds()
+        let call = runtime.entity(CallStep.self, id: "deadline")
+        // Attempts at 0 s and 10 s; the next would be at 30 s, past the 25 s deadline.
+        try await call.start(.init(label: "d", options: .init(retry: .init(initialInterval: .seconds(10)), scheduleToCloseTimeout: .seconds(25))))
+        #expect(try await call.result() == "failed:scheduleToCloseTimeout:2:Flake")
+        #expect(log.all.map { ($0.time - start) / 1_000_000_000 } == [0, 10])
+    }
+
+    @Test("a stalled activity is caught by its heartbeat timeout and retried; the new attempt reads the last heartbeat")
+    func heartbeatTimeout() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let (heartbeats, heartbeated) = AsyncStream.makeStream(of: Int.self)
+        let runtime = try runtime(directory, clock, ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: label, heartbeat: context.lastHeartbeat(as: Int.self)))
+            if context.attempt == 1 {
+                context.heartbeat(5)            // progress: 5 items done
+                heartbeated.yield(5)
+                while !context.isCancelled { await Task.yield() }   // then it stalls
+                throw CancellationError()
+            }
+            return "resumed-from-\(context.lastHeartbeat(as: Int.self) ?? -1)"
+        })
+        defer { runtime.close() }
+        let call = runtime.entity(CallStep.self, id: "stalled")
+        try await call.start(.init(label: "h", options: .init(retry: .init(initialInterval: .seconds(1)), heartbeatTimeout: .seconds(10))))
+        var iterator = heartbeats.makeAsyncIterator()
+        #expect(await iterator.next() == 5)
+        clock.advance(by: .seconds(11))         // no heartbeat for 10 s: the attempt is timed out
+        clock.skipsTimeWhenIdle = true          // then let the retry's backoff pass
+        #expect(try await call.result() == "resumed-from-5")
+        #expect(log.all.map(\.number) == [1, 2])
+        #expect(log.all.last?.heartbeat == 5)
+    }
+}
