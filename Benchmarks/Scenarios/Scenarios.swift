@@ -10,6 +10,10 @@ enum Scenarios {
             NoopScenario.self,
             JournalAppendScenario.self,
             JournalReadScenario.self,
+            EntitySignalsScenario.self,
+            EntityActivateScenario.self,
+            ReplayScenario.self,
+            EntityMemoryScenario.self,
         ]
     }
 
