@@ -1,12 +1,23 @@
+import Synchronization
+
 /// A typed reference to one entity. Cheap to make and to copy; every call goes to the entity's
 /// mailbox and returns once the outcome is durable.
 public struct EntityRef<W: EntityWorkflow>: Sendable {
-    /// The entity's id.
-    public let id: String
-    let runtime: EntityRuntime
-
     /// The entity's full name.
-    public var name: EntityName { EntityName(type: W.entityType, id: id) }
+    public let name: EntityName
+    let runtime: EntityRuntime
+    /// The entity's resident cell, as last seen: saves the lookup on every message. A passivated cell
+    /// refuses messages, and the ref then looks the entity up again.
+    private let cache: CellCache<W>
+
+    /// The entity's id.
+    public var id: String { name.id }
+
+    init(id: String, runtime: EntityRuntime) {
+        self.name = EntityName(type: W.entityType, id: id)
+        self.runtime = runtime
+        self.cache = CellCache()
+    }
 
     /// Sends a signal; returns once it is recorded durably (or refused).
     /// - Parameter idempotencyKey: a sender's id for this signal: resending it after an unclear outcome
@@ -40,7 +51,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     /// Reads the entity's committed state: every acknowledged signal and update is in it, nothing
     /// uncommitted is. Never recorded.
     public func query<Result: Sendable>(_ read: @Sendable (W.State) -> Result) async throws(EntityError) -> Result {
-        let cell = runtime.core.cell(W.self, name)
+        let cell = cache.cell ?? runtime.core.cell(W.self, name)
         if let state = cell.committedState() { return read(state) }
         let state: W.State = try await deliver { reply in .read(reply) }
         return read(state)
@@ -86,15 +97,32 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     ) async throws(EntityError) -> Value {
         let core = runtime.core
         let name = self.name
+        let cache = self.cache
         let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Value, EntityError>, Never>) in
             guard !core.closed.load(ordering: .acquiring) else {
                 continuation.resume(returning: .failure(EntityError(.closed, entity: name, "the runtime is closed; nothing was recorded")))
                 return
             }
             let envelope = message { continuation.resume(returning: $0) }
+            if let cell = cache.cell, cell.enqueue(envelope) { return }
             // A cell passivated between lookup and enqueue refuses; the next lookup makes a fresh one.
-            while !core.cell(W.self, name).enqueue(envelope) {}
+            while true {
+                let cell = core.cell(W.self, name)
+                if cell.enqueue(envelope) {
+                    cache.cell = cell
+                    return
+                }
+            }
         }
         return try result.get()
+    }
+}
+
+/// The last resident cell an ``EntityRef`` used.
+final class CellCache<W: EntityWorkflow>: Sendable {
+    private let stored = Mutex<EntityCell<W>?>(nil)
+    var cell: EntityCell<W>? {
+        get { stored.withLock { $0 } }
+        set { stored.withLock { $0 = newValue } }
     }
 }
