@@ -1,4 +1,4 @@
-@testable import DurableEntities
+@_spi(Testing) @testable import DurableEntities
 import DurableEntitiesTesting
 import Foundation
 import Synchronization
@@ -132,5 +132,33 @@ struct ActivityTests {
         #expect(try await call.result() == "resumed-from-5")
         #expect(log.all.map(\.number) == [1, 2])
         #expect(log.all.last?.heartbeat == 5)
+    }
+
+    @Test("after a restart, work waits for late registrations: an activity registered later runs, an outcome for a type registered later is delivered")
+    func lateRegistration() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        // The first run schedules the activity, and crashes before it ran (it is not registered there).
+        let first = try EntityRuntime(configuration: configuration)
+        try await first.entity(CallStep.self, id: "late").start(.init(label: "l", options: .default))
+        first.simulateCrash()
+
+        // The restart opens with nothing registered; the activity comes later, then the entity type.
+        let log = AttemptLog()
+        let second = try EntityRuntime(configuration: configuration)
+        defer { second.close() }
+        let (ran, didRun) = AsyncStream.makeStream(of: Void.self)
+        second.register(activity: ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            didRun.yield()
+            return "late:\(label)"
+        })
+        var iterator = ran.makeAsyncIterator()
+        _ = await iterator.next()                 // the recovered task ran once its activity was registered
+        #expect(try await second.entity(CallStep.self, id: "late").result() == "late:l")
+        #expect(log.all.count == 1)
     }
 }

@@ -39,7 +39,10 @@ struct Reminder: EntityWorkflow {
     struct Input: Codable, Sendable { var after: Duration }
     static func initialState(id: String) -> State { State() }
     static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
-        try await context.sleep(for: input.after)
+        // Half by duration, then until a deadline fixed at the start: both are durable timers.
+        let deadline = context.nowNanoseconds + input.after.nanoseconds
+        try await context.sleep(for: input.after / 2)
+        try await context.sleep(untilNanoseconds: deadline)
         return "reminded"
     }
 }
@@ -122,7 +125,7 @@ struct WorkflowTests {
             #expect(try runtime.journal.timers().count == 1)
             runtime.close()
         }
-        clock.advance(by: .seconds(2 * 3_600))     // "downtime": the timer is now overdue
+        clock.advance(by: .seconds(2 * 3_600))     // "downtime": the first timer is now overdue
         let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
         defer { runtime.close() }
         // Nobody sends it anything: the timer service activates the entity on its own.

@@ -33,6 +33,13 @@ final class ActivityWorker: @unchecked Sendable {
     }
     private let pool = Mutex(Pool())
     private let limit: Int
+    /// Work that waits for a registration: tasks whose activity is not registered yet, and final
+    /// outcomes whose entity type is not registered yet. Registering delivers them.
+    private struct Waiting {
+        var tasks: [String: [ActivityTask]] = [:]
+        var outcomes: [String: [(ActivityTask, Result<[UInt8], ActivityFailure>)]] = [:]
+    }
+    private let waiting = Mutex(Waiting())
 
     init(limit: Int) { self.limit = max(1, limit) }
 
@@ -40,6 +47,14 @@ final class ActivityWorker: @unchecked Sendable {
 
     func register<A: Activity>(_ activity: A) {
         activities.withLock { $0[A.name] = RegisteredActivity(activity: activity) }
+        let parked = waiting.withLock { $0.tasks.removeValue(forKey: A.name) } ?? []
+        for task in parked { dispatch(task) }
+    }
+
+    /// An entity type was registered: delivers the outcomes that waited for it.
+    func entityTypeRegistered(_ type: String) {
+        let parked = waiting.withLock { $0.outcomes.removeValue(forKey: type) } ?? []
+        for (task, outcome) in parked { finish(task, outcome) }
     }
 
     /// Queues an attempt of `task` (once: a task already queued or running is left alone).
@@ -80,9 +95,18 @@ final class ActivityWorker: @unchecked Sendable {
     /// others wait for their retry timers.
     func recover() {
         let now = core.clock.nowNanoseconds()
-        guard let stored = try? core.journal.tasks(prefix: [ActivityTask.keyPrefix]) else { return }
-        for (_, value) in stored {
-            guard let task = try? value.withUnsafeBytes({ try JSONEntityCodec().decode(ActivityTask.self, from: $0) }) else { continue }
+        let stored: [(key: [UInt8], value: [UInt8])]
+        do {
+            stored = try core.journal.tasks(prefix: [ActivityTask.keyPrefix])
+        } catch {
+            core.logger.error("reading stored activity tasks failed; they run at the next open", metadata: ["error": "\(error)"])
+            return
+        }
+        for (key, value) in stored {
+            guard let task = try? value.withUnsafeBytes({ try JSONEntityCodec().decode(ActivityTask.self, from: $0) }) else {
+                core.logger.error("a stored activity task does not decode; it is left in place", metadata: ["task.key": "\(key)"])
+                continue
+            }
             if task.notBefore <= now { dispatch(task) }
         }
     }
@@ -131,9 +155,15 @@ final class ActivityWorker: @unchecked Sendable {
     private func attempt(_ task: ActivityTask) async {
         let clock = core.clock
         let codec = core.codec
-        guard let activity = activities.withLock({ $0[task.name] }) else {
-            finish(task, .failure(ActivityFailure(activity: task.name, reason: .notRegistered, attempts: task.attempt - 1,
-                                                  causeType: "ActivityNotRegistered", cause: "no activity named \(task.name) is registered")))
+        // An activity not registered (yet) waits for its registration: after a restart, tasks are
+        // recovered before the application has registered everything.
+        let found = activities.withLock { registered -> (any AnyActivity)? in
+            if let activity = registered[task.name] { return activity }
+            waiting.withLock { $0.tasks[task.name, default: []].append(task) }
+            return nil
+        }
+        guard let activity = found else {
+            core.logger.debug("an activity waits for its registration", metadata: ["activity": "\(task.name)"])
             return
         }
         let attempt = Attempt(heartbeat: task.heartbeat)
@@ -227,8 +257,13 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// Hands the final outcome to the entity, whose turn records it and deletes the task.
     private func finish(_ task: ActivityTask, _ outcome: Result<[UInt8], ActivityFailure>) {
-        guard let type = core.types.withLock({ $0[task.entityType] }) else {
-            core.logger.warning("an activity's entity type is not registered; its outcome waits", metadata: ["entity.type": "\(task.entityType)"])
+        let found = core.types.withLock { types -> (any RegisteredEntityType)? in
+            if let type = types[task.entityType] { return type }
+            waiting.withLock { $0.outcomes[task.entityType, default: []].append((task, outcome)) }
+            return nil
+        }
+        guard let type = found else {
+            core.logger.debug("an activity's outcome waits for its entity type's registration", metadata: ["entity.type": "\(task.entityType)"])
             return
         }
         core.becameBusy()

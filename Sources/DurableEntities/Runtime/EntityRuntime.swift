@@ -115,12 +115,18 @@ public final class EntityRuntime: Sendable {
 
     /// Registers an entity type (idempotent).
     public func register(_ type: any EntityWorkflow.Type) {
-        func open<W: EntityWorkflow>(_ type: W.Type) {
+        func open<W: EntityWorkflow>(_ type: W.Type) -> String? {
             core.types.withLock { types in
-                if types[W.entityType] == nil { types[W.entityType] = Registered<W>() }
+                guard types[W.entityType] == nil else { return nil }
+                types[W.entityType] = Registered<W>()
+                return W.entityType
             }
         }
-        open(type)
+        // Work that fell due for this type before it was registered (after a restart) proceeds now.
+        if let added = open(type) {
+            core.activities.entityTypeRegistered(added)
+            core.timers.retryUndelivered()
+        }
     }
 
     /// A reference to the entity `id` of type `W`; registers `W` if needed. Cheap: no I/O.

@@ -16,6 +16,18 @@ final class TimerService: @unchecked Sendable {
     private var stopped = false
     /// Timers handed to their entity and not yet confirmed.
     private var delivering: Set<TimerID> = []
+    /// Due timers whose entity type was not registered when they fell due.
+    private var undelivered: Set<TimerID> = []
+
+    /// An entity type was registered: timers that waited for one are looked at again.
+    func retryUndelivered() {
+        condition.lock()
+        delivering.subtract(undelivered)
+        undelivered.removeAll()
+        woken = true
+        condition.signal()
+        condition.unlock()
+    }
     /// In-memory alarms on the runtime's clock (activity timeouts): not durable, as the attempts they
     /// watch do not outlive the process either.
     private var alarms: [UInt64: (deadline: UInt64, action: @Sendable () -> Void)] = [:]
@@ -139,7 +151,12 @@ final class TimerService: @unchecked Sendable {
         }
         guard let name = try? core.journal.metadata(of: timer.entity)?.name,
               let type = core.types.withLock({ $0[name.type] }) else {
-            core.logger.warning("a timer's entity type is not registered; the timer waits", metadata: ["entity.key": "\(timer.entity)"])
+            // Its entity type is not registered (yet): the timer stays marked until a registration
+            // calls ``retryUndelivered()``.
+            condition.lock()
+            undelivered.insert(id)
+            condition.unlock()
+            core.logger.debug("a timer waits for its entity type's registration", metadata: ["entity.key": "\(timer.entity)"])
             return
         }
         core.becameBusy()

@@ -44,6 +44,13 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         }
     }
 
+    /// Sleeps on a durable timer until `deadline` (nanoseconds since the Unix epoch on the runtime's
+    /// clock); returns at once if it has passed.
+    public func sleep(untilNanoseconds deadline: UInt64) async throws {
+        guard deadline > run.now else { return }
+        try await sleep(for: .nanoseconds(Int64(min(deadline - run.now, UInt64(Int64.max)))))
+    }
+
     /// Waits until `predicate` holds for the state (checked after every event the entity handles).
     public func condition(_ predicate: @escaping (W.State) -> Bool) async throws {
         if predicate(run.state) { return }

@@ -19,6 +19,26 @@
 //       the update `.withdraw((i % 5) + 1)` to "acc-<i % 20>" with idempotency key "wd-<i>", printing
 //       `send <i>` before and `ack <i> <balance>` after, where <balance> is the update's result (the
 //       recorded result when the key was already applied). Then `done`, exit 0.
+//
+//   EntityCrashChild activities DIR
+//       Opens a runtime on DIR (maxConcurrentActivities 128) and starts the 100 `ActivityJob` entities
+//       "job-<i>", i in 0..<100, whose run body executes the activity `Effect` once with input i and
+//       returns its output (the idempotency key). `Effect` prints `running <i> <key>`, then (except
+//       when i % 4 == 3) appends "<key>" to DIR/effects.log unless a line for the key is there (the
+//       side-effect table, idempotent by key) and prints `applied <i> <key>`; then an even i waits
+//       50–199 ms of real time and returns the key, an odd i stays in flight until the process is
+//       killed (i % 4 == 3 before its effect, i % 4 == 1 after it). Prints `started <i>` once the
+//       start of "job-<i>" is durable and `done <i> <key>` once its result (committed) is observed.
+//       Never finishes on its own: the test SIGKILLs it.
+//
+//   EntityCrashChild saga DIR STALL WHEN
+//       Opens a runtime on DIR and starts the `CrashTransfer` saga "t-1" with amount 100: activities
+//       Withdraw, Deposit, Record (which applies its effect, a recorded refusal, then throws a
+//       non-retryable error), then the compensations UndoDeposit and Refund. Each activity prints
+//       `running <name> <key>`, appends "<name> <key>" to DIR/effects.log unless a line for the key is
+//       there, and returns. The activity named STALL (UndoDeposit or Refund) stays in flight until
+//       the process is killed, before its effect when WHEN is `before`, after it when `after`; it prints
+//       `stalled <name> <key>` when it starts waiting. Prints `started` once the start is durable.
 import DurableEntities
 import Foundation
 import Logging
@@ -162,7 +182,174 @@ func withdraw(directory: String, indices: [Int], concurrency: Int) async throws 
     emit("done")
 }
 
+// MARK: - Activity crash modes
+
+/// The side-effect table of the activity modes: DIR/effects.log, one line per effect whose last
+/// space-separated field is the idempotency key, each appended with one write(2) on an O_APPEND
+/// descriptor. `applyOnce` skips a key that already has a line, as an idempotent receiver would.
+final class EffectsFile: Sendable {
+    let path: String
+    private let lock = Mutex<Void>(())
+
+    init(_ path: String) { self.path = path }
+
+    /// Appends `line` unless a line for `key` is there already; returns whether it appended.
+    func applyOnce(key: String, line: String) -> Bool {
+        lock.withLock { _ in
+            let existing = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+            if existing.split(separator: "\n").contains(where: { $0.split(separator: " ").last.map(String.init) == key }) { return false }
+            let descriptor = open(path, O_WRONLY | O_APPEND | O_CREAT, 0o644)
+            guard descriptor >= 0 else { fail("cannot open \(path)") }
+            defer { close(descriptor) }
+            let bytes = Array((line + "\n").utf8)
+            guard bytes.withUnsafeBytes({ write(descriptor, $0.baseAddress, $0.count) }) == bytes.count else { fail("short write to \(path)") }
+            return true
+        }
+    }
+}
+
+/// Settings of both activity modes (the tests reopen the directory with the same ones).
+func activityConfiguration(_ directory: String) -> EntityRuntime.Configuration {
+    let quiet = Logger(label: "child", factory: { _ in SwiftLogNoOpLogHandler() })
+    var configuration = EntityRuntime.Configuration(directory: directory, maxConcurrentActivities: 128, logger: quiet)
+    configuration.journal.logger = quiet
+    return configuration
+}
+
+/// Waits "forever": the test SIGKILLs the process first (a 60 s cap keeps a lost child from lingering).
+func stallUntilKilled() async throws {
+    try await Task.sleep(for: .seconds(60))
+}
+
+/// One activity per entity: the `activities` mode. The same shape as the tests' `CrashActivityJob`.
+struct ActivityJob: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "ActivityJob" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        try await context.execute(Effect.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10))))
+    }
+}
+
+/// The `activities` mode's activity (see the header); named "Effect" like the tests' `CrashEffect`.
+struct Effect: Activity {
+    static var name: String { "Effect" }
+    let effects: EffectsFile
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        let key = context.idempotencyKey
+        emit("running \(input) \(key)")
+        if input % 4 == 3 { try await stallUntilKilled() }
+        _ = effects.applyOnce(key: key, line: key)
+        emit("applied \(input) \(key)")
+        if input % 2 == 1 { try await stallUntilKilled() }
+        try await Task.sleep(for: .milliseconds(50 + (input * 37) % 150))
+        return key
+    }
+}
+
+func activities(directory: String) async throws {
+    let effects = EffectsFile(directory + "/effects.log")
+    let runtime = try EntityRuntime(configuration: activityConfiguration(directory), entityTypes: [ActivityJob.self],
+                                    activities: [Effect(effects: effects)])
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for index in 0..<100 {
+            group.addTask {
+                let job = runtime.entity(ActivityJob.self, id: "job-\(index)")
+                try await job.start(index)
+                emit("started \(index)")
+                let key = try await job.result()
+                emit("done \(index) \(key)")
+            }
+        }
+        try await group.waitForAll()
+    }
+    runtime.close()
+}
+
+/// Names a saga step (an activity type per name, one generic implementation).
+protocol SagaStepName { static var name: String { get } }
+enum WithdrawStep: SagaStepName { static var name: String { "Withdraw" } }
+enum DepositStep: SagaStepName { static var name: String { "Deposit" } }
+enum RecordStep: SagaStepName { static var name: String { "Record" } }
+enum UndoDepositStep: SagaStepName { static var name: String { "UndoDeposit" } }
+enum RefundStep: SagaStepName { static var name: String { "Refund" } }
+
+/// A saga step of the `saga` mode: runs `perform` with its name, returns the amount.
+struct SagaStep<Step: SagaStepName>: Activity {
+    static var name: String { Step.name }
+    let perform: @Sendable (String, ActivityContext) async throws -> Void
+    func run(_ input: Int64, context: ActivityContext) async throws -> Int64 {
+        try await perform(Step.name, context)
+        return input
+    }
+}
+
+/// A 3-step transfer saga whose third step fails: the same shape as the tests' `CrashTransfer`.
+struct CrashTransfer: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "CrashTransfer" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ amount: Int64, context: WorkflowContext<Self>) async throws -> String {
+        let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(10)))
+        var saga = Saga()
+        do {
+            saga.addCompensation("refund") { _ = try await context.execute(SagaStep<RefundStep>.self, amount, options: options) }
+            _ = try await context.execute(SagaStep<WithdrawStep>.self, amount, options: options)
+            saga.addCompensation("undo-deposit") { _ = try await context.execute(SagaStep<UndoDepositStep>.self, amount, options: options) }
+            _ = try await context.execute(SagaStep<DepositStep>.self, amount, options: options)
+            _ = try await context.execute(SagaStep<RecordStep>.self, amount, options: options)
+            return "completed"
+        } catch let failure as ActivityFailure {
+            try await saga.compensate()
+            return "compensated after \(failure.activity)"
+        }
+    }
+}
+
+func saga(directory: String, stall: String, stallBeforeEffect: Bool) async throws {
+    let effects = EffectsFile(directory + "/effects.log")
+    let perform: @Sendable (String, ActivityContext) async throws -> Void = { name, context in
+        let key = context.idempotencyKey
+        emit("running \(name) \(key)")
+        if name == stall, stallBeforeEffect {
+            emit("stalled \(name) \(key)")
+            try await stallUntilKilled()
+        }
+        _ = effects.applyOnce(key: key, line: "\(name) \(key)")
+        if name == stall {
+            emit("stalled \(name) \(key)")
+            try await stallUntilKilled()
+        }
+        if name == RecordStep.name { throw NonRetryableError("the ledger refused the transfer") }
+    }
+    let runtime = try EntityRuntime(configuration: activityConfiguration(directory), entityTypes: [CrashTransfer.self], activities: [
+        SagaStep<WithdrawStep>(perform: perform), SagaStep<DepositStep>(perform: perform), SagaStep<RecordStep>(perform: perform),
+        SagaStep<UndoDepositStep>(perform: perform), SagaStep<RefundStep>(perform: perform),
+    ])
+    let transfer = runtime.entity(CrashTransfer.self, id: "t-1")
+    try await transfer.start(100)
+    emit("started")
+    emit("result \(try await transfer.result())")
+    runtime.close()
+}
+
 let arguments = CommandLine.arguments
+if arguments.count > 1, ["activities", "saga"].contains(arguments[1]) {
+    do {
+        if arguments[1] == "activities", arguments.count == 3 {
+            try await activities(directory: arguments[2])
+        } else if arguments[1] == "saga", arguments.count == 5, ["UndoDeposit", "Refund"].contains(arguments[3]),
+                  ["before", "after"].contains(arguments[4]) {
+            try await saga(directory: arguments[2], stall: arguments[3], stallBeforeEffect: arguments[4] == "before")
+        } else {
+            fail("usage: EntityCrashChild activities DIR | saga DIR UndoDeposit|Refund before|after")
+        }
+    } catch {
+        fail("EntityCrashChild: \(error)")
+    }
+    exit(0)
+}
 guard arguments.count == 5, ["deposit", "withdraw"].contains(arguments[1]), let concurrency = Int(arguments[4]), concurrency > 0 else {
     fail("usage: EntityCrashChild deposit|withdraw DIR INDICES CONCURRENCY")
 }

@@ -1,0 +1,338 @@
+@testable import DurableEntities
+import Foundation
+import Synchronization
+import Testing
+
+// The activity side of crash safety: `EntityCrashChild activities|saga` runs activities and is
+// SIGKILLed while some are in flight; this process reopens the directory with activity
+// implementations that behave the same and checks what ran again and what took effect.
+//
+// The side-effect table is DIR/effects.log: one line per effect ending in the activity's idempotency
+// key, appended only if the key has no line yet (as an idempotent receiver with a unique index would),
+// by the child and by this process alike.
+
+/// The side-effect table (the same as the child's `EffectsFile`).
+final class CrashEffectsFile: Sendable {
+    let path: String
+    private let lock = Mutex<Void>(())
+
+    init(_ path: String) { self.path = path }
+
+    /// Appends `line` unless a line for `key` is there already; returns whether it appended.
+    func applyOnce(key: String, line: String) -> Bool {
+        lock.withLock { _ in
+            if lines.contains(where: { Self.key(of: $0) == key }) { return false }
+            let descriptor = open(path, O_WRONLY | O_APPEND | O_CREAT, 0o644)
+            precondition(descriptor >= 0, "cannot open \(path)")
+            defer { close(descriptor) }
+            let bytes = Array((line + "\n").utf8)
+            let written = bytes.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
+            precondition(written == bytes.count, "short write to \(path)")
+            return true
+        }
+    }
+
+    /// Every line, in the order appended.
+    var lines: [String] {
+        ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+    }
+
+    /// A line's idempotency key: its last space-separated field.
+    static func key(of line: String) -> String { line.split(separator: " ").last.map(String.init) ?? "" }
+}
+
+/// The child's `ActivityJob`: one activity per entity, returning its output (the idempotency key).
+struct CrashActivityJob: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "ActivityJob" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        try await context.execute(CrashEffect.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10))))
+    }
+}
+
+/// What the activities ran in this process: input (or name), idempotency key, whether the effect
+/// was applied by this run (`false`: the key's line was already there).
+final class CrashRunLog: Sendable {
+    struct Run: Sendable, Equatable { var label: String; var key: String; var applied: Bool }
+    private let runs = Mutex<[Run]>([])
+    func add(_ run: Run) { runs.withLock { $0.append(run) } }
+    var all: [Run] { runs.withLock { $0 } }
+}
+
+/// The child's `Effect` (same name, input, output and side effect), without the stalls.
+struct CrashEffect: Activity {
+    static var name: String { "Effect" }
+    let effects: CrashEffectsFile
+    let log: CrashRunLog
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        let key = context.idempotencyKey
+        let applied = effects.applyOnce(key: key, line: key)
+        log.add(.init(label: "\(input)", key: key, applied: applied))
+        return key
+    }
+}
+
+/// Names a saga step (the same names as the child's).
+protocol CrashSagaStepName { static var name: String { get } }
+enum CrashWithdrawStep: CrashSagaStepName { static var name: String { "Withdraw" } }
+enum CrashDepositStep: CrashSagaStepName { static var name: String { "Deposit" } }
+enum CrashRecordStep: CrashSagaStepName { static var name: String { "Record" } }
+enum CrashUndoDepositStep: CrashSagaStepName { static var name: String { "UndoDeposit" } }
+enum CrashRefundStep: CrashSagaStepName { static var name: String { "Refund" } }
+
+/// The child's `SagaStep`: applies "<name> <key>" once; Record then throws (non-retryable).
+struct CrashSagaStep<Step: CrashSagaStepName>: Activity {
+    static var name: String { Step.name }
+    let effects: CrashEffectsFile
+    let log: CrashRunLog
+
+    func run(_ input: Int64, context: ActivityContext) async throws -> Int64 {
+        let key = context.idempotencyKey
+        let applied = effects.applyOnce(key: key, line: "\(Step.name) \(key)")
+        log.add(.init(label: Step.name, key: key, applied: applied))
+        if Step.name == CrashRecordStep.name { throw NonRetryableError("the ledger refused the transfer") }
+        return input
+    }
+}
+
+/// The child's `CrashTransfer`: withdraw, deposit, record (fails) → undo-deposit, then refund.
+struct CrashTransfer: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "CrashTransfer" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ amount: Int64, context: WorkflowContext<Self>) async throws -> String {
+        let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(10)))
+        var saga = Saga()
+        do {
+            saga.addCompensation("refund") { _ = try await context.execute(CrashSagaStep<CrashRefundStep>.self, amount, options: options) }
+            _ = try await context.execute(CrashSagaStep<CrashWithdrawStep>.self, amount, options: options)
+            saga.addCompensation("undo-deposit") { _ = try await context.execute(CrashSagaStep<CrashUndoDepositStep>.self, amount, options: options) }
+            _ = try await context.execute(CrashSagaStep<CrashDepositStep>.self, amount, options: options)
+            _ = try await context.execute(CrashSagaStep<CrashRecordStep>.self, amount, options: options)
+            return "completed"
+        } catch let failure as ActivityFailure {
+            try await saga.compensate()
+            return "compensated after \(failure.activity)"
+        }
+    }
+}
+
+/// Resumes a continuation with the first result given, ignores the others.
+final class ResumeOnce<T: Sendable>: Sendable {
+    private let continuation: Mutex<CheckedContinuation<T, any Error>?>
+    init(_ continuation: CheckedContinuation<T, any Error>) { self.continuation = Mutex(continuation) }
+    func resume(_ result: Result<T, any Error>) { continuation.withLock { $0.take() }?.resume(with: result) }
+}
+
+struct DeadlineExceeded: Error, CustomStringConvertible {
+    let seconds: Double
+    var description: String { "no answer within \(seconds) s" }
+}
+
+/// Awaits `operation` for at most `seconds`: a watchdog (not a synchronisation), so that a hang — a
+/// task never re-dispatched, an outcome never recorded — fails the test instead of hanging it. The
+/// operation is left running if the deadline passes.
+func withDeadline<T: Sendable>(seconds: Double, _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        let once = ResumeOnce(continuation)
+        Task {
+            do { once.resume(.success(try await operation())) } catch { once.resume(.failure(error)) }
+        }
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { once.resume(.failure(DeadlineExceeded(seconds: seconds))) }
+    }
+}
+
+@Suite("Activity crash safety")
+struct ActivityCrashTests {
+    /// The same settings as the child's activity modes.
+    func configuration(_ directory: TemporaryDirectory) -> EntityRuntime.Configuration {
+        var configuration = EntityRuntime.Configuration(directory: directory.path, maxConcurrentActivities: 128, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        return configuration
+    }
+
+    /// The activity tasks still stored (owed) in the journal.
+    func storedTasks(_ runtime: EntityRuntime) throws -> Int {
+        try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).count
+    }
+
+    /// What the `activities` child printed.
+    struct ActivitiesRound {
+        var keys: [Int: String] = [:]       // i → the idempotency key its first attempt ran with
+        var attempts: [Int: Int] = [:]      // i → attempts in the child
+        var applied = Set<Int>()
+        var started = Set<Int>()
+        var done: [Int: String] = [:]       // i → the committed result the child observed
+
+        mutating func record(_ line: String) {
+            let parts = line.split(separator: " ").map(String.init)
+            guard parts.count >= 2, let index = Int(parts[1]) else { return }
+            switch (parts[0], parts.count) {
+            case ("running", 3):
+                if keys[index] == nil { keys[index] = parts[2] }
+                attempts[index, default: 0] += 1
+            case ("applied", 3): applied.insert(index)
+            case ("started", 2): started.insert(index)
+            case ("done", 3): done[index] = parts[2]
+            default: break
+            }
+        }
+    }
+
+    @Test("SIGKILLed with 100 activities in flight or done: after reopen each uncommitted one runs again with the same idempotency key, one effect per activity")
+    func killedWithActivitiesInFlight() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let count = 100
+        let odd = Set((0..<count).filter { $0 % 2 == 1 })             // in flight at the kill, whatever the timing
+        let appliesInChild = Set((0..<count).filter { $0 % 4 != 3 })   // i % 4 == 3 stalls before its effect
+
+        // Kill once every start is acknowledged and every activity is running (so every task is
+        // committed), every effect the child can apply is applied, and at least 20 completions are
+        // committed. Odd activities never return in the child, so at least 50 are in flight.
+        let child = try ChildProcess("EntityCrashChild", arguments: ["activities", directory.path])
+        let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
+        var round = ActivitiesRound()
+        while !(round.started.count == count && round.keys.count == count && round.applied == appliesInChild && round.done.count >= 20),
+              let line = child.readLine() {
+            round.record(line)
+        }
+        let hung = watchdog.disarm()
+        child.kill()
+        for line in child.remainingLines() { round.record(line) }
+        try #require(!hung, "the child hung: \(round.keys.count) running, \(round.applied.count) applied, \(round.done.count) done")
+        try #require(round.keys.count == count, "the child stopped early: \(round.keys.count) activities running")
+        #expect(round.attempts.values.allSatisfy { $0 == 1 }, "an activity ran twice in the child: \(round.attempts.filter { $0.value > 1 })")
+        #expect(round.started == Set(0..<count))
+        #expect(Set(round.done.keys).isDisjoint(with: odd), "an activity that never returned completed: \(round.done.keys.sorted())")
+        for (index, key) in round.done { #expect(key == round.keys[index], "job-\(index) returned \(key), ran with \(round.keys[index] ?? "-")") }
+
+        let effects = CrashEffectsFile(directory.path + "/effects.log")
+        let beforeReopen = effects.lines
+        #expect(beforeReopen.count == appliesInChild.count && Set(beforeReopen) == Set(appliesInChild.compactMap { round.keys[$0] }),
+                "the child's effects: \(beforeReopen.count) lines")
+
+        // Reopen here: the runtime re-dispatches the stored tasks at open.
+        let log = CrashRunLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashActivityJob.self],
+                                        activities: [CrashEffect(effects: effects, log: log)])
+        let results: [Int: String]
+        do {
+            results = try await withDeadline(seconds: 20) {
+                try await withThrowingTaskGroup(of: (Int, String).self) { group in
+                    for index in 0..<count {
+                        group.addTask { (index, try await runtime.entity(CrashActivityJob.self, id: "job-\(index)").result()) }
+                    }
+                    var results: [Int: String] = [:]
+                    for try await (index, key) in group { results[index] = key }
+                    return results
+                }
+            }
+        } catch {
+            // Left open on purpose: closing waits for work that may never finish.
+            let stored = try storedTasks(runtime)
+            Issue.record("after reopen not every entity completed (\(error)); re-ran \(log.all.map(\.label)), \(stored) tasks stored")
+            return
+        }
+        defer { runtime.close() }
+
+        // Every entity completed, with the key its activity first ran with.
+        #expect(results.count == count)
+        for index in 0..<count {
+            #expect(results[index] == round.keys[index], "job-\(index): result \(results[index] ?? "-"), child's key \(round.keys[index] ?? "-")")
+        }
+
+        // What ran again: every activity whose completion was not committed — at least the 50 that never
+        // returned — once each, with the same key; none whose completion the child saw committed.
+        let reruns = log.all
+        let rerun = Set(reruns.compactMap { Int($0.label) })
+        #expect(reruns.count == rerun.count, "an activity ran twice after reopen: \(reruns.map(\.label))")
+        #expect(odd.isSubset(of: rerun), "in flight at the kill but not run again: \(odd.subtracting(rerun).sorted())")
+        #expect(rerun.isDisjoint(with: round.done.keys), "completed and committed, yet run again: \(rerun.intersection(round.done.keys).sorted())")
+        for run in reruns {
+            let index = Int(run.label) ?? -1
+            #expect(run.key == round.keys[index], "job-\(index) ran again with key \(run.key), first with \(round.keys[index] ?? "-")")
+            // One effect per activity: a re-run after an applied effect adds none, one before adds it.
+            #expect(run.applied == !appliesInChild.contains(index), "job-\(index): re-run applied = \(run.applied)")
+        }
+
+        // The side-effect table, deduplicated by key, holds exactly one effect per activity; here every
+        // key has exactly one line, the committed completions' included.
+        let lines = effects.lines
+        let keys = lines.map(CrashEffectsFile.key(of:))
+        #expect(Set(keys) == Set(round.keys.values) && Set(keys).count == count, "\(Set(keys).count) distinct keys in the side-effect table")
+        #expect(keys.count == count, "\(keys.count) lines for \(Set(keys).count) keys")
+        for index in round.done.keys { #expect(keys.filter { $0 == round.keys[index] }.count == 1, "job-\(index)") }
+        #expect(try storedTasks(runtime) == 0, "activity tasks left owed after every entity completed")
+    }
+
+    @Test("a 3-step saga whose third step fails compensates steps 2 then 1, exactly once in effect, when SIGKILLed while compensating",
+          arguments: ["UndoDeposit", "Refund"], ["before", "after"])
+    func sagaKilledWhileCompensating(stall: String, when: String) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let order = ["Withdraw", "Deposit", "Record", "UndoDeposit", "Refund"]
+        let stalledAt = order.firstIndex(of: stall)!
+
+        // Kill once the child's `stall` compensation is in flight (before or after its effect).
+        let child = try ChildProcess("EntityCrashChild", arguments: ["saga", directory.path, stall, when])
+        let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
+        var runs: [(name: String, key: String)] = []
+        var stalled = false
+        func record(_ line: String) {
+            let parts = line.split(separator: " ").map(String.init)
+            if parts.count == 3, parts[0] == "running" { runs.append((parts[1], parts[2])) }
+            if parts.count == 3, parts[0] == "stalled", parts[1] == stall { stalled = true }
+        }
+        while !stalled, let line = child.readLine() { record(line) }
+        let hung = watchdog.disarm()
+        child.kill()
+        for line in child.remainingLines() { record(line) }
+        try #require(!hung && stalled, "the child never reached \(stall): ran \(runs.map(\.name))")
+        #expect(runs.map(\.name) == Array(order[...stalledAt]), "the child ran \(runs.map(\.name))")
+        #expect(Set(runs.map(\.key)).count == runs.count, "two activities shared a key: \(runs.map(\.key))")
+        let childKeys = Dictionary(uniqueKeysWithValues: runs.map { ($0.name, $0.key) })
+
+        let effects = CrashEffectsFile(directory.path + "/effects.log")
+        let appliedInChild = when == "after" ? Array(order[...stalledAt]) : Array(order[..<stalledAt])
+        #expect(effects.lines.map { String($0.split(separator: " ")[0]) } == appliedInChild, "the child's effects: \(effects.lines)")
+
+        // Reopen here, with the same activities minus the stall.
+        let log = CrashRunLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashTransfer.self], activities: [
+            CrashSagaStep<CrashWithdrawStep>(effects: effects, log: log), CrashSagaStep<CrashDepositStep>(effects: effects, log: log),
+            CrashSagaStep<CrashRecordStep>(effects: effects, log: log), CrashSagaStep<CrashUndoDepositStep>(effects: effects, log: log),
+            CrashSagaStep<CrashRefundStep>(effects: effects, log: log),
+        ])
+        let result: String
+        do {
+            result = try await withDeadline(seconds: 20) { try await runtime.entity(CrashTransfer.self, id: "t-1").result() }
+        } catch {
+            let stored = try storedTasks(runtime)
+            Issue.record("after reopen the saga did not finish (\(error)); ran \(log.all.map(\.label)), \(stored) tasks stored")
+            return
+        }
+        defer { runtime.close() }
+        #expect(result == "compensated after Record")
+
+        // Only what had not completed ran again: the stalled compensation (same key), then what follows it.
+        let reruns = log.all
+        #expect(reruns.map(\.label) == Array(order[stalledAt...]), "ran after reopen: \(reruns.map(\.label))")
+        if let first = reruns.first {
+            #expect(first.key == childKeys[stall], "\(stall) ran again with key \(first.key), first with \(childKeys[stall] ?? "-")")
+            #expect(first.applied == (when == "before"), "\(stall) re-run applied = \(first.applied)")
+        }
+
+        // The side-effect table, deduplicated by key: each step and each compensation once, the
+        // compensations of steps 2 then 1 last.
+        let lines = effects.lines
+        var seen = Set<String>()
+        let deduplicated = lines.filter { seen.insert(CrashEffectsFile.key(of: $0)).inserted }
+        #expect(deduplicated.map { String($0.split(separator: " ")[0]) } == order, "effects: \(lines)")
+        #expect(lines.count == order.count, "effects: \(lines)")
+        for (name, key) in childKeys { #expect(lines.contains("\(name) \(key)"), "\(name)'s effect under its first key \(key)") }
+        #expect(try storedTasks(runtime) == 0, "activity tasks left owed after the saga finished")
+    }
+}
