@@ -226,14 +226,26 @@ public final class Environment: @unchecked Sendable {
     @_semantics("optimize.sil.specialize.generic.never")
     @available(*, noasync, message: "LMDB transactions cannot span an await; call from synchronous code")
     public func read<R>(_ body: (borrowing ReadTransaction) throws -> R) throws -> R {
+        let txn = try beginTransaction(readOnly: true)
+        defer {
+            mdb_txn_abort(txn)
+            resizeLock.unlock()
+        }
+        return try body(ReadTransaction(handle: txn, path: path))
+    }
+
+    /// Begins a transaction and returns it with the resize lock held shared: the caller ends the
+    /// transaction, then unlocks. Adopts a map another process grew (`MDB_MAP_RESIZED`).
+    private func beginTransaction(readOnly: Bool) throws(LMDBError) -> OpaquePointer {
+        let operation = readOnly ? "mdb_txn_begin(read)" : "mdb_txn_begin(write)"
         while true {
             resizeLock.lockShared()
             if state.withLock({ $0.closed }) {
                 resizeLock.unlock()
-                throw LMDBError(code: .badTransaction, operation: "mdb_txn_begin(read)", path: path, detail: "environment is closed")
+                throw LMDBError(code: .badTransaction, operation: operation, path: path, detail: "environment is closed")
             }
             var pointer: OpaquePointer?
-            let rc = mdb_txn_begin(handle, nil, UInt32(MDB_RDONLY), &pointer)
+            let rc = mdb_txn_begin(handle, nil, readOnly ? UInt32(MDB_RDONLY) : 0, &pointer)
             if rc == MDB_MAP_RESIZED {
                 resizeLock.unlock()
                 try adoptResizedMap()
@@ -241,13 +253,9 @@ public final class Environment: @unchecked Sendable {
             }
             guard rc == 0, let txn = pointer else {
                 resizeLock.unlock()
-                throw LMDBError(returnCode: rc, operation: "mdb_txn_begin(read)", path: path)
+                throw LMDBError(returnCode: rc, operation: operation, path: path)
             }
-            defer {
-                mdb_txn_abort(txn)
-                resizeLock.unlock()
-            }
-            return try body(ReadTransaction(handle: txn, path: path))
+            return txn
         }
     }
 
@@ -276,35 +284,18 @@ public final class Environment: @unchecked Sendable {
     // Transactions are begun once per closure call, so not specializing costs nothing measurable.
     @_semantics("optimize.sil.specialize.generic.never")
     private func writeTransaction<R>(_ body: (borrowing WriteTransaction) throws -> R) throws -> R {
-        while true {
-            resizeLock.lockShared()
-            if state.withLock({ $0.closed }) {
-                resizeLock.unlock()
-                throw LMDBError(code: .badTransaction, operation: "mdb_txn_begin(write)", path: path, detail: "environment is closed")
-            }
-            var pointer: OpaquePointer?
-            let rc = mdb_txn_begin(handle, nil, 0, &pointer)
-            if rc == MDB_MAP_RESIZED {
-                resizeLock.unlock()
-                try adoptResizedMap()
-                continue
-            }
-            guard rc == 0, let txn = pointer else {
-                resizeLock.unlock()
-                throw LMDBError(returnCode: rc, operation: "mdb_txn_begin(write)", path: path)
-            }
-            defer { resizeLock.unlock() }
-            let result: R
-            do {
-                result = try body(WriteTransaction(handle: txn, path: path))
-            } catch {
-                mdb_txn_abort(txn)
-                throw error
-            }
-            // mdb_txn_commit frees the transaction whether it succeeds or not.
-            try LMDBError.check(mdb_txn_commit(txn), "mdb_txn_commit", path: path)
-            return result
+        let txn = try beginTransaction(readOnly: false)
+        defer { resizeLock.unlock() }
+        let result: R
+        do {
+            result = try body(WriteTransaction(handle: txn, path: path))
+        } catch {
+            mdb_txn_abort(txn)
+            throw error
         }
+        // mdb_txn_commit frees the transaction whether it succeeds or not.
+        try LMDBError.check(mdb_txn_commit(txn), "mdb_txn_commit", path: path)
+        return result
     }
 
     /// Grows the map, unless another writer grew it since this one's attempt began (then the caller

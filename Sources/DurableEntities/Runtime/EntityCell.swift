@@ -237,6 +237,12 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
             run.issued.removeAll()
         }
+        /// The result recorded for an idempotency key — in this turn or in history — or `nil`.
+        func previousResult(of key: String, _ kind: RuntimeCore.KeyKind) throws(EntityError) -> [UInt8]? {
+            if let error = invalidKey(key) { throw error }
+            if let result = output.keys[keyName(key, kind)] { return result }
+            return try core.recorded(key, kind, for: next.key, name: name)
+        }
         func tooLarge(_ what: String, _ count: Int) -> EntityError {
             EntityError(.payloadTooLarge, entity: name, "the \(what) has \(count) bytes, more than the limit of \(limit)")
         }
@@ -262,19 +268,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     continue
                 }
                 if let key {
-                    if let error = invalidKey(key) {
-                        replies.append(.failed { reply(.failure(error)) })
-                        continue
-                    }
-                    var seen = output.keys[keyName(key, .signal)] != nil
                     do throws(EntityError) {
-                        if !seen { seen = try core.recorded(key, .signal, for: next.key, name: name) != nil }
+                        if try previousResult(of: key, .signal) != nil {
+                            replies.append(.done { reply(.success(())) })  // a retry of a delivered signal
+                            continue
+                        }
                     } catch {
                         replies.append(.failed { reply(.failure(error)) })
-                        continue
-                    }
-                    if seen {
-                        replies.append(.done { reply(.success(())) })  // a retry of a delivered signal
                         continue
                     }
                 }
@@ -297,21 +297,15 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     continue
                 }
                 if let key {
-                    if let error = invalidKey(key) {
-                        replies.append(.failed { reply(.failure(error)) })
-                        continue
-                    }
-                    var recorded = output.keys[keyName(key, .update)]
                     do throws(EntityError) {
-                        if recorded == nil { recorded = try core.recorded(key, .update, for: next.key, name: name) }
+                        if let recorded = try previousResult(of: key, .update) {
+                            let decoded = Result { try recorded.withUnsafeBytes { try core.codec.decode(W.UpdateResult.self, from: $0) } }
+                                .mapError { EntityError(.undecodablePayload, entity: self.name, "the recorded result of update '\(key)' does not decode", underlying: $0) }
+                            replies.append(.done { reply(decoded) })  // a retry: the first result, not applied again
+                            continue
+                        }
                     } catch {
                         replies.append(.failed { reply(.failure(error)) })
-                        continue
-                    }
-                    if let recorded {
-                        let decoded = Result { try recorded.withUnsafeBytes { try core.codec.decode(W.UpdateResult.self, from: $0) } }
-                            .mapError { EntityError(.undecodablePayload, entity: self.name, "the recorded result of update '\(key)' does not decode", underlying: $0) }
-                        replies.append(.done { reply(decoded) })
                         continue
                     }
                 }
