@@ -58,19 +58,20 @@ enum EntityBench {
 
     /// A runtime configuration with the scenarios' common knobs. `noContinueAsNew` turns automatic
     /// continue-as-new off (it snapshots too, which would change a scenario's history layout).
-    /// `codec` is `json` (the runtime's default) or `raw` (``BenchAccountRawCodec``).
+    /// `codec` is `binary` (the runtime's default), `json` or `raw` (``BenchAccountRawCodec``).
     static func configuration(
         directory: String, durability: Environment.Durability, snapshotEvery: Int,
         maxResidentEntities: Int = 100_000, shards: Int? = nil, maxMessagesPerTurn: Int? = nil,
-        noContinueAsNew: Bool = false, codec: String = "json"
+        noContinueAsNew: Bool = false, codec: String = "binary"
     ) throws -> EntityRuntime.Configuration {
         var configuration = EntityRuntime.Configuration(
             directory: directory, durability: durability, snapshotEvery: snapshotEvery,
             maxResidentEntities: maxResidentEntities, logger: quietLogger)
         switch codec {
-        case "json": break
+        case "binary": configuration.codec = BinaryEntityCodec()
+        case "json": configuration.codec = JSONEntityCodec()
         case "raw": configuration.codec = BenchAccountRawCodec()
-        default: throw BenchmarkFailure(message: "--param codec must be json or raw")
+        default: throw BenchmarkFailure(message: "--param codec must be binary, json or raw")
         }
         if let shards { configuration.shards = shards }
         if let maxMessagesPerTurn { configuration.maxMessagesPerTurn = maxMessagesPerTurn }
@@ -137,7 +138,7 @@ enum EntityBench {
 
 /// An experiment, selected with `--param codec=raw`: fixed-layout bytes for ``BenchAccount``'s signal
 /// (8 bytes) and state (104 bytes), JSON for anything else. It shows what the runtime costs when
-/// encoding and decoding cost next to nothing; the default JSON codec is what users get today.
+/// encoding and decoding cost next to nothing; the default binary codec is what users get.
 struct BenchAccountRawCodec: EntityCodec {
     private let json = JSONEntityCodec()
 

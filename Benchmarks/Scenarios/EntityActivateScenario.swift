@@ -28,7 +28,7 @@ struct EntityActivateScenario: BenchmarkScenario {
         let snapshotAt = try options.extra("snapshot-at", full: 100, quick: 100)
         let tail = try options.extra("tail", full: 100, quick: 100)
         let concurrent = try options.extra("concurrent", full: 64, quick: 64)
-        let codec = options.extra("codec") ?? "json"
+        let codec = options.extra("codec") ?? "binary"
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("entity-activate")

@@ -26,7 +26,7 @@ struct EntitySignalsScenario: BenchmarkScenario {
         let snapshotEvery = try options.extra("snapshot-every", full: 100, quick: 100)
         let shards: Int? = try options.extra("shards").map { _ in try options.extra("shards", full: 0, quick: 0) }
         let maxPerTurn: Int? = try options.extra("max-per-turn").map { _ in try options.extra("max-per-turn", full: 0, quick: 0) }
-        let codec = options.extra("codec") ?? "json"
+        let codec = options.extra("codec") ?? "binary"
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("entity-signals")

@@ -19,7 +19,7 @@ struct ReplayScenario: BenchmarkScenario {
     func run(_ options: ScenarioOptions, _ recorder: LatencyRecorder) async throws -> ScenarioResult {
         let eventCount = max(1, options.value(\.events, full: 10_000, quick: 2_000))
         let replays = max(1, try options.extra("replays", full: 20, quick: 5))
-        let codecName = options.extra("codec") ?? "json"
+        let codecName = options.extra("codec") ?? "binary"
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("replay")

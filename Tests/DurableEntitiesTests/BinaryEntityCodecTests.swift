@@ -15,7 +15,7 @@ struct BinaryEntityCodecTests {
         case tagged(Int, label: String)
     }
 
-    struct Account: Codable, Equatable {
+    struct AccountState: Codable, Equatable {
         var balance: Int64 = 0
         var deposits: Int64 = 0
         var lastAmount: Int64 = 0
@@ -78,7 +78,7 @@ struct BinaryEntityCodecTests {
         var optionals: [Int?] = [1, nil, 3]
         var doubleOptionals: [Int??] = [.some(nil), nil, .some(.some(1))]
         var empty = Empty()
-        var account = Account()
+        var account = AccountState()
         var nestedDictionary: [String: [String: [Int]]] = ["outer": ["inner": [1, 2]], "other": [:]]
     }
 
@@ -97,7 +97,7 @@ struct BinaryEntityCodecTests {
     func smallMessages() throws {
         #expect(try roundTrip(Signal.deposit(42)) == .deposit(42))
         #expect(try roundTrip(Signal.deposit(.min)) == .deposit(.min))
-        var account = Account()
+        var account = AccountState()
         account.balance = -12_345_678_901
         #expect(try roundTrip(account) == account)
         let json = JSONEntityCodec()
@@ -174,7 +174,7 @@ struct BinaryEntityCodecTests {
         #expect(try roundTrip(Int??.some(nil)) == .some(nil))
         #expect(try roundTrip(Int??.none) == .none)
         #expect(try roundTrip(Int???.some(.some(nil))) == .some(.some(nil)))
-        #expect(try roundTrip(Account?.some(Account())) == Account())
+        #expect(try roundTrip(AccountState?.some(AccountState())) == AccountState())
         #expect(try roundTrip([String?]([nil, "x"])) == [nil, "x"])
         #expect(try roundTrip(Empty()) == Empty())
         #expect(try roundTrip([Empty(), Empty()]) == [Empty(), Empty()])
@@ -314,8 +314,8 @@ struct BinaryEntityCodecTests {
     func fallbackIsTaken() throws {
         func violates<T: Encodable>(_ value: T) throws -> Bool {
             let state = BinaryEncoderState(isolated: false, root: 1)
-            state.buffer.append(BinaryFormat.marker)
-            do { try state.encodeValue(value, at: state.slot, base: .root, key: nil) } catch is BinaryEncodingRestart {}
+            state.put(BinaryFormat.marker)
+            do { try state.encodeValue(value, at: state.slot) } catch is BinaryEncodingRestart {}
             return state.violated
         }
         #expect(try violates(OutOfOrder(a: 1, x: "x", y: [1], b: true)))
@@ -406,7 +406,37 @@ struct BinaryEntityCodecTests {
         let signal = Signal.transfer(to: "x", amount: 3, memo: nil)
         let bytes = try json.encode(signal)
         #expect(try decode(Signal.self, bytes) == signal)
-        #expect(try decode(Account.self, json.encode(Account())) == Account())
+        #expect(try decode(AccountState.self, json.encode(AccountState())) == AccountState())
+    }
+
+    @Test("the runtime runs on it: signals, updates, snapshots, replay after reopen, and JSON histories from before")
+    func runtimeIntegration() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        func configuration(_ codec: any EntityCodec) -> EntityRuntime.Configuration {
+            var configuration = EntityRuntime.Configuration(directory: directory.path, snapshotEvery: 7, codec: codec, logger: quietLogger)
+            configuration.journal.logger = quietLogger
+            return configuration
+        }
+        // A history written with JSON, then continued and replayed with the binary codec.
+        do {
+            let runtime = try EntityRuntime(configuration: configuration(JSONEntityCodec()))
+            let alice = runtime.entity(Account.self, id: "alice")
+            for _ in 0..<10 { try await alice.signal(.deposit(10)) }
+            runtime.close()
+        }
+        do {
+            let runtime = try EntityRuntime(configuration: configuration(codec))
+            let alice = runtime.entity(Account.self, id: "alice")
+            #expect(try await alice.query { $0 } == Account.State(balance: 100, deposits: 10))
+            for _ in 0..<15 { try await alice.signal(.deposit(10)) }
+            #expect(try await alice.update(.withdraw(40)) == 210)
+            runtime.close()
+        }
+        let runtime = try EntityRuntime(configuration: configuration(codec))
+        defer { runtime.close() }
+        let alice = runtime.entity(Account.self, id: "alice")
+        #expect(try await alice.query { $0 } == Account.State(balance: 210, deposits: 25))
     }
 
     // MARK: Errors
@@ -419,7 +449,7 @@ struct BinaryEntityCodecTests {
         let messages: [[UInt8]] = [
             try codec.encode(everything),
             try codec.encode(Signal.deposit(1)),
-            try codec.encode(Account()),
+            try codec.encode(AccountState()),
             try codec.encode(OutOfOrder(a: 1, x: "x", y: [1], b: false)),
         ]
         for bytes in messages {
@@ -429,7 +459,7 @@ struct BinaryEntityCodecTests {
                     try prefix.withUnsafeBytes { _ = try codec.decode(Everything.self, from: $0) }
                 }
                 #expect(throws: DecodingError.self) { try decode(Signal.self, prefix) }
-                #expect(throws: DecodingError.self) { try decode(Account.self, prefix) }
+                #expect(throws: DecodingError.self) { try decode(AccountState.self, prefix) }
             }
         }
         // Trailing bytes are an error too.
@@ -476,6 +506,39 @@ struct BinaryEntityCodecTests {
         // An over-long varint.
         #expect(throws: DecodingError.self) { try decode(UInt64.self, [BinaryFormat.marker, BinaryFormat.unsigned] + [UInt8](repeating: 0xFF, count: 11)) }
         #expect(decodedAnyway >= 0)
+    }
+
+    final class Node: Codable {
+        var next: Node?
+        init(next: Node?) { self.next = next }
+    }
+
+    /// `{"next": {"next": ... {} ...}}`, `depth` levels, written directly (encoding a chain that
+    /// deep would recurse just as deep).
+    static func nestedNodes(_ depth: Int) -> [UInt8] {
+        let entryHead: [UInt8] = [0x01, 0x04] + Array("next".utf8)  // count 1, key "next"
+        var sizes = [3]  // the innermost value: an empty keyed container
+        for level in 1...depth { sizes.append(1 + BinaryFormat.varintSize(entryHead.count + sizes[level - 1]) + entryHead.count + sizes[level - 1]) }
+        var bytes: [UInt8] = [BinaryFormat.marker]
+        for level in stride(from: depth, through: 1, by: -1) {
+            bytes.append(BinaryFormat.keyed)
+            BinaryFormat.appendVarint(UInt64(entryHead.count + sizes[level - 1]), to: &bytes)
+            bytes += entryHead
+        }
+        return bytes + [BinaryFormat.keyed, 1, 0]
+    }
+
+    @Test("deeply nested input is rejected with a DecodingError, not a stack overflow")
+    func deepNesting() throws {
+        var depth = 0
+        var node: Node? = try decode(Node.self, Self.nestedNodes(200))
+        while let current = node { depth += 1; node = current.next }
+        #expect(depth == 201)
+        #expect(throws: DecodingError.self) { try decode(Node.self, Self.nestedNodes(10_000)) }
+        // And what the codec writes for a chain is what was built by hand.
+        var chain = Node(next: nil)
+        for _ in 0..<3 { chain = Node(next: chain) }
+        #expect(try codec.encode(chain) == Self.nestedNodes(3))
     }
 
     @Test("type mismatches are typeMismatch errors with the coding path")

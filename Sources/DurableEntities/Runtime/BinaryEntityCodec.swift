@@ -129,45 +129,36 @@ enum BinaryFormat {
         Int64(bitPattern: (raw >> 1) ^ (0 &- (raw & 1)))
     }
 
-    /// Sorts the entries of a keyed container's body, `out[start..<end]`, by key bytes. Leaves the
-    /// bytes as they are if they do not parse (they always do: the encoder wrote them).
-    static func sortEntries(_ out: inout [UInt8], from start: Int, to end: Int) {
+    /// Sorts the entries of a keyed container's body, `bytes[start..<end]`, by key bytes. Leaves
+    /// the bytes as they are if they do not parse (they always do: the encoder wrote them).
+    static func sortEntries(_ bytes: UnsafeMutablePointer<UInt8>, from start: Int, to end: Int) {
         typealias Entry = (keyStart: Int, keyLength: Int, entryStart: Int, entryEnd: Int)
+        let reader = BinaryReader(base: UnsafeRawPointer(bytes))
         var entries: [Entry] = []
-        let parsed: Bool = out.withUnsafeBytes { raw in
-            guard let base = raw.baseAddress else { return false }
-            let reader = BinaryReader(base: base)
-            var position = start
-            do {
-                while position < end {
-                    let entryStart = position
-                    let keyLength = try reader.length(&position, limit: end, path: [])
-                    let keyStart = position
-                    position = try reader.skipValue(at: keyStart + keyLength, limit: end, path: [])
-                    entries.append((keyStart, keyLength, entryStart, position))
-                }
-            } catch {
-                return false
+        var position = start
+        do {
+            while position < end {
+                let entryStart = position
+                let keyLength = try reader.length(&position, limit: end, path: [])
+                let keyStart = position
+                position = try reader.skipValue(at: keyStart + keyLength, limit: end, path: [])
+                entries.append((keyStart, keyLength, entryStart, position))
             }
-            return true
+        } catch {
+            return
         }
-        guard parsed, entries.count > 1 else { return }
-        var sorted = entries
-        out.withUnsafeBytes { raw in
-            guard let base = raw.baseAddress else { return }
-            func precedes(_ a: Entry, _ b: Entry) -> Bool {
-                let common = min(a.keyLength, b.keyLength)
-                let order = common == 0 ? 0 : memcmp(base + a.keyStart, base + b.keyStart, common)
-                return order != 0 ? order < 0 : a.keyLength < b.keyLength
-            }
-            if zip(entries, entries.dropFirst()).allSatisfy({ !precedes($1, $0) }) { return }
-            sorted.sort(by: precedes)
+        func precedes(_ a: Entry, _ b: Entry) -> Bool {
+            let common = min(a.keyLength, b.keyLength)
+            let order = common == 0 ? 0 : memcmp(bytes + a.keyStart, bytes + b.keyStart, common)
+            return order != 0 ? order < 0 : a.keyLength < b.keyLength
         }
-        guard sorted.map(\.entryStart) != entries.map(\.entryStart) else { return }
+        guard entries.count > 1, !zip(entries, entries.dropFirst()).allSatisfy({ !precedes($1, $0) }) else { return }
         var body: [UInt8] = []
         body.reserveCapacity(end - start)
-        for entry in sorted { body.append(contentsOf: out[entry.entryStart..<entry.entryEnd]) }
-        out.replaceSubrange(start..<end, with: body)
+        for entry in entries.sorted(by: precedes) {
+            body.append(contentsOf: UnsafeBufferPointer(start: bytes + entry.entryStart, count: entry.entryEnd - entry.entryStart))
+        }
+        (bytes + start).update(from: body, count: body.count)
     }
 }
 
@@ -177,41 +168,18 @@ extension Optional: BinaryOptionalMarker {}
 
 // MARK: - Coding paths
 
-/// A coding key of a path, linked to its parent; allocated only for paths two or more keys deep.
-final class BinaryPathNode {
-    let key: any CodingKey
-    let parent: BinaryPathNode?
+// Neither side keeps coding paths while it works: the encoder derives one from its stack of open
+// containers, and the decoder from the bytes themselves (the format is self-describing, so the
+// path to any offset can be read off the message). Both do it only when asked: for an error, or
+// when a `Codable` implementation reads `codingPath`.
 
-    init(key: any CodingKey, parent: BinaryPathNode?) {
-        self.key = key
-        self.parent = parent
-    }
-}
-
-/// A coding path, built into an array only when asked for (errors, `codingPath`).
-struct BinaryCodingPath {
-    var parent: BinaryPathNode?
-    var key: (any CodingKey)?
-
-    static var root: BinaryCodingPath { BinaryCodingPath(parent: nil, key: nil) }
-
-    func appending(_ next: (any CodingKey)?) -> BinaryCodingPath {
-        guard let next else { return self }
-        guard let key else { return BinaryCodingPath(parent: parent, key: next) }
-        return BinaryCodingPath(parent: BinaryPathNode(key: key, parent: parent), key: next)
-    }
-
-    var keys: [any CodingKey] {
-        var keys: [any CodingKey] = []
-        var node = parent
-        while let current = node {
-            keys.append(current.key)
-            node = current.parent
-        }
-        keys.reverse()
-        if let key { keys.append(key) }
-        return keys
-    }
+/// A key read back from the data, for coding paths.
+struct BinaryPathKey: CodingKey {
+    let stringValue: String
+    init(_ stringValue: String) { self.stringValue = stringValue }
+    init?(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+    var intValue: Int? { nil }
 }
 
 struct BinaryIndexKey: CodingKey {
@@ -248,15 +216,20 @@ struct BinaryEncodingRestart: Error {}
 ///
 /// It is its own `Encoder`: `slot` says where the value being encoded goes. Nested values save and
 /// restore it, so encoding a nested value allocates nothing but its containers.
+///
+/// Its hot mutable fields are `@exclusivity(unchecked)`: a state lives within one synchronous
+/// `encode` call on one thread and never overlaps its own accesses, and the dynamic checks cost ~15%.
 final class BinaryEncoderState: Encoder {
     struct Frame {
         var start: Int
         var count: Int
+        /// Keyed containers: where the last entry's key begins (for coding paths).
+        var lastKeyStart: Int
         var generation: UInt32
         var sortsKeys: Bool
     }
 
-    /// Where a value goes: at `start`, inside the container at `parentDepth` (-1: the message root;
+    /// Where a value goes: at `start`, inside the container at `parentDepth` (-1: the state's root;
     /// -2: nowhere, a failed container).
     struct Slot {
         var parentDepth: Int32
@@ -267,20 +240,29 @@ final class BinaryEncoderState: Encoder {
         static let dead = Slot(parentDepth: -2, parentGeneration: 0, start: -1)
     }
 
-    var buffer: [UInt8] = []
-    /// Open containers, outermost first. In isolated mode at most one: the state's own root.
-    var frames: [Frame] = []
-    var nextGeneration: UInt32 = 1
-    let isolated: Bool
-    /// Isolated mode: nested values, to be spliced in at their offsets in `buffer`.
-    var children: [(offset: Int, state: BinaryEncoderState)] = []
+    // The output bytes and the stack of open containers, in one allocation to begin with (each
+    // moves to its own when it outgrows it). Raw memory: `Array`'s uniqueness and capacity checks
+    // on every small write cost more than the writes.
+    static let initialFrames = 8
+    static let initialBytes = 256
+    private let storage: UnsafeMutableRawPointer
+    @exclusivity(unchecked) private(set) var bytes: UnsafeMutablePointer<UInt8>
+    @exclusivity(unchecked) private(set) var length = 0
+    @exclusivity(unchecked) private var capacity = BinaryEncoderState.initialBytes
+    @exclusivity(unchecked) private var frames: UnsafeMutablePointer<Frame>
+    @exclusivity(unchecked) private(set) var depth = 0
+    @exclusivity(unchecked) private var frameCapacity = BinaryEncoderState.initialFrames
+    @exclusivity(unchecked) private var nextGeneration: UInt32 = 1
+    @exclusivity(unchecked) var slot: Slot
 
-    var slot: Slot
-    var slotBase: BinaryCodingPath
-    var slotKey: (any CodingKey)?
+    let isolated: Bool
+    /// Isolated mode: nested values, to be spliced in at their offsets.
+    var children: [(offset: Int, state: BinaryEncoderState)] = []
+    /// Isolated mode: the coding path of this state's root value.
+    var basePath: [any CodingKey] = []
 
     /// Streaming mode: containers were used out of order; encode again in isolated mode.
-    var violated = false
+    @exclusivity(unchecked) var violated = false
     /// Isolated mode: the first misuse, thrown by ``finish(into:)`` even if the caller swallowed it.
     var pendingError: (any Error)?
 
@@ -288,30 +270,37 @@ final class BinaryEncoderState: Encoder {
     var recordsKeyType = false
     var recordedKeyType: ObjectIdentifier?
 
-    init(isolated: Bool, root: Int = 0, base: BinaryCodingPath = .root, key: (any CodingKey)? = nil) {
+    init(isolated: Bool, root: Int = 0) {
         self.isolated = isolated
         self.slot = .root(at: root)
-        self.slotBase = base
-        self.slotKey = key
+        let framesSize = Self.initialFrames * MemoryLayout<Frame>.stride
+        storage = UnsafeMutableRawPointer.allocate(byteCount: framesSize + Self.initialBytes, alignment: MemoryLayout<Frame>.alignment)
+        frames = storage.bindMemory(to: Frame.self, capacity: Self.initialFrames)
+        bytes = (storage + framesSize).bindMemory(to: UInt8.self, capacity: Self.initialBytes)
+    }
+
+    deinit {
+        if UnsafeMutableRawPointer(frames) != storage { frames.deallocate() }
+        if capacity != Self.initialBytes { bytes.deallocate() }
+        storage.deallocate()
     }
 
     /// Encodes one message.
     static func encodeMessage<Value: Encodable>(_ value: Value) throws -> [UInt8] {
         let state = BinaryEncoderState(isolated: false, root: 1)
-        state.buffer.reserveCapacity(32)
-        state.buffer.append(BinaryFormat.marker)
+        state.put(BinaryFormat.marker)
         do {
-            try state.encodeValue(value, at: state.slot, base: .root, key: nil)
+            try state.encodeValue(value, at: state.slot)
         } catch {
             if !state.violated { throw error }
         }
         if !state.violated {
-            while !state.frames.isEmpty { state.closeTop() }
-            return state.buffer
+            while state.depth > 0 { state.closeTop() }
+            return Array(state.written)
         }
         // Containers were used out of nesting order: encode again, each nested value on its own.
         let isolated = BinaryEncoderState(isolated: true)
-        try isolated.encodeValue(value, at: isolated.slot, base: .root, key: nil)
+        try isolated.encodeValue(value, at: isolated.slot)
         var out: [UInt8] = [BinaryFormat.marker]
         try isolated.finish(into: &out)
         return out
@@ -325,142 +314,188 @@ final class BinaryEncoderState: Encoder {
         return probe.recordedKeyType
     }()
 
+    /// The bytes written so far.
+    var written: UnsafeBufferPointer<UInt8> { UnsafeBufferPointer(start: bytes, count: length) }
+
     // MARK: Encoder
 
-    var codingPath: [any CodingKey] { slotBase.appending(slotKey).keys }
+    var codingPath: [any CodingKey] { codingPath(for: slot) }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) -> KeyedEncodingContainer<Key> {
-        KeyedEncodingContainer(keyedContainer(Key.self, at: slot, path: slotBase.appending(slotKey)))
+        KeyedEncodingContainer(keyedContainer(Key.self, at: slot))
     }
 
     func unkeyedContainer() -> any UnkeyedEncodingContainer {
-        unkeyedContainer(at: slot, path: slotBase.appending(slotKey))
+        unkeyedContainer(at: slot)
     }
 
     func singleValueContainer() -> any SingleValueEncodingContainer {
         BinarySingleValueEncoder(state: self, slot: slot)
     }
 
+    // MARK: Coding paths
+
+    /// The coding path of the container open at `depth`.
+    func codingPath(depth: Int) -> [any CodingKey] {
+        var keys = basePath
+        guard depth > 0 else { return keys }
+        for index in 0..<min(depth, self.depth) { keys.append(lastKey(of: frames[index])) }
+        return keys
+    }
+
+    /// The coding path of the value going to `slot`.
+    func codingPath(for slot: Slot) -> [any CodingKey] {
+        let parent = Int(slot.parentDepth)
+        guard parent >= 0, parent < depth else { return basePath }
+        return codingPath(depth: parent) + [lastKey(of: frames[parent])]
+    }
+
+    /// The key of the last entry of a container.
+    func lastKey(of frame: Frame) -> any CodingKey {
+        guard frame.start < length, bytes[frame.start] == BinaryFormat.keyed, frame.lastKeyStart >= 0 else {
+            return BinaryIndexKey(max(0, frame.count - 1))
+        }
+        var position = frame.lastKeyStart
+        guard let keyLength = try? BinaryReader(base: UnsafeRawPointer(bytes)).length(&position, limit: length, path: []) else {
+            return BinaryPathKey("")
+        }
+        return BinaryPathKey(String(decoding: UnsafeBufferPointer(start: bytes + position, count: keyLength), as: UTF8.self))
+    }
+
     // MARK: Containers
 
-    func keyedContainer<Key: CodingKey>(_ type: Key.Type, at slot: Slot, path: BinaryCodingPath) -> BinaryKeyedEncoder<Key> {
+    func keyedContainer<Key: CodingKey>(_ type: Key.Type, at slot: Slot) -> BinaryKeyedEncoder<Key> {
         var sortsKeys = false
         if recordsKeyType {
             recordedKeyType = ObjectIdentifier(Key.self)
         } else {
             sortsKeys = ObjectIdentifier(Key.self) == Self.dictionaryKeyType
         }
-        let (depth, generation) = openContainer(at: slot, tag: BinaryFormat.keyed, sortsKeys: sortsKeys, path: path)
-        return BinaryKeyedEncoder(state: self, depth: depth, generation: generation, path: path)
+        let (depth, generation) = openContainer(at: slot, tag: BinaryFormat.keyed, sortsKeys: sortsKeys)
+        return BinaryKeyedEncoder(state: self, depth: depth, generation: generation)
     }
 
-    func unkeyedContainer(at slot: Slot, path: BinaryCodingPath) -> BinaryUnkeyedEncoder {
-        let (depth, generation) = openContainer(at: slot, tag: BinaryFormat.unkeyed, sortsKeys: false, path: path)
-        return BinaryUnkeyedEncoder(state: self, depth: depth, generation: generation, path: path)
+    func unkeyedContainer(at slot: Slot) -> BinaryUnkeyedEncoder {
+        let (depth, generation) = openContainer(at: slot, tag: BinaryFormat.unkeyed, sortsKeys: false)
+        return BinaryUnkeyedEncoder(state: self, depth: depth, generation: generation)
     }
 
     /// Opens a container at `slot`, or returns the one already open there (a class and its
     /// superclass both asking the same encoder for a keyed container). `(-1, 0)` when neither is
     /// possible: every use of that container then fails.
-    func openContainer(at slot: Slot, tag: UInt8, sortsKeys: Bool, path: BinaryCodingPath) -> (Int32, UInt32) {
+    func openContainer(at slot: Slot, tag: UInt8, sortsKeys: Bool) -> (Int32, UInt32) {
         if parentIsOpen(slot) {
-            let depth = Int(slot.parentDepth) + 1
-            if buffer.count == slot.start && frames.count == depth {
+            let index = Int(slot.parentDepth) + 1
+            if length == slot.start && depth == index {
                 nextGeneration = nextGeneration == .max ? 1 : nextGeneration + 1
-                frames.append(Frame(start: slot.start, count: 0, generation: nextGeneration, sortsKeys: sortsKeys))
-                buffer.append(tag)
-                buffer.append(0)  // length and count, fixed up when the container closes
-                buffer.append(0)
-                return (Int32(depth), nextGeneration)
+                if depth == frameCapacity { growFrames() }
+                frames[depth] = Frame(start: slot.start, count: 0, lastKeyStart: -1, generation: nextGeneration, sortsKeys: sortsKeys)
+                depth += 1
+                reserve(3)
+                bytes[length] = tag
+                bytes[length + 1] = 0  // length and count, fixed up when the container closes
+                bytes[length + 2] = 0
+                length += 3
+                return (Int32(index), nextGeneration)
             }
-            if depth < frames.count, frames[depth].start == slot.start, buffer[slot.start] == tag {
-                while frames.count > depth + 1 { closeTop() }
-                return (Int32(depth), frames[depth].generation)
+            if index < depth, frames[index].start == slot.start, bytes[slot.start] == tag {
+                while depth > index + 1 { closeTop() }
+                return (Int32(index), frames[index].generation)
             }
         }
-        _ = failure("a value was already encoded here, or its container was used out of order", path: path)
+        _ = failure("a value was already encoded here, or its container was used out of order", path: codingPath(for: slot))
         return (-1, 0)
     }
 
     @inline(__always)
     func parentIsOpen(_ slot: Slot) -> Bool {
         if slot.parentDepth < 0 { return slot.parentDepth == -1 }
-        let depth = Int(slot.parentDepth)
-        return depth < frames.count && frames[depth].generation == slot.parentGeneration
+        let index = Int(slot.parentDepth)
+        return index < depth && frames[index].generation == slot.parentGeneration
     }
 
-    /// Makes the container at `depth` the innermost open one, closing those inside it.
+    /// Makes the container at `index` the innermost open one, closing those inside it.
     @inline(__always)
-    func prepare(_ depth: Int32, _ generation: UInt32, path: BinaryCodingPath) throws {
-        let index = Int(depth)
-        guard index >= 0, index < frames.count, frames[index].generation == generation else {
-            throw failure("the container was used after a container outside it moved on", path: path)
+    func prepare(_ index: Int32, _ generation: UInt32) throws {
+        let index = Int(index)
+        guard index >= 0, index < depth, frames[index].generation == generation else {
+            throw failure("a container was used after a container outside it moved on", path: codingPath(depth: max(0, index)))
         }
-        while frames.count > index + 1 { closeTop() }
+        while depth > index + 1 { closeTop() }
     }
 
     /// Checks that nothing was encoded at `slot` yet, before writing a single value there.
     @inline(__always)
     func prepareScalar(at slot: Slot) throws {
-        guard parentIsOpen(slot), buffer.count == slot.start else {
-            throw failure("a single value container can encode only one value", path: slotBase.appending(slotKey))
+        guard parentIsOpen(slot), length == slot.start else {
+            throw failure("a single value container can encode only one value", path: codingPath(for: slot))
         }
     }
 
-    func failure(_ message: String, path: BinaryCodingPath) -> any Error {
+    func failure(_ message: String, path: @autoclosure () -> [any CodingKey]) -> any Error {
         if let pendingError { return pendingError }
         guard isolated else {
             violated = true
             return BinaryEncodingRestart()
         }
         let error = EncodingError.invalidValue(
-            (), EncodingError.Context(codingPath: path.keys, debugDescription: "BinaryEntityCodec: \(message)."))
+            (), EncodingError.Context(codingPath: path(), debugDescription: "BinaryEntityCodec: \(message)."))
         pendingError = error
         return error
     }
 
     /// Closes the innermost open container (streaming mode): writes its length and count.
     func closeTop() {
-        guard let frame = frames.popLast() else { return }
+        guard depth > 0 else { return }
+        depth -= 1
+        let frame = frames[depth]
         let bodyStart = frame.start + 3
         if frame.sortsKeys && frame.count > 1 {
-            BinaryFormat.sortEntries(&buffer, from: bodyStart, to: buffer.count)
+            BinaryFormat.sortEntries(bytes, from: bodyStart, to: length)
         }
-        let length = BinaryFormat.varintSize(frame.count) + buffer.count - bodyStart
-        if length < 0x80 && frame.count < 0x80 {
-            buffer[frame.start + 1] = UInt8(truncatingIfNeeded: length)
-            buffer[frame.start + 2] = UInt8(truncatingIfNeeded: frame.count)
+        let bodyLength = length - bodyStart
+        let contentLength = BinaryFormat.varintSize(frame.count) + bodyLength
+        if contentLength < 0x80 && frame.count < 0x80 {
+            bytes[frame.start + 1] = UInt8(truncatingIfNeeded: contentLength)
+            bytes[frame.start + 2] = UInt8(truncatingIfNeeded: frame.count)
             return
         }
         var header: [UInt8] = []
-        BinaryFormat.appendVarint(UInt64(length), to: &header)
+        BinaryFormat.appendVarint(UInt64(contentLength), to: &header)
         BinaryFormat.appendVarint(UInt64(frame.count), to: &header)
-        buffer.replaceSubrange((frame.start + 1)..<(frame.start + 3), with: header)
+        let extra = header.count - 2
+        reserve(extra)
+        (bytes + bodyStart + extra).update(from: bytes + bodyStart, count: bodyLength)
+        (bytes + frame.start + 1).update(from: header, count: header.count)
+        length += extra
     }
 
     /// Isolated mode: appends this state's value, children spliced in, to `out`.
     func finish(into out: inout [UInt8]) throws {
         if let pendingError { throw pendingError }
-        guard !buffer.isEmpty else {
+        guard length > 0 else {
             out.append(contentsOf: [BinaryFormat.keyed, 1, 0])  // a value that encoded nothing
             return
         }
-        guard let frame = frames.first else {
-            out.append(contentsOf: buffer)
+        guard depth > 0 else {
+            out.append(contentsOf: written)
             return
         }
-        out.append(contentsOf: buffer[0...frame.start])  // Optional wrappers, then the tag
+        let frame = frames[0]
+        out.append(contentsOf: UnsafeBufferPointer(start: bytes, count: frame.start + 1))  // Optional wrappers, then the tag
         var body: [UInt8] = []
         var copied = frame.start + 3
         for (offset, child) in children {
-            body.append(contentsOf: buffer[copied..<offset])
+            body.append(contentsOf: UnsafeBufferPointer(start: bytes + copied, count: offset - copied))
             try child.finish(into: &body)
             copied = offset
         }
-        body.append(contentsOf: buffer[copied...])
+        body.append(contentsOf: UnsafeBufferPointer(start: bytes + copied, count: length - copied))
         if frame.sortsKeys && frame.count > 1 {
-            BinaryFormat.sortEntries(&body, from: 0, to: body.count)
+            body.withUnsafeMutableBufferPointer { raw in
+                if let base = raw.baseAddress { BinaryFormat.sortEntries(base, from: 0, to: raw.count) }
+            }
         }
         BinaryFormat.appendVarint(UInt64(BinaryFormat.varintSize(frame.count) + body.count), to: &out)
         BinaryFormat.appendVarint(UInt64(frame.count), to: &out)
@@ -470,64 +505,65 @@ final class BinaryEncoderState: Encoder {
     // MARK: Entries
 
     @inline(__always)
-    func beginKeyedEntry<Key: CodingKey>(_ depth: Int32, _ generation: UInt32, _ key: Key, path: BinaryCodingPath) throws {
-        try prepare(depth, generation, path: path)
-        appendKey(key.stringValue)
-        frames[Int(depth)].count += 1
+    func beginKeyedEntry(_ index: Int32, _ generation: UInt32, _ key: String) throws {
+        try prepare(index, generation)
+        let frame = frames + Int(index)
+        frame.pointee.lastKeyStart = length
+        frame.pointee.count += 1
+        putKey(key)
     }
 
     @inline(__always)
-    func beginUnkeyedEntry(_ depth: Int32, _ generation: UInt32, path: BinaryCodingPath) throws {
-        try prepare(depth, generation, path: path)
-        frames[Int(depth)].count += 1
+    func beginUnkeyedEntry(_ index: Int32, _ generation: UInt32) throws {
+        try prepare(index, generation)
+        frames[Int(index)].count += 1
     }
 
     /// Where the value of the entry just begun goes: in place, or (isolated) in a new child state.
     @inline(__always)
-    func entryTarget(_ depth: Int32, _ generation: UInt32, base: BinaryCodingPath, key: any CodingKey) -> (BinaryEncoderState, Slot) {
-        guard isolated else {
-            return (self, Slot(parentDepth: depth, parentGeneration: generation, start: buffer.count))
-        }
-        let child = BinaryEncoderState(isolated: true, base: base, key: key)
-        children.append((buffer.count, child))
+    func entryTarget(_ index: Int32, _ generation: UInt32) -> (BinaryEncoderState, Slot) {
+        let slot = Slot(parentDepth: index, parentGeneration: generation, start: length)
+        guard isolated else { return (self, slot) }
+        let child = BinaryEncoderState(isolated: true)
+        child.basePath = codingPath(for: slot)
+        children.append((length, child))
         return (child, child.slot)
     }
 
-    func encodeEntry<T: Encodable>(_ value: T, _ depth: Int32, _ generation: UInt32, base: BinaryCodingPath, key: any CodingKey) throws {
-        let (target, slot) = entryTarget(depth, generation, base: base, key: key)
-        try target.encodeValue(value, at: slot, base: base, key: key)
+    func encodeEntry<T: Encodable>(_ value: T, _ index: Int32, _ generation: UInt32) throws {
+        let (target, slot) = entryTarget(index, generation)
+        try target.encodeValue(value, at: slot)
     }
 
-    func nestedKeyed<NestedKey: CodingKey>(_ type: NestedKey.Type, _ depth: Int32, _ generation: UInt32,
-                                           base: BinaryCodingPath, key: any CodingKey) -> KeyedEncodingContainer<NestedKey> {
-        let (target, slot) = entryTarget(depth, generation, base: base, key: key)
-        return KeyedEncodingContainer(target.keyedContainer(NestedKey.self, at: slot, path: base.appending(key)))
+    func nestedKeyed<NestedKey: CodingKey>(_ type: NestedKey.Type, _ index: Int32, _ generation: UInt32) -> KeyedEncodingContainer<NestedKey> {
+        let (target, slot) = entryTarget(index, generation)
+        return KeyedEncodingContainer(target.keyedContainer(NestedKey.self, at: slot))
     }
 
-    func nestedUnkeyed(_ depth: Int32, _ generation: UInt32, base: BinaryCodingPath, key: any CodingKey) -> any UnkeyedEncodingContainer {
-        let (target, slot) = entryTarget(depth, generation, base: base, key: key)
-        return target.unkeyedContainer(at: slot, path: base.appending(key))
+    func nestedUnkeyed(_ index: Int32, _ generation: UInt32) -> any UnkeyedEncodingContainer {
+        let (target, slot) = entryTarget(index, generation)
+        return target.unkeyedContainer(at: slot)
     }
 
     /// A failed container: every use throws.
-    func deadKeyed<NestedKey: CodingKey>(_ type: NestedKey.Type, path: BinaryCodingPath) -> KeyedEncodingContainer<NestedKey> {
-        KeyedEncodingContainer(BinaryKeyedEncoder<NestedKey>(state: self, depth: -1, generation: 0, path: path))
+    func deadKeyed<NestedKey: CodingKey>(_ type: NestedKey.Type) -> KeyedEncodingContainer<NestedKey> {
+        KeyedEncodingContainer(BinaryKeyedEncoder<NestedKey>(state: self, depth: -1, generation: 0))
     }
 
-    /// The encoder for a `superEncoder` entry just begun. Streaming mode cannot know when (or
-    /// whether) it will be used, so it asks for the isolated encoder instead.
-    func superEncoder(_ depth: Int32, _ generation: UInt32, base: BinaryCodingPath, key: any CodingKey) -> any Encoder {
+    /// The encoder for a `superEncoder` entry just begun (isolated mode). Streaming mode cannot
+    /// know when (or whether) it will be used, so there it asks for the isolated encoder instead.
+    func superEncoder(_ index: Int32, _ generation: UInt32) -> any Encoder {
         guard isolated else {
             violated = true
             return deadEncoder()
         }
-        let (target, _) = entryTarget(depth, generation, base: base, key: key)
-        return target
+        return entryTarget(index, generation).0
     }
 
     func deadEncoder() -> BinaryEncoderState {
         let dead = BinaryEncoderState(isolated: isolated)
         dead.slot = .dead
+        dead.violated = !isolated
         dead.pendingError = pendingError
         return dead
     }
@@ -535,27 +571,24 @@ final class BinaryEncoderState: Encoder {
     // MARK: Values
 
     /// Encodes `value` at `slot`: primitives directly, anything else through its `encode(to:)`.
-    func encodeValue<T: Encodable>(_ value: T, at slot: Slot, base: BinaryCodingPath, key: (any CodingKey)?) throws {
+    @inline(__always)
+    func encodeValue<T: Encodable>(_ value: T, at slot: Slot) throws {
         if try encodePrimitive(value, at: slot) { return }
-        try encodeComposite(value, at: slot, base: base, key: key)
+        try encodeComposite(value, at: slot)
     }
 
-    func encodeComposite<T: Encodable>(_ value: T, at slot: Slot, base: BinaryCodingPath, key: (any CodingKey)?) throws {
-        let savedSlot = self.slot
-        let savedBase = slotBase
-        let savedKey = slotKey
+    func encodeComposite<T: Encodable>(_ value: T, at slot: Slot) throws {
+        let saved = self.slot
         self.slot = slot
-        slotBase = base
-        slotKey = key
-        defer {
-            self.slot = savedSlot
-            slotBase = savedBase
-            slotKey = savedKey
-        }
+        defer { self.slot = saved }
         try value.encode(to: self)
-        if buffer.count == slot.start && parentIsOpen(slot) && !violated {
+        if length == slot.start && parentIsOpen(slot) && !violated {
             // It asked for no container: like JSONEncoder, encode an empty keyed container.
-            buffer.append(contentsOf: [BinaryFormat.keyed, 1, 0])
+            reserve(3)
+            bytes[length] = BinaryFormat.keyed
+            bytes[length + 1] = 1
+            bytes[length + 2] = 0
+            length += 3
         }
     }
 
@@ -564,55 +597,55 @@ final class BinaryEncoderState: Encoder {
     func encodePrimitive<T: Encodable>(_ value: T, at slot: Slot) throws -> Bool {
         if T.self == String.self {
             try prepareScalar(at: slot)
-            appendString(unsafeBitCast(value, to: String.self))
+            putString(unsafeBitCast(value, to: String.self))
         } else if T.self == Int.self {
             try prepareScalar(at: slot)
-            appendSigned(Int64(unsafeBitCast(value, to: Int.self)))
+            putSigned(Int64(unsafeBitCast(value, to: Int.self)))
         } else if T.self == Int64.self {
             try prepareScalar(at: slot)
-            appendSigned(unsafeBitCast(value, to: Int64.self))
+            putSigned(unsafeBitCast(value, to: Int64.self))
         } else if T.self == Double.self {
             try prepareScalar(at: slot)
-            appendDouble(unsafeBitCast(value, to: Double.self))
+            putDouble(unsafeBitCast(value, to: Double.self))
         } else if T.self == Bool.self {
             try prepareScalar(at: slot)
-            buffer.append(unsafeBitCast(value, to: Bool.self) ? BinaryFormat.trueValue : BinaryFormat.falseValue)
+            putBool(unsafeBitCast(value, to: Bool.self))
         } else if T.self == [UInt8].self {
             try prepareScalar(at: slot)
-            unsafeBitCast(value, to: [UInt8].self).withUnsafeBytes { appendBytes($0) }
+            unsafeBitCast(value, to: [UInt8].self).withUnsafeBytes { putBytes($0) }
         } else if T.self == Data.self {
             try prepareScalar(at: slot)
-            unsafeBitCast(value, to: Data.self).withUnsafeBytes { appendBytes($0) }
+            unsafeBitCast(value, to: Data.self).withUnsafeBytes { putBytes($0) }
         } else if T.self == Date.self {
             try prepareScalar(at: slot)
-            appendDouble(unsafeBitCast(value, to: Date.self).timeIntervalSinceReferenceDate)
+            putDouble(unsafeBitCast(value, to: Date.self).timeIntervalSinceReferenceDate)
         } else if T.self == UInt64.self {
             try prepareScalar(at: slot)
-            appendUnsigned(unsafeBitCast(value, to: UInt64.self))
+            putUnsigned(unsafeBitCast(value, to: UInt64.self))
         } else if T.self == Int32.self {
             try prepareScalar(at: slot)
-            appendSigned(Int64(unsafeBitCast(value, to: Int32.self)))
+            putSigned(Int64(unsafeBitCast(value, to: Int32.self)))
         } else if T.self == UInt.self {
             try prepareScalar(at: slot)
-            appendUnsigned(UInt64(unsafeBitCast(value, to: UInt.self)))
+            putUnsigned(UInt64(unsafeBitCast(value, to: UInt.self)))
         } else if T.self == UInt32.self {
             try prepareScalar(at: slot)
-            appendUnsigned(UInt64(unsafeBitCast(value, to: UInt32.self)))
+            putUnsigned(UInt64(unsafeBitCast(value, to: UInt32.self)))
         } else if T.self == Float.self {
             try prepareScalar(at: slot)
-            appendFloat(unsafeBitCast(value, to: Float.self))
+            putFloat(unsafeBitCast(value, to: Float.self))
         } else if T.self == Int16.self {
             try prepareScalar(at: slot)
-            appendSigned(Int64(unsafeBitCast(value, to: Int16.self)))
+            putSigned(Int64(unsafeBitCast(value, to: Int16.self)))
         } else if T.self == Int8.self {
             try prepareScalar(at: slot)
-            appendSigned(Int64(unsafeBitCast(value, to: Int8.self)))
+            putSigned(Int64(unsafeBitCast(value, to: Int8.self)))
         } else if T.self == UInt16.self {
             try prepareScalar(at: slot)
-            appendUnsigned(UInt64(unsafeBitCast(value, to: UInt16.self)))
+            putUnsigned(UInt64(unsafeBitCast(value, to: UInt16.self)))
         } else if T.self == UInt8.self {
             try prepareScalar(at: slot)
-            appendUnsigned(UInt64(unsafeBitCast(value, to: UInt8.self)))
+            putUnsigned(UInt64(unsafeBitCast(value, to: UInt8.self)))
         } else {
             return false
         }
@@ -621,53 +654,109 @@ final class BinaryEncoderState: Encoder {
 
     // MARK: Writing
 
-    @inline(__always) func appendNil() { buffer.append(BinaryFormat.null) }
-
-    @inline(__always) func appendBool(_ value: Bool) {
-        buffer.append(value ? BinaryFormat.trueValue : BinaryFormat.falseValue)
+    @inline(__always)
+    func reserve(_ extra: Int) {
+        if _slowPath(capacity - length < extra) { growBytes(length + extra) }
     }
 
-    @inline(__always) func appendSigned(_ value: Int64) {
-        buffer.append(BinaryFormat.signed)
-        BinaryFormat.appendVarint(BinaryFormat.zigzag(value), to: &buffer)
+    private func growBytes(_ needed: Int) {
+        var newCapacity = capacity * 2
+        while newCapacity < needed { newCapacity *= 2 }
+        let grown = UnsafeMutablePointer<UInt8>.allocate(capacity: newCapacity)
+        grown.initialize(from: bytes, count: length)
+        if capacity != Self.initialBytes { bytes.deallocate() }
+        bytes = grown
+        capacity = newCapacity
     }
 
-    @inline(__always) func appendUnsigned(_ value: UInt64) {
-        buffer.append(BinaryFormat.unsigned)
-        BinaryFormat.appendVarint(value, to: &buffer)
+    private func growFrames() {
+        let grown = UnsafeMutablePointer<Frame>.allocate(capacity: frameCapacity * 2)
+        grown.initialize(from: frames, count: depth)
+        if UnsafeMutableRawPointer(frames) != storage { frames.deallocate() }
+        frames = grown
+        frameCapacity *= 2
     }
 
-    @inline(__always) func appendDouble(_ value: Double) {
-        buffer.append(BinaryFormat.double)
-        withUnsafeBytes(of: value.bitPattern.littleEndian) { buffer.append(contentsOf: $0) }
+    @inline(__always) func put(_ byte: UInt8) {
+        reserve(1)
+        bytes[length] = byte
+        length += 1
     }
 
-    @inline(__always) func appendFloat(_ value: Float) {
-        buffer.append(BinaryFormat.float)
-        withUnsafeBytes(of: value.bitPattern.littleEndian) { buffer.append(contentsOf: $0) }
+    /// A tag and a varint.
+    @inline(__always) func putTagged(_ tag: UInt8, _ value: UInt64) {
+        reserve(11)
+        bytes[length] = tag
+        putVarintUnchecked(value, at: length + 1)
     }
 
-    @inline(__always) func appendString(_ value: String) {
+    /// Writes a varint at `position` (room reserved) and moves `length` past it.
+    @inline(__always) private func putVarintUnchecked(_ value: UInt64, at position: Int) {
         var value = value
-        value.withUTF8 { utf8 in
-            buffer.append(BinaryFormat.string)
-            BinaryFormat.appendVarint(UInt64(utf8.count), to: &buffer)
-            buffer.append(contentsOf: utf8)
+        var position = position
+        while value >= 0x80 {
+            bytes[position] = UInt8(truncatingIfNeeded: value) | 0x80
+            value >>= 7
+            position += 1
         }
+        bytes[position] = UInt8(truncatingIfNeeded: value)
+        length = position + 1
     }
 
-    @inline(__always) func appendBytes(_ bytes: UnsafeRawBufferPointer) {
-        buffer.append(BinaryFormat.bytes)
-        BinaryFormat.appendVarint(UInt64(bytes.count), to: &buffer)
-        buffer.append(contentsOf: bytes)
+    @inline(__always) func putNil() { put(BinaryFormat.null) }
+    @inline(__always) func putBool(_ value: Bool) { put(value ? BinaryFormat.trueValue : BinaryFormat.falseValue) }
+    @inline(__always) func putSigned(_ value: Int64) { putTagged(BinaryFormat.signed, BinaryFormat.zigzag(value)) }
+    @inline(__always) func putUnsigned(_ value: UInt64) { putTagged(BinaryFormat.unsigned, value) }
+
+    @inline(__always) func putDouble(_ value: Double) {
+        reserve(9)
+        bytes[length] = BinaryFormat.double
+        UnsafeMutableRawPointer(bytes + length + 1).storeBytes(of: value.bitPattern.littleEndian, as: UInt64.self)
+        length += 9
     }
 
-    @inline(__always) func appendKey(_ key: String) {
+    @inline(__always) func putFloat(_ value: Float) {
+        reserve(5)
+        bytes[length] = BinaryFormat.float
+        UnsafeMutableRawPointer(bytes + length + 1).storeBytes(of: value.bitPattern.littleEndian, as: UInt32.self)
+        length += 5
+    }
+
+    /// A varint length and then the bytes, optionally after a tag.
+    @inline(__always) private func putLengthPrefixed(_ tag: UInt8?, _ source: UnsafeRawBufferPointer) {
+        reserve(11 + source.count)
+        if let tag {
+            bytes[length] = tag
+            length += 1
+        }
+        putVarintUnchecked(UInt64(source.count), at: length)
+        guard let base = source.baseAddress else { return }
+        let count = source.count
+        let target = UnsafeMutableRawPointer(bytes + length)
+        if count >= 8 && count <= 16 {
+            // Most keys: two overlapping 8-byte moves beat a call to memmove (room is reserved).
+            target.storeBytes(of: base.loadUnaligned(as: UInt64.self), as: UInt64.self)
+            (target + count - 8).storeBytes(of: base.loadUnaligned(fromByteOffset: count - 8, as: UInt64.self), as: UInt64.self)
+        } else if count < 8 {
+            for index in 0..<count { target.storeBytes(of: base.load(fromByteOffset: index, as: UInt8.self), toByteOffset: index, as: UInt8.self) }
+        } else {
+            target.copyMemory(from: base, byteCount: count)
+        }
+        length += count
+    }
+
+    @inline(__always) func putString(_ value: String) {
+        var value = value
+        value.withUTF8 { putLengthPrefixed(BinaryFormat.string, UnsafeRawBufferPointer($0)) }
+    }
+
+    @inline(__always) func putBytes(_ source: UnsafeRawBufferPointer) {
+        putLengthPrefixed(BinaryFormat.bytes, source)
+    }
+
+    @inline(__always) func putKey(_ key: String) {
         var key = key
-        key.withUTF8 { utf8 in
-            BinaryFormat.appendVarint(UInt64(utf8.count), to: &buffer)
-            buffer.append(contentsOf: utf8)
-        }
+        key.withUTF8 { putLengthPrefixed(nil, UnsafeRawBufferPointer($0)) }
     }
 }
 
@@ -675,57 +764,54 @@ struct BinaryKeyedEncoder<Key: CodingKey>: KeyedEncodingContainerProtocol {
     let state: BinaryEncoderState
     let depth: Int32
     let generation: UInt32
-    let path: BinaryCodingPath
 
-    var codingPath: [any CodingKey] { path.keys }
+    var codingPath: [any CodingKey] { state.codingPath(depth: Int(depth)) }
 
     @inline(__always) private func begin(_ key: Key) throws {
-        try state.beginKeyedEntry(depth, generation, key, path: path)
+        try state.beginKeyedEntry(depth, generation, key.stringValue)
     }
 
-    mutating func encodeNil(forKey key: Key) throws { try begin(key); state.appendNil() }
-    mutating func encode(_ value: Bool, forKey key: Key) throws { try begin(key); state.appendBool(value) }
-    mutating func encode(_ value: String, forKey key: Key) throws { try begin(key); state.appendString(value) }
-    mutating func encode(_ value: Double, forKey key: Key) throws { try begin(key); state.appendDouble(value) }
-    mutating func encode(_ value: Float, forKey key: Key) throws { try begin(key); state.appendFloat(value) }
-    mutating func encode(_ value: Int, forKey key: Key) throws { try begin(key); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int8, forKey key: Key) throws { try begin(key); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int16, forKey key: Key) throws { try begin(key); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int32, forKey key: Key) throws { try begin(key); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int64, forKey key: Key) throws { try begin(key); state.appendSigned(value) }
-    mutating func encode(_ value: UInt, forKey key: Key) throws { try begin(key); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt8, forKey key: Key) throws { try begin(key); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt16, forKey key: Key) throws { try begin(key); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt32, forKey key: Key) throws { try begin(key); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt64, forKey key: Key) throws { try begin(key); state.appendUnsigned(value) }
+    mutating func encodeNil(forKey key: Key) throws { try begin(key); state.putNil() }
+    mutating func encode(_ value: Bool, forKey key: Key) throws { try begin(key); state.putBool(value) }
+    mutating func encode(_ value: String, forKey key: Key) throws { try begin(key); state.putString(value) }
+    mutating func encode(_ value: Double, forKey key: Key) throws { try begin(key); state.putDouble(value) }
+    mutating func encode(_ value: Float, forKey key: Key) throws { try begin(key); state.putFloat(value) }
+    mutating func encode(_ value: Int, forKey key: Key) throws { try begin(key); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int8, forKey key: Key) throws { try begin(key); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int16, forKey key: Key) throws { try begin(key); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int32, forKey key: Key) throws { try begin(key); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int64, forKey key: Key) throws { try begin(key); state.putSigned(value) }
+    mutating func encode(_ value: UInt, forKey key: Key) throws { try begin(key); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt8, forKey key: Key) throws { try begin(key); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt16, forKey key: Key) throws { try begin(key); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt32, forKey key: Key) throws { try begin(key); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt64, forKey key: Key) throws { try begin(key); state.putUnsigned(value) }
 
     mutating func encode<T: Encodable>(_ value: T, forKey key: Key) throws {
         try begin(key)
-        try state.encodeEntry(value, depth, generation, base: path, key: key)
+        try state.encodeEntry(value, depth, generation)
     }
 
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type, forKey key: Key) -> KeyedEncodingContainer<NestedKey> {
-        do { try begin(key) } catch { return state.deadKeyed(NestedKey.self, path: path.appending(key)) }
-        return state.nestedKeyed(NestedKey.self, depth, generation, base: path, key: key)
+        do { try begin(key) } catch { return state.deadKeyed(NestedKey.self) }
+        return state.nestedKeyed(NestedKey.self, depth, generation)
     }
 
     mutating func nestedUnkeyedContainer(forKey key: Key) -> any UnkeyedEncodingContainer {
-        do { try begin(key) } catch {
-            return BinaryUnkeyedEncoder(state: state, depth: -1, generation: 0, path: path.appending(key))
-        }
-        return state.nestedUnkeyed(depth, generation, base: path, key: key)
+        do { try begin(key) } catch { return BinaryUnkeyedEncoder(state: state, depth: -1, generation: 0) }
+        return state.nestedUnkeyed(depth, generation)
     }
 
     mutating func superEncoder() -> any Encoder {
-        guard state.isolated else { return state.superEncoder(depth, generation, base: path, key: BinarySuperKey()) }
-        do { try state.beginKeyedEntry(depth, generation, BinarySuperKey(), path: path) } catch { return state.deadEncoder() }
-        return state.superEncoder(depth, generation, base: path, key: BinarySuperKey())
+        guard state.isolated else { return state.superEncoder(depth, generation) }
+        do { try state.beginKeyedEntry(depth, generation, "super") } catch { return state.deadEncoder() }
+        return state.superEncoder(depth, generation)
     }
 
     mutating func superEncoder(forKey key: Key) -> any Encoder {
-        guard state.isolated else { return state.superEncoder(depth, generation, base: path, key: key) }
+        guard state.isolated else { return state.superEncoder(depth, generation) }
         do { try begin(key) } catch { return state.deadEncoder() }
-        return state.superEncoder(depth, generation, base: path, key: key)
+        return state.superEncoder(depth, generation)
     }
 }
 
@@ -733,63 +819,56 @@ struct BinaryUnkeyedEncoder: UnkeyedEncodingContainer {
     let state: BinaryEncoderState
     let depth: Int32
     let generation: UInt32
-    let path: BinaryCodingPath
     private(set) var count = 0
 
-    init(state: BinaryEncoderState, depth: Int32, generation: UInt32, path: BinaryCodingPath) {
+    init(state: BinaryEncoderState, depth: Int32, generation: UInt32) {
         self.state = state
         self.depth = depth
         self.generation = generation
-        self.path = path
     }
 
-    var codingPath: [any CodingKey] { path.keys }
+    var codingPath: [any CodingKey] { state.codingPath(depth: Int(depth)) }
 
     @inline(__always) private mutating func begin() throws {
-        try state.beginUnkeyedEntry(depth, generation, path: path)
+        try state.beginUnkeyedEntry(depth, generation)
         count += 1
     }
 
-    mutating func encodeNil() throws { try begin(); state.appendNil() }
-    mutating func encode(_ value: Bool) throws { try begin(); state.appendBool(value) }
-    mutating func encode(_ value: String) throws { try begin(); state.appendString(value) }
-    mutating func encode(_ value: Double) throws { try begin(); state.appendDouble(value) }
-    mutating func encode(_ value: Float) throws { try begin(); state.appendFloat(value) }
-    mutating func encode(_ value: Int) throws { try begin(); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int8) throws { try begin(); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int16) throws { try begin(); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int32) throws { try begin(); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int64) throws { try begin(); state.appendSigned(value) }
-    mutating func encode(_ value: UInt) throws { try begin(); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt8) throws { try begin(); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt16) throws { try begin(); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt32) throws { try begin(); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt64) throws { try begin(); state.appendUnsigned(value) }
+    mutating func encodeNil() throws { try begin(); state.putNil() }
+    mutating func encode(_ value: Bool) throws { try begin(); state.putBool(value) }
+    mutating func encode(_ value: String) throws { try begin(); state.putString(value) }
+    mutating func encode(_ value: Double) throws { try begin(); state.putDouble(value) }
+    mutating func encode(_ value: Float) throws { try begin(); state.putFloat(value) }
+    mutating func encode(_ value: Int) throws { try begin(); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int8) throws { try begin(); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int16) throws { try begin(); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int32) throws { try begin(); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int64) throws { try begin(); state.putSigned(value) }
+    mutating func encode(_ value: UInt) throws { try begin(); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt8) throws { try begin(); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt16) throws { try begin(); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt32) throws { try begin(); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt64) throws { try begin(); state.putUnsigned(value) }
 
     mutating func encode<T: Encodable>(_ value: T) throws {
         try begin()
-        try state.encodeEntry(value, depth, generation, base: path, key: BinaryIndexKey(count - 1))
+        try state.encodeEntry(value, depth, generation)
     }
 
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type) -> KeyedEncodingContainer<NestedKey> {
-        let key = BinaryIndexKey(count)
-        do { try begin() } catch { return state.deadKeyed(NestedKey.self, path: path.appending(key)) }
-        return state.nestedKeyed(NestedKey.self, depth, generation, base: path, key: key)
+        do { try begin() } catch { return state.deadKeyed(NestedKey.self) }
+        return state.nestedKeyed(NestedKey.self, depth, generation)
     }
 
     mutating func nestedUnkeyedContainer() -> any UnkeyedEncodingContainer {
-        let key = BinaryIndexKey(count)
-        do { try begin() } catch {
-            return BinaryUnkeyedEncoder(state: state, depth: -1, generation: 0, path: path.appending(key))
-        }
-        return state.nestedUnkeyed(depth, generation, base: path, key: key)
+        do { try begin() } catch { return BinaryUnkeyedEncoder(state: state, depth: -1, generation: 0) }
+        return state.nestedUnkeyed(depth, generation)
     }
 
     mutating func superEncoder() -> any Encoder {
-        let key = BinaryIndexKey(count)
-        guard state.isolated else { return state.superEncoder(depth, generation, base: path, key: key) }
+        guard state.isolated else { return state.superEncoder(depth, generation) }
         do { try begin() } catch { return state.deadEncoder() }
-        return state.superEncoder(depth, generation, base: path, key: key)
+        return state.superEncoder(depth, generation)
     }
 }
 
@@ -798,25 +877,25 @@ struct BinarySingleValueEncoder: SingleValueEncodingContainer {
     let state: BinaryEncoderState
     let slot: BinaryEncoderState.Slot
 
-    var codingPath: [any CodingKey] { state.slotBase.appending(state.slotKey).keys }
+    var codingPath: [any CodingKey] { state.codingPath(for: slot) }
 
     @inline(__always) private func begin() throws { try state.prepareScalar(at: slot) }
 
-    mutating func encodeNil() throws { try begin(); state.appendNil() }
-    mutating func encode(_ value: Bool) throws { try begin(); state.appendBool(value) }
-    mutating func encode(_ value: String) throws { try begin(); state.appendString(value) }
-    mutating func encode(_ value: Double) throws { try begin(); state.appendDouble(value) }
-    mutating func encode(_ value: Float) throws { try begin(); state.appendFloat(value) }
-    mutating func encode(_ value: Int) throws { try begin(); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int8) throws { try begin(); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int16) throws { try begin(); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int32) throws { try begin(); state.appendSigned(Int64(value)) }
-    mutating func encode(_ value: Int64) throws { try begin(); state.appendSigned(value) }
-    mutating func encode(_ value: UInt) throws { try begin(); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt8) throws { try begin(); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt16) throws { try begin(); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt32) throws { try begin(); state.appendUnsigned(UInt64(value)) }
-    mutating func encode(_ value: UInt64) throws { try begin(); state.appendUnsigned(value) }
+    mutating func encodeNil() throws { try begin(); state.putNil() }
+    mutating func encode(_ value: Bool) throws { try begin(); state.putBool(value) }
+    mutating func encode(_ value: String) throws { try begin(); state.putString(value) }
+    mutating func encode(_ value: Double) throws { try begin(); state.putDouble(value) }
+    mutating func encode(_ value: Float) throws { try begin(); state.putFloat(value) }
+    mutating func encode(_ value: Int) throws { try begin(); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int8) throws { try begin(); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int16) throws { try begin(); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int32) throws { try begin(); state.putSigned(Int64(value)) }
+    mutating func encode(_ value: Int64) throws { try begin(); state.putSigned(value) }
+    mutating func encode(_ value: UInt) throws { try begin(); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt8) throws { try begin(); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt16) throws { try begin(); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt32) throws { try begin(); state.putUnsigned(UInt64(value)) }
+    mutating func encode(_ value: UInt64) throws { try begin(); state.putUnsigned(value) }
 
     mutating func encode<T: Encodable>(_ value: T) throws {
         if try state.encodePrimitive(value, at: slot) { return }
@@ -824,10 +903,10 @@ struct BinarySingleValueEncoder: SingleValueEncodingContainer {
         if T.self is any BinaryOptionalMarker.Type {
             // An Optional holding an Optional: mark the outer `.some`, so `.some(nil)` survives.
             try begin()
-            state.buffer.append(BinaryFormat.some)
-            target.start = state.buffer.count
+            state.put(BinaryFormat.some)
+            target.start = state.length
         }
-        try state.encodeComposite(value, at: target, base: state.slotBase, key: state.slotKey)
+        try state.encodeComposite(value, at: target)
     }
 }
 
@@ -858,6 +937,10 @@ struct BinaryReader {
         let first = base.load(fromByteOffset: position, as: UInt8.self)
         position += 1
         if first < 0x80 { return UInt64(first) }
+        return try varintTail(first, &position, limit: limit, path: path())
+    }
+
+    func varintTail(_ first: UInt8, _ position: inout Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> UInt64 {
         var result = UInt64(first & 0x7F)
         var shift: UInt64 = 7
         while true {
@@ -896,6 +979,7 @@ struct BinaryReader {
     }
 
     /// The position just past the value at `position`. Constant time for containers.
+    @inline(__always)
     func skipValue(at position: Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> Int {
         var position = position
         var tag = try byte(at: position, limit: limit, path: path())
@@ -928,28 +1012,35 @@ struct BinaryReader {
 /// The decoder, and the state of one message being decoded.
 ///
 /// Like the encoder it is its own `Decoder`, positioned by `slotStart`, saved and restored around
-/// nested values. A keyed container finds a key by a linear scan of its entries, starting after
-/// the entry found last (`cursor`), so fields read in the order they were written cost one compare.
+/// nested values; containers hold nothing but offsets. A keyed container finds a key by a linear
+/// scan of its entries, starting after the entry found last (`cursor`), so fields read in the order
+/// they were written cost one compare each.
 final class BinaryDecoderState: Decoder {
     let reader: BinaryReader
     let count: Int
 
-    var slotStart: Int
-    var slotLimit: Int
-    var slotBase: BinaryCodingPath
-    var slotKey: (any CodingKey)?
-
+    @exclusivity(unchecked) var slotStart: Int
+    @exclusivity(unchecked) var slotLimit: Int
     /// The body start of the keyed container `cursor` belongs to.
-    var cursorOwner = -1
-    var cursor = 0
+    @exclusivity(unchecked) var cursorOwner = -1
+    @exclusivity(unchecked) var cursor = 0
+    /// The last `allKeys` answer, for the container at body start `keysOwner` and the key type
+    /// `keysType`: a synthesized enum `init(from:)` asks twice. Held as the array's storage object
+    /// (an `Array` is one reference), so reading it back costs no dynamic cast.
+    @exclusivity(unchecked) var keysOwner = -1
+    @exclusivity(unchecked) var keysType: ObjectIdentifier?
+    @exclusivity(unchecked) var keysCache: AnyObject?
+    /// How many composite values enclose the one being decoded, against ``maximumNesting``.
+    @exclusivity(unchecked) var nesting = 0
 
-    init(base: UnsafeRawPointer, count: Int, start: Int, limit: Int, path: BinaryCodingPath, key: (any CodingKey)?) {
+    /// Deeper input is rejected rather than risking the stack (JSON's parser stops at 512 too).
+    static let maximumNesting = 512
+
+    init(base: UnsafeRawPointer, count: Int, start: Int, limit: Int) {
         self.reader = BinaryReader(base: base)
         self.count = count
         self.slotStart = start
         self.slotLimit = limit
-        self.slotBase = path
-        self.slotKey = key
     }
 
     /// Decodes one message (or, if it is JSON, hands it to ``JSONEntityCodec``).
@@ -961,67 +1052,115 @@ final class BinaryDecoderState: Decoder {
             if BinaryFormat.beginsJSON(first) { return try JSONEntityCodec().decode(type, from: bytes) }
             throw BinaryReader.corrupted([], "the data does not begin with the format byte 0xB1 (found 0x\(String(first, radix: 16)))")
         }
-        let state = BinaryDecoderState(base: base, count: bytes.count, start: 1, limit: bytes.count, path: .root, key: nil)
+        let state = BinaryDecoderState(base: base, count: bytes.count, start: 1, limit: bytes.count)
         let end = try state.reader.skipValue(at: 1, limit: bytes.count, path: [])
         guard end == bytes.count else {
             throw BinaryReader.corrupted([], "\(bytes.count - end) unexpected bytes after the value")
         }
-        return try state.decodeValue(type, at: 1, limit: bytes.count, base: .root, key: nil)
+        return try state.decodeValue(type, at: 1, limit: bytes.count)
     }
 
     // MARK: Decoder
 
-    var codingPath: [any CodingKey] { slotBase.appending(slotKey).keys }
+    var codingPath: [any CodingKey] { codingPath(to: slotStart) }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
-        let path = slotBase.appending(slotKey)
         let (body, end, count) = try openContainer(at: slotStart, limit: slotLimit, tag: BinaryFormat.keyed,
-                                                    type: KeyedDecodingContainer<Key>.self, path: path.keys)
-        return KeyedDecodingContainer(BinaryKeyedDecoder<Key>(state: self, bodyStart: body, end: end, count: count, path: path))
+                                                    type: KeyedDecodingContainer<Key>.self)
+        return KeyedDecodingContainer(BinaryKeyedDecoder<Key>(state: self, start: slotStart, bodyStart: body, end: end, count: count))
     }
 
     func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
-        let path = slotBase.appending(slotKey)
         let (body, end, count) = try openContainer(at: slotStart, limit: slotLimit, tag: BinaryFormat.unkeyed,
-                                                    type: (any UnkeyedDecodingContainer).self, path: path.keys)
-        return BinaryUnkeyedDecoder(state: self, position: body, end: end, total: count, path: path)
+                                                    type: (any UnkeyedDecodingContainer).self)
+        return BinaryUnkeyedDecoder(state: self, start: slotStart, position: body, end: end, total: count)
     }
 
     func singleValueContainer() throws -> any SingleValueDecodingContainer {
         BinarySingleValueDecoder(state: self, position: slotStart, limit: slotLimit)
     }
 
+    // MARK: Coding paths
+
+    /// The coding path of the value at `offset`, read off the message: the keys (and indices) of the
+    /// containers that hold it. Best effort on corrupted data; never throws.
+    func codingPath(to offset: Int) -> [any CodingKey] {
+        var keys: [any CodingKey] = []
+        var position = 1  // the message's root value
+        var limit = count
+        while position < offset {
+            guard var at = try? skipWrappers(position, limit: limit), at < offset,
+                  let tag = try? reader.byte(at: at, limit: limit, path: []),
+                  tag == BinaryFormat.keyed || tag == BinaryFormat.unkeyed
+            else { break }
+            at += 1
+            guard let length = try? reader.length(&at, limit: limit, path: []) else { break }
+            let end = at + length
+            guard (try? reader.varint(&at, limit: end, path: [])) != nil else { break }
+            var index = 0
+            var found = false
+            while at < end {
+                var key: any CodingKey = BinaryIndexKey(index)
+                if tag == BinaryFormat.keyed {
+                    guard let keyLength = try? reader.length(&at, limit: end, path: []) else { return keys }
+                    key = BinaryPathKey(String(decoding: UnsafeRawBufferPointer(start: reader.base + at, count: keyLength), as: UTF8.self))
+                    at += keyLength
+                }
+                guard let next = try? reader.skipValue(at: at, limit: end, path: []) else { return keys }
+                if at <= offset && offset < next {
+                    keys.append(key)
+                    position = at
+                    limit = next
+                    found = true
+                    break
+                }
+                at = next
+                index += 1
+            }
+            if !found { break }
+        }
+        return keys
+    }
+
+    private func skipWrappers(_ position: Int, limit: Int) throws -> Int {
+        var position = position
+        while try reader.byte(at: position, limit: limit, path: []) == BinaryFormat.some { position += 1 }
+        return position
+    }
+
     // MARK: Reading
 
     /// Opens the container at `position`: its body start, end and entry count.
-    func openContainer(at position: Int, limit: Int, tag expected: UInt8, type: Any.Type,
-                       path: @autoclosure () -> [any CodingKey]) throws -> (Int, Int, Int) {
-        var position = position
-        let tag = try valueTag(&position, limit: limit, path: path())
-        guard tag == expected else { throw mismatch(type, tag, path()) }
-        let length = try reader.length(&position, limit: limit, path: path())
-        let end = position + length
-        let count = try reader.varint(&position, limit: end, path: path())
-        guard count <= UInt64(end - position) else {
-            throw BinaryReader.corrupted(path(), "a container claims \(count) entries in \(end - position) bytes")
+    @inline(__always)
+    func openContainer(at position: Int, limit: Int, tag expected: UInt8, type: @autoclosure () -> Any.Type) throws -> (Int, Int, Int) {
+        var at = position
+        let tag = try valueTag(&at, limit: limit)
+        guard tag == expected else { throw mismatch(type(), tag, at: position) }
+        let length = try reader.length(&at, limit: limit, path: self.codingPath(to: position))
+        let end = at + length
+        let count = try reader.varint(&at, limit: end, path: self.codingPath(to: position))
+        guard count <= UInt64(end - at) else {
+            throw BinaryReader.corrupted(codingPath(to: position), "a container claims \(count) entries in \(end - at) bytes")
         }
-        return (position, end, Int(count))
+        return (at, end, Int(count))
     }
 
     /// Reads the tag at `position`, stepping over Optional wrappers (`T??` data read as `T?` or `T`).
     @inline(__always)
-    func valueTag(_ position: inout Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> UInt8 {
-        var tag = try reader.byte(at: position, limit: limit, path: path())
+    func valueTag(_ position: inout Int, limit: Int) throws -> UInt8 {
+        let start = position
+        var tag = try reader.byte(at: position, limit: limit, path: self.codingPath(to: start))
         position += 1
         while tag == BinaryFormat.some {
-            tag = try reader.byte(at: position, limit: limit, path: path())
+            tag = try reader.byte(at: position, limit: limit, path: self.codingPath(to: start))
             position += 1
         }
         return tag
     }
 
-    func mismatch(_ type: Any.Type, _ tag: UInt8, _ path: [any CodingKey]) -> DecodingError {
+    func mismatch(_ type: Any.Type, _ tag: UInt8, at position: Int) -> DecodingError {
+        let path = codingPath(to: position)
         if tag == BinaryFormat.null {
             return .valueNotFound(type, DecodingError.Context(
                 codingPath: path, debugDescription: "Expected \(type) value but found nil instead."))
@@ -1030,139 +1169,173 @@ final class BinaryDecoderState: Decoder {
             codingPath: path, debugDescription: "Expected to decode \(type) but found \(BinaryFormat.describe(tag)) instead."))
     }
 
-    @inline(__always)
-    func isNil(at position: Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> Bool {
-        try reader.byte(at: position, limit: limit, path: path()) == BinaryFormat.null
+    func doesNotFit(_ number: String, _ type: Any.Type, at position: Int) -> DecodingError {
+        BinaryReader.corrupted(codingPath(to: position), "the number \(number) does not fit in \(type)")
     }
 
-    func readSigned(_ position: inout Int, limit: Int, type: Any.Type, path: @autoclosure () -> [any CodingKey]) throws -> Int64 {
+    @inline(__always)
+    func isNil(at position: Int, limit: Int) throws -> Bool {
+        try reader.byte(at: position, limit: limit, path: self.codingPath(to: position)) == BinaryFormat.null
+    }
+
+    @inline(__always)
+    func readSigned(_ position: inout Int, limit: Int, type: Any.Type) throws -> Int64 {
+        // The common case inline: a signed integer, no Optional wrapper.
+        if position < limit, reader.base.load(fromByteOffset: position, as: UInt8.self) == BinaryFormat.signed {
+            let start = position
+            var at = position + 1
+            let raw = try reader.varint(&at, limit: limit, path: self.codingPath(to: start))
+            position = at
+            return BinaryFormat.unzigzag(raw)
+        }
+        return try readAnySigned(&position, limit: limit, type: type)
+    }
+
+    func readAnySigned(_ position: inout Int, limit: Int, type: Any.Type) throws -> Int64 {
+        let start = position
         var at = position
-        let tag = try valueTag(&at, limit: limit, path: path())
+        let tag = try valueTag(&at, limit: limit)
         let value: Int64
         switch tag {
         case BinaryFormat.signed:
-            value = BinaryFormat.unzigzag(try reader.varint(&at, limit: limit, path: path()))
+            value = BinaryFormat.unzigzag(try reader.varint(&at, limit: limit, path: self.codingPath(to: start)))
         case BinaryFormat.unsigned:
-            let raw = try reader.varint(&at, limit: limit, path: path())
-            guard let exact = Int64(exactly: raw) else { throw doesNotFit("\(raw)", type, path()) }
+            let raw = try reader.varint(&at, limit: limit, path: self.codingPath(to: start))
+            guard let exact = Int64(exactly: raw) else { throw doesNotFit("\(raw)", type, at: start) }
             value = exact
         case BinaryFormat.double:
-            let double = Double(bitPattern: try reader.fixed64(&at, limit: limit, path: path()))
-            guard let exact = Int64(exactly: double) else { throw doesNotFit("\(double)", type, path()) }
+            let double = Double(bitPattern: try reader.fixed64(&at, limit: limit, path: self.codingPath(to: start)))
+            guard let exact = Int64(exactly: double) else { throw doesNotFit("\(double)", type, at: start) }
             value = exact
         case BinaryFormat.float:
-            let float = Float(bitPattern: try reader.fixed32(&at, limit: limit, path: path()))
-            guard let exact = Int64(exactly: float) else { throw doesNotFit("\(float)", type, path()) }
+            let float = Float(bitPattern: try reader.fixed32(&at, limit: limit, path: self.codingPath(to: start)))
+            guard let exact = Int64(exactly: float) else { throw doesNotFit("\(float)", type, at: start) }
             value = exact
         default:
-            throw mismatch(type, tag, path())
+            throw mismatch(type, tag, at: start)
         }
         position = at
         return value
     }
 
-    func readUnsigned(_ position: inout Int, limit: Int, type: Any.Type, path: @autoclosure () -> [any CodingKey]) throws -> UInt64 {
+    func readUnsigned(_ position: inout Int, limit: Int, type: Any.Type) throws -> UInt64 {
+        let start = position
         var at = position
-        let tag = try valueTag(&at, limit: limit, path: path())
+        let tag = try valueTag(&at, limit: limit)
         let value: UInt64
         switch tag {
         case BinaryFormat.unsigned:
-            value = try reader.varint(&at, limit: limit, path: path())
+            value = try reader.varint(&at, limit: limit, path: self.codingPath(to: start))
         case BinaryFormat.signed:
-            let signed = BinaryFormat.unzigzag(try reader.varint(&at, limit: limit, path: path()))
-            guard let exact = UInt64(exactly: signed) else { throw doesNotFit("\(signed)", type, path()) }
+            let signed = BinaryFormat.unzigzag(try reader.varint(&at, limit: limit, path: self.codingPath(to: start)))
+            guard let exact = UInt64(exactly: signed) else { throw doesNotFit("\(signed)", type, at: start) }
             value = exact
         case BinaryFormat.double:
-            let double = Double(bitPattern: try reader.fixed64(&at, limit: limit, path: path()))
-            guard let exact = UInt64(exactly: double) else { throw doesNotFit("\(double)", type, path()) }
+            let double = Double(bitPattern: try reader.fixed64(&at, limit: limit, path: self.codingPath(to: start)))
+            guard let exact = UInt64(exactly: double) else { throw doesNotFit("\(double)", type, at: start) }
             value = exact
         case BinaryFormat.float:
-            let float = Float(bitPattern: try reader.fixed32(&at, limit: limit, path: path()))
-            guard let exact = UInt64(exactly: float) else { throw doesNotFit("\(float)", type, path()) }
+            let float = Float(bitPattern: try reader.fixed32(&at, limit: limit, path: self.codingPath(to: start)))
+            guard let exact = UInt64(exactly: float) else { throw doesNotFit("\(float)", type, at: start) }
             value = exact
         default:
-            throw mismatch(type, tag, path())
+            throw mismatch(type, tag, at: start)
         }
         position = at
         return value
     }
 
     @inline(__always)
-    func readInteger<I: FixedWidthInteger>(_ type: I.Type, _ position: inout Int, limit: Int,
-                                          path: @autoclosure () -> [any CodingKey]) throws -> I {
+    func readInteger<I: FixedWidthInteger>(_ type: I.Type, _ position: inout Int, limit: Int) throws -> I {
+        let start = position
         if I.isSigned {
-            let value = try readSigned(&position, limit: limit, type: I.self, path: path())
-            guard let exact = I(exactly: value) else { throw doesNotFit("\(value)", I.self, path()) }
+            let value = try readSigned(&position, limit: limit, type: I.self)
+            guard let exact = I(exactly: value) else {
+                position = start
+                throw doesNotFit("\(value)", I.self, at: start)
+            }
             return exact
         }
-        let value = try readUnsigned(&position, limit: limit, type: I.self, path: path())
-        guard let exact = I(exactly: value) else { throw doesNotFit("\(value)", I.self, path()) }
+        let value = try readUnsigned(&position, limit: limit, type: I.self)
+        guard let exact = I(exactly: value) else {
+            position = start
+            throw doesNotFit("\(value)", I.self, at: start)
+        }
         return exact
     }
 
-    func doesNotFit(_ number: String, _ type: Any.Type, _ path: [any CodingKey]) -> DecodingError {
-        BinaryReader.corrupted(path, "the number \(number) does not fit in \(type)")
-    }
-
-    func readDouble(_ position: inout Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> Double {
+    func readDouble(_ position: inout Int, limit: Int) throws -> Double {
+        let start = position
         var at = position
-        let tag = try valueTag(&at, limit: limit, path: path())
+        let tag = try valueTag(&at, limit: limit)
         let value: Double
         switch tag {
-        case BinaryFormat.double: value = Double(bitPattern: try reader.fixed64(&at, limit: limit, path: path()))
-        case BinaryFormat.float: value = Double(Float(bitPattern: try reader.fixed32(&at, limit: limit, path: path())))
-        case BinaryFormat.signed: value = Double(BinaryFormat.unzigzag(try reader.varint(&at, limit: limit, path: path())))
-        case BinaryFormat.unsigned: value = Double(try reader.varint(&at, limit: limit, path: path()))
-        default: throw mismatch(Double.self, tag, path())
+        case BinaryFormat.double:
+            value = Double(bitPattern: try reader.fixed64(&at, limit: limit, path: self.codingPath(to: start)))
+        case BinaryFormat.float:
+            value = Double(Float(bitPattern: try reader.fixed32(&at, limit: limit, path: self.codingPath(to: start))))
+        case BinaryFormat.signed:
+            value = Double(BinaryFormat.unzigzag(try reader.varint(&at, limit: limit, path: self.codingPath(to: start))))
+        case BinaryFormat.unsigned:
+            value = Double(try reader.varint(&at, limit: limit, path: self.codingPath(to: start)))
+        default:
+            throw mismatch(Double.self, tag, at: start)
         }
         position = at
         return value
     }
 
-    func readFloat(_ position: inout Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> Float {
+    func readFloat(_ position: inout Int, limit: Int) throws -> Float {
+        let start = position
         var at = position
-        let tag = try valueTag(&at, limit: limit, path: path())
+        let tag = try valueTag(&at, limit: limit)
         let value: Float
         switch tag {
         case BinaryFormat.float:
-            value = Float(bitPattern: try reader.fixed32(&at, limit: limit, path: path()))
+            value = Float(bitPattern: try reader.fixed32(&at, limit: limit, path: self.codingPath(to: start)))
         case BinaryFormat.double:
-            let double = Double(bitPattern: try reader.fixed64(&at, limit: limit, path: path()))
+            let double = Double(bitPattern: try reader.fixed64(&at, limit: limit, path: self.codingPath(to: start)))
             guard !double.isFinite || abs(double) <= Double(Float.greatestFiniteMagnitude) else {
-                throw doesNotFit("\(double)", Float.self, path())
+                throw doesNotFit("\(double)", Float.self, at: start)
             }
             value = Float(double)
-        case BinaryFormat.signed: value = Float(BinaryFormat.unzigzag(try reader.varint(&at, limit: limit, path: path())))
-        case BinaryFormat.unsigned: value = Float(try reader.varint(&at, limit: limit, path: path()))
-        default: throw mismatch(Float.self, tag, path())
+        case BinaryFormat.signed:
+            value = Float(BinaryFormat.unzigzag(try reader.varint(&at, limit: limit, path: self.codingPath(to: start))))
+        case BinaryFormat.unsigned:
+            value = Float(try reader.varint(&at, limit: limit, path: self.codingPath(to: start)))
+        default:
+            throw mismatch(Float.self, tag, at: start)
         }
         position = at
         return value
     }
 
-    func readBool(_ position: inout Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> Bool {
+    func readBool(_ position: inout Int, limit: Int) throws -> Bool {
+        let start = position
         var at = position
-        let tag = try valueTag(&at, limit: limit, path: path())
-        guard tag == BinaryFormat.trueValue || tag == BinaryFormat.falseValue else { throw mismatch(Bool.self, tag, path()) }
+        let tag = try valueTag(&at, limit: limit)
+        guard tag == BinaryFormat.trueValue || tag == BinaryFormat.falseValue else { throw mismatch(Bool.self, tag, at: start) }
         position = at
         return tag == BinaryFormat.trueValue
     }
 
-    func readString(_ position: inout Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> String {
+    func readString(_ position: inout Int, limit: Int) throws -> String {
+        let start = position
         var at = position
-        let tag = try valueTag(&at, limit: limit, path: path())
-        guard tag == BinaryFormat.string else { throw mismatch(String.self, tag, path()) }
-        let length = try reader.length(&at, limit: limit, path: path())
+        let tag = try valueTag(&at, limit: limit)
+        guard tag == BinaryFormat.string else { throw mismatch(String.self, tag, at: start) }
+        let length = try reader.length(&at, limit: limit, path: self.codingPath(to: start))
         let value = String(decoding: UnsafeRawBufferPointer(start: reader.base + at, count: length), as: UTF8.self)
         position = at + length
         return value
     }
 
     /// The bytes of a `bytes` value, or `nil` if the value at `position` is something else.
-    func readBytes(_ position: inout Int, limit: Int, path: @autoclosure () -> [any CodingKey]) throws -> UnsafeRawBufferPointer? {
+    func readBytes(_ position: inout Int, limit: Int) throws -> UnsafeRawBufferPointer? {
+        let start = position
         var at = position
-        guard try valueTag(&at, limit: limit, path: path()) == BinaryFormat.bytes else { return nil }
-        let length = try reader.length(&at, limit: limit, path: path())
+        guard try valueTag(&at, limit: limit) == BinaryFormat.bytes else { return nil }
+        let length = try reader.length(&at, limit: limit, path: self.codingPath(to: start))
         position = at + length
         return UnsafeRawBufferPointer(start: reader.base + at, count: length)
     }
@@ -1171,64 +1344,73 @@ final class BinaryDecoderState: Decoder {
 
     /// Decodes a `T` from the value at `position`: primitives directly, anything else through its
     /// `init(from:)` with this decoder positioned there.
-    func decodeValue<T: Decodable>(_ type: T.Type, at position: Int, limit: Int, base: BinaryCodingPath, key: (any CodingKey)?) throws -> T {
-        if let value = try decodePrimitive(T.self, at: position, limit: limit, path: base.appending(key).keys) { return value }
+    @inline(__always)
+    func decodeValue<T: Decodable>(_ type: T.Type, at position: Int, limit: Int) throws -> T {
+        if let value = try decodePrimitive(T.self, at: position, limit: limit) { return value }
+        return try decodeComposite(T.self, at: position, limit: limit)
+    }
+
+    func decodeComposite<T: Decodable>(_ type: T.Type, at position: Int, limit: Int) throws -> T {
         var start = position
-        if try reader.byte(at: start, limit: limit, path: base.appending(key).keys) == BinaryFormat.some,
+        if try reader.byte(at: start, limit: limit, path: self.codingPath(to: position)) == BinaryFormat.some,
            !(T.self is any BinaryOptionalMarker.Type) {
-            _ = try valueTag(&start, limit: limit, path: base.appending(key).keys)
+            _ = try valueTag(&start, limit: limit)
             start -= 1
         }
-        let saved = (slotStart, slotLimit, slotBase, slotKey, cursorOwner, cursor)
+        guard nesting < Self.maximumNesting else {
+            throw BinaryReader.corrupted(codingPath(to: position), "values are nested more than \(Self.maximumNesting) deep")
+        }
+        let saved = (slotStart, slotLimit, cursorOwner, cursor)
         slotStart = start
         slotLimit = limit
-        slotBase = base
-        slotKey = key
-        defer { (slotStart, slotLimit, slotBase, slotKey, cursorOwner, cursor) = saved }
+        nesting += 1
+        defer {
+            (slotStart, slotLimit, cursorOwner, cursor) = saved
+            nesting -= 1
+        }
         return try T(from: self)
     }
 
     @inline(__always)
-    func decodePrimitive<T: Decodable>(_ type: T.Type, at position: Int, limit: Int,
-                                       path: @autoclosure () -> [any CodingKey]) throws -> T? {
+    func decodePrimitive<T: Decodable>(_ type: T.Type, at position: Int, limit: Int) throws -> T? {
         var at = position
         if T.self == String.self {
-            return unsafeBitCast(try readString(&at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readString(&at, limit: limit), to: T.self)
         } else if T.self == Int.self {
-            return unsafeBitCast(try readInteger(Int.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(Int.self, &at, limit: limit), to: T.self)
         } else if T.self == Int64.self {
-            return unsafeBitCast(try readInteger(Int64.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(Int64.self, &at, limit: limit), to: T.self)
         } else if T.self == Double.self {
-            return unsafeBitCast(try readDouble(&at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readDouble(&at, limit: limit), to: T.self)
         } else if T.self == Bool.self {
-            return unsafeBitCast(try readBool(&at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readBool(&at, limit: limit), to: T.self)
         } else if T.self == [UInt8].self {
-            guard let bytes = try readBytes(&at, limit: limit, path: path()) else { return nil }
+            guard let bytes = try readBytes(&at, limit: limit) else { return nil }
             return unsafeBitCast([UInt8](bytes), to: T.self)
         } else if T.self == Data.self {
-            guard let bytes = try readBytes(&at, limit: limit, path: path()) else { return nil }
+            guard let bytes = try readBytes(&at, limit: limit) else { return nil }
             return unsafeBitCast(Data(bytes), to: T.self)
         } else if T.self == Date.self {
-            let seconds = try readDouble(&at, limit: limit, path: path())
+            let seconds = try readDouble(&at, limit: limit)
             return unsafeBitCast(Date(timeIntervalSinceReferenceDate: seconds), to: T.self)
         } else if T.self == UInt64.self {
-            return unsafeBitCast(try readInteger(UInt64.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(UInt64.self, &at, limit: limit), to: T.self)
         } else if T.self == Int32.self {
-            return unsafeBitCast(try readInteger(Int32.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(Int32.self, &at, limit: limit), to: T.self)
         } else if T.self == UInt.self {
-            return unsafeBitCast(try readInteger(UInt.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(UInt.self, &at, limit: limit), to: T.self)
         } else if T.self == UInt32.self {
-            return unsafeBitCast(try readInteger(UInt32.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(UInt32.self, &at, limit: limit), to: T.self)
         } else if T.self == Float.self {
-            return unsafeBitCast(try readFloat(&at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readFloat(&at, limit: limit), to: T.self)
         } else if T.self == Int16.self {
-            return unsafeBitCast(try readInteger(Int16.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(Int16.self, &at, limit: limit), to: T.self)
         } else if T.self == Int8.self {
-            return unsafeBitCast(try readInteger(Int8.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(Int8.self, &at, limit: limit), to: T.self)
         } else if T.self == UInt16.self {
-            return unsafeBitCast(try readInteger(UInt16.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(UInt16.self, &at, limit: limit), to: T.self)
         } else if T.self == UInt8.self {
-            return unsafeBitCast(try readInteger(UInt8.self, &at, limit: limit, path: path()), to: T.self)
+            return unsafeBitCast(try readInteger(UInt8.self, &at, limit: limit), to: T.self)
         }
         return nil
     }
@@ -1236,13 +1418,13 @@ final class BinaryDecoderState: Decoder {
     // MARK: Keyed lookup
 
     /// The position of the value stored under the key `name` in the keyed container whose entries
-    /// are `bodyStart..<end`, or `nil`.
-    func findEntry(_ name: UnsafeBufferPointer<UInt8>, bodyStart: Int, end: Int,
-                   path: @autoclosure () -> [any CodingKey]) throws -> Int? {
+    /// are `bodyStart..<end`, or `nil`. Scans from the entry after the last one found.
+    @inline(__always)
+    func findEntry(_ name: UnsafeBufferPointer<UInt8>, container start: Int, bodyStart: Int, end: Int) throws -> Int? {
         let first = cursorOwner == bodyStart && cursor <= end ? cursor : bodyStart
         var position = first
         while position < end {
-            if let found = try entry(at: &position, matching: name, end: end, path: path()) {
+            if let found = try entry(at: &position, matching: name, end: end, container: start) {
                 cursorOwner = bodyStart
                 cursor = position
                 return found
@@ -1250,7 +1432,7 @@ final class BinaryDecoderState: Decoder {
         }
         position = bodyStart
         while position < first {
-            if let found = try entry(at: &position, matching: name, end: end, path: path()) {
+            if let found = try entry(at: &position, matching: name, end: end, container: start) {
                 cursorOwner = bodyStart
                 cursor = position
                 return found
@@ -1261,25 +1443,40 @@ final class BinaryDecoderState: Decoder {
 
     /// Steps over the entry at `position`; returns its value's position if its key is `name`.
     @inline(__always)
-    func entry(at position: inout Int, matching name: UnsafeBufferPointer<UInt8>, end: Int,
-               path: @autoclosure () -> [any CodingKey]) throws -> Int? {
-        let length = try reader.length(&position, limit: end, path: path())
+    func entry(at position: inout Int, matching name: UnsafeBufferPointer<UInt8>, end: Int, container start: Int) throws -> Int? {
+        let length = try reader.length(&position, limit: end, path: self.codingPath(to: start))
         let keyStart = position
         let valueStart = keyStart + length
-        position = try reader.skipValue(at: valueStart, limit: end, path: path())
+        position = try reader.skipValue(at: valueStart, limit: end, path: self.codingPath(to: start))
         guard length == name.count else { return nil }
-        if length == 0 { return valueStart }
-        guard let target = name.baseAddress, memcmp(reader.base + keyStart, target, length) == 0 else { return nil }
-        return valueStart
+        guard length > 0, let target = name.baseAddress else { return valueStart }
+        let stored = reader.base + keyStart
+        if length >= 8 && length <= 16 {
+            // Most keys: two overlapping 8-byte compares beat a call to memcmp.
+            let head = stored.loadUnaligned(as: UInt64.self) == UnsafeRawPointer(target).loadUnaligned(as: UInt64.self)
+            let tail = stored.loadUnaligned(fromByteOffset: length - 8, as: UInt64.self)
+                == UnsafeRawPointer(target).loadUnaligned(fromByteOffset: length - 8, as: UInt64.self)
+            return head && tail ? valueStart : nil
+        }
+        return memcmp(stored, target, length) == 0 ? valueStart : nil
     }
 
     /// The keys of the keyed container whose entries are `bodyStart..<end`, as far as they parse.
-    func keys(bodyStart: Int, end: Int) -> [String] {
-        var keys: [String] = []
+    func keys<Key: CodingKey>(_ type: Key.Type, bodyStart: Int, end: Int) -> [Key] {
+        if keysOwner == bodyStart, keysType == ObjectIdentifier(Key.self), let cached = keysCache {
+            return unsafeBitCast(cached, to: [Key].self)
+        }
+        var keys: [Key] = []
+        defer {
+            keysOwner = bodyStart
+            keysType = ObjectIdentifier(Key.self)
+            keysCache = unsafeBitCast(keys, to: AnyObject.self)
+        }
         var position = bodyStart
         while position < end {
             guard let length = try? reader.length(&position, limit: end, path: []) else { break }
-            keys.append(String(decoding: UnsafeRawBufferPointer(start: reader.base + position, count: length), as: UTF8.self))
+            let name = String(decoding: UnsafeRawBufferPointer(start: reader.base + position, count: length), as: UTF8.self)
+            if let key = Key(stringValue: name) { keys.append(key) }
             guard let next = try? reader.skipValue(at: position + length, limit: end, path: []) else { break }
             position = next
         }
@@ -1287,23 +1484,22 @@ final class BinaryDecoderState: Decoder {
     }
 
     /// A separate decoder for the value at `position` (`superDecoder`).
-    func subDecoder(at position: Int, limit: Int, base: BinaryCodingPath, key: any CodingKey) -> BinaryDecoderState {
-        BinaryDecoderState(base: reader.base, count: count, start: position, limit: limit, path: base, key: key)
+    func subDecoder(at position: Int, limit: Int) -> BinaryDecoderState {
+        BinaryDecoderState(base: reader.base, count: count, start: position, limit: limit)
     }
 }
 
 struct BinaryKeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     let state: BinaryDecoderState
+    /// The container's own position (its tag), for coding paths.
+    let start: Int
     let bodyStart: Int
     let end: Int
     let count: Int
-    let path: BinaryCodingPath
 
-    var codingPath: [any CodingKey] { path.keys }
+    var codingPath: [any CodingKey] { state.codingPath(to: start) }
 
-    var allKeys: [Key] {
-        state.keys(bodyStart: bodyStart, end: end).compactMap { Key(stringValue: $0) }
-    }
+    var allKeys: [Key] { state.keys(Key.self, bodyStart: bodyStart, end: end) }
 
     func contains(_ key: Key) -> Bool {
         ((try? find(key)) ?? nil) != nil
@@ -1312,48 +1508,50 @@ struct BinaryKeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     @inline(__always)
     private func find(_ key: Key) throws -> Int? {
         var name = key.stringValue
-        return try name.withUTF8 { try state.findEntry($0, bodyStart: bodyStart, end: end, path: path.keys) }
+        // Locals, so the closure does not capture (and copy) the generic container.
+        let state = state, start = start, bodyStart = bodyStart, end = end
+        return try name.withUTF8 { try state.findEntry($0, container: start, bodyStart: bodyStart, end: end) }
     }
 
     @inline(__always)
     private func require(_ key: Key) throws -> Int {
-        guard let position = try find(key) else {
-            throw DecodingError.keyNotFound(key, DecodingError.Context(
-                codingPath: path.keys, debugDescription: "No value associated with key \(key) (\"\(key.stringValue)\")."))
-        }
+        guard let position = try find(key) else { throw keyNotFound(key) }
         return position
     }
 
-    private func keyPath(_ key: Key) -> [any CodingKey] { path.keys + [key] }
+    private func keyNotFound(_ key: any CodingKey) -> DecodingError {
+        .keyNotFound(key, DecodingError.Context(
+            codingPath: codingPath, debugDescription: "No value associated with key \(key) (\"\(key.stringValue)\")."))
+    }
 
     func decodeNil(forKey key: Key) throws -> Bool {
-        try state.isNil(at: try require(key), limit: end, path: keyPath(key))
+        try state.isNil(at: try require(key), limit: end)
     }
 
     func decode(_ type: Bool.Type, forKey key: Key) throws -> Bool {
         var at = try require(key)
-        return try state.readBool(&at, limit: end, path: keyPath(key))
+        return try state.readBool(&at, limit: end)
     }
 
     func decode(_ type: String.Type, forKey key: Key) throws -> String {
         var at = try require(key)
-        return try state.readString(&at, limit: end, path: keyPath(key))
+        return try state.readString(&at, limit: end)
     }
 
     func decode(_ type: Double.Type, forKey key: Key) throws -> Double {
         var at = try require(key)
-        return try state.readDouble(&at, limit: end, path: keyPath(key))
+        return try state.readDouble(&at, limit: end)
     }
 
     func decode(_ type: Float.Type, forKey key: Key) throws -> Float {
         var at = try require(key)
-        return try state.readFloat(&at, limit: end, path: keyPath(key))
+        return try state.readFloat(&at, limit: end)
     }
 
     @inline(__always)
     private func integer<I: FixedWidthInteger>(_ type: I.Type, _ key: Key) throws -> I {
         var at = try require(key)
-        return try state.readInteger(I.self, &at, limit: end, path: keyPath(key))
+        return try state.readInteger(I.self, &at, limit: end)
     }
 
     func decode(_ type: Int.Type, forKey key: Key) throws -> Int { try integer(type, key) }
@@ -1368,40 +1566,40 @@ struct BinaryKeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     func decode(_ type: UInt64.Type, forKey key: Key) throws -> UInt64 { try integer(type, key) }
 
     func decode<T: Decodable>(_ type: T.Type, forKey key: Key) throws -> T {
-        try state.decodeValue(T.self, at: try require(key), limit: end, base: path, key: key)
+        try state.decodeValue(T.self, at: try require(key), limit: end)
     }
 
     /// The value's position, or `nil` when the key is absent or holds nil.
     @inline(__always)
     private func present(_ key: Key) throws -> Int? {
-        guard let at = try find(key), try !state.isNil(at: at, limit: end, path: keyPath(key)) else { return nil }
+        guard let at = try find(key), try !state.isNil(at: at, limit: end) else { return nil }
         return at
     }
 
     func decodeIfPresent(_ type: Bool.Type, forKey key: Key) throws -> Bool? {
         guard var at = try present(key) else { return nil }
-        return try state.readBool(&at, limit: end, path: keyPath(key))
+        return try state.readBool(&at, limit: end)
     }
 
     func decodeIfPresent(_ type: String.Type, forKey key: Key) throws -> String? {
         guard var at = try present(key) else { return nil }
-        return try state.readString(&at, limit: end, path: keyPath(key))
+        return try state.readString(&at, limit: end)
     }
 
     func decodeIfPresent(_ type: Double.Type, forKey key: Key) throws -> Double? {
         guard var at = try present(key) else { return nil }
-        return try state.readDouble(&at, limit: end, path: keyPath(key))
+        return try state.readDouble(&at, limit: end)
     }
 
     func decodeIfPresent(_ type: Float.Type, forKey key: Key) throws -> Float? {
         guard var at = try present(key) else { return nil }
-        return try state.readFloat(&at, limit: end, path: keyPath(key))
+        return try state.readFloat(&at, limit: end)
     }
 
     @inline(__always)
     private func integerIfPresent<I: FixedWidthInteger>(_ type: I.Type, _ key: Key) throws -> I? {
         guard var at = try present(key) else { return nil }
-        return try state.readInteger(I.self, &at, limit: end, path: keyPath(key))
+        return try state.readInteger(I.self, &at, limit: end)
     }
 
     func decodeIfPresent(_ type: Int.Type, forKey key: Key) throws -> Int? { try integerIfPresent(type, key) }
@@ -1418,71 +1616,69 @@ struct BinaryKeyedDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     func decodeIfPresent<T: Decodable>(_ type: T.Type, forKey key: Key) throws -> T? {
         guard let at = try find(key) else { return nil }
         // A stored nil is an absent value, unless T is itself Optional: then it is `.some(nil)`.
-        if try state.isNil(at: at, limit: end, path: keyPath(key)), !(T.self is any BinaryOptionalMarker.Type) { return nil }
-        return try state.decodeValue(T.self, at: at, limit: end, base: path, key: key)
+        if try state.isNil(at: at, limit: end), !(T.self is any BinaryOptionalMarker.Type) { return nil }
+        return try state.decodeValue(T.self, at: at, limit: end)
     }
 
     func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type, forKey key: Key) throws -> KeyedDecodingContainer<NestedKey> {
+        let at = try require(key)
         let (body, nestedEnd, count) = try state.openContainer(
-            at: try require(key), limit: end, tag: BinaryFormat.keyed, type: KeyedDecodingContainer<NestedKey>.self, path: keyPath(key))
-        return KeyedDecodingContainer(BinaryKeyedDecoder<NestedKey>(
-            state: state, bodyStart: body, end: nestedEnd, count: count, path: path.appending(key)))
+            at: at, limit: end, tag: BinaryFormat.keyed, type: KeyedDecodingContainer<NestedKey>.self)
+        return KeyedDecodingContainer(BinaryKeyedDecoder<NestedKey>(state: state, start: at, bodyStart: body, end: nestedEnd, count: count))
     }
 
     func nestedUnkeyedContainer(forKey key: Key) throws -> any UnkeyedDecodingContainer {
+        let at = try require(key)
         let (body, nestedEnd, count) = try state.openContainer(
-            at: try require(key), limit: end, tag: BinaryFormat.unkeyed, type: (any UnkeyedDecodingContainer).self, path: keyPath(key))
-        return BinaryUnkeyedDecoder(state: state, position: body, end: nestedEnd, total: count, path: path.appending(key))
+            at: at, limit: end, tag: BinaryFormat.unkeyed, type: (any UnkeyedDecodingContainer).self)
+        return BinaryUnkeyedDecoder(state: state, start: at, position: body, end: nestedEnd, total: count)
     }
 
     func superDecoder() throws -> any Decoder {
-        let key = BinarySuperKey()
-        var name = key.stringValue
-        guard let at = try name.withUTF8({ try state.findEntry($0, bodyStart: bodyStart, end: end, path: path.keys) }) else {
-            throw DecodingError.keyNotFound(key, DecodingError.Context(
-                codingPath: path.keys, debugDescription: "No value associated with key \"super\"."))
+        var name = BinarySuperKey().stringValue
+        guard let at = try name.withUTF8({ try state.findEntry($0, container: start, bodyStart: bodyStart, end: end) }) else {
+            throw keyNotFound(BinarySuperKey())
         }
-        return state.subDecoder(at: at, limit: end, base: path, key: key)
+        return state.subDecoder(at: at, limit: end)
     }
 
     func superDecoder(forKey key: Key) throws -> any Decoder {
-        state.subDecoder(at: try require(key), limit: end, base: path, key: key)
+        state.subDecoder(at: try require(key), limit: end)
     }
 }
 
 struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
     let state: BinaryDecoderState
+    /// The container's own position (its tag), for coding paths.
+    let start: Int
     var position: Int
     let end: Int
     let total: Int
-    let path: BinaryCodingPath
     private(set) var currentIndex = 0
 
-    init(state: BinaryDecoderState, position: Int, end: Int, total: Int, path: BinaryCodingPath) {
+    init(state: BinaryDecoderState, start: Int, position: Int, end: Int, total: Int) {
         self.state = state
+        self.start = start
         self.position = position
         self.end = end
         self.total = total
-        self.path = path
     }
 
-    var codingPath: [any CodingKey] { path.keys }
+    var codingPath: [any CodingKey] { state.codingPath(to: start) }
     var count: Int? { total }
     var isAtEnd: Bool { currentIndex >= total }
-
-    private func elementPath() -> [any CodingKey] { path.keys + [BinaryIndexKey(currentIndex)] }
 
     @inline(__always)
     private func checkNotAtEnd(_ type: Any.Type) throws {
         guard !isAtEnd else {
             throw DecodingError.valueNotFound(type, DecodingError.Context(
-                codingPath: elementPath(), debugDescription: "Unkeyed container is at end."))
+                codingPath: codingPath + [BinaryIndexKey(currentIndex)], debugDescription: "Unkeyed container is at end."))
         }
     }
 
     mutating func decodeNil() throws -> Bool {
         try checkNotAtEnd(Optional<Any>.self)
-        guard try state.isNil(at: position, limit: end, path: elementPath()) else { return false }
+        guard try state.isNil(at: position, limit: end) else { return false }
         position += 1
         currentIndex += 1
         return true
@@ -1491,7 +1687,7 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
     mutating func decode(_ type: Bool.Type) throws -> Bool {
         try checkNotAtEnd(type)
         var at = position
-        let value = try state.readBool(&at, limit: end, path: elementPath())
+        let value = try state.readBool(&at, limit: end)
         position = at
         currentIndex += 1
         return value
@@ -1500,7 +1696,7 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
     mutating func decode(_ type: String.Type) throws -> String {
         try checkNotAtEnd(type)
         var at = position
-        let value = try state.readString(&at, limit: end, path: elementPath())
+        let value = try state.readString(&at, limit: end)
         position = at
         currentIndex += 1
         return value
@@ -1509,7 +1705,7 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
     mutating func decode(_ type: Double.Type) throws -> Double {
         try checkNotAtEnd(type)
         var at = position
-        let value = try state.readDouble(&at, limit: end, path: elementPath())
+        let value = try state.readDouble(&at, limit: end)
         position = at
         currentIndex += 1
         return value
@@ -1518,7 +1714,7 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
     mutating func decode(_ type: Float.Type) throws -> Float {
         try checkNotAtEnd(type)
         var at = position
-        let value = try state.readFloat(&at, limit: end, path: elementPath())
+        let value = try state.readFloat(&at, limit: end)
         position = at
         currentIndex += 1
         return value
@@ -1528,7 +1724,7 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
     private mutating func integer<I: FixedWidthInteger>(_ type: I.Type) throws -> I {
         try checkNotAtEnd(type)
         var at = position
-        let value = try state.readInteger(I.self, &at, limit: end, path: elementPath())
+        let value = try state.readInteger(I.self, &at, limit: end)
         position = at
         currentIndex += 1
         return value
@@ -1547,8 +1743,8 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
 
     mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
         try checkNotAtEnd(type)
-        let next = try state.reader.skipValue(at: position, limit: end, path: elementPath())
-        let value = try state.decodeValue(T.self, at: position, limit: next, base: path, key: BinaryIndexKey(currentIndex))
+        let next = try state.reader.skipValue(at: position, limit: end, path: state.codingPath(to: start) + [BinaryIndexKey(currentIndex)])
+        let value = try state.decodeValue(T.self, at: position, limit: next)
         position = next
         currentIndex += 1
         return value
@@ -1557,9 +1753,8 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type) throws -> KeyedDecodingContainer<NestedKey> {
         try checkNotAtEnd(KeyedDecodingContainer<NestedKey>.self)
         let (body, nestedEnd, count) = try state.openContainer(
-            at: position, limit: end, tag: BinaryFormat.keyed, type: KeyedDecodingContainer<NestedKey>.self, path: elementPath())
-        let container = BinaryKeyedDecoder<NestedKey>(
-            state: state, bodyStart: body, end: nestedEnd, count: count, path: path.appending(BinaryIndexKey(currentIndex)))
+            at: position, limit: end, tag: BinaryFormat.keyed, type: KeyedDecodingContainer<NestedKey>.self)
+        let container = BinaryKeyedDecoder<NestedKey>(state: state, start: position, bodyStart: body, end: nestedEnd, count: count)
         position = nestedEnd
         currentIndex += 1
         return KeyedDecodingContainer(container)
@@ -1568,9 +1763,8 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
     mutating func nestedUnkeyedContainer() throws -> any UnkeyedDecodingContainer {
         try checkNotAtEnd((any UnkeyedDecodingContainer).self)
         let (body, nestedEnd, count) = try state.openContainer(
-            at: position, limit: end, tag: BinaryFormat.unkeyed, type: (any UnkeyedDecodingContainer).self, path: elementPath())
-        let container = BinaryUnkeyedDecoder(
-            state: state, position: body, end: nestedEnd, total: count, path: path.appending(BinaryIndexKey(currentIndex)))
+            at: position, limit: end, tag: BinaryFormat.unkeyed, type: (any UnkeyedDecodingContainer).self)
+        let container = BinaryUnkeyedDecoder(state: state, start: position, position: body, end: nestedEnd, total: count)
         position = nestedEnd
         currentIndex += 1
         return container
@@ -1578,8 +1772,8 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
 
     mutating func superDecoder() throws -> any Decoder {
         try checkNotAtEnd((any Decoder).self)
-        let next = try state.reader.skipValue(at: position, limit: end, path: elementPath())
-        let decoder = state.subDecoder(at: position, limit: next, base: path, key: BinaryIndexKey(currentIndex))
+        let next = try state.reader.skipValue(at: position, limit: end, path: state.codingPath(to: start) + [BinaryIndexKey(currentIndex)])
+        let decoder = state.subDecoder(at: position, limit: next)
         position = next
         currentIndex += 1
         return decoder
@@ -1592,36 +1786,36 @@ struct BinarySingleValueDecoder: SingleValueDecodingContainer {
     let position: Int
     let limit: Int
 
-    var codingPath: [any CodingKey] { state.slotBase.appending(state.slotKey).keys }
+    var codingPath: [any CodingKey] { state.codingPath(to: position) }
 
     func decodeNil() -> Bool {
-        ((try? state.isNil(at: position, limit: limit, path: [])) ?? false)
+        ((try? state.isNil(at: position, limit: limit)) ?? false)
     }
 
     func decode(_ type: Bool.Type) throws -> Bool {
         var at = position
-        return try state.readBool(&at, limit: limit, path: codingPath)
+        return try state.readBool(&at, limit: limit)
     }
 
     func decode(_ type: String.Type) throws -> String {
         var at = position
-        return try state.readString(&at, limit: limit, path: codingPath)
+        return try state.readString(&at, limit: limit)
     }
 
     func decode(_ type: Double.Type) throws -> Double {
         var at = position
-        return try state.readDouble(&at, limit: limit, path: codingPath)
+        return try state.readDouble(&at, limit: limit)
     }
 
     func decode(_ type: Float.Type) throws -> Float {
         var at = position
-        return try state.readFloat(&at, limit: limit, path: codingPath)
+        return try state.readFloat(&at, limit: limit)
     }
 
     @inline(__always)
     private func integer<I: FixedWidthInteger>(_ type: I.Type) throws -> I {
         var at = position
-        return try state.readInteger(I.self, &at, limit: limit, path: codingPath)
+        return try state.readInteger(I.self, &at, limit: limit)
     }
 
     func decode(_ type: Int.Type) throws -> Int { try integer(type) }
@@ -1639,6 +1833,6 @@ struct BinarySingleValueDecoder: SingleValueDecodingContainer {
         var at = position
         // The encoder marks an Optional that holds an Optional; step over one mark per level.
         if try state.reader.byte(at: at, limit: limit, path: codingPath) == BinaryFormat.some { at += 1 }
-        return try state.decodeValue(T.self, at: at, limit: limit, base: state.slotBase, key: state.slotKey)
+        return try state.decodeValue(T.self, at: at, limit: limit)
     }
 }

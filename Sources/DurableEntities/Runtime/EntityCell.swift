@@ -573,6 +573,24 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             throw EntityError(.failedOnReplay, entity: name, sequence: durable.snapshotSequence,
                               "the entity's snapshot or metadata cannot be read", underlying: error)
         }
+        if !W.hasRunBody {
+            // No run body: stream the events straight from the journal's pages, no copies.
+            let replayer = HistoryReplayer<W>(name: name, codec: core.codec, logger: core.logger)
+            var failure: EntityError?
+            do {
+                try journal.forEachEvent(of: key, from: durable.lastSequence + 1) { sequence, payload in
+                    do throws(EntityError) {
+                        try replayer.replayInPlace(sequence, payload, into: &durable)
+                    } catch {
+                        failure = error
+                        throw error
+                    }
+                }
+            } catch {
+                throw failure ?? EntityError(.failedOnReplay, entity: name, "reading the entity's history failed", underlying: error)
+            }
+            return durable
+        }
         var events: [(UInt64, HistoryEvent)] = []
         do {
             try journal.forEachEvent(of: key, from: durable.lastSequence + 1) { sequence, payload in

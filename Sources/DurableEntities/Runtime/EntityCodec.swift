@@ -2,8 +2,8 @@ import Foundation
 
 /// How the runtime turns states and messages into history bytes and back.
 ///
-/// The default, ``JSONEntityCodec``, writes JSON: readable in exported histories and tolerant of
-/// added optional fields. A codec must decode everything it encoded, in any later version of the
+/// The default, ``BinaryEntityCodec``, is a compact keyed binary format, tolerant of added optional
+/// fields and unknown keys, and reads JSON too; ``JSONEntityCodec`` writes readable JSON. A codec must decode everything it encoded, in any later version of the
 /// code that keeps the types compatible.
 public protocol EntityCodec: Sendable {
     func encode<Value: Encodable>(_ value: Value) throws -> [UInt8]

