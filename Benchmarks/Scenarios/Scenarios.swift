@@ -14,6 +14,8 @@ enum Scenarios {
             EntityActivateScenario.self,
             ReplayScenario.self,
             EntityMemoryScenario.self,
+            CodecScenario.self,
+            SagaTransferScenario.self,
         ]
     }
 

@@ -103,7 +103,7 @@ final class ActivityWorker: @unchecked Sendable {
             return
         }
         for (key, value) in stored {
-            guard let task = try? value.withUnsafeBytes({ try JSONEntityCodec().decode(ActivityTask.self, from: $0) }) else {
+            guard let task = try? value.withUnsafeBytes({ try BinaryEntityCodec().decode(ActivityTask.self, from: $0) }) else {
                 core.logger.error("a stored activity task does not decode; it is left in place", metadata: ["task.key": "\(key)"])
                 continue
             }
@@ -118,7 +118,7 @@ final class ActivityWorker: @unchecked Sendable {
         batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
         core.journal.submit(batch) { [self] _ in
             if let value = try? core.journal.task(forKey: key),
-               let task = try? value.withUnsafeBytes({ try JSONEntityCodec().decode(ActivityTask.self, from: $0) }) {
+               let task = try? value.withUnsafeBytes({ try BinaryEntityCodec().decode(ActivityTask.self, from: $0) }) {
                 dispatch(task)
             }
             done()
@@ -195,9 +195,16 @@ final class ActivityWorker: @unchecked Sendable {
             }
             if let previous { alarms.cancelAlarm(previous) }
         }
-        let running = Task { try await activity.run(task.input, context: context, codec: codec) }
-        attempt.state.withLock { $0.work = running }
-        let result = await running.result
+        let result: Result<[UInt8], any Error>
+        if scheduled.isEmpty, task.options.heartbeatTimeout == nil {
+            // Nothing can time it out: run it right here, no task of its own.
+            do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
+        } else {
+            // A timeout cancels the attempt, so it runs as a task the watchdogs can reach.
+            let running = Task { try await activity.run(task.input, context: context, codec: codec) }
+            attempt.state.withLock { $0.work = running }
+            result = await running.result
+        }
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
         let (timedOut, heartbeat, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeat, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
@@ -243,7 +250,7 @@ final class ActivityWorker: @unchecked Sendable {
         next.notBefore = due
         next.lastErrorType = errorType
         next.lastError = error
-        guard let value = try? JSONEntityCodec().encode(next) else { return fail(.retriesExhausted) }
+        guard let value = try? BinaryEntityCodec().encode(next) else { return fail(.retriesExhausted) }
         var batch = JournalBatch()
         batch.putTask(key: next.key, value: value)
         batch.scheduleTimer(JournalTimer(dueNanoseconds: due, entity: EntityKey(rawValue: task.entityKey),

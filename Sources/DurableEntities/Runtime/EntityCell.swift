@@ -387,8 +387,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
         }
 
-        guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.resultWaiters.isEmpty || !output.tasksDone.isEmpty else {
-            finishWithoutCommit(replies)
+        guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty else {
+            // Nothing to write: a turn that only read, refused, or registered result waiters.
+            if output.resultWaiters.isEmpty {
+                finishWithoutCommit(replies)
+            } else {
+                complete(.success(()), next: next, waiters: output.resultWaiters, replies: replies)
+            }
             return
         }
         let configuration = core.configuration
@@ -438,7 +443,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: next.run,
                                     activityID: activity.id, name: activity.name, input: activity.input, options: activity.options,
                                     attempt: 1, scheduledAt: output.now, notBefore: output.now)
-            if let value = try? JSONEntityCodec().encode(task) {
+            if let value = try? BinaryEntityCodec().encode(task) {
                 batch.putTask(key: task.key, value: value)
                 tasks.append(task)
             }

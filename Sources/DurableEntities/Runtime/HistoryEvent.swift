@@ -77,7 +77,7 @@ public struct HistoryEvent: Sendable, Hashable {
         case .marker(let changeID, let version):
             return HistoryEvent(kind: .versionMarker, timeNanoseconds: time, body: ids(UInt64(bitPattern: Int64(version))) + Array(changeID.utf8))
         case .scheduleActivity(let id, let name, let input, let options):
-            let spec = (try? JSONEntityCodec().encode(ScheduledActivity(name: name, input: input, options: options))) ?? []
+            let spec = (try? BinaryEntityCodec().encode(ScheduledActivity(name: name, input: input, options: options))) ?? []
             return HistoryEvent(kind: .activityScheduled, timeNanoseconds: time, body: ids(id) + spec)
         case .complete(let output): return HistoryEvent(kind: .completed, timeNanoseconds: time, body: output)
         case .fail(let message): return HistoryEvent(kind: .failed, timeNanoseconds: time, body: Array(message.utf8))
@@ -99,7 +99,7 @@ public struct HistoryEvent: Sendable, Hashable {
             return .marker(changeID: String(decoding: body[8...], as: UTF8.self), version: Int(Int64(bitPattern: a)))
         case .activityScheduled:
             guard let a = id(0),
-                  let spec = try? body[8...].withUnsafeBytes({ try JSONEntityCodec().decode(ScheduledActivity.self, from: $0) })
+                  let spec = try? body[8...].withUnsafeBytes({ try BinaryEntityCodec().decode(ScheduledActivity.self, from: $0) })
             else { return nil }
             return .scheduleActivity(id: a, name: spec.name, input: spec.input, options: spec.options)
         case .completed: return .complete(output: body)
@@ -115,7 +115,7 @@ public struct HistoryEvent: Sendable, Hashable {
         switch kind {
         case .activityCompleted: return (id, .success(Array(body[8...])))
         case .activityFailed:
-            guard let failure = try? body[8...].withUnsafeBytes({ try JSONEntityCodec().decode(ActivityFailure.self, from: $0) }) else { return nil }
+            guard let failure = try? body[8...].withUnsafeBytes({ try BinaryEntityCodec().decode(ActivityFailure.self, from: $0) }) else { return nil }
             return (id, .failure(failure))
         default: return nil
         }
@@ -129,7 +129,7 @@ public struct HistoryEvent: Sendable, Hashable {
             body.append(contentsOf: output)
             return HistoryEvent(kind: .activityCompleted, timeNanoseconds: time, body: body)
         case .failure(let failure):
-            body.append(contentsOf: (try? JSONEntityCodec().encode(failure)) ?? [])
+            body.append(contentsOf: (try? BinaryEntityCodec().encode(failure)) ?? [])
             return HistoryEvent(kind: .activityFailed, timeNanoseconds: time, body: body)
         }
     }

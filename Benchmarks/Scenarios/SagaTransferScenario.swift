@@ -1,0 +1,385 @@
+import DurableEntities
+import Foundation
+import Synchronization
+
+/// `saga-transfer`: money-transfer workflows — a run body executing three activities in sequence
+/// (withdraw, deposit, record) inside a ``Saga`` — started and awaited the way users do.
+///
+/// `--in-flight K` client tasks (default 1,000) each loop: start a new ``SagaTransfer`` entity
+/// `tr-<client>-<n>` with `start(_:)`, then await `result()`; `--events N` transfers in all
+/// (default 100,000). Latency is from the `start` call to the `result` return (the transfer's three
+/// activities ran and its completion is durable). Transfers move money between `--entities E`
+/// accounts (default 1,000) of an in-memory ``SagaLedger``; its activities are idempotent by
+/// ``ActivityContext/idempotencyKey``. The saga registers a compensation before each money step;
+/// none runs on this happy path. Set-up, not measured: one warm-up transfer per client.
+///
+/// Per transfer the runtime makes 5 journal submissions one after another (register the entity;
+/// `started` + schedule withdraw; 3 × activity outcome + the next command or `completed`), plus one
+/// for a turn that only registers the `result` waiter when it does not share a turn with an outcome
+/// (5.1–5.6 measured), and records 8 history events and 3 activity tasks (put, then deleted).
+///
+/// Extra fields: the journal writer's figures for the measured region (`commits`, `events_per_commit`,
+/// `submissions_per_commit`, …), `events_per_transfer` (read back from the journal), the process's CPU
+/// time per transfer (`cpu_us_per_transfer`, all threads) and cores kept busy, the ledger's check
+/// (`balances_consistent`: Σ withdrawn == Σ deposited, every transfer withdrew, deposited and recorded
+/// exactly once, money is conserved), and the 1-minute load average at the start.
+///
+/// `--param durability=relaxed`, `--param shards=N`, `--param max-per-turn=N`,
+/// `--param activities=N` (`maxConcurrentActivities`, default 2,048) and `--param max-resident=N`
+/// (default the larger of 10,000 and 4 × K) change the runtime. `--param codec=` selects the codec of
+/// the transfer's own payloads (input, activity inputs and outputs, result): `binary` (the runtime's
+/// default, ``BinaryEntityCodec``), `json` (``JSONEntityCodec``) or `raw` (``SagaRawCodec``, an
+/// experiment showing the runtime without the user-payload codec). The runtime's internal records
+/// (scheduled activities, activity tasks) are encoded by the runtime itself whatever the codec.
+struct SagaTransferScenario: BenchmarkScenario {
+    static let name = "saga-transfer"
+    static let summary = "saga workflows: K clients start transfers of 3 activities"
+
+    func run(_ options: ScenarioOptions, _ recorder: LatencyRecorder) async throws -> ScenarioResult {
+        let clients = max(1, options.value(\.inFlight, full: 1_000, quick: 200))
+        let total = max(clients, options.value(\.events, full: 100_000, quick: 2_000))
+        let accounts = max(2, options.value(\.entities, full: 1_000, quick: 1_000))
+        let durability = try EntityBench.durability(options.extra("durability"), default: .durable)
+        let shards: Int? = try options.extra("shards").map { _ in try options.extra("shards", full: 0, quick: 0) }
+        let maxPerTurn: Int? = try options.extra("max-per-turn").map { _ in try options.extra("max-per-turn", full: 0, quick: 0) }
+        let codec = options.extra("codec") ?? "binary"
+        guard ["binary", "json", "raw"].contains(codec) else { throw BenchmarkFailure(message: "--param codec must be binary, json or raw") }
+        let maxActivities = try options.extra("activities", full: 2_048, quick: 2_048)
+        let maxResident = try options.extra("max-resident", full: max(10_000, 4 * clients), quick: max(10_000, 4 * clients))
+        guard maxResident > clients else {
+            throw BenchmarkFailure(message: "--param max-resident=\(maxResident) must exceed --in-flight \(clients)")
+        }
+        let load = EntityBench.loadAverage()
+
+        let directory = try options.makeScratchDirectory("saga-transfer")
+        defer { directory.remove() }
+        var configuration = try EntityBench.configuration(
+            directory: directory.path, durability: durability, snapshotEvery: 100,
+            maxResidentEntities: maxResident, shards: shards, maxMessagesPerTurn: maxPerTurn)
+        configuration.maxConcurrentActivities = maxActivities
+        switch codec {
+        case "json": configuration.codec = JSONEntityCodec()
+        case "raw": configuration.codec = SagaRawCodec()
+        default: configuration.codec = BinaryEntityCodec()
+        }
+        let ledger = SagaLedger(accounts: accounts, openingBalance: SagaTransfer.openingBalance)
+        let runtime = try EntityRuntime(
+            configuration: configuration, entityTypes: [SagaTransfer.self],
+            activities: [
+                SagaWithdraw(ledger: ledger), SagaDeposit(ledger: ledger), SagaRecord(ledger: ledger),
+                SagaRefund(ledger: ledger), SagaUndoDeposit(ledger: ledger),
+            ])
+        defer { runtime.close() }
+
+        /// Transfer `n` of client `c`: between two accounts picked so that concurrent clients spread
+        /// over the ledger; amounts 1…10.
+        @Sendable func input(client: Int, n: Int) -> SagaTransfer.Input {
+            let from = (client &* 7 &+ n &* 13) % accounts
+            return SagaTransfer.Input(from: SagaLedger.account(from), to: SagaLedger.account((from + 1 + n % (accounts - 1)) % accounts),
+                                      amount: Int64(1 + n % 10))
+        }
+
+        // Set-up: one transfer per client (the activity pool, the shards and the writer warm up).
+        try await EntityBench.forEach(count: clients, workers: clients) { client in
+            let ref = runtime.entity(SagaTransfer.self, id: "warm-\(client)")
+            try await ref.start(input(client: client, n: 0))
+            _ = try await ref.result()
+        }
+
+        let before = runtime.journal.statistics
+        let cpuBefore = ProcessCPU.now()
+        recorder.start()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for client in 0..<clients {
+                let count = total / clients + (client < total % clients ? 1 : 0)
+                group.addTask {
+                    for n in 0..<count {
+                        let ref = runtime.entity(SagaTransfer.self, id: "tr-\(client)-\(n)")
+                        let start = ContinuousClock.Instant.now
+                        try await ref.start(input(client: client, n: n))
+                        let receipt = try await ref.result()
+                        recorder.record(since: start)
+                        guard receipt > 0 else { throw BenchmarkFailure(message: "tr-\(client)-\(n) returned receipt \(receipt)") }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        recorder.stop()
+        let cpu = ProcessCPU.now() - cpuBefore
+        let after = runtime.journal.statistics
+
+        // Sanity: every measured transfer's history is in the journal (and how long it is).
+        var events: UInt64 = 0
+        for client in 0..<clients {
+            let count = total / clients + (client < total % clients ? 1 : 0)
+            for n in 0..<count {
+                let name = EntityName(type: SagaTransfer.entityType, id: "tr-\(client)-\(n)")
+                guard let key = try runtime.journal.key(for: name) else {
+                    throw BenchmarkFailure(message: "\(name) is not registered")
+                }
+                events += try runtime.journal.latestSequence(of: key)
+            }
+        }
+        let books = ledger.books
+        let transfers = total + clients  // measured + warm-up
+        let consistent = books.withdrawn == books.deposited && books.refunded == 0 && books.undone == 0
+            && books.withdrawals == transfers && books.deposits == transfers && books.records == transfers
+            && books.balanceSum == Int64(accounts) * SagaTransfer.openingBalance
+
+        let commits = after.commits - before.commits
+        let perCommit = { (value: Int) -> JSONValue in .double(Double(value) / Double(max(1, commits))) }
+        var extra: [String: JSONValue] = [
+            "commits": .int(commits),
+            "events_per_commit": .double(Double(events) / Double(max(1, commits))),
+            "events_per_transfer": .double(Double(events) / Double(total)),
+            "submissions_per_commit": perCommit(after.submissions - before.submissions),
+            "submissions_per_transfer": .double(Double(after.submissions - before.submissions) / Double(total)),
+            "operations_per_commit": perCommit(after.operations - before.operations),
+            "build_ms_per_commit": .double((after.buildTime - before.buildTime).milliseconds / Double(max(1, commits))),
+            "commit_ms_per_commit": .double((after.commitTime - before.commitTime).milliseconds / Double(max(1, commits))),
+            "cpu_us_per_transfer": .double(cpu.seconds * 1e6 / Double(total)),
+            "balances_consistent": .bool(consistent),
+            "withdrawn_total": .int(Int(books.withdrawn)),
+            "deposited_total": .int(Int(books.deposited)),
+            "activity_duplicates": .int(books.duplicates),
+        ]
+        if let wall = recorder.elapsed { extra["cores_busy"] = .double(cpu.seconds / wall.seconds) }
+        if let load { extra["load_avg_1m"] = .double(load) }
+        guard consistent else {
+            throw BenchmarkFailure(message: "the ledger is inconsistent: \(books)")
+        }
+        return ScenarioResult(
+            operations: total,
+            params: [
+                "in_flight": .int(clients), "events": .int(total), "entities": .int(accounts),
+                "durability": .string("\(durability)"), "shards": .int(configuration.shards),
+                "max_per_turn": .int(configuration.maxMessagesPerTurn), "activities": .int(maxActivities),
+                "max_resident": .int(maxResident), "codec": .string(codec),
+            ],
+            extra: extra)
+    }
+}
+
+// MARK: The workflow
+
+/// A money transfer as a saga: withdraw from one account, deposit into another, record it. Each money
+/// step registers its compensation first (refund, undo the deposit); a failure would run them in
+/// reverse order. The state is the transfer's status.
+struct SagaTransfer: EntityWorkflow {
+    struct State: Codable, Sendable { var status: UInt8 = 0 }
+    struct Input: Codable, Sendable {
+        var from: String
+        var to: String
+        var amount: Int64
+    }
+    typealias Output = Int64
+
+    static let openingBalance: Int64 = 1_000_000_000
+    static let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(100), maximumAttempts: 3,
+                                                      nonRetryableErrorTypes: ["InsufficientFunds"]))
+
+    static var entityType: String { "SagaTransfer" }
+    static func initialState(id: String) -> State { State() }
+
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> Int64 {
+        var saga = Saga()
+        let debit = SagaLeg(account: input.from, amount: input.amount)
+        let credit = SagaLeg(account: input.to, amount: input.amount)
+        do {
+            saga.addCompensation("refund") { _ = try await context.execute(SagaRefund.self, debit, options: options) }
+            _ = try await context.execute(SagaWithdraw.self, debit, options: options)
+            context.updateState { $0.status = 1 }
+            saga.addCompensation("undo-deposit") { _ = try await context.execute(SagaUndoDeposit.self, credit, options: options) }
+            _ = try await context.execute(SagaDeposit.self, credit, options: options)
+            context.updateState { $0.status = 2 }
+            let receipt = try await context.execute(SagaRecord.self, input, options: options)
+            context.updateState { $0.status = 3 }
+            return receipt
+        } catch {
+            try await saga.compensate()
+            context.updateState { $0.status = 4 }
+            throw error
+        }
+    }
+}
+
+/// One side of a transfer.
+struct SagaLeg: Codable, Sendable {
+    var account: String
+    var amount: Int64
+}
+
+/// The in-memory bank the activities call: balances by account, and every applied operation by
+/// idempotency key (a repeated attempt returns the first result and changes nothing).
+final class SagaLedger: Sendable {
+    struct Books: Sendable, CustomStringConvertible {
+        var balances: [String: Int64] = [:]
+        var applied: [String: Int64] = [:]
+        var withdrawn: Int64 = 0
+        var deposited: Int64 = 0
+        var refunded: Int64 = 0
+        var undone: Int64 = 0
+        var withdrawals = 0
+        var deposits = 0
+        var records = 0
+        var duplicates = 0
+        var balanceSum: Int64 { balances.values.reduce(0, +) }
+        var description: String {
+            "withdrawn \(withdrawn) (\(withdrawals)), deposited \(deposited) (\(deposits)), records \(records), "
+                + "refunded \(refunded), undone \(undone), balance sum \(balanceSum), duplicates \(duplicates)"
+        }
+    }
+
+    struct InsufficientFunds: Error {}
+
+    private let state: Mutex<Books>
+
+    init(accounts: Int, openingBalance: Int64) {
+        var books = Books()
+        books.applied.reserveCapacity(1 << 16)
+        for index in 0..<accounts { books.balances[Self.account(index)] = openingBalance }
+        state = Mutex(books)
+    }
+
+    static func account(_ index: Int) -> String { "a-\(index)" }
+
+    var books: Books { state.withLock { $0 } }
+
+    /// Applies `change` once per idempotency key; returns its result (the first one, on a repeat).
+    func once(_ key: String, _ change: (inout Books) throws -> Int64) throws -> Int64 {
+        try state.withLock { books in
+            if let done = books.applied[key] {
+                books.duplicates += 1
+                return done
+            }
+            let result = try change(&books)
+            books.applied[key] = result
+            return result
+        }
+    }
+
+    /// Moves `amount` out of (negative) or into (positive) `account`; returns the new balance.
+    static func move(_ amount: Int64, _ account: String, in books: inout Books) throws -> Int64 {
+        let balance = books.balances[account, default: 0]
+        guard balance + amount >= 0 else { throw InsufficientFunds() }
+        books.balances[account] = balance + amount
+        return balance + amount
+    }
+}
+
+struct SagaWithdraw: Activity {
+    let ledger: SagaLedger
+    func run(_ input: SagaLeg, context: ActivityContext) async throws -> Int64 {
+        try ledger.once(context.idempotencyKey) { books in
+            let balance = try SagaLedger.move(-input.amount, input.account, in: &books)
+            books.withdrawn += input.amount
+            books.withdrawals += 1
+            return balance
+        }
+    }
+}
+
+struct SagaDeposit: Activity {
+    let ledger: SagaLedger
+    func run(_ input: SagaLeg, context: ActivityContext) async throws -> Int64 {
+        try ledger.once(context.idempotencyKey) { books in
+            let balance = try SagaLedger.move(input.amount, input.account, in: &books)
+            books.deposited += input.amount
+            books.deposits += 1
+            return balance
+        }
+    }
+}
+
+/// Records the transfer; returns its receipt number (1, 2, …).
+struct SagaRecord: Activity {
+    let ledger: SagaLedger
+    func run(_ input: SagaTransfer.Input, context: ActivityContext) async throws -> Int64 {
+        try ledger.once(context.idempotencyKey) { books in
+            books.records += 1
+            return Int64(books.records)
+        }
+    }
+}
+
+/// Compensates a withdrawal (registered by every transfer, run by none on the happy path).
+struct SagaRefund: Activity {
+    let ledger: SagaLedger
+    func run(_ input: SagaLeg, context: ActivityContext) async throws -> Int64 {
+        try ledger.once(context.idempotencyKey) { books in
+            let balance = try SagaLedger.move(input.amount, input.account, in: &books)
+            books.refunded += input.amount
+            return balance
+        }
+    }
+}
+
+/// Compensates a deposit (registered by every transfer, run by none on the happy path).
+struct SagaUndoDeposit: Activity {
+    let ledger: SagaLedger
+    func run(_ input: SagaLeg, context: ActivityContext) async throws -> Int64 {
+        try ledger.once(context.idempotencyKey) { books in
+            let balance = try SagaLedger.move(-input.amount, input.account, in: &books)
+            books.undone += input.amount
+            return balance
+        }
+    }
+}
+
+/// An experiment, selected with `--param codec=raw`: fixed-layout bytes for the transfer's payloads
+/// (``SagaLeg``, ``SagaTransfer/Input``, `Int64` outputs, ``SagaTransfer/State``), JSON for anything
+/// else. It shows what the runtime costs when the user-payload codec costs next to nothing.
+struct SagaRawCodec: EntityCodec {
+    private let json = JSONEntityCodec()
+
+    func encode<Value: Encodable>(_ value: Value) throws -> [UInt8] {
+        var out = [UInt8]()
+        if let leg = value as? SagaLeg {
+            Self.put(leg.amount, &out)
+            out.append(contentsOf: leg.account.utf8)
+        } else if let input = value as? SagaTransfer.Input {
+            Self.put(input.amount, &out)
+            Self.put(Int64(input.from.utf8.count), &out)
+            out.append(contentsOf: input.from.utf8)
+            out.append(contentsOf: input.to.utf8)
+        } else if let number = value as? Int64 {
+            Self.put(number, &out)
+        } else if let state = value as? SagaTransfer.State {
+            out.append(state.status)
+        } else {
+            return try json.encode(value)
+        }
+        return out
+    }
+
+    func decode<Value: Decodable>(_ type: Value.Type, from bytes: UnsafeRawBufferPointer) throws -> Value {
+        if type == SagaLeg.self {
+            let amount = try Self.word(bytes, at: 0)
+            return SagaLeg(account: String(decoding: bytes[8...], as: UTF8.self), amount: amount) as! Value
+        }
+        if type == SagaTransfer.Input.self {
+            let amount = try Self.word(bytes, at: 0)
+            let fromCount = Int(try Self.word(bytes, at: 8))
+            guard fromCount >= 0, 16 + fromCount <= bytes.count else { throw BenchmarkFailure(message: "raw codec: bad transfer input") }
+            let from = String(decoding: bytes[16..<(16 + fromCount)], as: UTF8.self)
+            let to = String(decoding: bytes[(16 + fromCount)...], as: UTF8.self)
+            return SagaTransfer.Input(from: from, to: to, amount: amount) as! Value
+        }
+        if type == Int64.self { return try Self.word(bytes, at: 0) as! Value }
+        if type == SagaTransfer.State.self {
+            guard bytes.count == 1 else { throw BenchmarkFailure(message: "raw codec: bad state") }
+            return SagaTransfer.State(status: bytes[0]) as! Value
+        }
+        return try json.decode(type, from: bytes)
+    }
+
+    private static func put(_ word: Int64, _ out: inout [UInt8]) {
+        withUnsafeBytes(of: word.littleEndian) { out.append(contentsOf: $0) }
+    }
+
+    private static func word(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws -> Int64 {
+        guard offset + 8 <= bytes.count else { throw BenchmarkFailure(message: "raw codec: \(bytes.count) bytes, expected more") }
+        return Int64(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: Int64.self))
+    }
+}
