@@ -331,6 +331,34 @@ struct JournalTests {
         let error = await #expect(throws: JournalError.self) { try await journal.commit(batch) }
         #expect(error?.code == .closed)
     }
+
+    @Test("a reserved key lets one batch register an entity and append to it; conflicts are refused")
+    func registerWithReservedKey() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        defer { journal.close() }
+        let name = EntityName(type: "Cart", id: "c-1")
+        let reserved = try journal.reserveKey(for: name)
+        #expect(!reserved.registered)
+        var batch = JournalBatch()
+        batch.register(name, as: reserved.key)
+        batch.append(reserved.key, sequence: 1, payload: bytes("first"))
+        _ = try await journal.commit(batch)
+        #expect(try journal.key(for: name) == reserved.key)
+        #expect(try journal.events(of: reserved.key).map(\.payload) == [bytes("first")])
+        #expect(try journal.reserveKey(for: name) == (reserved.key, true))
+
+        // The same name under another key, or another name under a taken key, is refused.
+        let other = try journal.reserveKey(for: EntityName(type: "Cart", id: "c-2")).key
+        var conflicting = JournalBatch()
+        conflicting.register(name, as: other)
+        await #expect(throws: JournalError.self) { try await journal.commit(conflicting) }
+        var stealing = JournalBatch()
+        stealing.register(EntityName(type: "Cart", id: "c-3"), as: reserved.key)
+        await #expect(throws: JournalError.self) { try await journal.commit(stealing) }
+        #expect(try journal.key(for: EntityName(type: "Cart", id: "c-3")) == nil)
+    }
 }
 
 extension Result where Failure == any Error {

@@ -24,6 +24,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let environment: Environment
     private let stores: Journal.Stores
     private let tails: TailIndex
+    private let keys: KeyAllocator
     private let configuration: Journal.Configuration
     private var state: WriterCounters
     /// Entities whose tail reached the coalesce threshold and awaits a move (owed work).
@@ -38,14 +39,14 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let completions = DispatchQueue(label: "DurableEntities.Journal.completions")
     private var thread: Thread?
 
-    init(environment: Environment, stores: Journal.Stores, tails: TailIndex,
+    init(environment: Environment, stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator,
          configuration: Journal.Configuration, recovered: Journal.Recovered) {
         self.environment = environment
         self.stores = stores
         self.tails = tails
+        self.keys = keys
         self.configuration = configuration
-        self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead,
-                           nextEntityKey: recovered.nextEntityKey)
+        self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead)
         self.fullTails = recovered.fullTails
         let thread = Thread { [unowned self] in self.run() }
         thread.stackSize = 8 << 20
@@ -160,7 +161,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     /// The transaction body. Re-runnable: it changes nothing outside the transaction (LMDB runs it
     /// again after growing a full map).
     private func write(_ batch: [Submission], in txn: borrowing WriteTransaction) throws -> Outcome {
-        var context = CommitContext(stores: stores, tails: tails, configuration: configuration, counters: state)
+        var context = CommitContext(stores: stores, tails: tails, keys: keys, configuration: configuration, counters: state)
         context.fullTails = fullTails
         context.deltas.reserveCapacity(batch.count)
         var outcome = Outcome(results: [], state: state)
@@ -194,8 +195,6 @@ private struct WriterCounters {
     var nextPosition: UInt64
     /// The oldest log position that may still be live (not yet moved to history).
     var liveHead: UInt64
-    /// The key the next registered entity gets.
-    var nextEntityKey: UInt64
 }
 
 /// The working state of one transaction body: the tails it touched, counters, scratch space.
@@ -212,10 +211,7 @@ private struct CommitContext {
         get { counters.liveHead }
         set { counters.liveHead = newValue }
     }
-    var nextEntityKey: UInt64 {
-        get { counters.nextEntityKey }
-        set { counters.nextEntityKey = newValue }
-    }
+    let keys: KeyAllocator
     /// What this transaction changes in the tails it touched.
     var deltas: [UInt64: TailDelta] = [:]
     /// Entities whose tail reached the coalesce threshold, waiting for a move.
@@ -226,9 +222,10 @@ private struct CommitContext {
     var registeredHere: [EntityName: EntityKey] = [:]
     var chunk = ChunkBuilder()
 
-    init(stores: Journal.Stores, tails: TailIndex, configuration: Journal.Configuration, counters: WriterCounters) {
+    init(stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator, configuration: Journal.Configuration, counters: WriterCounters) {
         self.stores = stores
         self.tails = tails
+        self.keys = keys
         self.configuration = configuration
         self.counters = counters
     }
@@ -277,7 +274,7 @@ private struct CommitContext {
             }
         }
         func checkKnown(_ entity: EntityKey, _ sequence: UInt64?) throws(JournalError) {
-            guard entity.rawValue > 0, entity.rawValue < nextEntityKey else {
+            guard entity.rawValue > 0, entity.rawValue < keys.bound else {
                 throw JournalError(.unknownEntity, key: entity, sequence: sequence,
                                    "no entity is registered under this key; register it first. Nothing was written")
             }
@@ -286,6 +283,9 @@ private struct CommitContext {
             switch operation {
             case .register(let name):
                 _ = try name.nameKey()
+            case .registerAs(let name, let key):
+                try checkKnown(key, nil)
+                try validateRegistration(name, as: key, in: txn)
             case .append(let entity, let sequence, let payload, _):
                 try checkKnown(entity, sequence)
                 try checkSize(payload, entity, sequence, "event")
@@ -355,6 +355,8 @@ private struct CommitContext {
             switch operation {
             case .register(let name):
                 registered.append(try register(name, in: txn))
+            case .registerAs(let name, let key):
+                registered.append(try register(name, as: key, in: txn))
             case .append(let entity, let sequence, let payload, let checksum):
                 let position = nextPosition
                 nextPosition += 1
@@ -409,18 +411,42 @@ private struct CommitContext {
         return registered
     }
 
-    private mutating func register(_ name: EntityName, in txn: borrowing WriteTransaction) throws -> EntityKey {
+    /// The key `name` is registered under, in this transaction or before it.
+    private func existingKey(of name: EntityName, in txn: borrowing WriteTransaction) throws -> EntityKey? {
         if let key = registeredHere[name] { return key }
         let nameKey = try name.nameKey()
-        let existing: EntityKey? = try nameKey.withUnsafeBytes { k in
+        return try nameKey.withUnsafeBytes { k in
             try txn.withValue(forKey: k, in: stores.names) { v in v.map { EntityKey(rawValue: $0.bigEndianUInt64(at: 0)) } }
         }
-        if let existing { return existing }
-        let key = EntityKey(rawValue: nextEntityKey)
-        nextEntityKey += 1
+    }
+
+    /// A reserved key may take a name that has no key, or confirm the one it has; never two keys for
+    /// one name, nor two names for one key.
+    private func validateRegistration(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws {
+        if let existing = try existingKey(of: name, in: txn) {
+            guard existing == key else {
+                throw JournalError(.unknownEntity, entity: name, key: key,
+                                   "the entity is already registered under \(existing); nothing was written")
+            }
+            return
+        }
+        let owner = try Key8(key.rawValue).withBytes { k in try txn.withValue(forKey: k, in: stores.entities) { $0 != nil } }
+        guard !owner, !registeredHere.values.contains(key) else {
+            throw JournalError(.unknownEntity, entity: name, key: key, "the key belongs to another entity; nothing was written")
+        }
+    }
+
+    private mutating func register(_ name: EntityName, in txn: borrowing WriteTransaction) throws -> EntityKey {
+        if let existing = try existingKey(of: name, in: txn) { return existing }
+        return try register(name, as: EntityKey(rawValue: keys.allocate()), in: txn)
+    }
+
+    private mutating func register(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws -> EntityKey {
+        if let existing = try existingKey(of: name, in: txn) { return existing }
+        let nameKey = try name.nameKey()
         try Key8(key.rawValue).withBytes { k in
             try nameKey.withUnsafeBytes { try txn.put(k, forKey: $0, in: stores.names) }
-            try EntityMetadata(name: name).encoded().withUnsafeBytes { try txn.put($0, forKey: k, in: stores.entities, flags: .append) }
+            try EntityMetadata(name: name).encoded().withUnsafeBytes { try txn.put($0, forKey: k, in: stores.entities) }
         }
         registeredHere[name] = key
         return key

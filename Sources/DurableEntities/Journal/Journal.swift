@@ -99,6 +99,7 @@ public final class Journal: Sendable {
     let environment: Environment
     let stores: Stores
     let tails: TailIndex
+    let keys: KeyAllocator
     private let writer: GroupCommitWriter
     private let lockDescriptor: Int32
     private let closed = Atomic<Bool>(false)
@@ -149,8 +150,9 @@ public final class Journal: Sendable {
             tails = TailIndex()
             let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
                                              coalesceThreshold: configuration.coalesceThreshold)
+            keys = KeyAllocator(next: recovered.nextEntityKey)
             writer = GroupCommitWriter(
-                environment: environment, stores: stores, tails: tails,
+                environment: environment, stores: stores, tails: tails, keys: keys,
                 configuration: configuration, recovered: recovered)
             configuration.logger.info("journal opened", metadata: [
                 "journal.directory": "\(environment.path)",
@@ -212,6 +214,13 @@ public final class Journal: Sendable {
     }
 
     /// Registers `name` if needed and returns its key. Idempotent.
+    /// The key of `name`: its registered one, or a fresh key reserved for it (not durable until a
+    /// batch with ``JournalBatch/register(_:as:)`` commits).
+    public func reserveKey(for name: EntityName) throws(JournalError) -> (key: EntityKey, registered: Bool) {
+        if let key = try key(for: name) { return (key, true) }
+        return (EntityKey(rawValue: keys.allocate()), false)
+    }
+
     public func register(_ name: EntityName) async throws(JournalError) -> EntityKey {
         if let key = try key(for: name) { return key }
         var batch = JournalBatch()

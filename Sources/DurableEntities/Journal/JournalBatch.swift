@@ -15,6 +15,7 @@
 public struct JournalBatch: Sendable {
     enum Operation: Sendable {
         case register(EntityName)
+        case registerAs(EntityName, EntityKey)
         /// The checksum is computed by the caller's thread, off the writer's critical path.
         case append(EntityKey, sequence: UInt64, payload: [UInt8], checksum: UInt32)
         case snapshot(EntityKey, sequence: UInt64, payload: [UInt8])
@@ -37,6 +38,13 @@ public struct JournalBatch: Sendable {
     /// Registers an entity (idempotent); its key comes back in ``CommitReceipt/registered``.
     public mutating func register(_ name: EntityName) {
         operations.append(.register(name))
+    }
+
+    /// Registers `name` under a key from ``Journal/reserveKey(for:)``, so that the same batch can
+    /// already append to it: a new entity's first events need no commit of their own. Refused if the
+    /// name is registered under another key.
+    public mutating func register(_ name: EntityName, as key: EntityKey) {
+        operations.append(.registerAs(name, key))
     }
 
     /// Appends an event. `sequence` must be the entity's latest sequence (counting earlier appends in

@@ -118,3 +118,15 @@ extension TailIndex {
         }
     }
 }
+
+/// Hands out entity keys: ascending, never reused within a process. A key becomes durable with the
+/// commit that registers a name under it; a reserved key whose registration never commits is simply
+/// never used (holes are harmless).
+final class KeyAllocator: Sendable {
+    private let next: Atomic<UInt64>
+    init(next: UInt64) { self.next = Atomic(max(1, next)) }
+    /// A fresh key.
+    func allocate() -> UInt64 { next.add(1, ordering: .relaxed).oldValue }
+    /// Every key below this one has been handed out.
+    var bound: UInt64 { next.load(ordering: .relaxed) }
+}

@@ -416,23 +416,25 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     /// Writes the turn's events (registering the entity first if it is new), then completes the turn.
     private func commit(_ output: TurnOutput, next: Durable, continueAsNew: Bool, replies: [Reply]) {
-        guard let key = next.key else {
-            var registration = JournalBatch()
-            registration.register(name)
-            core.journal.submit(registration) { result in
-                switch result {
-                case .success(let receipt):
-                    var registered = next
-                    registered.key = receipt.registered[0]
-                    self.commit(output, next: registered, continueAsNew: continueAsNew, replies: replies)
-                case .failure(let error):
-                    self.complete(.failure(EntityError(.storage, entity: self.name, "registering the entity failed; nothing was recorded", underlying: error)),
-                                  next: next, waiters: output.resultWaiters, replies: replies)
-                }
-            }
-            return
-        }
         var batch = JournalBatch()
+        var next = next
+        let key: EntityKey
+        if let known = next.key {
+            key = known
+        } else {
+            // A new entity: its name is registered under a reserved key in this same commit, so its
+            // first turn costs one commit, not two.
+            do {
+                let reserved = try core.journal.reserveKey(for: name)
+                key = reserved.key
+                if !reserved.registered { batch.register(name, as: key) }
+            } catch {
+                complete(.failure(EntityError(.storage, entity: name, "reserving the entity's key failed; nothing was recorded", underlying: error)),
+                         next: next, waiters: output.resultWaiters, replies: replies)
+                return
+            }
+            next.key = key
+        }
         for (sequence, payload) in output.events { batch.append(key, sequence: sequence, payload: payload) }
         for (name, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(name.key, name.kind, key), payload: result) }
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
