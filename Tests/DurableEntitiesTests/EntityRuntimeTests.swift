@@ -1,4 +1,5 @@
 @testable import DurableEntities
+import DurableEntitiesTesting
 import Foundation
 import Testing
 
@@ -188,6 +189,28 @@ struct EntityRuntimeTests {
         }
         for sender in 0..<64 {
             #expect(try await runtime.entity(Account.self, id: "busy-\(sender)").query(\.balance) == 5)
+        }
+    }
+
+    @Test("entities idle past the configured time leave memory; recently active ones stay; both keep their state")
+    func passivationByIdleTime() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        var configuration = configuration(directory)
+        configuration.clock = clock
+        configuration.passivateAfterIdle = .seconds(60)
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        for index in 0..<10 { try await runtime.entity(Account.self, id: "idle-\(index)").signal(.deposit(Int64(index))) }
+        #expect(runtime.residentEntities == 10)
+        clock.advance(by: .seconds(30))
+        try await runtime.entity(Account.self, id: "idle-0").signal(.deposit(100))
+        clock.advance(by: .seconds(31))        // idle-1…9: 61 s idle; idle-0: 31 s
+        runtime.passivateIdleEntities(idleFor: .seconds(60))
+        #expect(runtime.residentEntities == 1)
+        for index in 0..<10 {
+            #expect(try await runtime.entity(Account.self, id: "idle-\(index)").query(\.balance) == Int64(index == 0 ? 100 : index))
         }
     }
 }

@@ -59,6 +59,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var failure: EntityError?
         /// Callers awaiting the run body's result.
         var resultWaiters: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
+        /// When a turn last finished (ns on the runtime's clock), for passivation by idle time.
+        var lastActive: UInt64 = 0
     }
 
     let name: EntityName
@@ -103,8 +105,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// Marks the cell evicted if it is idle; returns whether it was. A run body in memory is abandoned
     /// (it is replayed from history when the entity is next activated).
     func evictIfIdle() -> Bool {
+        evictIfIdle(lastActiveBefore: .max)
+    }
+
+    /// Evicts the cell if it is idle and no turn finished since `cutoff`.
+    func evictIfIdle(lastActiveBefore cutoff: UInt64) -> Bool {
         let workflow = cell.withLock { state -> WorkflowRun<W>?? in
-            guard state.messages.isEmpty, !state.inFlight, !state.scheduled, state.resultWaiters.isEmpty else { return nil }
+            guard state.messages.isEmpty, !state.inFlight, !state.scheduled, state.resultWaiters.isEmpty,
+                  state.lastActive < cutoff else { return nil }
             state.evicted = true
             defer { state.durable = nil }
             return .some(state.durable?.workflow)
@@ -493,8 +501,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     private func complete(_ outcome: Result<Void, EntityError>, next: Durable, waiters: [@Sendable (Result<W.Output, EntityError>) -> Void],
                           replies: [Reply]) {
         var abandoned: WorkflowRun<W>?
+        let now = core.clock.nowNanoseconds()
         let (reschedule, finished, resolved) = cell.withLock { state -> (Bool, Bool, [@Sendable (Result<W.Output, EntityError>) -> Void]) in
             state.resultWaiters += waiters
+            state.lastActive = now
             var resolved: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
             switch outcome {
             case .success:
@@ -531,8 +541,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     }
 
     private func finishWithoutCommit(_ replies: [Reply]) {
+        let now = core.clock.nowNanoseconds()
         let reschedule = cell.withLock { state -> Bool in
             state.inFlight = false
+            state.lastActive = now
             guard !state.messages.isEmpty, !state.scheduled else { return false }
             state.scheduled = true
             return true

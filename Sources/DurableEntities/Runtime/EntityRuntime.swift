@@ -28,6 +28,8 @@ public final class EntityRuntime: Sendable {
         public var snapshotEvery: Int
         /// Past this many resident entities, idle ones are passivated (oldest first).
         public var maxResidentEntities: Int
+        /// Entities idle this long leave memory (checked every quarter of it); `nil`: only the bound.
+        public var passivateAfterIdle: Duration?
         /// The largest encoded message accepted.
         public var maxPayloadBytes: Int
         /// An entity continues as new (snapshot into a new run) once its current run has this many events.
@@ -55,6 +57,7 @@ public final class EntityRuntime: Sendable {
             maxMessagesPerTurn: Int = 256,
             snapshotEvery: Int = 100,
             maxResidentEntities: Int = 100_000,
+            passivateAfterIdle: Duration? = .seconds(300),
             maxPayloadBytes: Int = 1 << 20,
             continueAsNewAfterEvents: Int = 1_000,
             continueAsNewAfterBytes: Int = 4 << 20,
@@ -70,6 +73,7 @@ public final class EntityRuntime: Sendable {
             self.maxMessagesPerTurn = maxMessagesPerTurn
             self.snapshotEvery = snapshotEvery
             self.maxResidentEntities = maxResidentEntities
+            self.passivateAfterIdle = passivateAfterIdle
             self.maxPayloadBytes = maxPayloadBytes
             self.continueAsNewAfterEvents = continueAsNewAfterEvents
             self.continueAsNewAfterBytes = continueAsNewAfterBytes
@@ -106,6 +110,15 @@ public final class EntityRuntime: Sendable {
         // activity tasks run again; that activates just those entities, idle ones stay on disk.
         core.timers.start(core: core)
         core.activities.recover()
+        if let idle = configuration.passivateAfterIdle { core.schedulePassivation(after: idle) }
+    }
+
+    /// Passivates now every entity idle for at least `idle` (the runtime also does it on its own,
+    /// per ``Configuration/passivateAfterIdle``). Returns how many left memory.
+    @discardableResult
+    public func passivateIdleEntities(idleFor idle: Duration = .zero) -> Int {
+        let now = core.clock.nowNanoseconds()
+        return core.passivateIdle(activeBefore: now > idle.nanoseconds ? now - idle.nanoseconds + 1 : 0)
     }
 
     /// Registers an activity under its type's ``Activity/name``; replaces one of the same name.

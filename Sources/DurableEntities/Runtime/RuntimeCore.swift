@@ -98,6 +98,37 @@ final class RuntimeCore: Sendable {
         }
     }
 
+    /// Passivates every idle entity not active since `cutoff` (ns on the runtime's clock).
+    /// - Returns: how many left memory.
+    @discardableResult
+    func passivateIdle(activeBefore cutoff: UInt64) -> Int {
+        var count = 0
+        for box in tables {
+            box.table.withLock { table in
+                var evicted = false
+                for (name, cell) in table.cells where cell.evictIfIdle(lastActiveBefore: cutoff) {
+                    table.cells[name] = nil
+                    count += 1
+                    evicted = true
+                }
+                if evicted { table.order = Deque(table.order.filter { table.cells[$0] != nil }) }
+            }
+        }
+        return count
+    }
+
+    /// Runs ``passivateIdle(activeBefore:)`` every quarter of `idle` (at least every second) on the
+    /// runtime's clock.
+    func schedulePassivation(after idle: Duration) {
+        let interval = max(UInt64(1_000_000_000), idle.nanoseconds / 4)
+        _ = timers.alarm(at: clock.nowNanoseconds() &+ interval) { [weak self] in
+            guard let self, !self.closed.load(ordering: .acquiring) else { return }
+            let now = self.clock.nowNanoseconds()
+            self.passivateIdle(activeBefore: now > idle.nanoseconds ? now - idle.nanoseconds : 0)
+            self.schedulePassivation(after: idle)
+        }
+    }
+
     /// How many entities are resident.
     var residentCount: Int { tables.reduce(0) { $0 + $1.table.withLock { $0.cells.count } } }
 
@@ -137,6 +168,7 @@ final class RuntimeCore: Sendable {
 /// A resident cell, whatever its entity type.
 protocol ResidentCell: AnyObject, Sendable {
     func evictIfIdle() -> Bool
+    func evictIfIdle(lastActiveBefore cutoff: UInt64) -> Bool
 }
 
 extension EntityCell: ResidentCell {}

@@ -107,9 +107,11 @@ final class TimerService: @unchecked Sendable {
             let upcoming = ((try? core.journal.timers(limit: 1_024 + delivering.count)) ?? [])
                 .first { $0.dueNanoseconds > now && !isDelivering($0) }
             var wait: Duration? = nil
-            let nextDeadline = [upcoming?.dueNanoseconds, nextAlarmDeadline].compactMap { $0 }.min()
-            if let nextDeadline {
-                if core.isIdle, core.clock.advanceWhenIdle(to: nextDeadline) { continue }
+            // A test clock skips idle time to durable timers only: alarms watch work in progress (an
+            // activity's timeouts) or housekeeping (passivation sweeps), never what an idle runtime
+            // waits for — skipping to them would run the clock on forever.
+            if let upcoming, core.isIdle, core.clock.advanceWhenIdle(to: upcoming.dueNanoseconds) { continue }
+            if let nextDeadline = [upcoming?.dueNanoseconds, nextAlarmDeadline].compactMap({ $0 }).min() {
                 wait = core.clock.realWait(until: nextDeadline)
             }
             condition.lock()
