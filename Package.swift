@@ -14,6 +14,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
     ],
     targets: [
         // C interop stays at the edge: one system-library target for Debian's liblmdb-dev.
@@ -34,6 +35,7 @@ let package = Package(
                 "LMDB",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         // The test kit, shipped as a library product: test clock, history replayer, crash-and-reopen.
@@ -87,7 +89,10 @@ let package = Package(
         ),
         .testTarget(
             name: "DurableEntitiesTests",
-            dependencies: ["DurableEntities", "DurableEntitiesTesting", "LMDB"],
+            dependencies: [
+                "DurableEntities", "DurableEntitiesTesting", "LMDB",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             // Golden histories, read by path (#filePath) rather than bundled.
             exclude: ["Histories"]
         ),
