@@ -2,6 +2,7 @@ import DequeModule
 import Dispatch
 import Foundation
 import LMDB
+import Metrics
 import Synchronization
 
 /// The journal's single writer: one dedicated thread owns every LMDB write transaction.
@@ -32,6 +33,10 @@ final class GroupCommitWriter: @unchecked Sendable {
 
     /// Counters for benchmarks and metrics.
     let statistics = Mutex(Journal.Statistics())
+    /// swift-metrics: commits, their sizes (operations) and durations (fsync included).
+    private let commitsMetric = Counter(label: "durable_entities_journal_commits")
+    private let batchSizeMetric = Recorder(label: "durable_entities_journal_commit_operations")
+    private let commitDurationMetric = Metrics.Timer(label: "durable_entities_journal_commit_duration")
     private let condition = NSCondition()
     private var pending = Deque<Submission>()
     private var closing = false
@@ -145,13 +150,17 @@ final class GroupCommitWriter: @unchecked Sendable {
         state = outcome.state
         fullTails = outcome.fullTails
         let committed = ContinuousClock.now
+        let operations = batch.reduce(0) { $0 + $1.batch.operations.count }
         statistics.withLock { stats in
             stats.commits += 1
             stats.submissions += batch.count
-            stats.operations += batch.reduce(0) { $0 + $1.batch.operations.count }
+            stats.operations += operations
             stats.buildTime += built - started
             stats.commitTime += committed - built
         }
+        commitsMetric.increment()
+        batchSizeMetric.record(operations)
+        commitDurationMetric.record(duration: committed - started)
         tails.publish(outcome.deltas)
         completions.async {
             for (submission, result) in zip(batch, outcome.results) { submission.completion(result) }

@@ -139,6 +139,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             if idle { core.becameIdle() }
             return
         }
+        shard.turnMessages.record(messages.count)
         if let failure {
             finishWithoutCommit(messages.map { Reply.fail($0, failure) })
             return

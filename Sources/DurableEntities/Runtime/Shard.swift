@@ -1,5 +1,6 @@
 import DequeModule
 import Foundation
+import Metrics
 
 /// Work a shard runs: an entity cell with something in its mailbox.
 protocol ShardWork: AnyObject, Sendable {
@@ -14,6 +15,12 @@ protocol ShardWork: AnyObject, Sendable {
 /// `@unchecked Sendable`: the queue is guarded by `condition`.
 final class Shard: @unchecked Sendable {
     let index: Int
+    /// Entities waiting for a turn on this shard.
+    private let readyEntities: Gauge
+    /// How long each turn takes on the shard's thread (commit not included).
+    private let turnDuration: Metrics.Timer
+    /// How many messages each turn takes from its entity's mailbox.
+    let turnMessages: Recorder
     private let condition = NSCondition()
     private var ready = Deque<any ShardWork>()
     private var stopping = false
@@ -21,6 +28,10 @@ final class Shard: @unchecked Sendable {
 
     init(index: Int) {
         self.index = index
+        let dimensions = [("shard", "\(index)")]
+        readyEntities = Gauge(label: "durable_entities_shard_ready_entities", dimensions: dimensions)
+        turnDuration = Metrics.Timer(label: "durable_entities_turn_duration", dimensions: dimensions)
+        turnMessages = Recorder(label: "durable_entities_turn_messages", dimensions: dimensions)
         let thread = Thread { [unowned self] in self.run() }
         thread.stackSize = 4 << 20
         thread.start()
@@ -30,8 +41,10 @@ final class Shard: @unchecked Sendable {
     func schedule(_ work: any ShardWork) {
         condition.lock()
         ready.append(work)
-        if ready.count == 1 { condition.signal() }
+        let depth = ready.count
+        if depth == 1 { condition.signal() }
         condition.unlock()
+        readyEntities.record(depth)
     }
 
     /// Runs what is queued, then stops the thread.
@@ -54,7 +67,9 @@ final class Shard: @unchecked Sendable {
                 return
             }
             condition.unlock()
+            let started = DispatchTime.now().uptimeNanoseconds
             work.runTurn()
+            turnDuration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started))
         }
     }
 }
