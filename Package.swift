@@ -85,14 +85,19 @@ let package = Package(
             dependencies: ["DurableEntities"],
             path: "Tests/Support/JournalCrashChild"
         ),
+        // What both test targets share: child processes the tests start and SIGKILL.
+        .target(
+            name: "TestSupport",
+            path: "Tests/Support/TestSupport"
+        ),
         .testTarget(
             name: "LMDBTests",
-            dependencies: ["LMDB"]
+            dependencies: ["LMDB", "TestSupport"]
         ),
         .testTarget(
             name: "DurableEntitiesTests",
             dependencies: [
-                "DurableEntities", "DurableEntitiesTesting", "LMDB",
+                "DurableEntities", "DurableEntitiesTesting", "LMDB", "TestSupport",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),

@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 // The activity side of crash safety: `EntityCrashChild activities|saga` runs activities and is

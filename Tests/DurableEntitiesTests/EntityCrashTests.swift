@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 @Suite("Entity runtime crash safety")

@@ -1,5 +1,6 @@
 @testable import DurableEntities
 import Foundation
+import TestSupport
 import Testing
 
 @Suite("Journal crash safety")

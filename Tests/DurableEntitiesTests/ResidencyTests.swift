@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 /// Acceptance: "a passivated entity reactivates with identical state; 1,000,000 entities touched once

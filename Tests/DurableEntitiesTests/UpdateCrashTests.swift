@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 /// Acceptance: "a rejected update leaves no event; an accepted one is applied exactly once across a

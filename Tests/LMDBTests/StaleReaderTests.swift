@@ -1,16 +1,17 @@
 import Foundation
 import LMDB
+import TestSupport
 import Testing
 
 @Suite("Stale readers of dead processes", .timeLimit(.minutes(1)))
 struct StaleReaderTests {
     /// Starts `JournalCrashChild hold-reader DIR` and waits until it holds its read transaction.
-    private static func startReader(_ directory: String) throws -> ChildProgram {
-        let child = try ChildProgram("JournalCrashChild", arguments: ["hold-reader", directory])
+    private static func startReader(_ directory: String) throws -> ChildProcess {
+        let child = try ChildProcess("JournalCrashChild", arguments: ["hold-reader", directory])
         let line = child.readLine()
         guard line == "reading" else {
             child.kill()
-            throw ChildProgramError(message: "the child printed \(String(describing: line)) instead of 'reading'")
+            throw ChildProcessError(message: "the child printed \(String(describing: line)) instead of 'reading'")
         }
         return child
     }

@@ -1684,50 +1684,25 @@ struct BinaryUnkeyedDecoder: UnkeyedDecodingContainer {
         return true
     }
 
-    mutating func decode(_ type: Bool.Type) throws -> Bool {
+    /// Reads the next element with `read` (which advances the offset it is given), then moves on.
+    @inline(__always)
+    private mutating func next<T>(_ type: T.Type, _ read: (BinaryDecoderState, inout Int, Int) throws -> T) throws -> T {
         try checkNotAtEnd(type)
         var at = position
-        let value = try state.readBool(&at, limit: end)
+        let value = try read(state, &at, end)
         position = at
         currentIndex += 1
         return value
     }
 
-    mutating func decode(_ type: String.Type) throws -> String {
-        try checkNotAtEnd(type)
-        var at = position
-        let value = try state.readString(&at, limit: end)
-        position = at
-        currentIndex += 1
-        return value
-    }
-
-    mutating func decode(_ type: Double.Type) throws -> Double {
-        try checkNotAtEnd(type)
-        var at = position
-        let value = try state.readDouble(&at, limit: end)
-        position = at
-        currentIndex += 1
-        return value
-    }
-
-    mutating func decode(_ type: Float.Type) throws -> Float {
-        try checkNotAtEnd(type)
-        var at = position
-        let value = try state.readFloat(&at, limit: end)
-        position = at
-        currentIndex += 1
-        return value
-    }
+    mutating func decode(_ type: Bool.Type) throws -> Bool { try next(type) { try $0.readBool(&$1, limit: $2) } }
+    mutating func decode(_ type: String.Type) throws -> String { try next(type) { try $0.readString(&$1, limit: $2) } }
+    mutating func decode(_ type: Double.Type) throws -> Double { try next(type) { try $0.readDouble(&$1, limit: $2) } }
+    mutating func decode(_ type: Float.Type) throws -> Float { try next(type) { try $0.readFloat(&$1, limit: $2) } }
 
     @inline(__always)
     private mutating func integer<I: FixedWidthInteger>(_ type: I.Type) throws -> I {
-        try checkNotAtEnd(type)
-        var at = position
-        let value = try state.readInteger(I.self, &at, limit: end)
-        position = at
-        currentIndex += 1
-        return value
+        try next(type) { try $0.readInteger(I.self, &$1, limit: $2) }
     }
 
     mutating func decode(_ type: Int.Type) throws -> Int { try integer(type) }

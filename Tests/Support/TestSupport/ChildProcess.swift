@@ -2,13 +2,13 @@ import Foundation
 
 /// A helper executable of this package, started as a child process whose stdout the test reads line
 /// by line, and which the test can kill with SIGKILL.
-final class ChildProcess {
-    let process = Process()
+public final class ChildProcess {
+    public let process = Process()
     private let pipe = Pipe()
     private var buffer: [UInt8] = []
 
     /// Finds an executable product built next to the test bundle (`swift build --build-tests` builds it).
-    static func executable(_ name: String) throws -> URL {
+    public static func executable(_ name: String) throws -> URL {
         var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")).map(URL.init(fileURLWithPath:))
         for candidate in [directory, exe?.deletingLastPathComponent()].compactMap({ $0 }) {
@@ -24,7 +24,7 @@ final class ChildProcess {
         throw ChildProcessError(message: "executable '\(name)' not found near \(directory.path); run `swift build --build-tests` first")
     }
 
-    init(_ name: String, arguments: [String]) throws {
+    public init(_ name: String, arguments: [String]) throws {
         process.executableURL = try Self.executable(name)
         process.arguments = arguments
         process.standardOutput = pipe
@@ -33,7 +33,7 @@ final class ChildProcess {
     }
 
     /// The next line the child printed, or `nil` at end of output. Blocks until one arrives.
-    func readLine() -> String? {
+    public func readLine() -> String? {
         while true {
             if let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
                 let line = String(decoding: buffer[..<newline], as: UTF8.self)
@@ -47,20 +47,21 @@ final class ChildProcess {
     }
 
     /// Kills the child with SIGKILL and waits for it.
-    func kill() {
+    public func kill() {
         _ = Foundation.kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
     }
 
     /// Every line still in the pipe after the child died: what it printed before the kill.
-    func remainingLines() -> [String] {
+    public func remainingLines() -> [String] {
         var lines: [String] = []
         while let line = readLine() { lines.append(line) }
         return lines
     }
 }
 
-struct ChildProcessError: Error, CustomStringConvertible {
-    let message: String
-    var description: String { message }
+public struct ChildProcessError: Error, CustomStringConvertible {
+    public let message: String
+    public init(message: String) { self.message = message }
+    public var description: String { message }
 }
