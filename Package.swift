@@ -1,4 +1,4 @@
-// swift-tools-version: 6.0
+// swift-tools-version: 6.1
 import PackageDescription
 
 let package = Package(
@@ -16,6 +16,11 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.4.0"),
+        // The samples' HTTP services. Its default traits (swift-configuration support, full
+        // Foundation) are switched off: the samples need neither, and CI builds from scratch.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.20.0", traits: []),
+        // Hummingbird builds on SwiftNIO already; named here for the samples' small HTTP client.
+        .package(url: "https://github.com/apple/swift-nio", from: "2.81.0"),
     ],
     targets: [
         // C interop stays at the edge: one system-library target for Debian's liblmdb-dev.
@@ -68,11 +73,37 @@ let package = Package(
             name: "BankSample",
             dependencies: [
                 "DurableEntities",
+                "SampleHTTPClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             path: "Samples/Bank",
             exclude: ["README.md"]
+        ),
+        .executableTarget(
+            name: "CartSample",
+            dependencies: [
+                "DurableEntities",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Samples/Cart",
+            exclude: ["README.md"]
+        ),
+        // A small keep-alive HTTP/1.1 client on SwiftNIO: the samples' load generator and the
+        // samples' tests use it (HummingbirdTesting would pull in AsyncHTTPClient and BoringSSL).
+        .target(
+            name: "SampleHTTPClient",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            path: "Samples/Support/SampleHTTPClient"
         ),
         // Child processes for crash tests: the tests SIGKILL them mid-stream and check the directory.
         .executableTarget(
@@ -104,6 +135,15 @@ let package = Package(
             ],
             // Golden histories, read by path (#filePath) rather than bundled.
             exclude: ["Histories"]
+        ),
+        // The samples' HTTP services, driven in-process over loopback.
+        .testTarget(
+            name: "BankSampleTests",
+            dependencies: ["BankSample", "SampleHTTPClient", "DurableEntities", "DurableEntitiesTesting", "TestSupport"]
+        ),
+        .testTarget(
+            name: "CartSampleTests",
+            dependencies: ["CartSample", "SampleHTTPClient", "DurableEntities", "DurableEntitiesTesting", "TestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]
