@@ -54,6 +54,7 @@ let package = Package(
             name: "Benchmarks",
             dependencies: [
                 "DurableEntities",
+                "TestSupport",
                 "LMDB",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -108,7 +109,7 @@ let package = Package(
         // Child processes for crash tests: the tests SIGKILL them mid-stream and check the directory.
         .executableTarget(
             name: "EntityCrashChild",
-            dependencies: ["DurableEntities"],
+            dependencies: ["DurableEntities", "TestSupport"],
             path: "Tests/Support/EntityCrashChild"
         ),
         .executableTarget(
@@ -119,6 +120,7 @@ let package = Package(
         // What both test targets share: child processes the tests start and SIGKILL.
         .target(
             name: "TestSupport",
+            dependencies: ["DurableEntities"],
             path: "Tests/Support/TestSupport"
         ),
         .testTarget(

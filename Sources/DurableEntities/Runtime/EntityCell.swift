@@ -26,6 +26,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         case timerFired(id: UInt64, due: UInt64, reply: @Sendable (Result<Void, EntityError>) -> Void)
         case cancel(reply: @Sendable (Result<Void, EntityError>) -> Void)
         case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: @Sendable (Result<Void, EntityError>) -> Void)
+        /// A message from another entity, with its outbox row (consumed in this entity's commit).
+        case envelope(EntityEnvelope, key: [UInt8], reply: @Sendable (Result<Void, EntityError>) -> Void)
     }
 
     enum Status: UInt8, Sendable {
@@ -47,10 +49,17 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var runBytes = 0
         /// The run body's live execution, once started in this run.
         var workflow: WorkflowRun<W>?
+        /// The parents that started this run as their child: each gets the run's outcome.
+        var parents: [ParentLink] = []
     }
 
     struct State {
+        /// The mailbox: at most `mailboxCapacity` messages from senders (system messages — timers,
+        /// activity outcomes, reads — are never held back).
         var messages = Deque<Message>()
+        /// Senders' messages waiting for room in the mailbox, in arrival order: the sender awaits (its
+        /// message is neither dropped nor queued for a turn) until a turn takes messages out.
+        var waiting = Deque<Message>()
         var scheduled = false
         var inFlight = false
         var evicted = false
@@ -78,9 +87,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     /// Queues a message. Returns `false` if the cell was passivated meanwhile (ask the runtime for the
     /// entity again).
-    func enqueue(_ message: Message) -> Bool {
+    /// - Parameter bounded: a sender's message: when the mailbox is full it waits for room (the sender
+    ///   stays suspended) instead of joining the mailbox.
+    func enqueue(_ message: Message, bounded: Bool = false) -> Bool {
+        let capacity = core.configuration.mailboxCapacity
         let schedule = cell.withLock { state -> Bool? in
             guard !state.evicted else { return nil }
+            if bounded, state.messages.count >= capacity || !state.waiting.isEmpty {
+                state.waiting.append(message)
+                return false
+            }
             state.messages.append(message)
             guard !state.scheduled, !state.inFlight else { return false }
             state.scheduled = true
@@ -92,6 +108,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             shard.schedule(self)
         }
         return true
+    }
+
+    /// How many messages the mailbox holds, and how many senders wait for room (for tests and tools).
+    func mailboxCounts() -> (queued: Int, waiting: Int) {
+        cell.withLock { ($0.messages.count, $0.waiting.count) }
     }
 
     /// The committed state, if the entity is loaded and active (the fast path for queries).
@@ -132,6 +153,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             var taken: [Message] = []
             taken.reserveCapacity(count)
             for _ in 0..<count { taken.append(state.messages.removeFirst()) }
+            // Room was made: waiting senders' messages move in, oldest first.
+            let capacity = core.configuration.mailboxCapacity
+            while state.messages.count < capacity, let waiting = state.waiting.popFirst() { state.messages.append(waiting) }
+            shard.mailboxDepth.record(state.messages.count)
             state.inFlight = true
             return (taken, state.durable, state.failure, false)
         }
@@ -171,7 +196,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         static func fail(_ message: Message, _ error: EntityError) -> Reply {
             switch message {
             case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply),
-                 .cancel(let reply), .activityOutcome(_, _, let reply):
+                 .cancel(let reply), .activityOutcome(_, _, let reply), .envelope(_, _, let reply):
                 .failed { reply(.failure(error)) }
             case .update(_, _, _, let reply): .failed { reply(.failure(error)) }
             case .read(let reply): .failed { reply(.failure(error)) }
@@ -206,6 +231,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var activitiesScheduled: [(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)] = []
         var now: UInt64 = 0
         var tasksDone: [[UInt8]] = []
+        /// Messages to other entities, sent once the turn is durable.
+        var outgoing: [EntityEnvelope] = []
     }
 
     private func process(_ messages: [Message], from start: Durable) {
@@ -216,7 +243,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         replies.reserveCapacity(messages.count)
         let now = output.now
         let limit = core.configuration.maxPayloadBytes
-        let requests = TurnRequests()
+        let requests = TurnRequests(codec: core.codec)
+        let hadOutcome = start.workflow?.outcome != nil
+        let wasActive = start.status == .active
 
         func record(_ event: HistoryEvent) {
             next.lastSequence += 1
@@ -241,10 +270,109 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 case .cancelTimer(let id, let due): output.timersDone.append((id, due))
                 case .scheduleActivity(let id, let name, let input, let options):
                     output.activitiesScheduled.append((id, name, input, options))
+                case .startChild(let id, let child, let input, _):
+                    output.outgoing.append(EntityEnvelope(kind: .startChild, target: child, sender: name, commandID: id, payload: input))
+                case .signalEntity(let id, let target, let signal):
+                    output.outgoing.append(EntityEnvelope(kind: .signal, target: target, sender: name, commandID: id, payload: signal))
+                case .cancelChild(let id):
+                    if let child = run.children[id], child.outcome == nil {
+                        output.outgoing.append(EntityEnvelope(kind: .cancel, target: child.name, sender: name, commandID: id, payload: []))
+                    }
                 default: break
                 }
             }
             run.issued.removeAll()
+        }
+        /// Signals the handler just sent join the turn's outgoing messages.
+        func takeSentSignals() {
+            for (target, signal) in requests.outgoing {
+                output.outgoing.append(EntityEnvelope(kind: .signal, target: target, sender: name, commandID: 0, payload: signal))
+            }
+            requests.outgoing.removeAll()
+        }
+        func terminate(reason: String) {
+            next.status = .terminated
+            record(HistoryEvent(kind: .terminated, timeNanoseconds: now, body: Array(reason.utf8)))
+            if let run = next.workflow {
+                for (id, due) in run.timerDue { output.timersDone.append((id, due)) }
+            }
+        }
+        func outcome(to link: ParentLink, _ result: Result<[UInt8], ChildFailure>) -> EntityEnvelope {
+            switch result {
+            case .success(let output):
+                EntityEnvelope(kind: .childOutcome, target: link.parent, sender: name, commandID: link.commandID, payload: output)
+            case .failure(let failure):
+                EntityEnvelope(kind: .childOutcome, target: link.parent, sender: name, commandID: link.commandID, payload: [], failure: failure)
+            }
+        }
+        func childResult(_ outcome: Result<[UInt8], WorkflowFailure>) -> Result<[UInt8], ChildFailure> {
+            outcome.mapError { ChildFailure(child: name, reason: .failed, message: $0.message) }
+        }
+        /// A message from another entity. Its outbox row is consumed whatever happens to it; what
+        /// cannot apply is dropped with a log line (a sender learns of it only for a child start,
+        /// which reports a ``ChildFailure``).
+        func handle(_ envelope: EntityEnvelope) {
+            let terminated = next.status == .terminated
+            func dropped(_ why: String) {
+                core.logger.warning("a message from another entity was dropped", metadata: [
+                    "entity.type": "\(name.type)", "entity.id": "\(name.id)", "sender": "\(envelope.sender)", "reason": "\(why)"])
+            }
+            switch envelope.kind {
+            case .signal:
+                guard !terminated else { return dropped("the entity was terminated") }
+                let signal: W.Signal
+                do { signal = try envelope.payload.withUnsafeBytes { try core.codec.decode(W.Signal.self, from: $0) } } catch {
+                    return dropped("the payload is not a \(W.entityType) signal: \(error)")
+                }
+                var state = next.state
+                do {
+                    try W.handle(signal, state: &state, context: context(next.lastSequence + 1))
+                } catch {
+                    requests.outgoing.removeAll()
+                    return dropped("the signal handler refused it: \(error)")
+                }
+                next.state = state
+                record(HistoryEvent(kind: .signal, timeNanoseconds: now, body: envelope.payload))
+                takeSentSignals()
+                settle()
+            case .startChild:
+                let link = ParentLink(parent: envelope.sender, commandID: envelope.commandID)
+                func refuse(_ reason: ChildFailure.Reason, _ message: String) {
+                    output.outgoing.append(outcome(to: link, .failure(ChildFailure(child: name, reason: reason, message: message))))
+                }
+                guard !next.parents.contains(link) else { return }  // delivered twice: linked already
+                // Recorded even when refused: the refusal's outbox row is keyed by this event.
+                next.parents.append(link)
+                record(HistoryEvent(kind: .parentLinked, timeNanoseconds: now, body: link.encoded()))
+                guard !terminated else { return refuse(.terminated, "the entity was terminated") }
+                guard W.hasRunBody else { return refuse(.rejected, "\(W.entityType) has no run body") }
+                let input: W.Input
+                do { input = try envelope.payload.withUnsafeBytes { try core.codec.decode(W.Input.self, from: $0) } } catch {
+                    return refuse(.rejected, "the input is not a \(W.entityType) input: \(error)")
+                }
+                if next.workflow?.started == true {
+                    // Started already (by another parent, or directly): this parent shares the run.
+                    if hadOutcome, let result = next.workflow?.outcome { output.outgoing.append(outcome(to: link, childResult(result))) }
+                } else {
+                    let run = next.workflow ?? WorkflowRun<W>(name: name, run: next.run, state: next.state, codec: core.codec, logger: core.logger)
+                    next.workflow = run
+                    record(HistoryEvent(kind: .started, timeNanoseconds: now, body: envelope.payload))
+                    settle { $0.start(input) }
+                }
+            case .cancel:
+                guard !terminated, let run = next.workflow, run.started, run.outcome == nil else { return }
+                record(HistoryEvent(kind: .cancelRequested, timeNanoseconds: now, body: []))
+                settle { $0.cancel() }
+            case .terminate:
+                guard !terminated else { return }
+                terminate(reason: String(decoding: envelope.payload, as: UTF8.self))
+            case .childOutcome:
+                guard !terminated, let run = next.workflow, run.isChildOpen(envelope.commandID) else { return }
+                let id = envelope.commandID
+                let result: Result<[UInt8], ChildFailure> = envelope.failure.map { .failure($0) } ?? .success(envelope.payload)
+                record(.childOutcome(id: id, result, time: now))
+                settle { $0.completeChild(id, result) }
+            }
         }
         /// The result recorded for an idempotency key — in this turn or in history — or `nil`.
         func previousResult(of key: String, _ kind: RuntimeCore.KeyKind) throws(EntityError) -> [UInt8]? {
@@ -257,6 +385,12 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
 
         for message in messages {
+            if case .envelope(let envelope, let key, let reply) = message {
+                output.tasksDone.append(key)
+                handle(envelope)
+                replies.append(.signal(reply))
+                continue
+            }
             if next.status == .terminated {
                 if case .timerFired(let id, let due, let reply) = message {
                     output.timersDone.append((id, due))  // a terminated entity's timers are dropped
@@ -291,11 +425,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 do {
                     try W.handle(signal, state: &state, context: context(next.lastSequence + 1))
                 } catch {
+                    requests.outgoing.removeAll()
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the signal handler refused the signal; nothing was recorded", underlying: error))) })
                     continue
                 }
                 next.state = state
                 record(HistoryEvent(kind: .signal, timeNanoseconds: now, idempotencyKey: key, body: bytes))
+                takeSentSignals()
                 if let key { output.keys[keyName(key, .signal)] = [] }
                 settle()
                 replies.append(.signal(reply))
@@ -326,20 +462,18 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     result = try W.apply(update, state: &state, context: context(next.lastSequence + 1))
                     resultBytes = try core.codec.encode(result)
                 } catch {
+                    requests.outgoing.removeAll()
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the update was refused; nothing was recorded", underlying: error))) })
                     continue
                 }
                 next.state = state
                 record(.update(time: now, key: key, update: bytes, result: resultBytes))
+                takeSentSignals()
                 if let key { output.keys[keyName(key, .update)] = resultBytes }
                 settle()
                 replies.append(.update(reply, result))
             case .terminate(let reason, let reply):
-                next.status = .terminated
-                record(HistoryEvent(kind: .terminated, timeNanoseconds: now, body: Array(reason.utf8)))
-                if let run = next.workflow {
-                    for (id, due) in run.timerDue { output.timersDone.append((id, due)) }
-                }
+                terminate(reason: reason)
                 replies.append(.signal(reply))
             case .start(let input, let bytes, let reply):
                 guard W.hasRunBody else {
@@ -393,6 +527,32 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     settle { _ = $0.fire(timer: id) }
                 }
                 replies.append(.signal(reply))
+            case .envelope:
+                break  // handled above
+            }
+        }
+
+        // The run ended in this turn (finished, or the entity was terminated): its parents get the
+        // outcome, and its children still running get what their parent-close policy says.
+        let finishedNow = !hadOutcome && next.workflow?.outcome != nil
+        let terminatedNow = wasActive && next.status == .terminated && !hadOutcome && !finishedNow
+        if finishedNow || terminatedNow {
+            let result: Result<[UInt8], ChildFailure> = finishedNow
+                ? childResult(next.workflow!.outcome!)
+                : .failure(ChildFailure(child: name, reason: .terminated, message: "the entity was terminated before its run body finished"))
+            for link in next.parents { output.outgoing.append(outcome(to: link, result)) }
+            if let run = next.workflow {
+                for (id, child) in run.openChildren {
+                    switch child.policy {
+                    case .terminate:
+                        output.outgoing.append(EntityEnvelope(kind: .terminate, target: child.name, sender: name, commandID: id,
+                                                              payload: Array("its parent \(name)'s run ended (parent-close policy: terminate)".utf8)))
+                    case .requestCancel:
+                        output.outgoing.append(EntityEnvelope(kind: .cancel, target: child.name, sender: name, commandID: id, payload: []))
+                    case .abandon:
+                        break
+                    }
+                }
             }
         }
 
@@ -449,6 +609,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
         for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }
         for task in output.tasksDone { batch.deleteTask(key: task) }
+        var outbox: [([UInt8], EntityEnvelope)] = []
+        outbox.reserveCapacity(output.outgoing.count)
+        for (index, envelope) in output.outgoing.enumerated() {
+            let row = EntityEnvelope.key(sender: key, sequence: next.lastSequence, index: index)
+            batch.putTask(key: row, value: envelope.encoded())
+            outbox.append((row, envelope))
+        }
         var tasks: [ActivityTask] = []
         for activity in output.activitiesScheduled {
             let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: next.run,
@@ -474,6 +641,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 committed.runBytes = 0
                 committed.runStartSequence = next.lastSequence + 1
                 committed.workflow = nil
+                committed.parents = []
                 if retention == 0 {
                     batch.deleteHistory(of: key, before: committed.runStartSequence)
                 } else if retention == 1 {
@@ -488,13 +656,17 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         let published = committed
         let waiters = output.resultWaiters
         let dispatched = tasks
+        let sent = outbox
         core.journal.submit(batch) { result in
             self.complete(result.map { _ in () }.mapError {
                 EntityError(.storage, entity: self.name, "committing the turn failed; nothing of it was recorded", underlying: $0)
             }, next: published, waiters: waiters, replies: replies)
             if !output.timersStarted.isEmpty { self.core.timers.wake() }
-            // Activities run only once the commit that scheduled them is durable.
-            if case .success = result { for task in dispatched { self.core.activities.dispatch(task) } }
+            // Activities run, and messages leave, only once the commit that made them is durable.
+            if case .success = result {
+                for task in dispatched { self.core.activities.dispatch(task) }
+                for (row, envelope) in sent { self.core.deliver(envelope, row: row) }
+            }
         }
     }
 
@@ -525,6 +697,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         if let abandoned { shard.schedule(AbandonRun(abandoned)) }
         if reschedule { shard.schedule(self) } else if finished { core.becameIdle() }
+        if finished, case .success = outcome, next.workflow?.outcome != nil, core.configuration.passivateFinishedRuns {
+            core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
+        }
         for reply in replies {
             switch (reply, outcome) {
             case (.signal(let reply), .success): reply(.success(()))

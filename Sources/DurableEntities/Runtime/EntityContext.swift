@@ -22,6 +22,16 @@ public struct EntityContext: Sendable {
         requests.continueAsNew = true
     }
 
+    /// Sends `signal` to the entity `id` of type `T` once this turn is durable: recorded in the same
+    /// commit as the message being handled, delivered after it, exactly once in effect (a crash in
+    /// between redelivers it; the receiver records it once), in order per sender and receiver. If the
+    /// handler then throws, nothing is sent. A replay does not send again.
+    /// - Throws: an encoding error.
+    public func signal<T: EntityWorkflow>(_ type: T.Type, id: String, _ signal: T.Signal) throws {
+        guard let codec = requests.codec else { return }  // replaying: the message was sent the first time
+        requests.outgoing.append((EntityName(type: T.entityType, id: id), try codec.encode(signal)))
+    }
+
     /// A generator seeded by the entity and the sequence: the same numbers on every replay.
     public func randomNumberGenerator() -> DeterministicRandom {
         DeterministicRandom(seed: sequence &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(truncatingIfNeeded: id.hashValueStable))
@@ -73,4 +83,10 @@ extension String {
 /// What handlers asked of the runtime during one turn. Only touched on the entity's shard thread.
 final class TurnRequests: @unchecked Sendable {
     var continueAsNew = false
+    /// Signals the handlers sent: (receiver, encoded signal).
+    var outgoing: [(EntityName, [UInt8])] = []
+    /// The codec for outgoing signals; `nil` while replaying (nothing is sent again).
+    let codec: (any EntityCodec)?
+
+    init(codec: (any EntityCodec)? = nil) { self.codec = codec }
 }

@@ -33,7 +33,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     }
 
     func send(_ signal: W.Signal, bytes: [UInt8], idempotencyKey: String?) async throws(EntityError) {
-        try await deliver { reply in .signal(signal, bytes: bytes, key: idempotencyKey, reply: reply) }
+        try await deliver(bounded: true) { reply in .signal(signal, bytes: bytes, key: idempotencyKey, reply: reply) }
     }
 
     /// Sends an update: validated, applied, recorded, and its result returned once durable. A refused
@@ -45,7 +45,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         do { bytes = try runtime.core.codec.encode(update) } catch {
             throw EntityError(.unencodablePayload, entity: name, "the update does not encode; nothing was recorded", underlying: error)
         }
-        return try await deliver { reply in .update(update, bytes: bytes, key: idempotencyKey, reply: reply) }
+        return try await deliver(bounded: true) { reply in .update(update, bytes: bytes, key: idempotencyKey, reply: reply) }
     }
 
     /// Reads the entity's committed state: every acknowledged signal and update is in it, nothing
@@ -65,7 +65,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         do { bytes = try runtime.core.codec.encode(input) } catch {
             throw EntityError(.unencodablePayload, entity: name, "the input does not encode; nothing was recorded", underlying: error)
         }
-        try await deliver { reply in .start(input, bytes: bytes, reply: reply) }
+        try await deliver(bounded: true) { reply in .start(input, bytes: bytes, reply: reply) }
     }
 
     /// Sends a signal, starting the run body first if it has not started (both durable at return).
@@ -92,7 +92,10 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         try await deliver { reply in .terminate(reason: reason, reply: reply) }
     }
 
+    /// - Parameter bounded: a sender's message, which waits for room in a full mailbox (reads and result
+    ///   waits never do).
     private func deliver<Value: Sendable>(
+        bounded: Bool = false,
         _ message: @escaping @Sendable (@escaping @Sendable (Result<Value, EntityError>) -> Void) -> EntityCell<W>.Message
     ) async throws(EntityError) -> Value {
         let core = runtime.core
@@ -104,11 +107,11 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
                 return
             }
             let envelope = message { continuation.resume(returning: $0) }
-            if let cell = cache.cell, cell.enqueue(envelope) { return }
+            if let cell = cache.cell, cell.enqueue(envelope, bounded: bounded) { return }
             // A cell passivated between lookup and enqueue refuses; the next lookup makes a fresh one.
             while true {
                 let cell = core.cell(W.self, name)
-                if cell.enqueue(envelope) {
+                if cell.enqueue(envelope, bounded: bounded) {
                     cache.cell = cell
                     return
                 }

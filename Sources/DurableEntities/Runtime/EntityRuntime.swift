@@ -24,6 +24,12 @@ public final class EntityRuntime: Sendable {
         public var shards: Int
         /// The most messages one turn takes from an entity's mailbox.
         public var maxMessagesPerTurn: Int
+        /// The most senders' messages an entity's mailbox holds; further senders wait (suspended, their
+        /// message neither dropped nor queued) until a turn makes room.
+        public var mailboxCapacity: Int
+        /// Entities whose run body finished leave memory right after the commit that records it (their
+        /// outcome and state stay on disk, and queries and `result` activate them again).
+        public var passivateFinishedRuns: Bool
         /// A snapshot is written after this many events since the last one.
         public var snapshotEvery: Int
         /// Past this many resident entities, idle ones are passivated (oldest first).
@@ -55,6 +61,8 @@ public final class EntityRuntime: Sendable {
             durability: Environment.Durability = .durable,
             shards: Int = ProcessInfo.processInfo.activeProcessorCount,
             maxMessagesPerTurn: Int = 256,
+            mailboxCapacity: Int = 1_024,
+            passivateFinishedRuns: Bool = true,
             snapshotEvery: Int = 100,
             maxResidentEntities: Int = 100_000,
             passivateAfterIdle: Duration? = .seconds(300),
@@ -71,6 +79,8 @@ public final class EntityRuntime: Sendable {
             self.durability = durability
             self.shards = shards
             self.maxMessagesPerTurn = maxMessagesPerTurn
+            self.mailboxCapacity = max(1, mailboxCapacity)
+            self.passivateFinishedRuns = passivateFinishedRuns
             self.snapshotEvery = snapshotEvery
             self.maxResidentEntities = maxResidentEntities
             self.passivateAfterIdle = passivateAfterIdle
@@ -110,6 +120,7 @@ public final class EntityRuntime: Sendable {
         // activity tasks run again; that activates just those entities, idle ones stay on disk.
         core.timers.start(core: core)
         core.activities.recover()
+        core.recoverOutbox()
         if let idle = configuration.passivateAfterIdle { core.schedulePassivation(after: idle) }
     }
 
@@ -139,6 +150,7 @@ public final class EntityRuntime: Sendable {
         // Work that fell due for this type before it was registered (after a restart) proceeds now.
         if let added = open(type) {
             core.activities.entityTypeRegistered(added)
+            core.deliverParkedMessages(to: added)
             core.timers.retryUndelivered()
         }
     }

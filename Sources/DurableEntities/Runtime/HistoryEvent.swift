@@ -16,6 +16,10 @@ public struct HistoryEvent: Sendable, Hashable {
         case cancelRequested = 12
         case activityCompleted = 14
         case activityFailed = 15
+        case childCompleted = 19
+        case childFailed = 20
+        /// A parent started this entity as its child (body: the parent link); precedes `started`.
+        case parentLinked = 21
         // Commands: what its run body did (matched on replay).
         case timerStarted = 5
         case timerCancelled = 7
@@ -24,10 +28,14 @@ public struct HistoryEvent: Sendable, Hashable {
         case completed = 10
         case failed = 11
         case activityScheduled = 13
+        case childStarted = 16
+        case entitySignalled = 17
+        case childCancelRequested = 18
 
         var isCommand: Bool {
             switch self {
-            case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed, .activityScheduled: true
+            case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed, .activityScheduled,
+                 .childStarted, .entitySignalled, .childCancelRequested: true
             default: false
             }
         }
@@ -81,6 +89,20 @@ public struct HistoryEvent: Sendable, Hashable {
             return HistoryEvent(kind: .activityScheduled, timeNanoseconds: time, body: ids(id) + spec)
         case .complete(let output): return HistoryEvent(kind: .completed, timeNanoseconds: time, body: output)
         case .fail(let message): return HistoryEvent(kind: .failed, timeNanoseconds: time, body: Array(message.utf8))
+        case .startChild(let id, let child, let input, let policy):
+            var writer = ByteWriter()
+            writer.append(child.type)
+            writer.append(child.id)
+            writer.append(policy.rawValue)
+            writer.append(input)
+            return HistoryEvent(kind: .childStarted, timeNanoseconds: time, body: ids(id) + writer.bytes)
+        case .signalEntity(let id, let target, let signal):
+            var writer = ByteWriter()
+            writer.append(target.type)
+            writer.append(target.id)
+            writer.append(signal)
+            return HistoryEvent(kind: .entitySignalled, timeNanoseconds: time, body: ids(id) + writer.bytes)
+        case .cancelChild(let id): return HistoryEvent(kind: .childCancelRequested, timeNanoseconds: time, body: ids(id))
         }
     }
 
@@ -104,7 +126,45 @@ public struct HistoryEvent: Sendable, Hashable {
             return .scheduleActivity(id: a, name: spec.name, input: spec.input, options: spec.options)
         case .completed: return .complete(output: body)
         case .failed: return .fail(message: String(decoding: body, as: UTF8.self))
+        case .childStarted:
+            guard let a = id(0) else { return nil }
+            var reader = ByteReader(bytes: body[8...])
+            guard let type = reader.string(), let child = reader.string(), let raw = reader.byte(),
+                  let policy = ParentClosePolicy(rawValue: raw), let input = reader.data() else { return nil }
+            return .startChild(id: a, child: EntityName(type: type, id: child), input: input, policy: policy)
+        case .entitySignalled:
+            guard let a = id(0) else { return nil }
+            var reader = ByteReader(bytes: body[8...])
+            guard let type = reader.string(), let target = reader.string(), let signal = reader.data() else { return nil }
+            return .signalEntity(id: a, target: EntityName(type: type, id: target), signal: signal)
+        case .childCancelRequested: guard let a = id(0) else { return nil }; return .cancelChild(id: a)
         default: return nil
+        }
+    }
+
+    /// The command id and outcome of a `childCompleted` or `childFailed` event.
+    var childOutcome: (id: UInt64, outcome: Result<[UInt8], ChildFailure>)? {
+        guard body.count >= 8 else { return nil }
+        let id = body.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self).bigEndian }
+        switch kind {
+        case .childCompleted: return (id, .success(Array(body[8...])))
+        case .childFailed:
+            guard let failure = ChildFailure.decode(body[8...]) else { return nil }
+            return (id, .failure(failure))
+        default: return nil
+        }
+    }
+
+    static func childOutcome(id: UInt64, _ outcome: Result<[UInt8], ChildFailure>, time: UInt64) -> HistoryEvent {
+        var body = [UInt8]()
+        withUnsafeBytes(of: id.bigEndian) { body.append(contentsOf: $0) }
+        switch outcome {
+        case .success(let output):
+            body.append(contentsOf: output)
+            return HistoryEvent(kind: .childCompleted, timeNanoseconds: time, body: body)
+        case .failure(let failure):
+            body.append(contentsOf: failure.encoded())
+            return HistoryEvent(kind: .childFailed, timeNanoseconds: time, body: body)
         }
     }
 

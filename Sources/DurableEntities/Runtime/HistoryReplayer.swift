@@ -68,6 +68,8 @@ struct HistoryReplayer<W: EntityWorkflow> {
                 _ = try W.apply(update, state: &durable.state, context: context)
             case .terminated:
                 durable.status = .terminated
+            case .parentLinked:
+                break  // a child start this entity type refused (it has no run body)
             default:
                 throw EntityError(.failedOnReplay, entity: name, sequence: sequence,
                                   "a \(header.kind) event in the history of an entity type without a run body")
@@ -141,6 +143,12 @@ struct HistoryReplayer<W: EntityWorkflow> {
             case .activityCompleted, .activityFailed:
                 guard let (id, outcome) = event.activityOutcome else { throw HistoryEventError.malformed }
                 settle { $0.completeActivity(id, outcome) }
+            case .childCompleted, .childFailed:
+                guard let (id, outcome) = event.childOutcome else { throw HistoryEventError.malformed }
+                settle { $0.completeChild(id, outcome) }
+            case .parentLinked:
+                guard let link = ParentLink.decode(event.body) else { throw HistoryEventError.malformed }
+                durable.parents.append(link)
             default:
                 break
             }

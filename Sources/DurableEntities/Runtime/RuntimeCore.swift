@@ -22,6 +22,8 @@ final class RuntimeCore: Sendable {
     let activities: ActivityWorker
     /// Signalled when the runtime becomes idle (for a draining close).
     private let idle = NSCondition()
+    /// Messages to entity types not registered yet (after a restart): delivered on registration.
+    private let parkedMessages = Mutex<[String: [(EntityEnvelope, [UInt8])]]>([:])
 
     final class CellTableBox: Sendable {
         let table = Mutex(CellTable())
@@ -129,6 +131,58 @@ final class RuntimeCore: Sendable {
         }
     }
 
+    // MARK: Entity-to-entity messages
+
+    /// Delivers a message whose outbox row `row` is durable to its receiver's mailbox (waiting there
+    /// for room if it is full). A receiver type not registered yet gets it on registration.
+    func deliver(_ envelope: EntityEnvelope, row: [UInt8]) {
+        guard !closed.load(ordering: .acquiring) else { return }  // the row stays: the next open delivers it
+        let registered = parkedMessages.withLock { parked -> (any RegisteredEntityType)? in
+            if let registered = types.withLock({ $0[envelope.target.type] }) { return registered }
+            parked[envelope.target.type, default: []].append((envelope, row))
+            return nil
+        }
+        registered?.deliver(envelope, row: row, core: self)
+    }
+
+    /// An entity type was registered: delivers the messages that waited for it.
+    func deliverParkedMessages(to type: String) {
+        let parked = parkedMessages.withLock { $0.removeValue(forKey: type) } ?? []
+        for (envelope, row) in parked { deliver(envelope, row: row) }
+    }
+
+    /// At open: every message still in the outbox (its sender committed, its receiver had not) is
+    /// delivered again, in row order — per sender, the order it was sent in.
+    func recoverOutbox() {
+        let stored: [(key: [UInt8], value: [UInt8])]
+        do {
+            stored = try journal.tasks(prefix: [EntityEnvelope.keyPrefix])
+        } catch {
+            logger.error("reading the outbox failed; its messages are delivered at the next open", metadata: ["error": "\(error)"])
+            return
+        }
+        for (row, value) in stored {
+            guard let envelope = EntityEnvelope.decode(value) else {
+                logger.error("an outbox message does not decode; it is left in place", metadata: ["row": "\(row)"])
+                continue
+            }
+            deliver(envelope, row: row)
+        }
+    }
+
+    /// Removes `cell` from memory if it is still the resident cell of `name` and idle (a finished run).
+    func passivate<W: EntityWorkflow>(_ cell: EntityCell<W>) {
+        let index = shardIndex(cell.name)
+        tables[index].table.withLock { table in
+            guard let resident = table.cells[cell.name], resident === cell, cell.evictIfIdle() else { return }
+            table.cells[cell.name] = nil
+            // The passivation order keeps names lazily; compact it when stale names dominate.
+            if table.order.count > 1_024 && table.order.count > 2 * table.cells.count {
+                table.order = Deque(table.order.filter { table.cells[$0] != nil })
+            }
+        }
+    }
+
     /// How many entities are resident.
     var residentCount: Int { tables.reduce(0) { $0 + $1.table.withLock { $0.cells.count } } }
 
@@ -179,6 +233,7 @@ protocol RegisteredEntityType: Sendable {
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void)
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
                                 done: @escaping @Sendable () -> Void)
+    func deliver(_ envelope: EntityEnvelope, row: [UInt8], core: RuntimeCore)
 }
 
 struct Registered<W: EntityWorkflow>: RegisteredEntityType {
@@ -204,5 +259,15 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
         let name = EntityName(type: W.entityType, id: entityID)
         let message = EntityCell<W>.Message.activityOutcome(id: id, outcome) { _ in done() }
         while !core.cell(W.self, name).enqueue(message) {}
+    }
+
+    func deliver(_ envelope: EntityEnvelope, row: [UInt8], core: RuntimeCore) {
+        let message = EntityCell<W>.Message.envelope(envelope, key: row) { result in
+            // A failed commit leaves the row in place: try again shortly (other failures — an entity
+            // that cannot load — wait for the next open, where the row is delivered again).
+            guard case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) else { return }
+            _ = core.timers.alarm(at: core.clock.nowNanoseconds() &+ 1_000_000_000) { core.deliver(envelope, row: row) }
+        }
+        while !core.cell(W.self, envelope.target).enqueue(message, bounded: true) {}
     }
 }

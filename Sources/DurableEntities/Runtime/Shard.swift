@@ -21,6 +21,8 @@ final class Shard: @unchecked Sendable {
     private let turnDuration: Metrics.Timer
     /// How many messages each turn takes from its entity's mailbox.
     let turnMessages: Recorder
+    /// How many messages are left in an entity's mailbox after a turn took its share.
+    let mailboxDepth: Recorder
     private let condition = NSCondition()
     private var ready = Deque<any ShardWork>()
     private var stopping = false
@@ -32,6 +34,7 @@ final class Shard: @unchecked Sendable {
         readyEntities = Gauge(label: "durable_entities_shard_ready_entities", dimensions: dimensions)
         turnDuration = Metrics.Timer(label: "durable_entities_turn_duration", dimensions: dimensions)
         turnMessages = Recorder(label: "durable_entities_turn_messages", dimensions: dimensions)
+        mailboxDepth = Recorder(label: "durable_entities_mailbox_depth", dimensions: dimensions)
         let thread = Thread { [unowned self] in self.run() }
         thread.stackSize = 4 << 20
         thread.start()

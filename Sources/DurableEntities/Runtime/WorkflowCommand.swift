@@ -8,6 +8,9 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
     case scheduleActivity(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)
     case complete(output: [UInt8])
     case fail(message: String)
+    case startChild(id: UInt64, child: EntityName, input: [UInt8], policy: ParentClosePolicy)
+    case signalEntity(id: UInt64, target: EntityName, signal: [UInt8])
+    case cancelChild(id: UInt64)
 
     /// Whether a recorded command and a new one are the same step of the code (ids and kinds; not
     /// values, which a replay takes from history).
@@ -19,6 +22,9 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case (.marker(let a, let x), .marker(let b, let y)): a == b && x == y
         case (.scheduleActivity(let a, let x, _, _), .scheduleActivity(let b, let y, _, _)): a == b && x == y
         case (.complete, .complete), (.fail, .fail): true
+        case (.startChild(let a, let x, _, _), .startChild(let b, let y, _, _)): a == b && x == y
+        case (.signalEntity(let a, let x, _), .signalEntity(let b, let y, _)): a == b && x == y
+        case (.cancelChild(let a), .cancelChild(let b)): a == b
         default: false
         }
     }
@@ -32,6 +38,9 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case .scheduleActivity(let id, let name, let input, _): "ScheduleActivity(id: \(id), \(name), \(input.count) bytes)"
         case .complete(let output): "Complete(\(output.count) bytes)"
         case .fail(let message): "Fail(\(message))"
+        case .startChild(let id, let child, let input, let policy): "StartChild(id: \(id), \(child), \(input.count) bytes, \(policy))"
+        case .signalEntity(let id, let target, let signal): "SignalEntity(id: \(id), \(target), \(signal.count) bytes)"
+        case .cancelChild(let id): "CancelChild(id: \(id))"
         }
     }
 }

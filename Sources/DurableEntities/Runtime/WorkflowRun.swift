@@ -44,6 +44,15 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
     /// Activities the body awaits, by id.
     private var activities: [UInt64: UnsafeContinuation<[UInt8], any Error>] = [:]
     private var timers: [UInt64: Waiter] = [:]
+    /// A child the body started: its outcome once reported, and the body's waits for it.
+    struct ChildRecord {
+        let name: EntityName
+        let policy: ParentClosePolicy
+        var outcome: Result<[UInt8], ChildFailure>?
+        var waiters: [UnsafeContinuation<[UInt8], any Error>] = []
+    }
+    /// Children by the id of their `startChild` command.
+    private(set) var children: [UInt64: ChildRecord] = [:]
     /// The body's outcome once it finished: encoded output, or the failure's description.
     private(set) var outcome: Result<[UInt8], WorkflowFailure>?
     var started: Bool { task != nil }
@@ -130,6 +139,54 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         settle()
     }
 
+    /// Records a child started by the body (live and on replay).
+    func addChild(_ id: UInt64, name: EntityName, policy: ParentClosePolicy) {
+        children[id] = ChildRecord(name: name, policy: policy)
+    }
+
+    /// Whether child `id` was started and has not reported its outcome.
+    func isChildOpen(_ id: UInt64) -> Bool { children[id].map { $0.outcome == nil } ?? false }
+
+    /// The children still running, with their parent-close policies, in start order.
+    var openChildren: [(id: UInt64, child: ChildRecord)] {
+        children.filter { $0.value.outcome == nil }.map { (id: $0.key, child: $0.value) }.sorted { $0.id < $1.id }
+    }
+
+    /// Waits for child `id`'s outcome (at once if it arrived).
+    func awaitChild(_ id: UInt64, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
+        guard var record = children[id] else {
+            continuation.resume(throwing: EntityError(.rejected, entity: name, "no child was started with command id \(id)"))
+            return
+        }
+        if let outcome = record.outcome {
+            continuation.resume(with: outcome.mapError { $0 as any Error })
+            return
+        }
+        record.waiters.append(continuation)
+        children[id] = record
+    }
+
+    /// A child reported its outcome: resumes the body's waits for it.
+    func completeChild(_ id: UInt64, _ outcome: Result<[UInt8], ChildFailure>) {
+        guard var record = children[id], record.outcome == nil else { return }
+        let waiters = record.waiters
+        record.outcome = outcome
+        record.waiters = []
+        children[id] = record
+        for waiter in waiters { waiter.resume(with: outcome.mapError { $0 as any Error }) }
+        settle()
+    }
+
+    /// Resumes every wait for a child with `error`.
+    private func failChildWaits(_ error: any Error) {
+        for (id, var record) in children where !record.waiters.isEmpty {
+            let waiters = record.waiters
+            record.waiters = []
+            children[id] = record
+            for waiter in waiters { waiter.resume(throwing: error) }
+        }
+    }
+
     /// A durable timer fired; returns whether the run was waiting for it.
     func fire(timer id: UInt64) -> Bool {
         guard let waiter = timers.removeValue(forKey: id) else { return false }
@@ -161,6 +218,7 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         timers.removeAll()
         for continuation in activities.values { continuation.resume(throwing: CancellationError()) }
         activities.removeAll()
+        failChildWaits(CancellationError())
         settle()
     }
 
@@ -173,6 +231,7 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         timers.removeAll()
         for continuation in activities.values { continuation.resume(throwing: Abandoned()) }
         activities.removeAll()
+        failChildWaits(Abandoned())
         executor.drain()
     }
 }

@@ -1,0 +1,120 @@
+/// Entity-to-entity messages and child entities, from a run body.
+///
+/// Everything here is a *command*: recorded in the entity's history in the turn that issues it, and
+/// acted on (the message delivered, the child started) only once that turn's commit is durable. On
+/// replay the same calls are matched against the recorded commands and nothing is sent again.
+///
+/// ## Usage
+/// ```swift
+/// static func run(_ order: Order, context: WorkflowContext<Self>) async throws -> Receipt {
+///     try context.signal(Inventory.self, id: order.sku, .reserve(order.quantity, for: order.id))
+///     let payment = try context.startChild(Payment.self, id: "pay-\(order.id)", input: order.payment)
+///     let charged = try await payment.result()            // or throws ChildFailure
+///     let parcels = try await context.fanOut(Parcel.self, order.parcels.map { ($0.id, $0) }, maxConcurrent: 10)
+///     return Receipt(charged: charged, shipped: parcels.count { (try? $0.get()) != nil })
+/// }
+/// ```
+extension WorkflowContext {
+    /// Sends `signal` to the entity `id` of type `T`: delivered once this turn is durable, exactly once
+    /// in effect (a crash between the two commits redelivers it; the receiver records it once), and in
+    /// order with this entity's other messages to the same receiver.
+    /// - Throws: an encoding error (nothing is recorded).
+    public func signal<T: EntityWorkflow>(_ type: T.Type, id: String, _ signal: T.Signal) throws {
+        let bytes = try run.codec.encode(signal)
+        let commandID = run.nextCommandID()
+        run.issued.append(.signalEntity(id: commandID, target: EntityName(type: T.entityType, id: id), signal: bytes))
+    }
+
+    /// Starts the entity `id` of type `C` as a child of this one, with `input`; returns a handle to
+    /// await or cancel it. Starting the same child id again (from this or another parent) does not run
+    /// it twice: the second parent is linked to the same run and gets the same outcome.
+    /// - Parameter parentClosePolicy: what happens to the child if this run ends first.
+    /// - Throws: an encoding error (nothing is recorded).
+    public func startChild<C: EntityWorkflow>(_ type: C.Type, id: String, input: C.Input,
+                                              parentClosePolicy: ParentClosePolicy = .terminate) throws -> ChildEntity<C> {
+        let bytes = try run.codec.encode(input)
+        let commandID = run.nextCommandID()
+        let name = EntityName(type: C.entityType, id: id)
+        run.addChild(commandID, name: name, policy: parentClosePolicy)
+        run.issued.append(.startChild(id: commandID, child: name, input: bytes, policy: parentClosePolicy))
+        return ChildEntity(context: self, commandID: commandID, name: name)
+    }
+
+    /// Starts a child and waits for its output.
+    /// - Throws: ``ChildFailure`` when the child fails or is terminated; `CancellationError` when this
+    ///   run is cancelled meanwhile.
+    public func executeChild<C: EntityWorkflow>(_ type: C.Type, id: String, input: C.Input,
+                                                parentClosePolicy: ParentClosePolicy = .terminate) async throws -> C.Output {
+        try await startChild(type, id: id, input: input, parentClosePolicy: parentClosePolicy).result()
+    }
+
+    /// Starts one child per element of `children`, at most `maxConcurrent` running at once (the next
+    /// starts as soon as one finishes), and collects every outcome in the order given. A failed child
+    /// does not stop the others: its slot holds its ``ChildFailure``, for the caller to decide.
+    /// - Throws: `CancellationError` if this run is cancelled meanwhile, or an encoding error.
+    public func fanOut<C: EntityWorkflow>(_ type: C.Type, _ children: [(id: String, input: C.Input)], maxConcurrent: Int = 100,
+                                          parentClosePolicy: ParentClosePolicy = .terminate) async throws -> [Result<C.Output, ChildFailure>] {
+        var results = [Result<C.Output, ChildFailure>?](repeating: nil, count: children.count)
+        let window = max(1, maxConcurrent)
+        try await withThrowingTaskGroup(of: (Int, Result<C.Output, ChildFailure>).self) { group in
+            var next = 0
+            func launch() throws {
+                let index = next
+                next += 1
+                let child = try startChild(type, id: children[index].id, input: children[index].input, parentClosePolicy: parentClosePolicy)
+                group.addTask { (index, try await child.outcome()) }
+            }
+            while next < min(window, children.count) { try launch() }
+            while let (index, result) = try await group.next() {
+                results[index] = result
+                if next < children.count { try launch() }
+            }
+        }
+        return results.map { $0! }
+    }
+}
+
+/// A child entity started by a run body. Await its ``result()`` or ``cancel()`` it, from the same body.
+public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
+    /// The id of the command that started the child (unique within the parent's run).
+    public let commandID: UInt64
+    /// The child's name.
+    public let name: EntityName
+
+    init<W: EntityWorkflow>(context: WorkflowContext<W>, commandID: UInt64, name: EntityName) {
+        self.commandID = commandID
+        self.name = name
+        self.wait = { id, continuation in context.run.awaitChild(id, continuation) }
+        self.issue = { command in context.run.issued.append(command) }
+        self.decode = { bytes in try bytes.withUnsafeBytes { try context.run.codec.decode(C.Output.self, from: $0) } }
+    }
+
+    private let wait: (UInt64, UnsafeContinuation<[UInt8], any Error>) -> Void
+    private let issue: (WorkflowCommand) -> Void
+    private let decode: ([UInt8]) throws -> C.Output
+
+    /// The child's output, once it completed.
+    /// - Throws: ``ChildFailure`` when it failed or was terminated; `CancellationError` if the parent's
+    ///   run is cancelled while it waits.
+    public func result() async throws -> C.Output {
+        let id = commandID
+        let bytes = try await withUnsafeThrowingContinuation { wait(id, $0) }
+        return try decode(bytes)
+    }
+
+    /// The child's outcome as a `Result` (throws only for the parent's own cancellation).
+    func outcome() async throws -> Result<C.Output, ChildFailure> {
+        do {
+            return .success(try await result())
+        } catch let failure as ChildFailure {
+            return .failure(failure)
+        }
+    }
+
+    /// Asks the child's run body to cancel (recorded now, delivered once this turn is durable). The
+    /// child decides what to do; ``result()`` then reports how it ended.
+    public func cancel() {
+        let id = commandID
+        issue(.cancelChild(id: id))
+    }
+}

@@ -1,0 +1,319 @@
+@testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Synchronization
+import Testing
+import TestSupport
+
+/// Receives numbered signals and keeps them in arrival order.
+struct Inbox: EntityWorkflow {
+    struct State: Codable, Sendable, Equatable { var received: [String] = [] }
+    enum Signal: Codable, Sendable { case note(String) }
+    static var entityType: String { "Inbox" }
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws {
+        if case .note(let text) = signal { state.received.append(text) }
+    }
+}
+
+/// Forwards what it gets to an inbox, from a handler (no run body): Akka-style messaging.
+struct Forwarder: EntityWorkflow {
+    struct State: Codable, Sendable, Equatable { var forwarded: [String] = [] }
+    enum Signal: Codable, Sendable { case forward(String, to: String) }
+    static var entityType: String { "Forwarder" }
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws {
+        if case .forward(let text, let inbox) = signal {
+            try context.signal(Inbox.self, id: inbox, .note("\(context.id):\(text)"))
+            state.forwarded.append(text)
+        }
+    }
+}
+
+/// A child that waits for `finish` (or cancellation) and then returns its input doubled, or fails.
+struct Worker: EntityWorkflow {
+    struct State: Codable, Sendable, Equatable { var finish = false; var cancelled = false; var fail = false }
+    enum Signal: Codable, Sendable { case finish, fail }
+    static var entityType: String { "Worker" }
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws {
+        switch signal {
+        case .finish: state.finish = true
+        case .fail: state.fail = true
+        }
+    }
+    struct Broken: Error, CustomStringConvertible { var description: String { "broken on purpose" } }
+
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> Int {
+        do {
+            try await context.condition { $0.finish || $0.fail }
+        } catch is CancellationError {
+            context.updateState { $0.cancelled = true }
+            return -1
+        }
+        if context.state.fail { throw Broken() }
+        return input * 2
+    }
+}
+
+/// A parent whose body is told what to do by its input.
+struct Boss: EntityWorkflow {
+    struct Input: Codable, Sendable {
+        var children: [String]
+        var policy: ParentClosePolicy = .terminate
+        /// Await the children (or finish right after starting them).
+        var await = true
+        /// Start each child twice (with the same id).
+        var twice = false
+    }
+    struct State: Codable, Sendable, Equatable { var results: [String] = []; var go = false }
+    enum Signal: Codable, Sendable { case go }
+    static var entityType: String { "Boss" }
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws { state.go = true }
+
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> [String] {
+        var handles: [ChildEntity<Worker>] = []
+        for (index, id) in input.children.enumerated() {
+            handles.append(try context.startChild(Worker.self, id: id, input: index + 1, parentClosePolicy: input.policy))
+            if input.twice { handles.append(try context.startChild(Worker.self, id: id, input: index + 1, parentClosePolicy: input.policy)) }
+        }
+        try context.signal(Inbox.self, id: "boss-inbox", .note("started \(handles.count)"))
+        guard input.await else {
+            try await context.condition { $0.go }
+            return []
+        }
+        var results: [String] = []
+        for handle in handles {
+            do {
+                results.append("\(handle.name.id)=\(try await handle.result())")
+            } catch let failure as ChildFailure {
+                results.append("\(handle.name.id) failed (\(failure.reason)): \(failure.message)")
+            }
+        }
+        context.updateState { $0.results = results }
+        return results
+    }
+}
+
+/// A parent that fans out over `FanNode` leaves and reports each slot.
+struct Fanner: EntityWorkflow {
+    struct State: Codable, Sendable, Equatable {}
+    typealias Signal = NoMessage
+    typealias Update = NoMessage
+    static var entityType: String { "Fanner" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: [String], context: WorkflowContext<Self>) async throws -> [String] {
+        let leaf = FanNode.Input(width: 0, depth: 0, maxConcurrent: 1)
+        let results = try await context.fanOut(FanNode.self, input.map { (id: $0, input: leaf) }, maxConcurrent: 3)
+        return results.map { result in
+            switch result {
+            case .success(let value): "\(value)"
+            case .failure(let failure): "failed: \(failure.reason)"
+            }
+        }
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes (for effects that complete asynchronously,
+/// such as a message delivered after its sender's commit).
+func eventually(_ what: String, timeout: Duration = .seconds(30), _ condition: () async throws -> Bool) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while try await !condition() {
+        guard ContinuousClock.now < deadline else {
+            Issue.record("timed out waiting until \(what)")
+            return
+        }
+        try await Task.sleep(for: .milliseconds(5))
+    }
+}
+
+@Suite("Entity-to-entity messages and child entities")
+struct ChildEntityTests {
+    func configuration(_ directory: TemporaryDirectory, shards: Int = 2, mailboxCapacity: Int = 1_024,
+                       clock: (any EntityClock)? = nil) -> EntityRuntime.Configuration {
+        var configuration = EntityRuntime.Configuration(directory: directory.path, durability: .relaxed, shards: shards,
+                                                        mailboxCapacity: mailboxCapacity, logger: quietLogger)
+        if let clock { configuration.clock = clock }
+        return configuration
+    }
+
+    @Test("a handler's signal reaches the other entity once its turn is durable, in order per sender")
+    func handlerSignals() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [Inbox.self, Forwarder.self])
+        defer { runtime.close() }
+        let a = runtime.entity(Forwarder.self, id: "a"), b = runtime.entity(Forwarder.self, id: "b")
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { for n in 0..<50 { try await a.signal(.forward("\(n)", to: "box")) } }
+            group.addTask { for n in 0..<50 { try await b.signal(.forward("\(n)", to: "box")) } }
+            try await group.waitForAll()
+        }
+        let inbox = runtime.entity(Inbox.self, id: "box")
+        try await eventually("100 notes arrived") { try await inbox.query { $0.received.count } == 100 }
+        let received = try await inbox.query { $0.received }
+        #expect(received.filter { $0.hasPrefix("a:") } == (0..<50).map { "a:\($0)" })
+        #expect(received.filter { $0.hasPrefix("b:") } == (0..<50).map { "b:\($0)" })
+        // Delivered messages are consumed: the outbox is empty.
+        #expect(try runtime.journal.tasks(prefix: [EntityEnvelope.keyPrefix]).isEmpty)
+    }
+
+    @Test("children run, report outputs and typed failures; a child started twice with one id runs once")
+    func childrenAndFailures() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [Boss.self, Worker.self, Inbox.self])
+        defer { runtime.close() }
+        let boss = runtime.entity(Boss.self, id: "boss")
+        try await boss.start(.init(children: ["w1", "w2", "w3"], twice: true))
+        let inbox = runtime.entity(Inbox.self, id: "boss-inbox")
+        try await eventually("the boss's message arrived") { try await inbox.query { $0.received } == ["started 6"] }
+        try await runtime.entity(Worker.self, id: "w1").signal(.finish)
+        try await runtime.entity(Worker.self, id: "w2").signal(.fail)
+        try await runtime.entity(Worker.self, id: "w3").signal(.finish)
+        let results = try await boss.result()
+        #expect(results == ["w1=2", "w1=2", "w2 failed (failed): broken on purpose", "w2 failed (failed): broken on purpose", "w3=6", "w3=6"])
+        // Each child ran its body once, linked to both of the boss's starts.
+        for id in ["w1", "w2", "w3"] {
+            let history = try runtime.exportHistory(of: EntityName(type: "Worker", id: id))
+            #expect(history.events.filter { $0.kind == .started }.count == 1)
+            #expect(history.events.filter { $0.kind == .parentLinked }.count == 2)
+        }
+    }
+
+    @Test("a child started by a second parent after it finished reports the same outcome, without running again")
+    func secondParentAfterFinish() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [Boss.self, Worker.self, Inbox.self])
+        defer { runtime.close() }
+        try await runtime.entity(Boss.self, id: "first").start(.init(children: ["shared"]))
+        try await eventually("the child exists") { try await runtime.entity(Worker.self, id: "shared").query { _ in true } }
+        try await runtime.entity(Worker.self, id: "shared").signal(.finish)
+        #expect(try await runtime.entity(Boss.self, id: "first").result() == ["shared=2"])
+        try await runtime.entity(Boss.self, id: "second").start(.init(children: ["shared"]))
+        #expect(try await runtime.entity(Boss.self, id: "second").result() == ["shared=2"])
+        let history = try runtime.exportHistory(of: EntityName(type: "Worker", id: "shared"))
+        #expect(history.events.filter { $0.kind == .started }.count == 1)
+    }
+
+    @Test("parent-close policies: terminate, request-cancel and abandon act on children still running", arguments: [
+        ParentClosePolicy.terminate, .requestCancel, .abandon,
+    ])
+    func parentClosePolicies(policy: ParentClosePolicy) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [Boss.self, Worker.self, Inbox.self])
+        defer { runtime.close() }
+        let boss = runtime.entity(Boss.self, id: "boss")
+        try await boss.start(.init(children: ["c"], policy: policy, await: false))
+        let child = runtime.entity(Worker.self, id: "c")
+        try await eventually("the child started") {
+            (try? runtime.exportHistory(of: child.name).events.contains { $0.kind == .started }) ?? false
+        }
+        try await boss.signal(.go)
+        #expect(try await boss.result() == [])
+        switch policy {
+        case .terminate:
+            try await eventually("the child is terminated") {
+                do { _ = try await child.query { $0 }; return false } catch { return (error as? EntityError)?.code == .terminated }
+            }
+            await #expect(throws: EntityError.self) { try await child.result() }
+        case .requestCancel:
+            #expect(try await child.result() == -1)
+            #expect(try await child.query { $0.cancelled })
+        case .abandon:
+            try await child.signal(.finish)
+            #expect(try await child.result() == 2)
+            #expect(try await child.query { $0.cancelled } == false)
+        }
+    }
+
+    @Test("fan-out: a bounded window of children, every outcome collected in order, a failure in its slot")
+    func fanOutCollects() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let running = Mutex((now: 0, most: 0))
+        let work = ActivityStub<LeafWork> { id, _ in
+            running.withLock { $0.now += 1; $0.most = max($0.most, $0.now) }
+            defer { running.withLock { $0.now -= 1 } }
+            if id == "bad" { throw NonRetryableError("no value for bad") }
+            return LeafWork.value(of: id)
+        }
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [Fanner.self, FanNode.self],
+                                        activities: [work])
+        defer { runtime.close() }
+        let ids = (0..<10).map { "leaf-\($0)" } + ["bad"]
+        let fanner = runtime.entity(Fanner.self, id: "fan")
+        try await fanner.start(ids)
+        let results = try await fanner.result()
+        #expect(results == ids.dropLast().map { "\(LeafWork.value(of: $0))" } + ["failed: failed"])
+        #expect(running.withLock { $0.most } <= 3)
+    }
+
+    @Test("a full mailbox makes senders wait: it never holds more than its capacity, and nothing is dropped")
+    func fullMailboxWaits() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let gate = Gate.shared
+        gate.close()
+        let runtime = try EntityRuntime(configuration: configuration(directory, shards: 1, mailboxCapacity: 4), entityTypes: [Gated.self])
+        defer { runtime.close() }
+        let entity = runtime.entity(Gated.self, id: "g")
+        let acknowledged = AckCounter()
+        // The first signal's turn blocks the shard's thread at the gate.
+        let first = Task { try await entity.signal(.note(0)); acknowledged.add() }
+        try await eventually("the first turn is at the gate") { gate.waiting }
+        let senders = (1...12).map { n in Task { try await entity.signal(.note(n)); acknowledged.add() } }
+        let cell = runtime.core.cell(Gated.self, entity.name)
+        try await eventually("4 in the mailbox, 8 senders waiting") { cell.mailboxCounts() == (4, 8) }
+        #expect(acknowledged.count == 0)
+        gate.open()
+        try await first.value
+        for sender in senders { try await sender.value }
+        #expect(acknowledged.count == 13)
+        #expect(try await entity.query { $0.notes.sorted() } == Array(0...12))
+    }
+}
+
+final class AckCounter: Sendable {
+    private let value = Atomic<Int>(0)
+    func add() { value.add(1, ordering: .relaxed) }
+    var count: Int { value.load(ordering: .relaxed) }
+}
+
+/// Blocks a turn (and with it its shard's thread) until opened: makes a mailbox fill up.
+final class Gate: Sendable {
+    static let shared = Gate()
+    private let state = Mutex((open: true, waiting: false))
+    private let condition = NSCondition()
+
+    var waiting: Bool { state.withLock { $0.waiting } }
+    func close() { state.withLock { $0 = (false, false) } }
+    func open() {
+        condition.lock()
+        state.withLock { $0.open = true }
+        condition.broadcast()
+        condition.unlock()
+    }
+    func pass() {
+        condition.lock()
+        while !state.withLock({ $0.open }) {
+            state.withLock { $0.waiting = true }
+            condition.wait()
+        }
+        condition.unlock()
+    }
+}
+
+struct Gated: EntityWorkflow {
+    struct State: Codable, Sendable { var notes: [Int] = [] }
+    enum Signal: Codable, Sendable { case note(Int) }
+    static var entityType: String { "Gated" }
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws {
+        Gate.shared.pass()
+        if case .note(let n) = signal { state.notes.append(n) }
+    }
+}
