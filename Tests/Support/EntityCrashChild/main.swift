@@ -39,10 +39,23 @@
 //       there, and returns. The activity named STALL (UndoDeposit or Refund) stays in flight until
 //       the process is killed, before its effect when WHEN is `before`, after it when `after`; it prints
 //       `stalled <name> <key>` when it starts waiting. Prints `started` once the start is durable.
+//
+//   EntityCrashChild messages DIR COUNT SINK
+//       Opens a runtime on DIR and sends COUNT `forward` signals, number n to the `Forwarder`
+//       "fw-<n % 4>" (text "<n>", to the `Inbox` "sink"), 4 at a time, printing `ack <n>` once each is
+//       durable. The forwarders' handlers signal the inbox. SINK `registered` registers `Inbox` (the
+//       test kills the process at a random ack); `unregistered` leaves it out, so that every message
+//       stays between its sender's commit and its delivery, prints `done` and waits to be killed.
+//
+//   EntityCrashChild fanout DIR WIDTH WINDOW
+//       Opens a runtime on DIR and starts the `FanNode` "r" (WIDTH children of WIDTH leaves each, at
+//       most WINDOW running per parent); the `LeafWork` activity prints `leaf <id>` on every attempt.
+//       Prints `started`, then `result <sum>` once the root finished. The test kills it mid-way.
 import DurableEntities
 import Foundation
 import Logging
 import Synchronization
+import TestSupport
 
 /// The account entity, the same shape as the tests' `Account` (same entity type, state and signal
 /// coding), so the test process can reopen what this process wrote.
@@ -117,13 +130,13 @@ func parseIndices(_ text: String) -> [Int] {
 let cursor = Atomic<Int>(0)
 
 /// The runtime both modes use (the tests open the directory with the same settings).
-func openRuntime(_ directory: String) throws -> EntityRuntime {
+func openRuntime(_ directory: String, entityTypes: [any EntityWorkflow.Type] = [Account.self]) throws -> EntityRuntime {
     let quiet = Logger(label: "child", factory: { _ in SwiftLogNoOpLogHandler() })
     var configuration = EntityRuntime.Configuration(directory: directory, snapshotEvery: 10, logger: quiet)
     // Small threshold and window so a kill can hit snapshots, moves and log trimming too.
     configuration.journal.coalesceThreshold = 8
     configuration.journal.logWindow = 512
-    return try EntityRuntime(configuration: configuration, entityTypes: [Account.self])
+    return try EntityRuntime(configuration: configuration, entityTypes: entityTypes)
 }
 
 func deposit(directory: String, indices: [Int], concurrency: Int) async throws {
@@ -334,7 +347,46 @@ func saga(directory: String, stall: String, stallBeforeEffect: Bool) async throw
     runtime.close()
 }
 
+// MARK: - Messaging and fan-out modes
+
+func messages(directory: String, count: Int, registerSink: Bool) async throws {
+    let runtime = try openRuntime(directory, entityTypes: registerSink ? [Forwarder.self, Inbox.self] : [Forwarder.self])
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for lane in 0..<4 {
+            group.addTask {
+                for n in stride(from: lane, to: count, by: 4) {
+                    try await runtime.entity(Forwarder.self, id: "fw-\(n % 4)").signal(.forward("\(n)", to: "sink"))
+                    emit("ack \(n)")
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+    emit("done")
+    try await stallUntilKilled()
+}
+
+func fanout(directory: String, width: Int, window: Int) async throws {
+    let runtime = try openRuntime(directory, entityTypes: [FanNode.self])
+    runtime.register(activity: LeafWork { id in emit("leaf \(id)") })
+    let root = runtime.entity(FanNode.self, id: "r")
+    try await root.start(.init(width: width, depth: 2, maxConcurrent: window))
+    emit("started")
+    emit("result \(try await root.result())")
+    try await stallUntilKilled()
+}
+
 let arguments = CommandLine.arguments
+if arguments.count == 5, arguments[1] == "messages", let count = Int(arguments[3]), ["registered", "unregistered"].contains(arguments[4]) {
+    do { try await messages(directory: arguments[2], count: count, registerSink: arguments[4] == "registered") } catch {
+        fail("EntityCrashChild: \(error)")
+    }
+    exit(0)
+}
+if arguments.count == 5, arguments[1] == "fanout", let width = Int(arguments[3]), let window = Int(arguments[4]) {
+    do { try await fanout(directory: arguments[2], width: width, window: window) } catch { fail("EntityCrashChild: \(error)") }
+    exit(0)
+}
 if arguments.count > 1, ["activities", "saga"].contains(arguments[1]) {
     do {
         if arguments[1] == "activities", arguments.count == 3 {
