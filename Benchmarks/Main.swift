@@ -55,6 +55,15 @@ struct BenchmarksCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("How long a time-boxed scenario measures, in seconds.", valueName: "S"))
     var durationSeconds: Double?
 
+    @Option(help: ArgumentHelp("Tree scenarios (fanout): children per parent.", valueName: "W"))
+    var width: Int?
+
+    @Option(help: ArgumentHelp("Tree scenarios (fanout): levels below the root.", valueName: "D"))
+    var depth: Int?
+
+    @Option(help: ArgumentHelp("The runtime's shard count (default: one per core).", valueName: "S"))
+    var shards: Int?
+
     @Option(
         help: ArgumentHelp(
             "Directory for the scenarios' LMDB data (default: the temporary directory). Use a real disk, not tmpfs.",
@@ -77,7 +86,8 @@ struct BenchmarksCommand: AsyncParsableCommand {
             throw ValidationError(
                 "Unknown scenario \(quoted). Known scenarios: \(names.joined(separator: ", ")) (see --list).")
         }
-        for (flag, value) in [("--entities", entities), ("--in-flight", inFlight), ("--events", events)] {
+        for (flag, value) in [("--entities", entities), ("--in-flight", inFlight), ("--events", events), ("--width", width),
+                              ("--depth", depth), ("--shards", shards)] {
             if let value, value <= 0 { throw ValidationError("\(flag) must be a positive integer, not \(value).") }
         }
         if let durationSeconds, !(durationSeconds > 0) {
@@ -100,7 +110,8 @@ struct BenchmarksCommand: AsyncParsableCommand {
             : scenarios.filter { seen.insert($0).inserted }.compactMap(Scenarios.named)
         let options = ScenarioOptions(
             quick: quick, entities: entities, inFlight: inFlight, events: events,
-            durationSeconds: durationSeconds, dataDirectory: dataDir, extras: try parsedParams())
+            durationSeconds: durationSeconds, dataDirectory: dataDir, width: width, depth: depth, shards: shards,
+            extras: try parsedParams())
         let succeeded = await BenchmarkRunner(scenarios: selected, options: options, json: json).run()
         if !succeeded { throw ExitCode.failure }
     }

@@ -18,6 +18,11 @@ struct ScenarioOptions: Sendable {
     var durationSeconds: Double?
     /// `--data-dir PATH`: where scenarios create their LMDB directories (default: the temporary directory).
     var dataDirectory: String?
+    /// `--width W` / `--depth D`: the shape of a tree scenario (fanout).
+    var width: Int?
+    var depth: Int?
+    /// `--shards S`: the runtime's shard count, for scenarios that honour it.
+    var shards: Int?
     /// `--param key=value`: scenario-specific settings, read with ``extra(_:full:quick:)``.
     var extras: [String: String] = [:]
 

@@ -16,6 +16,7 @@ enum Scenarios {
             EntityMemoryScenario.self,
             CodecScenario.self,
             SagaTransferScenario.self,
+            FanoutScenario.self,
         ]
     }
 

@@ -227,6 +227,24 @@ struct ChildEntityTests {
         #expect(running.withLock { $0.most } <= 3)
     }
 
+    @Test("a run longer than the continue-as-new threshold keeps its outcome; parents survive the resident bound")
+    func longRunKeepsOutcome() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = configuration(directory)
+        configuration.continueAsNewAfterEvents = 8   // the fan-out's run records ~4 events per child
+        configuration.maxResidentEntities = 4         // leaves come and go; the waiting parent stays
+        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [Fanner.self, FanNode.self],
+                                        activities: [LeafWork()])
+        defer { runtime.close() }
+        let ids = (0..<12).map { "leaf-\($0)" }
+        let fanner = runtime.entity(Fanner.self, id: "fan")
+        try await fanner.start(ids)
+        #expect(try await fanner.result() == ids.map { "\(LeafWork.value(of: $0))" })
+        let history = try runtime.exportHistory(of: fanner.name)
+        #expect(history.run == 1 && history.events.filter { $0.kind == .childCompleted }.count == 12)
+    }
+
     @Test("a full mailbox makes senders wait: it never holds more than its capacity, and nothing is dropped")
     func fullMailboxWaits() async throws {
         let directory = TemporaryDirectory()

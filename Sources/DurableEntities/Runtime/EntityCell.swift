@@ -70,6 +70,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var resultWaiters: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
         /// When a turn last finished (ns on the runtime's clock), for passivation by idle time.
         var lastActive: UInt64 = 0
+        /// Whether the run has children that have not reported (as of the last committed turn).
+        var awaitsChildren = false
     }
 
     let name: EntityName
@@ -130,10 +132,12 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     }
 
     /// Evicts the cell if it is idle and no turn finished since `cutoff`.
-    func evictIfIdle(lastActiveBefore cutoff: UInt64) -> Bool {
+    /// - Parameter sparingParents: keep it if its run awaits children (the resident bound's sweep: a
+    ///   parent would be replayed, whole, for each child outcome that arrives).
+    func evictIfIdle(lastActiveBefore cutoff: UInt64, sparingParents: Bool = false) -> Bool {
         let workflow = cell.withLock { state -> WorkflowRun<W>?? in
             guard state.messages.isEmpty, !state.inFlight, !state.scheduled, state.resultWaiters.isEmpty,
-                  state.lastActive < cutoff else { return nil }
+                  state.lastActive < cutoff, !(sparingParents && state.awaitsChildren) else { return nil }
             state.evicted = true
             defer { state.durable = nil }
             return .some(state.durable?.workflow)
@@ -566,8 +570,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return
         }
         let configuration = core.configuration
-        let bodyRunning = next.workflow.map { $0.started && $0.outcome == nil } ?? false
-        let continueAsNew = !bodyRunning && next.status == .active && (requests.continueAsNew
+        // A run body's history is its run: no continue-as-new once the body started (a finished run
+        // keeps its outcome for `result` and for the parents it reports to).
+        let bodyStarted = next.workflow?.started ?? false
+        let continueAsNew = !bodyStarted && next.status == .active && (requests.continueAsNew
             || next.lastSequence + 1 - next.runStartSequence >= UInt64(configuration.continueAsNewAfterEvents)
             || next.runBytes >= configuration.continueAsNewAfterBytes)
         commit(output, next: next, continueAsNew: continueAsNew, replies: replies)
@@ -675,6 +681,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                           replies: [Reply]) {
         var abandoned: WorkflowRun<W>?
         let now = core.clock.nowNanoseconds()
+        let awaitsChildren = (next.workflow?.openChildCount ?? 0) > 0
         let (reschedule, finished, resolved) = cell.withLock { state -> (Bool, Bool, [@Sendable (Result<W.Output, EntityError>) -> Void]) in
             state.resultWaiters += waiters
             state.lastActive = now
@@ -682,6 +689,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             switch outcome {
             case .success:
                 state.durable = next
+                state.awaitsChildren = awaitsChildren
                 if next.workflow?.outcome != nil || next.status == .terminated {
                     resolved = state.resultWaiters
                     state.resultWaiters = []

@@ -87,7 +87,7 @@ final class RuntimeCore: Sendable {
             while table.cells.count >= maxResident, checked < candidates, let oldest = table.order.popFirst() {
                 checked += 1
                 guard let candidate = table.cells[oldest] else { continue }
-                if candidate.evictIfIdle() {
+                if candidate.evictIfIdle(lastActiveBefore: .max, sparingParents: true) {
                     table.cells[oldest] = nil
                 } else {
                     table.order.append(oldest)
@@ -108,7 +108,7 @@ final class RuntimeCore: Sendable {
         for box in tables {
             box.table.withLock { table in
                 var evicted = false
-                for (name, cell) in table.cells where cell.evictIfIdle(lastActiveBefore: cutoff) {
+                for (name, cell) in table.cells where cell.evictIfIdle(lastActiveBefore: cutoff, sparingParents: false) {
                     table.cells[name] = nil
                     count += 1
                     evicted = true
@@ -222,7 +222,7 @@ final class RuntimeCore: Sendable {
 /// A resident cell, whatever its entity type.
 protocol ResidentCell: AnyObject, Sendable {
     func evictIfIdle() -> Bool
-    func evictIfIdle(lastActiveBefore cutoff: UInt64) -> Bool
+    func evictIfIdle(lastActiveBefore cutoff: UInt64, sparingParents: Bool) -> Bool
 }
 
 extension EntityCell: ResidentCell {}

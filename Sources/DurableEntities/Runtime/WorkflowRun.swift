@@ -53,6 +53,8 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
     }
     /// Children by the id of their `startChild` command.
     private(set) var children: [UInt64: ChildRecord] = [:]
+    /// How many children have not reported their outcome.
+    private(set) var openChildCount = 0
     /// The body's outcome once it finished: encoded output, or the failure's description.
     private(set) var outcome: Result<[UInt8], WorkflowFailure>?
     var started: Bool { task != nil }
@@ -142,6 +144,7 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
     /// Records a child started by the body (live and on replay).
     func addChild(_ id: UInt64, name: EntityName, policy: ParentClosePolicy) {
         children[id] = ChildRecord(name: name, policy: policy)
+        openChildCount += 1
     }
 
     /// Whether child `id` was started and has not reported its outcome.
@@ -173,6 +176,7 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         record.outcome = outcome
         record.waiters = []
         children[id] = record
+        openChildCount -= 1
         for waiter in waiters { waiter.resume(with: outcome.mapError { $0 as any Error }) }
         settle()
     }
