@@ -43,7 +43,7 @@ enum CartRoutes {
                     requestID = String(query)
                     try ShopError.checkID(requestID, "requestId")
                 } else {
-                    requestID = try await JSONFields.read(request).requestID()
+                    requestID = try await JSONFields.read(request, allowEmpty: true).requestID()
                 }
                 return try await shop.removeItem(cart: try context.parameter("id"), sku: try context.parameter("sku"), requestID: requestID)
             }
@@ -105,8 +105,9 @@ struct JSONFields: Sendable {
     let values: [String: JSONValue]
 
     /// Reads and parses the body of `request` (at most ``ShopError/maxBodyBytes``).
+    /// - Parameter allowEmpty: an empty body reads as an object without fields.
     /// - Throws: ``ShopError`` `payloadTooLarge`, or `malformedJSON` when the body is not a JSON object.
-    static func read(_ request: Request) async throws(ShopError) -> JSONFields {
+    static func read(_ request: Request, allowEmpty: Bool = false) async throws(ShopError) -> JSONFields {
         if let length = request.headers[.contentLength].flatMap(Int.init), length > ShopError.maxBodyBytes {
             throw tooLarge
         }
@@ -118,7 +119,9 @@ struct JSONFields: Sendable {
         } catch {
             throw ShopError(.malformedJSON, "the body could not be read: \(error)")
         }
-        return try parse(Array(buffer.readableBytesView))
+        let bytes = Array(buffer.readableBytesView)
+        if allowEmpty, bytes.isEmpty { return JSONFields(values: [:]) }
+        return try parse(bytes)
     }
 
     private static var tooLarge: ShopError {
