@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import DurableEntities
 import Hummingbird
 import ServiceLifecycle
@@ -36,11 +37,16 @@ struct Serve: AsyncParsableCommand {
         let host = self.host
         let data = self.data
         let server = CartRoutes.application(shop: shop, host: host, port: port, logger: logger) { port in
-            print("CartSample: serving http://\(host):\(port) on the LMDB directory \(data) (SIGTERM or Ctrl-C stops it cleanly)")
+            say("CartSample: serving http://\(host):\(port) on the LMDB directory \(data) (SIGTERM or Ctrl-C stops it cleanly)")
         }
         let group = ServiceGroup(services: [runtime, server], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [],
                                  logger: logger)
         try await group.run()
-        print("CartSample: stopped; \(data) is closed.")
+        say("CartSample: stopped; \(data) is closed.")
     }
+}
+
+/// Prints a line to standard output at once, even when it is a pipe (a supervisor or a test reads it).
+private func say(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
 }
