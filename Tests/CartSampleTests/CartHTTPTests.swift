@@ -254,6 +254,48 @@ struct CartHTTPTests {
         }
     }
 
+    @Test("a crash right after the checkout is accepted, wherever the saga is: it ends as the payment says, stock settled",
+          arguments: [("tok_ok", "completed"), ("tok_decline", "compensated")])
+    func crashRightAfterCheckout(token: String, outcome: String) async throws {
+        try await CartServer.run { shop in
+            _ = try await shop.restock("socks", 6, price: 500)
+            _ = try await shop.restock("mug", 3, price: 1_200)
+            _ = try await shop.restock("hat", 3, price: 2_000)
+            for (index, sku) in ["socks", "mug", "hat"].enumerated() {
+                _ = try expect(200, try await shop.add("c-1", sku, Int(index) + 1, requestID: "a-\(index)"), CartView.self)
+            }
+            _ = try expect(202, try await shop.checkout("c-1", token: token, requestID: "co-1"), OrderView.self)
+            try await shop.crashAndReopen()  // the reservations are in flight, or done, or the payment is
+
+            let order = try await shop.finished("order-c-1")
+            #expect(order.status == outcome, "\(order)")
+            let charged: Int64? = shop.gateway.charge(of: "order-c-1")?.amountCents
+            let expected: Int64? = outcome == "completed" ? 500 + 2 * 1_200 + 3 * 2_000 : nil
+            #expect(charged == expected)
+            _ = try await shop.runtime.entity(Cart.self, id: "c-1").result()
+            try await shop.checkStock(["socks", "mug", "hat"], settled: true)
+            let shipped = try await [shop.inventory("socks").shipped, shop.inventory("mug").shipped, shop.inventory("hat").shipped]
+            #expect(shipped == (outcome == "completed" ? [1, 2, 3] : [0, 0, 0]))
+        }
+    }
+
+    @Test("a cart's expiry timer is durable: it survives a crash and fires on the reopened runtime")
+    func expiryAfterCrash() async throws {
+        try await CartServer.run(settings: .init(cartIdleTimeout: .seconds(600), paymentTimeout: .seconds(10))) { shop in
+            _ = try await shop.restock("mug", 5)
+            _ = try expect(200, try await shop.add("c-1", "mug", 4, requestID: "a-1"), CartView.self)
+            try await shop.crashAndReopen()
+            #expect(try await shop.inventory("mug").reserved == 4)
+            #expect(try expect(200, try await shop.get("/carts/c-1"), CartView.self).status == "open")
+
+            shop.clock.advance(by: .seconds(601))
+            #expect(try await shop.runtime.entity(Cart.self, id: "c-1").result() == .expired)
+            let mugs = try await shop.inventory("mug")
+            #expect(mugs.available == 5 && mugs.reserved == 0)
+            try await shop.checkStock(["mug"], settled: true)
+        }
+    }
+
     @Test("concurrent carts on scarce stock: exactly the available units are held, none oversold")
     func scarceStock() async throws {
         try await CartServer.run { shop in
