@@ -173,6 +173,33 @@ struct CartHTTPTests {
         }
     }
 
+    @Test("a reservation that cannot be made compensates: the SKUs already reserved are released, nothing is charged")
+    func reservationFails() async throws {
+        try await CartServer.run { shop in
+            _ = try await shop.restock("socks", 4, price: 500)
+            _ = try await shop.restock("mug", 2, price: 1_200)
+            _ = try expect(200, try await shop.add("c-1", "socks", 2, requestID: "a-1"), CartView.self)
+            _ = try expect(200, try await shop.add("c-1", "mug", 1, requestID: "a-2"), CartView.self)
+            // A race between a removal and an add can leave a cart's line without its hold; play it
+            // directly: c-1's socks go back to the shelf, and c-2 takes every sock.
+            _ = try await shop.runtime.entity(InventoryItem.self, id: "socks")
+                .update(.release(holders: [InventoryItem.holder(cart: "c-1")], close: false), idempotencyKey: "race")
+            _ = try expect(200, try await shop.add("c-2", "socks", 4, requestID: "b-1"), CartView.self)
+
+            _ = try expect(202, try await shop.checkout("c-1", token: "tok_ok", requestID: "co-1"), OrderView.self)
+            let order = try await shop.finished("order-c-1")
+            #expect(order.status == "compensated")
+            #expect(order.reason?.contains("reservation failed: socks") == true, "\(order.reason ?? "no reason")")
+            #expect(shop.gateway.attempts == 0)
+            let mugs = try await shop.inventory("mug")
+            #expect(mugs.available == 2 && mugs.reserved == 0)
+            let socks = try await shop.runtime.entity(InventoryItem.self, id: "socks").query { $0 }
+            #expect(socks.available == 0 && socks.holds == [InventoryItem.holder(cart: "c-2"): 4])
+            _ = try await shop.runtime.entity(Cart.self, id: "c-1").result()
+            try await shop.checkStock(["socks", "mug"], settled: false)
+        }
+    }
+
     @Test("a payment that never answers times out after two attempts and compensates")
     func paymentTimeout() async throws {
         try await CartServer.run(settings: .init(cartIdleTimeout: .seconds(86_400), paymentTimeout: .seconds(10))) { shop in
