@@ -21,10 +21,10 @@ struct CartOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("The log level, on standard error: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
     var logLevel: String = "warning"
 
-    @Option(name: .long, help: ArgumentHelp("Seconds a cart may stay unchanged before it expires and its items go back to the shelf.", valueName: "seconds"))
+    @Option(name: .long, help: ArgumentHelp("Seconds a cart may stay unchanged before it expires and its items go back to the shelf. Default: 1800 (serve), 1 (demo).", valueName: "seconds"))
     var cartIdleTimeout: Double?
 
-    @Option(name: .long, help: ArgumentHelp("Seconds one payment attempt may take before it times out (two attempts, then the checkout compensates).", valueName: "seconds"))
+    @Option(name: .long, help: ArgumentHelp("Seconds one payment attempt may take before it times out (two attempts, then the checkout compensates). Default: 10 (serve), 0.3 (demo).", valueName: "seconds"))
     var paymentTimeout: Double?
 
     func validate() throws {

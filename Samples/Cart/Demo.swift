@@ -90,9 +90,14 @@ struct Demo: AsyncParsableCommand {
             throw ExitCode.failure
         }
         try await checkStock(shop)
+        for sku in Self.skus where try await !runtime.entity(InventoryItem.self, id: sku).query(\.holds).isEmpty {
+            print("   ✘ \(sku) still holds units for an ended cart or order")
+            throw ExitCode.failure
+        }
         runtime.close()
         print()
-        print("Done in \(ContinuousClock.now - started).")
+        let elapsed = ContinuousClock.now - started
+        print("Done in \(elapsed.components.seconds).\(elapsed.components.attoseconds / 100_000_000_000_000_000) s: every SKU kept available + reserved + shipped == restocked, and nothing is left held.")
     }
 
     /// Checks out `cart`, waits for the saga and prints its outcome.
