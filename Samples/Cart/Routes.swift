@@ -19,6 +19,7 @@ enum CartRoutes {
     /// The router of every route above.
     static func router(_ shop: Shop) -> Router<BasicRequestContext> {
         let router = Router()
+        router.add(middleware: JSONErrorMiddleware())
         router.post("/inventory/:sku") { request, context in
             await respond {
                 let body = try await JSONFields.read(request)
@@ -83,11 +84,29 @@ enum CartRoutes {
         }
     }
 
-    private static func json(_ value: some Encodable, status: HTTPResponse.Status) -> Response {
+    static func json(_ value: some Encodable, status: HTTPResponse.Status) -> Response {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let bytes = (try? encoder.encode(value)) ?? Data(#"{"error":"internal","message":"the answer did not encode"}"#.utf8)
         return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+}
+
+/// Gives the errors Hummingbird raises itself (no such route, a body too large to read) the shop's
+/// JSON shape, `{"error": ..., "message": ...}`.
+struct JSONErrorMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let error as HTTPResponseError {
+            let name = switch error.status {
+            case .notFound: ShopError.Code.notFound.name
+            case .contentTooLarge: ShopError.Code.payloadTooLarge.name
+            default: "http_error"
+            }
+            let message = error.status == .notFound ? "no route \(request.method) \(request.uri.path)" : "\(error.status)"
+            return CartRoutes.json(["error": name, "message": message], status: error.status)
+        }
     }
 }
 

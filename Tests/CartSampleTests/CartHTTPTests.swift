@@ -135,6 +135,8 @@ struct CartHTTPTests {
             expectError(404, "not_found", try await shop.checkout("c-404", token: "tok_ok", requestID: "co-x"))
             expectError(404, "not_found", try await shop.client.request("DELETE", "/carts/c-404/items/socks?requestId=d-x"))
             expectError(404, "not_found", try await shop.client.request("DELETE", "/carts/c-1/items/mug?requestId=d-y"))
+            // No such route.
+            expectError(404, "not_found", try await shop.get("/warehouses/1"))
             // A bad id in the path.
             expectError(400, "invalid_request", try await shop.get("/inventory/so%20cks"))
             // An oversized body (on a connection of its own: the server may close it after the 413).
