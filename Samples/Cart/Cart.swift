@@ -3,7 +3,8 @@ import DurableEntities
 /// A shopping cart as a durable entity: its lines, the SKUs it ever held stock on, and a run body that
 /// expires it after a configurable idle time, on a durable timer.
 ///
-/// A cart does not talk to inventory itself; ``Shop`` does, in an order that never leaks stock:
+/// Adding an item spans two entities, so ``Shop`` sends three messages, in an order that never leaks
+/// stock:
 /// 1. `touch(sku)`: the cart remembers the SKU *before* any stock is held for it;
 /// 2. the SKU holds the units for `cart:<id>` (see ``InventoryItem``);
 /// 3. `add(sku, quantity, priceCents)`: the line grows.

@@ -5,9 +5,10 @@ import Logging
 /// takes the client's `requestId` and derives every entity's idempotency key from it, so repeating a
 /// request (after a timeout, a crash, a lost response) returns the first outcome and changes nothing.
 ///
-/// Adding to a cart touches three messages in a fixed order (see ``Cart``): the cart remembers the
-/// SKU, the SKU holds the units for the cart, the cart's line grows. Removing shrinks the cart first,
-/// then gives the units back. Checking out closes the cart into an ``Order`` and starts its saga.
+/// Adding to a cart sends its messages in a fixed order (see ``Cart``): the cart remembers the SKU,
+/// the cart's run body (its expiry timer) starts if it has not, the SKU holds the units for the cart,
+/// the cart's line grows. Removing shrinks the cart first, then gives the units back. Checking out
+/// closes the cart into an ``Order`` and starts its saga.
 struct Shop: Sendable {
     /// The shop's knobs.
     struct Settings: Sendable {
