@@ -92,6 +92,14 @@ struct CartHTTPTests {
             let cart = try expect(200, try await shop.get("/carts/c-1"), CartView.self)
             #expect(cart.status == "checked_out" && cart.orderId == "order-c-1")
 
+            // Retried after the saga ended: the same order, nothing runs again.
+            _ = try await shop.runtime.entity(Cart.self, id: "c-1").result()
+            let late = try expect(202, try await shop.checkout("c-1", token: "tok_ok", requestID: "co-1"), OrderView.self)
+            #expect(late == order)
+            #expect(try await shop.finished("order-c-1") == order)
+            let socksLater = try await shop.inventory("socks")
+            #expect(shop.gateway.attempts == 1 && socksLater == socks)
+
             // The cart is closed: no more items, no second checkout; nothing is held for it.
             expectError(409, "cart_closed", try await shop.add("c-1", "socks", 1, requestID: "a-4"))
             expectError(409, "cart_closed", try await shop.checkout("c-1", token: "tok_ok", requestID: "co-2"))
