@@ -17,6 +17,7 @@ enum BankHTTP {
     /// The router, with every route and the middleware that writes errors as JSON.
     static func router(bank: Bank, logger: Logger) -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
+        router.add(middleware: LogRequestsMiddleware(.debug))
         router.add(middleware: ErrorMiddleware(logger: logger))
 
         router.post("/accounts/:id/deposits") { request, context in

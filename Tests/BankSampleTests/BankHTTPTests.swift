@@ -1,3 +1,4 @@
+@_spi(Testing) import DurableEntities
 import DurableEntitiesTesting
 import Foundation
 import Logging
@@ -198,6 +199,30 @@ struct BankHTTPTests {
             let late = try await bank.client.request("POST", "/transfers/t-1/approve", json: ["requestId": "a-1"])
             #expect(late.status == 409)
         }
+    }
+
+    @Test("a transfer awaiting approval survives a crash: after reopening, approved, the money moves once")
+    func transferSurvivesCrash() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = EntityRuntime.Configuration(directory: directory.path, shards: 2, clock: TestClock(skipsTimeWhenIdle: false),
+                                                        logger: BankFixture.quiet)
+        let before = try Bank(configuration: configuration, approvalThreshold: 5_000)
+        _ = try await before.deposit(account: "alice", cents: 9_000, requestId: "d-1")
+        _ = try await before.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 6_000)
+        #expect(try await before.awaitTransferSettled("t-1").status == "awaiting_approval")
+        before.runtime.simulateCrash()
+
+        let after = try Bank(configuration: configuration, approvalThreshold: 5_000)
+        defer { after.close() }
+        #expect(try await after.transfer("t-1").status == "awaiting_approval")
+        #expect(try await after.account("alice").balance == 3_000)
+        let retried = try await after.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 6_000)
+        #expect(retried.status == "awaiting_approval", "a retried POST finds the transfer, starts nothing")
+        _ = try await after.decide("t-1", approve: true, requestId: "a-1")
+        #expect(try await after.awaitTransfer("t-1") == .completed)
+        #expect(try await after.account("alice").balance == 3_000)
+        #expect(try await after.account("bob").balance == 6_000)
     }
 
     @Test("money is conserved: concurrent transfers in a ring, the balances add up to deposits minus withdrawals")
