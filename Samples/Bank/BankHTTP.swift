@@ -21,18 +21,18 @@ enum BankHTTP {
         router.add(middleware: ErrorMiddleware(logger: logger))
 
         router.post("/accounts/:id/deposits") { request, context in
-            let body = try await decode(MoneyRequest.self, request, context)
+            let body = try await decode(MoneyRequest.self, request)
             return try json(await bank.deposit(account: context.parameters.require("id"), cents: body.amount, requestId: body.requestId))
         }
         router.post("/accounts/:id/withdrawals") { request, context in
-            let body = try await decode(MoneyRequest.self, request, context)
+            let body = try await decode(MoneyRequest.self, request)
             return try json(await bank.withdraw(account: context.parameters.require("id"), cents: body.amount, requestId: body.requestId))
         }
         router.get("/accounts/:id") { _, context in
             try json(await bank.account(context.parameters.require("id")))
         }
         router.post("/transfers") { request, context in
-            let body = try await decode(TransferRequest.self, request, context)
+            let body = try await decode(TransferRequest.self, request)
             let transfer = try await bank.startTransfer(id: body.transferId, from: body.from, to: body.to, cents: body.amount)
             return try json(transfer, status: .accepted)
         }
@@ -40,11 +40,11 @@ enum BankHTTP {
             try json(await bank.transfer(context.parameters.require("id")))
         }
         router.post("/transfers/:id/approve") { request, context in
-            let body = try await decode(DecisionRequest.self, request, context)
+            let body = try await decode(DecisionRequest.self, request)
             return try json(await bank.decide(context.parameters.require("id"), approve: true, requestId: body.requestId))
         }
         router.post("/transfers/:id/reject") { request, context in
-            let body = try await decode(DecisionRequest.self, request, context)
+            let body = try await decode(DecisionRequest.self, request)
             return try json(await bank.decide(context.parameters.require("id"), approve: false, requestId: body.requestId))
         }
         return router
@@ -86,7 +86,7 @@ enum BankHTTP {
     /// Reads at most ``BankLimits/maxBodyBytes`` of the body and decodes it as JSON.
     /// - Throws: ``BankError``: `bodyTooLarge`, `malformedJSON`, or the code of the first bad field
     ///   (`invalidAmount` for `amount`, `invalidRequestID` for `requestId`, `invalidRequest` otherwise).
-    static func decode<Body: Decodable>(_ type: Body.Type, _ request: Request, _ context: some RequestContext) async throws -> Body {
+    static func decode<Body: Decodable>(_ type: Body.Type, _ request: Request) async throws -> Body {
         let buffer: ByteBuffer
         do {
             buffer = try await request.body.collect(upTo: BankLimits.maxBodyBytes)
@@ -105,7 +105,7 @@ enum BankHTTP {
     /// The ``BankError`` a client can act on, naming the field that did not decode.
     private static func bankError(field: String?, _ error: any Error) -> BankError {
         switch field {
-        case nil: return BankError(.malformedJSON, "the body must be a JSON object", underlying: error)
+        case nil: return BankError(.malformedJSON, "the body is not valid JSON, or not a JSON object", underlying: error)
         case "amount": return BankError(.invalidAmount, "amount must be a positive integer number of cents", underlying: error)
         case "requestId": return BankError(.invalidRequestID, "requestId must be a non-empty string", underlying: error)
         case let field?: return BankError(.invalidRequest, "field '\(field)' is missing or not a string", underlying: error)
