@@ -119,6 +119,7 @@ struct BankLoad: Sendable {
 
     private func measure(_ connections: [SampleHTTPClient], _ ids: [String]) async throws -> BankLoadReport {
         let prefix = self.prefix
+        let loadAverage = Self.loadAverage()  // before we add ours: what else runs on the machine
 
         // Phase 1: deposits of 10.00…10.99 (enough for every transfer below to find money).
         let depositStart = ContinuousClock.now
@@ -171,7 +172,7 @@ struct BankLoad: Sendable {
             transferCompleteP50Ms: Self.percentile(completion, 50), transferCompleteP99Ms: Self.percentile(completion, 99),
             transfersCompleted: transferRuns.filter { $0.status == "completed" }.count,
             depositedCents: deposited, balanceSumCents: sum, conserved: sum == deposited,
-            build: Self.build, loadAverage1m: Self.loadAverage())
+            build: Self.build, loadAverage: loadAverage)
     }
 
     static let terminal: Set<String> = ["completed", "compensated", "rejected", "failed"]
@@ -246,7 +247,8 @@ struct BankLoadReport: Codable, Sendable {
     /// The sum of the balances equals the deposits.
     var conserved: Bool
     var build: String
-    var loadAverage1m: Double?
+    /// The 1-minute load average when the load started: what else ran on the machine.
+    var loadAverage: Double?
 
     func jsonLine() -> String {
         let encoder = JSONEncoder()
