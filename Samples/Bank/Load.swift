@@ -146,6 +146,9 @@ struct BankLoad: Sendable {
             guard posted.status == 202 else { throw BankLoadError(message: "transfer \(id): \(posted.status) \(posted.text)") }
             var view = try posted.decode(Bank.TransferView.self)
             while !Self.terminal.contains(view.status) {
+                guard view.status != "awaiting_approval" else {
+                    throw BankLoadError(message: "transfer \(id) awaits an approval: the server's --approval-threshold is below \(body.amount) cents")
+                }
                 try await Task.sleep(for: .milliseconds(1))
                 view = try await client.request("GET", "/transfers/\(id)").decode(Bank.TransferView.self)
             }

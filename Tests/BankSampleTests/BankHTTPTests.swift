@@ -259,6 +259,27 @@ struct BankHTTPTests {
         }
     }
 
+    @Test("SampleHTTPClient: concurrent requests on one client go one at a time, each getting its own response")
+    func clientSerializesRequests() async throws {
+        try await BankFixture.with { bank in
+            let client = bank.client
+            let answers = try await withThrowingTaskGroup(of: (Int, Bank.AccountView).self) { group in
+                for n in 0..<20 {
+                    group.addTask {
+                        let response = try await client.request("POST", "/accounts/acc-\(n)/deposits", json: ["amount": .int(Int64(100 + n)), "requestId": "d-\(n)"] as Body)
+                        return (n, try response.decode(Bank.AccountView.self))
+                    }
+                }
+                var answers: [Int: Bank.AccountView] = [:]
+                for try await (n, view) in group { answers[n] = view }
+                return answers
+            }
+            for n in 0..<20 {
+                #expect(answers[n] == Bank.AccountView(accountId: "acc-\(n)", balance: Int64(100 + n)))
+            }
+        }
+    }
+
     @Test("BankSample load, briefly: every transfer completes and the money adds up")
     func loadSmoke() async throws {
         try await BankFixture.with { bank in
@@ -305,6 +326,62 @@ struct BankHTTPTests {
         #expect(try await bank.account("alice").balance == 4_000)
         #expect(try await bank.account("bob").balance == 200)
         #expect(try await bank.transfer("t-1").status == "completed")
+    }
+
+    @Test("SIGTERM while clients deposit: the server drains, exits 0, and every acknowledged deposit is in the directory")
+    func sigtermDrainsInFlightRequests() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let child = try ChildProcess("BankSample", arguments: ["serve", "--data", directory.path, "--port", "0"])
+        guard let line = child.readLine(), let port = line.split(separator: ":").last.flatMap({ Int($0) }) else {
+            child.kill()
+            Issue.record("the server printed no port")
+            return
+        }
+        // Four senders deposit 1 cent at a time, each until a request fails (the server is gone).
+        let (acknowledgements, acknowledged) = AsyncStream.makeStream(of: Void.self)
+        let senders = Task {
+            try await withThrowingTaskGroup(of: (String, Int64).self) { group in
+                for sender in 0..<4 {
+                    group.addTask {
+                        let account = "saver-\(sender)"
+                        let client = try await SampleHTTPClient(port: port)
+                        var count: Int64 = 0
+                        while let response = try? await client.request(
+                            "POST", "/accounts/\(account)/deposits", json: ["amount": 1, "requestId": "d-\(count + 1)"] as Body),
+                            response.status == 200 {
+                            count += 1
+                            acknowledged.yield()
+                        }
+                        try? await client.close()
+                        return (account, count)
+                    }
+                }
+                var counts: [String: Int64] = [:]
+                for try await (account, count) in group { counts[account] = count }
+                return counts
+            }
+        }
+        var seen = 0
+        for await _ in acknowledgements {
+            seen += 1
+            if seen == 40 { break }
+        }
+        kill(child.process.processIdentifier, SIGTERM)
+        let counts = try await senders.value
+        child.process.waitUntilExit()
+        #expect(child.process.terminationReason == .exit)
+        #expect(child.process.terminationStatus == 0)
+
+        let bank = try Bank(configuration: .init(directory: directory.path, logger: BankFixture.quiet))
+        defer { bank.close() }
+        for (account, count) in counts.sorted(by: { $0.key < $1.key }) {
+            let balance = try await bank.account(account).balance
+            // Each sender has one request in flight at most: the server may have applied it and gone
+            // before answering.
+            #expect((count...count + 1).contains(balance), "\(account): \(count) acknowledged, \(balance) recorded")
+        }
+        #expect(counts.values.reduce(0, +) >= 40)
     }
 }
 
