@@ -56,7 +56,7 @@ struct Account: EntityWorkflow {
         case deposit(cents: Int64, ref: String)
     }
 
-    /// What an accepted withdrawal returns: the new balance in cents.
+    /// What an accepted update returns: the new balance in cents.
     typealias UpdateResult = Int64
 
     /// How many operation refs ``State/recentRefs`` keeps.
@@ -123,7 +123,7 @@ struct Account: EntityWorkflow {
     }
 
     /// Applies a validated update. Also runs on replay, where validation is not repeated: it
-    /// succeeded when the withdrawal was first recorded, against the same state.
+    /// succeeded when the update was first recorded, against the same state.
     /// - Returns: the new balance in cents.
     static func apply(_ update: Update, state: inout State, context: EntityContext) throws -> Int64 {
         switch update {

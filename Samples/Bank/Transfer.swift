@@ -127,19 +127,19 @@ struct Transfer: EntityWorkflow {
             state.to = input.to
             state.amount = input.amount
         }
-        let debit = Posting(account: input.from, cents: input.amount, step: "withdraw")
-        if case .refused(let reason) = try await context.execute(WithdrawFromAccount.self, debit, options: moneyMove) {
-            return finish(.rejected, reason: reason, context)
-        }
-
         var saga = Saga()
-        saga.addCompensation("refund \(input.from)") {
-            let refund = Posting(account: input.from, cents: input.amount, step: "refund")
-            if case .refused(let reason) = try await context.execute(DepositToAccount.self, refund, options: moneyMove) {
-                throw RefundRefused(reason: reason)
-            }
-        }
         do {
+            let debit = Posting(account: input.from, cents: input.amount, step: "withdraw")
+            if case .refused(let reason) = try await context.execute(WithdrawFromAccount.self, debit, options: moneyMove) {
+                return finish(.rejected, reason: reason, context)
+            }
+            // Registered only now: refunding a withdrawal that never happened would create money.
+            saga.addCompensation("refund \(input.from)") {
+                let refund = Posting(account: input.from, cents: input.amount, step: "refund")
+                if case .refused(let reason) = try await context.execute(DepositToAccount.self, refund, options: moneyMove) {
+                    throw RefundRefused(reason: reason)
+                }
+            }
             if input.amount >= input.approvalThreshold {
                 context.updateState { $0.status = .awaitingApproval }
                 guard try await context.condition(timeout: approvalTimeout, { $0.decision != nil }) else {
@@ -158,7 +158,8 @@ struct Transfer: EntityWorkflow {
             }
             return finish(.completed, reason: nil, context)
         } catch {
-            // A refund that failed, or a cancellation: say so rather than hide it.
+            // A refund that failed, or a cancellation: say so rather than hide it. (Money moves retry
+            // until they get an answer, so nothing else ends up here.)
             return finish(.failed, reason: "\(error)", context)
         }
     }
