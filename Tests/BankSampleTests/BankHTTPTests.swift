@@ -225,6 +225,38 @@ struct BankHTTPTests {
         #expect(try await after.account("bob").balance == 6_000)
     }
 
+    @Test("every transfer's history replays through the code to the state it reached (the saga is deterministic)")
+    func transferHistoriesReplay() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let bank = try Bank(configuration: .init(directory: directory.path, shards: 2, clock: clock, logger: BankFixture.quiet),
+                            approvalThreshold: 5_000)
+        defer { bank.close() }
+        _ = try await bank.deposit(account: "alice", cents: 30_000, requestId: "d-1")
+        _ = try await bank.startTransfer(id: "small", from: "alice", to: "bob", cents: 1_000)
+        _ = try await bank.startTransfer(id: "broke", from: "carol", to: "bob", cents: 1_000)
+        for id in ["approved", "refused", "expired"] {
+            _ = try await bank.startTransfer(id: id, from: "alice", to: "bob", cents: 6_000)
+            #expect(try await bank.awaitTransferSettled(id).status == "awaiting_approval")
+        }
+        _ = try await bank.decide("approved", approve: true, requestId: "a-1")
+        _ = try await bank.decide("refused", approve: false, requestId: "r-1")
+        clock.advance(by: Transfer.approvalTimeout)
+
+        let expected: [String: Transfer.Status] = [
+            "small": .completed, "broke": .rejected, "approved": .completed, "refused": .rejected, "expired": .compensated,
+        ]
+        for (id, status) in expected.sorted(by: { $0.key < $1.key }) {
+            #expect(try await bank.awaitTransfer(id) == status, "\(id)")
+            let live = try await bank.runtime.entity(Transfer.self, id: id).query { $0 }
+            let history = try bank.runtime.exportHistory(of: EntityName(type: Transfer.entityType, id: id))
+            #expect(try history.replay(as: Transfer.self) == live, "\(id): replay reaches the live state")
+        }
+        #expect(try await bank.account("alice").balance == 30_000 - 1_000 - 6_000)
+        #expect(try await bank.account("bob").balance == 1_000 + 6_000)
+    }
+
     @Test("money is conserved: concurrent transfers in a ring, the balances add up to deposits minus withdrawals")
     func conservation() async throws {
         try await BankFixture.with(approvalThreshold: 1_000_000) { bank in
