@@ -8,6 +8,8 @@ import DurableEntities
 ///   is durable.
 /// - A **withdrawal** is an *update*: it is first *validated* against the balance (too little money
 ///   refuses it, and nothing is recorded), then applied and recorded, and the new balance comes back.
+///   A deposit can be sent as an update too, when the caller wants the resulting balance recorded
+///   with its idempotency key (the HTTP service and the transfers do).
 /// - Every operation carries a `ref`: the caller's name for it (a payment id, a request id). The
 ///   ``DurableEntities/EntityRef`` helpers below send it as the **idempotency key** too, so a client
 ///   that resends an operation after a timeout or a crash moves the money at most once.
@@ -48,9 +50,13 @@ struct Account: EntityWorkflow {
     enum Update: Codable, Sendable {
         /// Takes `cents` (> 0, at most the balance) from the balance; returns the new balance.
         case withdraw(cents: Int64, ref: String)
+        /// Adds `cents` (> 0), like the deposit signal, but returns the new balance. The runtime records
+        /// that result with the idempotency key, so a retry gets the first answer back, not today's
+        /// balance: what the HTTP service needs to give a retried request its original response.
+        case deposit(cents: Int64, ref: String)
     }
 
-    /// What an accepted withdrawal returns: the new balance in cents.
+    /// What an accepted update returns: the new balance in cents.
     typealias UpdateResult = Int64
 
     /// How many operation refs ``State/recentRefs`` keeps.
@@ -100,24 +106,33 @@ struct Account: EntityWorkflow {
         }
     }
 
-    /// Checks a withdrawal against the balance, without changing anything.
-    /// - Throws: ``InvalidAmount`` for a non-positive amount, ``InsufficientFunds`` when the balance is
-    ///   lower than the amount.
+    /// Checks an update against the balance, without changing anything.
+    /// - Throws: ``InvalidAmount`` for a non-positive amount (or a deposit that would overflow),
+    ///   ``InsufficientFunds`` when the balance is lower than a withdrawal.
     static func validate(_ update: Update, state: State) throws {
         switch update {
         case .withdraw(let cents, _):
             guard cents > 0 else { throw InvalidAmount(cents: cents, reason: "a withdrawal must be positive") }
             guard cents <= state.balance else { throw InsufficientFunds(balance: state.balance, requested: cents) }
+        case .deposit(let cents, _):
+            guard cents > 0 else { throw InvalidAmount(cents: cents, reason: "a deposit must be positive") }
+            guard !state.balance.addingReportingOverflow(cents).overflow else {
+                throw InvalidAmount(cents: cents, reason: "the balance would overflow")
+            }
         }
     }
 
-    /// Applies a validated withdrawal. Also runs on replay, where validation is not repeated: it
-    /// succeeded when the withdrawal was first recorded, against the same state.
+    /// Applies a validated update. Also runs on replay, where validation is not repeated: it
+    /// succeeded when the update was first recorded, against the same state.
     /// - Returns: the new balance in cents.
     static func apply(_ update: Update, state: inout State, context: EntityContext) throws -> Int64 {
         switch update {
         case .withdraw(let cents, let ref):
             state.balance -= cents
+            state.record(ref)
+            return state.balance
+        case .deposit(let cents, let ref):
+            state.balance += cents
             state.record(ref)
             return state.balance
         }
@@ -149,16 +164,29 @@ extension EntityRef where W == Account {
 
     /// Withdraws `cents` from the account; returns the new balance once the withdrawal is durable.
     ///
-    /// `ref` is sent as the idempotency key: withdrawing again with the same `ref` returns the first
-    /// withdrawal's result and takes nothing more.
+    /// `ref` is sent as the idempotency key (unless `idempotencyKey` is given): withdrawing again with
+    /// the same key returns the first withdrawal's result and takes nothing more.
     /// - Parameters:
     ///   - cents: the amount, in cents; must be positive and at most the balance.
     ///   - ref: the caller's unique name for this withdrawal.
+    ///   - idempotencyKey: the key that deduplicates retries; `nil` uses `ref`.
     /// - Returns: the balance after the withdrawal, in cents.
     /// - Throws: ``EntityError``; code `rejected` with ``Account/InsufficientFunds`` or
     ///   ``Account/InvalidAmount`` as its `underlying`. Nothing is recorded when it throws.
-    func withdraw(cents: Int64, ref: String) async throws(EntityError) -> Int64 {
-        try await update(.withdraw(cents: cents, ref: ref), idempotencyKey: ref)
+    func withdraw(cents: Int64, ref: String, idempotencyKey: String? = nil) async throws(EntityError) -> Int64 {
+        try await update(.withdraw(cents: cents, ref: ref), idempotencyKey: idempotencyKey ?? ref)
+    }
+
+    /// Deposits `cents` as an update; returns the balance right after it, once durable.
+    ///
+    /// Resending with the same `idempotencyKey` returns that same balance and adds nothing.
+    /// - Parameters:
+    ///   - cents: the amount, in cents; must be positive.
+    ///   - ref: the caller's name for this deposit (kept in ``Account/State/recentRefs``).
+    ///   - idempotencyKey: the key that deduplicates retries.
+    /// - Throws: ``EntityError``; code `rejected` with ``Account/InvalidAmount`` as its `underlying`.
+    func depositReturningBalance(cents: Int64, ref: String, idempotencyKey: String) async throws(EntityError) -> Int64 {
+        try await update(.deposit(cents: cents, ref: ref), idempotencyKey: idempotencyKey)
     }
 
     /// The account's committed state: every acknowledged operation is in it.

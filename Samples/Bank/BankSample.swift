@@ -4,14 +4,15 @@ import Logging
 
 /// The bank sample: bank accounts as durable entities in one LMDB directory.
 ///
-/// `demo` (the default) tells the story end to end: deposits, a refused withdrawal, a restart, and a
-/// crash. More subcommands (an HTTP bank) come later; each opens the runtime through ``BankOptions``.
+/// `demo` (the default) tells the story end to end: deposits, a refused withdrawal, transfers (one
+/// approved, one refused), a restart, and a crash. `serve` is the bank as an HTTP service, `load` a load
+/// generator for it. Each opens the data directory through ``BankOptions``.
 @main
 struct BankSample: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "BankSample",
-        abstract: "Bank accounts as durable entities: deposits, withdrawals, a restart and a crash, on a local LMDB directory.",
-        subcommands: [Demo.self, DepositForever.self],
+        abstract: "Bank accounts and transfers as durable entities, on a local LMDB directory: a demo, an HTTP service, a load generator.",
+        subcommands: [Demo.self, Serve.self, Load.self, DepositForever.self],
         defaultSubcommand: Demo.self)
 }
 
@@ -41,5 +42,11 @@ struct BankOptions: ParsableArguments {
     ///   instance because another process has it open).
     func openRuntime() throws(EntityError) -> EntityRuntime {
         try EntityRuntime(configuration: .init(directory: data, logger: logger()), entityTypes: [Account.self])
+    }
+
+    /// Opens the ``Bank`` (accounts and transfers) on the data directory.
+    /// - Throws: ``EntityError`` with code `storage` when the directory cannot be opened.
+    func openBank(approvalThreshold: Int64 = Bank.defaultApprovalThreshold) throws(EntityError) -> Bank {
+        try Bank(configuration: .init(directory: data, logger: logger()), approvalThreshold: approvalThreshold)
     }
 }

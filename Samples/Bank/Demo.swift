@@ -2,17 +2,21 @@ import ArgumentParser
 import DurableEntities
 import Foundation
 
-/// The bank sample's story, in nine numbered steps a newcomer can follow: deposits and withdrawals on
-/// durable accounts, a refused withdrawal, a restart that finds every balance again, and a crash
-/// (SIGKILL of a child process in the middle of a stream of deposits) that loses nothing acknowledged.
+/// The bank sample's story, in eleven numbered steps a newcomer can follow: deposits and withdrawals on
+/// durable accounts, a refused withdrawal, three transfers (one completes, one waits for an approval,
+/// one is rejected), a restart that finds every balance and the waiting transfer again, the approval,
+/// and a crash (SIGKILL of a child process in the middle of a stream of deposits) that loses nothing
+/// acknowledged.
 struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "demo",
-        abstract: "Deposits, withdrawals, a restart and a crash on bank accounts stored in LMDB.",
+        abstract: "Deposits, withdrawals, transfers, a restart and a crash on bank accounts stored in LMDB.",
         discussion: """
-            Phase 1 opens an entity runtime on the data directory, deposits into alice, bob and carol \
-            (a retried deposit counts once), withdraws, has a withdrawal refused, closes the runtime and \
-            opens a new one on the same directory: the balances are the same. Phase 2 starts a child \
+            Phase 1 opens the bank (an entity runtime) on the data directory, deposits into alice, bob \
+            and carol (a retried deposit counts once), withdraws, has a withdrawal refused, then runs three \
+            transfers: one completes, one waits for an approval, one is rejected for insufficient funds. \
+            It closes the runtime and opens a new one on the same directory: the balances are the same \
+            and the waiting transfer still waits; approved, it completes, and the money adds up. Phase 2 starts a child \
             process that deposits 1 cent at a time, kills it with SIGKILL, reopens the directory and \
             accounts for every acknowledged deposit. Exits non-zero when a check fails.
             """)
@@ -28,6 +32,9 @@ struct Demo: AsyncParsableCommand {
     @Option(name: .long, help: "How many senders the child runs in parallel (one account each).")
     var senders: Int = 4
 
+    @Option(name: .long, help: ArgumentHelp("Transfers of this many cents or more wait for an approval.", valueName: "cents"))
+    var approvalThreshold: Int64 = 15_000
+
     func validate() throws {
         guard killAfter > 0 else { throw ValidationError("--kill-after must be positive.") }
         guard (1...64).contains(senders) else { throw ValidationError("--senders must be between 1 and 64.") }
@@ -40,11 +47,11 @@ struct Demo: AsyncParsableCommand {
         print("Bank sample: accounts as durable entities, stored in the LMDB directory \(data).")
         print("Amounts are integer cents, shown in dollars.")
 
-        // Phase 1: operations, then a restart.
+        // Phase 1: operations and transfers, then a restart.
         print()
-        step(1, "Open an EntityRuntime on \(data) (\(keep ? "keeping what it holds" : "a fresh directory")).")
-        var runtime = try options.openRuntime()
-        if try await runtime.entity(Account.self, id: "alice").state().operations > 0 {
+        step(1, "Open the bank — an EntityRuntime with accounts and transfers — on \(data) (\(keep ? "keeping what it holds" : "a fresh directory")).")
+        var bank = try options.openBank(approvalThreshold: approvalThreshold)
+        if try await bank.runtime.entity(Account.self, id: "alice").state().operations > 0 {
             print("   It holds accounts from an earlier run. The operations below reuse that run's refs,")
             print("   which are their idempotency keys: each is recognised as already recorded and counted once.")
         }
@@ -53,37 +60,64 @@ struct Demo: AsyncParsableCommand {
         print("   Its ref is also its idempotency key.")
         for (id, cents, ref) in [("alice", 10_000, "dep-alice-1"), ("bob", 25_000, "dep-bob-1"),
                                  ("alice", 4_000, "dep-alice-2"), ("carol", 7_500, "dep-carol-1")] as [(String, Int64, String)] {
-            try await deposit(runtime, id, cents, ref)
+            try await deposit(bank.runtime, id, cents, ref)
         }
 
         step(3, "A retry. alice's client timed out waiting for dep-alice-2 and sends it again.")
-        try await deposit(runtime, "alice", 4_000, "dep-alice-2")
+        try await deposit(bank.runtime, "alice", 4_000, "dep-alice-2")
 
         step(4, "Withdrawals. A withdrawal is an update: validated against the balance, then applied and")
         print("   recorded; the new balance comes back. A refused one records nothing.")
-        try await withdraw(runtime, "bob", 3_000, "wd-bob-1")
-        try await withdraw(runtime, "carol", 50_000, "wd-carol-1")
-        try await deposit(runtime, "alice", -500, "dep-alice-3")
+        try await withdraw(bank.runtime, "bob", 3_000, "wd-bob-1")
+        try await withdraw(bank.runtime, "carol", 50_000, "wd-carol-1")
+        try await deposit(bank.runtime, "alice", -500, "dep-alice-3")
 
         step(5, "Balances.")
         let people = ["alice", "bob", "carol"]
-        let before = try await states(runtime, people)
-        printStates(people, before)
+        printStates(people, try await states(bank.runtime, people))
+        let money = Int64(10_000 + 25_000 + 4_000 + 7_500 - 3_000)  // deposits minus withdrawals
 
-        step(6, "A restart. Close the runtime and open a NEW one on the same directory: each account's")
-        print("   state is rebuilt from LMDB: its latest snapshot, if any, then a replay of the history after it.")
-        runtime.close()
+        step(6, "Transfers. Each is a durable entity whose run body is a saga: withdraw from one account,")
+        print("   deposit to the other, record; a refund is registered as soon as the withdrawal is done.")
+        print("   Transfers of \(Money.format(approvalThreshold)) or more wait up to 24 hours for an approval.")
+        try await transfer(bank, "t-1", "alice", "bob", 2_500, wait: true)
+        try await transfer(bank, "t-2", "bob", "carol", 20_000, wait: false)
+        try await transfer(bank, "t-3", "carol", "alice", 100_000, wait: true)
+        let held = try await bank.transfer("t-2").status == Transfer.Status.awaitingApproval.rawValue ? Int64(20_000) : 0
+        let before = try await states(bank.runtime, people)
+        printStates(people, before)
+        try check(before, people, money: money, inTransit: held)
+
+        step(7, "A restart. Close the runtime and open a NEW one on the same directory: each account's")
+        print("   state is rebuilt from LMDB: its latest snapshot, if any, then a replay of the history after it;")
+        print("   t-2's run body is replayed to where it waited, its 24-hour timer still pending.")
+        bank.close()
         let reopening = ContinuousClock.now
-        runtime = try options.openRuntime()
-        let after = try await states(runtime, people)
+        bank = try options.openBank(approvalThreshold: approvalThreshold)
+        let after = try await states(bank.runtime, people)
         print("   Reopened and read back in \(milliseconds(ContinuousClock.now - reopening)).")
         printStates(people, after)
         guard after == before else {
             print("   ✘ The balances differ from before the restart.")
-            runtime.close()
+            bank.close()
             throw ExitCode.failure
         }
-        print("   ✔ Identical to before the restart.")
+        print("   ✔ Identical to before the restart; t-2 is \(try await bank.transfer("t-2").status).")
+
+        step(8, "An approver approves t-2 (a retried approval with the same requestId would get the same answer).")
+        do {
+            let decided = try await bank.decide("t-2", approve: true, requestId: "approve-t-2")
+            print("   t-2  approved → \(decided.status)")
+        } catch {
+            guard error.code == .notAwaitingApproval else { throw error }
+            print("   t-2  was decided in an earlier run: \(error.message)")
+        }
+        print("   t-2  → \(try await bank.awaitTransfer("t-2").rawValue)")
+        let settled = try await states(bank.runtime, people)
+        printStates(people, settled)
+        try check(settled, people, money: money, inTransit: 0)
+        bank.close()
+        var runtime = try options.openRuntime()
 
         // Phase 2: a crash.
         let savers = DepositForever.accounts(senders)
@@ -92,7 +126,7 @@ struct Demo: AsyncParsableCommand {
         runtime.close()
 
         print()
-        step(7, "A crash. A child process (BankSample deposit-forever) opens the directory and deposits")
+        step(9, "A crash. A child process (BankSample deposit-forever) opens the directory and deposits")
         print("   1 cent at a time into \(savers.first!)…\(savers.last!), \(senders) senders in parallel, one account each;")
         print("   it prints a line for every acknowledged deposit. After \(killAfter) acknowledgements we kill it")
         print("   with SIGKILL (kill -9): no shutdown, no flush, no cleanup.")
@@ -101,7 +135,7 @@ struct Demo: AsyncParsableCommand {
         let late = crash.acknowledged - crash.killedAt
         print("   The child is dead; \(late == 0 ? "no" : "\(late)") more acknowledgement\(late == 1 ? "" : "s") arrived between the kill and its death.")
 
-        step(8, "Reopen the directory after the crash, and count what the savers' balances hold.")
+        step(10, "Reopen the directory after the crash, and count what the savers' balances hold.")
         runtime = try options.openRuntime()
         defer { runtime.close() }
         var recorded: [String: Int] = [:]
@@ -135,7 +169,7 @@ struct Demo: AsyncParsableCommand {
             print("     (This time the kill found none there; run it again, or with --senders 16, to see some.)")
         }
 
-        step(9, "Close the window: each sender resends its in-flight deposit with the same ref, its idempotency key.")
+        step(11, "Close the window: each sender resends its in-flight deposit with the same ref, its idempotency key.")
         for id in savers {
             let number = crash.lastNumber[id, default: 0] + 1
             let ref = DepositForever.ref(run: run, number: number)
@@ -200,6 +234,29 @@ struct Demo: AsyncParsableCommand {
         }
         let recognised = try await account.state().operations == operations
         print("\(line) balance \(Money.format(balance).padding(9, left: true))\(recognised ? "  (already recorded: its first result returned)" : "")")
+    }
+
+    /// Starts a transfer and prints what became of it: its final status when `wait` (the demo waits
+    /// for its run body), else its status once it stops running (awaiting an approval).
+    private func transfer(_ bank: Bank, _ id: String, _ from: String, _ to: String, _ cents: Int64, wait: Bool) async throws {
+        let line = "   \(id)  \(from.padding(5)) → \(to.padding(5))  \(Money.format(cents).padding(9, left: true))  →"
+        _ = try await bank.startTransfer(id: id, from: from, to: to, cents: cents)
+        let status = wait ? try await bank.awaitTransfer(id).rawValue : try await bank.awaitTransferSettled(id).status
+        let view = try await bank.transfer(id)
+        let reason = view.reason.map { " (\($0))" } ?? ""
+        let note = status == Transfer.Status.awaitingApproval.rawValue ? ": withdrawn from \(from), held until an approver decides" : ""
+        print("\(line) \(status)\(reason)\(note)")
+    }
+
+    /// Checks that the balances add up to the deposits minus the withdrawals, less what a transfer holds.
+    private func check(_ states: [String: Account.State], _ ids: [String], money: Int64, inTransit: Int64) throws {
+        let sum = ids.reduce(Int64(0)) { $0 + states[$1]!.balance }
+        let held = inTransit > 0 ? " + \(Money.format(inTransit)) held by t-2" : ""
+        guard sum + inTransit == money else {
+            print("   ✘ The balances add up to \(Money.format(sum))\(held), not \(Money.format(money)) (deposits minus withdrawals).")
+            throw ExitCode.failure
+        }
+        print("   ✔ Money is conserved: \(Money.format(sum))\(held) = \(Money.format(money)), the deposits minus the withdrawals.")
     }
 
     /// Prints a refused operation: the runtime's error code, and the entity's typed error, which

@@ -1,0 +1,220 @@
+import DurableEntities
+
+/// The bank's operations over one ``EntityRuntime``: what the HTTP routes, the demo and the load
+/// generator call. It checks input, turns the runtime's errors into ``BankError``s, and makes every
+/// mutating call idempotent by the client's `requestId` (sent to the entity as the idempotency key
+/// `request:<requestId>`; transfers use `transfer:<id>:<step>`, so the two never collide).
+///
+/// ## Usage
+/// ```swift
+/// let bank = try Bank(configuration: .init(directory: "./bank-data"))
+/// _ = try await bank.deposit(account: "alice", cents: 10_000, requestId: "r-1")
+/// let transfer = try await bank.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 2_500)
+/// let done = try await bank.awaitTransfer("t-1")          // .completed
+/// bank.close()
+/// ```
+final class Bank: Sendable {
+    /// $10,000.00: transfers of this much or more wait for an approval.
+    static let defaultApprovalThreshold: Int64 = 1_000_000
+
+    /// The runtime underneath (a swift-service-lifecycle `Service`).
+    let runtime: EntityRuntime
+    /// Transfers of this many cents or more wait for an approval.
+    let approvalThreshold: Int64
+
+    /// Opens the runtime on `configuration.directory` with ``Account``, ``Transfer`` and the transfers'
+    /// activities registered. Transfers that were in flight when the process stopped carry on.
+    /// - Throws: ``EntityError`` `storage` when the directory cannot be opened.
+    init(configuration: EntityRuntime.Configuration, approvalThreshold: Int64 = Bank.defaultApprovalThreshold) throws(EntityError) {
+        runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self, Transfer.self])
+        self.approvalThreshold = approvalThreshold
+        // The activities call accounts through the runtime, so they are registered once it exists;
+        // activity tasks recovered at open wait for their registration.
+        let link = RuntimeLink(runtime)
+        runtime.register(activity: WithdrawFromAccount(link: link))
+        runtime.register(activity: DepositToAccount(link: link))
+    }
+
+    /// Closes the runtime (finishing what is in flight). See ``EntityRuntime/close()``.
+    func close() { runtime.close() }
+
+    // MARK: Accounts
+
+    /// An account's balance, as a client sees it.
+    struct AccountView: Codable, Sendable, Equatable {
+        var accountId: String
+        var balance: Int64
+    }
+
+    /// Deposits `cents` into `account`; a retry with the same `requestId` returns the first answer.
+    /// - Throws: ``BankError``: `invalidID`, `invalidAmount`, `invalidRequestID`, `unavailable`.
+    func deposit(account: String, cents: Int64, requestId: String) async throws(BankError) -> AccountView {
+        try Self.check(id: account, "account id")
+        try Self.check(cents: cents)
+        try Self.check(requestID: requestId)
+        let balance = try await mapped {
+            try await runtime.entity(Account.self, id: account)
+                .depositReturningBalance(cents: cents, ref: requestId, idempotencyKey: Self.key(requestId))
+        }
+        return AccountView(accountId: account, balance: balance)
+    }
+
+    /// Withdraws `cents` from `account`; a retry with the same `requestId` returns the first answer. A
+    /// refused withdrawal records nothing, so retrying it later is a new attempt.
+    /// - Throws: ``BankError``: `insufficientFunds`, `invalidID`, `invalidAmount`, `invalidRequestID`, `unavailable`.
+    func withdraw(account: String, cents: Int64, requestId: String) async throws(BankError) -> AccountView {
+        try Self.check(id: account, "account id")
+        try Self.check(cents: cents)
+        try Self.check(requestID: requestId)
+        let balance = try await mapped {
+            try await runtime.entity(Account.self, id: account).withdraw(cents: cents, ref: requestId, idempotencyKey: Self.key(requestId))
+        }
+        return AccountView(accountId: account, balance: balance)
+    }
+
+    /// An account's committed balance; 0 for an account that never received money.
+    /// - Throws: ``BankError``: `invalidID`, `unavailable`.
+    func account(_ id: String) async throws(BankError) -> AccountView {
+        try Self.check(id: id, "account id")
+        let balance = try await mapped { try await runtime.entity(Account.self, id: id).query(\.balance) }
+        return AccountView(accountId: id, balance: balance)
+    }
+
+    // MARK: Transfers
+
+    /// A transfer, as a client sees it.
+    struct TransferView: Codable, Sendable, Equatable {
+        var transferId: String
+        /// `running`, `awaiting_approval`, `completed`, `compensated`, `rejected` or `failed`.
+        var status: String
+        var from: String
+        var to: String
+        var amount: Int64
+        /// Why it ended as it did, when it did not complete (`insufficient_funds`, `approval_timed_out`, …).
+        var reason: String?
+
+        init(id: String, _ state: Transfer.State) {
+            transferId = id
+            status = state.status.rawValue
+            from = state.from
+            to = state.to
+            amount = state.amount
+            reason = state.reason
+        }
+    }
+
+    /// Starts the transfer `id`, or returns it if it exists with the same accounts and amount.
+    /// - Returns: the transfer just after it started (usually `running`).
+    /// - Throws: ``BankError``: `transferConflict` when `id` names another transfer, `invalidID`,
+    ///   `invalidAmount`, `invalidRequest` (`from` == `to`), `unavailable`.
+    func startTransfer(id: String, from: String, to: String, cents: Int64) async throws(BankError) -> TransferView {
+        try Self.check(id: id, "transfer id")
+        try Self.check(id: from, "from")
+        try Self.check(id: to, "to")
+        try Self.check(cents: cents)
+        guard from != to else { throw BankError(.invalidRequest, "a transfer needs two different accounts") }
+        let transfer = runtime.entity(Transfer.self, id: id)
+        let input = Transfer.Input(from: from, to: to, amount: cents, approvalThreshold: approvalThreshold)
+        var state = try await mapped { try await transfer.query { $0 } }
+        if state.status == .new {
+            // Starting is idempotent: of two concurrent first posts, one starts it and the other finds it.
+            try await mapped { try await transfer.start(input) }
+            state = try await mapped { try await transfer.query { $0 } }
+        }
+        guard input.matches(state) else {
+            throw BankError(.transferConflict, "transfer '\(id)' exists: \(state.amount) cents from '\(state.from)' to '\(state.to)'")
+        }
+        return TransferView(id: id, state)
+    }
+
+    /// The transfer `id`.
+    /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
+    func transfer(_ id: String) async throws(BankError) -> TransferView {
+        try Self.check(id: id, "transfer id")
+        let state = try await mapped { try await runtime.entity(Transfer.self, id: id).query { $0 } }
+        guard state.status != .new else { throw BankError(.notFound, "no transfer '\(id)'") }
+        return TransferView(id: id, state)
+    }
+
+    /// Approves (`approve: true`) or rejects a transfer awaiting approval; a retry with the same
+    /// `requestId` returns the first answer.
+    /// - Returns: the transfer right after the decision (`running`: it goes on with the deposit or the refund).
+    /// - Throws: ``BankError``: `notFound`, `notAwaitingApproval`, `invalidID`, `invalidRequestID`, `unavailable`.
+    func decide(_ id: String, approve: Bool, requestId: String) async throws(BankError) -> TransferView {
+        try Self.check(requestID: requestId)
+        _ = try await transfer(id)  // 404 before any message reaches a transfer that does not exist
+        let state = try await mapped {
+            try await runtime.entity(Transfer.self, id: id).update(approve ? .approve : .reject, idempotencyKey: Self.key(requestId))
+        }
+        return TransferView(id: id, state)
+    }
+
+    /// Waits for the transfer's run body to finish (in-process callers: the demo; HTTP clients poll).
+    /// - Returns: its final status.
+    func awaitTransfer(_ id: String) async throws(BankError) -> Transfer.Status {
+        try await mapped { try await runtime.entity(Transfer.self, id: id).result() }
+    }
+
+    /// Waits until the transfer is no longer `running`: awaiting an approval, or finished. The runtime
+    /// has no notification of state changes, so this polls the committed state every millisecond.
+    /// - Throws: ``BankError`` `notFound`, or `unavailable` when `timeout` passes first.
+    func awaitTransferSettled(_ id: String, timeout: Duration = .seconds(30)) async throws(BankError) -> TransferView {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let view = try await transfer(id)
+            guard view.status == Transfer.Status.running.rawValue else { return view }
+            guard ContinuousClock.now < deadline else { throw BankError(.unavailable, "transfer '\(id)' is still running after \(timeout)") }
+            try? await Task.sleep(for: .milliseconds(1))
+        }
+    }
+
+    // MARK: Checks and errors
+
+    private static func key(_ requestID: String) -> String { "request:\(requestID)" }
+
+    static func check(id: String, _ what: String) throws(BankError) {
+        let allowed = id.utf8.allSatisfy { byte in
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(byte) || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(byte)
+                || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) || ".-_:".utf8.contains(byte)
+        }
+        guard !id.isEmpty, id.utf8.count <= BankLimits.maxIDBytes, allowed else {
+            throw BankError(.invalidID, "\(what) must be 1...\(BankLimits.maxIDBytes) characters of A-Z a-z 0-9 . - _ :")
+        }
+    }
+
+    static func check(cents: Int64) throws(BankError) {
+        guard cents > 0 else { throw BankError(.invalidAmount, "amount must be a positive integer number of cents (got \(cents))") }
+    }
+
+    static func check(requestID: String) throws(BankError) {
+        guard !requestID.isEmpty, requestID.utf8.count <= BankLimits.maxRequestIDBytes else {
+            throw BankError(.invalidRequestID, "requestId must be 1...\(BankLimits.maxRequestIDBytes) bytes")
+        }
+    }
+
+    /// Runs `body`, turning the runtime's errors into ``BankError``s.
+    private func mapped<Value>(_ body: () async throws -> Value) async throws(BankError) -> Value {
+        do {
+            return try await body()
+        } catch let error as EntityError {
+            throw Self.bankError(error)
+        } catch {
+            throw BankError(.unavailable, "the bank cannot answer now; retry with the same requestId", underlying: error)
+        }
+    }
+
+    private static func bankError(_ error: EntityError) -> BankError {
+        switch (error.code, error.underlying) {
+        case (.rejected, let refusal as Account.InsufficientFunds):
+            return BankError(.insufficientFunds, "the balance is \(refusal.balance) cents, less than \(refusal.requested)", underlying: error)
+        case (.rejected, let refusal as Account.InvalidAmount):
+            return BankError(.invalidAmount, refusal.reason, underlying: error)
+        case (.rejected, let refusal as Transfer.NotAwaitingApproval):
+            return BankError(.notAwaitingApproval, "the transfer is \(refusal.status.rawValue), not awaiting approval", underlying: error)
+        case (.payloadTooLarge, _), (.unencodablePayload, _):
+            return BankError(.invalidRequest, error.message, underlying: error)
+        default:
+            return BankError(.unavailable, "the bank cannot answer now (\(error.code)); retry with the same requestId", underlying: error)
+        }
+    }
+}
