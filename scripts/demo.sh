@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the bank sample's demo in release mode on ./bank-data; arguments go to the demo
+# Runs the bank sample's demo on ./bank-data; arguments go to the demo
 # (try `scripts/demo.sh --help`, or `scripts/demo.sh --keep` to run it again on the same data).
 #
 # Usage: scripts/demo.sh [demo options…]
@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/ensure-lmdb.sh
-exec swift run -c release BankSample demo "$@"
+exec swift run BankSample demo "$@"
