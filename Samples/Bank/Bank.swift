@@ -155,16 +155,34 @@ final class Bank: Sendable {
         try await mapped { try await runtime.entity(Transfer.self, id: id).result() }
     }
 
-    /// Waits until the transfer is no longer `running`: awaiting an approval, or finished. The runtime
-    /// has no notification of state changes, so this polls the committed state every millisecond.
+    /// Waits until the transfer is no longer `running`: awaiting an approval, or finished.
     /// - Throws: ``BankError`` `notFound`, or `unavailable` when `timeout` passes first.
     func awaitTransferSettled(_ id: String, timeout: Duration = .seconds(30)) async throws(BankError) -> TransferView {
-        let deadline = ContinuousClock.now + timeout
-        while true {
-            let view = try await transfer(id)
-            guard view.status == Transfer.Status.running.rawValue else { return view }
-            guard ContinuousClock.now < deadline else { throw BankError(.unavailable, "transfer '\(id)' is still running after \(timeout)") }
-            try? await Task.sleep(for: .milliseconds(1))
+        let settled = Set(Transfer.Status.allCases).subtracting([.new, .running])
+        let view = try await transfer(id, waitingFor: settled, timeout: timeout)
+        guard view.status != Transfer.Status.running.rawValue else {
+            throw BankError(.unavailable, "transfer '\(id)' is still running after \(timeout)")
+        }
+        return view
+    }
+
+    /// The transfer `id` once its status is one of `statuses`, or as it is when `timeout` passes (a
+    /// long poll: the runtime resumes the wait when a turn commits the status; nothing polls).
+    /// - Throws: ``BankError``: `notFound` (checked first: an unknown transfer is not waited for),
+    ///   `invalidID`, `unavailable`.
+    func transfer(_ id: String, waitingFor statuses: Set<Transfer.Status>, timeout: Duration) async throws(BankError) -> TransferView {
+        let current = try await transfer(id)
+        guard let status = Transfer.Status(rawValue: current.status), !statuses.contains(status) else { return current }
+        let waited: Result<Transfer.State, EntityError>
+        do {
+            waited = .success(try await runtime.entity(Transfer.self, id: id).awaitState(timeout: timeout) { statuses.contains($0.status) })
+        } catch {
+            waited = .failure(error)
+        }
+        switch waited {
+        case .success(let state): return TransferView(id: id, state)
+        case .failure(let error) where error.code == EntityError.Code.timedOut: return try await transfer(id)
+        case .failure(let error): throw BankError(.unavailable, "waiting for transfer '\(id)' failed: \(error.message)", underlying: error)
         }
     }
 

@@ -12,6 +12,7 @@ import Logging
 /// | `GET /accounts/{id}` | | 200 `{"accountId", "balance"}` |
 /// | `POST /transfers` | `{"transferId", "from", "to", "amount"}` | 202 `{"transferId", "status", "from", "to", "amount"}` |
 /// | `GET /transfers/{id}` | | 200 the transfer, 404 `not_found` |
+/// | `GET /transfers/{id}?waitFor=completed,rejected&timeoutMs=10000` | | 200 the transfer once its status is one of those, or as it is after the timeout (a long poll; at most 30 s) |
 /// | `POST /transfers/{id}/approve`, `…/reject` | `{"requestId"}` | 200 the transfer, 409 `not_awaiting_approval` |
 enum BankHTTP {
     /// The router, with every route and the middleware that writes errors as JSON.
@@ -36,8 +37,11 @@ enum BankHTTP {
             let transfer = try await bank.startTransfer(id: body.transferId, from: body.from, to: body.to, cents: body.amount)
             return try json(transfer, status: .accepted)
         }
-        router.get("/transfers/:id") { _, context in
-            try json(await bank.transfer(context.parameters.require("id")))
+        router.get("/transfers/:id") { request, context in
+            let id = try context.parameters.require("id")
+            guard let wanted = request.uri.queryParameters["waitFor"] else { return try json(await bank.transfer(id)) }
+            let (statuses, timeout) = try waitParameters(String(wanted), request.uri.queryParameters["timeoutMs"].map(String.init))
+            return try json(await bank.transfer(id, waitingFor: statuses, timeout: timeout))
         }
         router.post("/transfers/:id/approve") { request, context in
             let body = try await decode(DecisionRequest.self, request)
@@ -48,6 +52,26 @@ enum BankHTTP {
             return try json(await bank.decide(context.parameters.require("id"), approve: false, requestId: body.requestId))
         }
         return router
+    }
+
+    /// `waitFor` (comma-separated statuses) and `timeoutMs` (default 10,000, at most 30,000).
+    static func waitParameters(_ wanted: String, _ timeoutMs: String?) throws(BankError) -> (Set<Transfer.Status>, Duration) {
+        var statuses = Set<Transfer.Status>()
+        for name in wanted.split(separator: ",") {
+            guard let status = Transfer.Status(rawValue: String(name)), status != .new else {
+                throw BankError(.invalidRequest, "waitFor: '\(name)' is not a transfer status (running, awaiting_approval, completed, compensated, rejected, failed)")
+            }
+            statuses.insert(status)
+        }
+        guard !statuses.isEmpty else { throw BankError(.invalidRequest, "waitFor names no status") }
+        var milliseconds = 10_000
+        if let timeoutMs {
+            guard let value = Int(timeoutMs), (0...30_000).contains(value) else {
+                throw BankError(.invalidRequest, "timeoutMs must be an integer in 0...30000, not '\(timeoutMs)'")
+            }
+            milliseconds = value
+        }
+        return (statuses, .milliseconds(milliseconds))
     }
 
     // MARK: Bodies

@@ -145,12 +145,13 @@ struct BankLoad: Sendable {
             let postLatency = ContinuousClock.now - start
             guard posted.status == 202 else { throw BankLoadError(message: "transfer \(id): \(posted.status) \(posted.text)") }
             var view = try posted.decode(Bank.TransferView.self)
+            // A long poll: the server answers when the status is terminal (or awaits an approval).
+            let settled = Self.terminal.union(["awaiting_approval"]).sorted().joined(separator: ",")
             while !Self.terminal.contains(view.status) {
                 guard view.status != "awaiting_approval" else {
                     throw BankLoadError(message: "transfer \(id) awaits an approval: the server's --approval-threshold is below \(body.amount) cents")
                 }
-                try await Task.sleep(for: .milliseconds(1))
-                view = try await client.request("GET", "/transfers/\(id)").decode(Bank.TransferView.self)
+                view = try await client.request("GET", "/transfers/\(id)?waitFor=\(settled)&timeoutMs=30000").decode(Bank.TransferView.self)
             }
             return Sample(latency: ContinuousClock.now - start, postLatency: postLatency, status: view.status)
         }

@@ -30,7 +30,7 @@ import DurableEntities
 /// ```
 struct Transfer: EntityWorkflow {
     /// Where a transfer is. The raw values are what the HTTP API shows.
-    enum Status: String, Codable, Sendable, Equatable {
+    enum Status: String, Codable, Sendable, Hashable, CaseIterable {
         /// Never started (the HTTP API answers 404).
         case new
         /// Moving money (or refunding it).

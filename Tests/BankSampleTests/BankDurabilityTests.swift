@@ -83,17 +83,16 @@ struct BankDurabilityTests {
         #expect(deposited.status == 200)
         let posted = try await client.request("POST", "/transfers", json: transfer("t-1", "alice", "bob", 200))
         #expect(posted.status == 202)
-        var status = ""
-        let deadline = ContinuousClock.now + .seconds(20)
-        while !terminal.contains(status), ContinuousClock.now < deadline {
-            status = try await client.request("GET", "/transfers/t-1").decode(Bank.TransferView.self).status
-            if !terminal.contains(status) { try await Task.sleep(for: .milliseconds(2)) }  // a poll interval
-        }
+        let waitFor = terminal.sorted().joined(separator: ",")
+        let status = try await client.request("GET", "/transfers/t-1?waitFor=\(waitFor)&timeoutMs=20000").decode(Bank.TransferView.self).status
         #expect(status == "completed")
         try await client.close()
 
         kill(child.process.processIdentifier, SIGTERM)
-        child.process.waitUntilExit()
+        if !child.waitForExit(timeout: .seconds(20)) {
+            Issue.record("serve did not exit within 20 s of SIGTERM")
+            child.kill()
+        }
         #expect(child.process.terminationReason == .exit)
         #expect(child.process.terminationStatus == 0)
 
@@ -145,7 +144,10 @@ struct BankDurabilityTests {
         }
         kill(child.process.processIdentifier, SIGTERM)
         let counts = try await senders.value
-        child.process.waitUntilExit()
+        if !child.waitForExit(timeout: .seconds(20)) {
+            Issue.record("serve did not exit within 20 s of SIGTERM")
+            child.kill()
+        }
         #expect(child.process.terminationReason == .exit)
         #expect(child.process.terminationStatus == 0)
 

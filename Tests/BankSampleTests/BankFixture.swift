@@ -94,17 +94,14 @@ struct BankFixture {
         try await client.request("GET", "/transfers/\(id)").decode(Bank.TransferView.self)
     }
 
-    /// Polls `GET /transfers/{id}` until its status is one of `statuses` (a deadline of 20 s fails the test).
+    /// `GET /transfers/{id}?waitFor=…`: the transfer once its status is one of `statuses` (the server's
+    /// long poll, 20 s at most: then the test fails).
     func awaitStatus(_ id: String, in statuses: Set<String>, sourceLocation: SourceLocation = #_sourceLocation) async throws -> Bank.TransferView {
-        let deadline = ContinuousClock.now + .seconds(20)
-        var view = try await transfer(id)
-        while !statuses.contains(view.status) {
-            guard ContinuousClock.now < deadline else {
-                Issue.record("transfer \(id) is still \(view.status), expected one of \(statuses.sorted())", sourceLocation: sourceLocation)
-                throw CancellationError()
-            }
-            try await Task.sleep(for: .milliseconds(2))  // a poll interval, not a synchronisation
-            view = try await transfer(id)
+        let view = try await client.request("GET", "/transfers/\(id)?waitFor=\(statuses.sorted().joined(separator: ","))&timeoutMs=20000")
+            .decode(Bank.TransferView.self)
+        if !statuses.contains(view.status) {
+            Issue.record("transfer \(id) is still \(view.status), expected one of \(statuses.sorted())", sourceLocation: sourceLocation)
+            throw CancellationError()
         }
         return view
     }

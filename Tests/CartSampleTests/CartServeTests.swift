@@ -26,11 +26,10 @@ struct CartServeTests {
         try await client.close()
 
         kill(child.process.processIdentifier, SIGTERM)
-        let deadline = ContinuousClock.now + .seconds(20)
-        while child.process.isRunning, ContinuousClock.now < deadline {
-            try await Task.sleep(for: .milliseconds(10))  // polling for the exit, with a deadline
+        if !child.waitForExit(timeout: .seconds(20)) {
+            Issue.record("serve did not exit within 20 s of SIGTERM")
+            child.kill()
         }
-        if child.process.isRunning { child.kill() }
         #expect(child.process.terminationReason == .exit && child.process.terminationStatus == 0)
         #expect(child.remainingLines().contains { $0.contains("stopped") })
 

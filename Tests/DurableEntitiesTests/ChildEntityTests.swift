@@ -90,19 +90,6 @@ struct Fanner: EntityWorkflow {
     }
 }
 
-/// Polls `condition` until it holds or `timeout` passes (for effects that complete asynchronously,
-/// such as a message delivered after its sender's commit).
-func eventually(_ what: String, timeout: Duration = .seconds(30), _ condition: () async throws -> Bool) async throws {
-    let deadline = ContinuousClock.now + timeout
-    while try await !condition() {
-        guard ContinuousClock.now < deadline else {
-            Issue.record("timed out waiting until \(what)")
-            return
-        }
-        try await Task.sleep(for: .milliseconds(5))
-    }
-}
-
 @Suite("Entity-to-entity messages and child entities")
 struct ChildEntityTests {
     func configuration(_ directory: TemporaryDirectory, shards: Int = 2, mailboxCapacity: Int = 1_024,
@@ -125,9 +112,7 @@ struct ChildEntityTests {
             group.addTask { for n in 0..<50 { try await b.signal(.forward("\(n)", to: "box")) } }
             try await group.waitForAll()
         }
-        let inbox = runtime.entity(Inbox.self, id: "box")
-        try await eventually("100 notes arrived") { try await inbox.query { $0.received.count } == 100 }
-        let received = try await inbox.query { $0.received }
+        let received = try await runtime.entity(Inbox.self, id: "box").awaitState { $0.received.count == 100 }.received
         #expect(received.filter { $0.hasPrefix("a:") } == (0..<50).map { "a:\($0)" })
         #expect(received.filter { $0.hasPrefix("b:") } == (0..<50).map { "b:\($0)" })
         // Delivered messages are consumed: the outbox is empty.
@@ -142,8 +127,7 @@ struct ChildEntityTests {
         defer { runtime.close() }
         let boss = runtime.entity(Boss.self, id: "boss")
         try await boss.start(.init(children: ["w1", "w2", "w3"], twice: true))
-        let inbox = runtime.entity(Inbox.self, id: "boss-inbox")
-        try await eventually("the boss's message arrived") { try await inbox.query { $0.received } == ["started 6"] }
+        #expect(try await runtime.entity(Inbox.self, id: "boss-inbox").awaitState { !$0.received.isEmpty }.received == ["started 6"])
         try await runtime.entity(Worker.self, id: "w1").signal(.finish)
         try await runtime.entity(Worker.self, id: "w2").signal(.fail)
         try await runtime.entity(Worker.self, id: "w3").signal(.finish)
@@ -164,7 +148,7 @@ struct ChildEntityTests {
         let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [Boss.self, Worker.self, Inbox.self])
         defer { runtime.close() }
         try await runtime.entity(Boss.self, id: "first").start(.init(children: ["shared"]))
-        try await eventually("the child exists") { try await runtime.entity(Worker.self, id: "shared").query { _ in true } }
+        // Signalled before or after the boss's start reaches it, the child sees `finish` when it runs.
         try await runtime.entity(Worker.self, id: "shared").signal(.finish)
         #expect(try await runtime.entity(Boss.self, id: "first").result() == ["shared=2"])
         try await runtime.entity(Boss.self, id: "second").start(.init(children: ["shared"]))
@@ -184,15 +168,17 @@ struct ChildEntityTests {
         let boss = runtime.entity(Boss.self, id: "boss")
         try await boss.start(.init(children: ["c"], policy: policy, await: false))
         let child = runtime.entity(Worker.self, id: "c")
-        try await eventually("the child started") {
-            (try? runtime.exportHistory(of: child.name).events.contains { $0.kind == .started }) ?? false
-        }
+        // However soon the boss ends, its start reaches the child before the parent-close message
+        // (messages from one sender to one receiver arrive in order).
         try await boss.signal(.go)
         #expect(try await boss.result() == [])
         switch policy {
         case .terminate:
-            try await eventually("the child is terminated") {
-                do { _ = try await child.query { $0 }; return false } catch { return (error as? EntityError)?.code == .terminated }
+            do {
+                _ = try await child.awaitState { _ in false }
+                Issue.record("the child's state was awaited to the end without its termination")
+            } catch {
+                #expect(error.code == .terminated)
             }
             await #expect(throws: EntityError.self) { try await child.result() }
         case .requestCancel:
@@ -254,26 +240,28 @@ struct ChildEntityTests {
         let runtime = try EntityRuntime(configuration: configuration(directory, shards: 1, mailboxCapacity: 4), entityTypes: [Gated.self])
         defer { runtime.close() }
         let entity = runtime.entity(Gated.self, id: "g")
-        let acknowledged = AckCounter()
-        // The first signal's turn blocks the shard's thread at the gate.
-        let first = Task { try await entity.signal(.note(0)); acknowledged.add() }
-        try await eventually("the first turn is at the gate") { gate.waiting }
-        let senders = (1...12).map { n in Task { try await entity.signal(.note(n)); acknowledged.add() } }
         let cell = runtime.core.cell(Gated.self, entity.name)
-        try await eventually("4 in the mailbox, 8 senders waiting") { cell.mailboxCounts() == (4, 8) }
-        #expect(acknowledged.count == 0)
+        let (acks, ack) = AsyncStream.makeStream(of: Int.self)
+        func send(_ n: Int) {
+            let message = EntityCell<Gated>.Message.signal(.note(n), bytes: [], key: nil) { result in
+                if case .success = result { ack.yield(n) }
+            }
+            #expect(cell.enqueue(message, bounded: true))
+        }
+        // The first signal's turn blocks the shard's thread at the gate.
+        send(0)
+        await gate.waitUntilSomeoneWaits()
+        for n in 1...12 { send(n) }
+        #expect(cell.mailboxCounts() == (4, 8), "4 in the mailbox, 8 senders waiting")
         gate.open()
-        try await first.value
-        for sender in senders { try await sender.value }
-        #expect(acknowledged.count == 13)
+        var acknowledged: [Int] = []
+        for await n in acks {
+            acknowledged.append(n)
+            if acknowledged.count == 13 { break }
+        }
+        #expect(acknowledged == Array(0...12), "every sender acknowledged, in the order they sent")
         #expect(try await entity.query { $0.notes.sorted() } == Array(0...12))
     }
-}
-
-final class AckCounter: Sendable {
-    private let value = Atomic<Int>(0)
-    func add() { value.add(1, ordering: .relaxed) }
-    var count: Int { value.load(ordering: .relaxed) }
 }
 
 /// Blocks a turn (and with it its shard's thread) until opened: makes a mailbox fill up.
@@ -282,7 +270,16 @@ final class Gate: Sendable {
     private let state = Mutex((open: true, waiting: false))
     private let condition = NSCondition()
 
-    var waiting: Bool { state.withLock { $0.waiting } }
+    /// Returns once a turn is blocked at the gate.
+    func waitUntilSomeoneWaits() async {
+        await Task.detached { [self] in blockUntilSomeoneWaits() }.value
+    }
+
+    private func blockUntilSomeoneWaits() {
+        condition.lock()
+        while !state.withLock({ $0.waiting }) { condition.wait() }
+        condition.unlock()
+    }
     func close() { state.withLock { $0 = (false, false) } }
     func open() {
         condition.lock()
@@ -294,6 +291,7 @@ final class Gate: Sendable {
         condition.lock()
         while !state.withLock({ $0.open }) {
             state.withLock { $0.waiting = true }
+            condition.broadcast()
             condition.wait()
         }
         condition.unlock()
@@ -333,9 +331,7 @@ struct MessagingCrashTests {
             expected["fw-\(lane)"] = forwarded.map { "fw-\(lane):\($0)" }
         }
         let total = expected.values.reduce(0) { $0 + $1.count }
-        let inbox = runtime.entity(Inbox.self, id: "sink")
-        try await eventually("the inbox got all \(total) notes") { try await inbox.query { $0.received.count } >= total }
-        let received = try await inbox.query { $0.received }
+        let received = try await runtime.entity(Inbox.self, id: "sink").awaitState { $0.received.count >= total }.received
         #expect(received.count == total, "a note was delivered twice or one is missing")
         for (lane, notes) in expected {
             #expect(received.filter { $0.hasPrefix(lane + ":") } == notes, "\(lane)'s notes are not exactly once and in order")
@@ -411,5 +407,38 @@ struct MessagingCrashTests {
             if events.filter({ $0.kind == .started }).count != 1 || events.filter({ $0.kind == .parentLinked }).count > 1 { twice.append(name) }
         }
         #expect(twice.isEmpty, "started more than once: \(twice.prefix(5))")
+    }
+}
+
+@Suite("Waiting for an entity's state")
+struct AwaitStateTests {
+    @Test("awaitState returns once a committed turn satisfies the predicate, times out on the runtime's clock, ends with closed")
+    func awaitState() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = EntityRuntime.Configuration(directory: directory.path, durability: .relaxed, logger: quietLogger)
+        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [Inbox.self])
+        let inbox = runtime.entity(Inbox.self, id: "i")
+        async let third = inbox.awaitState { $0.received.count == 3 }
+        for n in 0..<3 { try await inbox.signal(.note("\(n)")) }
+        #expect(try await third.received == ["0", "1", "2"])
+        // Already true: at once.
+        #expect(try await inbox.awaitState { !$0.received.isEmpty }.received.count == 3)
+        do {
+            _ = try await inbox.awaitState(timeout: .milliseconds(20)) { $0.received.count == 4 }
+            Issue.record("the wait did not time out")
+        } catch {
+            #expect(error.code == .timedOut)
+        }
+        async let never = inbox.awaitState(timeout: .seconds(3_600)) { $0.received.count == 99 }
+        // The wait is registered once the cell holds it; closing ends it.
+        while runtime.core.cell(Inbox.self, inbox.name).watchCount == 0 { await Task.yield() }
+        runtime.close()
+        do {
+            _ = try await never
+            Issue.record("the wait outlived the runtime")
+        } catch {
+            #expect((error as? EntityError)?.code == .closed)
+        }
     }
 }

@@ -53,7 +53,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var parents: [ParentLink] = []
     }
 
+    /// A caller waiting for the committed state to satisfy a predicate (``EntityRef/awaitState``).
+    struct StateWatch: Sendable {
+        let id: UInt64
+        let predicate: @Sendable (W.State) -> Bool
+        let resume: @Sendable (Result<W.State, EntityError>) -> Void
+    }
+
     struct State {
+        /// Callers waiting for the committed state to satisfy their predicates.
+        var watches: [StateWatch] = []
         /// The mailbox: at most `mailboxCapacity` messages from senders (system messages — timers,
         /// activity outcomes, reads — are never held back).
         var messages = Deque<Message>()
@@ -112,6 +121,69 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         return true
     }
 
+    // MARK: State watches
+
+    /// Registers `watch`, or resolves it at once when the committed state already decides it. Returns
+    /// `false` if the cell was passivated meanwhile (ask the runtime for the entity again).
+    func watch(_ watch: StateWatch) -> Bool {
+        let registered = cell.withLock { state -> (decided: [(StateWatch, Result<W.State, EntityError>)], load: Bool)? in
+            guard !state.evicted else { return nil }
+            state.watches.append(watch)
+            return (Self.takeDecidedWatches(&state, name: name), state.durable == nil && state.failure == nil)
+        }
+        guard let registered else { return false }
+        for (decided, result) in registered.decided { decided.resume(result) }
+        // Not loaded: a read activates the entity, and its turn checks the watch.
+        if registered.load { _ = enqueue(.read { _ in }) }
+        return true
+    }
+
+    /// How many state watches wait (for tests and tools).
+    var watchCount: Int { cell.withLock { $0.watches.count } }
+
+    /// Removes a watch that is still waiting; returns whether it was.
+    func unwatch(_ id: UInt64) -> Bool {
+        cell.withLock { state in
+            guard let index = state.watches.firstIndex(where: { $0.id == id }) else { return false }
+            state.watches.remove(at: index)
+            return true
+        }
+    }
+
+    /// Ends every waiting watch with `error` (the runtime is closing).
+    func failWatches(_ error: EntityError) {
+        let watches = cell.withLock { state in
+            defer { state.watches = [] }
+            return state.watches
+        }
+        for watch in watches { watch.resume(.failure(error)) }
+    }
+
+    /// The watches the state now decides, removed from the cell: satisfied ones with the state, all of
+    /// them with an error once the entity is terminated or failed to load. Called under the cell's lock.
+    private static func takeDecidedWatches(_ state: inout State, name: EntityName) -> [(StateWatch, Result<W.State, EntityError>)] {
+        guard !state.watches.isEmpty else { return [] }
+        let error: EntityError?
+        if let failure = state.failure {
+            error = failure
+        } else if let durable = state.durable {
+            error = durable.status == .terminated ? EntityError(.terminated, entity: name, "the entity was terminated") : nil
+        } else {
+            return []
+        }
+        var decided: [(StateWatch, Result<W.State, EntityError>)] = []
+        state.watches.removeAll { watch in
+            if let error {
+                decided.append((watch, .failure(error)))
+                return true
+            }
+            guard let current = state.durable?.state, watch.predicate(current) else { return false }
+            decided.append((watch, .success(current)))
+            return true
+        }
+        return decided
+    }
+
     /// How many messages the mailbox holds, and how many senders wait for room (for tests and tools).
     func mailboxCounts() -> (queued: Int, waiting: Int) {
         cell.withLock { ($0.messages.count, $0.waiting.count) }
@@ -136,7 +208,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     ///   parent would be replayed, whole, for each child outcome that arrives).
     func evictIfIdle(lastActiveBefore cutoff: UInt64, sparingParents: Bool = false) -> Bool {
         let workflow = cell.withLock { state -> WorkflowRun<W>?? in
-            guard state.messages.isEmpty, !state.inFlight, !state.scheduled, state.resultWaiters.isEmpty,
+            guard state.messages.isEmpty, !state.inFlight, !state.scheduled, state.resultWaiters.isEmpty, state.watches.isEmpty,
                   state.lastActive < cutoff, !(sparingParents && state.awaitsChildren) else { return nil }
             state.evicted = true
             defer { state.durable = nil }
@@ -682,7 +754,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var abandoned: WorkflowRun<W>?
         let now = core.clock.nowNanoseconds()
         let awaitsChildren = (next.workflow?.openChildCount ?? 0) > 0
+        var decided: [(StateWatch, Result<W.State, EntityError>)] = []
         let (reschedule, finished, resolved) = cell.withLock { state -> (Bool, Bool, [@Sendable (Result<W.Output, EntityError>) -> Void]) in
+            defer { decided = Self.takeDecidedWatches(&state, name: name) }
             state.resultWaiters += waiters
             state.lastActive = now
             var resolved: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
@@ -704,6 +778,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return (true, false, resolved)
         }
         if let abandoned { shard.schedule(AbandonRun(abandoned)) }
+        for (watch, result) in decided { watch.resume(result) }
         if reschedule { shard.schedule(self) } else if finished { core.becameIdle() }
         if finished, case .success = outcome, next.workflow?.outcome != nil, core.configuration.passivateFinishedRuns {
             core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
@@ -726,13 +801,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     private func finishWithoutCommit(_ replies: [Reply]) {
         let now = core.clock.nowNanoseconds()
+        var decided: [(StateWatch, Result<W.State, EntityError>)] = []
         let reschedule = cell.withLock { state -> Bool in
+            decided = Self.takeDecidedWatches(&state, name: name)
             state.inFlight = false
             state.lastActive = now
             guard !state.messages.isEmpty, !state.scheduled else { return false }
             state.scheduled = true
             return true
         }
+        for (watch, result) in decided { watch.resume(result) }
         if reschedule { shard.schedule(self) } else { core.becameIdle() }
         for reply in replies {
             switch reply {

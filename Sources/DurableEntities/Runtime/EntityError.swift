@@ -5,7 +5,7 @@ public struct EntityError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         fileprivate enum Base: Hashable, Sendable {
             case unknownEntityType, undecodablePayload, unencodablePayload, payloadTooLarge, rejected
-            case terminated, failedOnReplay, nondeterminism, storage, closed
+            case terminated, failedOnReplay, nondeterminism, storage, closed, timedOut
         }
         fileprivate let base: Base
         fileprivate init(_ base: Base) { self.base = base }
@@ -30,6 +30,8 @@ public struct EntityError: Error, Sendable, CustomStringConvertible {
         public static let storage = Code(.storage)
         /// The runtime is closed.
         public static let closed = Code(.closed)
+        /// A wait (``EntityRef/awaitState(timeout:where:)``) ran out of time; nothing was recorded.
+        public static let timedOut = Code(.timedOut)
 
         public var description: String { "\(base)" }
     }

@@ -57,6 +57,44 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         return read(state)
     }
 
+    /// Waits until `predicate` holds for the entity's committed state — checked now and after every
+    /// turn — and returns that state. Costs no thread and no polling; nothing is recorded.
+    ///
+    /// ```swift
+    /// let settled = try await transfer.awaitState(timeout: .seconds(10)) { $0.status != .running }
+    /// ```
+    /// - Parameters:
+    ///   - timeout: on the runtime's clock (a `TestClock` must be advanced for it to pass).
+    ///   - predicate: quick and side-effect free: it runs under the entity's lock, on the shard's thread.
+    /// - Throws: ``EntityError``: `timedOut`, `terminated` (the entity was, or became, terminated),
+    ///   `closed`, or the entity's load failure (`failedOnReplay`, `nondeterminism`, `storage`).
+    public func awaitState(timeout: Duration = .seconds(30),
+                           where predicate: @escaping @Sendable (W.State) -> Bool) async throws(EntityError) -> W.State {
+        let core = runtime.core
+        let name = self.name
+        let cache = self.cache
+        guard !core.closed.load(ordering: .acquiring) else {
+            throw EntityError(.closed, entity: name, "the runtime is closed")
+        }
+        let id = core.watchIDs.add(1, ordering: .relaxed).newValue
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<W.State, EntityError>, Never>) in
+            let registration = WatchRegistration<W>()
+            let timedOut = EntityError(.timedOut, entity: name, "the entity's state did not satisfy the condition within \(timeout)")
+            let alarm = core.timers.alarm(at: core.clock.nowNanoseconds() &+ timeout.nanoseconds) {
+                if let cell = registration.fire(), cell.unwatch(id) { continuation.resume(returning: .failure(timedOut)) }
+            }
+            let watch = EntityCell<W>.StateWatch(id: id, predicate: predicate) { result in
+                core.timers.cancelAlarm(alarm)
+                continuation.resume(returning: result)
+            }
+            var cell = cache.cell ?? core.cell(W.self, name)
+            while !cell.watch(watch) { cell = core.cell(W.self, name) }
+            // The alarm may have fired before the cell was known: it then ends the watch here.
+            if registration.register(cell), cell.unwatch(id) { continuation.resume(returning: .failure(timedOut)) }
+        }
+        return try result.get()
+    }
+
     /// Starts the entity's run body with `input`; returns once the start is durable. Starting a body
     /// that already started in the current run does nothing (so a retried start is safe).
     /// - Throws: ``EntityError``: `rejected` if the type has no run body, `terminated`, `storage`, …
@@ -119,6 +157,17 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         }
         return try result.get()
     }
+}
+
+/// Where a state watch's timeout and its registration meet: whichever comes second ends the watch.
+final class WatchRegistration<W: EntityWorkflow>: Sendable {
+    private let state = Mutex<(cell: EntityCell<W>?, fired: Bool)>((nil, false))
+
+    /// The timeout fired: returns the cell to unwatch, if registered yet.
+    func fire() -> EntityCell<W>? { state.withLock { $0.fired = true; return $0.cell } }
+
+    /// The watch is registered in `cell`: returns whether the timeout already fired.
+    func register(_ cell: EntityCell<W>) -> Bool { state.withLock { $0.cell = cell; return $0.fired } }
 }
 
 /// The last resident cell an ``EntityRef`` used.

@@ -214,6 +214,7 @@ public final class EntityRuntime: Sendable {
     public func simulateCrash() {
         guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         core.journal.abandon()
+        core.failAllWatches()
         core.timers.stop()
         for shard in core.shards { shard.stop() }
     }
@@ -224,6 +225,7 @@ public final class EntityRuntime: Sendable {
         guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         core.timers.stop()
         core.waitUntilIdle()
+        core.failAllWatches()
         for shard in core.shards { shard.stop() }
         core.journal.close()
     }

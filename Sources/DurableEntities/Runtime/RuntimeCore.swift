@@ -183,6 +183,15 @@ final class RuntimeCore: Sendable {
         }
     }
 
+    /// Ends every state watch with `closed` (the runtime is closing).
+    func failAllWatches() {
+        let cells = tables.flatMap { box in box.table.withLock { Array($0.cells.values) } }
+        for cell in cells { cell.failWatches(EntityError(.closed, entity: nil, "the runtime closed while waiting for the entity's state")) }
+    }
+
+    /// Ids for state watches.
+    let watchIDs = Atomic<UInt64>(0)
+
     /// How many entities are resident.
     var residentCount: Int { tables.reduce(0) { $0 + $1.table.withLock { $0.cells.count } } }
 
@@ -221,6 +230,7 @@ final class RuntimeCore: Sendable {
 
 /// A resident cell, whatever its entity type.
 protocol ResidentCell: AnyObject, Sendable {
+    func failWatches(_ error: EntityError)
     func evictIfIdle() -> Bool
     func evictIfIdle(lastActiveBefore cutoff: UInt64, sparingParents: Bool) -> Bool
 }

@@ -6,6 +6,7 @@ public final class ChildProcess {
     public let process = Process()
     private let pipe = Pipe()
     private var buffer: [UInt8] = []
+    private let exited = DispatchSemaphore(value: 0)
 
     /// Finds an executable product built next to the test bundle (`swift build --build-tests` builds it).
     public static func executable(_ name: String) throws -> URL {
@@ -29,6 +30,7 @@ public final class ChildProcess {
         process.arguments = arguments
         process.standardOutput = pipe
         process.standardError = FileHandle.standardError
+        process.terminationHandler = { [exited] _ in exited.signal() }
         try process.run()
     }
 
@@ -44,6 +46,16 @@ public final class ChildProcess {
             if chunk.isEmpty { return buffer.isEmpty ? nil : String(decoding: buffer, as: UTF8.self) }
             buffer.append(contentsOf: chunk)
         }
+    }
+
+    /// Waits until the child exits, at most `timeout`; returns whether it did.
+    public func waitForExit(timeout: Duration) -> Bool {
+        let (seconds, attoseconds) = timeout.components
+        let nanoseconds = Double(seconds) * 1e9 + Double(attoseconds) / 1e9
+        guard exited.wait(timeout: .now() + .nanoseconds(Int(nanoseconds))) == .success else { return false }
+        exited.signal()  // later waits return at once too
+        process.waitUntilExit()  // the status is set once Foundation has reaped it
+        return true
     }
 
     /// Kills the child with SIGKILL and waits for it.
