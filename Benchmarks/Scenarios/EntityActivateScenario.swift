@@ -13,7 +13,8 @@ import DurableEntities
 /// `--in-flight K` (default 1) K queries run at once; latency is per activation, throughput is
 /// activations/s. Extra fields: activations/s with `--param concurrent=C` in flight (default 64; 0
 /// skips it) in a fresh reopen, and the journal-only part of an activation (key, metadata, snapshot and
-/// tail read with no decoding) timed the same way, to separate storage from decoding and scheduling.
+/// tail read with no decoding) timed the same way, and a second query of each account once resident
+/// (`resident_query_*`: the round trip to the shard alone), to separate storage, decoding and scheduling.
 ///
 /// `--param codec=raw` swaps JSON for ``BenchAccountRawCodec`` (an experiment: activation without codec costs).
 ///
@@ -100,11 +101,20 @@ struct EntityActivateScenario: BenchmarkScenario {
             guard balance == expectedBalance else { throw BenchmarkFailure(message: "\(ref.name): balance \(balance), expected \(expectedBalance)") }
         }
         recorder.stop()
+        // The same queries again, now resident: what an activation costs beyond a round trip.
+        var residentQueries = recorder.makeLocal()
+        for position in 0..<entityCount {
+            let ref = runtime.entity(BenchAccount.self, id: EntityBench.id(order[position]))
+            let start = ContinuousClock.Instant.now
+            _ = try await ref.query { $0.balance }
+            residentQueries.record(ContinuousClock.Instant.now - start)
+        }
         let resident = runtime.residentEntities
         runtime.close()
         guard resident == entityCount else { throw BenchmarkFailure(message: "\(resident) resident after activating \(entityCount)") }
 
         var extra: [String: JSONValue] = EntityBench.microseconds(LatencySummary(storage.histogram), prefix: "journal_only")
+        extra.merge(EntityBench.microseconds(LatencySummary(residentQueries.histogram), prefix: "resident_query")) { $1 }
         if concurrent > 0 {
             let again = try EntityBench.open(configuration)
             defer { again.close() }

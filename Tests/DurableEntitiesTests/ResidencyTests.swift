@@ -149,6 +149,130 @@ struct ResidencyTests {
             #expect(try await ref.query { $0 } == Account.State(balance: before[index].balance + 1, deposits: before[index].deposits + 1))
         }
     }
+
+    @Test("a load done off the shard is discarded when a turn started meanwhile")
+    func staleReadActivationIsDiscarded() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let gate = DecodeGate()
+        var configuration = configuration(directory, maxResident: 10_000, snapshotEvery: 1_000)
+        configuration.codec = GatedCodec(gate: gate)
+        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self])
+        defer { runtime.close() }
+        let ref = runtime.entity(Account.self, id: "gated")
+        try await ref.signal(.deposit(5))
+        #expect(runtime.passivateIdleEntities() == 1)
+
+        // A query's activation on its own thread stops inside its load (replaying the deposit of 5)...
+        gate.arm()
+        let cell = runtime.core.cell(Account.self, ref.name)
+        let loader = Task.detached { cell.activateForRead() }
+        await gate.entered()
+        // ...while a signal's turn loads the entity on the shard and commits 5 + 7.
+        try await ref.signal(.deposit(7))
+        gate.release()
+        // The stale load is not installed: the query answers with the committed state.
+        #expect(await loader.value == Account.State(balance: 12, deposits: 2))
+        #expect(cell.committedState() == Account.State(balance: 12, deposits: 2))
+        #expect(try await ref.query { $0 } == Account.State(balance: 12, deposits: 2))
+    }
+
+    @Test("queries activating a passivated entity off its shard never see less than what was acknowledged")
+    func readActivationRacesTurns() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory, maxResident: 10_000, snapshotEvery: 5),
+                                        entityTypes: [Account.self])
+        defer { runtime.close() }
+        let ref = runtime.entity(Account.self, id: "raced")
+        let acknowledged = AcknowledgedCount()
+        #expect(try await ref.query { $0 } == Account.State())  // resident from here on
+        for round in 1...200 {
+            // Passivate, then race a signal (its turn loads the entity on the shard) against queries that
+            // activate it on their own tasks: a load that a turn overlapped must not be installed.
+            #expect(runtime.passivateIdleEntities() >= 1, "round \(round): the entity stayed resident")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    try await ref.signal(.deposit(1))
+                    acknowledged.value.add(1, ordering: .sequentiallyConsistent)
+                }
+                for _ in 0..<4 {
+                    group.addTask {
+                        for _ in 0..<5 {
+                            let floor = acknowledged.value.load(ordering: .sequentiallyConsistent)
+                            let balance = try await ref.query { $0.balance }
+                            guard balance >= floor else {
+                                throw ChildProcessError(message: "round \(round): balance \(balance) after \(floor) acknowledged deposits")
+                            }
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(try await ref.query { $0.balance } == Int64(round))
+        }
+        #expect(try await ref.query { $0 } == Account.State(balance: 200, deposits: 200))
+    }
+}
+
+/// Holds the first decode of an `Account.Signal` after ``arm()`` until ``release()``: a load stopped
+/// half-way through replaying history (inside its read transaction), on whatever thread runs it.
+private final class DecodeGate: Sendable {
+    private struct State {
+        var armed = false
+        var entered = false
+        var waiter: CheckedContinuation<Void, Never>?
+    }
+    private let state = Mutex(State())
+    private let released = DispatchSemaphore(value: 0)
+
+    func arm() { state.withLock { $0.armed = true } }
+
+    /// Called by the codec: blocks the first decode after `arm()`.
+    func pass() {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>?? in
+            guard state.armed else { return nil }
+            state.armed = false
+            state.entered = true
+            defer { state.waiter = nil }
+            return .some(state.waiter)
+        }
+        guard let waiter else { return }
+        waiter?.resume()
+        released.wait()
+    }
+
+    /// Returns once a decode is held at the gate.
+    func entered() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { state -> Bool in
+                if state.entered { return true }
+                state.waiter = continuation
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    func release() { released.signal() }
+}
+
+/// The binary codec, with every `Account.Signal` decode passing through a ``DecodeGate``.
+private struct GatedCodec: EntityCodec {
+    let gate: DecodeGate
+    let base = BinaryEntityCodec()
+
+    func encode<Value: Encodable>(_ value: Value) throws -> [UInt8] { try base.encode(value) }
+
+    func decode<Value: Decodable>(_ type: Value.Type, from bytes: UnsafeRawBufferPointer) throws -> Value {
+        if Value.self == Account.Signal.self { gate.pass() }
+        return try base.decode(type, from: bytes)
+    }
+}
+
+/// Deposits acknowledged so far, shared by the racing tasks.
+private final class AcknowledgedCount: Sendable {
+    let value = Atomic<Int64>(0)
 }
 
 private extension Duration {

@@ -81,6 +81,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var lastActive: UInt64 = 0
         /// Whether the run has children that have not reported (as of the last committed turn).
         var awaitsChildren = false
+        /// How many turns have started: a load done off the shard is installed only if none started
+        /// meanwhile (``activateForRead()``).
+        var turnsStarted: UInt64 = 0
     }
 
     let name: EntityName
@@ -197,6 +200,37 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
     }
 
+    /// Activates an entity without a run body on the calling thread, for a query: loads its snapshot
+    /// and the events after it, and installs the result as the committed state — unless a turn started
+    /// meanwhile or the entity is busy, failed or not idle, in which case it returns `nil` and the
+    /// caller takes the mailbox (the shard's turn loads the entity and reports any failure).
+    ///
+    /// Reading is all an activation does for such an entity (no run body to restart), and the journal
+    /// changes only through the entity's own turns, so a load that no turn overlapped is exactly what
+    /// the shard would have loaded — without two thread hand-offs on the way.
+    func activateForRead() -> W.State? {
+        guard !W.hasRunBody else { return nil }
+        let generation = cell.withLock { state -> UInt64? in
+            guard !state.evicted, state.durable == nil, state.failure == nil, !state.inFlight, !state.scheduled,
+                  state.messages.isEmpty else { return nil }
+            return state.turnsStarted
+        }
+        guard let generation, let loaded = try? load() else { return nil }
+        let now = core.clock.nowNanoseconds()
+        var decided: [(StateWatch, Result<W.State, EntityError>)] = []
+        let installed = cell.withLock { state -> Bool in
+            guard state.turnsStarted == generation, !state.evicted, state.durable == nil, state.failure == nil,
+                  !state.inFlight else { return false }
+            state.durable = loaded
+            state.lastActive = now
+            decided = Self.takeDecidedWatches(&state, name: name)
+            return true
+        }
+        for (watch, result) in decided { watch.resume(result) }
+        guard installed else { return committedState() }
+        return loaded.status == .active ? loaded.state : nil
+    }
+
     /// Marks the cell evicted if it is idle; returns whether it was. A run body in memory is abandoned
     /// (it is replayed from history when the entity is next activated).
     func evictIfIdle() -> Bool {
@@ -234,6 +268,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             while state.messages.count < capacity, let waiting = state.waiting.popFirst() { state.messages.append(waiting) }
             shard.mailboxDepth.record(state.messages.count)
             state.inFlight = true
+            state.turnsStarted &+= 1
             return (taken, state.durable, state.failure, false)
         }
         guard !messages.isEmpty else {

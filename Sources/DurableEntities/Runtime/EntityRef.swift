@@ -49,10 +49,12 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     }
 
     /// Reads the entity's committed state: every acknowledged signal and update is in it, nothing
-    /// uncommitted is. Never recorded.
+    /// uncommitted is. Never recorded. A resident entity answers on the calling task; a passivated
+    /// entity without a run body is activated there too (snapshot plus the events after it), and one
+    /// with a run body, or one busy with a turn, is activated by its shard.
     public func query<Result: Sendable>(_ read: @Sendable (W.State) -> Result) async throws(EntityError) -> Result {
         let cell = cache.cell ?? runtime.core.cell(W.self, name)
-        if let state = cell.committedState() { return read(state) }
+        if let state = cell.committedState() ?? cell.activateForRead() { return read(state) }
         let state: W.State = try await deliver { reply in .read(reply) }
         return read(state)
     }
