@@ -125,6 +125,35 @@ struct BinaryEntityCodecTests {
         #expect(try roundTrip([Signal.close, .deposit(1)]) == [.close, .deposit(1)])
     }
 
+    /// Same case names as ``Signal``, another type: the shared single-key answers are per key type.
+    enum Twin: Codable, Equatable {
+        case deposit(String)
+        case close
+    }
+
+    @Test("single-key containers (enum cases, one-entry dictionaries) decode right however often they repeat")
+    func singleKeyContainers() throws {
+        for _ in 0..<3 {
+            #expect(try roundTrip(Signal.deposit(7)) == .deposit(7))
+            #expect(try roundTrip(Twin.deposit("7")) == .deposit("7"))
+            #expect(try roundTrip(Signal.close) == .close)
+            #expect(try roundTrip(Twin.close) == .close)
+        }
+        // More distinct one-entry dictionaries than the shared table has slots: entries are evicted and
+        // rebuilt, never mixed up.
+        for round in 0..<2 {
+            for index in 0..<1_000 {
+                let dictionary = ["key-\(index)": index + round]
+                #expect(try roundTrip(dictionary) == dictionary)
+            }
+        }
+        // A case this code does not know is an error every time (the empty answer is shared too).
+        let unknown = try codec.encode(["withdraw": ["_0": 5]])
+        for _ in 0..<3 {
+            #expect(throws: DecodingError.self) { try unknown.withUnsafeBytes { try codec.decode(Signal.self, from: $0) } }
+        }
+    }
+
     @Test("integer extremes round-trip as top-level values")
     func integers() throws {
         #expect(try roundTrip(Int64.min) == .min)

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// A compact, self-describing binary codec: several times faster than ``JSONEntityCodec`` and
 /// tolerant of schema changes the way JSON is.
@@ -69,6 +70,10 @@ enum BinaryFormat {
     static let some: UInt8 = 0x0B
 
     /// What a tag holds, for error messages.
+    /// `[UInt8]`'s metadata, looked up once: naming a generic type's metadata in a type comparison
+    /// asks the runtime for it every time (a hash-table lookup), and every value passes that test.
+    static let byteArrayType = ObjectIdentifier([UInt8].self)
+
     static func describe(_ tag: UInt8) -> String {
         switch tag {
         case null: "nil"
@@ -610,7 +615,7 @@ final class BinaryEncoderState: Encoder {
         } else if T.self == Bool.self {
             try prepareScalar(at: slot)
             putBool(unsafeBitCast(value, to: Bool.self))
-        } else if T.self == [UInt8].self {
+        } else if ObjectIdentifier(T.self) == BinaryFormat.byteArrayType {
             try prepareScalar(at: slot)
             unsafeBitCast(value, to: [UInt8].self).withUnsafeBytes { putBytes($0) }
         } else if T.self == Data.self {
@@ -1384,7 +1389,7 @@ final class BinaryDecoderState: Decoder {
             return unsafeBitCast(try readDouble(&at, limit: limit), to: T.self)
         } else if T.self == Bool.self {
             return unsafeBitCast(try readBool(&at, limit: limit), to: T.self)
-        } else if T.self == [UInt8].self {
+        } else if ObjectIdentifier(T.self) == BinaryFormat.byteArrayType {
             guard let bytes = try readBytes(&at, limit: limit) else { return nil }
             return unsafeBitCast([UInt8](bytes), to: T.self)
         } else if T.self == Data.self {
@@ -1472,7 +1477,21 @@ final class BinaryDecoderState: Decoder {
             keysType = ObjectIdentifier(Key.self)
             keysCache = unsafeBitCast(keys, to: AnyObject.self)
         }
+        // One entry (an enum case, the common reason to ask): the answer for this key type and name is
+        // always the same array, so it is built once and shared.
         var position = bodyStart
+        if let length = try? reader.length(&position, limit: end, path: []), position + length <= end,
+           let next = try? reader.skipValue(at: position + length, limit: end, path: []), next == end {
+            let name = UnsafeRawBufferPointer(start: reader.base + position, count: length)
+            if let shared = BinarySingleKeyCache.shared.lookup(ObjectIdentifier(Key.self), name) {
+                keys = unsafeBitCast(shared, to: [Key].self)
+                return keys
+            }
+            if let key = Key(stringValue: String(decoding: name, as: UTF8.self)) { keys = [key] }
+            BinarySingleKeyCache.shared.store(ObjectIdentifier(Key.self), name, unsafeBitCast(keys, to: AnyObject.self))
+            return keys
+        }
+        position = bodyStart
         while position < end {
             guard let length = try? reader.length(&position, limit: end, path: []) else { break }
             let name = String(decoding: UnsafeRawBufferPointer(start: reader.base + position, count: length), as: UTF8.self)
@@ -1486,6 +1505,50 @@ final class BinaryDecoderState: Decoder {
     /// A separate decoder for the value at `position` (`superDecoder`).
     func subDecoder(at position: Int, limit: Int) -> BinaryDecoderState {
         BinaryDecoderState(base: reader.base, count: count, start: position, limit: limit)
+    }
+}
+
+/// `allKeys` answers for keyed containers with one entry — what a synthesized enum `init(from:)` asks
+/// for, twice per value — by (key type, key name): building the `[Key]` array costs a generic metadata
+/// lookup and an allocation each time, a hit costs neither. Direct-mapped and fixed in size, so
+/// arbitrary names (dictionary keys) can only evict entries, never grow it. Pure: a `CodingKey`'s
+/// `init(stringValue:)` gives the same key for the same name.
+final class BinarySingleKeyCache: Sendable {
+    static let shared = BinarySingleKeyCache()
+    private static let slots = 256
+    private static let maximumNameLength = 48
+
+    /// `@unchecked Sendable`: `keys` is an array's storage, never mutated once stored.
+    private struct Entry: @unchecked Sendable {
+        var type: ObjectIdentifier
+        var name: [UInt8]
+        var keys: AnyObject
+    }
+    private let entries = Mutex<[Entry?]>(Array(repeating: nil, count: BinarySingleKeyCache.slots))
+
+    private static func slot(_ type: ObjectIdentifier, _ name: UnsafeRawBufferPointer) -> Int {
+        var hash = UInt64(UInt(bitPattern: type.hashValue)) &* 0x9E37_79B9_7F4A_7C15
+        for byte in name { hash = (hash ^ UInt64(byte)) &* 0x0000_0100_0000_01B3 }
+        return Int(truncatingIfNeeded: hash >> 32) & (slots - 1)
+    }
+
+    func lookup(_ type: ObjectIdentifier, _ name: UnsafeRawBufferPointer) -> AnyObject? {
+        guard name.count <= Self.maximumNameLength else { return nil }
+        let slot = Self.slot(type, name)
+        return entries.withLock { entries -> AnyObject? in
+            guard let entry = entries[slot], entry.type == type, entry.name.count == name.count else { return nil }
+            let same = entry.name.withUnsafeBytes { stored in
+                name.isEmpty || memcmp(stored.baseAddress!, name.baseAddress!, name.count) == 0
+            }
+            return same ? entry.keys : nil
+        }
+    }
+
+    func store(_ type: ObjectIdentifier, _ name: UnsafeRawBufferPointer, _ keys: AnyObject) {
+        guard name.count <= Self.maximumNameLength else { return }
+        let slot = Self.slot(type, name)
+        let entry = Entry(type: type, name: Array(name), keys: keys)
+        entries.withLock { $0[slot] = entry }
     }
 }
 
