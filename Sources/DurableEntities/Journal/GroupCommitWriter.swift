@@ -185,9 +185,12 @@ final class GroupCommitWriter: @unchecked Sendable {
             let registered = try context.apply(batch[index].batch, in: txn)
             outcome.results.append(.success(CommitReceipt(registered: registered)))
         }
-        // Moves are owed work, paid a bounded amount per commit so no single commit stalls: twice what
-        // was appended (so the backlog shrinks under load) plus a floor (so it drains when load stops).
-        context.moveBudget = 2 * context.appendedCount + 1_024
+        // Moves are owed work, paid a bounded amount per commit so no single commit stalls: what was
+        // appended plus an eighth (so the backlog shrinks under load) plus a floor (so it drains when
+        // load stops). A steady budget keeps commit times steady: with twice the appended count, waves
+        // of tails filling together made one commit in ten take twice as long (build p90 4.2 ms against
+        // a 2.2 ms median at 1,000 entities), and that spread was most of the append latency's p99.
+        context.moveBudget = context.appendedCount + context.appendedCount / 8 + 128
         try context.moveExpiredTails(in: txn)
         try context.moveFullTails(in: txn)
         try context.trimLog(in: txn)
