@@ -344,7 +344,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var tasksDone: [[UInt8]] = []
         /// Messages to other entities, sent once the turn is durable.
         var outgoing: [EntityEnvelope] = []
+        /// The run body continued as new in this turn: the last run ended at `boundary` with `state`
+        /// (the new run's snapshot); `previousRunStart` is where that ended run began.
+        var runSwitch: (boundary: UInt64, state: W.State, previousRunStart: UInt64)?
     }
+
+    /// How many times a run body may continue as new within one turn before its run is failed (a body
+    /// that continues as new without waiting for anything would otherwise loop forever).
+    static var maximumRunSwitchesPerTurn: Int { 64 }
 
     private func process(_ messages: [Message], from start: Durable) {
         var next = start
@@ -357,6 +364,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         let requests = TurnRequests(codec: core.codec)
         let hadOutcome = start.workflow?.outcome != nil
         let wasActive = start.status == .active
+        var runSwitches = 0
 
         func record(_ event: HistoryEvent) {
             next.lastSequence += 1
@@ -393,6 +401,43 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 }
             }
             run.issued.removeAll()
+            if let continuation = run.continuation { switchRun(from: run, to: continuation) }
+        }
+        /// The run body continued as new: the run ends here and the next one starts, in this turn.
+        func switchRun(from ended: WorkflowRun<W>, to continuation: (input: W.Input, bytes: [UInt8])) {
+            runSwitches += 1
+            guard runSwitches <= Self.maximumRunSwitchesPerTurn else {
+                ended.refuseContinueAsNew("the run body continued as new \(Self.maximumRunSwitchesPerTurn) times in one turn without waiting for anything")
+                settle { _ in }
+                return
+            }
+            for (id, due) in ended.timerDue { output.timersDone.append((id, due)) }
+            closeOpenChildren(of: ended)
+            ended.abandon()
+            output.runSwitch = (next.lastSequence, next.state, next.runStartSequence)
+            next.run += 1
+            next.runStartSequence = next.lastSequence + 1
+            next.runBytes = 0
+            let run = WorkflowRun<W>(name: name, run: next.run, state: next.state, codec: core.codec, logger: core.logger)
+            next.workflow = run
+            // The new run's history opens like a first one: started, then the parents it reports to.
+            record(HistoryEvent(kind: .started, timeNanoseconds: now, body: continuation.bytes))
+            for link in next.parents { record(HistoryEvent(kind: .parentLinked, timeNanoseconds: now, body: link.encoded())) }
+            settle { $0.start(continuation.input) }
+        }
+        /// A run ended: its children still running get what their parent-close policy says.
+        func closeOpenChildren(of run: WorkflowRun<W>) {
+            for (id, child) in run.openChildren {
+                switch child.policy {
+                case .terminate:
+                    output.outgoing.append(EntityEnvelope(kind: .terminate, target: child.name, sender: name, commandID: id,
+                                                          payload: Array("its parent \(name)'s run ended (parent-close policy: terminate)".utf8)))
+                case .requestCancel:
+                    output.outgoing.append(EntityEnvelope(kind: .cancel, target: child.name, sender: name, commandID: id, payload: []))
+                case .abandon:
+                    break
+                }
+            }
         }
         /// Signals the handler just sent join the turn's outgoing messages.
         func takeSentSignals() {
@@ -652,19 +697,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 ? childResult(next.workflow!.outcome!)
                 : .failure(ChildFailure(child: name, reason: .terminated, message: "the entity was terminated before its run body finished"))
             for link in next.parents { output.outgoing.append(outcome(to: link, result)) }
-            if let run = next.workflow {
-                for (id, child) in run.openChildren {
-                    switch child.policy {
-                    case .terminate:
-                        output.outgoing.append(EntityEnvelope(kind: .terminate, target: child.name, sender: name, commandID: id,
-                                                              payload: Array("its parent \(name)'s run ended (parent-close policy: terminate)".utf8)))
-                    case .requestCancel:
-                        output.outgoing.append(EntityEnvelope(kind: .cancel, target: child.name, sender: name, commandID: id, payload: []))
-                    case .abandon:
-                        break
-                    }
-                }
-            }
+            if let run = next.workflow { closeOpenChildren(of: run) }
         }
 
         guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty else {
@@ -740,6 +773,22 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
         }
         var committed = next
+        if let runSwitch = output.runSwitch {
+            // The run body continued as new: the ended run's state is the new run's starting point.
+            guard let snapshot = try? core.codec.encode(runSwitch.state) else {
+                complete(.failure(EntityError(.unencodablePayload, entity: name,
+                                              "the state does not encode, so the run cannot continue as new; nothing of the turn was recorded")),
+                         next: next, waiters: output.resultWaiters, replies: replies)
+                return
+            }
+            batch.saveSnapshot(key, sequence: runSwitch.boundary, payload: snapshot)
+            committed.snapshotSequence = runSwitch.boundary
+            switch core.configuration.keepRuns {
+            case 0: batch.deleteHistory(of: key, before: next.runStartSequence)
+            case 1: batch.deleteHistory(of: key, before: runSwitch.previousRunStart)
+            default: break
+            }
+        }
         // A run body cannot be rebuilt from a snapshot (only replayed), so its entities snapshot at
         // run boundaries only.
         let snapshotDue = !W.hasRunBody && next.lastSequence - next.snapshotSequence >= UInt64(core.configuration.snapshotEvery)
@@ -762,7 +811,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 }
             }
         }
-        if next.status == .terminated || committed.run != next.run {
+        if next.status == .terminated || committed.run != next.run || output.runSwitch != nil {
             batch.setMetadata(key, EntityMetadata(name: name, status: committed.status.rawValue, run: committed.run,
                                                   runStartSequence: committed.runStartSequence))
         }

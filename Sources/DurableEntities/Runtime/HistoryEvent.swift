@@ -31,11 +31,14 @@ public struct HistoryEvent: Sendable, Hashable {
         case childStarted = 16
         case entitySignalled = 17
         case childCancelRequested = 18
+        /// The run body ended its run with ``WorkflowContext/continueAsNew(_:)``; the body is the next
+        /// run's input. The run's last event.
+        case continuedAsNew = 22
 
         var isCommand: Bool {
             switch self {
             case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed, .activityScheduled,
-                 .childStarted, .entitySignalled, .childCancelRequested: true
+                 .childStarted, .entitySignalled, .childCancelRequested, .continuedAsNew: true
             default: false
             }
         }
@@ -103,6 +106,7 @@ public struct HistoryEvent: Sendable, Hashable {
             writer.append(signal)
             return HistoryEvent(kind: .entitySignalled, timeNanoseconds: time, body: ids(id) + writer.bytes)
         case .cancelChild(let id): return HistoryEvent(kind: .childCancelRequested, timeNanoseconds: time, body: ids(id))
+        case .continueAsNew(let input): return HistoryEvent(kind: .continuedAsNew, timeNanoseconds: time, body: input)
         }
     }
 
@@ -138,6 +142,7 @@ public struct HistoryEvent: Sendable, Hashable {
             guard let type = reader.string(), let target = reader.string(), let signal = reader.data() else { return nil }
             return .signalEntity(id: a, target: EntityName(type: type, id: target), signal: signal)
         case .childCancelRequested: guard let a = id(0) else { return nil }; return .cancelChild(id: a)
+        case .continuedAsNew: return .continueAsNew(input: body)
         default: return nil
         }
     }

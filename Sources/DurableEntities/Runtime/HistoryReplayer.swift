@@ -102,6 +102,11 @@ struct HistoryReplayer<W: EntityWorkflow> {
                 throw nondeterminism(at: sequence, recorded: recorded.description, issued: "nothing (no run body was started)")
             }
             guard let issued = run.issued.first else {
+                if case .fail(let message) = recorded, run.continuation != nil {
+                    run.refuseContinueAsNew(message)  // the turn refused this run's continue-as-new
+                    run.issued.removeFirst()
+                    return
+                }
                 run.abandon()
                 throw nondeterminism(at: sequence, recorded: recorded.description, issued: "nothing")
             }

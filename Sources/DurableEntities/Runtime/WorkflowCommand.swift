@@ -11,6 +11,8 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
     case startChild(id: UInt64, child: EntityName, input: [UInt8], policy: ParentClosePolicy)
     case signalEntity(id: UInt64, target: EntityName, signal: [UInt8])
     case cancelChild(id: UInt64)
+    /// Ends the run; the next one starts with this input (see ``WorkflowContext/continueAsNew(_:)``).
+    case continueAsNew(input: [UInt8])
 
     /// Whether a recorded command and a new one are the same step of the code (ids and kinds; not
     /// values, which a replay takes from history).
@@ -21,7 +23,7 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case (.sideEffect(let a, _), .sideEffect(let b, _)): a == b
         case (.marker(let a, let x), .marker(let b, let y)): a == b && x == y
         case (.scheduleActivity(let a, let x, _, _), .scheduleActivity(let b, let y, _, _)): a == b && x == y
-        case (.complete, .complete), (.fail, .fail): true
+        case (.complete, .complete), (.fail, .fail), (.continueAsNew, .continueAsNew): true
         case (.startChild(let a, let x, _, _), .startChild(let b, let y, _, _)): a == b && x == y
         case (.signalEntity(let a, let x, _), .signalEntity(let b, let y, _)): a == b && x == y
         case (.cancelChild(let a), .cancelChild(let b)): a == b
@@ -41,6 +43,7 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case .startChild(let id, let child, let input, let policy): "StartChild(id: \(id), \(child), \(input.count) bytes, \(policy))"
         case .signalEntity(let id, let target, let signal): "SignalEntity(id: \(id), \(target), \(signal.count) bytes)"
         case .cancelChild(let id): "CancelChild(id: \(id))"
+        case .continueAsNew(let input): "ContinueAsNew(\(input.count) bytes)"
         }
     }
 }

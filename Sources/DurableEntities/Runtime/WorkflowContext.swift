@@ -31,6 +31,35 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         change(&run.state)
     }
 
+    /// Ends this run and starts the next run of the body with `input`, from the current state — the
+    /// way a body that loops forever (an account's monthly cycle, a subscription) keeps its history
+    /// bounded. In the same commit: the run's last event (`continuedAsNew`), a snapshot of the state,
+    /// and the new run's `started` event; signals and updates that arrive after it belong to the new
+    /// run, and history before it is pruned by ``EntityRuntime/Configuration/keepRuns``.
+    ///
+    /// The run's timers are dropped, activities it still awaits are abandoned (their outcomes are
+    /// ignored), children still open get their parent-close policy, and parents that started this
+    /// entity — and callers of ``EntityRef/result()`` — get the outcome of the last run in the chain.
+    ///
+    /// ```swift
+    /// static func run(_ month: Int, context: WorkflowContext<Self>) async throws -> Statement {
+    ///     try await context.sleep(for: .seconds(30 * 86_400))
+    ///     context.updateState { $0.balance += $0.balance * $0.monthlyRate / 10_000 }
+    ///     guard context.state.isOpen else { return Statement(months: month) }
+    ///     try context.continueAsNew(month + 1)     // a fresh history every month
+    /// }
+    /// ```
+    /// - Throws: always — an error that ends the body; do not catch it (if the body does, whatever it
+    ///   does afterwards is dropped with the run).
+    public func continueAsNew(_ input: W.Input) throws -> Never {
+        let bytes: [UInt8]
+        do { bytes = try run.codec.encode(input) } catch {
+            throw EntityError(.unencodablePayload, entity: run.name, "the next run's input does not encode", underlying: error)
+        }
+        run.continueAsNew(input, bytes: bytes)
+        throw WorkflowRun<W>.ContinuedAsNew()
+    }
+
     /// Sleeps on a durable timer: survives restarts; a timer due while the process was down fires
     /// right after it opens again.
     /// - Throws: `CancellationError` if the run is cancelled.

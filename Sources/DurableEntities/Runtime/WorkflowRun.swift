@@ -21,6 +21,10 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
     }
 
     struct Abandoned: Error {}
+    /// Thrown by ``WorkflowContext/continueAsNew(_:)`` to end the body; never recorded as a failure.
+    struct ContinuedAsNew: Error, CustomStringConvertible {
+        var description: String { "the run continued as new" }
+    }
 
     let executor = WorkflowExecutor()
     let name: EntityName
@@ -57,6 +61,9 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
     private(set) var openChildCount = 0
     /// The body's outcome once it finished: encoded output, or the failure's description.
     private(set) var outcome: Result<[UInt8], WorkflowFailure>?
+    /// The next run's input once the body called ``WorkflowContext/continueAsNew(_:)``: the turn ends
+    /// this run and starts the next one.
+    private(set) var continuation: (input: W.Input, bytes: [UInt8])?
     var started: Bool { task != nil }
     private var task: Task<Void, Never>?
 
@@ -80,6 +87,7 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
         task = Task(executorPreference: executor) { [self] in
             do {
                 let output = try await W.run(input, context: context)
+                guard continuation == nil else { return }  // the body swallowed the continue-as-new
                 do {
                     let bytes = try codec.encode(output)
                     outcome = .success(bytes)
@@ -91,11 +99,26 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
             } catch is Abandoned {
                 return
             } catch {
+                guard continuation == nil else { return }  // ended by continue-as-new, whatever it threw
                 outcome = .failure(WorkflowFailure(message: "\(error)"))
                 issued.append(.fail(message: "\(error)"))
             }
         }
         settle()
+    }
+
+    /// The body asked to continue as new with `input`: records the command; the turn does the rest.
+    func continueAsNew(_ input: W.Input, bytes: [UInt8]) {
+        guard continuation == nil, outcome == nil else { return }
+        continuation = (input, bytes)
+        issued.append(.continueAsNew(input: bytes))
+    }
+
+    /// Ends the run with a failure instead of continuing it as new (the turn refused the switch).
+    func refuseContinueAsNew(_ message: String) {
+        continuation = nil
+        outcome = .failure(WorkflowFailure(message: message))
+        issued.append(.fail(message: message))
     }
 
     /// Runs the body until every task waits, resuming conditions that became true on the way.
