@@ -13,7 +13,7 @@ import DurableEntities
 /// or, on a failure, `compensating` → `compensated` (everything undone; ``State/reason`` says why) or
 /// `failed` (a compensation itself failed; ``State/reason`` says which).
 struct Order: EntityWorkflow {
-    enum Status: String, Codable, Sendable {
+    enum Status: String, Codable, Sendable, Hashable, CaseIterable {
         case new, reserving, charging, fulfilling, completed, compensating, compensated, failed
 
         /// Whether the saga has ended.

@@ -15,6 +15,7 @@ import Logging
 /// | `GET /carts/{id}` | | 200 ``CartView`` |
 /// | `POST /carts/{id}/checkout` | `{"requestId", "paymentToken"}` | 202 ``OrderView`` |
 /// | `GET /orders/{id}` | | 200 ``OrderView`` |
+/// | `GET /orders/{id}?waitFor=completed,compensated,failed&timeoutMs=10000` | | 200 ``OrderView`` once its status is one of those, or as it is after the timeout (a long poll; at most 30 s) |
 enum CartRoutes {
     /// The router of every route above.
     static func router(_ shop: Shop) -> Router<BasicRequestContext> {
@@ -59,8 +60,13 @@ enum CartRoutes {
                                                requestID: try body.requestID())
             }
         }
-        router.get("/orders/:id") { _, context in
-            await respond { try await shop.order(id: try context.parameter("id")) }
+        router.get("/orders/:id") { request, context in
+            await respond {
+                let id = try context.parameter("id")
+                guard let wanted = request.uri.queryParameters["waitFor"] else { return try await shop.order(id: id) }
+                let (statuses, timeout) = try waitParameters(String(wanted), request.uri.queryParameters["timeoutMs"].map(String.init))
+                return try await shop.order(id: id, waitingFor: statuses, timeout: timeout)
+            }
         }
         return router
     }
@@ -70,6 +76,27 @@ enum CartRoutes {
                             onServerRunning: @escaping @Sendable (Int) async -> Void = { _ in }) -> some ApplicationProtocol {
         Application(router: router(shop), configuration: .init(address: .hostname(host, port: port), serverName: "CartSample"),
                     onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? port) }, logger: logger)
+    }
+
+    /// `waitFor` (comma-separated order statuses) and `timeoutMs` (default 10,000, at most 30,000).
+    static func waitParameters(_ wanted: String, _ timeoutMs: String?) throws(ShopError) -> (Set<Order.Status>, Duration) {
+        var statuses = Set<Order.Status>()
+        for name in wanted.split(separator: ",") {
+            guard let status = Order.Status(rawValue: String(name)), status != .new else {
+                let known = Order.Status.allCases.filter { $0 != .new }.map(\.rawValue).joined(separator: ", ")
+                throw ShopError(.invalid, "waitFor: '\(name)' is not an order status (\(known))")
+            }
+            statuses.insert(status)
+        }
+        guard !statuses.isEmpty else { throw ShopError(.invalid, "waitFor names no status") }
+        var milliseconds = 10_000
+        if let timeoutMs {
+            guard let value = Int(timeoutMs), (0...30_000).contains(value) else {
+                throw ShopError(.invalid, "timeoutMs must be an integer in 0...30000, not '\(timeoutMs)'")
+            }
+            milliseconds = value
+        }
+        return (statuses, .milliseconds(milliseconds))
     }
 
     /// Runs `body` and answers with its value as JSON (`status`), or with its ``ShopError``.

@@ -124,6 +124,26 @@ struct Shop: Sendable {
         return OrderView(id: id, state: state)
     }
 
+    /// Order `id` once its status is one of `statuses`, or as it is when `timeout` passes (a long
+    /// poll: the runtime resumes the wait when a turn commits the status; nothing polls). The timeout
+    /// runs on the runtime's clock.
+    /// - Throws: ``ShopError`` `notFound` (checked first: an order that never started is not waited for).
+    func order(id: String, waitingFor statuses: Set<Order.Status>, timeout: Duration) async throws(ShopError) -> OrderView {
+        let current = try await order(id: id)
+        guard let status = Order.Status(rawValue: current.status), !statuses.contains(status) else { return current }
+        let waited: Result<Order.State, EntityError>
+        do {
+            waited = .success(try await runtime.entity(Order.self, id: id).awaitState(timeout: timeout) { statuses.contains($0.status) })
+        } catch {
+            waited = .failure(error)
+        }
+        switch waited {
+        case .success(let state): return OrderView(id: id, state: state)
+        case .failure(let error) where error.code == EntityError.Code.timedOut: return try await order(id: id)
+        case .failure(let error): throw ShopError(error)
+        }
+    }
+
     // MARK: Helpers
 
     private func item(_ sku: String) -> EntityRef<InventoryItem> { runtime.entity(InventoryItem.self, id: sku) }

@@ -108,6 +108,31 @@ struct CartHTTPTests {
         }
     }
 
+    @Test("GET /orders/{id}?waitFor= answers when the saga reaches one of the statuses, or at the timeout as it is")
+    func orderLongPoll() async throws {
+        try await CartServer.run { shop in
+            _ = try await shop.restock("socks", 10, price: 500)
+            _ = try expect(200, try await shop.add("c-1", "socks", 2, requestID: "a-1"), CartView.self)
+            _ = try expect(202, try await shop.checkout("c-1", token: "tok_ok", requestID: "co-1"), OrderView.self)
+            // One request that returns when the saga has ended: no polling loop.
+            let settled = try expect(200, try await shop.get("/orders/order-c-1?waitFor=completed,compensated,failed&timeoutMs=30000"),
+                                     OrderView.self)
+            #expect(settled.status == "completed" && settled.paymentId != nil)
+            #expect(settled == (try await shop.order("order-c-1")))
+            // Already there: answers at once.
+            #expect(try expect(200, try await shop.get("/orders/order-c-1?waitFor=completed"), OrderView.self) == settled)
+
+            // A status it will never reach: a zero timeout answers at once with the order as it is.
+            let asItIs = try expect(200, try await shop.get("/orders/order-c-1?waitFor=compensated&timeoutMs=0"), OrderView.self)
+            #expect(asItIs == settled)
+
+            expectError(400, "invalid_request", try await shop.get("/orders/order-c-1?waitFor=shipped"))
+            expectError(400, "invalid_request", try await shop.get("/orders/order-c-1?waitFor=completed&timeoutMs=99999"))
+            expectError(400, "invalid_request", try await shop.get("/orders/order-c-1?waitFor="))
+            expectError(404, "not_found", try await shop.get("/orders/order-nope?waitFor=completed"))
+        }
+    }
+
     @Test("bad requests get a 4xx with a JSON error and change nothing")
     func badRequests() async throws {
         try await CartServer.run { shop in
