@@ -123,7 +123,7 @@ struct Demo: AsyncParsableCommand {
         let savers = DepositForever.accounts(senders)
         var baseline: [String: Int64] = [:]
         for id in savers { baseline[id] = try await runtime.entity(Account.self, id: id).state().balance }
-        runtime.close()
+        await runtime.shutdown()
 
         print()
         step(9, "A crash. A child process (BankSample deposit-forever) opens the directory and deposits")

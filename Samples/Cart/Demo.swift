@@ -94,7 +94,7 @@ struct Demo: AsyncParsableCommand {
             print("   ✘ \(sku) still holds units for an ended cart or order")
             throw ExitCode.failure
         }
-        runtime.close()
+        await runtime.shutdown()
         print()
         let elapsed = ContinuousClock.now - started
         print("Done in \(elapsed.components.seconds).\(elapsed.components.attoseconds / 100_000_000_000_000_000) s: every SKU kept available + reserved + shipped == restocked, and nothing is left held.")

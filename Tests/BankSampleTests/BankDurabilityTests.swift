@@ -73,7 +73,7 @@ struct BankDurabilityTests {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
         let child = try ChildProcess("BankSample", arguments: ["serve", "--data", directory.path, "--port", "0"])
-        guard let line = child.readLine(), let port = line.split(separator: ":").last.flatMap({ Int($0) }) else {
+        guard let line = await child.readLine(), let port = line.split(separator: ":").last.flatMap({ Int($0) }) else {
             child.kill()
             Issue.record("the server printed no port")
             return
@@ -108,7 +108,7 @@ struct BankDurabilityTests {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
         let child = try ChildProcess("BankSample", arguments: ["serve", "--data", directory.path, "--port", "0"])
-        guard let line = child.readLine(), let port = line.split(separator: ":").last.flatMap({ Int($0) }) else {
+        guard let line = await child.readLine(), let port = line.split(separator: ":").last.flatMap({ Int($0) }) else {
             child.kill()
             Issue.record("the server printed no port")
             return

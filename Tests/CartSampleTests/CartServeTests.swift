@@ -14,7 +14,7 @@ struct CartServeTests {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cart-serve-\(UUID().uuidString.prefix(8))").path
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let child = try ChildProcess("CartSample", arguments: ["serve", "--data", directory, "--port", "0"])
-        let banner = try #require(child.readLine())
+        let banner = try #require(await child.readLine())
         let port = try #require(banner.split(separator: ":").last.flatMap { Int($0.prefix { $0.isNumber }) }, "\(banner)")
 
         let client = try await SampleHTTPClient(port: port)
@@ -31,7 +31,7 @@ struct CartServeTests {
             child.kill()
         }
         #expect(child.process.terminationReason == .exit && child.process.terminationStatus == 0)
-        #expect(child.remainingLines().contains { $0.contains("stopped") })
+        #expect(await child.remainingLines().contains { $0.contains("stopped") })
 
         // The directory opens again (the lock was released) and holds what was acknowledged.
         var configuration = EntityRuntime.Configuration(directory: directory, logger: quietLogger)

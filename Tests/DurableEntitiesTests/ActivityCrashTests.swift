@@ -197,12 +197,12 @@ struct ActivityCrashTests {
         let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
         var round = ActivitiesRound()
         while !(round.started.count == count && round.keys.count == count && round.applied == appliesInChild && round.done.count >= 20),
-              let line = child.readLine() {
+              let line = await child.readLine() {
             round.record(line)
         }
         let hung = watchdog.disarm()
         child.kill()
-        for line in child.remainingLines() { round.record(line) }
+        for line in await child.remainingLines() { round.record(line) }
         try #require(!hung, "the child hung: \(round.keys.count) running, \(round.applied.count) applied, \(round.done.count) done")
         try #require(round.keys.count == count, "the child stopped early: \(round.keys.count) activities running")
         #expect(round.attempts.values.allSatisfy { $0 == 1 }, "an activity ran twice in the child: \(round.attempts.filter { $0.value > 1 })")
@@ -287,10 +287,10 @@ struct ActivityCrashTests {
             if parts.count == 3, parts[0] == "running" { runs.append((parts[1], parts[2])) }
             if parts.count == 3, parts[0] == "stalled", parts[1] == stall { stalled = true }
         }
-        while !stalled, let line = child.readLine() { record(line) }
+        while !stalled, let line = await child.readLine() { record(line) }
         let hung = watchdog.disarm()
         child.kill()
-        for line in child.remainingLines() { record(line) }
+        for line in await child.remainingLines() { record(line) }
         try #require(!hung && stalled, "the child never reached \(stall): ran \(runs.map(\.name))")
         #expect(runs.map(\.name) == Array(order[...stalledAt]), "the child ran \(runs.map(\.name))")
         #expect(Set(runs.map(\.key)).count == runs.count, "two activities shared a key: \(runs.map(\.key))")

@@ -161,4 +161,110 @@ struct ActivityTests {
         #expect(try await second.entity(CallStep.self, id: "late").result() == "late:l")
         #expect(log.all.count == 1)
     }
+
+    @Test("close() does not wait for an activity that never answers: it is cancelled after the grace period, and the next open runs it again with the same idempotency key",
+          .timeLimit(.minutes(1)))
+    func closeCancelsRunningActivity() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        var configuration = EntityRuntime.Configuration(directory: directory.path, activityGracePeriod: .milliseconds(20), clock: clock, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        let log = AttemptLog()
+        let (started, didStart) = AsyncStream.makeStream(of: Void.self)
+        let cancelled = Mutex(false)
+        let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            didStart.yield()
+            do {
+                while true { try await Task.sleep(for: .seconds(3_600)) }  // never answers
+            } catch {
+                cancelled.withLock { $0 = true }
+                throw error
+            }
+        }])
+        try await first.entity(CallStep.self, id: "hang").start(.init(label: "h", options: .default))
+        var iterator = started.makeAsyncIterator()
+        _ = await iterator.next()
+        await first.shutdown()  // returns: the attempt was cancelled
+        #expect(cancelled.withLock { $0 })
+
+        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return "second:\(label)"
+        }])
+        defer { second.close() }
+        #expect(try await second.entity(CallStep.self, id: "hang").result() == "second:h")
+        let attempts = log.all
+        // The cancelled attempt recorded nothing: not a failure, not a retry (same attempt number).
+        #expect(attempts.count == 2 && attempts.map(\.number) == [1, 1])
+        #expect(Set(attempts.map(\.key)).count == 1)
+    }
+
+    @Test("an attempt that ignores cancellation is abandoned by close(); its late outcome is dropped and the next open runs it again",
+          .timeLimit(.minutes(1)))
+    func closeAbandonsStuckActivity() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        var configuration = EntityRuntime.Configuration(directory: directory.path, activityGracePeriod: .zero, clock: clock, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        let log = AttemptLog()
+        let gate = AsyncGate()
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        do {
+            let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+                log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+                event.yield("started")
+                await gate.wait()  // deaf to cancellation
+                event.yield("returning")
+                return "first"
+            }])
+            try await first.entity(CallStep.self, id: "stuck").start(.init(label: "s", options: .default))
+            #expect(await iterator.next() == "started")
+            await first.shutdown()  // returns although the attempt is still running
+        }
+        // The runtime is gone; the abandoned attempt ends now, and its outcome goes nowhere.
+        gate.open()
+        #expect(await iterator.next() == "returning")
+
+        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return "second:\(label)"
+        }])
+        defer { second.close() }
+        #expect(try await second.entity(CallStep.self, id: "stuck").result() == "second:s")
+        let attempts = log.all
+        #expect(attempts.count == 2 && Set(attempts.map(\.key)).count == 1)
+    }
+}
+
+/// A one-shot gate that ignores cancellation: `wait()` returns once `open()` was called.
+final class AsyncGate: Sendable {
+    private struct State {
+        var open = false
+        var waiters: [CheckedContinuation<Void, Never>] = []
+    }
+    private let state = Mutex(State())
+
+    func wait() async {
+        await withCheckedContinuation { continuation in
+            let resume = state.withLock { state -> Bool in
+                if state.open { return true }
+                state.waiters.append(continuation)
+                return false
+            }
+            if resume { continuation.resume() }
+        }
+    }
+
+    func open() {
+        let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.open = true
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
 }

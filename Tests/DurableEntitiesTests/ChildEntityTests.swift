@@ -347,7 +347,7 @@ struct MessagingCrashTests {
         // commit and its delivery when the child is killed.
         let child = try ChildProcess("EntityCrashChild", arguments: ["messages", directory.path, "200", "unregistered"])
         var acknowledged = Set<Int>()
-        while let line = child.readLine(), line != "done" {
+        while let line = await child.readLine(), line != "done" {
             if line.hasPrefix("ack "), let n = Int(line.dropFirst(4)) { acknowledged.insert(n) }
         }
         child.kill()
@@ -364,11 +364,11 @@ struct MessagingCrashTests {
         let child = try ChildProcess("EntityCrashChild", arguments: ["messages", directory.path, "4000", "registered"])
         let killAfter = Int.random(in: 50...3_000)
         var acknowledged = Set<Int>()
-        while acknowledged.count < killAfter, let line = child.readLine(), line != "done" {
+        while acknowledged.count < killAfter, let line = await child.readLine(), line != "done" {
             if line.hasPrefix("ack "), let n = Int(line.dropFirst(4)) { acknowledged.insert(n) }
         }
         child.kill()
-        for line in child.remainingLines() where line.hasPrefix("ack ") {
+        for line in await child.remainingLines() where line.hasPrefix("ack ") {
             if let n = Int(line.dropFirst(4)) { acknowledged.insert(n) }
         }
         let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [Forwarder.self, Inbox.self])
@@ -384,7 +384,7 @@ struct MessagingCrashTests {
         let child = try ChildProcess("EntityCrashChild", arguments: ["fanout", directory.path, "\(width)", "20"])
         let killAfter = Int.random(in: 1...(width * width - 1))
         var leaves = 0
-        while leaves < killAfter, let line = child.readLine() {
+        while leaves < killAfter, let line = await child.readLine() {
             if line.hasPrefix("leaf ") { leaves += 1 }
             #expect(!line.hasPrefix("result "), "the tree finished before the kill")
         }

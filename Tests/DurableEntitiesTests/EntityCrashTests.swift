@@ -140,10 +140,10 @@ struct EntityCrashTests {
             var output = Round()
             let watchdog = Watchdog(child)
             let killAfter = Int.random(in: 200...1_200)
-            while output.acked.count < killAfter, let line = child.readLine() { output.record(line) }
+            while output.acked.count < killAfter, let line = await child.readLine() { output.record(line) }
             #expect(!watchdog.disarm(), "round \(round): the child hung (\(output.acked.count) acks)")
             child.kill()
-            for line in child.remainingLines() { output.record(line) }
+            for line in await child.remainingLines() { output.record(line) }
             #expect(output.acked.count >= killAfter, "round \(round): the child stopped early")
             #expect(!output.done, "round \(round): the child finished before it was killed")
             #expect(output.acked.isSubset(of: output.sent) && output.acked.isDisjoint(with: acked),
@@ -159,7 +159,7 @@ struct EntityCrashTests {
         let child = try ChildProcess("EntityCrashChild", arguments: ["deposit", directory.path, ranges(pending), concurrency])
         let watchdog = Watchdog(child)
         var output = Round()
-        while let line = child.readLine() { output.record(line) }
+        while let line = await child.readLine() { output.record(line) }
         #expect(!watchdog.disarm(), "final run: the child hung (\(output.acked.count) of \(pending.count) acks)")
         child.process.waitUntilExit()
         #expect(child.process.terminationStatus == 0)

@@ -22,9 +22,9 @@ struct JournalCrashTests {
                 acknowledged[key] = max(acknowledged[key] ?? 0, sequence)
                 acks += 1
             }
-            while acks < killAfter, let line = child.readLine() { record(line) }
+            while acks < killAfter, let line = await child.readLine() { record(line) }
             child.kill()
-            for line in child.remainingLines() { record(line) }
+            for line in await child.remainingLines() { record(line) }
             #expect(acks >= killAfter, "round \(round): the child stopped early")
 
             let journal = try Journal(configuration: .init(directory: directory.path, coalesceThreshold: 8, logWindow: 512, logger: quietLogger))

@@ -143,20 +143,20 @@ struct UpdateCrashTests {
     }
 
     /// Runs a child that withdraws every index in `pending`; returns what it printed.
-    func runChild(_ directory: TemporaryDirectory, pending: [Int], label: String, killAfter: Int?) throws -> Round {
+    func runChild(_ directory: TemporaryDirectory, pending: [Int], label: String, killAfter: Int?) async throws -> Round {
         let child = try ChildProcess("EntityCrashChild",
                                      arguments: ["withdraw", directory.path, EntityCrashTests().ranges(pending), "32"])
         let watchdog = EntityCrashTests.Watchdog(child, seconds: 60)
         var output = Round()
         if let killAfter {
-            while output.acked.count < killAfter, let line = child.readLine() { output.record(line) }
+            while output.acked.count < killAfter, let line = await child.readLine() { output.record(line) }
             #expect(!watchdog.disarm(), "\(label): the child hung (\(output.acked.count) acks)")
             child.kill()
-            for line in child.remainingLines() { output.record(line) }
+            for line in await child.remainingLines() { output.record(line) }
             #expect(output.acked.count >= killAfter, "\(label): the child stopped early")
             #expect(!output.done, "\(label): the child finished before it was killed")
         } else {
-            while let line = child.readLine() { output.record(line) }
+            while let line = await child.readLine() { output.record(line) }
             #expect(!watchdog.disarm(), "\(label): the child hung (\(output.acked.count) of \(pending.count) acks)")
             child.process.waitUntilExit()
             #expect(child.process.terminationStatus == 0, "\(label)")
@@ -182,7 +182,7 @@ struct UpdateCrashTests {
         for round in 1...3 {
             let pending = (0..<Self.withdrawalCount).filter { acked[$0] == nil }
             let label = "round \(round)"
-            let output = try runChild(directory, pending: pending, label: label, killAfter: Int.random(in: 100...1_000))
+            let output = try await runChild(directory, pending: pending, label: label, killAfter: Int.random(in: 100...1_000))
             #expect(Set(output.acked.keys).isDisjoint(with: acked.keys), "\(label): acknowledged withdrawals acknowledged before")
             acked.merge(output.acked) { first, _ in first }
             sent.formUnion(output.sent)
@@ -192,7 +192,7 @@ struct UpdateCrashTests {
 
         // The last child sends whatever is left, including the withdrawals in flight at the last kill.
         let pending = (0..<Self.withdrawalCount).filter { acked[$0] == nil }
-        let output = try runChild(directory, pending: pending, label: "final run", killAfter: nil)
+        let output = try await runChild(directory, pending: pending, label: "final run", killAfter: nil)
         #expect(Set(output.acked.keys) == Set(pending))
         acked.merge(output.acked) { first, _ in first }
         sent.formUnion(output.sent)

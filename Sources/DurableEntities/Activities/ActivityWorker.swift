@@ -30,6 +30,14 @@ final class ActivityWorker: @unchecked Sendable {
         var queue = Deque<ActivityTask>()
         /// Tasks queued or running, by key: a task is never run twice at once.
         var active: Set<[UInt8]> = []
+        /// The runtime is closing: no attempt starts, outcomes of running ones are dropped once the
+        /// grace period ended (their tasks stay stored and run again at the next open).
+        var closing = false
+        /// Outcomes are dropped (the grace period ended; the journal may be closed).
+        var abandoned = false
+        /// The draining tasks, to cancel them when the grace period ends.
+        var drains: [UInt64: Task<Void, Never>] = [:]
+        var nextDrain: UInt64 = 0
     }
     private let pool = Mutex(Pool())
     private let limit: Int
@@ -60,35 +68,81 @@ final class ActivityWorker: @unchecked Sendable {
     /// Queues an attempt of `task` (once: a task already queued or running is left alone).
     func dispatch(_ task: ActivityTask) {
         let start = pool.withLock { pool -> Bool in
-            guard pool.active.insert(task.key).inserted else { return false }
+            // Closing: the task is stored, the next open runs it.
+            guard !pool.closing, pool.active.insert(task.key).inserted else { return false }
             pool.queue.append(task)
             guard pool.running < limit else { return false }
             pool.running += 1
             return true
         }
         guard start else { return }
-        core.becameBusy()
-        Task { await self.drain() }
+        startDrain()
     }
+
+    /// Starts a task that runs queued attempts (a pool slot is taken). It keeps the core alive: an
+    /// attempt abandoned by ``close(gracePeriod:)`` may return after the runtime is gone.
+    private func startDrain() {
+        core.becameBusy()
+        let core: RuntimeCore = core
+        pool.withLock { pool in
+            let id = pool.nextDrain
+            pool.nextDrain += 1
+            pool.drains[id] = Task {
+                await self.drain()
+                self.pool.withLock { _ = $0.drains.removeValue(forKey: id) }
+                core.becameIdle()
+            }
+        }
+    }
+
+    /// The runtime closes: no attempt starts from now on (queued ones stay stored for the next
+    /// open), running ones get `gracePeriod` to end on their own and are then cancelled; those still
+    /// running a second later are abandoned. Their outcomes, if any, are then dropped: the tasks stay
+    /// stored and run again, with the same idempotency key, at the next open.
+    /// - Parameter waitUntilIdle: waits until the runtime is idle or the deadline passes; returns
+    ///   whether it became idle.
+    func close(gracePeriod: Duration, waitUntilIdle: (ContinuousClock.Instant) -> Bool) {
+        pool.withLock { pool in
+            pool.closing = true
+            for task in pool.queue { pool.active.remove(task.key) }
+            pool.queue.removeAll()
+        }
+        if waitUntilIdle(.now + gracePeriod) { return }
+        let drains = pool.withLock { Array($0.drains.values) }
+        if !drains.isEmpty {
+            core.logger.warning("closing: activity attempts still running after the grace period are cancelled",
+                                metadata: ["attempts": "\(drains.count)", "gracePeriod": "\(gracePeriod)"])
+        }
+        for drain in drains { drain.cancel() }
+        if waitUntilIdle(.now + .seconds(1)) { return }
+        let stuck = pool.withLock { pool -> Int in
+            pool.abandoned = true
+            return pool.drains.count
+        }
+        core.logger.warning("closing: activity attempts that ignore cancellation are abandoned; they run again at the next open",
+                            metadata: ["attempts": "\(stuck)"])
+    }
+
+    /// Whether an attempt's outcome must be dropped (the runtime closed without it).
+    private var abandoned: Bool { pool.withLock { $0.abandoned } }
+
+    /// Running attempts (drains), for the close's idleness check.
+    var runningAttempts: Int { pool.withLock { $0.drains.count } }
 
     /// Runs queued attempts until the queue is empty, then gives its slot back.
     private func drain() async {
-        while let task = pool.withLock({ $0.queue.popFirst() }) {
+        while let task = pool.withLock({ $0.closing ? nil : $0.queue.popFirst() }) {
             await attempt(task)
             pool.withLock { _ = $0.active.remove(task.key) }
         }
         pool.withLock { $0.running -= 1 }
         // A dispatch may have queued work after the last pop and found every slot taken.
         let again = pool.withLock { pool -> Bool in
-            guard !pool.queue.isEmpty, pool.running < limit else { return false }
+            guard !pool.closing, !pool.queue.isEmpty, pool.running < limit else { return false }
             pool.running += 1
             return true
         }
-        if again {
-            core.becameBusy()
-            Task { await self.drain() }
-        }
-        core.becameIdle()
+        if again { startDrain() }
     }
 
     /// At open: every stored task whose next attempt is due runs again (same idempotency key); the
@@ -203,12 +257,17 @@ final class ActivityWorker: @unchecked Sendable {
             // A timeout cancels the attempt, so it runs as a task the watchdogs can reach.
             let running = Task { try await activity.run(task.input, context: context, codec: codec) }
             attempt.state.withLock { $0.work = running }
-            result = await running.result
+            // A cancelled drain (the runtime closes) cancels the attempt.
+            result = await withTaskCancellationHandler { await running.result } onCancel: { running.cancel() }
         }
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
         let (timedOut, heartbeat, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeat, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
 
+        // Cancelled by a closing runtime: a failure is not recorded (nor is anything once the attempt
+        // was abandoned); the stored task runs again at the next open.
+        if abandoned { return }
+        if Task.isCancelled, case .failure = result { return }
         var next = task
         next.heartbeat = heartbeat
         if let reason = timedOut {
@@ -264,6 +323,7 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// Hands the final outcome to the entity, whose turn records it and deletes the task.
     private func finish(_ task: ActivityTask, _ outcome: Result<[UInt8], ActivityFailure>) {
+        if abandoned { return }
         let found = core.types.withLock { types -> (any RegisteredEntityType)? in
             if let type = types[task.entityType] { return type }
             waiting.withLock { $0.outcomes[task.entityType, default: []].append((task, outcome)) }

@@ -12,7 +12,12 @@ extension EntityRuntime: Service {
     /// ```
     public func run() async throws {
         try? await gracefulShutdown()
-        // close() blocks until the last turn has committed: keep it off the cooperative pool.
+        await shutdown()
+    }
+
+    /// ``close()`` for async code: the same steps, waited for without blocking a thread of the
+    /// cooperative pool (the activity attempts that close lets finish run there).
+    public func shutdown() async {
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             DispatchQueue.global().async {
                 self.close()

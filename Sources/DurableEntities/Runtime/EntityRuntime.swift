@@ -47,6 +47,10 @@ public final class EntityRuntime: Sendable {
         public var keepRuns: Int
         /// The most activity attempts running at once; more wait in the pool's queue.
         public var maxConcurrentActivities: Int
+        /// How long ``EntityRuntime/close()`` lets running activity attempts finish before it cancels
+        /// them (an attempt that ignores cancellation is abandoned a second later; its task runs again
+        /// at the next open).
+        public var activityGracePeriod: Duration
         /// How states and messages become bytes. The default, ``BinaryEntityCodec``, is a compact keyed
         /// binary format (3–11× faster than JSON here) that also reads JSON-encoded histories.
         public var codec: any EntityCodec
@@ -71,6 +75,7 @@ public final class EntityRuntime: Sendable {
             continueAsNewAfterBytes: Int = 4 << 20,
             keepRuns: Int = 1,
             maxConcurrentActivities: Int = 64,
+            activityGracePeriod: Duration = .seconds(5),
             codec: any EntityCodec = BinaryEntityCodec(),
             clock: any EntityClock = SystemEntityClock(),
             logger: Logger = Logger(label: "DurableEntities")
@@ -89,6 +94,7 @@ public final class EntityRuntime: Sendable {
             self.continueAsNewAfterBytes = continueAsNewAfterBytes
             self.keepRuns = keepRuns
             self.maxConcurrentActivities = maxConcurrentActivities
+            self.activityGracePeriod = activityGracePeriod
             self.codec = codec
             self.clock = clock
             self.journal = Journal.Configuration(directory: directory, durability: durability, logger: logger)
@@ -221,10 +227,24 @@ public final class EntityRuntime: Sendable {
 
     /// Stops accepting messages, finishes every turn already queued or in flight (their senders get
     /// their answers), and closes the journal. Blocks until then.
+    ///
+    /// Activity attempts: none starts from now on (queued ones stay stored for the next open).
+    /// Running ones get ``Configuration/activityGracePeriod`` to finish — their outcomes are recorded
+    /// as usual — and are then cancelled; an attempt still running a second after that is abandoned:
+    /// its outcome is dropped, and its task runs again, with the same idempotency key, at the next
+    /// open. So a payment call that never answers delays a close by the grace period, not forever.
+    ///
+    /// It blocks the calling thread: from async code, prefer ``shutdown()``, which waits without
+    /// holding a thread of the cooperative pool (activities need one to finish or to see their
+    /// cancellation).
     public func close() {
         guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         core.timers.stop()
-        core.waitUntilIdle()
+        core.activities.close(gracePeriod: core.configuration.activityGracePeriod) { [core] deadline in
+            core.waitUntilIdle(deadline: deadline)
+        }
+        // Turns still queued or in flight finish; abandoned attempts are not waited for.
+        core.waitUntilIdle(excluding: { [core] in core.activities.runningAttempts })
         core.failAllWatches()
         for shard in core.shards { shard.stop() }
         core.journal.close()

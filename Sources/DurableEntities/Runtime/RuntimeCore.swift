@@ -52,19 +52,34 @@ final class RuntimeCore: Sendable {
     func becameBusy() { busy.add(1, ordering: .relaxed) }
 
     func becameIdle() {
-        if busy.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 {
-            timers.wake()
+        let left = busy.subtract(1, ordering: .acquiringAndReleasing).newValue
+        if left == 0 { timers.wake() }
+        // A closing runtime waits for other counts too (only abandoned activity attempts left).
+        if left == 0 || closed.load(ordering: .relaxed) {
             idle.lock()
             idle.broadcast()
             idle.unlock()
         }
     }
 
-    /// Blocks until no entity has messages queued or a turn in flight.
-    func waitUntilIdle() {
+    /// Blocks until no entity has messages queued or a turn in flight, not counting `excluded()` busy
+    /// holders (abandoned activity attempts), or until `deadline`.
+    /// - Returns: whether the runtime became idle (`false`: the deadline passed).
+    @discardableResult
+    func waitUntilIdle(deadline: ContinuousClock.Instant? = nil, excluding excluded: () -> Int = { 0 }) -> Bool {
         idle.lock()
-        while !isIdle { idle.wait() }
-        idle.unlock()
+        defer { idle.unlock() }
+        while busy.load(ordering: .acquiring) > excluded() {
+            if let deadline {
+                let left = ContinuousClock.now.duration(to: deadline)
+                guard left > .zero else { return false }
+                let (seconds, attoseconds) = left.components
+                _ = idle.wait(until: Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18))
+            } else {
+                idle.wait()
+            }
+        }
+        return true
     }
 
     var isIdle: Bool { busy.load(ordering: .acquiring) == 0 }

@@ -2,7 +2,7 @@ import Foundation
 
 /// A helper executable of this package, started as a child process whose stdout the test reads line
 /// by line, and which the test can kill with SIGKILL.
-public final class ChildProcess {
+public final class ChildProcess: @unchecked Sendable {
     public let process = Process()
     private let pipe = Pipe()
     private var buffer: [UInt8] = []
@@ -31,19 +31,30 @@ public final class ChildProcess {
         process.standardOutput = pipe
         process.standardError = FileHandle.standardError
         process.terminationHandler = { [exited] _ in exited.signal() }
+        // A small pipe: the child runs at most ~4 KiB of output ahead of the test, so "kill after N
+        // acknowledgements" kills it near there even when the test's task waits for a thread.
+        _ = fcntl(pipe.fileHandleForWriting.fileDescriptor, 1031 /* F_SETPIPE_SZ */, 4_096)
         try process.run()
     }
 
-    /// The next line the child printed, or `nil` at end of output. Blocks until one arrives.
-    public func readLine() -> String? {
+    /// The next line the child printed, or `nil` at end of output. Waits until one arrives; the
+    /// blocking read runs on a thread of its own, not on the cooperative pool (crash tests of other
+    /// suites keep running meanwhile). One reader at a time.
+    public func readLine() async -> String? {
         while true {
             if let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
                 let line = String(decoding: buffer[..<newline], as: UTF8.self)
                 buffer.removeSubrange(...newline)
                 return line
             }
-            let chunk = pipe.fileHandleForReading.availableData
-            if chunk.isEmpty { return buffer.isEmpty ? nil : String(decoding: buffer, as: UTF8.self) }
+            let reader = pipe.fileHandleForReading
+            let chunk = await withCheckedContinuation { (continuation: CheckedContinuation<Data, Never>) in
+                Thread { continuation.resume(returning: reader.availableData) }.start()
+            }
+            if chunk.isEmpty {
+                defer { buffer.removeAll() }
+                return buffer.isEmpty ? nil : String(decoding: buffer, as: UTF8.self)
+            }
             buffer.append(contentsOf: chunk)
         }
     }
@@ -65,9 +76,9 @@ public final class ChildProcess {
     }
 
     /// Every line still in the pipe after the child died: what it printed before the kill.
-    public func remainingLines() -> [String] {
+    public func remainingLines() async -> [String] {
         var lines: [String] = []
-        while let line = readLine() { lines.append(line) }
+        while let line = await readLine() { lines.append(line) }
         return lines
     }
 }
