@@ -5,12 +5,14 @@ import Testing
 
 @Suite("Journal")
 struct JournalTests {
-    @Test("appends survive close and reopen, across coalesced moves and the log window")
-    func appendsSurviveReopen() async throws {
+    @Test("appends survive close and reopen, across coalesced moves and the log window (recent records: off, a tiny ring that wraps, the default)",
+          arguments: [0, 256, Journal.Configuration(directory: "").recentRecordBytes])
+    func appendsSurviveReopen(recentRecordBytes: Int) async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
         // Small threshold and window, so events are spread over log, moves and history.
-        let configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 4, logWindow: 64, logger: quietLogger)
+        var configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 4, logWindow: 64, logger: quietLogger)
+        configuration.recentRecordBytes = recentRecordBytes
         var keys: [EntityKey] = []
         do {
             let journal = try Journal(configuration: configuration)
@@ -364,5 +366,46 @@ struct JournalTests {
 extension Result where Failure == any Error {
     init(catching body: () async throws -> Success) async {
         do { self = .success(try await body()) } catch { self = .failure(error) }
+    }
+}
+
+@Suite("Journal recent records")
+struct RecentRecordsTests {
+    @Test("recent records: found while kept, gone once the ring wrote over them or another position took the slot; a re-append replaces an aborted one")
+    func recentRecords() throws {
+        let recent = RecentRecords(capacity: 1_024)  // 16 slots, records up to 64 bytes
+        func lookup(_ position: UInt64) -> [UInt8]? {
+            var found: [UInt8]?
+            _ = recent.withRecord(position: position) { found = Array($0) }
+            return found
+        }
+        func record(_ checksum: UInt32, _ payload: [UInt8]) -> [UInt8] {
+            withUnsafeBytes(of: checksum.littleEndian) { Array($0) } + payload
+        }
+        recent.record(position: 0, checksum: 7, payload: bytes("zero"))
+        recent.record(position: 1, checksum: 8, payload: bytes("one"))
+        #expect(lookup(0) == record(7, bytes("zero")))
+        #expect(lookup(1) == record(8, bytes("one")))
+        #expect(lookup(2) == nil)
+        // Position 17 takes position 1's slot.
+        recent.record(position: 17, checksum: 9, payload: bytes("seventeen"))
+        #expect(lookup(1) == nil)
+        #expect(lookup(17) == record(9, bytes("seventeen")))
+        // An aborted transaction's record is replaced when the position is appended again.
+        recent.record(position: 2, checksum: 1, payload: bytes("aborted"))
+        recent.record(position: 2, checksum: 2, payload: bytes("committed"))
+        #expect(lookup(2) == record(2, bytes("committed")))
+        // Too large for the ring (over a sixteenth of it): not kept.
+        recent.record(position: 3, checksum: 3, payload: [UInt8](repeating: 1, count: 100))
+        #expect(lookup(3) == nil)
+        // Enough bytes later, the ring has written over position 0's bytes although its slot is intact.
+        for position in UInt64(4)..<UInt64(16) { recent.record(position: position, checksum: 0, payload: [UInt8](repeating: UInt8(position), count: 60)) }
+        for position in UInt64(20)..<UInt64(32) { recent.record(position: position, checksum: 0, payload: [UInt8](repeating: UInt8(position), count: 60)) }
+        #expect(lookup(0) == nil)
+        #expect(lookup(31) == record(0, [UInt8](repeating: 31, count: 60)))
+        // Disabled: nothing is kept.
+        let off = RecentRecords(capacity: 0)
+        off.record(position: 0, checksum: 0, payload: bytes("x"))
+        #expect(!off.withRecord(position: 0) { _ in })
     }
 }

@@ -27,6 +27,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let tails: TailIndex
     private let keys: KeyAllocator
     private let configuration: Journal.Configuration
+    /// The newest appended records, so moves seldom read the log back.
+    private let recent: RecentRecords
     private var state: WriterCounters
     /// Entities whose tail reached the coalesce threshold and awaits a move (owed work).
     private var fullTails: Set<UInt64>
@@ -51,6 +53,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         self.tails = tails
         self.keys = keys
         self.configuration = configuration
+        self.recent = RecentRecords(capacity: configuration.recentRecordBytes)
         self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead)
         self.fullTails = recovered.fullTails
         let thread = Thread { [unowned self] in self.run() }
@@ -170,7 +173,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     /// The transaction body. Re-runnable: it changes nothing outside the transaction (LMDB runs it
     /// again after growing a full map).
     private func write(_ batch: [Submission], in txn: borrowing WriteTransaction) throws -> Outcome {
-        var context = CommitContext(stores: stores, tails: tails, keys: keys, configuration: configuration, counters: state)
+        var context = CommitContext(stores: stores, tails: tails, keys: keys, configuration: configuration, counters: state, recent: recent)
         context.fullTails = fullTails
         context.deltas.reserveCapacity(batch.count)
         var outcome = Outcome(results: [], state: state)
@@ -233,8 +236,11 @@ private struct CommitContext {
     var moveBudget = 0
     var registeredHere: [EntityName: EntityKey] = [:]
     var chunk = ChunkBuilder()
+    let recent: RecentRecords
 
-    init(stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator, configuration: Journal.Configuration, counters: WriterCounters) {
+    init(stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator, configuration: Journal.Configuration, counters: WriterCounters,
+         recent: RecentRecords) {
+        self.recent = recent
         self.stores = stores
         self.tails = tails
         self.keys = keys
@@ -380,6 +386,7 @@ private struct CommitContext {
                         payload.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: out[20...]).copyMemory(from: $0) }
                     }
                 }
+                recent.record(position: position, checksum: checksum, payload: payload)
                 if deltas[entity.rawValue]!.append(position) == threshold(of: entity.rawValue) { fullTails.insert(entity.rawValue) }
                 appendedCount += 1
             case .snapshot(let entity, let sequence, let payload):
@@ -534,18 +541,21 @@ private struct CommitContext {
         chunk.start(at: tail.firstSequence)
         for (offset, position) in positions.enumerated() {
             let sequence = tail.firstSequence + UInt64(offset)
+            func add(_ record: UnsafeRawBufferPointer) throws {
+                if !chunk.fits(record.count) {
+                    try putChunk(of: entity, in: txn)
+                    chunk.start(at: sequence)
+                }
+                chunk.add(record: record)
+            }
+            if try recent.withRecord(position: position, add) { continue }
             try Key8(position).withBytes { key in
                 try txn.withValue(forKey: key, in: stores.log) { value in
                     guard let value, value.count >= JournalLayout.logHeader else {
                         throw JournalError(.corruptedRecord, key: EntityKey(rawValue: entity), sequence: sequence,
                                            "the log has no record at position \(position), which the tail index lists")
                     }
-                    let record = UnsafeRawBufferPointer(rebasing: value[16...])
-                    if !chunk.fits(record.count) {
-                        try putChunk(of: entity, in: txn)
-                        chunk.start(at: sequence)
-                    }
-                    chunk.add(record: record)
+                    try add(UnsafeRawBufferPointer(rebasing: value[16...]))
                 }
             }
         }

@@ -60,6 +60,9 @@ public final class Journal: Sendable {
         public var logWindow: Int
         /// The largest payload accepted for an event, snapshot or result.
         public var maxPayloadBytes: Int
+        /// Bytes of the newest appended events the writer keeps in memory, so that moving a tail into
+        /// its history range reads them from there instead of searching the log for each (0: off).
+        public var recentRecordBytes: Int
         /// `MDB_WRITEMAP`: LMDB writes through the memory map instead of copying dirty pages.
         public var writeMap: Bool
         /// Where the journal logs (open, close, recovery figures). Never payloads.
@@ -74,6 +77,7 @@ public final class Journal: Sendable {
             coalesceThreshold: Int = 256,
             logWindow: Int = 1_048_576,
             maxPayloadBytes: Int = 16 << 20,
+            recentRecordBytes: Int = 32 << 20,
             writeMap: Bool = false,
             logger: Logger = Logger(label: "DurableEntities.Journal")
         ) {
@@ -85,6 +89,7 @@ public final class Journal: Sendable {
             self.coalesceThreshold = coalesceThreshold
             self.logWindow = logWindow
             self.maxPayloadBytes = maxPayloadBytes
+            self.recentRecordBytes = recentRecordBytes
             self.writeMap = writeMap
             self.logger = logger
         }
