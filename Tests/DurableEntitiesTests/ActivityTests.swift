@@ -162,6 +162,16 @@ struct ActivityTests {
         #expect(log.all.count == 1)
     }
 
+    /// Opens the directory again with a `Step` that answers at once; returns the entity's result.
+    private func rerun(_ configuration: EntityRuntime.Configuration, id: String, log: AttemptLog, clock: TestClock) async throws -> String {
+        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return "second:\(label)"
+        }])
+        defer { second.close() }
+        return try await second.entity(CallStep.self, id: id).result()
+    }
+
     @Test("close() does not wait for an activity that never answers: it is cancelled after the grace period, and the next open runs it again with the same idempotency key",
           .timeLimit(.minutes(1)))
     func closeCancelsRunningActivity() async throws {
@@ -189,12 +199,7 @@ struct ActivityTests {
         await first.shutdown()  // returns: the attempt was cancelled
         #expect(cancelled.withLock { $0 })
 
-        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            return "second:\(label)"
-        }])
-        defer { second.close() }
-        #expect(try await second.entity(CallStep.self, id: "hang").result() == "second:h")
+        #expect(try await rerun(configuration, id: "hang", log: log, clock: clock) == "second:h")
         let attempts = log.all
         // The cancelled attempt recorded nothing: not a failure, not a retry (same attempt number).
         #expect(attempts.count == 2 && attempts.map(\.number) == [1, 1])
@@ -229,12 +234,7 @@ struct ActivityTests {
         gate.open()
         #expect(await iterator.next() == "returning")
 
-        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            return "second:\(label)"
-        }])
-        defer { second.close() }
-        #expect(try await second.entity(CallStep.self, id: "stuck").result() == "second:s")
+        #expect(try await rerun(configuration, id: "stuck", log: log, clock: clock) == "second:s")
         let attempts = log.all
         #expect(attempts.count == 2 && Set(attempts.map(\.key)).count == 1)
     }
