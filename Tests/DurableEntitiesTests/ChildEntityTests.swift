@@ -243,7 +243,7 @@ struct ChildEntityTests {
         let cell = runtime.core.cell(Gated.self, entity.name)
         let (acks, ack) = AsyncStream.makeStream(of: Int.self)
         func send(_ n: Int) {
-            let message = EntityCell<Gated>.Message.signal(.note(n), bytes: [], key: nil) { result in
+            let message = CellMessage.signal(Gated.Signal.note(n), bytes: [], key: nil) { result in
                 if case .success = result { ack.yield(n) }
             }
             #expect(cell.enqueue(message, bounded: true))

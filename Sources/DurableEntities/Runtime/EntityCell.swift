@@ -2,6 +2,133 @@ import DequeModule
 import Logging
 import Synchronization
 
+/// A reply that carries no value (signals, starts, timers, …).
+typealias VoidReply = @Sendable (Result<Void, EntityError>) -> Void
+/// A reply that carries a value of the entity type (an update's result, the state, the run's output),
+/// as `any Sendable`: the typed caller (``EntityRef``) casts it back.
+typealias ValueReply = @Sendable (Result<any Sendable, EntityError>) -> Void
+
+/// A message in an entity's mailbox.
+///
+/// Not generic, like every type the turn loop handles: the entity type's own values (signal, update,
+/// input) travel as `any Sendable` and only the cell, which knows the type, casts them. In a generic
+/// class every nested or parameterised type costs a metadata lookup in a global hash table each time
+/// a function touches it (the cell's code is not specialised: entity types live in user modules);
+/// those lookups were 25–30% of all CPU in `entity-signals` before the turn loop's types lost `W`.
+enum CellMessage: Sendable {
+    case signal(any Sendable, bytes: [UInt8], key: String?, reply: VoidReply)
+    case update(any Sendable, bytes: [UInt8], key: String?, reply: ValueReply)
+    case read(ValueReply)
+    case terminate(reason: String, reply: VoidReply)
+    case start(any Sendable, bytes: [UInt8], reply: VoidReply)
+    case result(ValueReply)
+    case timerFired(id: UInt64, due: UInt64, reply: VoidReply)
+    case cancel(reply: VoidReply)
+    case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: VoidReply)
+    /// A message from another entity, with its outbox row (consumed in this entity's commit).
+    case envelope(EntityEnvelope, key: [UInt8], reply: VoidReply)
+}
+
+/// Whether an entity accepts messages.
+enum EntityStatus: UInt8, Sendable {
+    case active = 0
+    case terminated = 1
+}
+
+/// What is durable about an entity, as of its last committed turn.
+struct EntityDurable: Sendable {
+    /// The entity type's `State`.
+    var state: any Sendable
+    var key: EntityKey?
+    var lastSequence: UInt64
+    var snapshotSequence: UInt64
+    var status: EntityStatus
+    /// The current run and the sequence of its first event.
+    var run: UInt64 = 1
+    var runStartSequence: UInt64 = 1
+    /// Bytes of events in the current run since activation (for the automatic continue-as-new).
+    var runBytes = 0
+    /// The run body's live execution (a ``WorkflowRun`` of the entity type), once started in this run.
+    var workflow: AnyWorkflowRun?
+    /// The parents that started this run as their child: each gets the run's outcome.
+    var parents: [ParentLink] = []
+}
+
+/// A caller waiting for the committed state to satisfy a predicate (``EntityRef/awaitState``).
+struct CellStateWatch: Sendable {
+    let id: UInt64
+    /// Called with the entity type's `State`.
+    let predicate: @Sendable (any Sendable) -> Bool
+    let resume: ValueReply
+}
+
+/// A reply held back until the turn's outcome is known.
+enum TurnReply: Sendable {
+    case signal(VoidReply)
+    case update(ValueReply, any Sendable)
+    case failed(@Sendable () -> Void)
+    case done(@Sendable () -> Void)
+
+    static func fail(_ message: CellMessage, _ error: EntityError) -> TurnReply {
+        switch message {
+        case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply),
+             .cancel(let reply), .activityOutcome(_, _, let reply), .envelope(_, _, let reply):
+            .failed { reply(.failure(error)) }
+        case .update(_, _, _, let reply), .read(let reply), .result(let reply): .failed { reply(.failure(error)) }
+        }
+    }
+}
+
+/// An idempotency key with its kind.
+struct IdempotencyKeyName: Hashable {
+    let key: String
+    let kind: RuntimeCore.KeyKind
+}
+
+/// The cell's mutable side, under its lock.
+struct CellState {
+    /// Callers waiting for the committed state to satisfy their predicates.
+    var watches: [CellStateWatch] = []
+    /// The mailbox: at most `mailboxCapacity` messages from senders (system messages — timers,
+    /// activity outcomes, reads — are never held back).
+    var messages = Deque<CellMessage>()
+    /// Senders' messages waiting for room in the mailbox, in arrival order: the sender awaits (its
+    /// message is neither dropped nor queued for a turn) until a turn takes messages out.
+    var waiting = Deque<CellMessage>()
+    var scheduled = false
+    var inFlight = false
+    var evicted = false
+    /// `nil` until the entity is loaded, and again after a failed commit.
+    var durable: EntityDurable?
+    var failure: EntityError?
+    /// Callers awaiting the run body's result.
+    var resultWaiters: [ValueReply] = []
+    /// When a turn last finished (ns on the runtime's clock), for passivation by idle time.
+    var lastActive: UInt64 = 0
+    /// Whether the run has children that have not reported (as of the last committed turn).
+    var awaitsChildren = false
+    /// How many turns have started: a load done off the shard is installed only if none started
+    /// meanwhile (``EntityCell/activateForRead()``).
+    var turnsStarted: UInt64 = 0
+}
+
+/// What a turn produced besides events.
+struct TurnOutput {
+    var events: [(UInt64, [UInt8])] = []
+    var keys: [IdempotencyKeyName: [UInt8]] = [:]
+    var timersStarted: [(id: UInt64, due: UInt64)] = []
+    var timersDone: [(id: UInt64, due: UInt64)] = []
+    var resultWaiters: [ValueReply] = []
+    var activitiesScheduled: [(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)] = []
+    var now: UInt64 = 0
+    var tasksDone: [[UInt8]] = []
+    /// Messages to other entities, sent once the turn is durable.
+    var outgoing: [EntityEnvelope] = []
+    /// The run body continued as new in this turn: the last run ended at `boundary` with `state`
+    /// (the new run's snapshot, the entity type's `State`); `previousRunStart` is where that ended run began.
+    var runSwitch: (boundary: UInt64, state: any Sendable, previousRunStart: UInt64)?
+}
+
 /// The runtime's in-memory side of one entity: its mailbox, its committed state and, for an entity
 /// type with a run body, the body's live execution.
 ///
@@ -16,74 +143,19 @@ import Synchronization
 /// `@unchecked Sendable`: all mutable state is inside `cell` (a `Mutex`); turns run on the shard's
 /// thread only, and so does the run body (its executor is drained there).
 final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
-    enum Message: Sendable {
-        case signal(W.Signal, bytes: [UInt8], key: String?, reply: @Sendable (Result<Void, EntityError>) -> Void)
-        case update(W.Update, bytes: [UInt8], key: String?, reply: @Sendable (Result<W.UpdateResult, EntityError>) -> Void)
-        case read(@Sendable (Result<W.State, EntityError>) -> Void)
-        case terminate(reason: String, reply: @Sendable (Result<Void, EntityError>) -> Void)
-        case start(W.Input, bytes: [UInt8], reply: @Sendable (Result<Void, EntityError>) -> Void)
-        case result(@Sendable (Result<W.Output, EntityError>) -> Void)
-        case timerFired(id: UInt64, due: UInt64, reply: @Sendable (Result<Void, EntityError>) -> Void)
-        case cancel(reply: @Sendable (Result<Void, EntityError>) -> Void)
-        case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: @Sendable (Result<Void, EntityError>) -> Void)
-        /// A message from another entity, with its outbox row (consumed in this entity's commit).
-        case envelope(EntityEnvelope, key: [UInt8], reply: @Sendable (Result<Void, EntityError>) -> Void)
-    }
+    typealias Message = CellMessage
+    typealias Durable = EntityDurable
+    typealias Status = EntityStatus
+    typealias StateWatch = CellStateWatch
+    typealias State = CellState
+    typealias Reply = TurnReply
+    typealias KeyName = IdempotencyKeyName
 
-    enum Status: UInt8, Sendable {
-        case active = 0
-        case terminated = 1
-    }
-
-    /// What is durable about the entity, as of its last committed turn.
-    struct Durable: Sendable {
-        var state: W.State
-        var key: EntityKey?
-        var lastSequence: UInt64
-        var snapshotSequence: UInt64
-        var status: Status
-        /// The current run and the sequence of its first event.
-        var run: UInt64 = 1
-        var runStartSequence: UInt64 = 1
-        /// Bytes of events in the current run since activation (for the automatic continue-as-new).
-        var runBytes = 0
-        /// The run body's live execution, once started in this run.
-        var workflow: WorkflowRun<W>?
-        /// The parents that started this run as their child: each gets the run's outcome.
-        var parents: [ParentLink] = []
-    }
-
-    /// A caller waiting for the committed state to satisfy a predicate (``EntityRef/awaitState``).
-    struct StateWatch: Sendable {
-        let id: UInt64
-        let predicate: @Sendable (W.State) -> Bool
-        let resume: @Sendable (Result<W.State, EntityError>) -> Void
-    }
-
-    struct State {
-        /// Callers waiting for the committed state to satisfy their predicates.
-        var watches: [StateWatch] = []
-        /// The mailbox: at most `mailboxCapacity` messages from senders (system messages — timers,
-        /// activity outcomes, reads — are never held back).
-        var messages = Deque<Message>()
-        /// Senders' messages waiting for room in the mailbox, in arrival order: the sender awaits (its
-        /// message is neither dropped nor queued for a turn) until a turn takes messages out.
-        var waiting = Deque<Message>()
-        var scheduled = false
-        var inFlight = false
-        var evicted = false
-        /// `nil` until the entity is loaded, and again after a failed commit.
-        var durable: Durable?
-        var failure: EntityError?
-        /// Callers awaiting the run body's result.
-        var resultWaiters: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
-        /// When a turn last finished (ns on the runtime's clock), for passivation by idle time.
-        var lastActive: UInt64 = 0
-        /// Whether the run has children that have not reported (as of the last committed turn).
-        var awaitsChildren = false
-        /// How many turns have started: a load done off the shard is installed only if none started
-        /// meanwhile (``activateForRead()``).
-        var turnsStarted: UInt64 = 0
+    /// The entity's run body, typed (``EntityDurable`` holds it as its non-generic base).
+    @inline(__always)
+    static func run(_ durable: EntityDurable) -> WorkflowRun<W>? {
+        guard let run = durable.workflow else { return nil }
+        return unsafeDowncast(run, to: WorkflowRun<W>.self)
     }
 
     let name: EntityName
@@ -129,7 +201,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// Registers `watch`, or resolves it at once when the committed state already decides it. Returns
     /// `false` if the cell was passivated meanwhile (ask the runtime for the entity again).
     func watch(_ watch: StateWatch) -> Bool {
-        let registered = cell.withLock { state -> (decided: [(StateWatch, Result<W.State, EntityError>)], load: Bool)? in
+        let registered = cell.withLock { state -> (decided: [(StateWatch, Result<any Sendable, EntityError>)], load: Bool)? in
             guard !state.evicted else { return nil }
             state.watches.append(watch)
             return (Self.takeDecidedWatches(&state, name: name), state.durable == nil && state.failure == nil)
@@ -164,7 +236,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     /// The watches the state now decides, removed from the cell: satisfied ones with the state, all of
     /// them with an error once the entity is terminated or failed to load. Called under the cell's lock.
-    private static func takeDecidedWatches(_ state: inout State, name: EntityName) -> [(StateWatch, Result<W.State, EntityError>)] {
+    private static func takeDecidedWatches(_ state: inout State, name: EntityName) -> [(StateWatch, Result<any Sendable, EntityError>)] {
         guard !state.watches.isEmpty else { return [] }
         let error: EntityError?
         if let failure = state.failure {
@@ -174,7 +246,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         } else {
             return []
         }
-        var decided: [(StateWatch, Result<W.State, EntityError>)] = []
+        var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
         state.watches.removeAll { watch in
             if let error {
                 decided.append((watch, .failure(error)))
@@ -194,10 +266,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     /// The committed state, if the entity is loaded and active (the fast path for queries).
     func committedState() -> W.State? {
-        cell.withLock { state in
+        let committed = cell.withLock { state -> (any Sendable)? in
             guard let durable = state.durable, durable.status == .active, state.failure == nil else { return nil }
             return durable.state
         }
+        return committed.map { $0 as! W.State }
     }
 
     /// Activates an entity without a run body on the calling thread, for a query: loads its snapshot
@@ -217,7 +290,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         guard let generation, let loaded = try? load() else { return nil }
         let now = core.clock.nowNanoseconds()
-        var decided: [(StateWatch, Result<W.State, EntityError>)] = []
+        var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
         let installed = cell.withLock { state -> Bool in
             guard state.turnsStarted == generation, !state.evicted, state.durable == nil, state.failure == nil,
                   !state.inFlight else { return false }
@@ -228,7 +301,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         for (watch, result) in decided { watch.resume(result) }
         guard installed else { return committedState() }
-        return loaded.status == .active ? loaded.state : nil
+        return loaded.status == .active ? (loaded.state as! W.State) : nil
     }
 
     /// Marks the cell evicted if it is idle; returns whether it was. A run body in memory is abandoned
@@ -241,7 +314,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// - Parameter sparingParents: keep it if its run awaits children (the resident bound's sweep: a
     ///   parent would be replayed, whole, for each child outcome that arrives).
     func evictIfIdle(lastActiveBefore cutoff: UInt64, sparingParents: Bool = false) -> Bool {
-        let workflow = cell.withLock { state -> WorkflowRun<W>?? in
+        let workflow = cell.withLock { state -> AnyWorkflowRun?? in
             guard state.messages.isEmpty, !state.inFlight, !state.scheduled, state.resultWaiters.isEmpty, state.watches.isEmpty,
                   state.lastActive < cutoff, !(sparingParents && state.awaitsChildren) else { return nil }
             state.evicted = true
@@ -297,31 +370,6 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         process(messages, from: current)
     }
 
-    /// A reply held back until the turn's outcome is known.
-    enum Reply: Sendable {
-        case signal(@Sendable (Result<Void, EntityError>) -> Void)
-        case update(@Sendable (Result<W.UpdateResult, EntityError>) -> Void, W.UpdateResult)
-        case failed(@Sendable () -> Void)
-        case done(@Sendable () -> Void)
-
-        static func fail(_ message: Message, _ error: EntityError) -> Reply {
-            switch message {
-            case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply),
-                 .cancel(let reply), .activityOutcome(_, _, let reply), .envelope(_, _, let reply):
-                .failed { reply(.failure(error)) }
-            case .update(_, _, _, let reply): .failed { reply(.failure(error)) }
-            case .read(let reply): .failed { reply(.failure(error)) }
-            case .result(let reply): .failed { reply(.failure(error)) }
-            }
-        }
-    }
-
-    /// An idempotency key with its kind.
-    struct KeyName: Hashable {
-        let key: String
-        let kind: RuntimeCore.KeyKind
-    }
-
     private func keyName(_ key: String, _ kind: RuntimeCore.KeyKind) -> KeyName { KeyName(key: key, kind: kind) }
 
     /// A key that cannot be stored whole is refused (truncating it could make two keys collide).
@@ -332,29 +380,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                            "an idempotency key must have 1...\(RuntimeCore.maxIdempotencyKeyBytes) UTF-8 bytes (got \(count)); nothing was recorded")
     }
 
-    /// What a turn produced besides events.
-    struct TurnOutput {
-        var events: [(UInt64, [UInt8])] = []
-        var keys: [KeyName: [UInt8]] = [:]
-        var timersStarted: [(id: UInt64, due: UInt64)] = []
-        var timersDone: [(id: UInt64, due: UInt64)] = []
-        var resultWaiters: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
-        var activitiesScheduled: [(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)] = []
-        var now: UInt64 = 0
-        var tasksDone: [[UInt8]] = []
-        /// Messages to other entities, sent once the turn is durable.
-        var outgoing: [EntityEnvelope] = []
-        /// The run body continued as new in this turn: the last run ended at `boundary` with `state`
-        /// (the new run's snapshot); `previousRunStart` is where that ended run began.
-        var runSwitch: (boundary: UInt64, state: W.State, previousRunStart: UInt64)?
-    }
-
     /// How many times a run body may continue as new within one turn before its run is failed (a body
     /// that continues as new without waiting for anything would otherwise loop forever).
     static var maximumRunSwitchesPerTurn: Int { 64 }
 
     private func process(_ messages: [Message], from start: Durable) {
         var next = start
+        // The turn's working state, typed; `next.state` gets it back once the turn is over.
+        var working = start.state as! W.State
         var output = TurnOutput()
         output.now = core.clock.nowNanoseconds()
         var replies: [Reply] = []
@@ -362,7 +395,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         let now = output.now
         let limit = core.configuration.maxPayloadBytes
         let requests = TurnRequests(codec: core.codec)
-        let hadOutcome = start.workflow?.outcome != nil
+        let hadOutcome = Self.run(start)?.outcome != nil
         let wasActive = start.status == .active
         var runSwitches = 0
 
@@ -377,11 +410,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         /// Lets the run body react to the input just recorded, and records what it issued.
         func settle(_ body: (WorkflowRun<W>) -> Void = { $0.settle() }) {
-            guard let run = next.workflow else { return }
-            run.state = next.state
+            guard let run = Self.run(next) else { return }
+            run.state = working
             run.now = now
             body(run)
-            next.state = run.state
+            working = run.state
             for command in run.issued {
                 record(.command(command, time: now))
                 switch command {
@@ -414,11 +447,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             for (id, due) in ended.timerDue { output.timersDone.append((id, due)) }
             closeOpenChildren(of: ended)
             ended.abandon()
-            output.runSwitch = (next.lastSequence, next.state, next.runStartSequence)
+            output.runSwitch = (next.lastSequence, working, next.runStartSequence)
             next.run += 1
             next.runStartSequence = next.lastSequence + 1
             next.runBytes = 0
-            let run = WorkflowRun<W>(name: name, run: next.run, state: next.state, codec: core.codec, logger: core.logger)
+            let run = WorkflowRun<W>(name: name, run: next.run, state: working, codec: core.codec, logger: core.logger)
             next.workflow = run
             // The new run's history opens like a first one: started, then the parents it reports to.
             record(HistoryEvent(kind: .started, timeNanoseconds: now, body: continuation.bytes))
@@ -449,7 +482,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         func terminate(reason: String) {
             next.status = .terminated
             record(HistoryEvent(kind: .terminated, timeNanoseconds: now, body: Array(reason.utf8)))
-            if let run = next.workflow {
+            if let run = Self.run(next) {
                 for (id, due) in run.timerDue { output.timersDone.append((id, due)) }
             }
         }
@@ -480,14 +513,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 do { signal = try envelope.payload.withUnsafeBytes { try core.codec.decode(W.Signal.self, from: $0) } } catch {
                     return dropped("the payload is not a \(W.entityType) signal: \(error)")
                 }
-                var state = next.state
+                var state = working
                 do {
                     try W.handle(signal, state: &state, context: context(next.lastSequence + 1))
                 } catch {
                     requests.outgoing.removeAll()
                     return dropped("the signal handler refused it: \(error)")
                 }
-                next.state = state
+                working = state
                 record(HistoryEvent(kind: .signal, timeNanoseconds: now, body: envelope.payload))
                 takeSentSignals()
                 settle()
@@ -506,24 +539,24 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 do { input = try envelope.payload.withUnsafeBytes { try core.codec.decode(W.Input.self, from: $0) } } catch {
                     return refuse(.rejected, "the input is not a \(W.entityType) input: \(error)")
                 }
-                if next.workflow?.started == true {
+                if Self.run(next)?.started == true {
                     // Started already (by another parent, or directly): this parent shares the run.
-                    if hadOutcome, let result = next.workflow?.outcome { output.outgoing.append(outcome(to: link, childResult(result))) }
+                    if hadOutcome, let result = Self.run(next)?.outcome { output.outgoing.append(outcome(to: link, childResult(result))) }
                 } else {
-                    let run = next.workflow ?? WorkflowRun<W>(name: name, run: next.run, state: next.state, codec: core.codec, logger: core.logger)
+                    let run = Self.run(next) ?? WorkflowRun<W>(name: name, run: next.run, state: working, codec: core.codec, logger: core.logger)
                     next.workflow = run
                     record(HistoryEvent(kind: .started, timeNanoseconds: now, body: envelope.payload))
                     settle { $0.start(input) }
                 }
             case .cancel:
-                guard !terminated, let run = next.workflow, run.started, run.outcome == nil else { return }
+                guard !terminated, let run = Self.run(next), run.started, run.outcome == nil else { return }
                 record(HistoryEvent(kind: .cancelRequested, timeNanoseconds: now, body: []))
                 settle { $0.cancel() }
             case .terminate:
                 guard !terminated else { return }
                 terminate(reason: String(decoding: envelope.payload, as: UTF8.self))
             case .childOutcome:
-                guard !terminated, let run = next.workflow, run.isChildOpen(envelope.commandID) else { return }
+                guard !terminated, let run = Self.run(next), run.isChildOpen(envelope.commandID) else { return }
                 let id = envelope.commandID
                 let result: Result<[UInt8], ChildFailure> = envelope.failure.map { .failure($0) } ?? .success(envelope.payload)
                 record(.childOutcome(id: id, result, time: now))
@@ -577,15 +610,15 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                         continue
                     }
                 }
-                var state = next.state
+                var state = working
                 do {
-                    try W.handle(signal, state: &state, context: context(next.lastSequence + 1))
+                    try W.handle(signal as! W.Signal, state: &state, context: context(next.lastSequence + 1))
                 } catch {
                     requests.outgoing.removeAll()
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the signal handler refused the signal; nothing was recorded", underlying: error))) })
                     continue
                 }
-                next.state = state
+                working = state
                 record(HistoryEvent(kind: .signal, timeNanoseconds: now, idempotencyKey: key, body: bytes))
                 takeSentSignals()
                 if let key { output.keys[keyName(key, .signal)] = [] }
@@ -600,7 +633,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 if let key {
                     do throws(EntityError) {
                         if let recorded = try previousResult(of: key, .update) {
-                            let decoded = Result { try recorded.withUnsafeBytes { try core.codec.decode(W.UpdateResult.self, from: $0) } }
+                            let decoded = Result { try recorded.withUnsafeBytes { try core.codec.decode(W.UpdateResult.self, from: $0) as any Sendable } }
                                 .mapError { EntityError(.undecodablePayload, entity: self.name, "the recorded result of update '\(key)' does not decode", underlying: $0) }
                             replies.append(.done { reply(decoded) })  // a retry: the first result, not applied again
                             continue
@@ -610,10 +643,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                         continue
                     }
                 }
-                var state = next.state
+                var state = working
                 let result: W.UpdateResult
                 let resultBytes: [UInt8]
                 do {
+                    let update = update as! W.Update
                     try W.validate(update, state: state)
                     result = try W.apply(update, state: &state, context: context(next.lastSequence + 1))
                     resultBytes = try core.codec.encode(result)
@@ -622,7 +656,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the update was refused; nothing was recorded", underlying: error))) })
                     continue
                 }
-                next.state = state
+                working = state
                 record(.update(time: now, key: key, update: bytes, result: resultBytes))
                 takeSentSignals()
                 if let key { output.keys[keyName(key, .update)] = resultBytes }
@@ -636,7 +670,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "\(W.entityType) has no run body to start"))) })
                     continue
                 }
-                if next.workflow?.started == true {
+                if Self.run(next)?.started == true {
                     replies.append(.done { reply(.success(())) })  // starting twice is idempotent
                     continue
                 }
@@ -645,22 +679,22 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.failed { reply(.failure(error)) })
                     continue
                 }
-                let run = next.workflow ?? WorkflowRun<W>(name: name, run: next.run, state: next.state, codec: core.codec, logger: core.logger)
+                let run = Self.run(next) ?? WorkflowRun<W>(name: name, run: next.run, state: working, codec: core.codec, logger: core.logger)
                 next.workflow = run
                 record(HistoryEvent(kind: .started, timeNanoseconds: now, body: bytes))
-                settle { $0.start(input) }
+                settle { $0.start(input as! W.Input) }
                 replies.append(.signal(reply))
             case .result(let reply):
-                if let outcome = next.workflow?.outcome, start.workflow?.outcome != nil {
+                if let outcome = Self.run(next)?.outcome, Self.run(start)?.outcome != nil {
                     let result = decodeOutcome(outcome)
                     replies.append(.done { reply(result) })
-                } else if next.workflow?.started == true {
+                } else if Self.run(next)?.started == true {
                     output.resultWaiters.append(reply)
                 } else {
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the entity's run body was not started"))) })
                 }
             case .cancel(let reply):
-                guard let run = next.workflow, run.started, run.outcome == nil else {
+                guard let run = Self.run(next), run.started, run.outcome == nil else {
                     replies.append(.done { reply(.success(())) })  // nothing running: nothing to cancel
                     continue
                 }
@@ -669,14 +703,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 replies.append(.signal(reply))
             case .activityOutcome(let id, let outcome, let reply):
                 if let key = next.key { output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id)) }
-                if let run = next.workflow, run.isAwaitingActivity(id) {
+                if let run = Self.run(next), run.isAwaitingActivity(id) {
                     record(.activityOutcome(id: id, outcome, time: now))
                     settle { $0.completeActivity(id, outcome) }
                 }
                 replies.append(.signal(reply))
             case .timerFired(let id, let due, let reply):
                 output.timersDone.append((id, due))
-                if let run = next.workflow, run.timerDue[id] != nil {
+                if let run = Self.run(next), run.timerDue[id] != nil {
                     var body = [UInt8]()
                     withUnsafeBytes(of: id.bigEndian) { body.append(contentsOf: $0) }
                     record(HistoryEvent(kind: .timerFired, timeNanoseconds: now, body: body))
@@ -690,16 +724,17 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
         // The run ended in this turn (finished, or the entity was terminated): its parents get the
         // outcome, and its children still running get what their parent-close policy says.
-        let finishedNow = !hadOutcome && next.workflow?.outcome != nil
+        let finishedNow = !hadOutcome && Self.run(next)?.outcome != nil
         let terminatedNow = wasActive && next.status == .terminated && !hadOutcome && !finishedNow
         if finishedNow || terminatedNow {
             let result: Result<[UInt8], ChildFailure> = finishedNow
-                ? childResult(next.workflow!.outcome!)
+                ? childResult(Self.run(next)!.outcome!)
                 : .failure(ChildFailure(child: name, reason: .terminated, message: "the entity was terminated before its run body finished"))
             for link in next.parents { output.outgoing.append(outcome(to: link, result)) }
-            if let run = next.workflow { closeOpenChildren(of: run) }
+            if let run = Self.run(next) { closeOpenChildren(of: run) }
         }
 
+        next.state = working
         guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty else {
             // Nothing to write: a turn that only read, refused, or registered result waiters.
             if output.resultWaiters.isEmpty {
@@ -712,17 +747,17 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         let configuration = core.configuration
         // A run body's history is its run: no continue-as-new once the body started (a finished run
         // keeps its outcome for `result` and for the parents it reports to).
-        let bodyStarted = next.workflow?.started ?? false
+        let bodyStarted = Self.run(next)?.started ?? false
         let continueAsNew = !bodyStarted && next.status == .active && (requests.continueAsNew
             || next.lastSequence + 1 - next.runStartSequence >= UInt64(configuration.continueAsNewAfterEvents)
             || next.runBytes >= configuration.continueAsNewAfterBytes)
         commit(output, next: next, continueAsNew: continueAsNew, replies: replies)
     }
 
-    private func decodeOutcome(_ outcome: Result<[UInt8], WorkflowFailure>) -> Result<W.Output, EntityError> {
+    private func decodeOutcome(_ outcome: Result<[UInt8], WorkflowFailure>) -> Result<any Sendable, EntityError> {
         switch outcome {
         case .success(let bytes):
-            Result { try bytes.withUnsafeBytes { try core.codec.decode(W.Output.self, from: $0) } }
+            Result { try bytes.withUnsafeBytes { try core.codec.decode(W.Output.self, from: $0) as any Sendable } }
                 .mapError { EntityError(.undecodablePayload, entity: name, "the run's recorded output does not decode", underlying: $0) }
         case .failure(let failure):
             .failure(EntityError(.rejected, entity: name, "the run body failed: \(failure.message)", underlying: failure))
@@ -775,7 +810,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var committed = next
         if let runSwitch = output.runSwitch {
             // The run body continued as new: the ended run's state is the new run's starting point.
-            guard let snapshot = try? core.codec.encode(runSwitch.state) else {
+            guard let snapshot = try? core.codec.encode(runSwitch.state as! W.State) else {
                 complete(.failure(EntityError(.unencodablePayload, entity: name,
                                               "the state does not encode, so the run cannot continue as new; nothing of the turn was recorded")),
                          next: next, waiters: output.resultWaiters, replies: replies)
@@ -792,7 +827,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // A run body cannot be rebuilt from a snapshot (only replayed), so its entities snapshot at
         // run boundaries only.
         let snapshotDue = !W.hasRunBody && next.lastSequence - next.snapshotSequence >= UInt64(core.configuration.snapshotEvery)
-        if snapshotDue || continueAsNew, let snapshot = try? core.codec.encode(next.state) {
+        if snapshotDue || continueAsNew, let snapshot = try? core.codec.encode(next.state as! W.State) {
             batch.saveSnapshot(key, sequence: next.lastSequence, payload: snapshot)
             committed.snapshotSequence = next.lastSequence
             if continueAsNew {
@@ -833,22 +868,22 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     }
 
     /// Publishes a committed turn (or drops the entity's state after a failed one), then replies.
-    private func complete(_ outcome: Result<Void, EntityError>, next: Durable, waiters: [@Sendable (Result<W.Output, EntityError>) -> Void],
+    private func complete(_ outcome: Result<Void, EntityError>, next: Durable, waiters: [ValueReply],
                           replies: [Reply]) {
-        var abandoned: WorkflowRun<W>?
+        var abandoned: AnyWorkflowRun?
         let now = core.clock.nowNanoseconds()
-        let awaitsChildren = (next.workflow?.openChildCount ?? 0) > 0
-        var decided: [(StateWatch, Result<W.State, EntityError>)] = []
-        let (reschedule, finished, resolved) = cell.withLock { state -> (Bool, Bool, [@Sendable (Result<W.Output, EntityError>) -> Void]) in
+        let awaitsChildren = (Self.run(next)?.openChildCount ?? 0) > 0
+        var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
+        let (reschedule, finished, resolved) = cell.withLock { state -> (Bool, Bool, [ValueReply]) in
             defer { decided = Self.takeDecidedWatches(&state, name: name) }
             state.resultWaiters += waiters
             state.lastActive = now
-            var resolved: [@Sendable (Result<W.Output, EntityError>) -> Void] = []
+            var resolved: [ValueReply] = []
             switch outcome {
             case .success:
                 state.durable = next
                 state.awaitsChildren = awaitsChildren
-                if next.workflow?.outcome != nil || next.status == .terminated {
+                if Self.run(next)?.outcome != nil || next.status == .terminated {
                     resolved = state.resultWaiters
                     state.resultWaiters = []
                 }
@@ -864,7 +899,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         if let abandoned { shard.schedule(AbandonRun(abandoned)) }
         for (watch, result) in decided { watch.resume(result) }
         if reschedule { shard.schedule(self) } else if finished { core.becameIdle() }
-        if finished, case .success = outcome, next.workflow?.outcome != nil, core.configuration.passivateFinishedRuns {
+        if finished, case .success = outcome, Self.run(next)?.outcome != nil, core.configuration.passivateFinishedRuns {
             core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
         }
         for reply in replies {
@@ -877,7 +912,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
         }
         if !resolved.isEmpty {
-            let result: Result<W.Output, EntityError> = next.workflow?.outcome.map(decodeOutcome)
+            let result: Result<any Sendable, EntityError> = Self.run(next)?.outcome.map(decodeOutcome)
                 ?? .failure(EntityError(.terminated, entity: name, "the entity was terminated before its run body finished"))
             for waiter in resolved { waiter(result) }
         }
@@ -885,7 +920,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     private func finishWithoutCommit(_ replies: [Reply]) {
         let now = core.clock.nowNanoseconds()
-        var decided: [(StateWatch, Result<W.State, EntityError>)] = []
+        var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
         let reschedule = cell.withLock { state -> Bool in
             decided = Self.takeDecidedWatches(&state, name: name)
             state.inFlight = false
@@ -919,7 +954,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         guard let key else {
             return Durable(state: W.initialState(id: name.id), key: nil, lastSequence: 0, snapshotSequence: 0, status: .active)
         }
-        var durable = Durable(state: W.initialState(id: name.id), key: key, lastSequence: 0, snapshotSequence: 0, status: .active)
+        var state = W.initialState(id: name.id)
+        var durable = Durable(state: (), key: key, lastSequence: 0, snapshotSequence: 0, status: .active)
         do {
             if let metadata = try journal.metadata(of: key) {
                 if metadata.status == Status.terminated.rawValue { durable.status = .terminated }
@@ -927,7 +963,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 durable.runStartSequence = metadata.runStartSequence
             }
             if let snapshot = try journal.snapshot(of: key), !W.hasRunBody || snapshot.sequence < durable.runStartSequence {
-                durable.state = try snapshot.payload.withUnsafeBytes { try core.codec.decode(W.State.self, from: $0) }
+                state = try snapshot.payload.withUnsafeBytes { try core.codec.decode(W.State.self, from: $0) }
                 durable.lastSequence = snapshot.sequence
                 durable.snapshotSequence = snapshot.sequence
             }
@@ -945,7 +981,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             do {
                 try journal.forEachEvent(of: key, from: durable.lastSequence + 1) { sequence, payload in
                     do throws(EntityError) {
-                        try replayer.replayInPlace(sequence, payload, into: &durable)
+                        try replayer.replayInPlace(sequence, payload, state: &state, into: &durable)
                     } catch {
                         failure = error
                         throw error
@@ -954,6 +990,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             } catch {
                 throw failure ?? EntityError(.failedOnReplay, entity: name, "reading the entity's history failed", underlying: error)
             }
+            durable.state = state
             return durable
         }
         var events: [(UInt64, HistoryEvent)] = []
@@ -969,15 +1006,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         } catch {
             throw EntityError(.failedOnReplay, entity: name, "reading the entity's history failed", underlying: error)
         }
+        durable.state = state
         try HistoryReplayer<W>(name: name, codec: core.codec, logger: core.logger).replay(events, into: &durable)
         return durable
     }
 }
 
 /// Abandons a run body that left memory, on its shard's thread (where its executor is drained).
-final class AbandonRun<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
-    let run: WorkflowRun<W>
-    init(_ run: WorkflowRun<W>) { self.run = run }
+final class AbandonRun: ShardWork, @unchecked Sendable {
+    let run: AnyWorkflowRun
+    init(_ run: AnyWorkflowRun) { self.run = run }
     func runTurn() { run.abandon() }
 }
 

@@ -45,7 +45,8 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         do { bytes = try runtime.core.codec.encode(update) } catch {
             throw EntityError(.unencodablePayload, entity: name, "the update does not encode; nothing was recorded", underlying: error)
         }
-        return try await deliver(bounded: true) { reply in .update(update, bytes: bytes, key: idempotencyKey, reply: reply) }
+        return try await deliverValue(bounded: true) { reply in .update(update, bytes: bytes, key: idempotencyKey, reply: reply) }
+            as! W.UpdateResult
     }
 
     /// Reads the entity's committed state: every acknowledged signal and update is in it, nothing
@@ -55,7 +56,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     public func query<Result: Sendable>(_ read: @Sendable (W.State) -> Result) async throws(EntityError) -> Result {
         let cell = cache.cell ?? runtime.core.cell(W.self, name)
         if let state = cell.committedState() ?? cell.activateForRead() { return read(state) }
-        let state: W.State = try await deliver { reply in .read(reply) }
+        let state = try await deliverValue { reply in .read(reply) } as! W.State
         return read(state)
     }
 
@@ -79,13 +80,13 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
             throw EntityError(.closed, entity: name, "the runtime is closed")
         }
         let id = core.watchIDs.add(1, ordering: .relaxed).newValue
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<W.State, EntityError>, Never>) in
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<any Sendable, EntityError>, Never>) in
             let registration = WatchRegistration<W>()
             let timedOut = EntityError(.timedOut, entity: name, "the entity's state did not satisfy the condition within \(timeout)")
             let alarm = core.timers.alarm(at: core.clock.nowNanoseconds() &+ timeout.nanoseconds) {
                 if let cell = registration.fire(), cell.unwatch(id) { continuation.resume(returning: .failure(timedOut)) }
             }
-            let watch = EntityCell<W>.StateWatch(id: id, predicate: predicate) { result in
+            let watch = CellStateWatch(id: id, predicate: { predicate($0 as! W.State) }) { result in
                 core.timers.cancelAlarm(alarm)
                 continuation.resume(returning: result)
             }
@@ -94,7 +95,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
             // The alarm may have fired before the cell was known: it then ends the watch here.
             if registration.register(cell), cell.unwatch(id) { continuation.resume(returning: .failure(timedOut)) }
         }
-        return try result.get()
+        return try result.get() as! W.State
     }
 
     /// Starts the entity's run body with `input`; returns once the start is durable. Starting a body
@@ -117,7 +118,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     /// Waits for the run body's outcome: its output, or ``EntityError/Code/rejected`` carrying the
     /// body's ``WorkflowFailure``. Waiting costs no thread; the body may take months.
     public func result() async throws(EntityError) -> W.Output {
-        try await deliver { reply in .result(reply) }
+        try await deliverValue { reply in .result(reply) } as! W.Output
     }
 
     /// Asks the run body to stop, cooperatively: recorded, then the wait the body is suspended on
@@ -132,32 +133,52 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         try await deliver { reply in .terminate(reason: reason, reply: reply) }
     }
 
+    /// Sends a message whose reply carries no value.
     /// - Parameter bounded: a sender's message, which waits for room in a full mailbox (reads and result
     ///   waits never do).
-    private func deliver<Value: Sendable>(
-        bounded: Bool = false,
-        _ message: @escaping @Sendable (@escaping @Sendable (Result<Value, EntityError>) -> Void) -> EntityCell<W>.Message
-    ) async throws(EntityError) -> Value {
-        let core = runtime.core
-        let name = self.name
-        let cache = self.cache
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Value, EntityError>, Never>) in
-            guard !core.closed.load(ordering: .acquiring) else {
-                continuation.resume(returning: .failure(EntityError(.closed, entity: name, "the runtime is closed; nothing was recorded")))
-                return
-            }
-            let envelope = message { continuation.resume(returning: $0) }
-            if let cell = cache.cell, cell.enqueue(envelope, bounded: bounded) { return }
-            // A cell passivated between lookup and enqueue refuses; the next lookup makes a fresh one.
-            while true {
-                let cell = core.cell(W.self, name)
-                if cell.enqueue(envelope, bounded: bounded) {
-                    cache.cell = cell
-                    return
+    private func deliver(bounded: Bool = false, _ message: (@escaping VoidReply) -> CellMessage) async throws(EntityError) {
+        let failure = await withUnsafeContinuation { (continuation: UnsafeContinuation<EntityError?, Never>) in
+            guard let message = openMailbox(message({ result in
+                switch result {
+                case .success: continuation.resume(returning: nil)
+                case .failure(let error): continuation.resume(returning: error)
                 }
+            })) else {
+                return continuation.resume(returning: closedError)
             }
+            enqueue(message, bounded: bounded)
+        }
+        if let failure { throw failure }
+    }
+
+    /// Sends a message whose reply carries a value of the entity type (the caller casts it).
+    private func deliverValue(bounded: Bool = false, _ message: (@escaping ValueReply) -> CellMessage) async throws(EntityError) -> any Sendable {
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<any Sendable, EntityError>, Never>) in
+            guard let message = openMailbox(message({ continuation.resume(returning: $0) })) else {
+                return continuation.resume(returning: .failure(closedError))
+            }
+            enqueue(message, bounded: bounded)
         }
         return try result.get()
+    }
+
+    private var closedError: EntityError { EntityError(.closed, entity: name, "the runtime is closed; nothing was recorded") }
+
+    /// `message`, unless the runtime is closed.
+    private func openMailbox(_ message: @autoclosure () -> CellMessage) -> CellMessage? {
+        runtime.core.closed.load(ordering: .acquiring) ? nil : message()
+    }
+
+    private func enqueue(_ message: CellMessage, bounded: Bool) {
+        if let cell = cache.cell, cell.enqueue(message, bounded: bounded) { return }
+        // A cell passivated between lookup and enqueue refuses; the next lookup makes a fresh one.
+        while true {
+            let cell = runtime.core.cell(W.self, name)
+            if cell.enqueue(message, bounded: bounded) {
+                cache.cell = cell
+                return
+            }
+        }
     }
 }
 
@@ -174,9 +195,10 @@ final class WatchRegistration<W: EntityWorkflow>: Sendable {
 
 /// The last resident cell an ``EntityRef`` used.
 final class CellCache<W: EntityWorkflow>: Sendable {
-    private let stored = Mutex<EntityCell<W>?>(nil)
+    /// Not `Mutex<EntityCell<W>?>`: a type with `W` in it costs a metadata lookup on every access.
+    private let stored = Mutex<AnyObject?>(nil)
     var cell: EntityCell<W>? {
-        get { stored.withLock { $0 } }
+        get { stored.withLock { $0 }.map { unsafeDowncast($0, to: EntityCell<W>.self) } }
         set { stored.withLock { $0 = newValue } }
     }
 }

@@ -18,9 +18,11 @@ struct HistoryReplayer<W: EntityWorkflow> {
     }
 
     /// Replays `events` (consecutive, from `durable.lastSequence + 1`) onto `durable`.
-    func replay(_ events: [(UInt64, HistoryEvent)], into durable: inout EntityCell<W>.Durable) throws(EntityError) {
+    func replay(_ events: [(UInt64, HistoryEvent)], into durable: inout EntityDurable) throws(EntityError) {
+        var state = durable.state as! W.State
+        defer { durable.state = state }
         if W.hasRunBody, events.contains(where: { $0.1.kind == .started }) {
-            let run = WorkflowRun<W>(name: name, run: durable.run, state: durable.state, codec: codec, logger: logger)
+            let run = WorkflowRun<W>(name: name, run: durable.run, state: state, codec: codec, logger: logger)
             for (_, event) in events {
                 switch event.command {
                 case .sideEffect(let id, let value)?: run.recordedSideEffects[id] = value
@@ -34,9 +36,9 @@ struct HistoryReplayer<W: EntityWorkflow> {
         // Replaying stays on through the last event: code that runs after it was already run when
         // that event was first handled, and issued nothing then (or history would go on).
         for (sequence, event) in events {
-            try replay(sequence, event, into: &durable)
+            try replay(sequence, event, state: &state, into: &durable)
         }
-        if let run = durable.workflow {
+        if let run = EntityCell<W>.run(durable) {
             run.replaying = false
             if let extra = run.issued.first {
                 run.abandon()
@@ -47,7 +49,8 @@ struct HistoryReplayer<W: EntityWorkflow> {
 
     /// Replays one event of an entity type without a run body, reading it where it lies (the
     /// journal's page): the hot path of activation.
-    func replayInPlace(_ sequence: UInt64, _ payload: UnsafeRawBufferPointer, into durable: inout EntityCell<W>.Durable) throws(EntityError) {
+    func replayInPlace(_ sequence: UInt64, _ payload: UnsafeRawBufferPointer, state: inout W.State,
+                       into durable: inout EntityDurable) throws(EntityError) {
         guard let header = HistoryEvent.Header(payload) else {
             throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the event is not a history event this runtime knows")
         }
@@ -59,13 +62,13 @@ struct HistoryReplayer<W: EntityWorkflow> {
         do {
             switch header.kind {
             case .signal:
-                try W.handle(try codec.decode(W.Signal.self, from: body), state: &durable.state, context: context)
+                try W.handle(try codec.decode(W.Signal.self, from: body), state: &state, context: context)
             case .update:
                 guard body.count >= 4 else { throw HistoryEventError.malformed }
                 let length = Int(body.loadUnaligned(as: UInt32.self).bigEndian)
                 guard 4 + length <= body.count else { throw HistoryEventError.malformed }
                 let update = try codec.decode(W.Update.self, from: UnsafeRawBufferPointer(rebasing: body[4..<(4 + length)]))
-                _ = try W.apply(update, state: &durable.state, context: context)
+                _ = try W.apply(update, state: &state, context: context)
             case .terminated:
                 durable.status = .terminated
             case .parentLinked:
@@ -89,7 +92,8 @@ struct HistoryReplayer<W: EntityWorkflow> {
                            "replay diverged from history; the history is kept and the entity is marked failed", underlying: detail)
     }
 
-    private func replay(_ sequence: UInt64, _ event: HistoryEvent, into durable: inout EntityCell<W>.Durable) throws(EntityError) {
+    private func replay(_ sequence: UInt64, _ event: HistoryEvent, state: inout W.State,
+                        into durable: inout EntityDurable) throws(EntityError) {
         let context = EntityContext(id: name.id, sequence: sequence, nowNanoseconds: event.timeNanoseconds, logger: logger,
                                     requests: requests)
         durable.runBytes += event.body.count
@@ -98,7 +102,7 @@ struct HistoryReplayer<W: EntityWorkflow> {
             guard let recorded = event.command else {
                 throw EntityError(.failedOnReplay, entity: name, sequence: sequence, "the \(event.kind) event is malformed")
             }
-            guard let run = durable.workflow else {
+            guard let run = EntityCell<W>.run(durable) else {
                 throw nondeterminism(at: sequence, recorded: recorded.description, issued: "nothing (no run body was started)")
             }
             guard let issued = run.issued.first else {
@@ -118,22 +122,22 @@ struct HistoryReplayer<W: EntityWorkflow> {
             return
         }
         func settle(_ body: (WorkflowRun<W>) -> Void = { $0.settle() }) {
-            guard let run = durable.workflow else { return }
-            run.state = durable.state
+            guard let run = EntityCell<W>.run(durable) else { return }
+            run.state = state
             run.now = event.timeNanoseconds
             body(run)
-            durable.state = run.state
+            state = run.state
         }
         do {
             switch event.kind {
             case .signal:
                 let signal = try event.body.withUnsafeBytes { try codec.decode(W.Signal.self, from: $0) }
-                try W.handle(signal, state: &durable.state, context: context)
+                try W.handle(signal, state: &state, context: context)
                 settle()
             case .update:
                 guard let parts = event.updateParts() else { throw HistoryEventError.malformed }
                 let update = try parts.update.withUnsafeBytes { try codec.decode(W.Update.self, from: $0) }
-                _ = try W.apply(update, state: &durable.state, context: context)
+                _ = try W.apply(update, state: &state, context: context)
                 settle()
             case .terminated:
                 durable.status = .terminated
@@ -211,11 +215,11 @@ public struct ExportedHistory: Codable, Sendable, Hashable {
                                                         idempotencyKey: event.idempotencyKey, body: try decode(event.body, "event"))))
         }
         let first = events.first?.0 ?? 1
-        var durable = EntityCell<W>.Durable(state: state, key: nil, lastSequence: first - 1, snapshotSequence: 0, status: .active,
+        var durable = EntityDurable(state: state, key: nil, lastSequence: first - 1, snapshotSequence: 0, status: .active,
                                             run: run, runStartSequence: first)
         try HistoryReplayer<W>(name: name, codec: codec, logger: logger).replay(events, into: &durable)
         durable.workflow?.abandon()
-        return durable.state
+        return durable.state as! W.State
     }
 }
 

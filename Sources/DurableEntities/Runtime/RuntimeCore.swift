@@ -275,19 +275,19 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
 
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void) {
         let name = EntityName(type: W.entityType, id: entityID)
-        let message = EntityCell<W>.Message.timerFired(id: id, due: due) { _ in done() }
+        let message = CellMessage.timerFired(id: id, due: due) { _ in done() }
         while !core.cell(W.self, name).enqueue(message) {}
     }
 
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
                                 done: @escaping @Sendable () -> Void) {
         let name = EntityName(type: W.entityType, id: entityID)
-        let message = EntityCell<W>.Message.activityOutcome(id: id, outcome) { _ in done() }
+        let message = CellMessage.activityOutcome(id: id, outcome) { _ in done() }
         while !core.cell(W.self, name).enqueue(message) {}
     }
 
     func deliver(_ envelope: EntityEnvelope, row: [UInt8], core: RuntimeCore) {
-        let message = EntityCell<W>.Message.envelope(envelope, key: row) { result in
+        let message = CellMessage.envelope(envelope, key: row) { result in
             // A failed commit leaves the row in place: try again shortly (other failures — an entity
             // that cannot load — wait for the next open, where the row is delivered again).
             guard case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) else { return }

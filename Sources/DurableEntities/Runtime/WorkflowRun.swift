@@ -1,11 +1,18 @@
 import Logging
 
+/// The non-generic face of a ``WorkflowRun``, so that the data of a turn (``EntityDurable``) carries no
+/// type parameter. The cell, which knows the entity type, downcasts (``EntityCell/run(_:)``).
+class AnyWorkflowRun: @unchecked Sendable {
+    /// Ends the body without recording anything (see ``WorkflowRun/abandon()``).
+    func abandon() {}
+}
+
 /// One live execution of an entity's run body: its task on a ``WorkflowExecutor``, the waits it is
 /// suspended on, and the commands it issued that are not yet recorded.
 ///
 /// Touched only on the entity's shard thread (and by the body's jobs, which that thread runs).
 /// `@unchecked Sendable` for that reason.
-final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
+final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable {
     /// A suspended wait: a timer, a condition, or both (a condition with a timeout).
     final class Waiter {
         let continuation: UnsafeContinuation<Bool, any Error>
@@ -251,7 +258,7 @@ final class WorkflowRun<W: EntityWorkflow>: @unchecked Sendable {
 
     /// Ends the body without recording anything (the run is dropped from memory): every wait
     /// resumes with an error the body does not see as a failure.
-    func abandon() {
+    override func abandon() {
         for waiter in waiters where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
         for waiter in timers.values where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
         waiters.removeAll()
