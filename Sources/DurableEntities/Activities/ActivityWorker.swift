@@ -157,7 +157,7 @@ final class ActivityWorker: @unchecked Sendable {
             return
         }
         for (key, value) in stored {
-            guard let task = try? value.withUnsafeBytes({ try BinaryEntityCodec().decode(ActivityTask.self, from: $0) }) else {
+            guard let task = ActivityTask.decode(value) else {
                 core.logger.error("a stored activity task does not decode; it is left in place", metadata: ["task.key": "\(key)"])
                 continue
             }
@@ -172,7 +172,7 @@ final class ActivityWorker: @unchecked Sendable {
         batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
         core.journal.submit(batch) { [self] _ in
             if let value = try? core.journal.task(forKey: key),
-               let task = try? value.withUnsafeBytes({ try BinaryEntityCodec().decode(ActivityTask.self, from: $0) }) {
+               let task = ActivityTask.decode(value) {
                 dispatch(task)
             }
             done()
@@ -309,9 +309,8 @@ final class ActivityWorker: @unchecked Sendable {
         next.notBefore = due
         next.lastErrorType = errorType
         next.lastError = error
-        guard let value = try? BinaryEntityCodec().encode(next) else { return fail(.retriesExhausted) }
         var batch = JournalBatch()
-        batch.putTask(key: next.key, value: value)
+        batch.putTask(key: next.key, value: next.encoded())
         batch.scheduleTimer(JournalTimer(dueNanoseconds: due, entity: EntityKey(rawValue: task.entityKey),
                                          id: task.activityID | (1 << 63), payload: [1] + next.key))
         core.becameBusy()

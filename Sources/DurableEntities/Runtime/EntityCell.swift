@@ -802,10 +802,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: next.run,
                                     activityID: activity.id, name: activity.name, input: activity.input, options: activity.options,
                                     attempt: 1, scheduledAt: output.now, notBefore: output.now)
-            if let value = try? BinaryEntityCodec().encode(task) {
-                batch.putTask(key: task.key, value: value)
-                tasks.append(task)
-            }
+            batch.putTask(key: task.key, value: task.encoded())
+            tasks.append(task)
         }
         var committed = next
         if let runSwitch = output.runSwitch {

@@ -88,7 +88,7 @@ public struct HistoryEvent: Sendable, Hashable {
         case .marker(let changeID, let version):
             return HistoryEvent(kind: .versionMarker, timeNanoseconds: time, body: ids(UInt64(bitPattern: Int64(version))) + Array(changeID.utf8))
         case .scheduleActivity(let id, let name, let input, let options):
-            let spec = (try? BinaryEntityCodec().encode(ScheduledActivity(name: name, input: input, options: options))) ?? []
+            let spec = ScheduledActivity(name: name, input: input, options: options).encoded()
             return HistoryEvent(kind: .activityScheduled, timeNanoseconds: time, body: ids(id) + spec)
         case .complete(let output): return HistoryEvent(kind: .completed, timeNanoseconds: time, body: output)
         case .fail(let message): return HistoryEvent(kind: .failed, timeNanoseconds: time, body: Array(message.utf8))
@@ -125,7 +125,7 @@ public struct HistoryEvent: Sendable, Hashable {
             return .marker(changeID: String(decoding: body[8...], as: UTF8.self), version: Int(Int64(bitPattern: a)))
         case .activityScheduled:
             guard let a = id(0),
-                  let spec = try? body[8...].withUnsafeBytes({ try BinaryEntityCodec().decode(ScheduledActivity.self, from: $0) })
+                  let spec = ScheduledActivity.decode(body[8...])
             else { return nil }
             return .scheduleActivity(id: a, name: spec.name, input: spec.input, options: spec.options)
         case .completed: return .complete(output: body)

@@ -1,0 +1,71 @@
+@testable import DurableEntities
+import Testing
+
+/// The hand-written stored forms of activity tasks and `activityScheduled` specs.
+@Suite("Activity records")
+struct ActivityRecordTests {
+    static let options = ActivityOptions(
+        retry: RetryPolicy(initialInterval: .milliseconds(250), backoffCoefficient: 1.5, maximumInterval: .seconds(90),
+                           maximumAttempts: 7, nonRetryableErrorTypes: ["InsufficientFunds", "Fraud"]),
+        startToCloseTimeout: .seconds(3), scheduleToCloseTimeout: .nanoseconds(1_234_567_891), heartbeatTimeout: nil)
+
+    static func task(heartbeat: [UInt8]?, error: String?) -> ActivityTask {
+        ActivityTask(entityType: "Transfer", entityID: "tr-é-1", entityKey: 42, run: 3, activityID: 3 << 32 | 9, name: "withdraw",
+                     input: [0xB1, 0, 1, 2], options: options, attempt: 4, scheduledAt: 1_000, notBefore: 2_000,
+                     heartbeat: heartbeat, lastErrorType: error.map { _ in "Timeout" }, lastError: error)
+    }
+
+    static func same(_ a: ActivityTask, _ b: ActivityTask) -> Bool {
+        a.entityType == b.entityType && a.entityID == b.entityID && a.entityKey == b.entityKey && a.run == b.run
+            && a.activityID == b.activityID && a.name == b.name && a.input == b.input && a.options == b.options
+            && a.attempt == b.attempt && a.scheduledAt == b.scheduledAt && a.notBefore == b.notBefore
+            && a.heartbeat == b.heartbeat && a.lastErrorType == b.lastErrorType && a.lastError == b.lastError
+    }
+
+    @Test("a task round-trips, with and without its optional fields", arguments: [
+        (heartbeat: [UInt8]?.none, error: String?.none), (heartbeat: [UInt8](), error: ""), (heartbeat: [9, 8, 7], error: "gateway down"),
+    ])
+    func taskRoundTrip(heartbeat: [UInt8]?, error: String?) throws {
+        let task = Self.task(heartbeat: heartbeat, error: error)
+        let bytes = task.encoded()
+        #expect(bytes.first == ActivityRecordFormat.marker)
+        let decoded = try #require(ActivityTask.decode(bytes))
+        #expect(Self.same(decoded, task))
+    }
+
+    @Test("a task stored by an earlier version (binary codec) still decodes")
+    func legacyTask() throws {
+        let task = Self.task(heartbeat: [1], error: "x")
+        let legacy = try BinaryEntityCodec().encode(task)
+        #expect(legacy.first != ActivityRecordFormat.marker)
+        #expect(Self.same(try #require(ActivityTask.decode(legacy)), task))
+    }
+
+    @Test("truncated or padded records are refused, never misread")
+    func malformed() {
+        let bytes = Self.task(heartbeat: [1, 2], error: "e").encoded()
+        for length in [1, 2, 10, bytes.count / 2, bytes.count - 1] {
+            #expect(ActivityTask.decode(Array(bytes.prefix(length))) == nil, "prefix \(length)")
+        }
+        #expect(ActivityTask.decode(bytes + [0]) == nil)
+        var badOptional = ScheduledActivity(name: "n", input: [], options: .default).encoded()
+        badOptional[badOptional.count - 1] = 7  // heartbeat timeout's presence byte
+        #expect(ScheduledActivity.decode(badOptional[...]) == nil)
+    }
+
+    @Test("an activityScheduled spec round-trips, and the earlier form still decodes")
+    func scheduledSpec() throws {
+        let spec = ScheduledActivity(name: "deposit", input: Array("{}".utf8), options: Self.options)
+        let decoded = try #require(ScheduledActivity.decode(spec.encoded()[...]))
+        #expect(decoded.name == spec.name && decoded.input == spec.input && decoded.options == spec.options)
+        let legacy = try #require(ScheduledActivity.decode(try BinaryEntityCodec().encode(spec)[...]))
+        #expect(legacy.options == spec.options && legacy.input == spec.input)
+        // Through the history event, as replay reads it.
+        let event = HistoryEvent.command(.scheduleActivity(id: 5, name: "deposit", input: [1], options: Self.options), time: 1)
+        guard case .scheduleActivity(5, "deposit", [1], let options)? = event.command else {
+            Issue.record("the event does not read back: \(String(describing: event.command))")
+            return
+        }
+        #expect(options == Self.options)
+    }
+}
