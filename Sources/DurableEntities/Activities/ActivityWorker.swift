@@ -33,13 +33,18 @@ final class ActivityWorker: @unchecked Sendable {
         /// The runtime is closing: no attempt starts, outcomes of running ones are dropped once the
         /// grace period ended (their tasks stay stored and run again at the next open).
         var closing = false
-        /// Outcomes are dropped (the grace period ended; the journal may be closed).
-        var abandoned = false
-        /// The draining tasks, to cancel them when the grace period ends.
-        var drains: [UInt64: Task<Void, Never>] = [:]
-        var nextDrain: UInt64 = 0
     }
+    /// The pool's queue, under one lock taken about three times per attempt (queue, pop, pop-or-exit):
+    /// every activity of every entity goes through it, so it is kept short and apart from the rest.
     private let pool = Mutex(Pool())
+    /// The draining tasks, to cancel them when the grace period ends.
+    private struct Drains {
+        var tasks: [UInt64: Task<Void, Never>] = [:]
+        var next: UInt64 = 0
+    }
+    private let drains = Mutex(Drains())
+    /// Outcomes are dropped (the grace period ended; the journal may be closed).
+    private let abandonedFlag = Atomic<Bool>(false)
     private let limit: Int
     /// Work that waits for a registration: tasks whose activity is not registered yet, and final
     /// outcomes whose entity type is not registered yet. Registering delivers them.
@@ -84,12 +89,12 @@ final class ActivityWorker: @unchecked Sendable {
     private func startDrain() {
         core.becameBusy()
         let core: RuntimeCore = core
-        pool.withLock { pool in
-            let id = pool.nextDrain
-            pool.nextDrain += 1
-            pool.drains[id] = Task {
+        drains.withLock { drains in
+            let id = drains.next
+            drains.next += 1
+            drains.tasks[id] = Task {
                 await self.drain()
-                self.pool.withLock { _ = $0.drains.removeValue(forKey: id) }
+                self.drains.withLock { _ = $0.tasks.removeValue(forKey: id) }
                 core.becameIdle()
             }
         }
@@ -108,41 +113,43 @@ final class ActivityWorker: @unchecked Sendable {
             pool.queue.removeAll()
         }
         if waitUntilIdle(.now + gracePeriod) { return }
-        let drains = pool.withLock { Array($0.drains.values) }
-        if !drains.isEmpty {
+        let running = drains.withLock { Array($0.tasks.values) }
+        if !running.isEmpty {
             core.logger.warning("closing: activity attempts still running after the grace period are cancelled",
-                                metadata: ["attempts": "\(drains.count)", "gracePeriod": "\(gracePeriod)"])
+                                metadata: ["attempts": "\(running.count)", "gracePeriod": "\(gracePeriod)"])
         }
-        for drain in drains { drain.cancel() }
+        for drain in running { drain.cancel() }
         if waitUntilIdle(.now + .seconds(1)) { return }
-        let stuck = pool.withLock { pool -> Int in
-            pool.abandoned = true
-            return pool.drains.count
-        }
+        abandonedFlag.store(true, ordering: .releasing)
+        let stuck = drains.withLock { $0.tasks.count }
         core.logger.warning("closing: activity attempts that ignore cancellation are abandoned; they run again at the next open",
                             metadata: ["attempts": "\(stuck)"])
     }
 
     /// Whether an attempt's outcome must be dropped (the runtime closed without it).
-    private var abandoned: Bool { pool.withLock { $0.abandoned } }
+    private var abandoned: Bool { abandonedFlag.load(ordering: .acquiring) }
 
     /// Running attempts (drains), for the close's idleness check.
-    var runningAttempts: Int { pool.withLock { $0.drains.count } }
+    var runningAttempts: Int { drains.withLock { $0.tasks.count } }
 
-    /// Runs queued attempts until the queue is empty, then gives its slot back.
+    /// Runs queued attempts until the queue is empty, then gives its slot back. Taking the next task
+    /// and giving the slot back happen under one lock, so a task queued meanwhile either is taken
+    /// here or finds a free slot in ``dispatch(_:)``.
     private func drain() async {
-        while let task = pool.withLock({ $0.closing ? nil : $0.queue.popFirst() }) {
+        var next = pool.withLock { pool -> ActivityTask? in
+            if !pool.closing, let task = pool.queue.popFirst() { return task }
+            pool.running -= 1
+            return nil
+        }
+        while let task = next {
             await attempt(task)
-            pool.withLock { _ = $0.active.remove(task.key) }
+            next = pool.withLock { pool -> ActivityTask? in
+                pool.active.remove(task.key)
+                if !pool.closing, let task = pool.queue.popFirst() { return task }
+                pool.running -= 1
+                return nil
+            }
         }
-        pool.withLock { $0.running -= 1 }
-        // A dispatch may have queued work after the last pop and found every slot taken.
-        let again = pool.withLock { pool -> Bool in
-            guard !pool.closing, !pool.queue.isEmpty, pool.running < limit else { return false }
-            pool.running += 1
-            return true
-        }
-        if again { startDrain() }
     }
 
     /// At open: every stored task whose next attempt is due runs again (same idempotency key); the
