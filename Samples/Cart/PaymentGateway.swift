@@ -32,6 +32,7 @@ final class PaymentGateway: Sendable {
         var held: [CheckedContinuation<Void, Never>] = []
         var heldCount = 0
         var heldWatchers: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+        var attemptWatchers: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
     }
     private let books = Mutex(Books())
 
@@ -41,7 +42,13 @@ final class PaymentGateway: Sendable {
     /// - Throws: ``PaymentDeclined`` for `tok_decline`; `CancellationError` when a `tok_timeout`
     ///   attempt is cancelled.
     func charge(orderID: String, amountCents: Int64, token: String) async throws -> Receipt {
-        books.withLock { $0.attempts += 1 }
+        let ready = books.withLock { books -> [CheckedContinuation<Void, Never>] in
+            books.attempts += 1
+            let count = books.attempts
+            defer { books.attemptWatchers.removeAll { $0.count <= count } }
+            return books.attemptWatchers.filter { $0.count <= count }.map(\.continuation)
+        }
+        for watcher in ready { watcher.resume() }
         switch token {
         case "tok_decline":
             throw PaymentDeclined(message: "card declined (token \(token))")
@@ -84,6 +91,18 @@ final class PaymentGateway: Sendable {
             return books.held
         }
         for continuation in held { continuation.resume() }
+    }
+
+    /// Returns once `count` charge attempts in all have arrived (whatever their token).
+    func waitUntilAttempts(_ count: Int) async {
+        await withCheckedContinuation { continuation in
+            let ready = books.withLock { books -> Bool in
+                if books.attempts >= count { return true }
+                books.attemptWatchers.append((count, continuation))
+                return false
+            }
+            if ready { continuation.resume() }
+        }
     }
 
     /// Returns once `count` `tok_hold` charges in all have arrived.

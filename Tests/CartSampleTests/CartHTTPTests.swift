@@ -242,14 +242,18 @@ struct CartHTTPTests {
             _ = try expect(200, try await shop.add("c-1", "socks", 4, requestID: "a-1"), CartView.self)
             _ = try expect(202, try await shop.checkout("c-1", token: "tok_timeout", requestID: "co-1"), OrderView.self)
 
-            // Time moves only when told: each step lets an attempt's 10 s or the retry's backoff run out.
-            let deadline = ContinuousClock.now + .seconds(20)
-            var order = try await shop.order("order-c-1")
-            while !["compensated", "failed", "completed"].contains(order.status), ContinuousClock.now < deadline {
-                shop.clock.advance(by: .seconds(5))
-                try await Task.sleep(for: .milliseconds(5))  // polling interval, not synchronisation
-                order = try await shop.order("order-c-1")
-            }
+            // Attempt 1 is running (and never answers): 10 s later its start-to-close timeout ends it.
+            // The retry's backoff then passes on its own: the clock skips to the retry timer as soon
+            // as the runtime waits for nothing else (a running attempt keeps it busy, so nothing is
+            // skipped before). Skipping stops once attempt 2 runs, or the cart's 24-hour idle timer
+            // would be next.
+            await shop.gateway.waitUntilAttempts(1)
+            shop.clock.skipsTimeWhenIdle = true
+            shop.clock.advance(by: .seconds(10))
+            await shop.gateway.waitUntilAttempts(2)
+            shop.clock.skipsTimeWhenIdle = false
+            shop.clock.advance(by: .seconds(10))
+            let order = try await shop.finished("order-c-1")
             #expect(order.status == "compensated")
             #expect(order.reason?.contains("timed out") == true, "\(order.reason ?? "no reason")")
             #expect(shop.gateway.attempts == 2)

@@ -263,7 +263,12 @@ final class ActivityWorker: @unchecked Sendable {
         } else {
             // A timeout cancels the attempt, so it runs as a task the watchdogs can reach.
             let running = Task { try await activity.run(task.input, context: context, codec: codec) }
-            attempt.state.withLock { $0.work = running }
+            // A watchdog that rang before the attempt was reachable cancels it here.
+            let expired = attempt.state.withLock { state -> Bool in
+                state.work = running
+                return state.timedOut != nil
+            }
+            if expired { running.cancel() }
             // A cancelled drain (the runtime closes) cancels the attempt.
             result = await withTaskCancellationHandler { await running.result } onCancel: { running.cancel() }
         }
