@@ -14,7 +14,7 @@ typealias ValueReply = @Sendable (Result<any Sendable, EntityError>) -> Void
 /// input) travel as `any Sendable` and only the cell, which knows the type, casts them. In a generic
 /// class every nested or parameterised type costs a metadata lookup in a global hash table each time
 /// a function touches it (the cell's code is not specialised: entity types live in user modules);
-/// those lookups were 25–30% of all CPU in `entity-signals` before the turn loop's types lost `W`.
+/// those lookups were 28–31% of all CPU in `entity-signals` before the turn loop's types lost `W`.
 enum CellMessage: Sendable {
     case signal(any Sendable, bytes: [UInt8], key: String?, reply: VoidReply)
     case update(any Sendable, bytes: [UInt8], key: String?, reply: ValueReply)
