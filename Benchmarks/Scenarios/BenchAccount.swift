@@ -126,6 +126,15 @@ enum EntityBench {
         return try JournalAppendScenario.durability(text)
     }
 
+    /// A `--param name=true|false` switch (absent: false).
+    static func flag(_ text: String?, name: String) throws -> Bool {
+        switch text {
+        case nil, "false", "0", "no": return false
+        case "true", "1", "yes": return true
+        case let other?: throw BenchmarkFailure(message: "--param \(name) must be true or false (got \(other))")
+        }
+    }
+
     /// Percentile figures of a histogram in microseconds, for extra fields.
     static func microseconds(_ summary: LatencySummary, prefix: String) -> [String: JSONValue] {
         [

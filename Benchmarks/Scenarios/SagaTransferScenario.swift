@@ -24,6 +24,10 @@ import Synchronization
 /// (`balances_consistent`: Σ withdrawn == Σ deposited, every transfer withdrew, deposited and recorded
 /// exactly once, money is conserved), and the 1-minute load average at the start.
 ///
+/// `--param local=true` runs the three activities (and the compensations) as local activities
+/// (``WorkflowContext/executeLocal(_:_:options:)``): they run inside the turn, so a transfer is one
+/// commit instead of four, with no trip through the activity pool (entity type `SagaTransferLocal`).
+///
 /// `--param durability=relaxed`, `--param shards=N`, `--param max-per-turn=N`,
 /// `--param activities=N` (`maxConcurrentActivities`, default 2,048) and `--param max-resident=N`
 /// (default the larger of 10,000 and 4 × K) change the runtime. `--param codec=` selects the codec of
@@ -49,6 +53,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         guard maxResident > clients else {
             throw BenchmarkFailure(message: "--param max-resident=\(maxResident) must exceed --in-flight \(clients)")
         }
+        let local = try EntityBench.flag(options.extra("local"), name: "local")
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("saga-transfer")
@@ -64,7 +69,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         }
         let ledger = SagaLedger(accounts: accounts, openingBalance: SagaTransfer.openingBalance)
         let runtime = try EntityRuntime(
-            configuration: configuration, entityTypes: [SagaTransfer.self],
+            configuration: configuration, entityTypes: [SagaTransfer.self, SagaTransferLocal.self],
             activities: [
                 SagaWithdraw(ledger: ledger), SagaDeposit(ledger: ledger), SagaRecord(ledger: ledger),
                 SagaRefund(ledger: ledger), SagaUndoDeposit(ledger: ledger),
@@ -79,11 +84,20 @@ struct SagaTransferScenario: BenchmarkScenario {
                                       amount: Int64(1 + n % 10))
         }
 
+        let type: any SagaTransferEntity.Type = local ? SagaTransferLocal.self : SagaTransfer.self
+        /// Starts transfer `id` and awaits its receipt.
+        @Sendable func transfer(_ id: String, _ input: SagaTransfer.Input) async throws -> Int64 {
+            func run<W: SagaTransferEntity>(_ type: W.Type) async throws -> Int64 {
+                let ref = runtime.entity(W.self, id: id)
+                try await ref.start(input)
+                return try await ref.result()
+            }
+            return try await run(type)
+        }
+
         // Set-up: one transfer per client (the activity pool, the shards and the writer warm up).
         try await EntityBench.forEach(count: clients, workers: clients) { client in
-            let ref = runtime.entity(SagaTransfer.self, id: "warm-\(client)")
-            try await ref.start(input(client: client, n: 0))
-            _ = try await ref.result()
+            _ = try await transfer("warm-\(client)", input(client: client, n: 0))
         }
 
         let before = runtime.journal.statistics
@@ -94,10 +108,8 @@ struct SagaTransferScenario: BenchmarkScenario {
                 let count = total / clients + (client < total % clients ? 1 : 0)
                 group.addTask {
                     for n in 0..<count {
-                        let ref = runtime.entity(SagaTransfer.self, id: "tr-\(client)-\(n)")
                         let start = ContinuousClock.Instant.now
-                        try await ref.start(input(client: client, n: n))
-                        let receipt = try await ref.result()
+                        let receipt = try await transfer("tr-\(client)-\(n)", input(client: client, n: n))
                         recorder.record(since: start)
                         guard receipt > 0 else { throw BenchmarkFailure(message: "tr-\(client)-\(n) returned receipt \(receipt)") }
                     }
@@ -114,7 +126,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         for client in 0..<clients {
             let count = total / clients + (client < total % clients ? 1 : 0)
             for n in 0..<count {
-                let name = EntityName(type: SagaTransfer.entityType, id: "tr-\(client)-\(n)")
+                let name = EntityName(type: type.entityType, id: "tr-\(client)-\(n)")
                 guard let key = try runtime.journal.key(for: name) else {
                     throw BenchmarkFailure(message: "\(name) is not registered")
                 }
@@ -155,7 +167,7 @@ struct SagaTransferScenario: BenchmarkScenario {
                 "in_flight": .int(clients), "events": .int(total), "entities": .int(accounts),
                 "durability": .string("\(durability)"), "shards": .int(configuration.shards),
                 "max_per_turn": .int(configuration.maxMessagesPerTurn), "activities": .int(maxActivities),
-                "max_resident": .int(maxResident), "codec": .string(codec),
+                "max_resident": .int(maxResident), "codec": .string(codec), "local": .bool(local),
             ],
             extra: extra)
     }
@@ -183,17 +195,26 @@ struct SagaTransfer: EntityWorkflow {
     static func initialState(id: String) -> State { State() }
 
     static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> Int64 {
+        try await transfer(input, context: context, local: false)
+    }
+
+    /// The transfer, with its activities on the pool or local.
+    static func transfer<W: EntityWorkflow>(_ input: Input, context: WorkflowContext<W>, local: Bool) async throws -> Int64
+    where W.State == State {
+        func call<A: Activity>(_ activity: A.Type, _ input: A.Input) async throws -> A.Output {
+            local ? try await context.executeLocal(activity, input, options: options) : try await context.execute(activity, input, options: options)
+        }
         var saga = Saga()
         let debit = SagaLeg(account: input.from, amount: input.amount)
         let credit = SagaLeg(account: input.to, amount: input.amount)
         do {
-            saga.addCompensation("refund") { _ = try await context.execute(SagaRefund.self, debit, options: options) }
-            _ = try await context.execute(SagaWithdraw.self, debit, options: options)
+            saga.addCompensation("refund") { _ = try await call(SagaRefund.self, debit) }
+            _ = try await call(SagaWithdraw.self, debit)
             context.updateState { $0.status = 1 }
-            saga.addCompensation("undo-deposit") { _ = try await context.execute(SagaUndoDeposit.self, credit, options: options) }
-            _ = try await context.execute(SagaDeposit.self, credit, options: options)
+            saga.addCompensation("undo-deposit") { _ = try await call(SagaUndoDeposit.self, credit) }
+            _ = try await call(SagaDeposit.self, credit)
             context.updateState { $0.status = 2 }
-            let receipt = try await context.execute(SagaRecord.self, input, options: options)
+            let receipt = try await call(SagaRecord.self, input)
             context.updateState { $0.status = 3 }
             return receipt
         } catch {
@@ -203,6 +224,23 @@ struct SagaTransfer: EntityWorkflow {
         }
     }
 }
+
+/// The same transfer with local activities (`--param local=true`).
+struct SagaTransferLocal: EntityWorkflow {
+    typealias State = SagaTransfer.State
+    typealias Input = SagaTransfer.Input
+    typealias Output = Int64
+    static var entityType: String { "SagaTransferLocal" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> Int64 {
+        try await SagaTransfer.transfer(input, context: context, local: true)
+    }
+}
+
+/// The two transfer entity types, for the scenario's client loop.
+protocol SagaTransferEntity: EntityWorkflow where Input == SagaTransfer.Input, Output == Int64 {}
+extension SagaTransfer: SagaTransferEntity {}
+extension SagaTransferLocal: SagaTransferEntity {}
 
 /// One side of a transfer.
 struct SagaLeg: Codable, Sendable {

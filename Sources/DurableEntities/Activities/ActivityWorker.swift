@@ -214,8 +214,6 @@ final class ActivityWorker: @unchecked Sendable {
     }
 
     private func attempt(_ task: ActivityTask) async {
-        let clock = core.clock
-        let codec = core.codec
         // An activity not registered (yet) waits for its registration: after a restart, tasks are
         // recovered before the application has registered everything.
         let found = activities.withLock { registered -> (any AnyActivity)? in
@@ -227,6 +225,24 @@ final class ActivityWorker: @unchecked Sendable {
             core.logger.debug("an activity waits for its registration", metadata: ["activity": "\(task.name)"])
             return
         }
+        let ended = await perform(task, activity, on: nil)
+        apply(decide(task, ended), to: task)
+    }
+
+    /// How an attempt ended: its result, the timeout that ended it, its last heartbeat details.
+    private struct Ended: Sendable {
+        var result: Result<[UInt8], any Error>
+        var timedOut: Timeout?
+        var heartbeat: [UInt8]?
+        /// The attempt's task was cancelled (the runtime closes).
+        var cancelled: Bool
+    }
+
+    /// Runs one attempt of `task` under its timeouts. With an `executor`, the attempt's own task
+    /// (when a timeout needs one) prefers it too (a local activity's attempt runs inside the turn).
+    private func perform(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?) async -> Ended {
+        let clock = core.clock
+        let codec = core.codec
         let attempt = Attempt(heartbeat: task.heartbeat)
         let alarms = core.timers
         let started = clock.nowNanoseconds()
@@ -262,7 +278,7 @@ final class ActivityWorker: @unchecked Sendable {
             do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
         } else {
             // A timeout cancels the attempt, so it runs as a task the watchdogs can reach.
-            let running = Task { try await activity.run(task.input, context: context, codec: codec) }
+            let running = Task(executorPreference: executor) { try await activity.run(task.input, context: context, codec: codec) }
             // A watchdog that rang before the attempt was reachable cancels it here.
             let expired = attempt.state.withLock { state -> Bool in
                 state.work = running
@@ -275,33 +291,47 @@ final class ActivityWorker: @unchecked Sendable {
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
         let (timedOut, heartbeat, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeat, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
+        return Ended(result: result, timedOut: timedOut, heartbeat: heartbeat, cancelled: Task.isCancelled)
+    }
 
+    /// What comes after an attempt.
+    enum Decision: Sendable {
+        case succeeded([UInt8])
+        /// The activity ended for good.
+        case failed(ActivityFailure)
+        /// Attempt `next.attempt` runs at `next.notBefore`.
+        case retry(ActivityTask)
+        /// Nothing is recorded: the runtime closed during the attempt (its task runs again at the next open).
+        case dropped
+    }
+
+    /// Applies the retry policy to an attempt's end.
+    private func decide(_ task: ActivityTask, _ ended: Ended) -> Decision {
         // Cancelled by a closing runtime: a failure is not recorded (nor is anything once the attempt
         // was abandoned); the stored task runs again at the next open.
-        if abandoned { return }
-        if Task.isCancelled, case .failure = result { return }
+        if abandoned { return .dropped }
+        if ended.cancelled, case .failure = ended.result { return .dropped }
         var next = task
-        next.heartbeat = heartbeat
-        if let reason = timedOut {
-            retryOrFail(next, errorType: "\(reason)Timeout", error: "the attempt timed out (\(reason))", timeout: reason, nonRetryable: false)
-            return
+        next.heartbeat = ended.heartbeat
+        if let reason = ended.timedOut {
+            return retryOrFail(next, errorType: "\(reason)Timeout", error: "the attempt timed out (\(reason))", timeout: reason, nonRetryable: false)
         }
-        switch result {
+        switch ended.result {
         case .success(let output):
-            finish(task, .success(output))
+            return .succeeded(output)
         case .failure(let error):
             let type = String(describing: Swift.type(of: error))
             let nonRetryable = error is NonRetryableError || task.options.retry.nonRetryableErrorTypes.contains(type)
-            retryOrFail(next, errorType: type, error: "\(error)", timeout: nil, nonRetryable: nonRetryable)
+            return retryOrFail(next, errorType: type, error: "\(error)", timeout: nil, nonRetryable: nonRetryable)
         }
     }
 
-    /// After a failed attempt: schedules the next one durably, or gives the final failure.
-    private func retryOrFail(_ task: ActivityTask, errorType: String, error: String, timeout: Timeout?, nonRetryable: Bool) {
+    /// After a failed attempt: the next attempt, or the final failure.
+    private func retryOrFail(_ task: ActivityTask, errorType: String, error: String, timeout: Timeout?, nonRetryable: Bool) -> Decision {
         let policy = task.options.retry
         let attempts = task.attempt
-        func fail(_ reason: ActivityFailure.Reason) {
-            finish(task, .failure(ActivityFailure(activity: task.name, reason: reason, attempts: attempts, causeType: errorType, cause: error)))
+        func fail(_ reason: ActivityFailure.Reason) -> Decision {
+            .failed(ActivityFailure(activity: task.name, reason: reason, attempts: attempts, causeType: errorType, cause: error))
         }
         if nonRetryable { return fail(.nonRetryable) }
         if timeout == .scheduleToClose { return fail(.scheduleToCloseTimeout) }
@@ -321,15 +351,93 @@ final class ActivityWorker: @unchecked Sendable {
         next.notBefore = due
         next.lastErrorType = errorType
         next.lastError = error
+        return .retry(next)
+    }
+
+    /// Carries a decision out for a stored task: the outcome to its entity, or the next attempt stored
+    /// with its retry timer.
+    private func apply(_ decision: Decision, to task: ActivityTask) {
+        switch decision {
+        case .succeeded(let output): finish(task, .success(output))
+        case .failed(let failure): finish(task, .failure(failure))
+        case .retry(let next): storeRetry(next)
+        case .dropped: break
+        }
+    }
+
+    /// Stores the next attempt and its retry timer (the timer runs it, see ``retryDue(_:done:)``).
+    private func storeRetry(_ next: ActivityTask) {
         var batch = JournalBatch()
-        batch.putTask(key: next.key, value: next.encoded())
-        batch.scheduleTimer(JournalTimer(dueNanoseconds: due, entity: EntityKey(rawValue: task.entityKey),
-                                         id: task.activityID | (1 << 63), payload: [1] + next.key))
+        Self.addRetry(next, to: &batch)
         core.becameBusy()
         core.journal.submit(batch) { [core] _ in
             core!.timers.wake()
             core!.becameIdle()
         }
+    }
+
+    /// The rows of a retry: the task with its next attempt, and the timer that runs it.
+    static func addRetry(_ next: ActivityTask, to batch: inout JournalBatch) {
+        batch.putTask(key: next.key, value: next.encoded())
+        batch.scheduleTimer(JournalTimer(dueNanoseconds: next.notBefore, entity: EntityKey(rawValue: next.entityKey),
+                                         id: next.activityID | (1 << 63), payload: [1] + next.key))
+    }
+
+    // MARK: Local activities
+
+    /// A local activity's attempt in flight: where its jobs run, and its task.
+    struct LocalAttempt {
+        let executor: LocalActivityExecutor
+        let task: Task<Void, Never>
+    }
+
+    /// Starts the first attempt of a local activity (`task`, whose entity key may not be known yet) on
+    /// its own ``LocalActivityExecutor``; the turn that scheduled it runs its jobs. If the attempt ends
+    /// inside the turn, `inline` gets the decision there; otherwise (see ``detach(_:)``) the decision
+    /// is carried out like a pool attempt's once the turn's commit is durable.
+    /// - Returns: `nil` if the activity is not registered (the caller schedules it on the pool, where
+    ///   it waits for its registration).
+    func startLocal(_ task: ActivityTask, inline: @escaping @Sendable (Decision) -> Void) -> LocalAttempt? {
+        guard let activity = activities.withLock({ $0[task.name] }) else { return nil }
+        let executor = LocalActivityExecutor()
+        let work = Task(executorPreference: executor) { [self] in
+            let ended = await perform(task, activity, on: executor)
+            let decision = decide(task, ended)
+            let done = executor.finish { [self] key, committed in
+                // Detached: the turn's commit is done; the outcome goes the way a pool attempt's goes.
+                // If that commit failed, the entity reloads without the command and schedules again.
+                if committed {
+                    var stored = task
+                    stored.entityKey = key
+                    let carried: Decision = if case .retry(var next) = decision {
+                        .retry({ next.entityKey = key; return next }())
+                    } else {
+                        decision
+                    }
+                    apply(carried, to: stored)
+                }
+                if let id = executor.drainID { drains.withLock { _ = $0.tasks.removeValue(forKey: id) } }
+                core.becameIdle()
+            }
+            if done { inline(decision) }
+        }
+        return LocalAttempt(executor: executor, task: work)
+    }
+
+    /// The turn that started `local` ends: if the attempt still runs, it continues outside the turn
+    /// (counted as running, cancelled by a closing runtime like the pool's attempts). Returns whether
+    /// it still runs (the turn then stores its task).
+    func detach(_ local: LocalAttempt) -> Bool {
+        guard local.executor.detach() else { return false }
+        core.becameBusy()
+        let id = drains.withLock { drains -> UInt64 in
+            let id = drains.next
+            drains.next += 1
+            drains.tasks[id] = local.task
+            return id
+        }
+        local.executor.drainID = id
+        return true
     }
 
     /// Hands the final outcome to the entity, whose turn records it and deletes the task.

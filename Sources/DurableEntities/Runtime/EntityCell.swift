@@ -127,6 +127,11 @@ struct TurnOutput {
     /// The run body continued as new in this turn: the last run ended at `boundary` with `state`
     /// (the new run's snapshot, the entity type's `State`); `previousRunStart` is where that ended run began.
     var runSwitch: (boundary: UInt64, state: any Sendable, previousRunStart: UInt64)?
+    /// Local activities whose attempt failed inside the turn: their next attempts (stored with a retry timer).
+    var localRetries: [ActivityTask] = []
+    /// Local activities still running when the turn ended: stored as tasks; their outcomes are
+    /// carried out once the commit is done.
+    var localDetached: [(ActivityTask, ActivityWorker.LocalAttempt)] = []
 }
 
 /// The runtime's in-memory side of one entity: its mailbox, its committed state and, for an entity
@@ -304,6 +309,34 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         return loaded.status == .active ? (loaded.state as! W.State) : nil
     }
 
+    /// The outcome of a finished run read from the journal, without activating the entity: the answer
+    /// to `result()` when the entity is not in memory (finished runs leave it at once, see
+    /// ``EntityRuntime/Configuration/passivateFinishedRuns``) and its history's last event is the
+    /// run's `completed` or `failed`. A finished run's outcome is final — nothing a later turn does
+    /// changes it — so this read cannot be stale. `nil`: ask the entity (anything else, or a read error).
+    func finishedOutcome() -> Result<any Sendable, EntityError>? {
+        guard W.hasRunBody else { return nil }
+        let idle = cell.withLock { $0.durable == nil && $0.failure == nil && !$0.inFlight && $0.messages.isEmpty }
+        guard idle, let found = try? core.journal.key(for: name) as EntityKey??, let key = found else { return nil }
+        var outcome: Result<[UInt8], WorkflowFailure>?
+        do {
+            let last = try core.journal.latestSequence(of: key)
+            guard last > 0 else { return nil }
+            try core.journal.forEachEvent(of: key, from: last, through: last) { _, payload in
+                guard let header = HistoryEvent.Header(payload) else { return }
+                let body = UnsafeRawBufferPointer(rebasing: payload[header.bodyOffset...])
+                switch header.kind {
+                case .completed: outcome = .success(Array(body))
+                case .failed: outcome = .failure(WorkflowFailure(message: String(decoding: body, as: UTF8.self)))
+                default: break
+                }
+            }
+        } catch {
+            return nil
+        }
+        return outcome.map(decodeOutcome)
+    }
+
     /// Marks the cell evicted if it is idle; returns whether it was. A run body in memory is abandoned
     /// (it is replayed from history when the entity is next activated).
     func evictIfIdle() -> Bool {
@@ -413,15 +446,30 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             guard let run = Self.run(next) else { return }
             run.state = working
             run.now = now
+            if run.activityWorker == nil { run.activityWorker = core.activities }
             body(run)
             working = run.state
-            for command in run.issued {
+            // Outcomes of local activities that ended in the turn go between the commands, where the
+            // body saw them.
+            var localOutcome = 0
+            func recordLocalOutcomes(upTo position: Int) {
+                while localOutcome < run.localOutcomes.count, run.localOutcomes[localOutcome].position <= position {
+                    let ended = run.localOutcomes[localOutcome]
+                    record(.activityOutcome(id: ended.id, ended.outcome, time: now))
+                    localOutcome += 1
+                }
+            }
+            for (position, command) in run.issued.enumerated() {
+                if !run.localOutcomes.isEmpty { recordLocalOutcomes(upTo: position) }
                 record(.command(command, time: now))
                 switch command {
                 case .startTimer(let id, let due): output.timersStarted.append((id, due))
                 case .cancelTimer(let id, let due): output.timersDone.append((id, due))
                 case .scheduleActivity(let id, let name, let input, let options):
-                    output.activitiesScheduled.append((id, name, input, options))
+                    // A local activity runs in the turn (or was detached from it, see below).
+                    if run.localCommands.isEmpty || run.localCommands.remove(id) == nil {
+                        output.activitiesScheduled.append((id, name, input, options))
+                    }
                 case .startChild(let id, let child, let input, _):
                     output.outgoing.append(EntityEnvelope(kind: .startChild, target: child, sender: name, commandID: id, payload: input))
                 case .signalEntity(let id, let target, let signal):
@@ -432,6 +480,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     }
                 default: break
                 }
+            }
+            if !run.localOutcomes.isEmpty {
+                recordLocalOutcomes(upTo: Int.max)
+                run.localOutcomes.removeAll()
+            }
+            if !run.localRetries.isEmpty {
+                output.localRetries += run.localRetries
+                run.localRetries.removeAll()
             }
             run.issued.removeAll()
             if let continuation = run.continuation { switchRun(from: run, to: continuation) }
@@ -734,8 +790,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             if let run = Self.run(next) { closeOpenChildren(of: run) }
         }
 
+        // Local activities still running leave the turn; the commit stores them.
+        if let run = Self.run(next), !run.locals.isEmpty { output.localDetached = run.detachLocals() }
         next.state = working
-        guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty else {
+        guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty || !output.localDetached.isEmpty
+            || !output.localRetries.isEmpty else {
             // Nothing to write: a turn that only read, refused, or registered result waiters.
             if output.resultWaiters.isEmpty {
                 finishWithoutCommit(replies)
@@ -779,6 +838,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 key = reserved.key
                 if !reserved.registered { batch.register(name, as: key) }
             } catch {
+                for (_, local) in output.localDetached { local.executor.scheduled(key: 0, ok: false) }
                 complete(.failure(EntityError(.storage, entity: name, "reserving the entity's key failed; nothing was recorded", underlying: error)),
                          next: next, waiters: output.resultWaiters, replies: replies)
                 return
@@ -805,10 +865,19 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             batch.putTask(key: task.key, value: task.encoded())
             tasks.append(task)
         }
+        for var retry in output.localRetries {
+            retry.entityKey = key.rawValue
+            ActivityWorker.addRetry(retry, to: &batch)
+        }
+        for (var task, _) in output.localDetached {
+            task.entityKey = key.rawValue
+            batch.putTask(key: task.key, value: task.encoded())
+        }
         var committed = next
         if let runSwitch = output.runSwitch {
             // The run body continued as new: the ended run's state is the new run's starting point.
             guard let snapshot = try? core.codec.encode(runSwitch.state as! W.State) else {
+                for (_, local) in output.localDetached { local.executor.scheduled(key: 0, ok: false) }
                 complete(.failure(EntityError(.unencodablePayload, entity: name,
                                               "the state does not encode, so the run cannot continue as new; nothing of the turn was recorded")),
                          next: next, waiters: output.resultWaiters, replies: replies)
@@ -856,7 +925,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             self.complete(result.map { _ in () }.mapError {
                 EntityError(.storage, entity: self.name, "committing the turn failed; nothing of it was recorded", underlying: $0)
             }, next: published, waiters: waiters, replies: replies)
-            if !output.timersStarted.isEmpty { self.core.timers.wake() }
+            if !output.timersStarted.isEmpty || !output.localRetries.isEmpty { self.core.timers.wake() }
+            // Local attempts that left the turn carry out their outcomes from now on.
+            let committed = if case .success = result { true } else { false }
+            for (_, local) in output.localDetached { local.executor.scheduled(key: key.rawValue, ok: committed) }
             // Activities run, and messages leave, only once the commit that made them is durable.
             if case .success = result {
                 for task in dispatched { self.core.activities.dispatch(task) }

@@ -118,7 +118,14 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     /// Waits for the run body's outcome: its output, or ``EntityError/Code/rejected`` carrying the
     /// body's ``WorkflowFailure``. Waiting costs no thread; the body may take months.
     public func result() async throws(EntityError) -> W.Output {
-        try await deliverValue { reply in .result(reply) } as! W.Output
+        // A finished run that left memory answers from its last event, without a replay.
+        let cell = cache.cell ?? runtime.core.cell(W.self, name)
+        switch cell.finishedOutcome() {
+        case .success(let output)?: return output as! W.Output
+        case .failure(let error)?: throw error
+        case nil: break
+        }
+        return try await deliverValue { reply in .result(reply) } as! W.Output
     }
 
     /// Asks the run body to stop, cooperatively: recorded, then the wait the body is suspended on

@@ -115,6 +115,41 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
     }
 
+    /// Runs a *local activity*: a short call in this process (an in-memory ledger, a local file or
+    /// cache, a quick call to a nearby service) that skips the activity pool.
+    ///
+    /// Its first attempt starts at once, inside the turn, on the entity's shard: when it ends without
+    /// waiting for anything outside (no I/O suspension), its outcome is recorded in the same commit as
+    /// the command — a run body of three local activities is one commit instead of four. An attempt
+    /// that does wait (I/O, a timer, another actor) leaves the turn when the turn ends and goes on
+    /// outside the shard; the turn then stores it as a task, like ``execute(_:_:options:)``, and its
+    /// outcome is recorded when it arrives. A failed attempt that the policy retries becomes a stored
+    /// task with its retry timer, and the next attempts run on the pool, exactly as for `execute`.
+    ///
+    /// The history is the same as `execute`'s (a `scheduleActivity` command, then the outcome), so code
+    /// may switch between the two for a step without breaking replay.
+    ///
+    /// What differs, and what to keep in mind:
+    /// - the attempt may run **before** anything of the turn is durable: if the process dies before
+    ///   the commit, the entity's history has no trace of it, and the replay after restart schedules
+    ///   it again (same command id, same ``ActivityContext/idempotencyKey`` if the body takes the same
+    ///   path). Activities must be idempotent anyway; local ones rely on it a little more.
+    /// - while it runs inside the turn it holds the shard's thread: keep it short (microseconds to a
+    ///   few milliseconds). Anything slow belongs in `execute`.
+    /// - the heartbeat timeout applies only to attempts that run on the pool (retries).
+    /// - Throws: ``ActivityFailure`` when the activity ends for good; `CancellationError` if the run
+    ///   is cancelled meanwhile.
+    public func executeLocal<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
+        let id = run.nextCommandID()
+        let bytes = try run.codec.encode(input)
+        run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
+        if !run.replaying { _ = run.startLocal(id, name: A.name, input: bytes, options: options) }
+        let output = try await withUnsafeThrowingContinuation { continuation in
+            run.awaitActivity(id, continuation)
+        }
+        return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
+    }
+
     /// Runs `body` once and records its result; a replay returns the recorded result without running it.
     /// Use it for small non-deterministic values (a generated id, a reading of the wall clock).
     public func sideEffect<Value: Codable & Sendable>(_ body: () throws -> Value) throws -> Value {

@@ -74,6 +74,18 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
     var started: Bool { task != nil }
     private var task: Task<Void, Never>?
 
+    // Local activities (see ``WorkflowContext/executeLocal(_:_:options:)``).
+    /// Runs them; set by the cell before the body runs live (`nil` when replaying an export).
+    var activityWorker: ActivityWorker?
+    /// Local activities whose attempt runs inside this turn, by command id.
+    private(set) var locals: [UInt64: (task: ActivityTask, attempt: ActivityWorker.LocalAttempt)] = [:]
+    /// Command ids of the `scheduleActivity` commands in `issued` that are local (not for the pool).
+    var localCommands: Set<UInt64> = []
+    /// Outcomes of local activities that ended inside the turn, with their place among `issued`.
+    var localOutcomes: [(position: Int, id: UInt64, outcome: Result<[UInt8], ActivityFailure>)] = []
+    /// Local activities whose attempt failed inside the turn and retry on the pool (next attempts).
+    var localRetries: [ActivityTask] = []
+
     init(name: EntityName, run: UInt64, state: W.State, codec: any EntityCodec, logger: Logger) {
         self.name = name
         self.run = run
@@ -128,11 +140,60 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
         issued.append(.fail(message: message))
     }
 
-    /// Runs the body until every task waits, resuming conditions that became true on the way.
+    /// Runs the body until every task waits, resuming conditions that became true on the way (and
+    /// running the attempts of local activities, whose outcomes resume the body in turn).
     func settle() {
         repeat {
-            executor.drain()
+            var ran = true
+            while ran {
+                ran = executor.drain()
+                if !locals.isEmpty {
+                    for local in Array(locals.values) where local.attempt.executor.drain() { ran = true }
+                }
+            }
         } while resumeSatisfiedConditions()
+    }
+
+    /// Starts local activity `id` (the command was just issued); returns `false` if it cannot run
+    /// locally (not registered, or no worker): the command then goes to the pool.
+    func startLocal(_ id: UInt64, name activity: String, input: [UInt8], options: ActivityOptions) -> Bool {
+        guard let worker = activityWorker else { return false }
+        let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: 0, run: run, activityID: id, name: activity,
+                                input: input, options: options, attempt: 1, scheduledAt: now, notBefore: now)
+        guard let local = worker.startLocal(task, inline: { [self] decision in endLocal(id, decision) }) else { return false }
+        locals[id] = (task, local)
+        localCommands.insert(id)
+        return true
+    }
+
+    /// A local activity's attempt ended inside the turn (on the shard's thread, within ``settle()``).
+    private func endLocal(_ id: UInt64, _ decision: ActivityWorker.Decision) {
+        locals[id] = nil
+        guard activities[id] != nil else { return }  // the body stopped waiting (cancelled)
+        switch decision {
+        case .succeeded(let output):
+            localOutcomes.append((issued.count, id, .success(output)))
+            completeActivityInTurn(id, .success(output))
+        case .failed(let failure):
+            localOutcomes.append((issued.count, id, .failure(failure)))
+            completeActivityInTurn(id, .failure(failure))
+        case .retry(let next):
+            localRetries.append(next)
+        case .dropped:
+            break
+        }
+    }
+
+    /// The turn ends: local attempts still running leave it (see ``LocalActivityExecutor``). Returns
+    /// the tasks to store for those that still run, with their attempts.
+    func detachLocals() -> [(ActivityTask, ActivityWorker.LocalAttempt)] {
+        guard !locals.isEmpty, let worker = activityWorker else { return [] }
+        var detached: [(ActivityTask, ActivityWorker.LocalAttempt)] = []
+        for (_, local) in locals.sorted(by: { $0.key < $1.key }) where worker.detach(local.attempt) {
+            detached.append(local)
+        }
+        locals.removeAll()
+        return detached
     }
 
     private func resumeSatisfiedConditions() -> Bool {
@@ -166,9 +227,13 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
 
     /// An activity ended: resumes the body with its output or its ``ActivityFailure``.
     func completeActivity(_ id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>) {
+        completeActivityInTurn(id, outcome)
+        settle()
+    }
+
+    private func completeActivityInTurn(_ id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>) {
         guard let continuation = activities.removeValue(forKey: id) else { return }
         continuation.resume(with: outcome.mapError { $0 as any Error })
-        settle()
     }
 
     /// Records a child started by the body (live and on replay).
@@ -267,6 +332,11 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
         activities.removeAll()
         failChildWaits(Abandoned())
         executor.drain()
+        // Local attempts still inside the turn finish on their own; nothing records their outcomes.
+        for local in locals.values where local.attempt.executor.detach() {
+            local.attempt.executor.scheduled(key: 0, ok: false)
+        }
+        locals.removeAll()
     }
 }
 

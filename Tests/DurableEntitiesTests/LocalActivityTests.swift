@@ -1,0 +1,255 @@
+@_spi(Testing) @testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Synchronization
+import Testing
+
+/// Runs `Step` as a local activity once per label, in order; between the first and the second it
+/// waits for the `go` signal if asked. Returns the outputs joined, or the failure.
+struct LocalSteps: EntityWorkflow {
+    struct State: Codable, Sendable { var go = false; var done = 0 }
+    enum Signal: Codable, Sendable { case go }
+    struct Input: Codable, Sendable {
+        var labels: [String]
+        var options: ActivityOptions = .default
+        var waitAfterFirst = false
+    }
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws { state.go = true }
+
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
+        var outputs: [String] = []
+        do {
+            for (index, label) in input.labels.enumerated() {
+                if index == 1, input.waitAfterFirst { try await context.condition { $0.go } }
+                outputs.append(try await context.executeLocal(Step.self, label, options: input.options))
+                context.updateState { $0.done += 1 }
+            }
+        } catch let failure as ActivityFailure {
+            outputs.append("failed:\(failure.reason):\(failure.attempts):\(failure.causeType)")
+        }
+        return outputs.joined(separator: ",")
+    }
+}
+
+@Suite("Local activities")
+struct LocalActivityTests {
+    func configuration(_ directory: TemporaryDirectory, _ clock: TestClock) -> EntityRuntime.Configuration {
+        var configuration = EntityRuntime.Configuration(directory: directory.path, activityGracePeriod: .milliseconds(20), clock: clock,
+                                                        logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        return configuration
+    }
+
+    func kinds(_ runtime: EntityRuntime, _ id: String) throws -> [HistoryEvent.Kind] {
+        try runtime.exportHistory(of: EntityName(type: LocalSteps.entityType, id: id)).events.map(\.kind)
+    }
+
+    @Test("three local activities that do not wait run inside the turn: the whole run is one commit, in the body's order, nothing stored")
+    func inlineInOneCommit() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let log = AttemptLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return "ok:\(label)"
+        }])
+        defer { runtime.close() }
+        let steps = runtime.entity(LocalSteps.self, id: "inline")
+        let before = runtime.journal.statistics.commits
+        try await steps.start(.init(labels: ["a", "b", "c"]))
+        #expect(runtime.journal.statistics.commits - before == 1)
+        #expect(try await steps.result() == "ok:a,ok:b,ok:c")
+        #expect(runtime.journal.statistics.commits - before == 1)
+        #expect(try kinds(runtime, "inline") == [.started, .activityScheduled, .activityCompleted, .activityScheduled, .activityCompleted,
+                                                 .activityScheduled, .activityCompleted, .completed])
+        #expect(log.all.map(\.number) == [1, 1, 1])
+        #expect(log.all.map(\.key) == (1...3).map { "LocalSteps/inline/\(UInt64(1) << 32 | UInt64($0))" })
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+    }
+
+    @Test("recorded local outcomes are replayed, not run again: after a restart the body continues past them")
+    func replayDoesNotRerun() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let log = AttemptLog()
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: label))
+            return "ok:\(label)"
+        }
+        do {
+            let first = try EntityRuntime(configuration: configuration(directory, clock), activities: [stub])
+            let steps = first.entity(LocalSteps.self, id: "replay")
+            try await steps.start(.init(labels: ["a", "b"], waitAfterFirst: true))
+            _ = try await steps.awaitState { $0.done == 1 }
+            await first.shutdown()
+        }
+        let second = try EntityRuntime(configuration: configuration(directory, clock), activities: [stub])
+        defer { second.close() }
+        let steps = second.entity(LocalSteps.self, id: "replay")
+        try await steps.signal(.go)
+        #expect(try await steps.result() == "ok:a,ok:b")
+        #expect(log.all.map(\.key) == ["a", "b"])
+    }
+
+    @Test("a local activity that waits outside the turn is stored as a task until its outcome is recorded")
+    func detachedIsStored() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, _ in
+            if label == "slow" {
+                event.yield("waiting")
+                await gate.wait()
+            }
+            return "ok:\(label)"
+        }])
+        defer { runtime.close() }
+        let steps = runtime.entity(LocalSteps.self, id: "slow")
+        try await steps.start(.init(labels: ["fast", "slow", "after"]))
+        #expect(await iterator.next() == "waiting")
+        // The start was acknowledged: its commit holds the first outcome and the stored second activity.
+        let stored = try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).compactMap { ActivityTask.decode($0.value) }
+        #expect(stored.map(\.name) == [Step.name])
+        #expect(stored.map(\.attempt) == [1])
+        gate.open()
+        #expect(try await steps.result() == "ok:fast,ok:slow,ok:after")
+        #expect(try kinds(runtime, "slow") == [.started, .activityScheduled, .activityCompleted, .activityScheduled, .activityCompleted,
+                                               .activityScheduled, .activityCompleted, .completed])
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+    }
+
+    @Test("a failed local attempt retries on the pool by the policy: attempts 1, 2, 3 with gaps 1 s, 2 s on the test clock, one idempotency key")
+    func retriesOnThePool() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let log = AttemptLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            if context.attempt < 3 { throw Flake() }
+            return "ok:\(label):\(context.attempt)"
+        }])
+        defer { runtime.close() }
+        let steps = runtime.entity(LocalSteps.self, id: "retry")
+        try await steps.start(.init(labels: ["x"], options: .retrying(.init(initialInterval: .seconds(1), backoffCoefficient: 2))))
+        #expect(try await steps.result() == "ok:x:3")
+        let attempts = log.all
+        #expect(attempts.map(\.number) == [1, 2, 3])
+        #expect(Set(attempts.map(\.key)).count == 1)
+        #expect(zip(attempts.dropFirst(), attempts).map { $0.time - $1.time } == [1_000_000_000, 2_000_000_000])
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+    }
+
+    @Test("a local activity's non-retryable error and its last allowed attempt end it with the same ActivityFailure as on the pool")
+    func failures() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, _ in
+            if label == "fatal" { throw Fatal() }
+            throw Flake()
+        }])
+        defer { runtime.close() }
+        let fatal = runtime.entity(LocalSteps.self, id: "fatal")
+        try await fatal.start(.init(labels: ["fatal"], options: .retrying(.init(nonRetryableErrorTypes: ["Fatal"]))))
+        #expect(try await fatal.result() == "failed:nonRetryable:1:Fatal")
+        let once = runtime.entity(LocalSteps.self, id: "once")
+        try await once.start(.init(labels: ["flaky"], options: .retrying(.never)))
+        #expect(try await once.result() == "failed:retriesExhausted:1:Flake")
+        let limited = runtime.entity(LocalSteps.self, id: "limited")
+        try await limited.start(.init(labels: ["flaky"], options: .retrying(.exponential(max: 3))))
+        #expect(try await limited.result() == "failed:retriesExhausted:3:Flake")
+    }
+
+    @Test("a local activity still running when the runtime closes runs again at the next open, with the same idempotency key",
+          .timeLimit(.minutes(1)))
+    func closeThenRerun() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let (started, didStart) = AsyncStream.makeStream(of: Void.self)
+        do {
+            let first = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { _, context in
+                log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+                didStart.yield()
+                while true { try await Task.sleep(for: .seconds(3_600)) }  // never answers; close cancels it
+            }])
+            try await first.entity(LocalSteps.self, id: "hang").start(.init(labels: ["h"]))
+            var iterator = started.makeAsyncIterator()
+            _ = await iterator.next()
+            await first.shutdown()
+        }
+        let second = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return "second:\(label)"
+        }])
+        defer { second.close() }
+        #expect(try await second.entity(LocalSteps.self, id: "hang").result() == "second:h")
+        let attempts = log.all
+        #expect(attempts.map(\.number) == [1, 1])
+        #expect(Set(attempts.map(\.key)).count == 1)
+    }
+}
+
+/// Counts how often its body starts (a replay starts it again); fails when asked to.
+struct CountedRun: EntityWorkflow {
+    static let starts = Mutex<[String: Int]>([:])
+    struct State: Codable, Sendable { var pings = 0 }
+    enum Signal: Codable, Sendable { case ping }
+    struct Input: Codable, Sendable { var fail = false }
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws { state.pings += 1 }
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
+        starts.withLock { $0[context.id, default: 0] += 1 }
+        if input.fail { throw Fatal() }
+        return "done:\(context.id)"
+    }
+}
+
+@Suite("Results of finished runs")
+struct FinishedResultTests {
+    @Test("result() of a finished run that left memory is read from its last event, without replaying the body; a failure too")
+    func readWithoutReplay() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: TestClock(), logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        let ok = runtime.entity(CountedRun.self, id: "finished-ok")
+        try await ok.start(.init())
+        // The run finished in the start's turn and left memory; result() asks the journal.
+        #expect(try await ok.result() == "done:finished-ok")
+        #expect(try await ok.result() == "done:finished-ok")
+        #expect(CountedRun.starts.withLock { $0["finished-ok"] } == 1)
+
+        let failing = runtime.entity(CountedRun.self, id: "finished-failed")
+        try await failing.start(.init(fail: true))
+        let error = await #expect(throws: EntityError.self) { _ = try await failing.result() }
+        #expect(error?.code == .rejected)
+        #expect((error?.underlying as? WorkflowFailure)?.message.contains("Fatal") == true)
+        #expect(CountedRun.starts.withLock { $0["finished-failed"] } == 1)
+    }
+
+    @Test("after a signal recorded past the run's end, result() asks the entity and still gives the run's outcome")
+    func signalAfterTheEnd() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: TestClock(), logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        let entity = runtime.entity(CountedRun.self, id: "signalled-after")
+        try await entity.start(.init())
+        try await entity.signal(.ping)
+        #expect(try await entity.result() == "done:signalled-after")
+        #expect(try await entity.query { $0.pings } == 1)
+    }
+}
