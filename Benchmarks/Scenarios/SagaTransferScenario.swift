@@ -18,7 +18,8 @@ import Synchronization
 /// for a turn that only registers the `result` waiter when it does not share a turn with an outcome
 /// (5.1–5.6 measured), and records 8 history events and 3 activity tasks (put, then deleted).
 ///
-/// Extra fields: the journal writer's figures for the measured region (`commits`, `events_per_commit`,
+/// Extra fields: `start_p50_ms` and `start_p99_ms` (the `start` call alone: the rest of a
+/// transfer's latency is the `result` wait), the journal writer's figures for the measured region (`commits`, `events_per_commit`,
 /// `submissions_per_commit`, …), `events_per_transfer` (read back from the journal), the process's CPU
 /// time per transfer (`cpu_us_per_transfer`, all threads) and cores kept busy, the ledger's check
 /// (`balances_consistent`: Σ withdrawn == Σ deposited, every transfer withdrew, deposited and recorded
@@ -85,19 +86,22 @@ struct SagaTransferScenario: BenchmarkScenario {
         }
 
         let type: any SagaTransferEntity.Type = local ? SagaTransferLocal.self : SagaTransfer.self
-        /// Starts transfer `id` and awaits its receipt.
-        @Sendable func transfer(_ id: String, _ input: SagaTransfer.Input) async throws -> Int64 {
-            func run<W: SagaTransferEntity>(_ type: W.Type) async throws -> Int64 {
+        /// Starts transfer `id` and awaits its receipt; `started` gets the time `start` took.
+        @Sendable func transfer(_ id: String, _ input: SagaTransfer.Input, started: inout LocalLatencies) async throws -> Int64 {
+            func run<W: SagaTransferEntity>(_ type: W.Type, _ started: inout LocalLatencies) async throws -> Int64 {
                 let ref = runtime.entity(W.self, id: id)
-                try await ref.start(input)
+                try await started.measure { try await ref.start(input) }
                 return try await ref.result()
             }
-            return try await run(type)
+            return try await run(type, &started)
         }
+        /// Latencies of the `start` calls alone (the rest is the `result` wait).
+        let starts = LatencyRecorder()
 
         // Set-up: one transfer per client (the activity pool, the shards and the writer warm up).
         try await EntityBench.forEach(count: clients, workers: clients) { client in
-            _ = try await transfer("warm-\(client)", input(client: client, n: 0))
+            var ignored = LocalLatencies()
+            _ = try await transfer("warm-\(client)", input(client: client, n: 0), started: &ignored)
         }
 
         let before = runtime.journal.statistics
@@ -107,12 +111,14 @@ struct SagaTransferScenario: BenchmarkScenario {
             for client in 0..<clients {
                 let count = total / clients + (client < total % clients ? 1 : 0)
                 group.addTask {
+                    var started = starts.makeLocal()
                     for n in 0..<count {
                         let start = ContinuousClock.Instant.now
-                        let receipt = try await transfer("tr-\(client)-\(n)", input(client: client, n: n))
+                        let receipt = try await transfer("tr-\(client)-\(n)", input(client: client, n: n), started: &started)
                         recorder.record(since: start)
                         guard receipt > 0 else { throw BenchmarkFailure(message: "tr-\(client)-\(n) returned receipt \(receipt)") }
                     }
+                    starts.merge(started)
                 }
             }
             try await group.waitForAll()
@@ -156,6 +162,9 @@ struct SagaTransferScenario: BenchmarkScenario {
             "deposited_total": .int(Int(books.deposited)),
             "activity_duplicates": .int(books.duplicates),
         ]
+        let startSummary = starts.summary
+        extra["start_p50_ms"] = .double(startSummary.p50Milliseconds)
+        extra["start_p99_ms"] = .double(startSummary.p99Milliseconds)
         if let wall = recorder.elapsed { extra["cores_busy"] = .double(cpu.seconds / wall.seconds) }
         if let load { extra["load_avg_1m"] = .double(load) }
         guard consistent else {

@@ -315,9 +315,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// run's `completed` or `failed`. A finished run's outcome is final — nothing a later turn does
     /// changes it — so this read cannot be stale. `nil`: ask the entity (anything else, or a read error).
     func finishedOutcome() -> Result<any Sendable, EntityError>? {
-        guard W.hasRunBody else { return nil }
         let idle = cell.withLock { $0.durable == nil && $0.failure == nil && !$0.inFlight && $0.messages.isEmpty }
-        guard idle, let found = try? core.journal.key(for: name) as EntityKey??, let key = found else { return nil }
+        return idle ? Self.finishedOutcome(of: name, core: core) : nil
+    }
+
+    /// ``finishedOutcome()`` of an entity that has no cell in memory.
+    static func finishedOutcome(of name: EntityName, core: RuntimeCore) -> Result<any Sendable, EntityError>? {
+        guard W.hasRunBody, let found = try? core.journal.key(for: name) as EntityKey??, let key = found else { return nil }
         var outcome: Result<[UInt8], WorkflowFailure>?
         do {
             let last = try core.journal.latestSequence(of: key)
@@ -334,7 +338,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         } catch {
             return nil
         }
-        return outcome.map(decodeOutcome)
+        return outcome.map { decodeOutcome($0, name: name, codec: core.codec) }
     }
 
     /// Marks the cell evicted if it is idle; returns whether it was. A run body in memory is abandoned
@@ -814,9 +818,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     }
 
     private func decodeOutcome(_ outcome: Result<[UInt8], WorkflowFailure>) -> Result<any Sendable, EntityError> {
+        Self.decodeOutcome(outcome, name: name, codec: core.codec)
+    }
+
+    private static func decodeOutcome(_ outcome: Result<[UInt8], WorkflowFailure>, name: EntityName,
+                                      codec: any EntityCodec) -> Result<any Sendable, EntityError> {
         switch outcome {
         case .success(let bytes):
-            Result { try bytes.withUnsafeBytes { try core.codec.decode(W.Output.self, from: $0) as any Sendable } }
+            Result { try bytes.withUnsafeBytes { try codec.decode(W.Output.self, from: $0) as any Sendable } }
                 .mapError { EntityError(.undecodablePayload, entity: name, "the run's recorded output does not decode", underlying: $0) }
         case .failure(let failure):
             .failure(EntityError(.rejected, entity: name, "the run body failed: \(failure.message)", underlying: failure))

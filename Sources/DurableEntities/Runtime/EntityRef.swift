@@ -119,8 +119,13 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     /// body's ``WorkflowFailure``. Waiting costs no thread; the body may take months.
     public func result() async throws(EntityError) -> W.Output {
         // A finished run that left memory answers from its last event, without a replay.
-        let cell = cache.cell ?? runtime.core.cell(W.self, name)
-        switch cell.finishedOutcome() {
+        let core = runtime.core
+        let finished = if let cell = cache.cell ?? core.residentCell(W.self, name) {
+            cell.finishedOutcome()
+        } else {
+            EntityCell<W>.finishedOutcome(of: name, core: core)
+        }
+        switch finished {
         case .success(let output)?: return output as! W.Output
         case .failure(let error)?: throw error
         case nil: break

@@ -89,6 +89,11 @@ final class RuntimeCore: Sendable {
     }
 
     /// The resident cell of an entity, created (not yet loaded) when it is not resident.
+    /// The entity's cell if it is in memory (nothing is created).
+    func residentCell<W: EntityWorkflow>(_ type: W.Type, _ name: EntityName) -> EntityCell<W>? {
+        tables[shardIndex(name)].table.withLock { $0.cells[name] as? EntityCell<W> }
+    }
+
     func cell<W: EntityWorkflow>(_ type: W.Type, _ name: EntityName) -> EntityCell<W> {
         let index = shardIndex(name)
         let maxResident = max(1, configuration.maxResidentEntities / shards.count)
