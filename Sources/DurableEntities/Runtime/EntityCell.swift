@@ -520,6 +520,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         /// A run ended: its children still running get what their parent-close policy says.
         func closeOpenChildren(of run: WorkflowRun<W>) {
+            guard run.openChildCount > 0 else { return }
             for (id, child) in run.openChildren {
                 switch child.policy {
                 case .terminate:

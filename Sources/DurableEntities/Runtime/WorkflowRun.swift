@@ -147,8 +147,9 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
             var ran = true
             while ran {
                 ran = executor.drain()
+                // A copy: an attempt that ends removes itself from `locals`.
                 if !locals.isEmpty {
-                    for local in Array(locals.values) where local.attempt.executor.drain() { ran = true }
+                    for local in locals.values where local.attempt.executor.drain() { ran = true }
                 }
             }
         } while resumeSatisfiedConditions()
