@@ -219,9 +219,7 @@ struct FinishedResultTests {
     func readWithoutReplay() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: TestClock(), logger: quietLogger)
-        configuration.journal.logger = quietLogger
-        let runtime = try EntityRuntime(configuration: configuration)
+        let runtime = try EntityRuntime(configuration: LocalActivityTests().configuration(directory, TestClock()))
         defer { runtime.close() }
         let ok = runtime.entity(CountedRun.self, id: "finished-ok")
         try await ok.start(.init())
@@ -242,9 +240,7 @@ struct FinishedResultTests {
     func signalAfterTheEnd() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: TestClock(), logger: quietLogger)
-        configuration.journal.logger = quietLogger
-        let runtime = try EntityRuntime(configuration: configuration)
+        let runtime = try EntityRuntime(configuration: LocalActivityTests().configuration(directory, TestClock()))
         defer { runtime.close() }
         let entity = runtime.entity(CountedRun.self, id: "signalled-after")
         try await entity.start(.init())
