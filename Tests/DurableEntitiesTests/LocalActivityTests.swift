@@ -175,11 +175,15 @@ struct LocalActivityTests {
         let clock = TestClock(skipsTimeWhenIdle: false)
         let log = AttemptLog()
         let (started, didStart) = AsyncStream.makeStream(of: Void.self)
+        // A stream nothing is ever sent on: iterating it waits until the attempt is cancelled.
+        let (silence, silenceContinuation) = AsyncStream.makeStream(of: Void.self)
+        defer { silenceContinuation.finish() }
         do {
             let first = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { _, context in
                 log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
                 didStart.yield()
-                while true { try await Task.sleep(for: .seconds(3_600)) }  // never answers; close cancels it
+                for await _ in silence {}  // never answers; close cancels it
+                throw CancellationError()
             }])
             try await first.entity(LocalSteps.self, id: "hang").start(.init(labels: ["h"]))
             var iterator = started.makeAsyncIterator()

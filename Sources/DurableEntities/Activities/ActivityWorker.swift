@@ -360,7 +360,9 @@ final class ActivityWorker: @unchecked Sendable {
         switch decision {
         case .succeeded(let output): finish(task, .success(output))
         case .failed(let failure): finish(task, .failure(failure))
-        case .retry(let next): storeRetry(next)
+        case .retry(var next):
+            next.entityKey = task.entityKey  // a local attempt's task learns its entity key at the commit
+            storeRetry(next)
         case .dropped: break
         }
     }
@@ -409,12 +411,7 @@ final class ActivityWorker: @unchecked Sendable {
                 if committed {
                     var stored = task
                     stored.entityKey = key
-                    let carried: Decision = if case .retry(var next) = decision {
-                        .retry({ next.entityKey = key; return next }())
-                    } else {
-                        decision
-                    }
-                    apply(carried, to: stored)
+                    apply(decision, to: stored)
                 }
                 if let id = executor.drainID { drains.withLock { _ = $0.tasks.removeValue(forKey: id) } }
                 core.becameIdle()
