@@ -75,6 +75,30 @@ struct CrashEffect: Activity {
     }
 }
 
+/// The child's `LocalJob`: one local activity per entity, returning its output (the idempotency key).
+struct CrashLocalJob: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "LocalJob" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        try await context.executeLocal(CrashLocalEffect.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10))))
+    }
+}
+
+/// The child's `LocalEffect` (same name, input, output and side effect), without the stalls.
+struct CrashLocalEffect: Activity {
+    static var name: String { "LocalEffect" }
+    let effects: CrashEffectsFile
+    let log: CrashRunLog
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        let key = context.idempotencyKey
+        let applied = effects.applyOnce(key: key, line: key)
+        log.add(.init(label: "\(input)", key: key, applied: applied))
+        return key
+    }
+}
+
 /// Names a saga step (the same names as the child's).
 protocol CrashSagaStepName { static var name: String { get } }
 enum CrashWithdrawStep: CrashSagaStepName { static var name: String { "Withdraw" } }
@@ -266,6 +290,92 @@ struct ActivityCrashTests {
         #expect(Set(keys) == Set(round.keys.values) && Set(keys).count == count, "\(Set(keys).count) distinct keys in the side-effect table")
         #expect(keys.count == count, "\(keys.count) lines for \(Set(keys).count) keys")
         for index in round.done.keys { #expect(keys.filter { $0 == round.keys[index] }.count == 1, "job-\(index)") }
+        #expect(try storedTasks(runtime) == 0, "activity tasks left owed after every entity completed")
+    }
+
+    @Test("SIGKILLed with local activities done, in flight and inside an uncommitted turn: one effect per activity, same keys after reopen")
+    func killedWithLocalActivities() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let count = 60
+        let inline = Set((0..<count).filter { $0 % 3 == 0 })      // ended inside the start's turn
+        let detached = Set((0..<count).filter { $0 % 3 != 0 })    // waiting at the kill: stored as tasks
+        let appliesInChild = Set((0..<count).filter { $0 % 3 != 2 })
+        let blocker = 1000                                        // applied its effect, its turn never committed
+
+        let child = try ChildProcess("EntityCrashChild", arguments: ["local", directory.path])
+        let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
+        var round = ActivitiesRound()
+        while !(round.applied.contains(blocker) && round.started == Set(0..<count) && round.keys.count == count + 1
+                && round.applied == appliesInChild.union([blocker]) && Set(round.done.keys) == inline),
+              let line = await child.readLine() {
+            round.record(line)
+        }
+        let hung = watchdog.disarm()
+        child.kill()
+        for line in await child.remainingLines() { round.record(line) }
+        try #require(!hung, "the child hung: \(round.keys.count) running, \(round.applied.count) applied, \(round.done.count) done")
+        try #require(round.applied.contains(blocker), "the child never blocked inside the blocker's turn")
+        #expect(round.attempts.values.allSatisfy { $0 == 1 }, "an activity ran twice in the child: \(round.attempts.filter { $0.value > 1 })")
+        #expect(!round.started.contains(blocker), "the blocker's start was acknowledged before its turn committed")
+        for (index, key) in round.done { #expect(key == round.keys[index], "job-\(index) returned \(key), ran with \(round.keys[index] ?? "-")") }
+        let blockerKey = try #require(round.keys[blocker])
+
+        let effects = CrashEffectsFile(directory.path + "/effects.log")
+        #expect(Set(effects.lines) == Set(appliesInChild.union([blocker]).compactMap { round.keys[$0] }),
+                "the child's effects: \(effects.lines.count) lines")
+
+        // Reopen here: the stored tasks of the attempts that were waiting run again, on the pool.
+        let log = CrashRunLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashLocalJob.self],
+                                        activities: [CrashLocalEffect(effects: effects, log: log)])
+        let results: [Int: String]
+        do {
+            results = try await withDeadline(seconds: 20) {
+                try await withThrowingTaskGroup(of: (Int, String).self) { group in
+                    for index in 0..<count {
+                        group.addTask { (index, try await runtime.entity(CrashLocalJob.self, id: "job-\(index)").result()) }
+                    }
+                    // The blocker's start was never acknowledged: its client sends it again, as clients do.
+                    group.addTask {
+                        let job = runtime.entity(CrashLocalJob.self, id: "blocker")
+                        try await job.start(blocker)
+                        return (blocker, try await job.result())
+                    }
+                    var results: [Int: String] = [:]
+                    for try await (index, key) in group { results[index] = key }
+                    return results
+                }
+            }
+        } catch {
+            let stored = try storedTasks(runtime)
+            Issue.record("after reopen not every entity completed (\(error)); re-ran \(log.all.map(\.label)), \(stored) tasks stored")
+            return
+        }
+        defer { runtime.close() }
+
+        // Every entity completed with the key its activity first ran with, the blocker included (its
+        // body ran again from the start and scheduled the same activity).
+        for index in Array(0..<count) + [blocker] {
+            #expect(results[index] == round.keys[index], "job-\(index): result \(results[index] ?? "-"), child's key \(round.keys[index] ?? "-")")
+        }
+
+        // What ran again: each attempt that was waiting at the kill and the blocker's, once each with
+        // the same key; no inline attempt whose outcome was committed with the start.
+        let reruns = log.all
+        let rerun = Set(reruns.compactMap { Int($0.label) })
+        #expect(reruns.count == rerun.count, "an activity ran twice after reopen: \(reruns.map(\.label))")
+        #expect(rerun == detached.union([blocker]), "ran again: \(rerun.sorted())")
+        for run in reruns {
+            let index = Int(run.label) ?? -1
+            #expect(run.key == round.keys[index], "\(index) ran again with key \(run.key), first with \(round.keys[index] ?? "-")")
+            #expect(run.applied == !appliesInChild.union([blocker]).contains(index), "\(index): re-run applied = \(run.applied)")
+        }
+        #expect(reruns.first { $0.label == "\(blocker)" }?.key == blockerKey)
+
+        // The side-effect table: exactly one line per activity.
+        let keys = effects.lines.map(CrashEffectsFile.key(of:))
+        #expect(keys.count == count + 1 && Set(keys) == Set(round.keys.values), "\(keys.count) lines, \(Set(keys).count) distinct keys")
         #expect(try storedTasks(runtime) == 0, "activity tasks left owed after every entity completed")
     }
 

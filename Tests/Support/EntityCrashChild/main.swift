@@ -31,6 +31,20 @@
 //       start of "job-<i>" is durable and `done <i> <key>` once its result (committed) is observed.
 //       Never finishes on its own: the test SIGKILLs it.
 //
+//   EntityCrashChild local DIR
+//       The `activities` mode with local activities. Opens a runtime on DIR (the same settings) and
+//       starts the 60 `LocalJob` entities "job-<i>", i in 0..<60, whose run body executes the local
+//       activity `LocalEffect` once with input i (`executeLocal`) and returns its output (the
+//       idempotency key). `LocalEffect` prints `running <i> <key>`; i % 3 == 2 then stays in flight
+//       until the process is killed, before its effect; otherwise it appends "<key>" to
+//       DIR/effects.log unless a line for the key is there and prints `applied <i> <key>`, after which
+//       i % 3 == 0 returns the key at once (inside the start's turn) and i % 3 == 1 stays in flight.
+//       Prints `started <i>` once the start of "job-<i>" is durable and `done <i> <key>` once its
+//       result is observed. Once every job is started and every i % 3 == 0 one done, it starts
+//       "blocker" with input 1000, whose attempt applies its effect inside the start's turn, prints
+//       `applied 1000 <key>` and then blocks its thread, so the turn is never committed.
+//       Never finishes on its own: the test SIGKILLs it.
+//
 //   EntityCrashChild saga DIR STALL WHEN
 //       Opens a runtime on DIR and starts the `CrashTransfer` saga "t-1" with amount 100: activities
 //       Withdraw, Deposit, Record (which applies its effect, a recorded refusal, then throws a
@@ -280,6 +294,59 @@ func activities(directory: String) async throws {
     runtime.close()
 }
 
+/// One local activity per entity: the `local` mode. The same shape as the tests' `CrashLocalJob`.
+struct LocalJob: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "LocalJob" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        try await context.executeLocal(LocalEffect.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10))))
+    }
+}
+
+/// The `local` mode's activity (see the header); named "LocalEffect" like the tests' `CrashLocalEffect`.
+struct LocalEffect: Activity {
+    static var name: String { "LocalEffect" }
+    let effects: EffectsFile
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        let key = context.idempotencyKey
+        emit("running \(input) \(key)")
+        if input % 3 == 2 { try await stallUntilKilled() }
+        _ = effects.applyOnce(key: key, line: key)
+        emit("applied \(input) \(key)")
+        if input == 1000 {
+            // Holds the shard's thread inside the turn (a semaphore nothing signals): the turn never
+            // reaches its commit.
+            DispatchSemaphore(value: 0).wait()
+        }
+        if input % 3 == 1 { try await stallUntilKilled() }
+        return key
+    }
+}
+
+func local(directory: String) async throws {
+    let effects = EffectsFile(directory + "/effects.log")
+    let runtime = try EntityRuntime(configuration: activityConfiguration(directory), entityTypes: [LocalJob.self],
+                                    activities: [LocalEffect(effects: effects)])
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for index in 0..<60 {
+            group.addTask {
+                let job = runtime.entity(LocalJob.self, id: "job-\(index)")
+                try await job.start(index)
+                emit("started \(index)")
+                guard index % 3 == 0 else { return }
+                let key = try await job.result()
+                emit("done \(index) \(key)")
+            }
+        }
+        try await group.waitForAll()
+    }
+    // Every job is started and every inline one done: now the turn that never commits.
+    try await runtime.entity(LocalJob.self, id: "blocker").start(1000)
+    fail("the blocker's start was acknowledged")
+}
+
 /// Names a saga step (an activity type per name, one generic implementation).
 protocol SagaStepName { static var name: String { get } }
 enum WithdrawStep: SagaStepName { static var name: String { "Withdraw" } }
@@ -387,15 +454,17 @@ if arguments.count == 5, arguments[1] == "fanout", let width = Int(arguments[3])
     do { try await fanout(directory: arguments[2], width: width, window: window) } catch { fail("EntityCrashChild: \(error)") }
     exit(0)
 }
-if arguments.count > 1, ["activities", "saga"].contains(arguments[1]) {
+if arguments.count > 1, ["activities", "local", "saga"].contains(arguments[1]) {
     do {
         if arguments[1] == "activities", arguments.count == 3 {
             try await activities(directory: arguments[2])
+        } else if arguments[1] == "local", arguments.count == 3 {
+            try await local(directory: arguments[2])
         } else if arguments[1] == "saga", arguments.count == 5, ["UndoDeposit", "Refund"].contains(arguments[3]),
                   ["before", "after"].contains(arguments[4]) {
             try await saga(directory: arguments[2], stall: arguments[3], stallBeforeEffect: arguments[4] == "before")
         } else {
-            fail("usage: EntityCrashChild activities DIR | saga DIR UndoDeposit|Refund before|after")
+            fail("usage: EntityCrashChild activities DIR | local DIR | saga DIR UndoDeposit|Refund before|after")
         }
     } catch {
         fail("EntityCrashChild: \(error)")
