@@ -167,6 +167,43 @@ struct LocalActivityTests {
         #expect(try await limited.result() == "failed:retriesExhausted:3:Flake")
     }
 
+    @Test("a waiting local attempt is caught by its heartbeat timeout and retried on the pool; the retry reads the last heartbeat",
+          .timeLimit(.minutes(1)))
+    func heartbeatTimeout() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let (heartbeats, heartbeated) = AsyncStream.makeStream(of: Int.self)
+        // A stream nothing is ever sent on: iterating it waits until the attempt is cancelled.
+        let (silence, silenceContinuation) = AsyncStream.makeStream(of: Void.self)
+        defer { silenceContinuation.finish() }
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey,
+                          heartbeat: context.lastHeartbeat(as: Int.self)))
+            if context.attempt == 1 {
+                context.heartbeat(5)            // progress: 5 items done
+                heartbeated.yield(5)
+                for await _ in silence {}       // then it stalls, outside the turn
+                throw CancellationError()
+            }
+            return "resumed-from-\(context.lastHeartbeat(as: Int.self) ?? -1)"
+        }])
+        defer { runtime.close() }
+        let steps = runtime.entity(LocalSteps.self, id: "stalled")
+        try await steps.start(.init(labels: ["h"], options: .init(retry: .init(initialInterval: .seconds(1)), heartbeatTimeout: .seconds(10))))
+        var iterator = heartbeats.makeAsyncIterator()
+        #expect(await iterator.next() == 5)
+        clock.advance(by: .seconds(11))         // no heartbeat for 10 s: the attempt is timed out
+        clock.skipsTimeWhenIdle = true          // then let the retry's backoff pass
+        #expect(try await steps.result() == "resumed-from-5")
+        let attempts = log.all
+        #expect(attempts.map(\.number) == [1, 2])
+        #expect(attempts.map(\.heartbeat) == [nil, 5])
+        #expect(Set(attempts.map(\.key)).count == 1)
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+    }
+
     @Test("a local activity still running when the runtime closes runs again at the next open, with the same idempotency key",
           .timeLimit(.minutes(1)))
     func closeThenRerun() async throws {

@@ -136,7 +136,10 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///   path). Activities must be idempotent anyway; local ones rely on it a little more.
     /// - while it runs inside the turn it holds the shard's thread: keep it short (microseconds to a
     ///   few milliseconds). Anything slow belongs in `execute`.
-    /// - the heartbeat timeout applies only to attempts that run on the pool (retries).
+    /// - its timeouts (start-to-close, schedule-to-close, heartbeat) cancel it as they cancel a pool
+    ///   attempt, and a timed-out attempt is retried on the pool by the policy, reading its last
+    ///   heartbeat. Cancellation is cooperative: an attempt computing inside the turn without
+    ///   suspending sees it only at its next check or suspension.
     /// - Throws: ``ActivityFailure`` when the activity ends for good; `CancellationError` if the run
     ///   is cancelled meanwhile.
     public func executeLocal<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
