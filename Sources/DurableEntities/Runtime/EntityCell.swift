@@ -359,7 +359,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return .some(state.durable?.workflow)
         }
         guard let workflow else { return false }
-        if let run = workflow { shard.schedule(AbandonRun(run)) }
+        if let run = workflow, run.needsAbandoning { shard.schedule(AbandonRun(run)) }
         return true
     }
 

@@ -5,6 +5,8 @@ import Logging
 class AnyWorkflowRun: @unchecked Sendable {
     /// Ends the body without recording anything (see ``WorkflowRun/abandon()``).
     func abandon() {}
+    /// Whether ``abandon()`` has anything to end. Read between turns only.
+    var needsAbandoning: Bool { true }
 }
 
 /// One live execution of an entity's run body: its task on a ``WorkflowExecutor``, the waits it is
@@ -198,6 +200,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
     }
 
     private func resumeSatisfiedConditions() -> Bool {
+        guard !waiters.isEmpty else { return false }
         var resumed = false
         for waiter in waiters where !waiter.done {
             guard let predicate = waiter.predicate, predicate(state) else { continue }
@@ -324,6 +327,13 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
 
     /// Ends the body without recording anything (the run is dropped from memory): every wait
     /// resumes with an error the body does not see as a failure.
+    /// A body that finished and left nothing waiting (no wait, timer, activity, local attempt or
+    /// child wait) has nothing to abandon: its memory goes without a trip through the shard.
+    override var needsAbandoning: Bool {
+        outcome == nil || !waiters.isEmpty || !timers.isEmpty || !activities.isEmpty || !locals.isEmpty
+            || children.values.contains { !$0.waiters.isEmpty }
+    }
+
     override func abandon() {
         for waiter in waiters where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
         for waiter in timers.values where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
