@@ -206,6 +206,44 @@ struct ActivityCrashTests {
         }
     }
 
+    /// Runs the child with `arguments`, reads what it prints until `ready` holds (or it stops), then
+    /// SIGKILLs it and reads what was left. Returns what it printed and whether the watchdog fired.
+    func killChild(_ arguments: [String], when ready: (ActivitiesRound) -> Bool) async throws -> (round: ActivitiesRound, hung: Bool) {
+        let child = try ChildProcess("EntityCrashChild", arguments: arguments)
+        let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
+        var round = ActivitiesRound()
+        while !ready(round), let line = await child.readLine() { round.record(line) }
+        let hung = watchdog.disarm()
+        child.kill()
+        for line in await child.remainingLines() { round.record(line) }
+        return (round, hung)
+    }
+
+    /// The results of the entities "job-<i>", i in 0..<count, plus those of `extra` (index → result),
+    /// within 20 s — `nil` after recording an issue if they do not all come (the runtime is then left
+    /// open on purpose: closing waits for work that may never finish).
+    func jobResults<W: EntityWorkflow>(_ runtime: EntityRuntime, _ type: W.Type, count: Int, log: CrashRunLog,
+                                       extra: [Int: @Sendable () async throws -> String] = [:]) async throws -> [Int: String]?
+    where W.Output == String {
+        do {
+            return try await withDeadline(seconds: 20) {
+                try await withThrowingTaskGroup(of: (Int, String).self) { group in
+                    for index in 0..<count {
+                        group.addTask { (index, try await runtime.entity(W.self, id: "job-\(index)").result()) }
+                    }
+                    for (index, result) in extra { group.addTask { (index, try await result()) } }
+                    var results: [Int: String] = [:]
+                    for try await (index, key) in group { results[index] = key }
+                    return results
+                }
+            }
+        } catch {
+            let stored = try storedTasks(runtime)
+            Issue.record("after reopen not every entity completed (\(error)); re-ran \(log.all.map(\.label)), \(stored) tasks stored")
+            return nil
+        }
+    }
+
     @Test("SIGKILLed with 100 activities in flight or done: after reopen each uncommitted one runs again with the same idempotency key, one effect per activity")
     func killedWithActivitiesInFlight() async throws {
         let directory = TemporaryDirectory()
@@ -217,16 +255,9 @@ struct ActivityCrashTests {
         // Kill once every start is acknowledged and every activity is running (so every task is
         // committed), every effect the child can apply is applied, and at least 20 completions are
         // committed. Odd activities never return in the child, so at least 50 are in flight.
-        let child = try ChildProcess("EntityCrashChild", arguments: ["activities", directory.path])
-        let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
-        var round = ActivitiesRound()
-        while !(round.started.count == count && round.keys.count == count && round.applied == appliesInChild && round.done.count >= 20),
-              let line = await child.readLine() {
-            round.record(line)
+        let (round, hung) = try await killChild(["activities", directory.path]) { round in
+            round.started.count == count && round.keys.count == count && round.applied == appliesInChild && round.done.count >= 20
         }
-        let hung = watchdog.disarm()
-        child.kill()
-        for line in await child.remainingLines() { round.record(line) }
         try #require(!hung, "the child hung: \(round.keys.count) running, \(round.applied.count) applied, \(round.done.count) done")
         try #require(round.keys.count == count, "the child stopped early: \(round.keys.count) activities running")
         #expect(round.attempts.values.allSatisfy { $0 == 1 }, "an activity ran twice in the child: \(round.attempts.filter { $0.value > 1 })")
@@ -243,24 +274,7 @@ struct ActivityCrashTests {
         let log = CrashRunLog()
         let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashActivityJob.self],
                                         activities: [CrashEffect(effects: effects, log: log)])
-        let results: [Int: String]
-        do {
-            results = try await withDeadline(seconds: 20) {
-                try await withThrowingTaskGroup(of: (Int, String).self) { group in
-                    for index in 0..<count {
-                        group.addTask { (index, try await runtime.entity(CrashActivityJob.self, id: "job-\(index)").result()) }
-                    }
-                    var results: [Int: String] = [:]
-                    for try await (index, key) in group { results[index] = key }
-                    return results
-                }
-            }
-        } catch {
-            // Left open on purpose: closing waits for work that may never finish.
-            let stored = try storedTasks(runtime)
-            Issue.record("after reopen not every entity completed (\(error)); re-ran \(log.all.map(\.label)), \(stored) tasks stored")
-            return
-        }
+        guard let results = try await jobResults(runtime, CrashActivityJob.self, count: count, log: log) else { return }
         defer { runtime.close() }
 
         // Every entity completed, with the key its activity first ran with.
@@ -303,17 +317,10 @@ struct ActivityCrashTests {
         let appliesInChild = Set((0..<count).filter { $0 % 3 != 2 })
         let blocker = 1000                                        // applied its effect, its turn never committed
 
-        let child = try ChildProcess("EntityCrashChild", arguments: ["local", directory.path])
-        let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
-        var round = ActivitiesRound()
-        while !(round.applied.contains(blocker) && round.started == Set(0..<count) && round.keys.count == count + 1
-                && round.applied == appliesInChild.union([blocker]) && Set(round.done.keys) == inline),
-              let line = await child.readLine() {
-            round.record(line)
+        let (round, hung) = try await killChild(["local", directory.path]) { round in
+            round.started == Set(0..<count) && round.keys.count == count + 1 && round.applied == appliesInChild.union([blocker])
+                && Set(round.done.keys) == inline
         }
-        let hung = watchdog.disarm()
-        child.kill()
-        for line in await child.remainingLines() { round.record(line) }
         try #require(!hung, "the child hung: \(round.keys.count) running, \(round.applied.count) applied, \(round.done.count) done")
         try #require(round.applied.contains(blocker), "the child never blocked inside the blocker's turn")
         #expect(round.attempts.values.allSatisfy { $0 == 1 }, "an activity ran twice in the child: \(round.attempts.filter { $0.value > 1 })")
@@ -329,29 +336,13 @@ struct ActivityCrashTests {
         let log = CrashRunLog()
         let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashLocalJob.self],
                                         activities: [CrashLocalEffect(effects: effects, log: log)])
-        let results: [Int: String]
-        do {
-            results = try await withDeadline(seconds: 20) {
-                try await withThrowingTaskGroup(of: (Int, String).self) { group in
-                    for index in 0..<count {
-                        group.addTask { (index, try await runtime.entity(CrashLocalJob.self, id: "job-\(index)").result()) }
-                    }
-                    // The blocker's start was never acknowledged: its client sends it again, as clients do.
-                    group.addTask {
-                        let job = runtime.entity(CrashLocalJob.self, id: "blocker")
-                        try await job.start(blocker)
-                        return (blocker, try await job.result())
-                    }
-                    var results: [Int: String] = [:]
-                    for try await (index, key) in group { results[index] = key }
-                    return results
-                }
-            }
-        } catch {
-            let stored = try storedTasks(runtime)
-            Issue.record("after reopen not every entity completed (\(error)); re-ran \(log.all.map(\.label)), \(stored) tasks stored")
-            return
+        // The blocker's start was never acknowledged: its client sends it again, as clients do.
+        let resend: @Sendable () async throws -> String = {
+            let job = runtime.entity(CrashLocalJob.self, id: "blocker")
+            try await job.start(blocker)
+            return try await job.result()
         }
+        guard let results = try await jobResults(runtime, CrashLocalJob.self, count: count, log: log, extra: [blocker: resend]) else { return }
         defer { runtime.close() }
 
         // Every entity completed with the key its activity first ran with, the blocker included (its
