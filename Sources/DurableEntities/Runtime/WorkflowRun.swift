@@ -325,8 +325,6 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
         settle()
     }
 
-    /// Ends the body without recording anything (the run is dropped from memory): every wait
-    /// resumes with an error the body does not see as a failure.
     /// A body that finished and left nothing waiting (no wait, timer, activity, local attempt or
     /// child wait) has nothing to abandon: its memory goes without a trip through the shard.
     override var needsAbandoning: Bool {
@@ -334,6 +332,8 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
             || children.values.contains { !$0.waiters.isEmpty }
     }
 
+    /// Ends the body without recording anything (the run is dropped from memory): every wait
+    /// resumes with an error the body does not see as a failure.
     override func abandon() {
         for waiter in waiters where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
         for waiter in timers.values where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
