@@ -61,7 +61,7 @@ final class CrashRunLog: Sendable {
     var all: [Run] { runs.withLock { $0 } }
 }
 
-/// The child's `Effect` (same name, input, output and side effect), without the stalls.
+/// The child's `Effect` and `LocalEffect` (same name, input, output and side effect), without the stalls.
 struct CrashEffect: Activity {
     static var name: String { "Effect" }
     let effects: CrashEffectsFile
@@ -81,21 +81,7 @@ struct CrashLocalJob: EntityWorkflow {
     static var entityType: String { "LocalJob" }
     static func initialState(id: String) -> State { State() }
     static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
-        try await context.executeLocal(CrashLocalEffect.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10))))
-    }
-}
-
-/// The child's `LocalEffect` (same name, input, output and side effect), without the stalls.
-struct CrashLocalEffect: Activity {
-    static var name: String { "LocalEffect" }
-    let effects: CrashEffectsFile
-    let log: CrashRunLog
-
-    func run(_ input: Int, context: ActivityContext) async throws -> String {
-        let key = context.idempotencyKey
-        let applied = effects.applyOnce(key: key, line: key)
-        log.add(.init(label: "\(input)", key: key, applied: applied))
-        return key
+        try await context.executeLocal(CrashEffect.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10))))
     }
 }
 
@@ -335,7 +321,7 @@ struct ActivityCrashTests {
         // Reopen here: the stored tasks of the attempts that were waiting run again, on the pool.
         let log = CrashRunLog()
         let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashLocalJob.self],
-                                        activities: [CrashLocalEffect(effects: effects, log: log)])
+                                        activities: [CrashEffect(effects: effects, log: log)])
         // The blocker's start was never acknowledged: its client sends it again, as clients do.
         let resend: @Sendable () async throws -> String = {
             let job = runtime.entity(CrashLocalJob.self, id: "blocker")

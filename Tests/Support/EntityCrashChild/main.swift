@@ -34,8 +34,8 @@
 //   EntityCrashChild local DIR
 //       The `activities` mode with local activities. Opens a runtime on DIR (the same settings) and
 //       starts the 60 `LocalJob` entities "job-<i>", i in 0..<60, whose run body executes the local
-//       activity `LocalEffect` once with input i (`executeLocal`) and returns its output (the
-//       idempotency key). `LocalEffect` prints `running <i> <key>`; i % 3 == 2 then stays in flight
+//       activity `LocalEffect` (registered as "Effect") once with input i (`executeLocal`) and
+//       returns its output (the idempotency key). `LocalEffect` prints `running <i> <key>`; i % 3 == 2 then stays in flight
 //       until the process is killed, before its effect; otherwise it appends "<key>" to
 //       DIR/effects.log unless a line for the key is there and prints `applied <i> <key>`, after which
 //       i % 3 == 0 returns the key at once (inside the start's turn) and i % 3 == 1 stays in flight.
@@ -304,9 +304,10 @@ struct LocalJob: EntityWorkflow {
     }
 }
 
-/// The `local` mode's activity (see the header); named "LocalEffect" like the tests' `CrashLocalEffect`.
+/// The `local` mode's activity (see the header). Named "Effect" like the `activities` mode's (each
+/// mode registers only its own), so that the tests' `CrashEffect` stands in for both after reopen.
 struct LocalEffect: Activity {
-    static var name: String { "LocalEffect" }
+    static var name: String { "Effect" }
     let effects: EffectsFile
 
     func run(_ input: Int, context: ActivityContext) async throws -> String {
