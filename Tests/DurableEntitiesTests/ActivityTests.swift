@@ -31,6 +31,23 @@ final class AttemptLog: Sendable {
     var all: [Attempt] { attempts.withLock { $0 } }
 }
 
+/// An activity's wait that never ends by itself: ``wait()`` returns only by throwing
+/// `CancellationError` once the waiting task is cancelled (or ``finish()`` ends it, at a test's end).
+/// No real time passes; one waiter at a time.
+final class Silence: Sendable {
+    private let stream: AsyncStream<Void>
+    private let continuation: AsyncStream<Void>.Continuation
+
+    init() { (stream, continuation) = AsyncStream.makeStream(of: Void.self) }
+
+    func wait() async throws -> Never {
+        for await _ in stream {}  // nothing is ever sent: ends on cancellation or finish()
+        throw CancellationError()
+    }
+
+    func finish() { continuation.finish() }
+}
+
 struct Flake: Error {}
 struct Fatal: Error {}
 
@@ -183,11 +200,13 @@ struct ActivityTests {
         let log = AttemptLog()
         let (started, didStart) = AsyncStream.makeStream(of: Void.self)
         let cancelled = Mutex(false)
+        let silence = Silence()
+        defer { silence.finish() }
         let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
             log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
             didStart.yield()
             do {
-                while true { try await Task.sleep(for: .seconds(3_600)) }  // never answers
+                try await silence.wait()  // never answers
             } catch {
                 cancelled.withLock { $0 = true }
                 throw error

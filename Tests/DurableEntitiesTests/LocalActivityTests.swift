@@ -175,17 +175,15 @@ struct LocalActivityTests {
         let clock = TestClock(skipsTimeWhenIdle: false)
         let log = AttemptLog()
         let (heartbeats, heartbeated) = AsyncStream.makeStream(of: Int.self)
-        // A stream nothing is ever sent on: iterating it waits until the attempt is cancelled.
-        let (silence, silenceContinuation) = AsyncStream.makeStream(of: Void.self)
-        defer { silenceContinuation.finish() }
+        let silence = Silence()
+        defer { silence.finish() }
         let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, context in
             log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey,
                           heartbeat: context.lastHeartbeat(as: Int.self)))
             if context.attempt == 1 {
                 context.heartbeat(5)            // progress: 5 items done
                 heartbeated.yield(5)
-                for await _ in silence {}       // then it stalls, outside the turn
-                throw CancellationError()
+                try await silence.wait()        // then it stalls, outside the turn
             }
             return "resumed-from-\(context.lastHeartbeat(as: Int.self) ?? -1)"
         }])
@@ -212,15 +210,13 @@ struct LocalActivityTests {
         let clock = TestClock(skipsTimeWhenIdle: false)
         let log = AttemptLog()
         let (started, didStart) = AsyncStream.makeStream(of: Void.self)
-        // A stream nothing is ever sent on: iterating it waits until the attempt is cancelled.
-        let (silence, silenceContinuation) = AsyncStream.makeStream(of: Void.self)
-        defer { silenceContinuation.finish() }
+        let silence = Silence()
+        defer { silence.finish() }
         do {
             let first = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { _, context in
                 log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
                 didStart.yield()
-                for await _ in silence {}  // never answers; close cancels it
-                throw CancellationError()
+                try await silence.wait()  // never answers; close cancels it
             }])
             try await first.entity(LocalSteps.self, id: "hang").start(.init(labels: ["h"]))
             var iterator = started.makeAsyncIterator()
