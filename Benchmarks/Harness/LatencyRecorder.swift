@@ -13,8 +13,10 @@ import Synchronization
 ///   the task records without any lock and calls ``merge(_:)`` once at the end (~25 million
 ///   records/s on the same machine, `--param mode=local`).
 ///
-/// Latencies go into an auto-resizing `Histogram<UInt64>` with 1 ns resolution and three
-/// significant digits (a few tens of kilobytes for millisecond-scale values).
+/// Latencies go into a `Histogram<UInt64>` with 1 ns resolution and three significant digits,
+/// pre-sized to one hour: about 270 KB of counters each. Making one per task for a thousand tasks
+/// inside the measured region costs ~270 MB of zeroed memory and, measured in `saga-transfer`, held
+/// back the first thousand operations by 100–150 ms; there, the tasks share the locked recorder.
 ///
 /// ```swift
 /// recorder.start()
@@ -95,7 +97,7 @@ final class LatencyRecorder: Sendable {
         return try await body()
     }
 
-    /// A lock-free per-task histogram; hand it back with ``merge(_:)`` when the task is done.
+    /// A lock-free per-task histogram (~270 KB); hand it back with ``merge(_:)`` when the task is done.
     func makeLocal() -> LocalLatencies { LocalLatencies() }
 
     /// Adds everything a ``LocalLatencies`` recorded.
