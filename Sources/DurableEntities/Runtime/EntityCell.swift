@@ -137,16 +137,17 @@ struct TurnOutput {
 /// The runtime's in-memory side of one entity: its mailbox, its committed state and, for an entity
 /// type with a run body, the body's live execution.
 ///
-/// Messages queue in the mailbox; the entity's shard runs *turns*. A turn works on a copy of the
-/// committed state, applies up to `maxMessagesPerTurn` messages — recording each input, then letting
-/// the run body go as far as it can and recording the commands it issued — and hands the events to the
-/// journal's group commit. Only when that commit is durable does the copy become the committed state
-/// and are the senders acknowledged. If it fails, the senders get the error and the entity reloads from
-/// its history (the run body is abandoned and replayed). One turn per entity is in flight at a time, so
-/// history order is mailbox order; other entities on the shard keep running meanwhile.
+/// Messages queue in the mailbox; a shard runs *turns* (whichever has the shorter queue, see
+/// ``Shard``). A turn works on a copy of the committed state, applies up to `maxMessagesPerTurn`
+/// messages — recording each input, then letting the run body go as far as it can and recording the
+/// commands it issued — and hands the events to the journal's group commit. Only when that commit is
+/// durable does the copy become the committed state and are the senders acknowledged. If it fails,
+/// the senders get the error and the entity reloads from its history (the run body is abandoned and
+/// replayed). One turn per entity is in flight at a time, so history order is mailbox order; other
+/// entities keep running meanwhile.
 ///
-/// `@unchecked Sendable`: all mutable state is inside `cell` (a `Mutex`); turns run on the shard's
-/// thread only, and so does the run body (its executor is drained there).
+/// `@unchecked Sendable`: all mutable state is inside `cell` (a `Mutex`); turns run on a shard's
+/// thread, one at a time, and so does the run body (its executor is drained there).
 final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     typealias Message = CellMessage
     typealias Durable = EntityDurable
@@ -165,6 +166,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     let name: EntityName
     let core: RuntimeCore
+    /// The entity's home shard: the one its name hashes to, whose table holds it while resident.
+    /// Its turns go to this shard's queue unless the other queue is shorter.
     let shard: Shard
     let cell = Mutex(State())
 
@@ -196,7 +199,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         guard let schedule else { return false }
         if schedule {
             core.becameBusy()
-            shard.schedule(self)
+            core.schedule(self, home: shard)
         }
         return true
     }
@@ -978,7 +981,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         if let abandoned { shard.schedule(AbandonRun(abandoned)) }
         for (watch, result) in decided { watch.resume(result) }
-        if reschedule { shard.schedule(self) } else if finished { core.becameIdle() }
+        if reschedule { core.schedule(self, home: shard) } else if finished { core.becameIdle() }
         if finished, case .success = outcome, Self.run(next)?.outcome != nil, core.configuration.passivateFinishedRuns {
             core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
         }
@@ -1010,7 +1013,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return true
         }
         for (watch, result) in decided { watch.resume(result) }
-        if reschedule { shard.schedule(self) } else { core.becameIdle() }
+        if reschedule { core.schedule(self, home: shard) } else { core.becameIdle() }
         for reply in replies {
             switch reply {
             case .failed(let reply), .done(let reply): reply()

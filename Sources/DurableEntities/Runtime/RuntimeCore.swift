@@ -84,6 +84,20 @@ final class RuntimeCore: Sendable {
 
     var isIdle: Bool { busy.load(ordering: .acquiring) == 0 }
 
+    /// Queues an entity's turn on the shard with the shortest queue, `home` (the entity's own shard)
+    /// on a tie. The depths are read without locks: a stale read costs only a less even split.
+    func schedule(_ work: any ShardWork, home: Shard) {
+        var best = home
+        var bestDepth = home.depth.load(ordering: .relaxed)
+        if bestDepth > 0 {
+            for shard in shards where shard !== home {
+                let depth = shard.depth.load(ordering: .relaxed)
+                if depth < bestDepth { best = shard; bestDepth = depth }
+            }
+        }
+        best.schedule(work)
+    }
+
     func shardIndex(_ name: EntityName) -> Int {
         Int((name.type.hashValueStable ^ name.id.hashValueStable &* 0x100_0000_01B3) % UInt64(shards.count))
     }

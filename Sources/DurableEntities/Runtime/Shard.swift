@@ -1,6 +1,7 @@
 import DequeModule
 import Foundation
 import Metrics
+import Synchronization
 
 /// Work a shard runs: an entity cell with something in its mailbox.
 protocol ShardWork: AnyObject, Sendable {
@@ -9,10 +10,17 @@ protocol ShardWork: AnyObject, Sendable {
 }
 
 /// One shard of the mailbox scheduler: a thread that runs entity turns, one at a time, from a queue
-/// of entities that have messages. Entities hash to shards by name, so an entity's turns always run
-/// on the same thread.
+/// of entities that have messages.
 ///
-/// `@unchecked Sendable`: the queue is guarded by `condition`.
+/// Entities hash to shards by name for residency (each shard's table of resident entities and its
+/// share of `maxResidentEntities`), but a turn is queued on whichever shard has the shorter queue
+/// (``RuntimeCore/schedule(_:home:)``): with a thousand entities in flight, hashing alone left one
+/// shard with ~900 queued turns while the other sat idle (measured in `saga-transfer`), and the
+/// waits in the long queue set the latency tail. An entity still has one turn at a time, so its
+/// history order is its mailbox order whichever thread runs the turn.
+///
+/// `@unchecked Sendable`: the queue is guarded by `condition`; ``depth`` mirrors its length for
+/// readers that do not take the lock.
 final class Shard: @unchecked Sendable {
     let index: Int
     /// Entities waiting for a turn on this shard.
@@ -27,6 +35,8 @@ final class Shard: @unchecked Sendable {
     private var ready = Deque<any ShardWork>()
     private var stopping = false
     private var stopped = false
+    /// How many works are queued, written under the lock and read without it to pick a queue.
+    let depth = Atomic<Int>(0)
 
     init(index: Int) {
         self.index = index
@@ -45,6 +55,7 @@ final class Shard: @unchecked Sendable {
         condition.lock()
         ready.append(work)
         let depth = ready.count
+        self.depth.store(depth, ordering: .relaxed)
         if depth == 1 { condition.signal() }
         condition.unlock()
         readyEntities.record(depth)
@@ -69,6 +80,7 @@ final class Shard: @unchecked Sendable {
                 condition.unlock()
                 return
             }
+            depth.store(ready.count, ordering: .relaxed)
             condition.unlock()
             let started = DispatchTime.now().uptimeNanoseconds
             work.runTurn()
