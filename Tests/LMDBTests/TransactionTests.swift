@@ -191,4 +191,38 @@ struct TransactionTests {
         #expect(written == 42)
         #expect(try environment.read { try $0.value(forKey: bytes("k"), in: data) } == bytes("v"))
     }
+
+    @Test("read transactions are reused: each read sees the last commit before it began, also nested in an older one")
+    func reusedReadTransactionsSeeTheLatestCommit() throws {
+        let scratch = ScratchDirectory()
+        defer { scratch.remove() }
+        let environment = try Environment.open(scratch.configuration())
+        let data = try environment.database("data")
+        // Alternate commits and reads: a read renews a transaction an earlier read left, and must not
+        // see that earlier read's snapshot.
+        for round in 0..<200 {
+            try environment.write { txn throws in try txn.put(bytes("v\(round)"), forKey: bytes("k"), in: data) }
+            let seen = try environment.read { txn throws in try txn.value(forKey: bytes("k"), in: data) }
+            #expect(seen == bytes("v\(round)"))
+        }
+        // A read that began before a commit keeps its snapshot; reads begun inside it, after the
+        // commit, see the commit — more of them at once than the pool keeps.
+        try environment.read { outer throws in
+            try environment.write { txn throws in try txn.put(bytes("new"), forKey: bytes("k"), in: data) }
+            func nested(_ depth: Int) throws {
+                try environment.read { inner throws in
+                    #expect(try inner.value(forKey: bytes("k"), in: data) == bytes("new"))
+                    if depth > 1 { try nested(depth - 1) }
+                }
+            }
+            try nested(Environment.maxIdleReaders + 4)
+            #expect(try outer.value(forKey: bytes("k"), in: data) == bytes("v199"))
+        }
+        // Closing with reset transactions in the pool frees them; the directory reopens and reads.
+        environment.close()
+        let reopened = try Environment.open(scratch.configuration())
+        defer { reopened.close() }
+        let again = try reopened.database("data", create: false)
+        #expect(try reopened.read { txn throws in try txn.value(forKey: bytes("k"), in: again) } == bytes("new"))
+    }
 }
