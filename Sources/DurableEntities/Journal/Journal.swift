@@ -218,14 +218,19 @@ public final class Journal: Sendable {
         writer.enqueue(GroupCommitWriter.Submission(batch: batch, completion: completion))
     }
 
-    /// Registers `name` if needed and returns its key. Idempotent.
     /// The key of `name`: its registered one, or a fresh key reserved for it (not durable until a
     /// batch with ``JournalBatch/register(_:as:)`` commits).
     public func reserveKey(for name: EntityName) throws(JournalError) -> (key: EntityKey, registered: Bool) {
         if let key = try key(for: name) { return (key, true) }
-        return (EntityKey(rawValue: keys.allocate()), false)
+        return (reserveNewKey(), false)
     }
 
+    /// A fresh key, for a caller that has just found its entity unregistered and is the only one that
+    /// registers it (an entity's own turns); not durable until a batch with
+    /// ``JournalBatch/register(_:as:)`` commits. Saves ``reserveKey(for:)``'s second lookup.
+    public func reserveNewKey() -> EntityKey { EntityKey(rawValue: keys.allocate()) }
+
+    /// Registers `name` if needed and returns its key. Idempotent.
     public func register(_ name: EntityName) async throws(JournalError) -> EntityKey {
         if let key = try key(for: name) { return key }
         var batch = JournalBatch()

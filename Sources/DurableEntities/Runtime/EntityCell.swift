@@ -845,17 +845,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             key = known
         } else {
             // A new entity: its name is registered under a reserved key in this same commit, so its
-            // first turn costs one commit, not two.
-            do {
-                let reserved = try core.journal.reserveKey(for: name)
-                key = reserved.key
-                if !reserved.registered { batch.register(name, as: key) }
-            } catch {
-                for (_, local) in output.localDetached { local.executor.scheduled(key: 0, ok: false) }
-                complete(.failure(EntityError(.storage, entity: name, "reserving the entity's key failed; nothing was recorded", underlying: error)),
-                         next: next, waiters: output.resultWaiters, replies: replies)
-                return
-            }
+            // first turn costs one commit, not two. `load()` found the name unregistered, and only
+            // this entity's turns register it, so there is nothing to look up again.
+            key = core.journal.reserveNewKey()
+            batch.register(name, as: key)
             next.key = key
         }
         for (sequence, payload) in output.events { batch.append(key, sequence: sequence, payload: payload) }
