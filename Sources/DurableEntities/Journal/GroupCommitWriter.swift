@@ -97,6 +97,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     }
 
     private func run() {
+        Thread.current.name = "de-journal"  // shows in top -H, perf and gdb
         while let batch = nextBatch() {
             process(batch)
         }

@@ -71,6 +71,7 @@ final class Shard: @unchecked Sendable {
     }
 
     private func run() {
+        Thread.current.name = "de-shard-\(index)"  // shows in top -H, perf and gdb
         while true {
             condition.lock()
             while ready.isEmpty && !stopping { condition.wait() }
