@@ -1088,7 +1088,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     }
 }
 
-/// Abandons a run body that left memory, on its shard's thread (where its executor is drained).
+/// Abandons a run body that left memory, on a shard thread (where run executors are drained; it
+/// goes to the entity's home shard). No turn drains it any more: the entity holds another run or none.
 final class AbandonRun: ShardWork, @unchecked Sendable {
     let run: AnyWorkflowRun
     init(_ run: AnyWorkflowRun) { self.run = run }
