@@ -137,8 +137,8 @@ struct TurnOutput {
 /// The runtime's in-memory side of one entity: its mailbox, its committed state and, for an entity
 /// type with a run body, the body's live execution.
 ///
-/// Messages queue in the mailbox; a shard runs *turns* (whichever has the shorter queue, see
-/// ``Shard``). A turn works on a copy of the committed state, applies up to `maxMessagesPerTurn`
+/// Messages queue in the mailbox; the shards run *turns* (whichever shard thread is free takes the
+/// oldest queued entity, see ``ReadyQueue``). A turn works on a copy of the committed state, applies up to `maxMessagesPerTurn`
 /// messages — recording each input, then letting the run body go as far as it can and recording the
 /// commands it issued — and hands the events to the journal's group commit. Only when that commit is
 /// durable does the copy become the committed state and are the senders acknowledged. If it fails,
@@ -167,7 +167,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     let name: EntityName
     let core: RuntimeCore
     /// The entity's home shard: the one its name hashes to, whose table holds it while resident.
-    /// Its turns go to this shard's queue unless the other queue is shorter.
+    /// Its turns go to the queue all shards share and run on whichever shard thread is free.
     let shard: Shard
     let cell = Mutex(State())
 
@@ -199,7 +199,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         guard let schedule else { return false }
         if schedule {
             core.becameBusy()
-            core.schedule(self, home: shard)
+            shard.schedule(self)
         }
         return true
     }
@@ -974,7 +974,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         if let abandoned { shard.schedule(AbandonRun(abandoned)) }
         for (watch, result) in decided { watch.resume(result) }
-        if reschedule { core.schedule(self, home: shard) } else if finished { core.becameIdle() }
+        if reschedule { shard.schedule(self) } else if finished { core.becameIdle() }
         if finished, case .success = outcome, Self.run(next)?.outcome != nil, core.configuration.passivateFinishedRuns {
             core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
         }
@@ -1006,7 +1006,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return true
         }
         for (watch, result) in decided { watch.resume(result) }
-        if reschedule { core.schedule(self, home: shard) } else { core.becameIdle() }
+        if reschedule { shard.schedule(self) } else { core.becameIdle() }
         for reply in replies {
             switch reply {
             case .failed(let reply), .done(let reply): reply()

@@ -43,7 +43,8 @@ final class RuntimeCore: Sendable {
         self.configuration = configuration
         self.logger = configuration.logger
         let count = max(1, configuration.shards)
-        self.shards = (0..<count).map { Shard(index: $0) }
+        let queue = ReadyQueue()
+        self.shards = (0..<count).map { Shard(index: $0, queue: queue) }
         self.tables = (0..<count).map { _ in CellTableBox() }
         self.activities = ActivityWorker(limit: configuration.maxConcurrentActivities)
         self.activities.attach(self)
@@ -83,20 +84,6 @@ final class RuntimeCore: Sendable {
     }
 
     var isIdle: Bool { busy.load(ordering: .acquiring) == 0 }
-
-    /// Queues an entity's turn on the shard with the shortest queue, `home` (the entity's own shard)
-    /// on a tie. The depths are read without locks: a stale read costs only a less even split.
-    func schedule(_ work: any ShardWork, home: Shard) {
-        var best = home
-        var bestDepth = home.depth.load(ordering: .relaxed)
-        if bestDepth > 0 {
-            for shard in shards where shard !== home {
-                let depth = shard.depth.load(ordering: .relaxed)
-                if depth < bestDepth { best = shard; bestDepth = depth }
-            }
-        }
-        best.schedule(work)
-    }
 
     func shardIndex(_ name: EntityName) -> Int {
         Int((name.type.hashValueStable ^ name.id.hashValueStable &* 0x100_0000_01B3) % UInt64(shards.count))

@@ -9,21 +9,66 @@ protocol ShardWork: AnyObject, Sendable {
     func runTurn()
 }
 
-/// One shard of the mailbox scheduler: a thread that runs entity turns, one at a time, from a queue
-/// of entities that have messages.
+/// The scheduler's queue of entities that have something to do, oldest first, shared by every
+/// shard's thread: whichever thread is free takes the oldest turn.
+///
+/// One queue rather than one per thread: with a thousand entities in flight, per-thread queues
+/// (hashed, or the shorter one picked at enqueue) let a turn queued behind a thread that the OS
+/// preempted, or behind a slower run of turns, be overtaken by hundreds queued later on the other
+/// thread; in `saga-transfer` the slowest 1% of transfers had been overtaken by ~300 others on
+/// average, against ~45 for the median one. Taking turns in arrival order across threads bounds
+/// that to the turns running at once. An entity still has one turn at a time (its cell is queued
+/// once until its turn ends), so its history order is its mailbox order whichever thread runs it.
+///
+/// `@unchecked Sendable`: all state is guarded by `condition`.
+final class ReadyQueue: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var ready = Deque<any ShardWork>()
+    /// Threads waiting for work: a push wakes one only when some wait.
+    private var sleepers = 0
+    private var stopping = false
+
+    /// Queues `work`; returns how many works are queued. The caller guarantees it is not queued twice at once.
+    func push(_ work: any ShardWork) -> Int {
+        condition.lock()
+        ready.append(work)
+        let depth = ready.count
+        if sleepers > 0 { condition.signal() }
+        condition.unlock()
+        return depth
+    }
+
+    /// The oldest work, waiting for one; `nil` once stopping and nothing is left.
+    func pop() -> (any ShardWork)? {
+        condition.lock()
+        defer { condition.unlock() }
+        while ready.isEmpty && !stopping {
+            sleepers += 1
+            condition.wait()
+            sleepers -= 1
+        }
+        return ready.popFirst()
+    }
+
+    /// Lets the threads run what is queued, then return from ``pop()`` with `nil`.
+    func stop() {
+        condition.lock()
+        stopping = true
+        condition.broadcast()
+        condition.unlock()
+    }
+}
+
+/// One shard of the mailbox scheduler: a thread that runs entity turns, one at a time, taken from
+/// the ``ReadyQueue`` all shards share.
 ///
 /// Entities hash to shards by name for residency (each shard's table of resident entities and its
-/// share of `maxResidentEntities`), but a turn is queued on whichever shard has the shorter queue
-/// (``RuntimeCore/schedule(_:home:)``): with a thousand entities in flight, hashing alone left one
-/// shard with ~900 queued turns while the other sat idle (measured in `saga-transfer`), and the
-/// waits in the long queue set the latency tail. An entity still has one turn at a time, so its
-/// history order is its mailbox order whichever thread runs the turn.
-///
-/// `@unchecked Sendable`: the queue is guarded by `condition`; ``depth`` mirrors its length for
-/// readers that do not take the lock.
-final class Shard: @unchecked Sendable {
+/// share of `maxResidentEntities`, and the shard whose metrics count their turns); the turns
+/// themselves go to the shared queue and run on whichever shard thread is free.
+final class Shard: Sendable {
     let index: Int
-    /// Entities waiting for a turn on this shard.
+    let queue: ReadyQueue
+    /// Entities waiting for a turn (all shards).
     private let readyEntities: Gauge
     /// How long each turn takes on the shard's thread (commit not included).
     private let turnDuration: Metrics.Timer
@@ -31,61 +76,46 @@ final class Shard: @unchecked Sendable {
     let turnMessages: Recorder
     /// How many messages are left in an entity's mailbox after a turn took its share.
     let mailboxDepth: Recorder
-    private let condition = NSCondition()
-    private var ready = Deque<any ShardWork>()
-    private var stopping = false
-    private var stopped = false
-    /// How many works are queued, written under the lock and read without it to pick a queue.
-    let depth = Atomic<Int>(0)
+    /// Set when the thread has returned (see ``stop()``).
+    private let stopped = Mutex(false)
+    private let stoppedSignal = NSCondition()
 
-    init(index: Int) {
+    init(index: Int, queue: ReadyQueue) {
         self.index = index
+        self.queue = queue
         let dimensions = [("shard", "\(index)")]
         readyEntities = Gauge(label: "durable_entities_shard_ready_entities", dimensions: dimensions)
         turnDuration = Metrics.Timer(label: "durable_entities_turn_duration", dimensions: dimensions)
         turnMessages = Recorder(label: "durable_entities_turn_messages", dimensions: dimensions)
         mailboxDepth = Recorder(label: "durable_entities_mailbox_depth", dimensions: dimensions)
-        let thread = Thread { [unowned self] in self.run() }
+        let thread = Thread { [self] in self.run() }
         thread.stackSize = 4 << 20
         thread.start()
     }
 
-    /// Queues `work` for a turn. The caller guarantees it is not queued twice at once.
+    /// Queues `work` for a turn (on any shard's thread). The caller guarantees it is not queued twice at once.
     func schedule(_ work: any ShardWork) {
-        condition.lock()
-        ready.append(work)
-        let depth = ready.count
-        self.depth.store(depth, ordering: .relaxed)
-        if depth == 1 { condition.signal() }
-        condition.unlock()
-        readyEntities.record(depth)
+        readyEntities.record(queue.push(work))
     }
 
-    /// Runs what is queued, then stops the thread.
+    /// Runs what is queued, then waits for this shard's thread to stop.
     func stop() {
-        condition.lock()
-        stopping = true
-        condition.broadcast()
-        while !stopped { condition.wait() }
-        condition.unlock()
+        queue.stop()
+        stoppedSignal.lock()
+        while !stopped.withLock({ $0 }) { stoppedSignal.wait() }
+        stoppedSignal.unlock()
     }
 
     private func run() {
         Thread.current.name = "de-shard-\(index)"  // shows in top -H, perf and gdb
-        while true {
-            condition.lock()
-            while ready.isEmpty && !stopping { condition.wait() }
-            guard let work = ready.popFirst() else {
-                stopped = true
-                condition.broadcast()
-                condition.unlock()
-                return
-            }
-            depth.store(ready.count, ordering: .relaxed)
-            condition.unlock()
+        while let work = queue.pop() {
             let started = DispatchTime.now().uptimeNanoseconds
             work.runTurn()
             turnDuration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started))
         }
+        stoppedSignal.lock()
+        stopped.withLock { $0 = true }
+        stoppedSignal.broadcast()
+        stoppedSignal.unlock()
     }
 }

@@ -1,0 +1,72 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import DurableEntities
+
+/// The scheduler's shared ready queue: turns start oldest first on whichever shard thread is free.
+@Suite("Shard ready queue")
+struct ReadyQueueTests {
+    /// A turn that records its number and, for the one marked `blocking`, waits until released.
+    final class Work: ShardWork {
+        let number: Int
+        let log: Log
+        let gate: DispatchSemaphore?
+        init(_ number: Int, log: Log, gate: DispatchSemaphore? = nil) {
+            self.number = number
+            self.log = log
+            self.gate = gate
+        }
+        func runTurn() {
+            log.started(number, on: Thread.current.name ?? "?")
+            gate?.wait()
+        }
+    }
+
+    final class Log: Sendable {
+        private let entries = Mutex<[(Int, String)]>([])
+        /// Signalled once per started turn.
+        let started = DispatchSemaphore(value: 0)
+        func started(_ number: Int, on thread: String) {
+            entries.withLock { $0.append((number, thread)) }
+            started.signal()
+        }
+        var order: [Int] { entries.withLock { $0.map(\.0) } }
+        var threads: [String] { entries.withLock { $0.map(\.1) } }
+    }
+
+    @Test("a turn that holds its thread does not hold up the turns queued after it: the other shard runs them, oldest first")
+    func busyThreadDoesNotHoldUpOthers() throws {
+        let queue = ReadyQueue()
+        let shards = (0..<2).map { Shard(index: $0, queue: queue) }
+        let log = Log()
+        let gate = DispatchSemaphore(value: 0)
+        // Queued on shard 0 (the entity's home, say): the first turn blocks one thread.
+        shards[0].schedule(Work(0, log: log, gate: gate))
+        #expect(log.started.wait(timeout: .now() + 10) == .success)
+        // Every later turn is queued through the blocked thread's shard; the free thread runs them all.
+        for number in 1...200 { shards[0].schedule(Work(number, log: log)) }
+        for _ in 1...200 {
+            guard log.started.wait(timeout: .now() + 10) == .success else {
+                Issue.record("the turns queued after a blocked one did not run")
+                break
+            }
+        }
+        #expect(log.order == Array(0...200))
+        let busy = log.threads[0]
+        #expect(log.threads.dropFirst().allSatisfy { $0 != busy })
+        gate.signal()
+        for shard in shards { shard.stop() }
+    }
+
+    @Test("stopping runs what is queued first, on every thread, then returns")
+    func stopDrains() throws {
+        let queue = ReadyQueue()
+        let shards = (0..<3).map { Shard(index: $0, queue: queue) }
+        let log = Log()
+        for number in 0..<500 { shards[number % 3].schedule(Work(number, log: log)) }
+        for shard in shards { shard.stop() }
+        #expect(log.order.count == 500)
+        #expect(Set(log.order) == Set(0..<500))
+    }
+}
