@@ -240,7 +240,39 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// Runs one attempt of `task` under its timeouts. With an `executor`, the attempt's own task
     /// (when a timeout needs one) prefers it too (a local activity's attempt runs inside the turn).
+    ///
+    /// Two paths, neither inlined here: an async function's frame is allocated on its task's stack by
+    /// its caller, and one holding both paths took ~4 KiB for each local attempt (several slab
+    /// allocations of the task allocator, each over 1 KiB, which makes glibc consolidate its free
+    /// lists) where the untimed path needs a fraction of that.
     private func perform(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?) async -> Ended {
+        let options = task.options
+        if options.startToCloseTimeout == nil, options.scheduleToCloseTimeout == nil, options.heartbeatTimeout == nil {
+            return await performUntimed(task, activity)
+        }
+        return await performTimed(task, activity, on: executor)
+    }
+
+    /// An attempt that nothing can time out: the activity runs right here, in the caller's task.
+    @inline(never)
+    private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity) async -> Ended {
+        let codec = core.codec
+        let attempt = Attempt(heartbeat: task.heartbeat)
+        let context = ActivityContext(
+            idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
+            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec
+        ) { details in
+            attempt.state.withLock { $0.heartbeat = details }
+        }
+        let result: Result<[UInt8], any Error>
+        do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
+        let heartbeat = attempt.state.withLock { $0.heartbeat }
+        return Ended(result: result, timedOut: nil, heartbeat: heartbeat, cancelled: Task.isCancelled)
+    }
+
+    /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
+    @inline(never)
+    private func performTimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?) async -> Ended {
         let clock = core.clock
         let codec = core.codec
         let attempt = Attempt(heartbeat: task.heartbeat)
@@ -272,22 +304,16 @@ final class ActivityWorker: @unchecked Sendable {
             }
             if let previous { alarms.cancelAlarm(previous) }
         }
-        let result: Result<[UInt8], any Error>
-        if scheduled.isEmpty, task.options.heartbeatTimeout == nil {
-            // Nothing can time it out: run it right here, no task of its own.
-            do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
-        } else {
-            // A timeout cancels the attempt, so it runs as a task the watchdogs can reach.
-            let running = Task(executorPreference: executor) { try await activity.run(task.input, context: context, codec: codec) }
-            // A watchdog that rang before the attempt was reachable cancels it here.
-            let expired = attempt.state.withLock { state -> Bool in
-                state.work = running
-                return state.timedOut != nil
-            }
-            if expired { running.cancel() }
-            // A cancelled drain (the runtime closes) cancels the attempt.
-            result = await withTaskCancellationHandler { await running.result } onCancel: { running.cancel() }
+        // A timeout cancels the attempt, so it runs as a task the watchdogs can reach.
+        let running = Task(executorPreference: executor) { try await activity.run(task.input, context: context, codec: codec) }
+        // A watchdog that rang before the attempt was reachable cancels it here.
+        let expired = attempt.state.withLock { state -> Bool in
+            state.work = running
+            return state.timedOut != nil
         }
+        if expired { running.cancel() }
+        // A cancelled drain (the runtime closes) cancels the attempt.
+        let result = await withTaskCancellationHandler { await running.result } onCancel: { running.cancel() }
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
         let (timedOut, heartbeat, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeat, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
@@ -403,22 +429,30 @@ final class ActivityWorker: @unchecked Sendable {
         guard let activity = activities.withLock({ $0[task.name] }) else { return nil }
         let executor = LocalActivityExecutor()
         let work = Task(executorPreference: executor) { [self] in
-            let ended = await perform(task, activity, on: executor)
-            let decision = decide(task, ended)
-            let done = executor.finish { [self] key, committed in
-                // Detached: the turn's commit is done; the outcome goes the way a pool attempt's goes.
-                // If that commit failed, the entity reloads without the command and schedules again.
-                if committed {
-                    var stored = task
-                    stored.entityKey = key
-                    apply(decision, to: stored)
-                }
-                if let id = executor.drainID { drains.withLock { _ = $0.tasks.removeValue(forKey: id) } }
-                core.becameIdle()
-            }
-            if done { inline(decision) }
+            // Only the await here: the rest is synchronous and out of line, which keeps this task's
+            // frame small (everything inlined into it had made it ~4 KiB, allocated for each attempt).
+            endLocal(task, await perform(task, activity, on: executor), executor: executor, inline: inline)
         }
         return LocalAttempt(executor: executor, task: work)
+    }
+
+    /// A local attempt ended: inside the turn, `inline` gets the decision; detached, the decision waits
+    /// for the scheduling turn's commit and then goes the way a pool attempt's goes.
+    @inline(never)
+    private func endLocal(_ task: ActivityTask, _ ended: Ended, executor: LocalActivityExecutor,
+                          inline: @Sendable (Decision) -> Void) {
+        let decision = decide(task, ended)
+        let done = executor.finish { [self] key, committed in
+            // If that commit failed, the entity reloads without the command and schedules again.
+            if committed {
+                var stored = task
+                stored.entityKey = key
+                apply(decision, to: stored)
+            }
+            if let id = executor.drainID { drains.withLock { _ = $0.tasks.removeValue(forKey: id) } }
+            core.becameIdle()
+        }
+        if done { inline(decision) }
     }
 
     /// The turn that started `local` ends: if the attempt still runs, it continues outside the turn

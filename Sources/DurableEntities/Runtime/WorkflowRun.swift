@@ -106,26 +106,35 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
     func start(_ input: W.Input) {
         let context = WorkflowContext<W>(run: self)
         task = Task(executorPreference: executor) { [self] in
-            do {
-                let output = try await W.run(input, context: context)
-                guard continuation == nil else { return }  // the body swallowed the continue-as-new
-                do {
-                    let bytes = try codec.encode(output)
-                    outcome = .success(bytes)
-                    issued.append(.complete(output: bytes))
-                } catch {
-                    outcome = .failure(WorkflowFailure(message: "the run's output does not encode: \(error)"))
-                    issued.append(.fail(message: outcome!.failureMessage))
-                }
-            } catch is Abandoned {
-                return
-            } catch {
-                guard continuation == nil else { return }  // ended by continue-as-new, whatever it threw
-                outcome = .failure(WorkflowFailure(message: "\(error)"))
-                issued.append(.fail(message: "\(error)"))
-            }
+            // Only the await here; the rest is out of line, which keeps the task's frame (allocated
+            // on its stack for every run) small.
+            let ended: Result<W.Output, any Error>
+            do { ended = .success(try await W.run(input, context: context)) } catch { ended = .failure(error) }
+            bodyEnded(ended)
         }
         settle()
+    }
+
+    /// The body returned or threw: records its outcome (unless it was abandoned or continued as new).
+    @inline(never)
+    private func bodyEnded(_ ended: Result<W.Output, any Error>) {
+        switch ended {
+        case .success(let output):
+            guard continuation == nil else { return }  // the body swallowed the continue-as-new
+            do {
+                let bytes = try codec.encode(output)
+                outcome = .success(bytes)
+                issued.append(.complete(output: bytes))
+            } catch {
+                outcome = .failure(WorkflowFailure(message: "the run's output does not encode: \(error)"))
+                issued.append(.fail(message: outcome!.failureMessage))
+            }
+        case .failure(let error):
+            if error is Abandoned { return }
+            guard continuation == nil else { return }  // ended by continue-as-new, whatever it threw
+            outcome = .failure(WorkflowFailure(message: "\(error)"))
+            issued.append(.fail(message: "\(error)"))
+        }
     }
 
     /// The body asked to continue as new with `input`: records the command; the turn does the rest.
