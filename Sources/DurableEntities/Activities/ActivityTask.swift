@@ -34,7 +34,17 @@ struct ActivityTask: Codable, Sendable {
     }
 
     /// The same for every attempt and across restarts.
-    var idempotencyKey: String { "\(entityType)/\(entityID)/\(activityID)" }
+    var idempotencyKey: String {
+        // Built in one allocation (interpolation grows its buffer step by step).
+        var key = String()
+        key.reserveCapacity(entityType.utf8.count + entityID.utf8.count + 22)
+        key += entityType
+        key += "/"
+        key += entityID
+        key += "/"
+        key += String(activityID)
+        return key
+    }
 
     var entityName: EntityName { EntityName(type: entityType, id: entityID) }
 }

@@ -301,7 +301,7 @@ private struct CommitContext {
         for operation in batch.operations {
             switch operation {
             case .register(let name):
-                _ = try name.nameKey()
+                _ = try name.nameKeyCount()
             case .registerAs(let name, let key):
                 try checkKnown(key, nil)
                 try validateRegistration(name, as: key, in: txn)
@@ -434,8 +434,7 @@ private struct CommitContext {
     /// The key `name` is registered under, in this transaction or before it.
     private func existingKey(of name: EntityName, in txn: borrowing WriteTransaction) throws -> EntityKey? {
         if let key = registeredHere[name] { return key }
-        let nameKey = try name.nameKey()
-        return try nameKey.withUnsafeBytes { k in
+        return try name.withNameKey(count: name.nameKeyCount()) { k in
             try txn.withValue(forKey: k, in: stores.names) { v in v.map { EntityKey(rawValue: $0.bigEndianUInt64(at: 0)) } }
         }
     }
@@ -463,9 +462,9 @@ private struct CommitContext {
 
     private mutating func register(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws -> EntityKey {
         if let existing = try existingKey(of: name, in: txn) { return existing }
-        let nameKey = try name.nameKey()
+        let count = try name.nameKeyCount()
         try Key8(key.rawValue).withBytes { k in
-            try nameKey.withUnsafeBytes { try txn.put(k, forKey: $0, in: stores.names) }
+            try name.withNameKey(count: count) { try txn.put(k, forKey: $0, in: stores.names) }
             try EntityMetadata(name: name).encoded().withUnsafeBytes { try txn.put($0, forKey: k, in: stores.entities) }
         }
         registeredHere[name] = key

@@ -259,9 +259,9 @@ public final class Journal: Sendable {
 
     /// The key registered for `name`, or `nil`.
     public func key(for name: EntityName) throws(JournalError) -> EntityKey? {
-        let nameKey = try name.nameKey()
+        let count = try name.nameKeyCount()
         return try read("looking up \(name)") { txn in
-            try nameKey.withUnsafeBytes { k in
+            try name.withNameKey(count: count) { k in
                 try txn.withValue(forKey: k, in: stores.names) { value in
                     value.map { EntityKey(rawValue: $0.bigEndianUInt64(at: 0)) }
                 }

@@ -153,16 +153,28 @@ extension UnsafeMutableRawBufferPointer {
 }
 
 extension EntityName {
-    /// The `names` key: type, a zero byte, id. LMDB keys hold at most 511 bytes.
-    func nameKey() throws(JournalError) -> [UInt8] {
-        var bytes = Array(type.utf8)
-        bytes.append(0)
-        bytes.append(contentsOf: id.utf8)
-        guard bytes.count <= 511, !type.isEmpty, !type.utf8.contains(0) else {
+    /// The length of the `names` key (type, a zero byte, id), checked: LMDB keys hold at most 511
+    /// bytes, and the type must be non-empty and free of zero bytes.
+    func nameKeyCount() throws(JournalError) -> Int {
+        let count = type.utf8.count + 1 + id.utf8.count
+        guard count <= 511, !type.isEmpty, !type.utf8.contains(0) else {
             throw JournalError(.nameTooLong, entity: self,
-                               "an entity type plus id must be 1...510 UTF-8 bytes and the type must not contain a zero byte (got \(bytes.count - 1))")
+                               "an entity type plus id must be 1...510 UTF-8 bytes and the type must not contain a zero byte (got \(count - 1))")
         }
-        return bytes
+        return count
+    }
+
+    /// Calls `body` with the `names` key, built on the stack (a lookup allocates nothing); `count` is
+    /// ``nameKeyCount()``.
+    func withNameKey<R>(count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try withUnsafeTemporaryAllocation(of: UInt8.self, capacity: count) { buffer in
+            var end = buffer.initialize(fromContentsOf: type.utf8)
+            buffer[end] = 0
+            end += 1
+            end = buffer[end...].initialize(fromContentsOf: id.utf8)
+            assert(end == count)
+            return try body(UnsafeRawBufferPointer(buffer))
+        }
     }
 }
 
@@ -171,20 +183,20 @@ extension EntityMetadata {
     private static let header = 28
 
     func encoded() -> [UInt8] {
-        let type = Array(name.type.utf8)
-        let id = Array(name.id.utf8)
-        var bytes = [UInt8](repeating: 0, count: Self.header + type.count + id.count)
-        bytes.withUnsafeMutableBytes { out in
+        let typeCount = name.type.utf8.count
+        let count = Self.header + typeCount + name.id.utf8.count
+        return [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            let out = UnsafeMutableRawBufferPointer(buffer)
             out[0] = Self.version
             out[1] = status
             out.storeBigEndian(run, at: 2)
             out.storeBigEndian(prunedBefore, at: 10)
             out.storeBigEndian(runStartSequence, at: 18)
-            out.storeBytes(of: UInt16(type.count).bigEndian, toByteOffset: 26, as: UInt16.self)
+            out.storeBytes(of: UInt16(typeCount).bigEndian, toByteOffset: 26, as: UInt16.self)
+            let end = buffer[Self.header...].initialize(fromContentsOf: name.type.utf8)
+            _ = buffer[end...].initialize(fromContentsOf: name.id.utf8)
+            initialized = count
         }
-        bytes.replaceSubrange(Self.header..<(Self.header + type.count), with: type)
-        bytes.replaceSubrange((Self.header + type.count)..., with: id)
-        return bytes
     }
 
     static func decode(_ bytes: UnsafeRawBufferPointer, key: EntityKey) throws(JournalError) -> EntityMetadata {
