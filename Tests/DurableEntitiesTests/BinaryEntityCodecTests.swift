@@ -168,6 +168,40 @@ struct BinaryEntityCodecTests {
         #expect(try roundTrip([UInt64.max, 0, 1 << 63]) == [.max, 0, 1 << 63])
     }
 
+    @Test("top-level integers, Bool and String take a shortcut that writes and reads exactly what the general path does")
+    func scalarShortcut() throws {
+        func same<T: Codable & Equatable>(_ value: T) throws {
+            let general = try BinaryEncoderState.encodeMessage(value)
+            let shortcut = try #require(BinaryScalarMessage.encode(value))
+            #expect(shortcut == general, "\(T.self) \(value)")
+            #expect(try codec.encode(value) == general)
+            #expect(try decode(T.self, general) == value)
+            let generalRead = try general.withUnsafeBytes { try BinaryDecoderState.decodeMessage(T.self, from: $0) }
+            #expect(generalRead == value)
+        }
+        for value: Int64 in [.min, .min + 1, -(1 << 62) - 1, -(1 << 62), -300, -1, 0, 1, 63, 64, 300, (1 << 62) - 1, 1 << 62, .max] { try same(value) }
+        for value: Int in [.min, -1, 0, 1, .max] { try same(value) }
+        for value: UInt64 in [0, 1, 127, 128, 1 << 62, 1 << 63, .max] { try same(value) }
+        for value: Int32 in [.min, -1, 0, 1, .max] { try same(value) }
+        try same(true)
+        try same(false)
+        for value in ["", "a", String(repeating: "x", count: 127), String(repeating: "é", count: 200), "héllo 🌍"] { try same(value) }
+
+        // What the shortcut does not take, the general path reads (or rejects) as before.
+        #expect(try decode(Int64.self, codec.encode(UInt64(7))) == 7)  // unsigned tag
+        #expect(try decode(Int64.self, codec.encode(7.0)) == 7)  // a Double
+        #expect(try decode(Int32.self, codec.encode(Int64(-5))) == -5)
+        #expect(throws: DecodingError.self) { try decode(Int32.self, codec.encode(Int64.max)) }  // does not fit
+        #expect(throws: DecodingError.self) { try decode(Int64.self, codec.encode(Int64(300)) + [0]) }  // trailing byte
+        #expect(throws: DecodingError.self) { try decode(Int64.self, Array(codec.encode(Int64(300)).dropLast())) }  // truncated
+        #expect(throws: DecodingError.self) { try decode(Bool.self, [BinaryFormat.marker, BinaryFormat.trueValue, 0]) }
+        #expect(throws: DecodingError.self) { try decode(String.self, Array(codec.encode("abc").dropLast())) }
+        #expect(throws: DecodingError.self) { try decode(String.self, codec.encode(Int64(1))) }
+        #expect(throws: DecodingError.self) { try decode(Int64.self, codec.encode("1")) }
+        let optional: Int64?? = .some(.some(3))  // an Optional wrapper before the value
+        #expect(try decode(Int64.self, codec.encode(optional)) == 3)
+    }
+
     @Test("special floating point values keep their bits")
     func floatingPoint() throws {
         for value in [Double.nan, .infinity, -.infinity, -0.0, 0.0, .leastNonzeroMagnitude, .greatestFiniteMagnitude, -1e-300] {

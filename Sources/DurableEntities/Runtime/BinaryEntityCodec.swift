@@ -42,11 +42,116 @@ public struct BinaryEntityCodec: EntityCodec {
     public init() {}
 
     public func encode<Value: Encodable>(_ value: Value) throws -> [UInt8] {
-        try BinaryEncoderState.encodeMessage(value)
+        if let message = BinaryScalarMessage.encode(value) { return message }
+        return try BinaryEncoderState.encodeMessage(value)
     }
 
     public func decode<Value: Decodable>(_ type: Value.Type, from bytes: UnsafeRawBufferPointer) throws -> Value {
-        try BinaryDecoderState.decodeMessage(type, from: bytes)
+        if let value = BinaryScalarMessage.decode(type, from: bytes) { return value }
+        return try BinaryDecoderState.decodeMessage(type, from: bytes)
+    }
+}
+
+/// Messages that are one integer, `Bool` or `String` (activity outputs, run outputs and the like),
+/// written and read without an encoder or decoder object: the same bytes the general path writes,
+/// without its allocations. Reading takes only the exact form this writes; anything else (another
+/// tag, an integer that does not fit, a truncated or longer message) goes to the general path,
+/// which converts what it can and reports the rest.
+enum BinaryScalarMessage {
+    @inline(__always)
+    static func encode<Value: Encodable>(_ value: Value) -> [UInt8]? {
+        if Value.self == Int64.self { return tagged(BinaryFormat.signed, BinaryFormat.zigzag(unsafeBitCast(value, to: Int64.self))) }
+        if Value.self == Int.self { return tagged(BinaryFormat.signed, BinaryFormat.zigzag(Int64(unsafeBitCast(value, to: Int.self)))) }
+        if Value.self == UInt64.self { return tagged(BinaryFormat.unsigned, unsafeBitCast(value, to: UInt64.self)) }
+        if Value.self == Int32.self { return tagged(BinaryFormat.signed, BinaryFormat.zigzag(Int64(unsafeBitCast(value, to: Int32.self)))) }
+        if Value.self == Bool.self {
+            return [BinaryFormat.marker, unsafeBitCast(value, to: Bool.self) ? BinaryFormat.trueValue : BinaryFormat.falseValue]
+        }
+        if Value.self == String.self {
+            var string = unsafeBitCast(value, to: String.self)
+            return string.withUTF8 { utf8 in
+                var out = [UInt8]()
+                out.reserveCapacity(12 + utf8.count)
+                out.append(BinaryFormat.marker)
+                out.append(BinaryFormat.string)
+                BinaryFormat.appendVarint(UInt64(utf8.count), to: &out)
+                out.append(contentsOf: utf8)
+                return out
+            }
+        }
+        return nil
+    }
+
+    @inline(__always)
+    private static func tagged(_ tag: UInt8, _ value: UInt64) -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(12)
+        out.append(BinaryFormat.marker)
+        out.append(tag)
+        BinaryFormat.appendVarint(value, to: &out)
+        return out
+    }
+
+    @inline(__always)
+    static func decode<Value: Decodable>(_ type: Value.Type, from bytes: UnsafeRawBufferPointer) -> Value? {
+        guard bytes.count >= 2, bytes[0] == BinaryFormat.marker else { return nil }
+        let tag = bytes[1]
+        if Value.self == Int64.self {
+            guard tag == BinaryFormat.signed, let raw = varint(bytes, from: 2, toEnd: true) else { return nil }
+            return unsafeBitCast(BinaryFormat.unzigzag(raw), to: Value.self)
+        }
+        if Value.self == Int.self {
+            guard tag == BinaryFormat.signed, let raw = varint(bytes, from: 2, toEnd: true),
+                  let value = Int(exactly: BinaryFormat.unzigzag(raw)) else { return nil }
+            return unsafeBitCast(value, to: Value.self)
+        }
+        if Value.self == UInt64.self {
+            guard tag == BinaryFormat.unsigned, let raw = varint(bytes, from: 2, toEnd: true) else { return nil }
+            return unsafeBitCast(raw, to: Value.self)
+        }
+        if Value.self == Int32.self {
+            guard tag == BinaryFormat.signed, let raw = varint(bytes, from: 2, toEnd: true),
+                  let value = Int32(exactly: BinaryFormat.unzigzag(raw)) else { return nil }
+            return unsafeBitCast(value, to: Value.self)
+        }
+        if Value.self == Bool.self {
+            guard bytes.count == 2, tag == BinaryFormat.trueValue || tag == BinaryFormat.falseValue else { return nil }
+            return unsafeBitCast(tag == BinaryFormat.trueValue, to: Value.self)
+        }
+        if Value.self == String.self {
+            guard tag == BinaryFormat.string else { return nil }
+            var end = 2
+            guard let length = varint(bytes, from: 2, toEnd: false, end: &end), length == UInt64(bytes.count - end) else { return nil }
+            return unsafeBitCast(String(decoding: UnsafeRawBufferPointer(rebasing: bytes[end...]), as: UTF8.self), to: Value.self)
+        }
+        return nil
+    }
+
+    /// A varint of at most 9 bytes (63 bits) at `from`; with `toEnd`, only if it ends the message.
+    @inline(__always)
+    private static func varint(_ bytes: UnsafeRawBufferPointer, from start: Int, toEnd: Bool) -> UInt64? {
+        var end = start
+        guard let value = varint(bytes, from: start, toEnd: toEnd, end: &end) else { return nil }
+        return value
+    }
+
+    @inline(__always)
+    private static func varint(_ bytes: UnsafeRawBufferPointer, from start: Int, toEnd: Bool, end: inout Int) -> UInt64? {
+        var value: UInt64 = 0
+        var shift: UInt64 = 0
+        var position = start
+        while position < bytes.count, position - start < 9 {
+            let byte = bytes[position]
+            value |= UInt64(byte & 0x7F) << shift
+            position += 1
+            if byte < 0x80 {
+                guard !toEnd || position == bytes.count else { return nil }
+                end = position
+                return value
+            }
+            shift += 7
+        }
+        return nil
     }
 }
 
