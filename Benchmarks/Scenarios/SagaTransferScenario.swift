@@ -5,21 +5,22 @@ import Synchronization
 /// `saga-transfer`: money-transfer workflows — a run body executing three activities in sequence
 /// (withdraw, deposit, record) inside a ``Saga`` — started and awaited the way users do.
 ///
-/// `--in-flight K` client tasks (default 1,000) each loop: start a new ``SagaTransfer`` entity
-/// `tr-<client>-<n>` with `start(_:)`, then await `result()`; `--events N` transfers in all
-/// (default 100,000). Latency is from the `start` call to the `result` return (the transfer's three
-/// activities ran and its completion is durable). Transfers move money between `--entities E`
+/// `--in-flight K` client tasks (default 1,000) each loop: run a new ``SagaTransfer`` entity
+/// `tr-<client>-<n>` to its end with `execute(_:)` (start it and await its outcome, one message);
+/// `--events N` transfers in all (default 100,000). Latency is from the call to its return (the
+/// transfer's three activities ran and its completion is durable). `--param api=start-result` calls
+/// `start(_:)` and then `result()` instead (two calls, the way to start without waiting). Transfers move money between `--entities E`
 /// accounts (default 1,000) of an in-memory ``SagaLedger``; its activities are idempotent by
 /// ``ActivityContext/idempotencyKey``. The saga registers a compensation before each money step;
 /// none runs on this happy path. Set-up, not measured: one warm-up transfer per client.
 ///
-/// Per transfer the runtime makes 5 journal submissions one after another (register the entity;
-/// `started` + schedule withdraw; 3 × activity outcome + the next command or `completed`), plus one
-/// for a turn that only registers the `result` waiter when it does not share a turn with an outcome
-/// (5.1–5.6 measured), and records 8 history events and 3 activity tasks (put, then deleted).
+/// Per transfer the runtime makes 4 journal submissions one after another (register the entity with
+/// `started` + schedule withdraw; 3 × activity outcome + the next command or `completed`; with
+/// `api=start-result`, sometimes one more for a turn that only registers the `result` waiter), and
+/// records 8 history events and 3 activity tasks (put, then deleted).
 ///
-/// Extra fields: `start_p50_ms` and `start_p99_ms` (the `start` call alone: the rest of a
-/// transfer's latency is the `result` wait), the journal writer's figures for the measured region (`commits`, `events_per_commit`,
+/// Extra fields: with `api=start-result`, `start_p50_ms` and `start_p99_ms` (the `start` call alone:
+/// the rest of a transfer's latency is the `result` wait); the journal writer's figures for the measured region (`commits`, `events_per_commit`,
 /// `submissions_per_commit`, …), `events_per_transfer` (read back from the journal), the process's CPU
 /// time per transfer (`cpu_us_per_transfer`, all threads) and cores kept busy, the ledger's check
 /// (`balances_consistent`: Σ withdrawn == Σ deposited, every transfer withdrew, deposited and recorded
@@ -55,6 +56,9 @@ struct SagaTransferScenario: BenchmarkScenario {
             throw BenchmarkFailure(message: "--param max-resident=\(maxResident) must exceed --in-flight \(clients)")
         }
         let local = try EntityBench.flag(options.extra("local"), name: "local")
+        let api = options.extra("api") ?? "execute"
+        guard ["execute", "start-result"].contains(api) else { throw BenchmarkFailure(message: "--param api must be execute or start-result") }
+        let separate = api == "start-result"
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("saga-transfer")
@@ -90,10 +94,11 @@ struct SagaTransferScenario: BenchmarkScenario {
         }
 
         let type: any SagaTransferEntity.Type = local ? SagaTransferLocal.self : SagaTransfer.self
-        /// Starts transfer `id` and awaits its receipt; `starts`, when given, gets the time `start` took.
+        /// Runs transfer `id` and returns its receipt; `starts`, when given, gets the time `start` took.
         @Sendable func transfer(_ id: String, _ input: SagaTransfer.Input, starts: LatencyRecorder?) async throws -> Int64 {
             func run<W: SagaTransferEntity>(_ type: W.Type) async throws -> Int64 {
                 let ref = runtime.entity(W.self, id: id)
+                guard separate else { return try await ref.execute(input) }
                 if let starts {
                     try await starts.measure { try await ref.start(input) }
                 } else {
@@ -167,9 +172,11 @@ struct SagaTransferScenario: BenchmarkScenario {
             "deposited_total": .int(Int(books.deposited)),
             "activity_duplicates": .int(books.duplicates),
         ]
-        let startSummary = starts.summary
-        extra["start_p50_ms"] = .double(startSummary.p50Milliseconds)
-        extra["start_p99_ms"] = .double(startSummary.p99Milliseconds)
+        if separate {
+            let startSummary = starts.summary
+            extra["start_p50_ms"] = .double(startSummary.p50Milliseconds)
+            extra["start_p99_ms"] = .double(startSummary.p99Milliseconds)
+        }
         if let wall = recorder.elapsed { extra["cores_busy"] = .double(cpu.seconds / wall.seconds) }
         if let load { extra["load_avg_1m"] = .double(load) }
         guard consistent else {
@@ -181,7 +188,7 @@ struct SagaTransferScenario: BenchmarkScenario {
                 "in_flight": .int(clients), "events": .int(total), "entities": .int(accounts),
                 "durability": .string("\(durability)"), "shards": .int(configuration.shards),
                 "max_per_turn": .int(configuration.maxMessagesPerTurn), "activities": .int(maxActivities),
-                "max_resident": .int(maxResident), "codec": .string(codec), "local": .bool(local),
+                "max_resident": .int(maxResident), "codec": .string(codec), "local": .bool(local), "api": .string(api),
             ],
             extra: extra)
     }

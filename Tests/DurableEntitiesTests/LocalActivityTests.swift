@@ -286,3 +286,85 @@ struct FinishedResultTests {
         #expect(try await entity.query { $0.pings } == 1)
     }
 }
+
+@Suite("execute: start and await the outcome in one message")
+struct ExecuteTests {
+    func runtime(_ directory: TemporaryDirectory, activities: [any Activity] = [], maxPayloadBytes: Int? = nil) throws -> EntityRuntime {
+        var configuration = LocalActivityTests().configuration(directory, TestClock())
+        if let maxPayloadBytes { configuration.maxPayloadBytes = maxPayloadBytes }
+        return try EntityRuntime(configuration: configuration, activities: activities)
+    }
+
+    @Test("a body of local activities that finishes in its first turn answers after that one commit, with the same history as start + result")
+    func localInOneCommit() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try runtime(directory, activities: [ActivityStub<Step> { label, _ in "ok:\(label)" }])
+        defer { runtime.close() }
+        let before = runtime.journal.statistics.commits
+        #expect(try await runtime.entity(LocalSteps.self, id: "one").execute(.init(labels: ["a", "b", "c"])) == "ok:a,ok:b,ok:c")
+        #expect(runtime.journal.statistics.commits - before == 1)
+        #expect(try runtime.exportHistory(of: EntityName(type: LocalSteps.entityType, id: "one")).events.map(\.kind)
+            == [.started, .activityScheduled, .activityCompleted, .activityScheduled, .activityCompleted,
+                .activityScheduled, .activityCompleted, .completed])
+    }
+
+    @Test("a body that finishes in a later turn (a pool activity, a signal) answers when its outcome is durable")
+    func laterTurn() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try runtime(directory, activities: [ActivityStub<Step> { label, _ in "pool:\(label)" }])
+        defer { runtime.close() }
+        #expect(try await runtime.entity(CallStep.self, id: "pool").execute(.init(label: "x", options: .default)) == "pool:x")
+
+        // Waits for a signal between its first and second step: execute returns only after it.
+        let steps = runtime.entity(LocalSteps.self, id: "waits")
+        async let output = steps.execute(.init(labels: ["a", "b"], waitAfterFirst: true))
+        _ = try await steps.awaitState { $0.done == 1 }
+        try await steps.signal(.go)
+        #expect(try await output == "pool:a,pool:b")
+        #expect(try await steps.query { $0.done } == 2)
+    }
+
+    @Test("executing again, or after start, starts nothing new and gives the same outcome; a failed body is rejected with its failure")
+    func idempotent() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try runtime(directory)
+        defer { runtime.close() }
+        let ok = runtime.entity(CountedRun.self, id: "execute-ok")
+        #expect(try await ok.execute(.init()) == "done:execute-ok")
+        #expect(try await ok.execute(.init(fail: true)) == "done:execute-ok")  // the first input stands
+        #expect(try await ok.result() == "done:execute-ok")
+        #expect(CountedRun.starts.withLock { $0["execute-ok"] } == 1)
+
+        let started = runtime.entity(CountedRun.self, id: "start-then-execute")
+        try await started.start(.init())
+        #expect(try await started.execute(.init()) == "done:start-then-execute")
+        #expect(CountedRun.starts.withLock { $0["start-then-execute"] } == 1)
+
+        let failing = runtime.entity(CountedRun.self, id: "execute-failed")
+        for _ in 0..<2 {
+            let error = await #expect(throws: EntityError.self) { _ = try await failing.execute(.init(fail: true)) }
+            #expect(error?.code == .rejected)
+            #expect((error?.underlying as? WorkflowFailure)?.message.contains("Fatal") == true)
+        }
+        #expect(CountedRun.starts.withLock { $0["execute-failed"] } == 1)
+    }
+
+    @Test("an input over the payload limit is refused with payloadTooLarge and nothing is recorded")
+    func tooLarge() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try runtime(directory, maxPayloadBytes: 64)
+        defer { runtime.close() }
+        let entity = runtime.entity(LocalSteps.self, id: "too-large")
+        let error = await #expect(throws: EntityError.self) {
+            _ = try await entity.execute(.init(labels: [String(repeating: "x", count: 200)]))
+        }
+        #expect(error?.code == .payloadTooLarge)
+        #expect(try runtime.journal.key(for: EntityName(type: LocalSteps.entityType, id: "too-large")) == nil)
+        let notStarted = await #expect(throws: EntityError.self) { _ = try await entity.result() }
+        #expect(notStarted?.code == .rejected)
+    }
+}

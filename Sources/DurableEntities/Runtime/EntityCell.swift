@@ -22,6 +22,8 @@ enum CellMessage: Sendable {
     case terminate(reason: String, reply: VoidReply)
     case start(any Sendable, bytes: [UInt8], reply: VoidReply)
     case result(ValueReply)
+    /// `start`, then `result`: the reply gets the run's outcome.
+    case execute(any Sendable, bytes: [UInt8], reply: ValueReply)
     case timerFired(id: UInt64, due: UInt64, reply: VoidReply)
     case cancel(reply: VoidReply)
     case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: VoidReply)
@@ -68,13 +70,22 @@ enum TurnReply: Sendable {
     case update(ValueReply, any Sendable)
     case failed(@Sendable () -> Void)
     case done(@Sendable () -> Void)
+    /// An `execute` whose start the turn made (or found made): once the commit is durable it waits
+    /// for the run's outcome like a `result` (answered at once if the run has finished); a failed
+    /// commit fails it.
+    case execute(ValueReply)
+
+    var isExecute: Bool {
+        if case .execute = self { true } else { false }
+    }
 
     static func fail(_ message: CellMessage, _ error: EntityError) -> TurnReply {
         switch message {
         case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply),
              .cancel(let reply), .activityOutcome(_, _, let reply), .envelope(_, _, let reply):
             .failed { reply(.failure(error)) }
-        case .update(_, _, _, let reply), .read(let reply), .result(let reply): .failed { reply(.failure(error)) }
+        case .update(_, _, _, let reply), .read(let reply), .result(let reply), .execute(_, _, let reply):
+            .failed { reply(.failure(error)) }
         }
     }
 }
@@ -564,6 +575,27 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         /// A message from another entity. Its outbox row is consumed whatever happens to it; what
         /// cannot apply is dropped with a log line (a sender learns of it only for a child start,
         /// which reports a ``ChildFailure``).
+        /// Starts the run body with `input` (it has not started); the error refuses the start.
+        func startRun(_ input: any Sendable, _ bytes: [UInt8]) -> EntityError? {
+            guard W.hasRunBody else { return EntityError(.rejected, entity: name, "\(W.entityType) has no run body to start") }
+            if bytes.count > limit { return tooLarge("input", bytes.count) }
+            let run = Self.run(next) ?? WorkflowRun<W>(name: name, run: next.run, state: working, codec: core.codec, logger: core.logger)
+            next.workflow = run
+            record(HistoryEvent(kind: .started, timeNanoseconds: now, body: bytes))
+            settle { $0.start(input as! W.Input) }
+            return nil
+        }
+        /// Answers with the run's outcome if it was durable before this turn; otherwise waits for it.
+        func awaitResult(_ reply: @escaping ValueReply) {
+            if let outcome = Self.run(next)?.outcome, Self.run(start)?.outcome != nil {
+                let result = decodeOutcome(outcome)
+                replies.append(.done { reply(result) })
+            } else if Self.run(next)?.started == true {
+                output.resultWaiters.append(reply)
+            } else {
+                replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the entity's run body was not started"))) })
+            }
+        }
         func handle(_ envelope: EntityEnvelope) {
             let terminated = next.status == .terminated
             func dropped(_ why: String) {
@@ -730,33 +762,23 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 terminate(reason: reason)
                 replies.append(.signal(reply))
             case .start(let input, let bytes, let reply):
-                guard W.hasRunBody else {
-                    replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "\(W.entityType) has no run body to start"))) })
-                    continue
-                }
-                if Self.run(next)?.started == true {
+                if W.hasRunBody, Self.run(next)?.started == true {
                     replies.append(.done { reply(.success(())) })  // starting twice is idempotent
-                    continue
-                }
-                if bytes.count > limit {
-                    let error = tooLarge("input", bytes.count)
+                } else if let error = startRun(input, bytes) {
                     replies.append(.failed { reply(.failure(error)) })
-                    continue
-                }
-                let run = Self.run(next) ?? WorkflowRun<W>(name: name, run: next.run, state: working, codec: core.codec, logger: core.logger)
-                next.workflow = run
-                record(HistoryEvent(kind: .started, timeNanoseconds: now, body: bytes))
-                settle { $0.start(input as! W.Input) }
-                replies.append(.signal(reply))
-            case .result(let reply):
-                if let outcome = Self.run(next)?.outcome, Self.run(start)?.outcome != nil {
-                    let result = decodeOutcome(outcome)
-                    replies.append(.done { reply(result) })
-                } else if Self.run(next)?.started == true {
-                    output.resultWaiters.append(reply)
                 } else {
-                    replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the entity's run body was not started"))) })
+                    replies.append(.signal(reply))
                 }
+            case .execute(let input, let bytes, let reply):
+                if W.hasRunBody, Self.run(next)?.started == true {
+                    awaitResult(reply)  // started before: as `result`
+                } else if let error = startRun(input, bytes) {
+                    replies.append(.failed { reply(.failure(error)) })
+                } else {
+                    replies.append(.execute(reply))
+                }
+            case .result(let reply):
+                awaitResult(reply)
             case .cancel(let reply):
                 guard let run = Self.run(next), run.started, run.outcome == nil else {
                     replies.append(.done { reply(.success(())) })  // nothing running: nothing to cancel
@@ -804,7 +826,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty || !output.localDetached.isEmpty
             || !output.localRetries.isEmpty else {
             // Nothing to write: a turn that only read, refused, or registered result waiters.
-            if output.resultWaiters.isEmpty {
+            if output.resultWaiters.isEmpty && !replies.contains(where: \.isExecute) {
                 finishWithoutCommit(replies)
             } else {
                 complete(.success(()), next: next, waiters: output.resultWaiters, replies: replies)
@@ -958,6 +980,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             switch outcome {
             case .success:
                 state.durable = next
+                // Registered under the lock: the entity's next turn may run as soon as it is released.
+                for case .execute(let reply) in replies { state.resultWaiters.append(reply) }
                 state.awaitsChildren = awaitsChildren
                 if Self.run(next)?.outcome != nil || next.status == .terminated {
                     resolved = state.resultWaiters
@@ -985,6 +1009,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             case (.update(let reply, let result), .success): reply(.success(result))
             case (.update(let reply, _), .failure(let error)): reply(.failure(error))
             case (.failed(let reply), _), (.done(let reply), _): reply()
+            case (.execute, .success): break  // a result waiter now
+            case (.execute(let reply), .failure(let error)): reply(.failure(error))
             }
         }
         if !resolved.isEmpty {
@@ -1012,6 +1038,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             case .failed(let reply), .done(let reply): reply()
             case .signal(let reply): reply(.success(()))
             case .update(let reply, let result): reply(.success(result))
+            case .execute: preconditionFailure("an execute reply goes through complete()")
             }
         }
     }

@@ -109,6 +109,25 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         try await deliver(bounded: true) { reply in .start(input, bytes: bytes, reply: reply) }
     }
 
+    /// Starts the run body with `input` (unless it started before: starting is idempotent) and waits
+    /// for its outcome: `start` then `result`, in one message. The output, or
+    /// ``EntityError/Code/rejected`` carrying the body's ``WorkflowFailure``; the start's own errors
+    /// as for ``start(_:)``. A body that finishes in its first turn (local activities only) answers
+    /// after that one commit.
+    public func execute(_ input: W.Input) async throws(EntityError) -> W.Output {
+        // A run that finished and left memory answers from its last event, as for `result()`.
+        switch finishedOutcome() {
+        case .success(let output)?: return output as! W.Output
+        case .failure(let error)?: throw error
+        case nil: break
+        }
+        let bytes: [UInt8]
+        do { bytes = try runtime.core.codec.encode(input) } catch {
+            throw EntityError(.unencodablePayload, entity: name, "the input does not encode; nothing was recorded", underlying: error)
+        }
+        return try await deliverValue(bounded: true) { reply in .execute(input, bytes: bytes, reply: reply) } as! W.Output
+    }
+
     /// Sends a signal, starting the run body first if it has not started (both durable at return).
     public func signalWithStart(_ signal: W.Signal, input: W.Input, idempotencyKey: String? = nil) async throws(EntityError) {
         try await start(input)
@@ -119,18 +138,19 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     /// body's ``WorkflowFailure``. Waiting costs no thread; the body may take months.
     public func result() async throws(EntityError) -> W.Output {
         // A finished run that left memory answers from its last event, without a replay.
-        let core = runtime.core
-        let finished = if let cell = cache.cell ?? core.residentCell(W.self, name) {
-            cell.finishedOutcome()
-        } else {
-            EntityCell<W>.finishedOutcome(of: name, core: core)
-        }
-        switch finished {
+        switch finishedOutcome() {
         case .success(let output)?: return output as! W.Output
         case .failure(let error)?: throw error
         case nil: break
         }
         return try await deliverValue { reply in .result(reply) } as! W.Output
+    }
+
+    /// The outcome of a run that finished, when it can be read without asking the entity.
+    private func finishedOutcome() -> Result<any Sendable, EntityError>? {
+        let core = runtime.core
+        if let cell = cache.cell ?? core.residentCell(W.self, name) { return cell.finishedOutcome() }
+        return EntityCell<W>.finishedOutcome(of: name, core: core)
     }
 
     /// Asks the run body to stop, cooperatively: recorded, then the wait the body is suspended on
