@@ -47,8 +47,16 @@ public struct BinaryEntityCodec: EntityCodec {
     }
 
     public func decode<Value: Decodable>(_ type: Value.Type, from bytes: UnsafeRawBufferPointer) throws -> Value {
-        if let value = BinaryScalarMessage.decode(type, from: bytes) { return value }
-        return try BinaryDecoderState.decodeMessage(type, from: bytes)
+        // No `Value?` here: for a generic `Value` its metadata is looked up at run time on every call.
+        switch BinaryScalarMessage.decode(type, from: bytes) {
+        case .none: return try BinaryDecoderState.decodeMessage(type, from: bytes)
+        case .int64(let value): return unsafeBitCast(value, to: Value.self)
+        case .int(let value): return unsafeBitCast(value, to: Value.self)
+        case .uint64(let value): return unsafeBitCast(value, to: Value.self)
+        case .int32(let value): return unsafeBitCast(value, to: Value.self)
+        case .bool(let value): return unsafeBitCast(value, to: Value.self)
+        case .string(let value): return unsafeBitCast(value, to: Value.self)
+        }
     }
 }
 
@@ -92,39 +100,50 @@ enum BinaryScalarMessage {
         return out
     }
 
+    /// A scalar read by the shortcut, of the type asked for (the caller casts it), or `none`.
+    enum Decoded {
+        case none
+        case int64(Int64)
+        case int(Int)
+        case uint64(UInt64)
+        case int32(Int32)
+        case bool(Bool)
+        case string(String)
+    }
+
     @inline(__always)
-    static func decode<Value: Decodable>(_ type: Value.Type, from bytes: UnsafeRawBufferPointer) -> Value? {
-        guard bytes.count >= 2, bytes[0] == BinaryFormat.marker else { return nil }
+    static func decode<Value: Decodable>(_ type: Value.Type, from bytes: UnsafeRawBufferPointer) -> Decoded {
+        guard bytes.count >= 2, bytes[0] == BinaryFormat.marker else { return .none }
         let tag = bytes[1]
         if Value.self == Int64.self {
-            guard tag == BinaryFormat.signed, let raw = varint(bytes, from: 2, toEnd: true) else { return nil }
-            return unsafeBitCast(BinaryFormat.unzigzag(raw), to: Value.self)
+            guard tag == BinaryFormat.signed, let raw = varint(bytes, from: 2, toEnd: true) else { return .none }
+            return .int64(BinaryFormat.unzigzag(raw))
         }
         if Value.self == Int.self {
             guard tag == BinaryFormat.signed, let raw = varint(bytes, from: 2, toEnd: true),
-                  let value = Int(exactly: BinaryFormat.unzigzag(raw)) else { return nil }
-            return unsafeBitCast(value, to: Value.self)
+                  let value = Int(exactly: BinaryFormat.unzigzag(raw)) else { return .none }
+            return .int(value)
         }
         if Value.self == UInt64.self {
-            guard tag == BinaryFormat.unsigned, let raw = varint(bytes, from: 2, toEnd: true) else { return nil }
-            return unsafeBitCast(raw, to: Value.self)
+            guard tag == BinaryFormat.unsigned, let raw = varint(bytes, from: 2, toEnd: true) else { return .none }
+            return .uint64(raw)
         }
         if Value.self == Int32.self {
             guard tag == BinaryFormat.signed, let raw = varint(bytes, from: 2, toEnd: true),
-                  let value = Int32(exactly: BinaryFormat.unzigzag(raw)) else { return nil }
-            return unsafeBitCast(value, to: Value.self)
+                  let value = Int32(exactly: BinaryFormat.unzigzag(raw)) else { return .none }
+            return .int32(value)
         }
         if Value.self == Bool.self {
-            guard bytes.count == 2, tag == BinaryFormat.trueValue || tag == BinaryFormat.falseValue else { return nil }
-            return unsafeBitCast(tag == BinaryFormat.trueValue, to: Value.self)
+            guard bytes.count == 2, tag == BinaryFormat.trueValue || tag == BinaryFormat.falseValue else { return .none }
+            return .bool(tag == BinaryFormat.trueValue)
         }
         if Value.self == String.self {
-            guard tag == BinaryFormat.string else { return nil }
+            guard tag == BinaryFormat.string else { return .none }
             var end = 2
-            guard let length = varint(bytes, from: 2, toEnd: false, end: &end), length == UInt64(bytes.count - end) else { return nil }
-            return unsafeBitCast(String(decoding: UnsafeRawBufferPointer(rebasing: bytes[end...]), as: UTF8.self), to: Value.self)
+            guard let length = varint(bytes, from: 2, toEnd: false, end: &end), length == UInt64(bytes.count - end) else { return .none }
+            return .string(String(decoding: UnsafeRawBufferPointer(rebasing: bytes[end...]), as: UTF8.self))
         }
-        return nil
+        return .none
     }
 
     /// A varint of at most 9 bytes (63 bits) at `from`; with `toEnd`, only if it ends the message.
