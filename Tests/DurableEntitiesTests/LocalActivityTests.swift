@@ -326,7 +326,7 @@ struct ExecuteTests {
         #expect(try await steps.query { $0.done } == 2)
     }
 
-    @Test("executing again, or after start, starts nothing new and gives the same outcome; a failed body is rejected with its failure")
+    @Test("executing again, or after start, starts nothing new and gives the same outcome without replaying the body; a failed body is rejected with its failure")
     func idempotent() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -336,6 +336,8 @@ struct ExecuteTests {
         #expect(try await ok.execute(.init()) == "done:execute-ok")
         #expect(try await ok.execute(.init(fail: true)) == "done:execute-ok")  // the first input stands
         #expect(try await ok.result() == "done:execute-ok")
+        // A fresh reference: the turn finds the finished run on disk and answers from its last event.
+        #expect(try await runtime.entity(CountedRun.self, id: "execute-ok").execute(.init()) == "done:execute-ok")
         #expect(CountedRun.starts.withLock { $0["execute-ok"] } == 1)
 
         let started = runtime.entity(CountedRun.self, id: "start-then-execute")

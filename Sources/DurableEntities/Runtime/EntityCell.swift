@@ -29,6 +29,14 @@ enum CellMessage: Sendable {
     case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: VoidReply)
     /// A message from another entity, with its outbox row (consumed in this entity's commit).
     case envelope(EntityEnvelope, key: [UInt8], reply: VoidReply)
+
+    /// `result` or `execute`: answered by a finished run's outcome alone.
+    var asksForOutcome: Bool {
+        switch self {
+        case .result, .execute: true
+        default: false
+        }
+    }
 }
 
 /// Whether an entity accepts messages.
@@ -307,7 +315,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                   state.messages.isEmpty else { return nil }
             return state.turnsStarted
         }
-        guard let generation, let loaded = try? load() else { return nil }
+        guard let generation, let loaded = try? load(key: lookUpKey()) else { return nil }
         let now = core.clock.nowNanoseconds()
         var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
         let installed = cell.withLock { state -> Bool in
@@ -336,6 +344,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// ``finishedOutcome()`` of an entity that has no cell in memory.
     static func finishedOutcome(of name: EntityName, core: RuntimeCore) -> Result<any Sendable, EntityError>? {
         guard W.hasRunBody, let found = try? core.journal.key(for: name) as EntityKey??, let key = found else { return nil }
+        return finishedOutcome(of: key, name: name, core: core)
+    }
+
+    /// ``finishedOutcome(of:core:)`` of the entity registered under `key`.
+    static func finishedOutcome(of key: EntityKey, name: EntityName, core: RuntimeCore) -> Result<any Sendable, EntityError>? {
         var outcome: Result<[UInt8], WorkflowFailure>?
         do {
             let last = try core.journal.latestSequence(of: key)
@@ -409,7 +422,20 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             current = durable
         } else {
             do {
-                current = try load()
+                let key = try lookUpKey()
+                // A finished run asked only for its outcome answers from its last event: no replay.
+                if let key, W.hasRunBody, messages.allSatisfy(\.asksForOutcome),
+                   let outcome = Self.finishedOutcome(of: key, name: name, core: core) {
+                    finishWithoutCommit(messages.map { message in
+                        switch message {
+                        case .result(let reply), .execute(_, _, let reply): .done { reply(outcome) }
+                        default: preconditionFailure("only outcome requests take this path")
+                        }
+                    })
+                    if core.configuration.passivateFinishedRuns { core.passivate(self) }
+                    return
+                }
+                current = try load(key: key)
             } catch {
                 cell.withLock { $0.failure = error }
                 core.logger.error("entity failed to load", metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)", "error": "\(error)"])
@@ -867,7 +893,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             key = known
         } else {
             // A new entity: its name is registered under a reserved key in this same commit, so its
-            // first turn costs one commit, not two. `load()` found the name unregistered, and only
+            // first turn costs one commit, not two. `lookUpKey()` found the name unregistered, and only
             // this entity's turns register it, so there is nothing to look up again.
             key = core.journal.reserveNewKey()
             batch.register(name, as: key)
@@ -1048,12 +1074,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// Rebuilds the entity: an entity type without a run body from its latest snapshot and the events
     /// after it; one with a run body by replaying its current run from the start, matching the
     /// commands the code issues against the recorded ones.
-    private func load() throws(EntityError) -> Durable {
-        let journal = core.journal
-        let key: EntityKey?
-        do { key = try journal.key(for: name) } catch {
+    /// The entity's journal key, `nil` if it was never registered.
+    private func lookUpKey() throws(EntityError) -> EntityKey? {
+        do { return try core.journal.key(for: name) } catch {
             throw EntityError(.storage, entity: name, "looking up the entity failed", underlying: error)
         }
+    }
+
+    /// - Parameter key: ``lookUpKey()``'s answer.
+    private func load(key: EntityKey?) throws(EntityError) -> Durable {
+        let journal = core.journal
         guard let key else {
             return Durable(state: W.initialState(id: name.id), key: nil, lastSequence: 0, snapshotSequence: 0, status: .active)
         }

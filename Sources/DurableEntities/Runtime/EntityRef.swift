@@ -115,12 +115,8 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     /// as for ``start(_:)``. A body that finishes in its first turn (local activities only) answers
     /// after that one commit.
     public func execute(_ input: W.Input) async throws(EntityError) -> W.Output {
-        // A run that finished and left memory answers from its last event, as for `result()`.
-        switch finishedOutcome() {
-        case .success(let output)?: return output as! W.Output
-        case .failure(let error)?: throw error
-        case nil: break
-        }
+        // No journal read here: the turn looks the entity up anyway, and a run that finished and left
+        // memory answers there from its last event, without a replay.
         let bytes: [UInt8]
         do { bytes = try runtime.core.codec.encode(input) } catch {
             throw EntityError(.unencodablePayload, entity: name, "the input does not encode; nothing was recorded", underlying: error)
@@ -138,19 +134,18 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     /// body's ``WorkflowFailure``. Waiting costs no thread; the body may take months.
     public func result() async throws(EntityError) -> W.Output {
         // A finished run that left memory answers from its last event, without a replay.
-        switch finishedOutcome() {
+        let core = runtime.core
+        let finished = if let cell = cache.cell ?? core.residentCell(W.self, name) {
+            cell.finishedOutcome()
+        } else {
+            EntityCell<W>.finishedOutcome(of: name, core: core)
+        }
+        switch finished {
         case .success(let output)?: return output as! W.Output
         case .failure(let error)?: throw error
         case nil: break
         }
         return try await deliverValue { reply in .result(reply) } as! W.Output
-    }
-
-    /// The outcome of a run that finished, when it can be read without asking the entity.
-    private func finishedOutcome() -> Result<any Sendable, EntityError>? {
-        let core = runtime.core
-        if let cell = cache.cell ?? core.residentCell(W.self, name) { return cell.finishedOutcome() }
-        return EntityCell<W>.finishedOutcome(of: name, core: core)
     }
 
     /// Asks the run body to stop, cooperatively: recorded, then the wait the body is suspended on
