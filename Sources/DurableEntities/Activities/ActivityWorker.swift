@@ -442,6 +442,7 @@ final class ActivityWorker: @unchecked Sendable {
     private func endLocal(_ task: ActivityTask, _ ended: Ended, executor: LocalActivityExecutor,
                           inline: @Sendable (Decision) -> Void) {
         let decision = decide(task, ended)
+        if executor.finishInline() { return inline(decision) }
         let done = executor.finish { [self] key, committed in
             // If that commit failed, the entity reloads without the command and schedules again.
             if committed {

@@ -75,6 +75,17 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
     }
 
     /// The attempt ended: returns `true` if it ended inside the turn (the caller records the outcome
+    /// there); `false`, changing nothing, if it was detached (then call ``finish(_:)``). Saves making
+    /// the completion in the common case.
+    func finishInline() -> Bool {
+        state.withLock { state in
+            guard case .inline = state.phase else { return false }
+            state.phase = .finished
+            return true
+        }
+    }
+
+    /// The attempt ended: returns `true` if it ended inside the turn (the caller records the outcome
     /// there); otherwise `completion` runs once the scheduling turn's commit is done, with the
     /// entity's key and whether that commit succeeded.
     func finish(_ completion: @escaping @Sendable (_ key: UInt64, _ ok: Bool) -> Void) -> Bool {

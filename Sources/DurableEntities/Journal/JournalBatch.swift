@@ -35,6 +35,11 @@ public struct JournalBatch: Sendable {
     /// Whether the batch has no operations.
     public var isEmpty: Bool { operations.isEmpty }
 
+    /// Makes room for `count` operations in one allocation (appending one by one grows it step by step).
+    public mutating func reserveCapacity(_ count: Int) {
+        operations.reserveCapacity(count)
+    }
+
     /// Registers an entity (idempotent); its key comes back in ``CommitReceipt/registered``.
     public mutating func register(_ name: EntityName) {
         operations.append(.register(name))

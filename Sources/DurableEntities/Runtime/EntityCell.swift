@@ -887,6 +887,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// Writes the turn's events (registering the entity first if it is new), then completes the turn.
     private func commit(_ output: TurnOutput, next: Durable, continueAsNew: Bool, replies: [Reply]) {
         var batch = JournalBatch()
+        // One operation each, plus a registration, a snapshot, a prune and the metadata at most.
+        batch.reserveCapacity(output.events.count + output.keys.count + output.timersStarted.count + output.timersDone.count
+            + output.tasksDone.count + output.outgoing.count + output.activitiesScheduled.count + output.localDetached.count
+            + output.localRetries.count + 4)
         var next = next
         let key: EntityKey
         if let known = next.key {
