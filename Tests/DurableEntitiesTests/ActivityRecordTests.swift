@@ -68,4 +68,22 @@ struct ActivityRecordTests {
         }
         #expect(options == Self.options)
     }
+
+    @Test("the one-buffer encodings of activityScheduled and activityCompleted events equal the general ones")
+    func oneBufferEvents() throws {
+        let time: UInt64 = 1_700_000_000_123_456_789
+        for options in [Self.options, .default] {
+            let command = WorkflowCommand.scheduleActivity(id: 7 << 32 | 3, name: "déposit", input: Array(repeating: 0xAB, count: 300),
+                                                           options: options)
+            #expect(HistoryEvent.encodedCommand(command, time: time) == HistoryEvent.command(command, time: time).encoded())
+        }
+        for command in [WorkflowCommand.startTimer(id: 9, due: 99), .complete(output: [1, 2, 3]), .fail(message: "no")] {
+            #expect(HistoryEvent.encodedCommand(command, time: time) == HistoryEvent.command(command, time: time).encoded())
+        }
+        let failure = ActivityFailure(activity: "withdraw", reason: .nonRetryable, attempts: 2, causeType: "Fraud", cause: "stop")
+        for outcome: Result<[UInt8], ActivityFailure> in [.success([]), .success(Array(0...200)), .failure(failure)] {
+            #expect(HistoryEvent.encodedActivityOutcome(id: 12, outcome, time: time)
+                == HistoryEvent.activityOutcome(id: 12, outcome, time: time).encoded())
+        }
+    }
 }

@@ -135,13 +135,21 @@ extension ScheduledActivity {
     /// The stored form (see ``ActivityRecordFormat``).
     func encoded() -> [UInt8] {
         var writer = ByteWriter()
-        writer.bytes.reserveCapacity(80 + name.utf8.count + input.count)
+        writer.bytes.reserveCapacity(Self.estimatedSize(name: name, input: input))
+        write(to: &writer)
+        return writer.bytes
+    }
+
+    /// Appends the stored form to `writer`.
+    func write(to writer: inout ByteWriter) {
         writer.append(ActivityRecordFormat.marker)
         writer.append(name)
         writer.append(input)
         writer.append(options)
-        return writer.bytes
     }
+
+    /// Room for the stored form with default options (more grows the buffer).
+    static func estimatedSize(name: String, input: [UInt8]) -> Int { 80 + name.utf8.count + input.count }
 
     /// Decodes an `activityScheduled` event's spec, in this form or the binary codec's of earlier versions.
     static func decode(_ bytes: ArraySlice<UInt8>) -> ScheduledActivity? {

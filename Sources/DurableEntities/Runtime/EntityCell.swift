@@ -477,8 +477,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var runSwitches = 0
 
         func record(_ event: HistoryEvent) {
+            record(encoded: event.encoded())
+        }
+        func record(encoded: [UInt8]) {
             next.lastSequence += 1
-            let encoded = event.encoded()
             next.runBytes += encoded.count
             output.events.append((next.lastSequence, encoded))
         }
@@ -499,13 +501,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             func recordLocalOutcomes(upTo position: Int) {
                 while localOutcome < run.localOutcomes.count, run.localOutcomes[localOutcome].position <= position {
                     let ended = run.localOutcomes[localOutcome]
-                    record(.activityOutcome(id: ended.id, ended.outcome, time: now))
+                    record(encoded: HistoryEvent.encodedActivityOutcome(id: ended.id, ended.outcome, time: now))
                     localOutcome += 1
                 }
             }
             for (position, command) in run.issued.enumerated() {
                 if !run.localOutcomes.isEmpty { recordLocalOutcomes(upTo: position) }
-                record(.command(command, time: now))
+                record(encoded: HistoryEvent.encodedCommand(command, time: now))
                 switch command {
                 case .startTimer(let id, let due): output.timersStarted.append((id, due))
                 case .cancelTimer(let id, let due): output.timersDone.append((id, due))
@@ -816,7 +818,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             case .activityOutcome(let id, let outcome, let reply):
                 if let key = next.key { output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id)) }
                 if let run = Self.run(next), run.isAwaitingActivity(id) {
-                    record(.activityOutcome(id: id, outcome, time: now))
+                    record(encoded: HistoryEvent.encodedActivityOutcome(id: id, outcome, time: now))
                     settle { $0.completeActivity(id, outcome) }
                 }
                 replies.append(.signal(reply))

@@ -205,6 +205,38 @@ public struct HistoryEvent: Sendable, Hashable {
         return body.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self).bigEndian }
     }
 
+    /// `command(command, time:).encoded()`, built in one buffer for the commands every activity
+    /// records (the general path makes the body, then copies it behind the header).
+    static func encodedCommand(_ command: WorkflowCommand, time: UInt64) -> [UInt8] {
+        guard case .scheduleActivity(let id, let name, let input, let options) = command else {
+            return Self.command(command, time: time).encoded()
+        }
+        var writer = ByteWriter()
+        writer.bytes.reserveCapacity(19 + ScheduledActivity.estimatedSize(name: name, input: input))
+        appendHeader(.activityScheduled, time: time, to: &writer.bytes)
+        writer.append(id)
+        ScheduledActivity(name: name, input: input, options: options).write(to: &writer)
+        return writer.bytes
+    }
+
+    /// `activityOutcome(id:_:time:).encoded()`, in one buffer for a success.
+    static func encodedActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64) -> [UInt8] {
+        guard case .success(let output) = outcome else { return activityOutcome(id: id, outcome, time: time).encoded() }
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(19 + output.count)
+        appendHeader(.activityCompleted, time: time, to: &bytes)
+        withUnsafeBytes(of: id.bigEndian) { bytes.append(contentsOf: $0) }
+        bytes.append(contentsOf: output)
+        return bytes
+    }
+
+    /// The fixed part of ``encoded()`` for an event without an idempotency key.
+    private static func appendHeader(_ kind: Kind, time: UInt64, to bytes: inout [UInt8]) {
+        bytes.append(kind.rawValue)
+        withUnsafeBytes(of: time.bigEndian) { bytes.append(contentsOf: $0) }
+        withUnsafeBytes(of: UInt16(0).bigEndian) { bytes.append(contentsOf: $0) }
+    }
+
     func encoded() -> [UInt8] {
         let key = idempotencyKey.map { Array($0.utf8) } ?? []
         var bytes = [UInt8]()
