@@ -236,6 +236,12 @@ private struct CommitContext {
     /// How many events this transaction may still move.
     var moveBudget = 0
     var registeredHere: [EntityName: EntityKey] = [:]
+    /// The keys of `registeredHere`, to check a reserved key in O(1).
+    var keysRegisteredHere: Set<EntityKey> = []
+    /// For each `registerAs` of the batch being validated, in order: whether its name had no key
+    /// (`apply` then registers it without looking the name up again).
+    var namesFound: [Bool] = []
+    var namesApplied = 0
     var chunk = ChunkBuilder()
     let recent: RecentRecords
 
@@ -281,6 +287,8 @@ private struct CommitContext {
 
     /// Checks a batch without writing anything: sequence numbers, entity keys, sizes.
     mutating func validate(_ batch: JournalBatch, in txn: borrowing WriteTransaction) throws {
+        namesFound.removeAll(keepingCapacity: true)
+        namesApplied = 0
         // Latest sequence per entity within this batch. Most batches touch one entity: keep it inline
         // and only spill to an array for others.
         var first: (entity: UInt64, sequence: UInt64) = (0, 0)
@@ -304,7 +312,7 @@ private struct CommitContext {
                 _ = try name.nameKeyCount()
             case .registerAs(let name, let key):
                 try checkKnown(key, nil)
-                try validateRegistration(name, as: key, in: txn)
+                namesFound.append(try validateRegistration(name, as: key, in: txn))
             case .append(let entity, let sequence, let payload, _):
                 try checkKnown(entity, sequence)
                 try checkSize(payload, entity, sequence, "event")
@@ -375,7 +383,10 @@ private struct CommitContext {
             case .register(let name):
                 registered.append(try register(name, in: txn))
             case .registerAs(let name, let key):
-                registered.append(try register(name, as: key, in: txn))
+                let found = namesFound[namesApplied]
+                namesApplied += 1
+                // Validated just now: only a name registered earlier in this batch needs looking at.
+                registered.append(found ? key : try registeredHere[name] ?? insertName(name, as: key, in: txn))
             case .append(let entity, let sequence, let payload, let checksum):
                 let position = nextPosition
                 nextPosition += 1
@@ -440,19 +451,20 @@ private struct CommitContext {
     }
 
     /// A reserved key may take a name that has no key, or confirm the one it has; never two keys for
-    /// one name, nor two names for one key.
-    private func validateRegistration(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws {
+    /// one name, nor two names for one key. Returns whether the name has that key already.
+    private func validateRegistration(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws -> Bool {
         if let existing = try existingKey(of: name, in: txn) {
             guard existing == key else {
                 throw JournalError(.unknownEntity, entity: name, key: key,
                                    "the entity is already registered under \(existing); nothing was written")
             }
-            return
+            return true
         }
         let owner = try Key8(key.rawValue).withBytes { k in try txn.withValue(forKey: k, in: stores.entities) { $0 != nil } }
-        guard !owner, !registeredHere.values.contains(key) else {
+        guard !owner, !keysRegisteredHere.contains(key) else {
             throw JournalError(.unknownEntity, entity: name, key: key, "the key belongs to another entity; nothing was written")
         }
+        return false
     }
 
     private mutating func register(_ name: EntityName, in txn: borrowing WriteTransaction) throws -> EntityKey {
@@ -462,12 +474,18 @@ private struct CommitContext {
 
     private mutating func register(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws -> EntityKey {
         if let existing = try existingKey(of: name, in: txn) { return existing }
+        return try insertName(name, as: key, in: txn)
+    }
+
+    /// Registers `name`, which has no key, under `key`.
+    private mutating func insertName(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws -> EntityKey {
         let count = try name.nameKeyCount()
         try Key8(key.rawValue).withBytes { k in
             try name.withNameKey(count: count) { try txn.put(k, forKey: $0, in: stores.names) }
             try EntityMetadata(name: name).encoded().withUnsafeBytes { try txn.put($0, forKey: k, in: stores.entities) }
         }
         registeredHere[name] = key
+        keysRegisteredHere.insert(key)
         return key
     }
 
