@@ -469,12 +469,7 @@ private struct CommitContext {
 
     private mutating func register(_ name: EntityName, in txn: borrowing WriteTransaction) throws -> EntityKey {
         if let existing = try existingKey(of: name, in: txn) { return existing }
-        return try register(name, as: EntityKey(rawValue: keys.allocate()), in: txn)
-    }
-
-    private mutating func register(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws -> EntityKey {
-        if let existing = try existingKey(of: name, in: txn) { return existing }
-        return try insertName(name, as: key, in: txn)
+        return try insertName(name, as: EntityKey(rawValue: keys.allocate()), in: txn)
     }
 
     /// Registers `name`, which has no key, under `key`.

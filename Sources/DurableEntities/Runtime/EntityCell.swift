@@ -600,9 +600,6 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         func childResult(_ outcome: Result<[UInt8], WorkflowFailure>) -> Result<[UInt8], ChildFailure> {
             outcome.mapError { ChildFailure(child: name, reason: .failed, message: $0.message) }
         }
-        /// A message from another entity. Its outbox row is consumed whatever happens to it; what
-        /// cannot apply is dropped with a log line (a sender learns of it only for a child start,
-        /// which reports a ``ChildFailure``).
         /// Starts the run body with `input` (it has not started); the error refuses the start.
         func startRun(_ input: any Sendable, _ bytes: [UInt8]) -> EntityError? {
             guard W.hasRunBody else { return EntityError(.rejected, entity: name, "\(W.entityType) has no run body to start") }
@@ -624,6 +621,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the entity's run body was not started"))) })
             }
         }
+        /// A message from another entity. Its outbox row is consumed whatever happens to it; what
+        /// cannot apply is dropped with a log line (a sender learns of it only for a child start,
+        /// which reports a ``ChildFailure``).
         func handle(_ envelope: EntityEnvelope) {
             let terminated = next.status == .terminated
             func dropped(_ why: String) {
@@ -790,7 +790,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 terminate(reason: reason)
                 replies.append(.signal(reply))
             case .start(let input, let bytes, let reply):
-                if W.hasRunBody, Self.run(next)?.started == true {
+                if Self.run(next)?.started == true {
                     replies.append(.done { reply(.success(())) })  // starting twice is idempotent
                 } else if let error = startRun(input, bytes) {
                     replies.append(.failed { reply(.failure(error)) })
@@ -798,7 +798,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.signal(reply))
                 }
             case .execute(let input, let bytes, let reply):
-                if W.hasRunBody, Self.run(next)?.started == true {
+                if Self.run(next)?.started == true {
                     awaitResult(reply)  // started before: as `result`
                 } else if let error = startRun(input, bytes) {
                     replies.append(.failed { reply(.failure(error)) })
@@ -1077,9 +1077,6 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     // MARK: Activation
 
-    /// Rebuilds the entity: an entity type without a run body from its latest snapshot and the events
-    /// after it; one with a run body by replaying its current run from the start, matching the
-    /// commands the code issues against the recorded ones.
     /// The entity's journal key, `nil` if it was never registered.
     private func lookUpKey() throws(EntityError) -> EntityKey? {
         do { return try core.journal.key(for: name) } catch {
@@ -1087,6 +1084,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
     }
 
+    /// Rebuilds the entity: an entity type without a run body from its latest snapshot and the events
+    /// after it; one with a run body by replaying its current run from the start, matching the
+    /// commands the code issues against the recorded ones.
     /// - Parameter key: ``lookUpKey()``'s answer.
     private func load(key: EntityKey?) throws(EntityError) -> Durable {
         let journal = core.journal
