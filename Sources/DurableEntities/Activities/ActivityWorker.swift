@@ -253,21 +253,17 @@ final class ActivityWorker: @unchecked Sendable {
         return await performTimed(task, activity, on: executor)
     }
 
-    /// An attempt that nothing can time out: the activity runs right here, in the caller's task.
+    /// An attempt that nothing can time out: the activity runs right here, in the caller's task. Its
+    /// heartbeat details stay in its context (no watchdog needs them).
     @inline(never)
     private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity) async -> Ended {
         let codec = core.codec
-        let attempt = Attempt(heartbeat: task.heartbeat)
         let context = ActivityContext(
             idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
-            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec
-        ) { details in
-            attempt.state.withLock { $0.heartbeat = details }
-        }
+            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec, onHeartbeat: nil)
         let result: Result<[UInt8], any Error>
         do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
-        let heartbeat = attempt.state.withLock { $0.heartbeat }
-        return Ended(result: result, timedOut: nil, heartbeat: heartbeat, cancelled: Task.isCancelled)
+        return Ended(result: result, timedOut: nil, heartbeat: context.heartbeatDetails, cancelled: Task.isCancelled)
     }
 
     /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
@@ -421,28 +417,28 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// Starts the first attempt of a local activity (`task`, whose entity key may not be known yet) on
     /// its own ``LocalActivityExecutor``; the turn that scheduled it runs its jobs. If the attempt ends
-    /// inside the turn, `inline` gets the decision there; otherwise (see ``detach(_:)``) the decision
-    /// is carried out like a pool attempt's once the turn's commit is durable.
+    /// inside the turn, `owner` gets the decision there (with the command's `id`); otherwise (see
+    /// ``detach(_:)``) the decision is carried out like a pool attempt's once the turn's commit is durable.
     /// - Returns: `nil` if the activity is not registered (the caller schedules it on the pool, where
     ///   it waits for its registration).
-    func startLocal(_ task: ActivityTask, inline: @escaping @Sendable (Decision) -> Void) -> LocalAttempt? {
+    func startLocal(_ task: ActivityTask, owner: any LocalAttemptOwner, id: UInt64) -> LocalAttempt? {
         guard let activity = activities.withLock({ $0[task.name] }) else { return nil }
         let executor = LocalActivityExecutor()
         let work = Task(executorPreference: executor) { [self] in
             // Only the await here: the rest is synchronous and out of line, which keeps this task's
             // frame small (everything inlined into it had made it ~4 KiB, allocated for each attempt).
-            endLocal(task, await perform(task, activity, on: executor), executor: executor, inline: inline)
+            endLocal(task, await perform(task, activity, on: executor), executor: executor, owner: owner, id: id)
         }
         return LocalAttempt(executor: executor, task: work)
     }
 
-    /// A local attempt ended: inside the turn, `inline` gets the decision; detached, the decision waits
+    /// A local attempt ended: inside the turn, `owner` gets the decision; detached, the decision waits
     /// for the scheduling turn's commit and then goes the way a pool attempt's goes.
     @inline(never)
     private func endLocal(_ task: ActivityTask, _ ended: Ended, executor: LocalActivityExecutor,
-                          inline: @Sendable (Decision) -> Void) {
+                          owner: any LocalAttemptOwner, id: UInt64) {
         let decision = decide(task, ended)
-        if executor.finishInline() { return inline(decision) }
+        if executor.finishInline() { return owner.localAttemptEnded(id, decision) }
         let done = executor.finish { [self] key, committed in
             // If that commit failed, the entity reloads without the command and schedules again.
             if committed {
@@ -453,7 +449,7 @@ final class ActivityWorker: @unchecked Sendable {
             if let id = executor.drainID { drains.withLock { _ = $0.tasks.removeValue(forKey: id) } }
             core.becameIdle()
         }
-        if done { inline(decision) }
+        if done { owner.localAttemptEnded(id, decision) }
     }
 
     /// The turn that started `local` ends: if the attempt still runs, it continues outside the turn

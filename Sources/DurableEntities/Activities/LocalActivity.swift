@@ -1,6 +1,13 @@
 import DequeModule
 import Synchronization
 
+/// What a local activity's attempt reports to when it ends inside the turn that started it: the run
+/// that scheduled it (on the shard's thread, within the turn).
+protocol LocalAttemptOwner: AnyObject, Sendable {
+    /// Attempt of command `id` ended with `decision`.
+    func localAttemptEnded(_ id: UInt64, _ decision: ActivityWorker.Decision)
+}
+
 /// Where a local activity's attempt runs (see ``WorkflowContext/executeLocal(_:_:options:)``).
 ///
 /// While the turn that started it is running, the attempt's jobs queue here and the turn runs them on
@@ -23,7 +30,22 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
     }
     private struct State {
         var phase = Phase.inline
-        var jobs = Deque<UnownedJob>()
+        /// The queued jobs, oldest first: the first in place (there is seldom more than one, and a
+        /// deque would be an allocation for every attempt), the rest after it.
+        var firstJob: UnownedJob?
+        var moreJobs = Deque<UnownedJob>()
+
+        mutating func push(_ job: UnownedJob) {
+            if firstJob == nil, moreJobs.isEmpty { firstJob = job } else { moreJobs.append(job) }
+        }
+
+        mutating func pop() -> UnownedJob? {
+            if let job = firstJob {
+                firstJob = nil
+                return job
+            }
+            return moreJobs.popFirst()
+        }
         /// The scheduling turn's commit is done (with the entity's key), or the completion that waits for it.
         var scheduled: (key: UInt64, ok: Bool)?
         var pending: (@Sendable (_ key: UInt64, _ ok: Bool) -> Void)?
@@ -41,7 +63,7 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
         let job = UnownedJob(job)
         let queued = state.withLock { state -> Bool in
             guard case .inline = state.phase else { return false }
-            state.jobs.append(job)
+            state.push(job)
             return true
         }
         if !queued { globalConcurrentExecutor.enqueue(ExecutorJob(job)) }
@@ -52,7 +74,7 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
         var ran = false
         while let job = state.withLock({ state -> UnownedJob? in
             guard case .inline = state.phase else { return nil }
-            return state.jobs.popFirst()
+            return state.pop()
         }) {
             job.runSynchronously(on: asUnownedTaskExecutor())
             ran = true
@@ -63,11 +85,12 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
     /// The turn ends: an attempt still running continues on the global executor. Returns whether it
     /// was still running (the turn then stores its task).
     func detach() -> Bool {
-        let moved = state.withLock { state -> Deque<UnownedJob>? in
+        let moved = state.withLock { state -> [UnownedJob]? in
             guard case .inline = state.phase else { return nil }
             state.phase = .detached
-            defer { state.jobs.removeAll() }
-            return state.jobs
+            var moved: [UnownedJob] = []
+            while let job = state.pop() { moved.append(job) }
+            return moved
         }
         guard let moved else { return false }
         for job in moved { globalConcurrentExecutor.enqueue(ExecutorJob(job)) }

@@ -96,6 +96,9 @@ struct TailDelta {
 
     /// Appends a position; returns the tail's new length.
     mutating func append(_ position: UInt64) -> Int {
+        // Room for a turn's events at once (growing from one by doubling was several allocations for
+        // each entity in each commit).
+        if appended.capacity == 0 { appended.reserveCapacity(8) }
         appended.append(position)
         return count
     }

@@ -466,6 +466,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // The turn's working state, typed; `next.state` gets it back once the turn is over.
         var working = start.state as! W.State
         var output = TurnOutput()
+        // Room for a typical turn's events at once (a run body's turn records several).
+        output.events.reserveCapacity(8)
         output.now = core.clock.nowNanoseconds()
         var replies: [Reply] = []
         replies.reserveCapacity(messages.count)
@@ -513,7 +515,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 case .cancelTimer(let id, let due): output.timersDone.append((id, due))
                 case .scheduleActivity(let id, let name, let input, let options):
                     // A local activity runs in the turn (or was detached from it, see below).
-                    if run.localCommands.isEmpty || run.localCommands.remove(id) == nil {
+                    if run.localCommands.isEmpty || !run.takeLocalCommand(id) {
                         output.activitiesScheduled.append((id, name, input, options))
                     }
                 case .startChild(let id, let child, let input, _):
@@ -1003,6 +1005,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var abandoned: AnyWorkflowRun?
         let now = core.clock.nowNanoseconds()
         let awaitsChildren = (Self.run(next)?.openChildCount ?? 0) > 0
+        // The run has an outcome (or can never have one): every result waiter is answered now.
+        let runEnded = Self.run(next)?.outcome != nil || next.status == .terminated
         var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
         let (reschedule, finished, resolved) = cell.withLock { state -> (Bool, Bool, [ValueReply]) in
             defer { decided = Self.takeDecidedWatches(&state, name: name) }
@@ -1012,12 +1016,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             switch outcome {
             case .success:
                 state.durable = next
-                // Registered under the lock: the entity's next turn may run as soon as it is released.
-                for case .execute(let reply) in replies { state.resultWaiters.append(reply) }
                 state.awaitsChildren = awaitsChildren
-                if Self.run(next)?.outcome != nil || next.status == .terminated {
+                if runEnded {
+                    // The turn's executes are answered below, with the replies.
                     resolved = state.resultWaiters
                     state.resultWaiters = []
+                } else {
+                    // Registered under the lock: the entity's next turn may run as soon as it is released.
+                    for case .execute(let reply) in replies { state.resultWaiters.append(reply) }
                 }
             case .failure:
                 abandoned = next.workflow
@@ -1034,6 +1040,15 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         if finished, case .success = outcome, Self.run(next)?.outcome != nil, core.configuration.passivateFinishedRuns {
             core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
         }
+        /// The run's outcome for its waiters, decoded once.
+        var ended: Result<any Sendable, EntityError>?
+        func runOutcome() -> Result<any Sendable, EntityError> {
+            if let ended { return ended }
+            let result: Result<any Sendable, EntityError> = Self.run(next)?.outcome.map(decodeOutcome)
+                ?? .failure(EntityError(.terminated, entity: name, "the entity was terminated before its run body finished"))
+            ended = result
+            return result
+        }
         for reply in replies {
             switch (reply, outcome) {
             case (.signal(let reply), .success): reply(.success(()))
@@ -1041,15 +1056,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             case (.update(let reply, let result), .success): reply(.success(result))
             case (.update(let reply, _), .failure(let error)): reply(.failure(error))
             case (.failed(let reply), _), (.done(let reply), _): reply()
-            case (.execute, .success): break  // a result waiter now
+            case (.execute(let reply), .success): if runEnded { reply(runOutcome()) }  // else a result waiter now
             case (.execute(let reply), .failure(let error)): reply(.failure(error))
             }
         }
-        if !resolved.isEmpty {
-            let result: Result<any Sendable, EntityError> = Self.run(next)?.outcome.map(decodeOutcome)
-                ?? .failure(EntityError(.terminated, entity: name, "the entity was terminated before its run body finished"))
-            for waiter in resolved { waiter(result) }
-        }
+        for waiter in resolved { waiter(runOutcome()) }
     }
 
     private func finishWithoutCommit(_ replies: [Reply]) {

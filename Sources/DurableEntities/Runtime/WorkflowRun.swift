@@ -14,7 +14,7 @@ class AnyWorkflowRun: @unchecked Sendable {
 ///
 /// Touched only on the entity's shard thread (and by the body's jobs, which that thread runs).
 /// `@unchecked Sendable` for that reason.
-final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable {
+final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @unchecked Sendable {
     /// A suspended wait: a timer, a condition, or both (a condition with a timeout).
     final class Waiter {
         let continuation: UnsafeContinuation<Bool, any Error>
@@ -79,10 +79,18 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
     // Local activities (see ``WorkflowContext/executeLocal(_:_:options:)``).
     /// Runs them; set by the cell before the body runs live (`nil` when replaying an export).
     var activityWorker: ActivityWorker?
-    /// Local activities whose attempt runs inside this turn, by command id.
-    private(set) var locals: [UInt64: (task: ActivityTask, attempt: ActivityWorker.LocalAttempt)] = [:]
+    /// A local activity whose attempt runs inside this turn.
+    struct LocalEntry {
+        let id: UInt64
+        let task: ActivityTask
+        let attempt: ActivityWorker.LocalAttempt
+    }
+    /// Local activities whose attempt runs inside this turn, in command order. An array: a body has a
+    /// few at most, and a dictionary cost an allocation for each removal during ``settle()``'s walk.
+    private(set) var locals: [LocalEntry] = []
     /// Command ids of the `scheduleActivity` commands in `issued` that are local (not for the pool).
-    var localCommands: Set<UInt64> = []
+    /// Few, so an array (with room for several from the first one) rather than a set.
+    private(set) var localCommands: [UInt64] = []
     /// Outcomes of local activities that ended inside the turn, with their place among `issued`.
     var localOutcomes: [(position: Int, id: UInt64, outcome: Result<[UInt8], ActivityFailure>)] = []
     /// Local activities whose attempt failed inside the turn and retry on the pool (next attempts).
@@ -158,9 +166,13 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
             var ran = true
             while ran {
                 ran = executor.drain()
-                // A copy: an attempt that ends removes itself from `locals`.
-                if !locals.isEmpty {
-                    for local in locals.values where local.attempt.executor.drain() { ran = true }
+                // By index, taking out one executor at a time: an attempt that ends removes itself
+                // from `locals` during `drain()`. One skipped by that shift is drained on the next
+                // pass (a drain that ran something asks for one).
+                var index = 0
+                while index < locals.count {
+                    if locals[index].attempt.executor.drain() { ran = true }
+                    index += 1
                 }
             }
         } while resumeSatisfiedConditions()
@@ -172,18 +184,29 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
         guard let worker = activityWorker else { return false }
         let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: 0, run: run, activityID: id, name: activity,
                                 input: input, options: options, attempt: 1, scheduledAt: now, notBefore: now)
-        guard let local = worker.startLocal(task, inline: { [self] decision in endLocal(id, decision) }) else { return false }
-        locals[id] = (task, local)
-        localCommands.insert(id)
+        guard let local = worker.startLocal(task, owner: self, id: id) else { return false }
+        if locals.capacity == 0 { locals.reserveCapacity(4) }
+        locals.append(LocalEntry(id: id, task: task, attempt: local))
+        if localCommands.capacity == 0 { localCommands.reserveCapacity(4) }
+        localCommands.append(id)
+        return true
+    }
+
+    /// Whether `id` is a local activity's command, which the turn then does not schedule on the pool;
+    /// forgets it (each command is taken once).
+    func takeLocalCommand(_ id: UInt64) -> Bool {
+        guard let index = localCommands.firstIndex(of: id) else { return false }
+        localCommands.remove(at: index)
         return true
     }
 
     /// A local activity's attempt ended inside the turn (on the shard's thread, within ``settle()``).
-    private func endLocal(_ id: UInt64, _ decision: ActivityWorker.Decision) {
-        locals[id] = nil
+    func localAttemptEnded(_ id: UInt64, _ decision: ActivityWorker.Decision) {
+        if let index = locals.firstIndex(where: { $0.id == id }) { locals.remove(at: index) }
         guard activities[id] != nil else { return }  // the body stopped waiting (cancelled)
         switch decision {
         case .succeeded(let output):
+            if localOutcomes.capacity == 0 { localOutcomes.reserveCapacity(4) }
             localOutcomes.append((issued.count, id, .success(output)))
             completeActivityInTurn(id, .success(output))
         case .failed(let failure):
@@ -201,8 +224,8 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
     func detachLocals() -> [(ActivityTask, ActivityWorker.LocalAttempt)] {
         guard !locals.isEmpty, let worker = activityWorker else { return [] }
         var detached: [(ActivityTask, ActivityWorker.LocalAttempt)] = []
-        for (_, local) in locals.sorted(by: { $0.key < $1.key }) where worker.detach(local.attempt) {
-            detached.append(local)
+        for local in locals where worker.detach(local.attempt) {
+            detached.append((local.task, local.attempt))
         }
         locals.removeAll()
         return detached
@@ -353,7 +376,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, @unchecked Sendable 
         failChildWaits(Abandoned())
         executor.drain()
         // Local attempts still inside the turn finish on their own; nothing records their outcomes.
-        for local in locals.values where local.attempt.executor.detach() {
+        for local in locals where local.attempt.executor.detach() {
             local.attempt.executor.scheduled(key: 0, ok: false)
         }
         locals.removeAll()
