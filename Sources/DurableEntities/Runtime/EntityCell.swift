@@ -1037,9 +1037,6 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         if let abandoned { shard.schedule(AbandonRun(abandoned)) }
         for (watch, result) in decided { watch.resume(result) }
         if reschedule { shard.schedule(self) } else if finished { core.becameIdle() }
-        if finished, case .success = outcome, Self.run(next)?.outcome != nil, core.configuration.passivateFinishedRuns {
-            core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
-        }
         /// The run's outcome for its waiters, decoded once.
         var ended: Result<any Sendable, EntityError>?
         func runOutcome() -> Result<any Sendable, EntityError> {
@@ -1061,6 +1058,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
         }
         for waiter in resolved { waiter(runOutcome()) }
+        // Last: the callers above are answered first (a commit completes many turns in a row).
+        if finished, case .success = outcome, Self.run(next)?.outcome != nil, core.configuration.passivateFinishedRuns {
+            core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
+        }
     }
 
     private func finishWithoutCommit(_ replies: [Reply]) {
