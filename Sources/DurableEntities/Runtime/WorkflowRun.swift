@@ -79,15 +79,9 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     // Local activities (see ``WorkflowContext/executeLocal(_:_:options:)``).
     /// Runs them; set by the cell before the body runs live (`nil` when replaying an export).
     var activityWorker: ActivityWorker?
-    /// A local activity whose attempt runs inside this turn.
-    struct LocalEntry {
-        let id: UInt64
-        let task: ActivityTask
-        let attempt: ActivityWorker.LocalAttempt
-    }
     /// Local activities whose attempt runs inside this turn, in command order. An array: a body has a
     /// few at most, and a dictionary cost an allocation for each removal during ``settle()``'s walk.
-    private(set) var locals: [LocalEntry] = []
+    private(set) var locals: [LocalActivityEntry] = []
     /// Command ids of the `scheduleActivity` commands in `issued` that are local (not for the pool).
     /// Few, so an array (with room for several from the first one) rather than a set.
     private(set) var localCommands: [UInt64] = []
@@ -186,7 +180,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
                                 input: input, options: options, attempt: 1, scheduledAt: now, notBefore: now)
         guard let local = worker.startLocal(task, owner: self, id: id) else { return false }
         if locals.capacity == 0 { locals.reserveCapacity(4) }
-        locals.append(LocalEntry(id: id, task: task, attempt: local))
+        locals.append(LocalActivityEntry(id: id, task: task, attempt: local))
         if localCommands.capacity == 0 { localCommands.reserveCapacity(4) }
         localCommands.append(id)
         return true
@@ -381,6 +375,14 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         }
         locals.removeAll()
     }
+}
+
+/// A local activity whose attempt runs inside the turn (see ``WorkflowRun/locals``). Not nested in the
+/// generic run: a nested type is generic too, and every array operation on it looked up its metadata.
+struct LocalActivityEntry {
+    let id: UInt64
+    let task: ActivityTask
+    let attempt: ActivityWorker.LocalAttempt
 }
 
 /// A run body's failure, as recorded.
