@@ -15,19 +15,8 @@ class AnyWorkflowRun: @unchecked Sendable {
 /// Touched only on the entity's shard thread (and by the body's jobs, which that thread runs).
 /// `@unchecked Sendable` for that reason.
 final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @unchecked Sendable {
-    /// A suspended wait: a timer, a condition, or both (a condition with a timeout).
-    final class Waiter {
-        let continuation: UnsafeContinuation<Bool, any Error>
-        let predicate: ((W.State) -> Bool)?
-        let timer: UInt64?
-        var done = false
-
-        init(continuation: UnsafeContinuation<Bool, any Error>, predicate: ((W.State) -> Bool)?, timer: UInt64?) {
-            self.continuation = continuation
-            self.predicate = predicate
-            self.timer = timer
-        }
-    }
+    typealias Waiter = WorkflowWaiter
+    typealias ChildRecord = WorkflowChildRecord
 
     struct Abandoned: Error {}
     /// Thrown by ``WorkflowContext/continueAsNew(_:)`` to end the body; never recorded as a failure.
@@ -57,13 +46,6 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     /// Activities the body awaits, by id.
     private var activities: [UInt64: UnsafeContinuation<[UInt8], any Error>] = [:]
     private var timers: [UInt64: Waiter] = [:]
-    /// A child the body started: its outcome once reported, and the body's waits for it.
-    struct ChildRecord {
-        let name: EntityName
-        let policy: ParentClosePolicy
-        var outcome: Result<[UInt8], ChildFailure>?
-        var waiters: [UnsafeContinuation<[UInt8], any Error>] = []
-    }
     /// Children by the id of their `startChild` command.
     private(set) var children: [UInt64: ChildRecord] = [:]
     /// How many children have not reported their outcome.
@@ -229,7 +211,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         guard !waiters.isEmpty else { return false }
         var resumed = false
         for waiter in waiters where !waiter.done {
-            guard let predicate = waiter.predicate, predicate(state) else { continue }
+            guard let condition = waiter.condition, condition() else { continue }
             finish(waiter, with: .success(true))
             resumed = true
         }
@@ -239,7 +221,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     private func finish(_ waiter: Waiter, with result: Result<Bool, any Error>) {
         waiter.done = true
-        if let timer = waiter.timer, waiter.predicate != nil, (try? result.get()) == true {
+        if let timer = waiter.timer, waiter.condition != nil, (try? result.get()) == true {
             // The condition won the race with its timeout: cancel the timer.
             timers[timer] = nil
             if let due = timerDue.removeValue(forKey: timer) { issued.append(.cancelTimer(id: timer, due: due)) }
@@ -322,7 +304,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         timerDue[id] = nil
         if !waiter.done {
             // A plain sleep resumes with true; a condition's timeout with false.
-            finish(waiter, with: .success(waiter.predicate == nil))
+            finish(waiter, with: .success(waiter.condition == nil))
         }
         settle()
         return true
@@ -330,7 +312,8 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// Registers a wait; resumes at once if its predicate already holds.
     func wait(predicate: ((W.State) -> Bool)?, timer: UInt64?, _ continuation: UnsafeContinuation<Bool, any Error>) {
-        let waiter = Waiter(continuation: continuation, predicate: predicate, timer: timer)
+        let condition: (() -> Bool)? = predicate.map { predicate in { [unowned self] in predicate(state) } }
+        let waiter = Waiter(continuation: continuation, condition: condition, timer: timer)
         if let timer { timers[timer] = waiter }
         if predicate != nil { waiters.append(waiter) }
     }
@@ -377,8 +360,34 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     }
 }
 
+// The run's helper types are not nested in it: a type nested in a generic class is generic too, and
+// every collection operation on it then looks up its metadata at run time.
+
+/// A suspended wait of a run body: a timer, a condition, or both (a condition with a timeout).
+final class WorkflowWaiter {
+    let continuation: UnsafeContinuation<Bool, any Error>
+    /// The condition on the run's current state (`nil` for a plain sleep).
+    let condition: (() -> Bool)?
+    let timer: UInt64?
+    var done = false
+
+    init(continuation: UnsafeContinuation<Bool, any Error>, condition: (() -> Bool)?, timer: UInt64?) {
+        self.continuation = continuation
+        self.condition = condition
+        self.timer = timer
+    }
+}
+
+/// A child the body started: its outcome once reported, and the body's waits for it.
+struct WorkflowChildRecord {
+    let name: EntityName
+    let policy: ParentClosePolicy
+    var outcome: Result<[UInt8], ChildFailure>?
+    var waiters: [UnsafeContinuation<[UInt8], any Error>] = []
+}
+
 /// A local activity whose attempt runs inside the turn (see ``WorkflowRun/locals``). Not nested in the
-/// generic run: a nested type is generic too, and every array operation on it looked up its metadata.
+/// generic run (see above).
 struct LocalActivityEntry {
     let id: UInt64
     let task: ActivityTask
