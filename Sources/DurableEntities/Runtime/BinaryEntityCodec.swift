@@ -1475,8 +1475,10 @@ final class BinaryDecoderState: Decoder {
     /// `init(from:)` with this decoder positioned there.
     @inline(__always)
     func decodeValue<T: Decodable>(_ type: T.Type, at position: Int, limit: Int) throws -> T {
-        if let value = try decodePrimitive(T.self, at: position, limit: limit) { return value }
-        return try decodeComposite(T.self, at: position, limit: limit)
+        // Asked first, then read: returning `T?` cost a metadata lookup for `Optional<T>` on every
+        // call where `T` is not known at compile time (a message's root value).
+        guard Self.isPrimitive(T.self) else { return try decodeComposite(T.self, at: position, limit: limit) }
+        return try decodePrimitive(T.self, at: position, limit: limit)
     }
 
     func decodeComposite<T: Decodable>(_ type: T.Type, at position: Int, limit: Int) throws -> T {
@@ -1500,8 +1502,18 @@ final class BinaryDecoderState: Decoder {
         return try T(from: self)
     }
 
+    /// Whether ``decodePrimitive(_:at:limit:)`` reads `T` (a comparison of type identities, no lookup).
     @inline(__always)
-    func decodePrimitive<T: Decodable>(_ type: T.Type, at position: Int, limit: Int) throws -> T? {
+    static func isPrimitive<T>(_ type: T.Type) -> Bool {
+        ObjectIdentifier(T.self) == BinaryFormat.byteArrayType
+            || T.self == String.self || T.self == Int.self || T.self == Int64.self || T.self == Double.self
+            || T.self == Bool.self || T.self == Data.self || T.self == Date.self || T.self == UInt64.self
+            || T.self == Int32.self || T.self == UInt.self || T.self == UInt32.self || T.self == Float.self
+            || T.self == Int16.self || T.self == Int8.self || T.self == UInt16.self || T.self == UInt8.self
+    }
+
+    @inline(__always)
+    func decodePrimitive<T: Decodable>(_ type: T.Type, at position: Int, limit: Int) throws -> T {
         var at = position
         if T.self == String.self {
             return unsafeBitCast(try readString(&at, limit: limit), to: T.self)
@@ -1514,10 +1526,11 @@ final class BinaryDecoderState: Decoder {
         } else if T.self == Bool.self {
             return unsafeBitCast(try readBool(&at, limit: limit), to: T.self)
         } else if ObjectIdentifier(T.self) == BinaryFormat.byteArrayType {
-            guard let bytes = try readBytes(&at, limit: limit) else { return nil }
+            // Not in the bytes form: the general path.
+            guard let bytes = try readBytes(&at, limit: limit) else { return try decodeComposite(T.self, at: position, limit: limit) }
             return unsafeBitCast([UInt8](bytes), to: T.self)
         } else if T.self == Data.self {
-            guard let bytes = try readBytes(&at, limit: limit) else { return nil }
+            guard let bytes = try readBytes(&at, limit: limit) else { return try decodeComposite(T.self, at: position, limit: limit) }
             return unsafeBitCast(Data(bytes), to: T.self)
         } else if T.self == Date.self {
             let seconds = try readDouble(&at, limit: limit)
@@ -1541,7 +1554,7 @@ final class BinaryDecoderState: Decoder {
         } else if T.self == UInt8.self {
             return unsafeBitCast(try readInteger(UInt8.self, &at, limit: limit), to: T.self)
         }
-        return nil
+        preconditionFailure("decodePrimitive called for \(T.self), which isPrimitive rejects")
     }
 
     // MARK: Keyed lookup
