@@ -466,7 +466,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // The turn's working state, typed; `next.state` gets it back once the turn is over.
         var working = start.state as! W.State
         var output = TurnOutput()
-        // Room for a typical turn's events at once (a run body's turn records several).
+        // Room for a typical run turn's events at once (it records several). Not one per message:
+        // a large turn's array would be a large allocation, glibc's slow path.
         output.events.reserveCapacity(8)
         output.now = core.clock.nowNanoseconds()
         var replies: [Reply] = []
@@ -531,7 +532,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
             if !run.localOutcomes.isEmpty {
                 recordLocalOutcomes(upTo: Int.max)
-                run.localOutcomes.removeAll()
+                run.localOutcomes.removeAll(keepingCapacity: true)
             }
             if !run.localRetries.isEmpty {
                 output.localRetries += run.localRetries

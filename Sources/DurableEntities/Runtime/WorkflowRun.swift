@@ -161,9 +161,13 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: 0, run: run, activityID: id, name: activity,
                                 input: input, options: options, attempt: 1, scheduledAt: now, notBefore: now)
         guard let local = worker.startLocal(task, owner: self, id: id) else { return false }
-        if locals.capacity == 0 { locals.reserveCapacity(4) }
+        if locals.capacity == 0 {
+            // The run's first local activity: room for a few at once (they keep it from then on).
+            locals.reserveCapacity(4)
+            localCommands.reserveCapacity(4)
+            localOutcomes.reserveCapacity(4)
+        }
         locals.append(LocalActivityEntry(id: id, task: task, attempt: local))
-        if localCommands.capacity == 0 { localCommands.reserveCapacity(4) }
         localCommands.append(id)
         return true
     }
@@ -182,7 +186,6 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         guard activities[id] != nil else { return }  // the body stopped waiting (cancelled)
         switch decision {
         case .succeeded(let output):
-            if localOutcomes.capacity == 0 { localOutcomes.reserveCapacity(4) }
             localOutcomes.append((issued.count, id, .success(output)))
             completeActivityInTurn(id, .success(output))
         case .failed(let failure):
