@@ -56,12 +56,12 @@ public final class ActivityContext: Sendable {
     public let entity: EntityName
     public let logger: Logger
     private let heartbeats: Mutex<[UInt8]?>
-    /// Also told of each heartbeat (the heartbeat watchdog), when there is one.
-    private let onHeartbeat: (@Sendable ([UInt8]) -> Void)?
+    /// Told of each heartbeat (to rearm the heartbeat watchdog), when there is one.
+    private let onHeartbeat: (@Sendable () -> Void)?
     private let codec: any EntityCodec
 
     init(idempotencyKey: String, attempt: Int, entity: EntityName, logger: Logger, lastHeartbeat: [UInt8]?, codec: any EntityCodec,
-         onHeartbeat: (@Sendable ([UInt8]) -> Void)?) {
+         onHeartbeat: (@Sendable () -> Void)?) {
         self.idempotencyKey = idempotencyKey
         self.attempt = attempt
         self.entity = entity
@@ -76,10 +76,11 @@ public final class ActivityContext: Sendable {
     public func heartbeat<Details: Codable & Sendable>(_ details: Details) {
         guard let bytes = try? codec.encode(details) else { return }
         heartbeats.withLock { $0 = bytes }
-        onHeartbeat?(bytes)
+        onHeartbeat?()
     }
 
-    /// The encoded details of the last heartbeat (this attempt's, else the previous one's).
+    /// The encoded details of the last heartbeat (this attempt's, else the previous one's): what the
+    /// next attempt reads if this one fails.
     var heartbeatDetails: [UInt8]? { heartbeats.withLock { $0 } }
 
     /// The details of the last heartbeat — of this attempt, or else of the attempt before it.

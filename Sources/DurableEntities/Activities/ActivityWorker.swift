@@ -195,11 +195,9 @@ final class ActivityWorker: @unchecked Sendable {
         struct State {
             var timedOut: Timeout?
             var work: Task<[UInt8], any Error>?
-            var heartbeat: [UInt8]?
             var heartbeatAlarm: UInt64?
         }
-        let state: Mutex<State>
-        init(heartbeat: [UInt8]?) { state = Mutex(State(heartbeat: heartbeat)) }
+        let state = Mutex(State())
 
         /// A watchdog's action: records why the attempt ended and cancels it.
         func expire(_ reason: Timeout) -> @Sendable () -> Void {
@@ -253,8 +251,7 @@ final class ActivityWorker: @unchecked Sendable {
         return await performTimed(task, activity, on: executor)
     }
 
-    /// An attempt that nothing can time out: the activity runs right here, in the caller's task. Its
-    /// heartbeat details stay in its context (no watchdog needs them).
+    /// An attempt that nothing can time out: the activity runs right here, in the caller's task.
     @inline(never)
     private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity) async -> Ended {
         let codec = core.codec
@@ -271,7 +268,7 @@ final class ActivityWorker: @unchecked Sendable {
     private func performTimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?) async -> Ended {
         let clock = core.clock
         let codec = core.codec
-        let attempt = Attempt(heartbeat: task.heartbeat)
+        let attempt = Attempt()
         let alarms = core.timers
         let started = clock.nowNanoseconds()
         var scheduled: [UInt64] = []
@@ -288,13 +285,13 @@ final class ActivityWorker: @unchecked Sendable {
         let context = ActivityContext(
             idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
             logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec
-        ) { details in
+        ) {
+            // A heartbeat (its details stay in the context) rearms the heartbeat watchdog.
             var next: UInt64?
             if let limit = task.options.heartbeatTimeout {
                 next = alarms.alarm(at: clock.nowNanoseconds() &+ limit.nanoseconds, attempt.expire(.heartbeat))
             }
             let previous = attempt.state.withLock { state -> UInt64? in
-                state.heartbeat = details
                 defer { if next != nil { state.heartbeatAlarm = next } }
                 return next == nil ? nil : state.heartbeatAlarm
             }
@@ -311,9 +308,9 @@ final class ActivityWorker: @unchecked Sendable {
         // A cancelled drain (the runtime closes) cancels the attempt.
         let result = await withTaskCancellationHandler { await running.result } onCancel: { running.cancel() }
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
-        let (timedOut, heartbeat, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeat, $0.heartbeatAlarm) }
+        let (timedOut, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
-        return Ended(result: result, timedOut: timedOut, heartbeat: heartbeat, cancelled: Task.isCancelled)
+        return Ended(result: result, timedOut: timedOut, heartbeat: context.heartbeatDetails, cancelled: Task.isCancelled)
     }
 
     /// What comes after an attempt.

@@ -516,7 +516,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 case .cancelTimer(let id, let due): output.timersDone.append((id, due))
                 case .scheduleActivity(let id, let name, let input, let options):
                     // A local activity runs in the turn (or was detached from it, see below).
-                    if run.localCommands.isEmpty || !run.takeLocalCommand(id) {
+                    if !run.takeLocalCommand(id) {
                         output.activitiesScheduled.append((id, name, input, options))
                     }
                 case .startChild(let id, let child, let input, _):
@@ -1006,8 +1006,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var abandoned: AnyWorkflowRun?
         let now = core.clock.nowNanoseconds()
         let awaitsChildren = (Self.run(next)?.openChildCount ?? 0) > 0
+        let runFinished = Self.run(next)?.outcome != nil
         // The run has an outcome (or can never have one): every result waiter is answered now.
-        let runEnded = Self.run(next)?.outcome != nil || next.status == .terminated
+        let runEnded = runFinished || next.status == .terminated
         var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
         let (reschedule, finished, resolved) = cell.withLock { state -> (Bool, Bool, [ValueReply]) in
             defer { decided = Self.takeDecidedWatches(&state, name: name) }
@@ -1060,7 +1061,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         for waiter in resolved { waiter(runOutcome()) }
         // Last: the callers above are answered first (a commit completes many turns in a row).
-        if finished, case .success = outcome, Self.run(next)?.outcome != nil, core.configuration.passivateFinishedRuns {
+        if finished, case .success = outcome, runFinished, core.configuration.passivateFinishedRuns {
             core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
         }
     }

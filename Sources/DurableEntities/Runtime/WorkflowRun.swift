@@ -66,7 +66,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     private(set) var locals: [LocalActivityEntry] = []
     /// Command ids of the `scheduleActivity` commands in `issued` that are local (not for the pool).
     /// Few, so an array (with room for several from the first one) rather than a set.
-    private(set) var localCommands: [UInt64] = []
+    private var localCommands: [UInt64] = []
     /// Outcomes of local activities that ended inside the turn, with their place among `issued`.
     var localOutcomes: [(position: Int, id: UInt64, outcome: Result<[UInt8], ActivityFailure>)] = []
     /// Local activities whose attempt failed inside the turn and retry on the pool (next attempts).
