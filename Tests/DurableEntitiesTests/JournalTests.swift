@@ -361,6 +361,74 @@ struct JournalTests {
         await #expect(throws: JournalError.self) { try await journal.commit(stealing) }
         #expect(try journal.key(for: EntityName(type: "Cart", id: "c-3")) == nil)
     }
+
+    @Test("a new entity's first events go straight to its history range; later ones wait in the log; reads merge both, across reopen")
+    func newEntityHistory() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, logger: quietLogger)
+        let (a, b) = (EntityName(type: "Order", id: "o-1"), EntityName(type: "Order", id: "o-2"))
+        // Payloads of 100 bytes: 50 events need three ~2 KB chunks.
+        func payload(_ key: EntityKey, _ sequence: UInt64) -> [UInt8] {
+            Array("\(key.rawValue):\(sequence):".utf8) + Array(repeating: UInt8(sequence & 0x7F), count: 90)
+        }
+        func check(_ journal: Journal, _ key: EntityKey, latest: UInt64) throws {
+            #expect(try journal.latestSequence(of: key) == latest)
+            let events = try journal.events(of: key)
+            #expect(events.map(\.sequence) == Array(1...latest))
+            #expect(events.allSatisfy { $0.payload == payload(key, $0.sequence) })
+        }
+        func counts(_ journal: Journal) throws -> (log: Int, history: Int) {
+            try journal.environment.read { txn in (try txn.count(journal.stores.log), try txn.count(journal.stores.history)) }
+        }
+        let keyA: EntityKey, keyB: EntityKey
+        do {
+            let journal = try Journal(configuration: configuration)
+            keyA = try journal.reserveKey(for: a).key
+            keyB = try journal.reserveKey(for: b).key
+            // One batch: `a` registered with 50 events, `b` registered with events interleaved with a
+            // third, older entity's append (which goes to the log).
+            let old = try await journal.register(EntityName(type: "Order", id: "o-0"))
+            var batch = JournalBatch()
+            batch.register(a, as: keyA)
+            for sequence in 1...50 { batch.append(keyA, sequence: UInt64(sequence), payload: payload(keyA, UInt64(sequence))) }
+            batch.register(b, as: keyB)
+            batch.append(keyB, sequence: 1, payload: payload(keyB, 1))
+            batch.append(old, sequence: 1, payload: payload(old, 1))
+            batch.append(keyB, sequence: 2, payload: payload(keyB, 2))
+            _ = try await journal.commit(batch)
+            #expect(journal.tails.run(of: keyA.rawValue) == nil && journal.tails.run(of: keyB.rawValue) == nil)
+            #expect(journal.tails.run(of: old.rawValue)?.positions.count == 1)
+            // a: 3 chunks; b: 2 (one an append, split by the other entity's append).
+            #expect(try counts(journal) == (log: 1, history: 5))
+            try check(journal, keyA, latest: 50)
+            try check(journal, keyB, latest: 2)
+
+            // Later appends to a known entity wait in the log, after its history.
+            var later = JournalBatch()
+            for sequence in 51...53 { later.append(keyA, sequence: UInt64(sequence), payload: payload(keyA, UInt64(sequence))) }
+            _ = try await journal.commit(later)
+            #expect(journal.tails.run(of: keyA.rawValue)?.firstSequence == 51)
+            #expect(try counts(journal) == (log: 4, history: 5))
+            // A gap after the history is still refused.
+            var gap = JournalBatch()
+            gap.append(keyB, sequence: 4, payload: payload(keyB, 4))
+            await #expect(throws: JournalError.self) { try await journal.commit(gap) }
+            try check(journal, keyA, latest: 53)
+            try check(journal, keyB, latest: 2)
+            journal.close()
+        }
+        let reopened = try Journal(configuration: configuration)
+        defer { reopened.close() }
+        #expect(reopened.tails.run(of: keyA.rawValue)?.firstSequence == 51)
+        #expect(reopened.tails.run(of: keyB.rawValue) == nil)
+        try check(reopened, keyA, latest: 53)
+        try check(reopened, keyB, latest: 2)
+        var next = JournalBatch()
+        next.append(keyB, sequence: 3, payload: payload(keyB, 3))
+        _ = try await reopened.commit(next)
+        try check(reopened, keyB, latest: 3)
+    }
 }
 
 extension Result where Failure == any Error {

@@ -378,7 +378,11 @@ private struct CommitContext {
     /// Writes a validated batch. Returns the keys of the entities it registered.
     mutating func apply(_ batch: JournalBatch, in txn: borrowing WriteTransaction) throws -> [EntityKey] {
         var registered: [EntityKey] = []
-        for operation in batch.operations {
+        let operations = batch.operations
+        var index = operations.startIndex
+        while index < operations.endIndex {
+            let operation = operations[index]
+            index += 1
             switch operation {
             case .register(let name):
                 registered.append(try register(name, in: txn))
@@ -388,6 +392,10 @@ private struct CommitContext {
                 // Validated just now: only a name registered earlier in this batch needs looking at.
                 registered.append(found ? key : try registeredHere[name] ?? insertName(name, as: key, in: txn))
             case .append(let entity, let sequence, let payload, let checksum):
+                if keysRegisteredHere.contains(entity), deltas[entity.rawValue]!.count == 0 {
+                    index = try putNewHistory(of: entity.rawValue, operations, from: index - 1, in: txn)
+                    continue
+                }
                 let position = nextPosition
                 nextPosition += 1
                 try Key8(position).withBytes { key in
@@ -492,8 +500,32 @@ private struct CommitContext {
         }
     }
 
-    /// Deletes events before `before` from history and from the entity's tail, and records the floor
-    /// so the latest sequence survives even when every event is gone.
+    /// Writes the appends of an entity registered in this transaction, which has no tail yet, straight
+    /// into its history range: the consecutive `.append` operations for it from `start`, as chunks.
+    /// Its key is among the newest, so its range is at the history's end, where the log's pages would
+    /// be too; this saves the log records and their later move (one record an event, read back and
+    /// deleted). Returns the index of the first operation after them.
+    private mutating func putNewHistory(of entity: UInt64, _ operations: [JournalBatch.Operation], from start: Int,
+                                        in txn: borrowing WriteTransaction) throws -> Int {
+        var tail = deltas[entity]!
+        chunk.start(at: tail.firstSequence)
+        var index = start
+        while index < operations.endIndex, case .append(let key, let sequence, let payload, let checksum) = operations[index],
+              key.rawValue == entity {
+            if !chunk.fits(JournalLayout.checksumBytes + payload.count) {
+                try putChunk(of: entity, in: txn)
+                chunk.start(at: sequence)
+            }
+            chunk.add(checksum: checksum, payload: payload)
+            index += 1
+        }
+        try putChunk(of: entity, in: txn)
+        tail.firstSequence += UInt64(index - start)
+        deltas[entity] = tail
+        return index
+    }
+
+    /// Puts the chunk being built under its entity and first sequence.
     private func putChunk(of entity: UInt64, in txn: borrowing WriteTransaction) throws {
         guard !chunk.isEmpty else { return }
         try Key16(entity, chunk.firstSequence).withBytes { key in
@@ -501,6 +533,8 @@ private struct CommitContext {
         }
     }
 
+    /// Deletes events before `before` from history and from the entity's tail, and records the floor
+    /// so the latest sequence survives even when every event is gone.
     private mutating func prune(_ entity: EntityKey, before requested: UInt64, in txn: borrowing WriteTransaction) throws {
         var tail = try delta(of: entity.rawValue, in: txn)
         let before = min(requested, tail.latestSequence + 1)

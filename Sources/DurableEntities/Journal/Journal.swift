@@ -17,7 +17,10 @@ import Glibc
 /// (each group commit touches a few pages at the log's end), and moves an entity's events into its
 /// own contiguous `history` range only in bulk: when it has ``Configuration/coalesceThreshold``
 /// events waiting, or when its oldest waiting event falls out of a ``Configuration/logWindow``-event
-/// window. A move writes one page for many events of one entity. Reads merge the two levels;
+/// window. A move writes one page for many events of one entity. The exception is a new entity: the
+/// events that arrive in the batch that registers it go straight into its history range, which is at
+/// the history's end (its key is among the newest), so they cost what log records would and are never
+/// moved (a short workflow that starts and ends in one turn never touches the log). Reads merge the two levels;
 /// replaying an entity is a range scan plus at most a window's worth of point reads.
 ///
 /// **Writes** go through ``commit(_:)`` or ``submit(_:completion:)``: a dedicated writer thread owns
