@@ -162,10 +162,12 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
                                 input: input, options: options, attempt: 1, scheduledAt: now, notBefore: now)
         guard let local = worker.startLocal(task, owner: self, id: id) else { return false }
         if locals.capacity == 0 {
-            // The run's first local activity: room for a few at once (they keep it from then on).
-            locals.reserveCapacity(4)
-            localCommands.reserveCapacity(4)
-            localOutcomes.reserveCapacity(4)
+            // The run's first local activity: room for two at once (they keep it from then on). Not
+            // more: an entry holds its task (~300 bytes), and an allocation of 1 KiB or more takes
+            // glibc's slow path, which first consolidates every freed small block.
+            locals.reserveCapacity(2)
+            localCommands.reserveCapacity(2)
+            localOutcomes.reserveCapacity(2)
         }
         locals.append(LocalActivityEntry(id: id, task: task, attempt: local))
         localCommands.append(id)
