@@ -362,6 +362,39 @@ struct JournalTests {
         #expect(try journal.key(for: EntityName(type: "Cart", id: "c-3")) == nil)
     }
 
+    @Test("events built in one buffer: a failed write leaves it as it was; an oversized event refuses the whole run; runs and single appends mix")
+    func eventRuns() async throws {
+        struct Refused: Error {}
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = Journal.Configuration(directory: directory.path, logger: quietLogger)
+        configuration.maxPayloadBytes = 64
+        let journal = try Journal(configuration: configuration)
+        defer { journal.close() }
+        let key = try await journal.register(EntityName(type: "Order", id: "o-9"))
+
+        var events = JournalEvents(firstSequence: 1)
+        events.append(bytes("one"))
+        #expect(events.append { $0.append(contentsOf: bytes("two")) } == 3)
+        #expect(throws: Refused.self) { try events.append { $0.append(contentsOf: bytes("half-written")); throw Refused() } }
+        #expect(events.count == 2 && events.nextSequence == 3 && events.byteCount == 4 + 2 * (JournalEvents.overhead + 3))
+        var batch = JournalBatch()
+        batch.append(key, events: events)
+        batch.append(key, sequence: 3, payload: bytes("three"))  // joins the run above
+        #expect(batch.operations.count == 1)
+        _ = try await journal.commit(batch)
+        #expect(try journal.events(of: key).map(\.payload) == ["one", "two", "three"].map(bytes))
+
+        var oversized = JournalEvents(firstSequence: 4)
+        oversized.append(bytes("four"))
+        oversized.append([UInt8](repeating: 7, count: 65))
+        var refused = JournalBatch()
+        refused.append(key, events: oversized)
+        let error = await #expect(throws: JournalError.self) { try await journal.commit(refused) }
+        #expect(error?.code == .payloadTooLarge && error?.sequence == 5)
+        #expect(try journal.latestSequence(of: key) == 3)
+    }
+
     @Test("a new entity's first events go straight to its history range; later ones wait in the log; reads merge both, across reopen")
     func newEntityHistory() async throws {
         let directory = TemporaryDirectory()

@@ -313,9 +313,16 @@ private struct CommitContext {
             case .registerAs(let name, let key):
                 try checkKnown(key, nil)
                 namesFound.append(try validateRegistration(name, as: key, in: txn))
-            case .append(let entity, let sequence, let payload, _):
+            case .append(let entity, let events):
+                let sequence = events.firstSequence
                 try checkKnown(entity, sequence)
-                try checkSize(payload, entity, sequence, "event")
+                try events.forEach { sequence, record throws(JournalError) in
+                    guard record.count - JournalLayout.checksumBytes <= maxPayload else {
+                        throw JournalError(.payloadTooLarge, key: entity, sequence: sequence,
+                                           "the event has \(record.count - JournalLayout.checksumBytes) bytes, more than the limit of \(maxPayload); nothing was written")
+                    }
+                }
+                let latest = events.nextSequence - 1
                 let slot = first.entity == entity.rawValue ? -1 : others.firstIndex { $0.entity == entity.rawValue }
                 let previous: UInt64
                 switch slot {
@@ -333,10 +340,10 @@ private struct CommitContext {
                                        "the entity's latest sequence is \(previous), so the next append must be \(previous + 1); nothing was written")
                 }
                 switch slot {
-                case -1: first.sequence = sequence
-                case let index?: others[index].sequence = sequence
-                case nil where first.entity == 0: first = (entity.rawValue, sequence)
-                case nil: others.append((entity.rawValue, sequence))
+                case -1: first.sequence = latest
+                case let index?: others[index].sequence = latest
+                case nil where first.entity == 0: first = (entity.rawValue, latest)
+                case nil: others.append((entity.rawValue, latest))
                 }
             case .snapshot(let entity, let sequence, let payload):
                 try checkKnown(entity, sequence)
@@ -378,11 +385,7 @@ private struct CommitContext {
     /// Writes a validated batch. Returns the keys of the entities it registered.
     mutating func apply(_ batch: JournalBatch, in txn: borrowing WriteTransaction) throws -> [EntityKey] {
         var registered: [EntityKey] = []
-        let operations = batch.operations
-        var index = operations.startIndex
-        while index < operations.endIndex {
-            let operation = operations[index]
-            index += 1
+        for operation in batch.operations {
             switch operation {
             case .register(let name):
                 registered.append(try register(name, in: txn))
@@ -391,24 +394,25 @@ private struct CommitContext {
                 namesApplied += 1
                 // Validated just now: only a name registered earlier in this batch needs looking at.
                 registered.append(found ? key : try registeredHere[name] ?? insertName(name, as: key, in: txn))
-            case .append(let entity, let sequence, let payload, let checksum):
+            case .append(let entity, let events):
                 if keysRegisteredHere.contains(entity), deltas[entity.rawValue]!.count == 0 {
-                    index = try putNewHistory(of: entity.rawValue, operations, from: index - 1, in: txn)
+                    try putNewHistory(of: entity.rawValue, events, in: txn)
                     continue
                 }
-                let position = nextPosition
-                nextPosition += 1
-                try Key8(position).withBytes { key in
-                    try txn.put(reserving: JournalLayout.logHeader + payload.count, forKey: key, in: stores.log, flags: .append) { out in
-                        out.storeBigEndian(entity.rawValue, at: 0)
-                        out.storeBigEndian(sequence, at: 8)
-                        out.storeLittleEndian(checksum, at: 16)
-                        payload.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: out[20...]).copyMemory(from: $0) }
+                try events.forEach { sequence, record in
+                    let position = nextPosition
+                    nextPosition += 1
+                    try Key8(position).withBytes { key in
+                        try txn.put(reserving: 16 + record.count, forKey: key, in: stores.log, flags: .append) { out in
+                            out.storeBigEndian(entity.rawValue, at: 0)
+                            out.storeBigEndian(sequence, at: 8)
+                            UnsafeMutableRawBufferPointer(rebasing: out[16...]).copyMemory(from: record)
+                        }
                     }
+                    recent.record(position: position, record: record)
+                    if deltas[entity.rawValue]!.append(position) == threshold(of: entity.rawValue) { fullTails.insert(entity.rawValue) }
                 }
-                recent.record(position: position, checksum: checksum, payload: payload)
-                if deltas[entity.rawValue]!.append(position) == threshold(of: entity.rawValue) { fullTails.insert(entity.rawValue) }
-                appendedCount += 1
+                appendedCount += events.count
             case .snapshot(let entity, let sequence, let payload):
                 let checksum = CRC32C.checksum(payload)
                 try Key8(entity.rawValue).withBytes { key in
@@ -500,29 +504,28 @@ private struct CommitContext {
         }
     }
 
-    /// Writes the appends of an entity registered in this transaction, which has no tail yet, straight
-    /// into its history range: the consecutive `.append` operations for it from `start`, as chunks.
-    /// Its key is among the newest, so its range is at the history's end, where the log's pages would
-    /// be too; this saves the log records and their later move (one record an event, read back and
-    /// deleted). Returns the index of the first operation after them.
-    private mutating func putNewHistory(of entity: UInt64, _ operations: [JournalBatch.Operation], from start: Int,
-                                        in txn: borrowing WriteTransaction) throws -> Int {
-        var tail = deltas[entity]!
-        chunk.start(at: tail.firstSequence)
-        var index = start
-        while index < operations.endIndex, case .append(let key, let sequence, let payload, let checksum) = operations[index],
-              key.rawValue == entity {
-            if !chunk.fits(JournalLayout.checksumBytes + payload.count) {
-                try putChunk(of: entity, in: txn)
-                chunk.start(at: sequence)
+    /// Writes the events of an entity registered in this transaction, which has no tail yet, straight
+    /// into its history range: as they are when they fit in one chunk (their buffer has a chunk's
+    /// layout), else split into chunks. Its key is among the newest, so its range is at the history's
+    /// end, where the log's pages would be too; this saves the log records and their later move (one
+    /// record an event, read back and deleted).
+    private mutating func putNewHistory(of entity: UInt64, _ events: JournalEvents, in txn: borrowing WriteTransaction) throws {
+        if events.byteCount <= JournalLayout.chunkBytes {
+            try Key16(entity, events.firstSequence).withBytes { key in
+                try events.bytes.withUnsafeBytes { try txn.put($0, forKey: key, in: stores.history) }
             }
-            chunk.add(checksum: checksum, payload: payload)
-            index += 1
+        } else {
+            chunk.start(at: events.firstSequence)
+            try events.forEach { sequence, record in
+                if !chunk.fits(record.count) {
+                    try putChunk(of: entity, in: txn)
+                    chunk.start(at: sequence)
+                }
+                chunk.add(record: record)
+            }
+            try putChunk(of: entity, in: txn)
         }
-        try putChunk(of: entity, in: txn)
-        tail.firstSequence += UInt64(index - start)
-        deltas[entity] = tail
-        return index
+        deltas[entity]!.firstSequence += UInt64(events.count)
     }
 
     /// Puts the chunk being built under its entity and first sequence.

@@ -16,8 +16,9 @@ public struct JournalBatch: Sendable {
     enum Operation: Sendable {
         case register(EntityName)
         case registerAs(EntityName, EntityKey)
-        /// The checksum is computed by the caller's thread, off the writer's critical path.
-        case append(EntityKey, sequence: UInt64, payload: [UInt8], checksum: UInt32)
+        /// Consecutive events of one entity; their checksums are computed by the caller's thread, off
+        /// the writer's critical path.
+        case append(EntityKey, JournalEvents)
         case snapshot(EntityKey, sequence: UInt64, payload: [UInt8])
         case prune(EntityKey, before: UInt64)
         case metadata(EntityKey, EntityMetadata)
@@ -55,7 +56,24 @@ public struct JournalBatch: Sendable {
     /// Appends an event. `sequence` must be the entity's latest sequence (counting earlier appends in
     /// this batch) plus one, or the batch is refused with ``JournalError/Code/nonConsecutiveSequence``.
     public mutating func append(_ entity: EntityKey, sequence: UInt64, payload: [UInt8]) {
-        operations.append(.append(entity, sequence: sequence, payload: payload, checksum: CRC32C.checksum(payload)))
+        // Joins the previous operation when it appends the events just before this one (one buffer
+        // and one operation for a run of appends).
+        if case .append(let previous, let events)? = operations.last, previous == entity, events.nextSequence == sequence,
+           case .append(_, var joined) = operations.removeLast() {
+            joined.append(payload)
+            operations.append(.append(entity, joined))
+            return
+        }
+        var events = JournalEvents(firstSequence: sequence, reservingBytes: JournalEvents.overhead + payload.count)
+        events.append(payload)
+        operations.append(.append(entity, events))
+    }
+
+    /// Appends consecutive events, from `events.firstSequence`, which must be the entity's latest
+    /// sequence (counting earlier appends in this batch) plus one.
+    public mutating func append(_ entity: EntityKey, events: JournalEvents) {
+        guard !events.isEmpty else { return }
+        operations.append(.append(entity, events))
     }
 
     /// Replaces the entity's snapshot.
@@ -103,4 +121,79 @@ public struct JournalBatch: Sendable {
 public struct CommitReceipt: Sendable {
     /// The keys of the entities the batch registered, in the order of its `register` calls.
     public var registered: [EntityKey]
+}
+
+/// Consecutive events of one entity in one buffer, each with its CRC-32C: what a turn records, built
+/// without an allocation per event. The buffer has a history chunk's layout (count, then per event
+/// length, checksum, payload), so a new entity's events can be stored as they are.
+///
+/// ```swift
+/// var events = JournalEvents(firstSequence: 8)
+/// events.append(Array("deposited 100".utf8))
+/// events.append { $0.append(contentsOf: header); $0.append(contentsOf: body) }  // written in place
+/// batch.append(key, events: events)
+/// ```
+public struct JournalEvents: Sendable {
+    /// Bytes an event takes besides its payload (its length and checksum); the buffer's header is 4.
+    public static var overhead: Int { JournalLayout.chunkEventHeader }
+
+    /// The first event's sequence.
+    public let firstSequence: UInt64
+    /// How many events there are.
+    public private(set) var count = 0
+    /// The buffer: count (4), then per event length (4), CRC-32C (4), payload.
+    private(set) var bytes: [UInt8]
+
+    /// No events yet; the first appended gets `firstSequence`. `reservingBytes` sizes the buffer for
+    /// what is expected (each event takes ``overhead`` bytes besides its payload).
+    public init(firstSequence: UInt64, reservingBytes: Int = 0) {
+        self.firstSequence = firstSequence
+        bytes = []
+        bytes.reserveCapacity(JournalLayout.chunkHeader + reservingBytes)
+        bytes.append(contentsOf: [0, 0, 0, 0])
+    }
+
+    public var isEmpty: Bool { count == 0 }
+    /// The sequence the next appended event gets.
+    public var nextSequence: UInt64 { firstSequence + UInt64(count) }
+    /// Bytes of the buffer.
+    public var byteCount: Int { bytes.count }
+
+    /// Appends an event.
+    public mutating func append(_ payload: [UInt8]) {
+        append { $0.append(contentsOf: payload) }
+    }
+
+    /// Appends an event whose payload `write` appends to the buffer it is handed (it must only
+    /// append). Returns the payload's size.
+    @discardableResult
+    public mutating func append(_ write: (inout [UInt8]) throws -> Void) rethrows -> Int {
+        let start = bytes.count
+        bytes.append(contentsOf: [0, 0, 0, 0, 0, 0, 0, 0])
+        do {
+            try write(&bytes)
+        } catch {
+            bytes.removeSubrange(start...)
+            throw error
+        }
+        count += 1
+        let length = bytes.count - start - JournalLayout.chunkEventHeader
+        bytes.withUnsafeMutableBytes { raw in
+            let payload = UnsafeRawBufferPointer(rebasing: raw[(start + JournalLayout.chunkEventHeader)...])
+            raw.storeLittleEndian(UInt32(length), at: start)
+            raw.storeLittleEndian(CRC32C.checksum(payload), at: start + 4)
+            raw.storeLittleEndian(UInt32(count), at: 0)
+        }
+        return length
+    }
+
+    /// Calls `body` with each event's sequence and `CRC-32C (4) + payload` record.
+    func forEach(_ body: (UInt64, UnsafeRawBufferPointer) throws -> Void) rethrows {
+        try bytes.withUnsafeBytes { raw in
+            _ = try HistoryChunk(firstSequence: firstSequence, bytes: raw).forEach { sequence, record in
+                try body(sequence, record)
+                return true
+            }
+        }
+    }
 }

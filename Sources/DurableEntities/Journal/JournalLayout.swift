@@ -76,25 +76,9 @@ struct ChunkBuilder {
 
     /// Adds one event from its `CRC-32C (4) + payload` record.
     mutating func add(record: UnsafeRawBufferPointer) {
-        appendLittleEndian(UInt32(record.count - 4))
+        var length = UInt32(record.count - 4).littleEndian
+        withUnsafeBytes(of: &length) { bytes.append(contentsOf: $0) }
         bytes.append(contentsOf: record)
-        countOne()
-    }
-
-    /// Adds one event from its checksum and payload.
-    mutating func add(checksum: UInt32, payload: [UInt8]) {
-        appendLittleEndian(UInt32(payload.count))
-        appendLittleEndian(checksum)
-        bytes.append(contentsOf: payload)
-        countOne()
-    }
-
-    private mutating func appendLittleEndian(_ value: UInt32) {
-        var little = value.littleEndian
-        withUnsafeBytes(of: &little) { bytes.append(contentsOf: $0) }
-    }
-
-    private mutating func countOne() {
         count += 1
         var total = UInt32(count).littleEndian
         withUnsafeBytes(of: &total) { header in

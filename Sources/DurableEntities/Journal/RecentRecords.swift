@@ -49,15 +49,21 @@ final class RecentRecords {
 
     /// Keeps the record of `position`: its checksum, then `payload`.
     func record(position: UInt64, checksum: UInt32, payload: [UInt8]) {
-        let size = 4 + payload.count
+        var checksum = checksum.littleEndian
+        let record = withUnsafeBytes(of: &checksum) { Array($0) } + payload
+        record.withUnsafeBytes { self.record(position: position, record: $0) }
+    }
+
+    /// Keeps the `CRC-32C (4) + payload` record appended at `position`.
+    func record(position: UInt64, record: UnsafeRawBufferPointer) {
+        let size = record.count
         guard !slots.isEmpty, size <= ring.count / 16 else { return }
         var offset = Int(written % UInt64(ring.count))
         if offset + size > ring.count {  // records never wrap: skip to the ring's start
             written += UInt64(ring.count - offset)
             offset = 0
         }
-        ring.storeLittleEndian(checksum, at: offset)
-        payload.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: ring[(offset + 4)..<(offset + size)]).copyMemory(from: $0) }
+        UnsafeMutableRawBufferPointer(rebasing: ring[offset..<(offset + size)]).copyMemory(from: record)
         slots[Int(truncatingIfNeeded: position) & slotMask] = Slot(tag: position &+ 1, start: written, count: size)
         written += UInt64(size)
     }

@@ -133,7 +133,8 @@ struct CellState {
 
 /// What a turn produced besides events.
 struct TurnOutput {
-    var events: [(UInt64, [UInt8])] = []
+    /// The turn's events, in one buffer.
+    var events: JournalEvents
     var keys: [IdempotencyKeyName: [UInt8]] = [:]
     var timersStarted: [(id: UInt64, due: UInt64)] = []
     var timersDone: [(id: UInt64, due: UInt64)] = []
@@ -465,10 +466,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var next = start
         // The turn's working state, typed; `next.state` gets it back once the turn is over.
         var working = start.state as! W.State
-        var output = TurnOutput()
-        // Room for a typical run turn's events at once (it records several). Not one per message:
-        // a large turn's array would be a large allocation, glibc's slow path.
-        output.events.reserveCapacity(8)
+        // Room for a typical run turn's events at once (several small ones). Not in proportion to
+        // the messages: an allocation of 1 KiB or more takes glibc's slow path.
+        var output = TurnOutput(events: JournalEvents(firstSequence: start.lastSequence + 1, reservingBytes: 600))
         output.now = core.clock.nowNanoseconds()
         var replies: [Reply] = []
         replies.reserveCapacity(messages.count)
@@ -480,12 +480,12 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         var runSwitches = 0
 
         func record(_ event: HistoryEvent) {
-            record(encoded: event.encoded())
+            record { event.encode(into: &$0) }
         }
-        func record(encoded: [UInt8]) {
+        /// Records the event that `write` appends to the turn's event buffer.
+        func record(_ write: (inout [UInt8]) -> Void) {
             next.lastSequence += 1
-            next.runBytes += encoded.count
-            output.events.append((next.lastSequence, encoded))
+            next.runBytes += output.events.append(write)
         }
         func context(_ sequence: UInt64) -> EntityContext {
             EntityContext(id: name.id, sequence: sequence, nowNanoseconds: now, logger: core.logger, requests: requests)
@@ -504,13 +504,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             func recordLocalOutcomes(upTo position: Int) {
                 while localOutcome < run.localOutcomes.count, run.localOutcomes[localOutcome].position <= position {
                     let ended = run.localOutcomes[localOutcome]
-                    record(encoded: HistoryEvent.encodedActivityOutcome(id: ended.id, ended.outcome, time: now))
+                    record { HistoryEvent.appendActivityOutcome(id: ended.id, ended.outcome, time: now, to: &$0) }
                     localOutcome += 1
                 }
             }
             for (position, command) in run.issued.enumerated() {
                 if !run.localOutcomes.isEmpty { recordLocalOutcomes(upTo: position) }
-                record(encoded: HistoryEvent.encodedCommand(command, time: now))
+                record { HistoryEvent.appendCommand(command, time: now, to: &$0) }
                 switch command {
                 case .startTimer(let id, let due): output.timersStarted.append((id, due))
                 case .cancelTimer(let id, let due): output.timersDone.append((id, due))
@@ -821,7 +821,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             case .activityOutcome(let id, let outcome, let reply):
                 if let key = next.key { output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id)) }
                 if let run = Self.run(next), run.isAwaitingActivity(id) {
-                    record(encoded: HistoryEvent.encodedActivityOutcome(id: id, outcome, time: now))
+                    record { HistoryEvent.appendActivityOutcome(id: id, outcome, time: now, to: &$0) }
                     settle { $0.completeActivity(id, outcome) }
                 }
                 replies.append(.signal(reply))
@@ -893,7 +893,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     private func commit(_ output: TurnOutput, next: Durable, continueAsNew: Bool, replies: [Reply]) {
         var batch = JournalBatch()
         // One operation each, plus a registration, a snapshot, a prune and the metadata at most.
-        batch.reserveCapacity(output.events.count + output.keys.count + output.timersStarted.count + output.timersDone.count
+        batch.reserveCapacity(1 + output.keys.count + output.timersStarted.count + output.timersDone.count
             + output.tasksDone.count + output.outgoing.count + output.activitiesScheduled.count + output.localDetached.count
             + output.localRetries.count + 4)
         var next = next
@@ -908,7 +908,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             batch.register(name, as: key)
             next.key = key
         }
-        for (sequence, payload) in output.events { batch.append(key, sequence: sequence, payload: payload) }
+        batch.append(key, events: output.events)
         for (name, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(name.key, name.kind, key), payload: result) }
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
         for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }

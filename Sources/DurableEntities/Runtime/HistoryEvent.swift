@@ -208,26 +208,39 @@ public struct HistoryEvent: Sendable, Hashable {
     /// `command(command, time:).encoded()`, built in one buffer for the commands every activity
     /// records (the general path makes the body, then copies it behind the header).
     static func encodedCommand(_ command: WorkflowCommand, time: UInt64) -> [UInt8] {
+        var bytes = [UInt8]()
+        appendCommand(command, time: time, to: &bytes)
+        return bytes
+    }
+
+    /// Appends `command(command, time:).encoded()` to `bytes`; an activity's schedule is written in place.
+    static func appendCommand(_ command: WorkflowCommand, time: UInt64, to bytes: inout [UInt8]) {
         guard case .scheduleActivity(let id, let name, let input, let options) = command else {
-            return Self.command(command, time: time).encoded()
+            return Self.command(command, time: time).encode(into: &bytes)
         }
         var writer = ByteWriter()
-        writer.bytes.reserveCapacity(19 + ScheduledActivity.estimatedSize(name: name, input: input))
+        swap(&writer.bytes, &bytes)
+        writer.bytes.reserveCapacity(writer.bytes.count + 19 + ScheduledActivity.estimatedSize(name: name, input: input))
         appendHeader(.activityScheduled, time: time, to: &writer.bytes)
         writer.append(id)
         ScheduledActivity(name: name, input: input, options: options).write(to: &writer)
-        return writer.bytes
+        swap(&writer.bytes, &bytes)
     }
 
     /// `activityOutcome(id:_:time:).encoded()`, in one buffer for a success.
     static func encodedActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64) -> [UInt8] {
-        guard case .success(let output) = outcome else { return activityOutcome(id: id, outcome, time: time).encoded() }
         var bytes = [UInt8]()
-        bytes.reserveCapacity(19 + output.count)
+        appendActivityOutcome(id: id, outcome, time: time, to: &bytes)
+        return bytes
+    }
+
+    /// Appends `activityOutcome(id:_:time:).encoded()` to `bytes`; a success is written in place.
+    static func appendActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64, to bytes: inout [UInt8]) {
+        guard case .success(let output) = outcome else { return activityOutcome(id: id, outcome, time: time).encode(into: &bytes) }
+        bytes.reserveCapacity(bytes.count + 19 + output.count)
         appendHeader(.activityCompleted, time: time, to: &bytes)
         withUnsafeBytes(of: id.bigEndian) { bytes.append(contentsOf: $0) }
         bytes.append(contentsOf: output)
-        return bytes
     }
 
     /// The fixed part of ``encoded()`` for an event without an idempotency key.
@@ -238,15 +251,21 @@ public struct HistoryEvent: Sendable, Hashable {
     }
 
     func encoded() -> [UInt8] {
-        let key = idempotencyKey.map { Array($0.utf8) } ?? []
         var bytes = [UInt8]()
-        bytes.reserveCapacity(11 + key.count + body.count)
+        encode(into: &bytes)
+        return bytes
+    }
+
+    /// Appends the stored form to `bytes`.
+    func encode(into bytes: inout [UInt8]) {
+        let key = idempotencyKey?.utf8
+        let keyCount = key?.count ?? 0
+        bytes.reserveCapacity(bytes.count + 11 + keyCount + body.count)
         bytes.append(kind.rawValue)
         withUnsafeBytes(of: timeNanoseconds.bigEndian) { bytes.append(contentsOf: $0) }
-        withUnsafeBytes(of: UInt16(key.count).bigEndian) { bytes.append(contentsOf: $0) }
-        bytes.append(contentsOf: key)
+        withUnsafeBytes(of: UInt16(keyCount).bigEndian) { bytes.append(contentsOf: $0) }
+        if let key { bytes.append(contentsOf: key) }
         bytes.append(contentsOf: body)
-        return bytes
     }
 
     /// The fixed part of a stored event, read in place.
