@@ -538,7 +538,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 output.localRetries += run.localRetries
                 run.localRetries.removeAll()
             }
-            run.issued.removeAll()
+            run.issued.removeAll(keepingCapacity: true)
             if let continuation = run.continuation { switchRun(from: run, to: continuation) }
         }
         /// The run body continued as new: the run ends here and the next one starts, in this turn.

@@ -89,6 +89,9 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     /// Starts the body with `input`, and runs it until it waits.
     func start(_ input: W.Input) {
         let context = WorkflowContext<W>(run: self)
+        // Room for a few commands at once (the turn empties the list and keeps its room): growing
+        // from one by doubling was an allocation at each step.
+        issued.reserveCapacity(4)
         task = Task(executorPreference: executor) { [self] in
             // Only the await here; the rest is out of line, which keeps the task's frame (allocated
             // on its stack for every run) small.
