@@ -294,10 +294,10 @@ private struct CommitContext {
         var first: (entity: UInt64, sequence: UInt64) = (0, 0)
         var others: [(entity: UInt64, sequence: UInt64)] = []
         let maxPayload = configuration.maxPayloadBytes
-        func checkSize(_ payload: [UInt8], _ entity: EntityKey?, _ sequence: UInt64?, _ what: String) throws(JournalError) {
-            guard payload.count <= maxPayload else {
+        func checkSize(_ count: Int, _ entity: EntityKey?, _ sequence: UInt64?, _ what: String) throws(JournalError) {
+            guard count <= maxPayload else {
                 throw JournalError(.payloadTooLarge, key: entity, sequence: sequence,
-                                   "the \(what) has \(payload.count) bytes, more than the limit of \(maxPayload); nothing was written")
+                                   "the \(what) has \(count) bytes, more than the limit of \(maxPayload); nothing was written")
             }
         }
         func checkKnown(_ entity: EntityKey, _ sequence: UInt64?) throws(JournalError) {
@@ -317,10 +317,7 @@ private struct CommitContext {
                 let sequence = events.firstSequence
                 try checkKnown(entity, sequence)
                 try events.forEach { sequence, record throws(JournalError) in
-                    guard record.count - JournalLayout.checksumBytes <= maxPayload else {
-                        throw JournalError(.payloadTooLarge, key: entity, sequence: sequence,
-                                           "the event has \(record.count - JournalLayout.checksumBytes) bytes, more than the limit of \(maxPayload); nothing was written")
-                    }
+                    try checkSize(record.count - JournalLayout.checksumBytes, entity, sequence, "event")
                 }
                 let latest = events.nextSequence - 1
                 let slot = first.entity == entity.rawValue ? -1 : others.firstIndex { $0.entity == entity.rawValue }
@@ -347,19 +344,19 @@ private struct CommitContext {
                 }
             case .snapshot(let entity, let sequence, let payload):
                 try checkKnown(entity, sequence)
-                try checkSize(payload, entity, sequence, "snapshot")
+                try checkSize(payload.count, entity, sequence, "snapshot")
             case .prune(let entity, _), .metadata(let entity, _):
                 try checkKnown(entity, nil)
             case .scheduleTimer(let timer):
                 try checkKnown(timer.entity, nil)
-                try checkSize(timer.payload, timer.entity, nil, "timer payload")
+                try checkSize(timer.payload.count, timer.entity, nil, "timer payload")
             case .cancelTimer:
                 break
             case .putTask(let key, let value):
                 guard (1...511).contains(key.count) else {
                     throw JournalError(.nameTooLong, "a task key must have 1...511 bytes (got \(key.count)); nothing was written")
                 }
-                try checkSize(value, nil, nil, "task")
+                try checkSize(value.count, nil, nil, "task")
             case .deleteTask(let key):
                 guard (1...511).contains(key.count) else {
                     throw JournalError(.nameTooLong, "a task key must have 1...511 bytes (got \(key.count)); nothing was written")
@@ -368,7 +365,7 @@ private struct CommitContext {
                 guard (1...511).contains(key.count) else {
                     throw JournalError(.nameTooLong, "an idempotency key must have 1...511 bytes (got \(key.count)); nothing was written")
                 }
-                try checkSize(payload, nil, nil, "recorded result")
+                try checkSize(payload.count, nil, nil, "recorded result")
             }
         }
     }
@@ -403,7 +400,9 @@ private struct CommitContext {
                     let position = nextPosition
                     nextPosition += 1
                     try Key8(position).withBytes { key in
-                        try txn.put(reserving: 16 + record.count, forKey: key, in: stores.log, flags: .append) { out in
+                        // The log record: entity, sequence, then the event's `CRC-32C + payload` record as it is.
+                        try txn.put(reserving: JournalLayout.logHeader - JournalLayout.checksumBytes + record.count, forKey: key,
+                                    in: stores.log, flags: .append) { out in
                             out.storeBigEndian(entity.rawValue, at: 0)
                             out.storeBigEndian(sequence, at: 8)
                             UnsafeMutableRawBufferPointer(rebasing: out[16...]).copyMemory(from: record)
