@@ -510,3 +510,12 @@ struct RecentRecordsTests {
         #expect(!off.withRecord(position: 0) { _ in })
     }
 }
+
+extension RecentRecords {
+    /// Keeps the record of `position` from its checksum and payload.
+    func record(position: UInt64, checksum: UInt32, payload: [UInt8]) {
+        var record = withUnsafeBytes(of: checksum.littleEndian) { Array($0) }
+        record += payload
+        record.withUnsafeBytes { self.record(position: position, record: $0) }
+    }
+}

@@ -436,7 +436,7 @@ final class ActivityWorker: @unchecked Sendable {
                           owner: any LocalAttemptOwner, id: UInt64) {
         let decision = decide(task, ended)
         if executor.finishInline() { return owner.localAttemptEnded(id, decision) }
-        let done = executor.finish { [self] key, committed in
+        executor.finish { [self] key, committed in
             // If that commit failed, the entity reloads without the command and schedules again.
             if committed {
                 var stored = task
@@ -446,7 +446,6 @@ final class ActivityWorker: @unchecked Sendable {
             if let id = executor.drainID { drains.withLock { _ = $0.tasks.removeValue(forKey: id) } }
             core.becameIdle()
         }
-        if done { owner.localAttemptEnded(id, decision) }
     }
 
     /// The turn that started `local` ends: if the attempt still runs, it continues outside the turn

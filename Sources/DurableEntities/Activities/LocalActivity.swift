@@ -98,8 +98,7 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
     }
 
     /// The attempt ended: returns `true` if it ended inside the turn (the caller records the outcome
-    /// there); `false`, changing nothing, if it was detached (then call ``finish(_:)``). Saves making
-    /// the completion in the common case.
+    /// there); `false`, changing nothing, if it was detached (then call ``finish(_:)``).
     func finishInline() -> Bool {
         state.withLock { state in
             guard case .inline = state.phase else { return false }
@@ -108,25 +107,14 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
         }
     }
 
-    /// The attempt ended: returns `true` if it ended inside the turn (the caller records the outcome
-    /// there); otherwise `completion` runs once the scheduling turn's commit is done, with the
-    /// entity's key and whether that commit succeeded.
-    func finish(_ completion: @escaping @Sendable (_ key: UInt64, _ ok: Bool) -> Void) -> Bool {
-        let ready = state.withLock { state -> (key: UInt64, ok: Bool)?? in
-            if case .inline = state.phase {
-                state.phase = .finished
-                return .none
-            }
-            if let scheduled = state.scheduled { return .some(scheduled) }
-            state.pending = completion
-            return .some(nil)
+    /// A detached attempt ended (``finishInline()`` said `false`): `completion` runs once the
+    /// scheduling turn's commit is done, with the entity's key and whether that commit succeeded.
+    func finish(_ completion: @escaping @Sendable (_ key: UInt64, _ ok: Bool) -> Void) {
+        let scheduled = state.withLock { state -> (key: UInt64, ok: Bool)? in
+            if state.scheduled == nil { state.pending = completion }
+            return state.scheduled
         }
-        switch ready {
-        case .none: return true
-        case .some(.some(let scheduled)): completion(scheduled.key, scheduled.ok)
-        case .some(.none): break
-        }
-        return false
+        if let scheduled { completion(scheduled.key, scheduled.ok) }
     }
 
     /// The turn that detached the attempt committed (or failed to): releases the completion.

@@ -47,13 +47,6 @@ final class RecentRecords {
         free(slots.baseAddress)
     }
 
-    /// Keeps the record of `position`: its checksum, then `payload`.
-    func record(position: UInt64, checksum: UInt32, payload: [UInt8]) {
-        var checksum = checksum.littleEndian
-        let record = withUnsafeBytes(of: &checksum) { Array($0) } + payload
-        record.withUnsafeBytes { self.record(position: position, record: $0) }
-    }
-
     /// Keeps the `CRC-32C (4) + payload` record appended at `position`.
     func record(position: UInt64, record: UnsafeRawBufferPointer) {
         let size = record.count

@@ -209,18 +209,22 @@ public struct HistoryEvent: Sendable, Hashable {
     /// records (the general path makes the body, then copies it behind the header).
     static func encodedCommand(_ command: WorkflowCommand, time: UInt64) -> [UInt8] {
         var bytes = [UInt8]()
+        if case .scheduleActivity(_, let name, let input, _) = command {
+            bytes.reserveCapacity(19 + ScheduledActivity.estimatedSize(name: name, input: input))
+        }
         appendCommand(command, time: time, to: &bytes)
         return bytes
     }
 
     /// Appends `command(command, time:).encoded()` to `bytes`; an activity's schedule is written in place.
+    /// The appending encoders reserve nothing: `bytes` is usually a turn's growing event buffer, and
+    /// reserving exactly what one more event needs would reallocate it for each event.
     static func appendCommand(_ command: WorkflowCommand, time: UInt64, to bytes: inout [UInt8]) {
         guard case .scheduleActivity(let id, let name, let input, let options) = command else {
             return Self.command(command, time: time).encode(into: &bytes)
         }
         var writer = ByteWriter()
         swap(&writer.bytes, &bytes)
-        writer.bytes.reserveCapacity(writer.bytes.count + 19 + ScheduledActivity.estimatedSize(name: name, input: input))
         appendHeader(.activityScheduled, time: time, to: &writer.bytes)
         writer.append(id)
         ScheduledActivity(name: name, input: input, options: options).write(to: &writer)
@@ -230,6 +234,7 @@ public struct HistoryEvent: Sendable, Hashable {
     /// `activityOutcome(id:_:time:).encoded()`, in one buffer for a success.
     static func encodedActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64) -> [UInt8] {
         var bytes = [UInt8]()
+        if case .success(let output) = outcome { bytes.reserveCapacity(19 + output.count) }
         appendActivityOutcome(id: id, outcome, time: time, to: &bytes)
         return bytes
     }
@@ -237,7 +242,6 @@ public struct HistoryEvent: Sendable, Hashable {
     /// Appends `activityOutcome(id:_:time:).encoded()` to `bytes`; a success is written in place.
     static func appendActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64, to bytes: inout [UInt8]) {
         guard case .success(let output) = outcome else { return activityOutcome(id: id, outcome, time: time).encode(into: &bytes) }
-        bytes.reserveCapacity(bytes.count + 19 + output.count)
         appendHeader(.activityCompleted, time: time, to: &bytes)
         withUnsafeBytes(of: id.bigEndian) { bytes.append(contentsOf: $0) }
         bytes.append(contentsOf: output)
@@ -252,6 +256,7 @@ public struct HistoryEvent: Sendable, Hashable {
 
     func encoded() -> [UInt8] {
         var bytes = [UInt8]()
+        bytes.reserveCapacity(11 + (idempotencyKey?.utf8.count ?? 0) + body.count)
         encode(into: &bytes)
         return bytes
     }
@@ -260,7 +265,6 @@ public struct HistoryEvent: Sendable, Hashable {
     func encode(into bytes: inout [UInt8]) {
         let key = idempotencyKey?.utf8
         let keyCount = key?.count ?? 0
-        bytes.reserveCapacity(bytes.count + 11 + keyCount + body.count)
         bytes.append(kind.rawValue)
         withUnsafeBytes(of: timeNanoseconds.bigEndian) { bytes.append(contentsOf: $0) }
         withUnsafeBytes(of: UInt16(keyCount).bigEndian) { bytes.append(contentsOf: $0) }

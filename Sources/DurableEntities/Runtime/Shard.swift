@@ -1,7 +1,6 @@
 import DequeModule
 import Foundation
 import Metrics
-import Synchronization
 
 /// Work a shard runs: an entity cell with something in its mailbox.
 protocol ShardWork: AnyObject, Sendable {
@@ -76,9 +75,8 @@ final class Shard: Sendable {
     let turnMessages: Recorder
     /// How many messages are left in an entity's mailbox after a turn took its share.
     let mailboxDepth: Recorder
-    /// Set when the thread has returned (see ``stop()``).
-    private let stopped = Mutex(false)
-    private let stoppedSignal = NSCondition()
+    /// Left when the thread returns (see ``stop()``).
+    private let running = DispatchGroup()
 
     init(index: Int, queue: ReadyQueue) {
         self.index = index
@@ -88,6 +86,7 @@ final class Shard: Sendable {
         turnDuration = Metrics.Timer(label: "durable_entities_turn_duration", dimensions: dimensions)
         turnMessages = Recorder(label: "durable_entities_turn_messages", dimensions: dimensions)
         mailboxDepth = Recorder(label: "durable_entities_mailbox_depth", dimensions: dimensions)
+        running.enter()
         let thread = Thread { [self] in self.run() }
         thread.stackSize = 4 << 20
         thread.start()
@@ -101,9 +100,7 @@ final class Shard: Sendable {
     /// Runs what is queued, then waits for this shard's thread to stop.
     func stop() {
         queue.stop()
-        stoppedSignal.lock()
-        while !stopped.withLock({ $0 }) { stoppedSignal.wait() }
-        stoppedSignal.unlock()
+        running.wait()
     }
 
     private func run() {
@@ -113,9 +110,6 @@ final class Shard: Sendable {
             work.runTurn()
             turnDuration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started))
         }
-        stoppedSignal.lock()
-        stopped.withLock { $0 = true }
-        stoppedSignal.broadcast()
-        stoppedSignal.unlock()
+        running.leave()
     }
 }
