@@ -44,4 +44,38 @@ struct JournalCrashTests {
         }
         #expect(acknowledged.count == entities)
     }
+
+    @Test("a writer SIGKILLed while names register and merge into the index: every acknowledged name keeps its key, and merging goes on after reopen")
+    func sigkillWhileNamesMerge() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var acknowledged: [String: UInt64] = [:]
+        for round in 1...3 {
+            let child = try ChildProcess("JournalCrashChild", arguments: ["register", directory.path])
+            var acks = 0
+            let killAfter = Int.random(in: 200...2_000)
+            func record(_ line: String) {
+                let parts = line.split(separator: " ")
+                guard parts.count == 3, parts[0] == "name", let key = UInt64(parts[2]) else { return }
+                #expect(acknowledged.updateValue(key, forKey: String(parts[1])) == nil, "round \(round): \(parts[1]) acknowledged twice")
+                acks += 1
+            }
+            while acks < killAfter, let line = await child.readLine() { record(line) }
+            child.kill()
+            for line in await child.remainingLines() { record(line) }
+            #expect(acks >= killAfter, "round \(round): the child stopped early")
+
+            let journal = try Journal(configuration: .init(directory: directory.path, deferredNameLimit: 16, logger: quietLogger))
+            defer { journal.close() }
+            #expect(Set(acknowledged.values).count == acknowledged.count, "round \(round): two names share a key")
+            for (id, key) in acknowledged {
+                let name = EntityName(type: "Order", id: id)
+                #expect(try journal.key(for: name)?.rawValue == key, "round \(round): \(id) lost its key")
+                #expect(try journal.metadata(of: EntityKey(rawValue: key))?.name == name)
+                // Registering again is idempotent, waiting or merged.
+                #expect(try await journal.register(name).rawValue == key)
+            }
+        }
+        #expect(acknowledged.count >= 600)
+    }
 }

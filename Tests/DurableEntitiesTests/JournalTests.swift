@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import Foundation
 import LMDB
+import Synchronization
 import Testing
 
 @Suite("Journal")
@@ -472,6 +473,132 @@ extension Result where Failure == any Error {
 
 @Suite("Journal recent records")
 struct RecentRecordsTests {
+    @Test("new names wait in an append-only table and merge into the names index in key order; every acknowledged name is found throughout, by a concurrent reader and across reopen")
+    func deferredNames() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, deferredNameLimit: 8, logger: quietLogger)
+        let acknowledged = Mutex<[EntityName: EntityKey]>([:])
+        /// Rows in `names` and in `pending-names` (the watermark row not counted).
+        func tables(_ journal: Journal) throws -> (indexed: [EntityName: EntityKey], rows: Int) {
+            try journal.environment.read { txn in
+                var indexed: [EntityName: EntityKey] = [:]
+                try txn.withCursor(journal.stores.names) { cursor in
+                    var entry = try cursor.first()
+                    while let current = entry {
+                        let zero = try #require(current.key.firstIndex(of: 0))
+                        let name = EntityName(type: String(decoding: current.key[..<zero], as: UTF8.self),
+                                              id: String(decoding: current.key[(zero + 1)...], as: UTF8.self))
+                        indexed[name] = EntityKey(rawValue: current.value.bigEndianUInt64(at: 0))
+                        entry = try cursor.next()
+                    }
+                }
+                var rows = 0
+                try txn.withCursor(journal.stores.pendingNames) { cursor in
+                    var entry = try cursor.first()
+                    while let current = entry {
+                        if current.key.bigEndianUInt64(at: 0) != 0 { rows += 1 }
+                        entry = try cursor.next()
+                    }
+                }
+                return (indexed, rows)
+            }
+        }
+        /// Commits small appends until the merges have caught up: fewer names wait than the limit,
+        /// the rest are in `names`, and no merged row is left in `pending-names`.
+        func settle(_ journal: Journal, _ key: EntityKey) async throws {
+            var sequence = try journal.latestSequence(of: key)
+            for _ in 0..<5_000 {
+                let (indexed, rows) = try tables(journal)
+                let waiting = journal.pending.count
+                if waiting < 8, rows == waiting, indexed.count + waiting == acknowledged.withLock({ $0.count }) { return }
+                sequence += 1
+                var batch = JournalBatch()
+                batch.append(key, sequence: sequence, payload: bytes("tick"))
+                _ = try await journal.commit(batch)
+            }
+            Issue.record("the name merges did not catch up")
+        }
+
+        let ids = (0..<90).map { "order-\($0 * 7919 % 1000)" }  // no order a B-tree would like
+        do {
+            let journal = try Journal(configuration: configuration)
+            // A reader that looks up every acknowledged name, again and again, while names register and merge.
+            let stop = Atomic<Bool>(false)
+            let misses = Atomic<Int>(0)
+            let finished = DispatchSemaphore(value: 0)
+            let reader = Thread {
+                while !stop.load(ordering: .acquiring) {
+                    for (name, key) in acknowledged.withLock({ $0 }) where (try? journal.key(for: name)) != key {
+                        misses.add(1, ordering: .relaxed)
+                    }
+                }
+                finished.signal()
+            }
+            reader.start()
+            for (index, id) in ids[..<60].enumerated() {
+                let name = EntityName(type: "Order", id: id)
+                let key: EntityKey
+                if index % 3 == 0 {
+                    key = try await journal.register(name)
+                } else {
+                    // The way entities register: a reserved key, in the batch of their first events.
+                    key = journal.reserveNewKey()
+                    var batch = JournalBatch()
+                    batch.register(name, as: key)
+                    batch.append(key, sequence: 1, payload: bytes(id))
+                    _ = try await journal.commit(batch)
+                }
+                acknowledged.withLock { $0[name] = key }
+                #expect(try journal.key(for: name) == key)
+            }
+            let ticker = try await journal.register(EntityName(type: "Clock", id: "ticks"))
+            acknowledged.withLock { $0[EntityName(type: "Clock", id: "ticks")] = ticker }
+            try await settle(journal, ticker)
+            stop.store(true, ordering: .releasing)
+            await withCheckedContinuation { done in DispatchQueue.global().async { finished.wait(); done.resume() } }
+            #expect(misses.load(ordering: .relaxed) == 0, "a concurrent lookup missed an acknowledged name")
+
+            let (indexed, rows) = try tables(journal)
+            #expect(indexed.count >= 61 - 7 && rows == journal.pending.count)
+            for (name, key) in acknowledged.withLock({ $0 }) {
+                // In exactly one place: the index, or waiting.
+                #expect((indexed[name] == key) != (journal.pending.key(for: name) == key), "\(name)")
+            }
+            // A name registers once, waiting or merged; the same name under another key is refused.
+            let merged = try #require(indexed.first?.key)
+            #expect(try await journal.register(merged) == acknowledged.withLock { $0[merged] })
+            var conflicting = JournalBatch()
+            conflicting.register(merged, as: journal.reserveNewKey())
+            await #expect(throws: JournalError.self) { try await journal.commit(conflicting) }
+            let name = EntityName(type: "Order", id: "waiting")
+            let key = try await journal.register(name)
+            acknowledged.withLock { $0[name] = key }
+            #expect(journal.pending.key(for: name) == key)
+            var again = JournalBatch()
+            again.register(name, as: journal.reserveNewKey())
+            await #expect(throws: JournalError.self) { try await journal.commit(again) }
+            journal.close()
+        }
+        // Reopen: the waiting names come back from their table; registering and merging go on.
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            for (name, key) in acknowledged.withLock({ $0 }) { #expect(try journal.key(for: name) == key, "\(name)") }
+            #expect(try tables(journal).rows == journal.pending.count)
+            for id in ids[60...] {
+                let name = EntityName(type: "Order", id: id)
+                let key = try await journal.register(name)
+                acknowledged.withLock { $0[name] = key }
+            }
+            try await settle(journal, try #require(try journal.key(for: EntityName(type: "Clock", id: "ticks"))))
+            let all = acknowledged.withLock { $0 }
+            #expect(Set(all.values).count == all.count, "two names share a key")
+            for (name, key) in all { #expect(try journal.key(for: name) == key, "\(name)") }
+            #expect(try tables(journal).indexed.count + journal.pending.count == all.count)
+        }
+    }
+
     @Test("recent records: found while kept, gone once the ring wrote over them or another position took the slot; a re-append replaces an aborted one")
     func recentRecords() throws {
         let recent = RecentRecords(capacity: 1_024)  // 16 slots, records up to 64 bytes

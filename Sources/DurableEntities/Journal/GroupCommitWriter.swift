@@ -26,6 +26,9 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let stores: Journal.Stores
     private let tails: TailIndex
     private let keys: KeyAllocator
+    private let pendingNames: PendingNames
+    /// The deferred name index's progress (see ``PendingNames``).
+    private var merge = NameMerge()
     private let configuration: Journal.Configuration
     /// The newest appended records, so moves seldom read the log back.
     private let recent: RecentRecords
@@ -46,15 +49,19 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let completions = DispatchQueue(label: "DurableEntities.Journal.completions")
     private var thread: Thread?
 
-    init(environment: Environment, stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator,
+    init(environment: Environment, stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator, pending: PendingNames,
          configuration: Journal.Configuration, recovered: Journal.Recovered) {
         self.environment = environment
         self.stores = stores
         self.tails = tails
         self.keys = keys
+        self.pendingNames = pending
+        merge.waiting = recovered.pendingNames
+        if recovered.mergedRowsLeft { merge.phase = .deleting(upTo: recovered.mergedBefore) }
         self.configuration = configuration
         self.recent = RecentRecords(capacity: configuration.recentRecordBytes)
-        self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead)
+        self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead,
+                                    nextNameSequence: recovered.nextNameSequence)
         self.fullTails = recovered.fullTails
         let thread = Thread { [unowned self] in self.run() }
         thread.stackSize = 8 << 20
@@ -133,9 +140,13 @@ final class GroupCommitWriter: @unchecked Sendable {
         var deltas: [UInt64: TailDelta] = [:]
         var fullTails: Set<UInt64> = []
         var state: WriterCounters
+        /// Names registered, and the deferred name index's phase after the commit.
+        var registered: [PendingName] = []
+        var mergePhase: NameMerge.Phase = .idle
     }
 
     private func process(_ batch: [Submission]) {
+        merge.advance(limit: configuration.deferredNameLimit, next: state.nextNameSequence)
         let outcome: Outcome
         let started = ContinuousClock.now
         var built = started
@@ -153,6 +164,17 @@ final class GroupCommitWriter: @unchecked Sendable {
         }
         state = outcome.state
         fullTails = outcome.fullTails
+        // Before any caller is completed: a registered name is found from the moment its commit is acknowledged.
+        pendingNames.add(outcome.registered)
+        merge.waiting.append(contentsOf: outcome.registered)
+        if case .merging(let sorted, let from, _) = merge.phase {
+            // Only now, after the commit that put them into `names`.
+            switch outcome.mergePhase {
+            case .merging(_, let next, _): pendingNames.remove(sorted[from..<next])
+            default: pendingNames.remove(sorted[from...])
+            }
+        }
+        merge.phase = outcome.mergePhase
         let committed = ContinuousClock.now
         let operations = batch.reduce(0) { $0 + $1.batch.operations.count }
         statistics.withLock { stats in
@@ -174,8 +196,10 @@ final class GroupCommitWriter: @unchecked Sendable {
     /// The transaction body. Re-runnable: it changes nothing outside the transaction (LMDB runs it
     /// again after growing a full map).
     private func write(_ batch: [Submission], in txn: borrowing WriteTransaction) throws -> Outcome {
-        var context = CommitContext(stores: stores, tails: tails, keys: keys, configuration: configuration, counters: state, recent: recent)
+        var context = CommitContext(stores: stores, tails: tails, keys: keys, configuration: configuration, counters: state, recent: recent,
+                                    pending: pendingNames)
         context.fullTails = fullTails
+        context.mergePhase = merge.phase
         context.deltas.reserveCapacity(batch.count)
         var outcome = Outcome(results: [], state: state)
         outcome.results.reserveCapacity(batch.count)
@@ -198,7 +222,10 @@ final class GroupCommitWriter: @unchecked Sendable {
         try context.moveExpiredTails(in: txn)
         try context.moveFullTails(in: txn)
         try context.trimLog(in: txn)
+        try context.mergeNames(in: txn)
         outcome.deltas = context.deltas
+        outcome.registered = context.registered
+        outcome.mergePhase = context.mergePhase
         outcome.fullTails = context.fullTails
         outcome.state = context.counters
         return outcome
@@ -211,6 +238,8 @@ private struct WriterCounters {
     var nextPosition: UInt64
     /// The oldest log position that may still be live (not yet moved to history).
     var liveHead: UInt64
+    /// The `pending-names` row the next registration gets.
+    var nextNameSequence: UInt64
 }
 
 /// The working state of one transaction body: the tails it touched, counters, scratch space.
@@ -244,10 +273,16 @@ private struct CommitContext {
     var namesApplied = 0
     var chunk = ChunkBuilder()
     let recent: RecentRecords
+    let pending: PendingNames
+    /// Names this transaction registered, in order.
+    var registered: [PendingName] = []
+    /// The deferred name index's phase, as this transaction leaves it.
+    var mergePhase = NameMerge.Phase.idle
 
     init(stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator, configuration: Journal.Configuration, counters: WriterCounters,
-         recent: RecentRecords) {
+         recent: RecentRecords, pending: PendingNames) {
         self.recent = recent
+        self.pending = pending
         self.stores = stores
         self.tails = tails
         self.keys = keys
@@ -455,7 +490,7 @@ private struct CommitContext {
 
     /// The key `name` is registered under, in this transaction or before it.
     private func existingKey(of name: EntityName, in txn: borrowing WriteTransaction) throws -> EntityKey? {
-        if let key = registeredHere[name] { return key }
+        if let key = registeredHere[name] ?? pending.key(for: name) { return key }
         return try name.withNameKey(count: name.nameKeyCount()) { k in
             try txn.withValue(forKey: k, in: stores.names) { v in v.map { EntityKey(rawValue: $0.bigEndianUInt64(at: 0)) } }
         }
@@ -483,13 +518,22 @@ private struct CommitContext {
         return try insertName(name, as: EntityKey(rawValue: keys.allocate()), in: txn)
     }
 
-    /// Registers `name`, which has no key, under `key`.
+    /// Registers `name`, which has no key, under `key`: its metadata, and a `pending-names` row at
+    /// that table's end (the `names` index gets it in a later merge, see ``PendingNames``).
     private mutating func insertName(_ name: EntityName, as key: EntityKey, in txn: borrowing WriteTransaction) throws -> EntityKey {
         let count = try name.nameKeyCount()
+        let sequence = counters.nextNameSequence
+        counters.nextNameSequence += 1
         try Key8(key.rawValue).withBytes { k in
-            try name.withNameKey(count: count) { try txn.put(k, forKey: $0, in: stores.names) }
             try EntityMetadata(name: name).encoded().withUnsafeBytes { try txn.put($0, forKey: k, in: stores.entities) }
         }
+        try Key8(sequence).withBytes { row in
+            try txn.put(reserving: 8 + count, forKey: row, in: stores.pendingNames, flags: .append) { out in
+                out.storeBigEndian(key.rawValue, at: 0)
+                name.withNameKey(count: count) { UnsafeMutableRawBufferPointer(rebasing: out[8...]).copyMemory(from: $0) }
+            }
+        }
+        registered.append(PendingName(name: name, key: key, sequence: sequence))
         registeredHere[name] = key
         keysRegisteredHere.insert(key)
         return key
@@ -659,6 +703,44 @@ private struct CommitContext {
             liveHead = position + 1
             guard firstPosition(of: entity) == position else { continue }  // moved already
             try moveTail(of: entity, in: txn)
+        }
+    }
+
+    /// One slice of the deferred name index's work (see ``PendingNames``): sorted names into `names`,
+    /// or merged rows out of `pending-names`. A slice is a few hundred rows more than this transaction
+    /// registered, so merges keep ahead of registrations without one commit taking them all.
+    mutating func mergeNames(in txn: borrowing WriteTransaction) throws {
+        let budget = 512 + 2 * registered.count
+        switch mergePhase {
+        case .idle, .sorting:
+            return
+        case .merging(let sorted, let next, let upTo):
+            let end = min(sorted.count, next + budget)
+            for pending in sorted[next..<end] {
+                try Key8(pending.key.rawValue).withBytes { k in
+                    try pending.nameKey.withUnsafeBytes { try txn.put(k, forKey: $0, in: stores.names) }
+                }
+            }
+            guard end == sorted.count else {
+                mergePhase = .merging(sorted: sorted, next: end, upTo: upTo)
+                return
+            }
+            // All in `names`: the watermark lets a reopen skip the rows until they are deleted.
+            try Key8(0).withBytes { row in try Key8(upTo).withBytes { try txn.put($0, forKey: row, in: stores.pendingNames) } }
+            mergePhase = .deleting(upTo: upTo)
+        case .deleting(let upTo):
+            var deleted = 0
+            let done = try txn.withCursor(stores.pendingNames) { cursor -> Bool in
+                var entry = try Key8(1).withBytes { try cursor.seek(atLeast: $0) }
+                while let current = entry, current.key.bigEndianUInt64(at: 0) < upTo {
+                    guard deleted < budget else { return false }
+                    try cursor.deleteCurrent()
+                    deleted += 1
+                    entry = try cursor.next()
+                }
+                return true
+            }
+            if done { mergePhase = .idle }
         }
     }
 

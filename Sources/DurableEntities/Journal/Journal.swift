@@ -68,6 +68,13 @@ public final class Journal: Sendable {
         public var recentRecordBytes: Int
         /// `MDB_WRITEMAP`: LMDB writes through the memory map instead of copying dirty pages.
         public var writeMap: Bool
+        /// How many newly registered entity names wait (in memory, and in an append-only table)
+        /// before they are sorted and merged into the `names` index in bulk. Names arrive in no
+        /// particular order, so inserting each at once writes a random index page per new entity;
+        /// merged in key order, a page takes many. Larger means fewer index pages written per name
+        /// (about `index leaves / limit` of a page each) and more memory (~150 bytes a waiting name).
+        /// 1 merges every commit's names in the next commits.
+        public var deferredNameLimit: Int
         /// Where the journal logs (open, close, recovery figures). Never payloads.
         public var logger: Logger
 
@@ -82,6 +89,7 @@ public final class Journal: Sendable {
             maxPayloadBytes: Int = 16 << 20,
             recentRecordBytes: Int = 32 << 20,
             writeMap: Bool = false,
+            deferredNameLimit: Int = 65_536,
             logger: Logger = Logger(label: "DurableEntities.Journal")
         ) {
             self.directory = directory
@@ -94,6 +102,7 @@ public final class Journal: Sendable {
             self.maxPayloadBytes = maxPayloadBytes
             self.recentRecordBytes = recentRecordBytes
             self.writeMap = writeMap
+            self.deferredNameLimit = deferredNameLimit
             self.logger = logger
         }
     }
@@ -101,6 +110,9 @@ public final class Journal: Sendable {
     /// The named databases.
     struct Stores: Sendable {
         let log, history, names, entities, snapshots, timers, idempotency, tasks: Database
+        /// Registrations not yet merged into `names` (see ``PendingNames``), under a counter; the
+        /// row under key 0 holds the merge watermark.
+        let pendingNames: Database
     }
 
     public let configuration: Configuration
@@ -108,6 +120,8 @@ public final class Journal: Sendable {
     let stores: Stores
     let tails: TailIndex
     let keys: KeyAllocator
+    /// Registered names not yet in `names`.
+    let pending = PendingNames()
     private let writer: GroupCommitWriter
     private let lockDescriptor: Int32
     private let closed = Atomic<Bool>(false)
@@ -154,19 +168,22 @@ public final class Journal: Sendable {
                 snapshots: try environment.database("snapshots"),
                 timers: try environment.database("timers"),
                 idempotency: try environment.database("idempotency"),
-                tasks: try environment.database("tasks"))
+                tasks: try environment.database("tasks"),
+                pendingNames: try environment.database("pending-names"))
             tails = TailIndex()
             let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
                                              coalesceThreshold: configuration.coalesceThreshold)
             keys = KeyAllocator(next: recovered.nextEntityKey)
+            pending.add(recovered.pendingNames)
             writer = GroupCommitWriter(
-                environment: environment, stores: stores, tails: tails, keys: keys,
+                environment: environment, stores: stores, tails: tails, keys: keys, pending: pending,
                 configuration: configuration, recovered: recovered)
             configuration.logger.info("journal opened", metadata: [
                 "journal.directory": "\(environment.path)",
                 "journal.entities": "\(recovered.nextEntityKey - 1)",
                 "journal.log.tailEvents": "\(recovered.tailEvents)",
                 "journal.log.tailEntities": "\(recovered.tailEntities)",
+                "journal.names.pending": "\(recovered.pendingNames.count)",
             ])
         } catch {
             environment.close()
@@ -263,6 +280,8 @@ public final class Journal: Sendable {
     /// The key registered for `name`, or `nil`.
     public func key(for name: EntityName) throws(JournalError) -> EntityKey? {
         let count = try name.nameKeyCount()
+        // Before the read transaction begins: see ``PendingNames`` on why this order finds every name.
+        if let key = pending.key(for: name) { return key }
         return try read("looking up \(name)") { txn in
             try name.withNameKey(count: count) { k in
                 try txn.withValue(forKey: k, in: stores.names) { value in
@@ -495,6 +514,12 @@ public final class Journal: Sendable {
         var tailEvents = 0
         var tailEntities = 0
         var fullTails: Set<UInt64> = []
+        /// Registrations waiting for the `names` index, and the next `pending-names` row.
+        var pendingNames: [PendingName] = []
+        var nextNameSequence: UInt64 = 1
+        /// Rows below this are in `names` already (a merge finished; their deletion had not).
+        var mergedBefore: UInt64 = 1
+        var mergedRowsLeft = false
     }
 
     /// Rebuilds the tail index from the log: an entry is live when its entity's history and retention
@@ -504,6 +529,22 @@ public final class Journal: Sendable {
             var recovered = Recovered()
             try txn.withCursor(stores.entities) { cursor in
                 if let last = try cursor.last() { recovered.nextEntityKey = last.key.bigEndianUInt64(at: 0) + 1 }
+            }
+            try txn.withCursor(stores.pendingNames) { cursor in
+                var entry = try cursor.first()
+                while let current = entry {
+                    let sequence = current.key.bigEndianUInt64(at: 0)
+                    if sequence == 0 {
+                        recovered.mergedBefore = current.value.bigEndianUInt64(at: 0)
+                    } else if sequence >= recovered.mergedBefore {
+                        recovered.pendingNames.append(try PendingName.decode(sequence: sequence, current.value))
+                    } else {
+                        recovered.mergedRowsLeft = true
+                    }
+                    recovered.nextNameSequence = max(recovered.nextNameSequence, sequence + 1)
+                    entry = try cursor.next()
+                }
+                recovered.nextNameSequence = max(recovered.nextNameSequence, recovered.mergedBefore)
             }
             var runs: [UInt64: TailRun] = [:]
             var covered: [UInt64: UInt64] = [:]

@@ -5,6 +5,11 @@
 //       Registers ENTITIES accounts and appends batches of EVENTS_PER_BATCH events to them from
 //       concurrent tasks, forever. After each durable commit prints `ack <entity-key> <last-sequence>`.
 //       Event payloads are "<entity-key>:<sequence>", so the checker can verify content.
+//   JournalCrashChild register DIR
+//       Registers entities `Order/o-<worker>-<n>` from concurrent tasks, forever, half with a reserved
+//       key and a first event in the same batch, with a deferred name limit of 16 (so a kill can hit
+//       a merge into the names index or the deletion of merged rows). After each durable commit
+//       prints `name <id> <entity-key>`.
 //   JournalCrashChild hold-reader DIR
 //       Opens the LMDB environment, holds a read transaction, prints `reading`, and waits to be killed.
 import DurableEntities
@@ -40,7 +45,7 @@ func holdReader(_ directory: String) throws {
 
 let arguments = CommandLine.arguments
 guard arguments.count >= 3 else {
-    fail("usage: JournalCrashChild append DIR ENTITIES EVENTS_PER_BATCH | hold-reader DIR")
+    fail("usage: JournalCrashChild append DIR ENTITIES EVENTS_PER_BATCH | register DIR | hold-reader DIR")
 }
 let directory = arguments[2]
 let quiet = Logger(label: "child", factory: { _ in SwiftLogNoOpLogHandler() })
@@ -77,6 +82,34 @@ case "append":
                         emit("ack \(key.rawValue) \(last)")
                     }
                     round += 1
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+case "register":
+    let journal = try Journal(configuration: .init(directory: directory, deferredNameLimit: 16, logger: quiet))
+    // Ids spread over the key space, unique across runs in one directory (the run's start in the id).
+    let run = UInt64(DispatchTime.now().uptimeNanoseconds)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for worker in 0..<8 {
+            group.addTask {
+                var n: UInt64 = 0
+                while true {
+                    n += 1
+                    let id = "o-\((n &* 0x9E37_79B9_7F4A_7C15 &+ run) % 1_000_000_007)-\(worker)-\(n)"
+                    let name = EntityName(type: "Order", id: id)
+                    let key: EntityKey
+                    if n % 2 == 0 {
+                        key = try await journal.register(name)
+                    } else {
+                        key = journal.reserveNewKey()
+                        var batch = JournalBatch()
+                        batch.register(name, as: key)
+                        batch.append(key, sequence: 1, payload: Array(id.utf8))
+                        _ = try await journal.commit(batch)
+                    }
+                    emit("name \(id) \(key.rawValue)")
                 }
             }
         }
