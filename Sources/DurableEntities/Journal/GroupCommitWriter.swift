@@ -8,8 +8,7 @@ import Synchronization
 /// The journal's single writer: one dedicated thread owns every LMDB write transaction.
 ///
 /// Callers on any thread ``enqueue(_:)`` a ``Submission``. The thread takes *whatever is queued* (up to
-/// ``Journal/Configuration/maxOperationsPerCommit``; it waits for more only under load, see
-/// ``Journal/Configuration/maxCommitDelay``), checks each
+/// ``Journal/Configuration/maxOperationsPerCommit``; it never waits for a batch to fill), checks each
 /// submission on its own, writes the valid ones into one transaction, commits, publishes the new tail
 /// index, and hands the completions to a serial completion queue — so the next transaction starts
 /// while callers are being resumed. A failed commit fails every submission in it; nothing of it is
@@ -49,11 +48,6 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var finished = false
     private let completions = DispatchQueue(label: "DurableEntities.Journal.completions")
     private var thread: Thread?
-    /// How long the last commit took (writer thread only): the delay a busy stream waits before the next.
-    private var lastCommitDuration = Duration.zero
-    /// Submissions that must arrive during a commit for the next one to wait for more (see
-    /// ``Journal/Configuration/maxCommitDelay``).
-    static let busyArrivals = 16
 
     init(environment: Environment, stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator, pending: PendingNames,
          configuration: Journal.Configuration, recovered: Journal.Recovered) {
@@ -128,13 +122,6 @@ final class GroupCommitWriter: @unchecked Sendable {
             if closing { return nil }
             condition.wait()
         }
-        // Under load, fewer and fuller commits: what arrived during the last commit says whether the
-        // stream is busy; a lone caller or a few sequential ones never wait.
-        let delay = min(lastCommitDuration, configuration.maxCommitDelay)
-        if delay > .zero, pending.count >= Self.busyArrivals {
-            let deadline = Date(timeIntervalSinceNow: Double(delay.components.attoseconds) / 1e18 + Double(delay.components.seconds))
-            while !closing, condition.wait(until: deadline) {}
-        }
         var batch: [Submission] = []
         var operations = 0
         while let next = pending.first,
@@ -189,7 +176,6 @@ final class GroupCommitWriter: @unchecked Sendable {
         }
         merge.phase = outcome.mergePhase
         let committed = ContinuousClock.now
-        lastCommitDuration = committed - started
         let operations = batch.reduce(0) { $0 + $1.batch.operations.count }
         statistics.withLock { stats in
             stats.commits += 1

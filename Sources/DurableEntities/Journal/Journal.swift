@@ -51,13 +51,6 @@ public final class Journal: Sendable {
         public var maxMapSize: Int
         /// The most operations one LMDB transaction takes from the queue.
         public var maxOperationsPerCommit: Int
-        /// Under load, how long the writer may wait for more submissions before starting a commit.
-        /// When at least 16 submissions arrived while the previous commit ran (a busy stream, not a
-        /// few sequential callers), the writer waits as long as that commit took, at most this, so
-        /// that commits come fewer and fuller: each has a fixed cost (its fsync costs ~0.2–0.4 ms of
-        /// CPU on the reference VM), which a CPU-bound process pays in throughput and latency. A
-        /// lone caller, or a few, never waits. `.zero` turns it off (commit as soon as anything is queued).
-        public var maxCommitDelay: Duration
         /// An entity's events move from the log to its history range once about this many wait
         /// (each entity's threshold is spread up to +50% by key). Measured on the reference machine
         /// (`journal-append --entities 1000`): 32 → 327K events/s, 64 → 380K, 128 → 486K, 256 → 616K.
@@ -91,7 +84,6 @@ public final class Journal: Sendable {
             initialMapSize: Int = 1 << 30,
             maxMapSize: Int = 1 << 40,
             maxOperationsPerCommit: Int = 16_384,
-            maxCommitDelay: Duration = .milliseconds(1),
             coalesceThreshold: Int = 256,
             logWindow: Int = 1_048_576,
             maxPayloadBytes: Int = 16 << 20,
@@ -105,7 +97,6 @@ public final class Journal: Sendable {
             self.initialMapSize = initialMapSize
             self.maxMapSize = maxMapSize
             self.maxOperationsPerCommit = maxOperationsPerCommit
-            self.maxCommitDelay = maxCommitDelay
             self.coalesceThreshold = coalesceThreshold
             self.logWindow = logWindow
             self.maxPayloadBytes = maxPayloadBytes
