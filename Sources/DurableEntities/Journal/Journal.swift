@@ -20,7 +20,9 @@ import Glibc
 /// window. A move writes one page for many events of one entity. The exception is a new entity: the
 /// events that arrive in the batch that registers it go straight into its history range, which is at
 /// the history's end (its key is among the newest), so they cost what log records would and are never
-/// moved (a short workflow that starts and ends in one turn never touches the log). Reads merge the two levels;
+/// moved (a short workflow that starts and ends in one turn never touches the log). A new entity's
+/// name, the one write that lands at a random place, waits and merges into the `names` index in bulk
+/// (``PendingNames``). Reads merge the two levels;
 /// replaying an entity is a range scan plus at most a window's worth of point reads.
 ///
 /// **Writes** go through ``commit(_:)`` or ``submit(_:completion:)``: a dedicated writer thread owns

@@ -8,6 +8,8 @@ import LMDB
 /// | `log` | position (8) | entity key (8), sequence (8), CRC-32C (4), payload |
 /// | `history` | entity key (8), first sequence (8) | a chunk: count (4), then per event length (4), CRC-32C (4), payload |
 /// | `names` | type UTF-8, 0x00, id UTF-8 | entity key (8) |
+/// | `pending-names` | row (8): registrations not yet in `names` (``PendingNames``) | entity key (8), then the `names` key |
+/// | `pending-names` | 0 (8) | merge watermark (8): rows below it are in `names` already |
 /// | `entities` | entity key (8) | metadata record |
 /// | `snapshots` | entity key (8) | sequence (8), CRC-32C (4), payload |
 /// | `timers` | due (8), entity key (8), timer id (8) | payload |
