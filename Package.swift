@@ -114,7 +114,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "JournalCrashChild",
-            dependencies: ["DurableEntities"],
+            dependencies: ["DurableEntities", "TestSupport"],
             path: "Tests/Support/JournalCrashChild"
         ),
         // What both test targets share: child processes the tests start and SIGKILL.

@@ -2,6 +2,7 @@
 import Foundation
 import LMDB
 import Synchronization
+import TestSupport
 import Testing
 
 @Suite("Journal")
@@ -538,17 +539,7 @@ struct RecentRecordsTests {
             reader.start()
             for (index, id) in ids[..<60].enumerated() {
                 let name = EntityName(type: "Order", id: id)
-                let key: EntityKey
-                if index % 3 == 0 {
-                    key = try await journal.register(name)
-                } else {
-                    // The way entities register: a reserved key, in the batch of their first events.
-                    key = journal.reserveNewKey()
-                    var batch = JournalBatch()
-                    batch.register(name, as: key)
-                    batch.append(key, sequence: 1, payload: bytes(id))
-                    _ = try await journal.commit(batch)
-                }
+                let key = try await journal.register(name, reservingKeyWithFirstEvent: index % 3 == 0 ? nil : bytes(id))
                 acknowledged.withLock { $0[name] = key }
                 #expect(try journal.key(for: name) == key)
             }

@@ -17,6 +17,7 @@ import Foundation
 import LMDB
 import Logging
 import Synchronization
+import TestSupport
 
 let output = Mutex<Void>(())
 /// Writes one line to stdout at once (a single write(2), so lines never interleave).
@@ -99,16 +100,7 @@ case "register":
                     n += 1
                     let id = "o-\((n &* 0x9E37_79B9_7F4A_7C15 &+ run) % 1_000_000_007)-\(worker)-\(n)"
                     let name = EntityName(type: "Order", id: id)
-                    let key: EntityKey
-                    if n % 2 == 0 {
-                        key = try await journal.register(name)
-                    } else {
-                        key = journal.reserveNewKey()
-                        var batch = JournalBatch()
-                        batch.register(name, as: key)
-                        batch.append(key, sequence: 1, payload: Array(id.utf8))
-                        _ = try await journal.commit(batch)
-                    }
+                    let key = try await journal.register(name, reservingKeyWithFirstEvent: n % 2 == 0 ? nil : Array(id.utf8))
                     emit("name \(id) \(key.rawValue)")
                 }
             }
