@@ -487,9 +487,7 @@ struct RecentRecordsTests {
                 try txn.withCursor(journal.stores.names) { cursor in
                     var entry = try cursor.first()
                     while let current = entry {
-                        let zero = try #require(current.key.firstIndex(of: 0))
-                        let name = EntityName(type: String(decoding: current.key[..<zero], as: UTF8.self),
-                                              id: String(decoding: current.key[(zero + 1)...], as: UTF8.self))
+                        let name = try #require(EntityName(nameKey: current.key))
                         indexed[name] = EntityKey(rawValue: current.value.bigEndianUInt64(at: 0))
                         entry = try cursor.next()
                     }

@@ -533,7 +533,7 @@ private struct CommitContext {
                 name.withNameKey(count: count) { UnsafeMutableRawBufferPointer(rebasing: out[8...]).copyMemory(from: $0) }
             }
         }
-        registered.append(PendingName(name: name, key: key, sequence: sequence))
+        registered.append(PendingName(name: name, key: key))
         registeredHere[name] = key
         keysRegisteredHere.insert(key)
         return key

@@ -44,23 +44,20 @@ final class PendingNames: Sendable {
     }
 }
 
-/// A registration waiting for the `names` index: its name, key and `pending-names` row.
+/// A registration waiting for the `names` index: its name and key.
 struct PendingName: Sendable {
     var name: EntityName
     var key: EntityKey
-    var sequence: UInt64
     /// The `names` key (type, zero byte, id), filled in when a merge sorts it.
     var nameKey: [UInt8] = []
 
     /// Layout of a `pending-names` row's value: the entity key (8 bytes, big-endian), then its `names` key.
     /// The row under key 0 holds the merge watermark instead: rows below it are in `names` already.
     static func decode(sequence: UInt64, _ value: UnsafeRawBufferPointer) throws(JournalError) -> PendingName {
-        guard value.count > 9, let zero = value[8...].firstIndex(of: 0), zero > 8 else {
+        guard value.count > 9, let name = EntityName(nameKey: UnsafeRawBufferPointer(rebasing: value[8...])) else {
             throw JournalError(.corruptedRecord, "the pending name in row \(sequence) is damaged (\(value.count) bytes)")
         }
-        let type = String(decoding: value[8..<zero], as: UTF8.self)
-        let id = String(decoding: value[(zero + 1)...], as: UTF8.self)
-        return PendingName(name: EntityName(type: type, id: id), key: EntityKey(rawValue: value.bigEndianUInt64(at: 0)), sequence: sequence)
+        return PendingName(name: name, key: EntityKey(rawValue: value.bigEndianUInt64(at: 0)))
     }
 }
 
@@ -108,15 +105,7 @@ struct NameMerge {
     /// `names` sorted by their `names` key, as LMDB orders keys (bytewise, a prefix first).
     static func sorted(_ names: [PendingName]) -> [PendingName] {
         var keyed = names
-        for index in keyed.indices {
-            let name = keyed[index].name
-            var key: [UInt8] = []
-            key.reserveCapacity(name.type.utf8.count + 1 + name.id.utf8.count)
-            key.append(contentsOf: name.type.utf8)
-            key.append(0)
-            key.append(contentsOf: name.id.utf8)
-            keyed[index].nameKey = key
-        }
+        for index in keyed.indices { keyed[index].nameKey = keyed[index].name.nameKey }
         keyed.sort { $0.nameKey.lexicographicallyPrecedes($1.nameKey) }
         return keyed
     }
