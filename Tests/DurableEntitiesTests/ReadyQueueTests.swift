@@ -59,6 +59,47 @@ struct ReadyQueueTests {
         for shard in shards { shard.stop() }
     }
 
+    /// Signals `dropped` from its deinit, with the name of the thread that dropped it.
+    final class Retired: Sendable {
+        let dropped: Log
+        init(_ dropped: Log) { self.dropped = dropped }
+        deinit { dropped.started(0, on: Thread.current.name ?? "?") }
+    }
+
+    @Test("retired objects are dropped two per turn taken, and all of them by a thread that finds nothing to run")
+    func retiredObjectsAreDropped() throws {
+        // Without shard threads: each pop that finds work drops two.
+        let queue = ReadyQueue()
+        let dropped = Log()
+        let log = Log()
+        _ = queue.push(Work(0, log: log))
+        _ = queue.push(Work(1, log: log))
+        for _ in 0..<5 { queue.retire(Retired(dropped)) }
+        #expect(dropped.order.isEmpty)
+        #expect(queue.pop() != nil)
+        #expect(dropped.order.count == 2)
+        #expect(queue.pop() != nil)
+        #expect(dropped.order.count == 4)
+        for _ in 0..<4 { dropped.started.wait() }  // signalled already
+
+        // A shard thread with nothing to run drops the one left before it waits…
+        let shard = Shard(index: 0, queue: queue)
+        #expect(dropped.started.wait(timeout: .now() + 10) == .success)
+        #expect(dropped.order.count == 5)
+        // …and, while it sleeps, wakes to drop them once enough wait.
+        let batch = ReadyQueue.retiredWhileIdle
+        for _ in 0..<batch { queue.retire(Retired(dropped)) }
+        for _ in 0..<batch {
+            guard dropped.started.wait(timeout: .now() + 10) == .success else {
+                Issue.record("retired objects were not dropped while the shard idled")
+                break
+            }
+        }
+        #expect(dropped.order.count == 5 + batch)
+        #expect(dropped.threads.dropFirst(4).allSatisfy { $0 == "de-shard-0" }, "\(dropped.threads)")
+        shard.stop()
+    }
+
     @Test("stopping runs what is queued first, on every thread, then returns")
     func stopDrains() throws {
         let queue = ReadyQueue()

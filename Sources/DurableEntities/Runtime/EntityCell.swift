@@ -1063,6 +1063,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // Last: the callers above are answered first (a commit completes many turns in a row).
         if finished, case .success = outcome, runFinished, core.configuration.passivateFinishedRuns {
             core.passivate(self)  // a finished run leaves memory; its outcome stays on disk
+            if let run = next.workflow { shard.queue.retire(run) }  // freed on a shard thread
         }
     }
 
