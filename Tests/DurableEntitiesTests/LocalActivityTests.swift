@@ -124,6 +124,48 @@ struct LocalActivityTests {
         #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
     }
 
+    @Test("local attempts run on parked runners, reused across entities: each outcome reaches its own run, a detached attempt keeps its runner, closing ends the parked ones")
+    func runnersAreReused() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        let configuration = configuration(directory, clock)
+        let runtime = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
+            if label == "slow" {
+                event.yield("waiting")
+                await gate.wait()
+            }
+            return "\(context.entity.id):\(label)"
+        }])
+        let slow = runtime.entity(LocalSteps.self, id: "slow")
+        try await slow.start(.init(labels: ["fast", "slow", "after"]))
+        #expect(await iterator.next() == "waiting")
+        // While the slow attempt holds its runner outside the turn, 40 runs of three local activities
+        // each, 20 at a time, go through the parked runners.
+        for round in 0..<2 {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<20 {
+                    let id = "e-\(round)-\(index)"
+                    group.addTask {
+                        let result = try await runtime.entity(LocalSteps.self, id: id).execute(.init(labels: ["a", "b", "c"]))
+                        #expect(result == "\(id):a,\(id):b,\(id):c")
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
+        // One runner per turn running at once at most, all parked now.
+        let parked = runtime.core.activities.parkedLocalRunners
+        #expect((1...configuration.shards).contains(parked))
+        gate.open()
+        #expect(try await slow.result() == "slow:fast,slow:slow,slow:after")
+        runtime.close()
+        #expect(runtime.core.activities.parkedLocalRunners == 0)
+    }
+
     @Test("a failed local attempt retries on the pool by the policy: attempts 1, 2, 3 with gaps 1 s, 2 s on the test clock, one idempotency key")
     func retriesOnThePool() async throws {
         let directory = TemporaryDirectory()

@@ -43,6 +43,8 @@ final class ActivityWorker: @unchecked Sendable {
         var next: UInt64 = 0
     }
     private let drains = Mutex(Drains())
+    /// Parked tasks that run local attempts.
+    private let runners = LocalRunners()
     /// Outcomes are dropped (the grace period ended; the journal may be closed).
     private let abandonedFlag = Atomic<Bool>(false)
     private let limit: Int
@@ -107,6 +109,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// - Parameter waitUntilIdle: waits until the runtime is idle or the deadline passes; returns
     ///   whether it became idle.
     func close(gracePeriod: Duration, waitUntilIdle: (ContinuousClock.Instant) -> Bool) {
+        runners.close()
         pool.withLock { pool in
             pool.closing = true
             for task in pool.queue { pool.active.remove(task.key) }
@@ -128,6 +131,9 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// Whether an attempt's outcome must be dropped (the runtime closed without it).
     private var abandoned: Bool { abandonedFlag.load(ordering: .acquiring) }
+
+    /// Local runners parked, waiting for an attempt.
+    var parkedLocalRunners: Int { runners.count }
 
     /// Running attempts (drains), for the close's idleness check.
     var runningAttempts: Int { drains.withLock { $0.tasks.count } }
@@ -406,10 +412,11 @@ final class ActivityWorker: @unchecked Sendable {
 
     // MARK: Local activities
 
-    /// A local activity's attempt in flight: where its jobs run, and its task.
+    /// A local activity's attempt in flight: the runner it runs on.
     struct LocalAttempt {
-        let executor: LocalActivityExecutor
-        let task: Task<Void, Never>
+        let runner: LocalRunner
+        /// Where its jobs run.
+        var executor: LocalActivityExecutor { runner.executor }
     }
 
     /// Starts the first attempt of a local activity (`task`, whose entity key may not be known yet) on
@@ -420,22 +427,44 @@ final class ActivityWorker: @unchecked Sendable {
     ///   it waits for its registration).
     func startLocal(_ task: ActivityTask, owner: any LocalAttemptOwner, id: UInt64) -> LocalAttempt? {
         guard let activity = activities.withLock({ $0[task.name] }) else { return nil }
-        let executor = LocalActivityExecutor()
-        let work = Task(executorPreference: executor) { [self] in
-            // Only the await here: the rest is synchronous and out of line, which keeps this task's
-            // frame small (everything inlined into it had made it ~4 KiB, allocated for each attempt).
-            endLocal(task, await perform(task, activity, on: executor), executor: executor, owner: owner, id: id)
+        let job = LocalRunner.Job(task: task, activity: activity, owner: owner, id: id)
+        if let runner = runners.take() {
+            // Its continuation's job queues on its executor, which the turn drains.
+            runner.next.take()!.resume(returning: job)
+            return LocalAttempt(runner: runner)
         }
-        return LocalAttempt(executor: executor, task: work)
+        let runner = LocalRunner(pool: runners, first: job)
+        runner.task = Task.detached(executorPreference: runner.executor) { [self] in await run(runner) }
+        return LocalAttempt(runner: runner)
     }
 
-    /// A local attempt ended: inside the turn, `owner` gets the decision; detached, the decision waits
-    /// for the scheduling turn's commit and then goes the way a pool attempt's goes.
+    /// A ``LocalRunner``'s task: attempts one after another, until one leaves its turn. Holds no job
+    /// while parked (a job holds its run).
+    private func run(_ runner: LocalRunner) async {
+        var job = runner.first.take()!
+        while true {
+            guard await runLocal(consume job, on: runner), let next = await runner.nextJob() else { return }
+            job = next
+        }
+    }
+
+    /// One attempt on a runner; returns whether it ended inside its turn.
+    @inline(never)
+    private func runLocal(_ job: consuming LocalRunner.Job, on runner: LocalRunner) async -> Bool {
+        let ended = await perform(job.task, job.activity, on: runner.executor)
+        return endLocal(job.task, ended, executor: runner.executor, owner: job.owner, id: job.id)
+    }
+
+    /// A local attempt ended: inside the turn, `owner` gets the decision (returns `true`); detached,
+    /// the decision waits for the scheduling turn's commit and then goes the way a pool attempt's goes.
     @inline(never)
     private func endLocal(_ task: ActivityTask, _ ended: Ended, executor: LocalActivityExecutor,
-                          owner: any LocalAttemptOwner, id: UInt64) {
+                          owner: any LocalAttemptOwner, id: UInt64) -> Bool {
         let decision = decide(task, ended)
-        if executor.finishInline() { return owner.localAttemptEnded(id, decision) }
+        if executor.finishInline() {
+            owner.localAttemptEnded(id, decision)
+            return true
+        }
         executor.finish { [self] key, committed in
             // If that commit failed, the entity reloads without the command and schedules again.
             if committed {
@@ -446,6 +475,7 @@ final class ActivityWorker: @unchecked Sendable {
             if let id = executor.drainID { drains.withLock { _ = $0.tasks.removeValue(forKey: id) } }
             core.becameIdle()
         }
+        return false
     }
 
     /// The turn that started `local` ends: if the attempt still runs, it continues outside the turn
@@ -457,7 +487,7 @@ final class ActivityWorker: @unchecked Sendable {
         let id = drains.withLock { drains -> UInt64 in
             let id = drains.next
             drains.next += 1
-            drains.tasks[id] = local.task
+            drains.tasks[id] = local.runner.task
             return id
         }
         local.executor.drainID = id

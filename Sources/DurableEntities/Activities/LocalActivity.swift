@@ -20,7 +20,7 @@ protocol LocalAttemptOwner: AnyObject, Sendable {
 ///
 /// `@unchecked Sendable`: all mutable state is under `state`.
 final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
-    private enum Phase {
+    private enum Phase: Equatable {
         /// Jobs run inside the turn.
         case inline
         /// Jobs run on the global executor; the completion waits for the scheduling commit.
@@ -52,6 +52,14 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
         var drainID: UInt64?
     }
     private let state = Mutex(State())
+
+    /// Makes a runner's executor, whose attempt finished inside its turn, ready for the next attempt.
+    func reset() {
+        state.withLock { state in
+            precondition(state.phase == .finished, "only an executor whose attempt finished inline runs another")
+            state = State()
+        }
+    }
 
     /// Its handle among the worker's running attempts, once detached.
     var drainID: UInt64? {
@@ -125,5 +133,107 @@ final class LocalActivityExecutor: TaskExecutor, @unchecked Sendable {
             return state.pending
         }
         pending?(key, ok)
+    }
+}
+
+/// A task that runs local activities' attempts one after another, each inside the turn that starts
+/// it (on its ``LocalActivityExecutor``, drained by that turn).
+///
+/// A task per attempt cost its creation, an executor, the task allocator's first slab (a 1 KiB block,
+/// glibc's slow path) and the task's destruction; a runner pays them once. After an attempt that ended
+/// inside its turn, the runner parks in its ``LocalRunners`` until a turn starts the next attempt on
+/// it. An attempt that leaves its turn (see ``LocalActivityExecutor/detach()``) keeps the runner: it
+/// ends with that attempt.
+///
+/// A runner is a detached task: an attempt does not see the run body's task-local values (nor does a
+/// pool attempt).
+///
+/// `@unchecked Sendable`: `task` is set once, before its first job runs; `first`, `next` and `parking` are
+/// touched by the runner's own jobs and, after the runner parked (under the pool's lock), by the turn
+/// that takes it.
+final class LocalRunner: @unchecked Sendable {
+    /// An attempt to run: the activity, its task, and whom to tell how it ended inside the turn.
+    struct Job {
+        let task: ActivityTask
+        let activity: any AnyActivity
+        let owner: any LocalAttemptOwner
+        let id: UInt64
+    }
+
+    let executor = LocalActivityExecutor()
+    /// The runner's task (set right after it is created).
+    var task: Task<Void, Never>!
+    /// The first job, until the task takes it.
+    var first: Job?
+    /// Where the parked runner waits for its next job (`nil`: end).
+    var next: UnsafeContinuation<Job?, Never>?
+    /// The runner just suspended for its next job: the drain that ran it parks it.
+    private var parking = false
+    private weak var pool: LocalRunners?
+
+    init(pool: LocalRunners, first: Job) {
+        self.pool = pool
+        self.first = first
+    }
+
+    /// Runs the attempt's queued jobs on the turn's thread; returns whether any ran. Once the runner
+    /// has suspended for its next job (its job returned), it goes back to the pool.
+    func drain() -> Bool {
+        let ran = executor.drain()
+        if parking {
+            parking = false
+            if let pool { pool.park(self) } else { next.take()?.resume(returning: nil) }
+        }
+        return ran
+    }
+
+    /// Waits for the next job, parked (`nil`: the runner ends). Called by the runner's task after an
+    /// attempt that ended inside its turn, so from a drain on the turn's thread.
+    func nextJob() async -> Job? {
+        await withUnsafeContinuation { continuation in
+            next = continuation
+            parking = true
+        }
+    }
+}
+
+/// The parked ``LocalRunner``s of a runtime.
+final class LocalRunners: Sendable {
+    private struct State {
+        var idle: [LocalRunner] = []
+        var closed = false
+    }
+    private let state = Mutex(State())
+    /// Runners kept parked at most: as many local attempts as run inside turns at once, with room.
+    static let maximumIdle = 64
+
+    /// How many runners are parked.
+    var count: Int { state.withLock { $0.idle.count } }
+
+    /// A parked runner, ready for `job` (its executor reset), or `nil` if none is parked.
+    func take() -> LocalRunner? {
+        guard let runner = state.withLock({ $0.idle.popLast() }) else { return nil }
+        runner.executor.reset()
+        return runner
+    }
+
+    /// `runner` waits for its next job: kept, or ended if the pool is full or closed.
+    fileprivate func park(_ runner: LocalRunner) {
+        let kept = state.withLock { state -> Bool in
+            guard !state.closed, state.idle.count < Self.maximumIdle else { return false }
+            state.idle.append(runner)
+            return true
+        }
+        if !kept { runner.next.take()?.resume(returning: nil) }
+    }
+
+    /// The runtime closes: every parked runner ends, and runners that finish from now on end too.
+    func close() {
+        let idle = state.withLock { state -> [LocalRunner] in
+            state.closed = true
+            defer { state.idle.removeAll() }
+            return state.idle
+        }
+        for runner in idle { runner.next.take()?.resume(returning: nil) }
     }
 }

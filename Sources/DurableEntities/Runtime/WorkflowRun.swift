@@ -150,7 +150,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
                 // pass (a drain that ran something asks for one).
                 var index = 0
                 while index < locals.count {
-                    if locals[index].attempt.executor.drain() { ran = true }
+                    if locals[index].attempt.runner.drain() { ran = true }
                     index += 1
                 }
             }
@@ -361,8 +361,8 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         failChildWaits(Abandoned())
         executor.drain()
         // Local attempts still inside the turn finish on their own; nothing records their outcomes.
-        for local in locals where local.attempt.executor.detach() {
-            local.attempt.executor.scheduled(key: 0, ok: false)
+        if let worker = activityWorker {
+            for local in locals where worker.detach(local.attempt) { local.attempt.executor.scheduled(key: 0, ok: false) }
         }
         locals.removeAll()
     }
