@@ -146,7 +146,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     }
 
     private func process(_ batch: [Submission]) {
-        merge.advance(limit: configuration.deferredNameLimit, next: state.nextNameSequence)
+        merge.advance(limit: configuration.deferredNameLimit, next: state.nextNameSequence, pending: pendingNames)
         let outcome: Outcome
         let started = ContinuousClock.now
         var built = started
@@ -167,12 +167,8 @@ final class GroupCommitWriter: @unchecked Sendable {
         // Before any caller is completed: a registered name is found from the moment its commit is acknowledged.
         pendingNames.add(outcome.registered)
         merge.waiting.append(contentsOf: outcome.registered)
-        if case .merging(let sorted, let from, _) = merge.phase {
-            // Only now, after the commit that put them into `names`.
-            switch outcome.mergePhase {
-            case .merging(_, let next, _): pendingNames.remove(sorted[from..<next])
-            default: pendingNames.remove(sorted[from...])
-            }
+        if case .merging = merge.phase, case .deleting = outcome.mergePhase {
+            pendingNames.endMerge()  // only now, after the commit that put the batch's last names into `names`
         }
         merge.phase = outcome.mergePhase
         let committed = ContinuousClock.now
@@ -716,9 +712,9 @@ private struct CommitContext {
             return
         case .merging(let sorted, let next, let upTo):
             let end = min(sorted.count, next + budget)
-            for pending in sorted[next..<end] {
-                try Key8(pending.key.rawValue).withBytes { k in
-                    try pending.nameKey.withUnsafeBytes { try txn.put(k, forKey: $0, in: stores.names) }
+            for index in next..<end {
+                try sorted.withEntry(at: index) { nameKey, key in
+                    try Key8(key.rawValue).withBytes { try txn.put($0, forKey: nameKey, in: stores.names) }
                 }
             }
             guard end == sorted.count else {

@@ -179,9 +179,6 @@ extension EntityName {
         }
     }
 
-    /// The `names` key as an array, for a name already checked by ``nameKeyCount()``.
-    var nameKey: [UInt8] { withNameKey(count: type.utf8.count + 1 + id.utf8.count) { Array($0) } }
-
     /// The name a `names` key spells, or `nil` when it has no zero byte after a non-empty type.
     init?(nameKey key: UnsafeRawBufferPointer) {
         guard let zero = key.firstIndex(of: 0), zero > 0 else { return nil }
