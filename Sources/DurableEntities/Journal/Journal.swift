@@ -123,7 +123,7 @@ public final class Journal: Sendable {
     let tails: TailIndex
     let keys: KeyAllocator
     /// Registered names not yet in `names`.
-    let pending = PendingNames()
+    let pending: PendingNames
     private let writer: GroupCommitWriter
     private let lockDescriptor: Int32
     private let closed = Atomic<Bool>(false)
@@ -134,6 +134,7 @@ public final class Journal: Sendable {
     ///   another) has the directory open, `storage` if LMDB fails.
     public init(configuration: Configuration) throws(JournalError) {
         self.configuration = configuration
+        pending = PendingNames(batch: configuration.deferredNameLimit)
         let directory = configuration.directory
         if mkdir(directory, 0o755) != 0 && errno != EEXIST {
             throw JournalError(.storage, "cannot create the directory '\(directory)': \(String(cString: strerror(errno)))")

@@ -28,7 +28,19 @@ final class PendingNames: Sendable {
         /// The batch being merged.
         var merging: [EntityName: EntityKey] = [:]
     }
-    private let tables = Mutex(Tables())
+    private let tables: Mutex<Tables>
+    /// Room reserved in each table: a merge's batch, with a quarter more for the names that arrive
+    /// while the previous merge finishes. Growing a table rehashes every name in it while holding the
+    /// lock every lookup takes (at 49,152 names, a pause of several milliseconds for every turn that
+    /// looks a name up); the room is reserved up front instead. Untouched room costs address space,
+    /// not memory.
+    private let capacity: Int
+
+    /// `batch`: names a merge takes (``Journal/Configuration/deferredNameLimit``).
+    init(batch: Int) {
+        capacity = max(1, batch) + max(1, batch) / 4
+        tables = Mutex(Tables(recent: Dictionary(minimumCapacity: capacity)))
+    }
 
     /// The key of a registered name that is not in `names` yet (or not known to be), or `nil`.
     func key(for name: EntityName) -> EntityKey? {
@@ -50,9 +62,11 @@ final class PendingNames: Sendable {
 
     /// A merge begins: every name added so far is its batch.
     func beginMerge() {
+        var fresh = [EntityName: EntityKey](minimumCapacity: capacity)
         tables.withLock { tables in
             precondition(tables.merging.isEmpty, "a name merge began before the previous one ended")
             swap(&tables.recent, &tables.merging)
+            swap(&tables.recent, &fresh)
         }
     }
 
