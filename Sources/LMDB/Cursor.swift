@@ -50,6 +50,16 @@ public struct Cursor: ~Copyable {
         return try last()
     }
 
+    /// Stores `value` under `key` (write transactions only); the cursor then stands on it. Keys put in
+    /// order through one cursor land on the leaf page it stands on without a search from the root
+    /// (`mdb_cursor_put` checks the current page first).
+    /// - Throws: ``LMDBError`` (`keyExists` with `.noOverwrite`/`.append`, `badValueSize`, `mapFull`).
+    public func put(_ value: UnsafeRawBufferPointer, forKey key: UnsafeRawBufferPointer, flags: PutFlags = []) throws(LMDBError) {
+        var k = MDB_val(mv_size: key.count, mv_data: UnsafeMutableRawPointer(mutating: key.baseAddress))
+        var v = MDB_val(mv_size: value.count, mv_data: UnsafeMutableRawPointer(mutating: value.baseAddress))
+        try LMDBError.check(mdb_cursor_put(handle, &k, &v, flags.rawValue), "mdb_cursor_put(\(database.name))", path: path)
+    }
+
     /// Deletes the entry at the cursor (write transactions only); the cursor then stands on the next one.
     public func deleteCurrent() throws(LMDBError) {
         try LMDBError.check(mdb_cursor_del(handle, 0), "mdb_cursor_del(\(database.name))", path: path)
