@@ -224,4 +224,43 @@ struct CursorTests {
         #expect(error.path == environment.path)
         #expect(try environment.read { try $0.count(data) } == Self.numbers.count)
     }
+
+    @Test("put through a cursor stores keys among existing ones, in or out of order, and leaves the cursor on the key put")
+    func putThroughCursor() throws {
+        let scratch = ScratchDirectory()
+        defer { scratch.remove() }
+        let (environment, data) = try Self.filled(scratch)
+        defer { environment.close() }
+        let added: [UInt32] = [3, 11, 12, 300, 70_000, 5]  // in order, then one that goes back
+        try environment.write { txn throws in
+            try txn.withCursor(data) { cursor in
+                for n in added {
+                    try bigEndian(n).withUnsafeBytes { k in try bytes("w\(n)").withUnsafeBytes { try cursor.put($0, forKey: k) } }
+                    #expect(Self.number(try cursor.current()) == n)
+                }
+                // Overwrites by default; refuses with .noOverwrite, naming mdb_cursor_put.
+                try bigEndian(3).withUnsafeBytes { k in try bytes("again").withUnsafeBytes { try cursor.put($0, forKey: k) } }
+                let error = try #require(throws: LMDBError.self) {
+                    try bigEndian(3).withUnsafeBytes { k in try bytes("x").withUnsafeBytes { try cursor.put($0, forKey: k, flags: .noOverwrite) } }
+                }
+                #expect(error.code == .keyExists)
+                #expect(error.operation.contains("mdb_cursor_put"))
+            }
+        }
+        let stored = try environment.read { txn throws in
+            try txn.withCursor(data) { cursor -> [(UInt32, String)] in
+                var all: [(UInt32, String)] = []
+                var entry = try cursor.first()
+                while let current = entry {
+                    all.append((decodeBigEndian(current.key), String(decoding: current.value, as: UTF8.self)))
+                    entry = try cursor.next()
+                }
+                return all
+            }
+        }
+        #expect(stored.map(\.0) == (Self.numbers + added).sorted())
+        #expect(stored.first { $0.0 == 3 }?.1 == "again")
+        #expect(stored.first { $0.0 == 300 }?.1 == "w300")
+        #expect(stored.first { $0.0 == 256 }?.1 == "v256")
+    }
 }
