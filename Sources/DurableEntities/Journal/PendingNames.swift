@@ -10,7 +10,7 @@ import Synchronization
 /// entity, most of a busy commit's bytes (measured in `saga-transfer`: 1.9 → 0.8 ms a commit without
 /// it). So a registration writes its name to the `pending-names` table instead — keyed by a counter,
 /// so every commit appends at that table's end — and into this in-memory table; when
-/// ``Journal/Configuration/deferredNameLimit`` names wait, the writer sorts them (off its thread) and
+/// ``Journal/Configuration/deferredNameLimit`` names wait, the writer sorts them (on a low-priority thread) and
 /// merges them into `names` in key order, a bounded slice per commit, so a merge touches each leaf
 /// once for many names instead of once per name.
 ///
