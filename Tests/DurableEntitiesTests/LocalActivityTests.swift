@@ -41,6 +41,22 @@ struct LocalActivityTests {
         return configuration
     }
 
+    /// A runtime whose `Step` stub answers `output`, except that for the label "slow" it first yields
+    /// "waiting" on the returned stream and waits for the gate.
+    func gatedRuntime(_ configuration: EntityRuntime.Configuration,
+                      output: @escaping @Sendable (String, ActivityContext) -> String) throws -> (EntityRuntime, AsyncGate, AsyncStream<String>) {
+        let gate = AsyncGate()
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        let runtime = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
+            if label == "slow" {
+                event.yield("waiting")
+                await gate.wait()
+            }
+            return output(label, context)
+        }])
+        return (runtime, gate, events)
+    }
+
     func kinds(_ runtime: EntityRuntime, _ id: String) throws -> [HistoryEvent.Kind] {
         try runtime.exportHistory(of: EntityName(type: LocalSteps.entityType, id: id)).events.map(\.kind)
     }
@@ -98,17 +114,8 @@ struct LocalActivityTests {
     func detachedIsStored() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
-        let clock = TestClock(skipsTimeWhenIdle: false)
-        let gate = AsyncGate()
-        let (events, event) = AsyncStream.makeStream(of: String.self)
-        var iterator = events.makeAsyncIterator()
-        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, _ in
-            if label == "slow" {
-                event.yield("waiting")
-                await gate.wait()
-            }
-            return "ok:\(label)"
-        }])
+        let (runtime, gate, waiting) = try gatedRuntime(configuration(directory, TestClock(skipsTimeWhenIdle: false))) { label, _ in "ok:\(label)" }
+        var iterator = waiting.makeAsyncIterator()
         defer { runtime.close() }
         let steps = runtime.entity(LocalSteps.self, id: "slow")
         try await steps.start(.init(labels: ["fast", "slow", "after"]))
@@ -128,18 +135,9 @@ struct LocalActivityTests {
     func runnersAreReused() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
-        let clock = TestClock(skipsTimeWhenIdle: false)
-        let gate = AsyncGate()
-        let (events, event) = AsyncStream.makeStream(of: String.self)
-        var iterator = events.makeAsyncIterator()
-        let configuration = configuration(directory, clock)
-        let runtime = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
-            if label == "slow" {
-                event.yield("waiting")
-                await gate.wait()
-            }
-            return "\(context.entity.id):\(label)"
-        }])
+        let configuration = configuration(directory, TestClock(skipsTimeWhenIdle: false))
+        let (runtime, gate, waiting) = try gatedRuntime(configuration) { label, context in "\(context.entity.id):\(label)" }
+        var iterator = waiting.makeAsyncIterator()
         let slow = runtime.entity(LocalSteps.self, id: "slow")
         try await slow.start(.init(labels: ["fast", "slow", "after"]))
         #expect(await iterator.next() == "waiting")
