@@ -87,3 +87,18 @@ struct ActivityRecordTests {
         }
     }
 }
+
+extension HistoryEvent {
+    /// An event written by the appending encoder the turns use, on its own.
+    static func encodedCommand(_ command: WorkflowCommand, time: UInt64) -> [UInt8] {
+        var bytes = [UInt8]()
+        appendCommand(command, time: time, to: &bytes)
+        return bytes
+    }
+
+    static func encodedActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64) -> [UInt8] {
+        var bytes = [UInt8]()
+        appendActivityOutcome(id: id, outcome, time: time, to: &bytes)
+        return bytes
+    }
+}

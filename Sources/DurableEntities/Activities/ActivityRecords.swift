@@ -149,7 +149,7 @@ extension ScheduledActivity {
     }
 
     /// Room for the stored form with default options (more grows the buffer).
-    static func estimatedSize(name: String, input: [UInt8]) -> Int { 80 + name.utf8.count + input.count }
+    private static func estimatedSize(name: String, input: [UInt8]) -> Int { 80 + name.utf8.count + input.count }
 
     /// Decodes an `activityScheduled` event's spec, in this form or the binary codec's of earlier versions.
     static func decode(_ bytes: ArraySlice<UInt8>) -> ScheduledActivity? {

@@ -412,30 +412,23 @@ final class ActivityWorker: @unchecked Sendable {
 
     // MARK: Local activities
 
-    /// A local activity's attempt in flight: the runner it runs on.
-    struct LocalAttempt {
-        let runner: LocalRunner
-        /// Where its jobs run.
-        var executor: LocalActivityExecutor { runner.executor }
-    }
-
     /// Starts the first attempt of a local activity (`task`, whose entity key may not be known yet) on
     /// its own ``LocalActivityExecutor``; the turn that scheduled it runs its jobs. If the attempt ends
     /// inside the turn, `owner` gets the decision there (with the command's `id`); otherwise (see
     /// ``detach(_:)``) the decision is carried out like a pool attempt's once the turn's commit is durable.
-    /// - Returns: `nil` if the activity is not registered (the caller schedules it on the pool, where
-    ///   it waits for its registration).
-    func startLocal(_ task: ActivityTask, owner: any LocalAttemptOwner, id: UInt64) -> LocalAttempt? {
+    /// - Returns: the runner the attempt runs on, or `nil` if the activity is not registered (the
+    ///   caller schedules it on the pool, where it waits for its registration).
+    func startLocal(_ task: ActivityTask, owner: any LocalAttemptOwner, id: UInt64) -> LocalRunner? {
         guard let activity = activities.withLock({ $0[task.name] }) else { return nil }
         let job = LocalRunner.Job(task: task, activity: activity, owner: owner, id: id)
         if let runner = runners.take() {
             // Its continuation's job queues on its executor, which the turn drains.
             runner.next.take()!.resume(returning: job)
-            return LocalAttempt(runner: runner)
+            return runner
         }
         let runner = LocalRunner(pool: runners, first: job)
         runner.task = Task.detached(executorPreference: runner.executor) { [self] in await run(runner) }
-        return LocalAttempt(runner: runner)
+        return runner
     }
 
     /// A ``LocalRunner``'s task: attempts one after another, until one leaves its turn. Holds no job
@@ -478,19 +471,19 @@ final class ActivityWorker: @unchecked Sendable {
         return false
     }
 
-    /// The turn that started `local` ends: if the attempt still runs, it continues outside the turn
-    /// (counted as running, cancelled by a closing runtime like the pool's attempts). Returns whether
-    /// it still runs (the turn then stores its task).
-    func detach(_ local: LocalAttempt) -> Bool {
-        guard local.executor.detach() else { return false }
+    /// The turn that started the attempt on `runner` ends: if the attempt still runs, it continues
+    /// outside the turn (counted as running, cancelled by a closing runtime like the pool's attempts).
+    /// Returns whether it still runs (the turn then stores its task).
+    func detach(_ runner: LocalRunner) -> Bool {
+        guard runner.executor.detach() else { return false }
         core.becameBusy()
         let id = drains.withLock { drains -> UInt64 in
             let id = drains.next
             drains.next += 1
-            drains.tasks[id] = local.runner.task
+            drains.tasks[id] = runner.task
             return id
         }
-        local.executor.drainID = id
+        runner.executor.drainID = id
         return true
     }
 

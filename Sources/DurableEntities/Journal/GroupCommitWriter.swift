@@ -56,7 +56,6 @@ final class GroupCommitWriter: @unchecked Sendable {
         self.tails = tails
         self.keys = keys
         self.pendingNames = pending
-        merge.waiting = recovered.pendingNames
         if recovered.mergedRowsLeft { merge.phase = .deleting(upTo: recovered.mergedBefore) }
         self.configuration = configuration
         self.recent = RecentRecords(capacity: configuration.recentRecordBytes)
@@ -166,7 +165,6 @@ final class GroupCommitWriter: @unchecked Sendable {
         fullTails = outcome.fullTails
         // Before any caller is completed: a registered name is found from the moment its commit is acknowledged.
         pendingNames.add(outcome.registered)
-        merge.waiting.append(contentsOf: outcome.registered)
         if case .merging = merge.phase, case .deleting = outcome.mergePhase {
             pendingNames.endMerge()  // only now, after the commit that put the batch's last names into `names`
         }

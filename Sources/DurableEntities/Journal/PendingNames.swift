@@ -60,13 +60,16 @@ final class PendingNames: Sendable {
         }
     }
 
-    /// A merge begins: every name added so far is its batch.
-    func beginMerge() {
+    /// A merge begins if at least `limit` names were added since the last one began: they become its
+    /// batch, returned (the table itself, which stays as it is until ``endMerge()``). Writer only.
+    func beginMerge(atLeast limit: Int) -> [EntityName: EntityKey]? {
+        guard tables.withLock({ $0.recent.count }) >= max(1, limit) else { return nil }
         var fresh = [EntityName: EntityKey](minimumCapacity: capacity)
-        tables.withLock { tables in
+        return tables.withLock { tables in
             precondition(tables.merging.isEmpty, "a name merge began before the previous one ended")
             swap(&tables.recent, &tables.merging)
             swap(&tables.recent, &fresh)
+            return tables.merging
         }
     }
 
@@ -116,29 +119,24 @@ struct NameMerge {
     }
 
     var phase = Phase.idle
-    /// Committed registrations not yet part of a merge.
-    var waiting: [PendingName] = []
 
-    /// Moves on from `sorting` once the sort is done, and starts one when enough names wait; `next`
-    /// is the first `pending-names` row not yet written.
+    /// Moves on from `sorting` once the sort is done, and starts one when enough names wait in
+    /// `pending`; `next` is the first `pending-names` row not yet written.
     mutating func advance(limit: Int, next: UInt64, pending: PendingNames) {
         if case .sorting(let upTo, let result) = phase, let sorted = result.take() {
             phase = .merging(sorted: sorted, next: 0, upTo: upTo)
         }
-        guard case .idle = phase, waiting.count >= max(1, limit) else { return }
+        guard case .idle = phase, let batch = pending.beginMerge(atLeast: limit) else { return }
         let result = SortResult()
-        let names = waiting
-        waiting = []
-        pending.beginMerge()
         phase = .sorting(upTo: next, result: result)
-        Self.sortInBackground(names, into: result)
+        Self.sortInBackground(batch, into: result)
     }
 
     /// Sorts on a thread of its own at the lowest CPU priority (nice 19), so that it runs on time the
     /// turns leave: at normal priority, the sort of 65,536 names took half of both cores from the turns
     /// while it ran, and `saga-transfer`'s slowest transfers were the ones in flight then. Its names are
     /// found in the table meanwhile.
-    private static func sortInBackground(_ names: [PendingName], into result: SortResult) {
+    private static func sortInBackground(_ names: [EntityName: EntityKey], into result: SortResult) {
         let thread = Thread {
             _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19)  // this thread only (Linux)
             result.put(SortedNames(names))
@@ -159,12 +157,12 @@ struct SortedNames: Sendable {
     /// In key order: where each name's key is in `bytes`, and the entity key it maps to.
     private var entries: [(start: Int, count: Int, key: EntityKey)] = []
 
-    init(_ names: [PendingName]) {
+    init(_ names: [EntityName: EntityKey]) {
         entries.reserveCapacity(names.count)
-        for pending in names {
-            let count = pending.name.type.utf8.count + 1 + pending.name.id.utf8.count
-            entries.append((bytes.count, count, pending.key))
-            pending.name.withNameKey(count: count) { bytes.append(contentsOf: $0) }
+        for (name, key) in names {
+            let count = name.type.utf8.count + 1 + name.id.utf8.count
+            entries.append((bytes.count, count, key))
+            name.withNameKey(count: count) { bytes.append(contentsOf: $0) }
         }
         bytes.withUnsafeBytes { all in
             entries.sort { a, b in

@@ -151,7 +151,7 @@ struct TurnOutput {
     var localRetries: [ActivityTask] = []
     /// Local activities still running when the turn ended: stored as tasks; their outcomes are
     /// carried out once the commit is done.
-    var localDetached: [(ActivityTask, ActivityWorker.LocalAttempt)] = []
+    var localDetached: [(ActivityTask, LocalRunner)] = []
 }
 
 /// The runtime's in-memory side of one entity: its mailbox, its committed state and, for an entity
@@ -940,7 +940,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         if let runSwitch = output.runSwitch {
             // The run body continued as new: the ended run's state is the new run's starting point.
             guard let snapshot = try? core.codec.encode(runSwitch.state as! W.State) else {
-                for (_, local) in output.localDetached { local.executor.scheduled(key: 0, ok: false) }
+                for (_, runner) in output.localDetached { runner.executor.scheduled(key: 0, ok: false) }
                 complete(.failure(EntityError(.unencodablePayload, entity: name,
                                               "the state does not encode, so the run cannot continue as new; nothing of the turn was recorded")),
                          next: next, waiters: output.resultWaiters, replies: replies)
@@ -991,7 +991,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             if !output.timersStarted.isEmpty || !output.localRetries.isEmpty { self.core.timers.wake() }
             // Local attempts that left the turn carry out their outcomes from now on.
             let committed = if case .success = result { true } else { false }
-            for (_, local) in output.localDetached { local.executor.scheduled(key: key.rawValue, ok: committed) }
+            for (_, runner) in output.localDetached { runner.executor.scheduled(key: key.rawValue, ok: committed) }
             // Activities run, and messages leave, only once the commit that made them is durable.
             if case .success = result {
                 for task in dispatched { self.core.activities.dispatch(task) }

@@ -205,19 +205,9 @@ public struct HistoryEvent: Sendable, Hashable {
         return body.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self).bigEndian }
     }
 
-    /// `command(command, time:).encoded()`, built in one buffer for the commands every activity
-    /// records (the general path makes the body, then copies it behind the header).
-    static func encodedCommand(_ command: WorkflowCommand, time: UInt64) -> [UInt8] {
-        var bytes = [UInt8]()
-        if case .scheduleActivity(_, let name, let input, _) = command {
-            bytes.reserveCapacity(19 + ScheduledActivity.estimatedSize(name: name, input: input))
-        }
-        appendCommand(command, time: time, to: &bytes)
-        return bytes
-    }
-
-    /// Appends `command(command, time:).encoded()` to `bytes`; an activity's schedule is written in place.
-    /// The appending encoders reserve nothing: `bytes` is usually a turn's growing event buffer, and
+    /// Appends `command(command, time:).encoded()` to `bytes`, building the commands every activity
+    /// records in place (the general path makes the body, then copies it behind the header). The
+    /// appending encoders reserve nothing: `bytes` is usually a turn's growing event buffer, and
     /// reserving exactly what one more event needs would reallocate it for each event.
     static func appendCommand(_ command: WorkflowCommand, time: UInt64, to bytes: inout [UInt8]) {
         guard case .scheduleActivity(let id, let name, let input, let options) = command else {
@@ -229,14 +219,6 @@ public struct HistoryEvent: Sendable, Hashable {
         writer.append(id)
         ScheduledActivity(name: name, input: input, options: options).write(to: &writer)
         swap(&writer.bytes, &bytes)
-    }
-
-    /// `activityOutcome(id:_:time:).encoded()`, in one buffer for a success.
-    static func encodedActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64) -> [UInt8] {
-        var bytes = [UInt8]()
-        if case .success(let output) = outcome { bytes.reserveCapacity(19 + output.count) }
-        appendActivityOutcome(id: id, outcome, time: time, to: &bytes)
-        return bytes
     }
 
     /// Appends `activityOutcome(id:_:time:).encoded()` to `bytes`; a success is written in place.

@@ -150,7 +150,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
                 // pass (a drain that ran something asks for one).
                 var index = 0
                 while index < locals.count {
-                    if locals[index].attempt.runner.drain() { ran = true }
+                    if locals[index].runner.drain() { ran = true }
                     index += 1
                 }
             }
@@ -163,7 +163,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         guard let worker = activityWorker else { return false }
         let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: 0, run: run, activityID: id, name: activity,
                                 input: input, options: options, attempt: 1, scheduledAt: now, notBefore: now)
-        guard let local = worker.startLocal(task, owner: self, id: id) else { return false }
+        guard let runner = worker.startLocal(task, owner: self, id: id) else { return false }
         if locals.capacity == 0 {
             // The run's first local activity: room for two at once (they keep it from then on). Not
             // more: an entry holds its task (~300 bytes), and an allocation of 1 KiB or more takes
@@ -172,7 +172,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
             localCommands.reserveCapacity(2)
             localOutcomes.reserveCapacity(2)
         }
-        locals.append(LocalActivityEntry(id: id, task: task, attempt: local))
+        locals.append(LocalActivityEntry(id: id, task: task, runner: runner))
         localCommands.append(id)
         return true
     }
@@ -205,11 +205,11 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// The turn ends: local attempts still running leave it (see ``LocalActivityExecutor``). Returns
     /// the tasks to store for those that still run, with their attempts.
-    func detachLocals() -> [(ActivityTask, ActivityWorker.LocalAttempt)] {
+    func detachLocals() -> [(ActivityTask, LocalRunner)] {
         guard !locals.isEmpty, let worker = activityWorker else { return [] }
-        var detached: [(ActivityTask, ActivityWorker.LocalAttempt)] = []
-        for local in locals where worker.detach(local.attempt) {
-            detached.append((local.task, local.attempt))
+        var detached: [(ActivityTask, LocalRunner)] = []
+        for local in locals where worker.detach(local.runner) {
+            detached.append((local.task, local.runner))
         }
         locals.removeAll()
         return detached
@@ -362,7 +362,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         executor.drain()
         // Local attempts still inside the turn finish on their own; nothing records their outcomes.
         if let worker = activityWorker {
-            for local in locals where worker.detach(local.attempt) { local.attempt.executor.scheduled(key: 0, ok: false) }
+            for local in locals where worker.detach(local.runner) { local.runner.executor.scheduled(key: 0, ok: false) }
         }
         locals.removeAll()
     }
@@ -399,7 +399,8 @@ struct WorkflowChildRecord {
 struct LocalActivityEntry {
     let id: UInt64
     let task: ActivityTask
-    let attempt: ActivityWorker.LocalAttempt
+    /// Where its attempt runs.
+    let runner: LocalRunner
 }
 
 /// A run body's failure, as recorded.
