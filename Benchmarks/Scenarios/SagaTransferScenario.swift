@@ -12,7 +12,10 @@ import Synchronization
 /// `start(_:)` and then `result()` instead (two calls, the way to start without waiting). Transfers move money between `--entities E`
 /// accounts (default 1,000) of an in-memory ``SagaLedger``; its activities are idempotent by
 /// ``ActivityContext/idempotencyKey``. The saga registers a compensation before each money step;
-/// none runs on this happy path. Set-up, not measured: one warm-up transfer per client.
+/// none runs on this happy path. Not measured: the first `--param warm-up=W` transfers (default 5 × K),
+/// after which the clients run straight on into the measured ones (the steady state of K in flight);
+/// `--param start=together` instead runs one warm-up transfer per client, waits for all of them and
+/// starts all K clients' measured transfers at once (the method used up to the thirteenth session).
 ///
 /// Per transfer the runtime makes 4 journal submissions one after another (register the entity with
 /// `started` + schedule withdraw; 3 × activity outcome + the next command or `completed`; with
@@ -111,37 +114,70 @@ struct SagaTransferScenario: BenchmarkScenario {
         /// Latencies of the `start` calls alone (the rest is the `result` wait).
         let starts = LatencyRecorder()
 
-        // Set-up: one transfer per client (the activity pool, the shards and the writer warm up).
-        try await EntityBench.forEach(count: clients, workers: clients) { client in
-            _ = try await transfer("warm-\(client)", input(client: client, n: 0), starts: nil)
+        // The measured region. By default the clients never stop between warm-up and measuring: the
+        // first `warm-up` transfers to complete (all clients starting at once, the shards, the writer and
+        // the name index filling) are not measured; the one that completes the warm-up opens the region,
+        // and from then on each transfer a client starts takes one of `total` tickets. The region
+        // measures the steady state of K transfers in flight. `--param start=together` is the older
+        // method: one warm-up transfer per client, every client waits for all of them, then all K
+        // clients start their measured transfers at the same instant (a burst the steady state never
+        // has; it adds its queueing to the first ~100 ms of the measured latencies).
+        let together = switch options.extra("start") ?? "steady" {
+        case "steady": false
+        case "together": true
+        default: throw BenchmarkFailure(message: "--param start must be steady or together")
         }
-
-        let before = runtime.journal.statistics
-        let cpuBefore = ProcessCPU.now()
-        recorder.start()
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        let warmUp = together ? 0 : try options.extra("warm-up", full: 5 * clients, quick: clients)
+        let region = MeasuredRegion(total: total, warmUp: warmUp)
+        let baseline = Baseline()
+        @Sendable func open() {
+            baseline.set(runtime.journal.statistics, ProcessCPU.now())
+            recorder.start()
+            region.open()
+        }
+        if together {
+            try await EntityBench.forEach(count: clients, workers: clients) { client in
+                _ = try await transfer("warm-\(client)", input(client: client, n: 0), starts: nil)
+            }
+        }
+        if together || warmUp <= 0 { open() }
+        /// How many `tr-<client>-<n>` transfers each client ran (warm-up and measured).
+        let ran = try await withThrowingTaskGroup(of: (client: Int, count: Int).self) { group in
             for client in 0..<clients {
-                let count = total / clients + (client < total % clients ? 1 : 0)
                 group.addTask {
-                    for n in 0..<count {
+                    var n = 0
+                    while true {
+                        let measured: Bool
+                        switch region.take() {
+                        case .warmUp: measured = false
+                        case .measured: measured = true
+                        case .done: return (client, n)
+                        }
                         let start = ContinuousClock.Instant.now
-                        let receipt = try await transfer("tr-\(client)-\(n)", input(client: client, n: n), starts: starts)
-                        recorder.record(since: start)
+                        let receipt = try await transfer("tr-\(client)-\(n)", input(client: client, n: n), starts: measured ? starts : nil)
                         guard receipt > 0 else { throw BenchmarkFailure(message: "tr-\(client)-\(n) returned receipt \(receipt)") }
+                        if measured {
+                            recorder.record(since: start)
+                        } else if region.warmedUp() {
+                            open()
+                        }
+                        n += 1
                     }
                 }
             }
-            try await group.waitForAll()
+            var ran = [Int](repeating: 0, count: clients)
+            for try await (client, count) in group { ran[client] = count }
+            return ran
         }
         recorder.stop()
-        let cpu = ProcessCPU.now() - cpuBefore
+        let cpu = ProcessCPU.now() - baseline.cpu
+        let before = baseline.statistics
         let after = runtime.journal.statistics
 
-        // Sanity: every measured transfer's history is in the journal (and how long it is).
+        // Sanity: every transfer's history is in the journal (and how long it is).
         var events: UInt64 = 0
         for client in 0..<clients {
-            let count = total / clients + (client < total % clients ? 1 : 0)
-            for n in 0..<count {
+            for n in 0..<ran[client] {
                 let name = EntityName(type: type.entityType, id: "tr-\(client)-\(n)")
                 guard let key = try runtime.journal.key(for: name) else {
                     throw BenchmarkFailure(message: "\(name) is not registered")
@@ -149,8 +185,9 @@ struct SagaTransferScenario: BenchmarkScenario {
                 events += try runtime.journal.latestSequence(of: key)
             }
         }
+        let named = ran.reduce(0, +)
         let books = ledger.books
-        let transfers = total + clients  // measured + warm-up
+        let transfers = named + (together ? clients : 0)  // measured + warm-up
         let consistent = books.withdrawn == books.deposited && books.refunded == 0 && books.undone == 0
             && books.withdrawals == transfers && books.deposits == transfers && books.records == transfers
             && books.balanceSum == Int64(accounts) * SagaTransfer.openingBalance
@@ -160,7 +197,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         var extra: [String: JSONValue] = [
             "commits": .int(commits),
             "events_per_commit": .double(Double(events) / Double(max(1, commits))),
-            "events_per_transfer": .double(Double(events) / Double(total)),
+            "events_per_transfer": .double(Double(events) / Double(named)),
             "submissions_per_commit": perCommit(after.submissions - before.submissions),
             "submissions_per_transfer": .double(Double(after.submissions - before.submissions) / Double(total)),
             "operations_per_commit": perCommit(after.operations - before.operations),
@@ -189,6 +226,7 @@ struct SagaTransferScenario: BenchmarkScenario {
                 "durability": .string("\(durability)"), "shards": .int(configuration.shards),
                 "max_per_turn": .int(configuration.maxMessagesPerTurn), "activities": .int(maxActivities),
                 "max_resident": .int(maxResident), "codec": .string(codec), "local": .bool(local), "api": .string(api),
+                "start": .string(together ? "together" : "steady"), "warm_up": .int(together ? clients : warmUp),
             ],
             extra: extra)
     }
@@ -442,4 +480,43 @@ struct SagaRawCodec: EntityCodec {
         guard offset + 8 <= bytes.count else { throw BenchmarkFailure(message: "raw codec: \(bytes.count) bytes, expected more") }
         return Int64(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: Int64.self))
     }
+}
+
+/// The measured region of a run whose clients run on from warm-up into measuring (see the scenario).
+final class MeasuredRegion: Sendable {
+    enum Ticket { case warmUp, measured, done }
+
+    private let total: Int
+    private let warmUp: Int
+    private let isOpen = Atomic<Bool>(false)
+    private let warmed = Atomic<Int>(0)
+    private let tickets = Atomic<Int>(0)
+
+    /// `total` measured transfers after `warmUp` unmeasured ones.
+    init(total: Int, warmUp: Int) {
+        self.total = total
+        self.warmUp = warmUp
+    }
+
+    /// What the transfer a client is about to start is: warm-up before the region opens, then one of
+    /// the `total` measured transfers, then none.
+    func take() -> Ticket {
+        guard isOpen.load(ordering: .acquiring) else { return .warmUp }
+        return tickets.wrappingAdd(1, ordering: .relaxed).oldValue < total ? .measured : .done
+    }
+
+    /// Counts a completed warm-up transfer; `true` for exactly the one that completes the warm-up
+    /// (its client then opens the region).
+    func warmedUp() -> Bool { warmed.wrappingAdd(1, ordering: .relaxed).newValue == warmUp }
+
+    /// Opens the region: transfers started from now on are measured.
+    func open() { isOpen.store(true, ordering: .releasing) }
+}
+
+/// The journal's counters and the process's CPU time when the measured region opened.
+final class Baseline: Sendable {
+    private let state = Mutex<(statistics: Journal.Statistics, cpu: Duration)?>(nil)
+    func set(_ statistics: Journal.Statistics, _ cpu: Duration) { state.withLock { $0 = (statistics, cpu) } }
+    var statistics: Journal.Statistics { state.withLock { $0!.statistics } }
+    var cpu: Duration { state.withLock { $0!.cpu } }
 }
