@@ -44,7 +44,8 @@ final class ActivityWorker: @unchecked Sendable {
     }
     private let drains = Mutex(Drains())
     /// Parked tasks that run local attempts.
-    private let runners = LocalRunners()
+    /// The runtime's parked runners, for run bodies and local attempts alike.
+    let runners = TurnRunners()
     /// Outcomes are dropped (the grace period ended; the journal may be closed).
     private let abandonedFlag = Atomic<Bool>(false)
     private let limit: Int
@@ -132,8 +133,8 @@ final class ActivityWorker: @unchecked Sendable {
     /// Whether an attempt's outcome must be dropped (the runtime closed without it).
     private var abandoned: Bool { abandonedFlag.load(ordering: .acquiring) }
 
-    /// Local runners parked, waiting for an attempt.
-    var parkedLocalRunners: Int { runners.count }
+    /// Runners parked, waiting for a run body or a local attempt.
+    var parkedRunners: Int { runners.count }
 
     /// Running attempts (drains), for the close's idleness check.
     var runningAttempts: Int { drains.withLock { $0.tasks.count } }
@@ -413,45 +414,23 @@ final class ActivityWorker: @unchecked Sendable {
     // MARK: Local activities
 
     /// Starts the first attempt of a local activity (`task`, whose entity key may not be known yet) on
-    /// its own ``LocalActivityExecutor``; the turn that scheduled it runs its jobs. If the attempt ends
-    /// inside the turn, `owner` gets the decision there (with the command's `id`); otherwise (see
-    /// ``detach(_:)``) the decision is carried out like a pool attempt's once the turn's commit is durable.
+    /// a ``TurnRunner``; the turn that scheduled it runs its work. If the attempt ends inside the
+    /// turn, `owner` gets the decision there (with the command's `id`); otherwise (see ``detach(_:)``)
+    /// the decision is carried out like a pool attempt's once the turn's commit is durable.
     /// - Returns: the runner the attempt runs on, or `nil` if the activity is not registered (the
     ///   caller schedules it on the pool, where it waits for its registration).
-    func startLocal(_ task: ActivityTask, owner: any LocalAttemptOwner, id: UInt64) -> LocalRunner? {
+    func startLocal(_ task: ActivityTask, owner: any LocalAttemptOwner, id: UInt64) -> TurnRunner? {
         guard let activity = activities.withLock({ $0[task.name] }) else { return nil }
-        let job = LocalRunner.Job(task: task, activity: activity, owner: owner, id: id)
-        if let runner = runners.take() {
-            // Its continuation's job queues on its executor, which the turn drains.
-            runner.next.take()!.resume(returning: job)
-            return runner
+        return TurnRunner.start(in: runners) { [self] runner in
+            let ended = await perform(task, activity, on: runner.executor)
+            return endLocal(task, ended, executor: runner.executor, owner: owner, id: id)
         }
-        let runner = LocalRunner(pool: runners, first: job)
-        runner.task = Task.detached(executorPreference: runner.executor) { [self] in await run(runner) }
-        return runner
-    }
-
-    /// A ``LocalRunner``'s task: attempts one after another, until one leaves its turn. Holds no job
-    /// while parked (a job holds its run).
-    private func run(_ runner: LocalRunner) async {
-        var job = runner.first.take()!
-        while true {
-            guard await runLocal(consume job, on: runner), let next = await runner.nextJob() else { return }
-            job = next
-        }
-    }
-
-    /// One attempt on a runner; returns whether it ended inside its turn.
-    @inline(never)
-    private func runLocal(_ job: consuming LocalRunner.Job, on runner: LocalRunner) async -> Bool {
-        let ended = await perform(job.task, job.activity, on: runner.executor)
-        return endLocal(job.task, ended, executor: runner.executor, owner: job.owner, id: job.id)
     }
 
     /// A local attempt ended: inside the turn, `owner` gets the decision (returns `true`); detached,
     /// the decision waits for the scheduling turn's commit and then goes the way a pool attempt's goes.
     @inline(never)
-    private func endLocal(_ task: ActivityTask, _ ended: Ended, executor: LocalActivityExecutor,
+    private func endLocal(_ task: ActivityTask, _ ended: Ended, executor: TurnExecutor,
                           owner: any LocalAttemptOwner, id: UInt64) -> Bool {
         let decision = decide(task, ended)
         if executor.finishInline() {
@@ -474,7 +453,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// The turn that started the attempt on `runner` ends: if the attempt still runs, it continues
     /// outside the turn (counted as running, cancelled by a closing runtime like the pool's attempts).
     /// Returns whether it still runs (the turn then stores its task).
-    func detach(_ runner: LocalRunner) -> Bool {
+    func detach(_ runner: TurnRunner) -> Bool {
         guard runner.executor.detach() else { return false }
         core.becameBusy()
         let id = drains.withLock { drains -> UInt64 in
@@ -502,4 +481,11 @@ final class ActivityWorker: @unchecked Sendable {
         core.becameBusy()
         type.deliverActivityOutcome(id: task.activityID, outcome, entityID: task.entityID, core: core) { [core] in core!.becameIdle() }
     }
+}
+
+/// What a local activity's attempt reports to when it ends inside the turn that started it: the run
+/// that scheduled it (on the shard's thread, within the turn).
+protocol LocalAttemptOwner: AnyObject, Sendable {
+    /// Attempt of command `id` ended with `decision`.
+    func localAttemptEnded(_ id: UInt64, _ decision: ActivityWorker.Decision)
 }

@@ -151,7 +151,7 @@ struct TurnOutput {
     var localRetries: [ActivityTask] = []
     /// Local activities still running when the turn ended: stored as tasks; their outcomes are
     /// carried out once the commit is done.
-    var localDetached: [(ActivityTask, LocalRunner)] = []
+    var localDetached: [(ActivityTask, TurnRunner)] = []
 }
 
 /// The runtime's in-memory side of one entity: its mailbox, its committed state and, for an entity

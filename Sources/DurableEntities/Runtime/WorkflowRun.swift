@@ -9,7 +9,7 @@ class AnyWorkflowRun: @unchecked Sendable {
     var needsAbandoning: Bool { true }
 }
 
-/// One live execution of an entity's run body: its task on a ``WorkflowExecutor``, the waits it is
+/// One live execution of an entity's run body: its job on a ``TurnRunner``, the waits it is
 /// suspended on, and the commands it issued that are not yet recorded.
 ///
 /// Touched only on the entity's shard thread (and by the body's jobs, which that thread runs).
@@ -24,7 +24,8 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         var description: String { "the run continued as new" }
     }
 
-    let executor = WorkflowExecutor()
+    /// Runs the body, from ``start(_:)`` until the body ended and its runner parked.
+    private var runner: TurnRunner?
     let name: EntityName
     let run: UInt64
     let codec: any EntityCodec
@@ -55,8 +56,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     /// The next run's input once the body called ``WorkflowContext/continueAsNew(_:)``: the turn ends
     /// this run and starts the next one.
     private(set) var continuation: (input: W.Input, bytes: [UInt8])?
-    var started: Bool { task != nil }
-    private var task: Task<Void, Never>?
+    private(set) var started = false
 
     // Local activities (see ``WorkflowContext/executeLocal(_:_:options:)``).
     /// Runs them; set by the cell before the body runs live (`nil` when replaying an export).
@@ -92,12 +92,15 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         // Room for a few commands at once (the turn empties the list and keeps its room): growing
         // from one by doubling was an allocation at each step.
         issued.reserveCapacity(4)
-        task = Task(executorPreference: executor) { [self] in
-            // Only the await here; the rest is out of line, which keeps the task's frame (allocated
-            // on its stack for every run) small.
+        started = true
+        // On the runtime's parked runners (none when replaying an export: the runner then ends with the body).
+        runner = TurnRunner.start(in: activityWorker?.runners) { [self] _ in
+            // Only the await here; the rest is out of line, which keeps the job's frame (allocated
+            // on the runner's stack for every run) small.
             let ended: Result<W.Output, any Error>
             do { ended = .success(try await W.run(input, context: context)) } catch { ended = .failure(error) }
             bodyEnded(ended)
+            return true
         }
         settle()
     }
@@ -144,17 +147,26 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         repeat {
             var ran = true
             while ran {
-                ran = executor.drain()
+                ran = drainBody()
                 // By index, taking out one executor at a time: an attempt that ends removes itself
                 // from `locals` during `drain()`. One skipped by that shift is drained on the next
                 // pass (a drain that ran something asks for one).
                 var index = 0
                 while index < locals.count {
-                    if locals[index].runner.drain() { ran = true }
+                    if locals[index].runner.drain().ran { ran = true }
                     index += 1
                 }
             }
         } while resumeSatisfiedConditions()
+    }
+
+    /// Runs the body's queued work; returns whether any ran. Once the body ended, its runner parks and
+    /// the run forgets it.
+    private func drainBody() -> Bool {
+        guard let runner else { return false }
+        let drained = runner.drain()
+        if drained.parked { self.runner = nil }
+        return drained.ran
     }
 
     /// Starts local activity `id` (the command was just issued); returns `false` if it cannot run
@@ -203,11 +215,11 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         }
     }
 
-    /// The turn ends: local attempts still running leave it (see ``LocalActivityExecutor``). Returns
+    /// The turn ends: local attempts still running leave it (see ``TurnExecutor``). Returns
     /// the tasks to store for those that still run, with their attempts.
-    func detachLocals() -> [(ActivityTask, LocalRunner)] {
+    func detachLocals() -> [(ActivityTask, TurnRunner)] {
         guard !locals.isEmpty, let worker = activityWorker else { return [] }
-        var detached: [(ActivityTask, LocalRunner)] = []
+        var detached: [(ActivityTask, TurnRunner)] = []
         for local in locals where worker.detach(local.runner) {
             detached.append((local.task, local.runner))
         }
@@ -359,7 +371,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         for continuation in activities.values { continuation.resume(throwing: Abandoned()) }
         activities.removeAll()
         failChildWaits(Abandoned())
-        executor.drain()
+        _ = drainBody()
         // Local attempts still inside the turn finish on their own; nothing records their outcomes.
         if let worker = activityWorker {
             for local in locals where worker.detach(local.runner) { local.runner.executor.scheduled(key: 0, ok: false) }
@@ -400,7 +412,7 @@ struct LocalActivityEntry {
     let id: UInt64
     let task: ActivityTask
     /// Where its attempt runs.
-    let runner: LocalRunner
+    let runner: TurnRunner
 }
 
 /// A run body's failure, as recorded.
