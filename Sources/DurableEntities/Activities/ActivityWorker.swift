@@ -43,7 +43,6 @@ final class ActivityWorker: @unchecked Sendable {
         var next: UInt64 = 0
     }
     private let drains = Mutex(Drains())
-    /// Parked tasks that run local attempts.
     /// The runtime's parked runners, for run bodies and local attempts alike.
     let runners = TurnRunners()
     /// Outcomes are dropped (the grace period ended; the journal may be closed).
