@@ -18,10 +18,14 @@ struct ReadyQueueTests {
             self.gate = gate
         }
         func runTurn() {
-            log.started(number, on: Thread.current.name ?? "?")
+            log.started(number, on: ReadyQueueTests.currentThread)
             gate?.wait()
         }
     }
+
+    /// The calling thread's identity. Not `Thread.current.name`: once, in CI, a shard thread's
+    /// name read back as the name of the thread that created it.
+    static var currentThread: String { "\(pthread_self())" }
 
     final class Log: Sendable {
         private let entries = Mutex<[(Int, String)]>([])
@@ -63,7 +67,7 @@ struct ReadyQueueTests {
     final class Retired: Sendable {
         let dropped: Log
         init(_ dropped: Log) { self.dropped = dropped }
-        deinit { dropped.started(0, on: Thread.current.name ?? "?") }
+        deinit { dropped.started(0, on: ReadyQueueTests.currentThread) }
     }
 
     @Test("retired objects are dropped two per turn taken, and all of them by a thread that finds nothing to run")
@@ -86,6 +90,8 @@ struct ReadyQueueTests {
         let shard = Shard(index: 0, queue: queue)
         #expect(dropped.started.wait(timeout: .now() + 10) == .success)
         #expect(dropped.order.count == 5)
+        let shardThread = dropped.threads[4]
+        #expect(shardThread != Self.currentThread)
         // …and, while it sleeps, wakes to drop them once enough wait.
         let batch = ReadyQueue.retiredWhileIdle
         for _ in 0..<batch { queue.retire(Retired(dropped)) }
@@ -98,7 +104,7 @@ struct ReadyQueueTests {
         #expect(dropped.order.count == 5 + batch)
         // By the shard's thread — save an object whose retiring caller still held it when the thread
         // dropped the queue's reference (the caller's reference is then the last).
-        let byShard = dropped.threads.dropFirst(4).filter { $0 == "de-shard-0" }.count
+        let byShard = dropped.threads.dropFirst(5).filter { $0 == shardThread }.count
         #expect(byShard > batch / 2, "\(dropped.threads)")
         shard.stop()
     }
