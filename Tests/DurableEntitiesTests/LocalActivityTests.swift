@@ -158,12 +158,12 @@ struct LocalActivityTests {
         // The runners are reused across rounds: at most one per run body alive at once (the 20 of a
         // round) and one per turn running an attempt (a turn per shard), all parked now. Without
         // reuse, the 40 runs would have left 40 body runners and more.
-        let parked = runtime.core.activities.parkedRunners
+        let parked = runtime.core.runners.count
         #expect((1...(20 + configuration.shards)).contains(parked))
         gate.open()
         #expect(try await slow.result() == "slow:fast,slow:slow,slow:after")
         runtime.close()
-        #expect(runtime.core.activities.parkedRunners == 0)
+        #expect(runtime.core.runners.count == 0)
     }
 
     @Test("a failed local attempt retries on the pool by the policy: attempts 1, 2, 3 with gaps 1 s, 2 s on the test clock, one idempotency key")

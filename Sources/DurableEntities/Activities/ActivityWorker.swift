@@ -43,8 +43,6 @@ final class ActivityWorker: @unchecked Sendable {
         var next: UInt64 = 0
     }
     private let drains = Mutex(Drains())
-    /// The runtime's parked runners, for run bodies and local attempts alike.
-    let runners = TurnRunners()
     /// Outcomes are dropped (the grace period ended; the journal may be closed).
     private let abandonedFlag = Atomic<Bool>(false)
     private let limit: Int
@@ -109,7 +107,6 @@ final class ActivityWorker: @unchecked Sendable {
     /// - Parameter waitUntilIdle: waits until the runtime is idle or the deadline passes; returns
     ///   whether it became idle.
     func close(gracePeriod: Duration, waitUntilIdle: (ContinuousClock.Instant) -> Bool) {
-        runners.close()
         pool.withLock { pool in
             pool.closing = true
             for task in pool.queue { pool.active.remove(task.key) }
@@ -131,9 +128,6 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// Whether an attempt's outcome must be dropped (the runtime closed without it).
     private var abandoned: Bool { abandonedFlag.load(ordering: .acquiring) }
-
-    /// Runners parked, waiting for a run body or a local attempt.
-    var parkedRunners: Int { runners.count }
 
     /// Running attempts (drains), for the close's idleness check.
     var runningAttempts: Int { drains.withLock { $0.tasks.count } }
@@ -420,7 +414,7 @@ final class ActivityWorker: @unchecked Sendable {
     ///   caller schedules it on the pool, where it waits for its registration).
     func startLocal(_ task: ActivityTask, owner: any LocalAttemptOwner, id: UInt64) -> TurnRunner? {
         guard let activity = activities.withLock({ $0[task.name] }) else { return nil }
-        return TurnRunner.start(in: runners) { [self] runner in
+        return TurnRunner.start(in: core.runners) { [self] runner in
             let ended = await perform(task, activity, on: runner.executor)
             return endLocal(task, ended, executor: runner.executor, owner: owner, id: id)
         }

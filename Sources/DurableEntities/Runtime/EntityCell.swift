@@ -495,7 +495,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             guard let run = Self.run(next) else { return }
             run.state = working
             run.now = now
-            if run.activityWorker == nil { run.activityWorker = core.activities }
+            if run.activityWorker == nil {
+                run.activityWorker = core.activities
+                run.runners = core.runners
+            }
             body(run)
             working = run.state
             // Outcomes of local activities that ended in the turn go between the commands, where the

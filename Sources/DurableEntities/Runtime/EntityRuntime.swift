@@ -240,6 +240,7 @@ public final class EntityRuntime: Sendable {
     public func close() {
         guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         core.timers.stop()
+        core.runners.close()
         core.activities.close(gracePeriod: core.configuration.activityGracePeriod) { [core] deadline in
             core.waitUntilIdle(deadline: deadline)
         }

@@ -20,6 +20,8 @@ final class RuntimeCore: Sendable {
     private let busy = Atomic<Int>(0)
     let timers = TimerService()
     let activities: ActivityWorker
+    /// Parked tasks for run bodies and local activities' attempts (see ``TurnRunner``).
+    let runners = TurnRunners()
     /// Signalled when the runtime becomes idle (for a draining close).
     private let idle = NSCondition()
     /// Messages to entity types not registered yet (after a restart): delivered on registration.

@@ -71,8 +71,8 @@ final class ReadyQueue: @unchecked Sendable {
     /// between turns.
     ///
     /// Memory is freed most cheaply on the thread that allocates its like: glibc's per-thread cache
-    /// hands a block freed there to the next allocation of its size. A finished run (its body's task,
-    /// executor and state, built by a turn) released on the commit-completion queue instead went
+    /// hands a block freed there to the next allocation of its size. A finished run (its state, waits
+    /// and command lists, built by turns) released on the commit-completion queue instead went
     /// back to a shard's arena under its lock, and the shards' next allocations of those sizes took
     /// the slow path; dropping such runs here, two after each turn, cut `saga-transfer`'s CPU a
     /// transfer by ~3% (see ``pop()`` for when).

@@ -144,8 +144,9 @@ final class TurnExecutor: TaskExecutor, @unchecked Sendable {
 /// path, which first consolidates every freed small block) and the task's destruction; a runner pays
 /// them once. After a job that ended inside a turn, the runner parks in its ``TurnRunners`` until a
 /// turn starts the next job on it (`saga-transfer` with local activities, where each transfer is a run
-/// body and three attempts: −8% CPU a transfer once bodies reused runners too). A job that leaves its
-/// turn (an attempt, see ``TurnExecutor/detach()``) keeps the runner: it ends with that job.
+/// body and three attempts: −5% CPU a transfer side by side once bodies reused runners too). A job
+/// that leaves its turn (an attempt, see ``TurnExecutor/detach()``) keeps the runner: it ends with
+/// that job.
 ///
 /// A runner is a detached task: a job does not see the task-local values of whoever started it.
 ///

@@ -26,6 +26,9 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// Runs the body, from ``start(_:)`` until the body ended and its runner parked.
     private var runner: TurnRunner?
+    /// Where the body's and the local attempts' runners park between jobs; set by the cell with
+    /// `activityWorker` (`nil` when replaying an export: a runner then ends with its job).
+    var runners: TurnRunners?
     let name: EntityName
     let run: UInt64
     let codec: any EntityCodec
@@ -93,8 +96,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         // from one by doubling was an allocation at each step.
         issued.reserveCapacity(4)
         started = true
-        // On the runtime's parked runners (none when replaying an export: the runner then ends with the body).
-        runner = TurnRunner.start(in: activityWorker?.runners) { [self] _ in
+        runner = TurnRunner.start(in: runners) { [self] _ in
             // Only the await here; the rest is out of line, which keeps the job's frame (allocated
             // on the runner's stack for every run) small.
             let ended: Result<W.Output, any Error>
