@@ -62,7 +62,7 @@ enum EntityBench {
     static func configuration(
         directory: String, durability: Environment.Durability, snapshotEvery: Int,
         maxResidentEntities: Int = 100_000, shards: Int? = nil, maxMessagesPerTurn: Int? = nil,
-        noContinueAsNew: Bool = false, codec: String = "binary"
+        noContinueAsNew: Bool = false, codec: String = "binary", commitWindowMicroseconds: Int? = nil
     ) throws -> EntityRuntime.Configuration {
         var configuration = EntityRuntime.Configuration(
             directory: directory, durability: durability, snapshotEvery: snapshotEvery,
@@ -75,12 +75,22 @@ enum EntityBench {
         }
         if let shards { configuration.shards = shards }
         if let maxMessagesPerTurn { configuration.maxMessagesPerTurn = maxMessagesPerTurn }
+        if let commitWindowMicroseconds {
+            guard commitWindowMicroseconds >= 0 else { throw BenchmarkFailure(message: "--param commit-window-us must be 0 or more") }
+            configuration.journal.commitWindow = .microseconds(commitWindowMicroseconds)
+        }
         if noContinueAsNew {
             // Automatic continue-as-new also snapshots; scenarios that need a known history layout turn it off.
             configuration.continueAsNewAfterEvents = 1 << 40
             configuration.continueAsNewAfterBytes = 1 << 50
         }
         return configuration
+    }
+
+    /// The journal's commit window (`--param commit-window-us`), in µs, for the JSON params.
+    static func commitWindowMicroseconds(_ configuration: EntityRuntime.Configuration) -> Int {
+        let (seconds, attoseconds) = configuration.journal.commitWindow.components
+        return Int(seconds) * 1_000_000 + Int(attoseconds / 1_000_000_000_000)
     }
 
     /// Opens a runtime with ``BenchAccount`` registered.

@@ -12,7 +12,8 @@ import DurableEntities
 /// Extra fields: the journal writer's figures for the measured region (`commits`,
 /// `events_per_commit`, …), the process's CPU time per signal (`cpu_us_per_event`, all threads) and
 /// cores kept busy (`cores_busy`), and the 1-minute load average at the start. `--param durability=relaxed`,
-/// `--param snapshot-every=N`, `--param shards=N`, `--param max-per-turn=N` change the runtime;
+/// `--param snapshot-every=N`, `--param shards=N`, `--param max-per-turn=N`, `--param commit-window-us=N`
+/// (``Journal/Configuration/commitWindow``; 0: commit as soon as anything is queued) change the runtime;
 /// `--param codec=raw` swaps JSON for ``BenchAccountRawCodec`` (an experiment: the runtime without codec costs).
 struct EntitySignalsScenario: BenchmarkScenario {
     static let name = "entity-signals"
@@ -27,13 +28,15 @@ struct EntitySignalsScenario: BenchmarkScenario {
         let shards: Int? = try options.extra("shards").map { _ in try options.extra("shards", full: 0, quick: 0) }
         let maxPerTurn: Int? = try options.extra("max-per-turn").map { _ in try options.extra("max-per-turn", full: 0, quick: 0) }
         let codec = options.extra("codec") ?? "binary"
+        let commitWindow: Int? = try options.extra("commit-window-us").map { _ in try options.extra("commit-window-us", full: 0, quick: 0) }
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("entity-signals")
         defer { directory.remove() }
         let configuration = try EntityBench.configuration(
             directory: directory.path, durability: durability, snapshotEvery: snapshotEvery,
-            maxResidentEntities: max(100_000, entityCount * 2), shards: shards, maxMessagesPerTurn: maxPerTurn, codec: codec)
+            maxResidentEntities: max(100_000, entityCount * 2), shards: shards, maxMessagesPerTurn: maxPerTurn, codec: codec,
+            commitWindowMicroseconds: commitWindow)
         let runtime = try EntityBench.open(configuration)
         defer { runtime.close() }
         let refs = (0..<entityCount).map { runtime.entity(BenchAccount.self, id: EntityBench.id($0)) }
@@ -100,6 +103,7 @@ struct EntitySignalsScenario: BenchmarkScenario {
                 "entities": .int(entityCount), "in_flight": .int(senders), "events": .int(total),
                 "durability": .string("\(durability)"), "snapshot_every": .int(snapshotEvery),
                 "shards": .int(configuration.shards), "max_per_turn": .int(configuration.maxMessagesPerTurn),
+                "commit_window_us": .int(EntityBench.commitWindowMicroseconds(configuration)),
                 "codec": .string(codec),
             ],
             extra: extra)

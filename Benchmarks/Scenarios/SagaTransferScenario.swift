@@ -33,7 +33,8 @@ import Synchronization
 /// (``WorkflowContext/executeLocal(_:_:options:)``): they run inside the turn, so a transfer is one
 /// commit instead of four, with no trip through the activity pool (entity type `SagaTransferLocal`).
 ///
-/// `--param durability=relaxed`, `--param shards=N`, `--param max-per-turn=N`,
+/// `--param durability=relaxed`, `--param shards=N`, `--param max-per-turn=N`, `--param commit-window-us=N`
+/// (``Journal/Configuration/commitWindow``, default 2,000; 0 commits as soon as anything is queued),
 /// `--param activities=N` (`maxConcurrentActivities`, default 2,048) and `--param max-resident=N`
 /// (default the larger of 10,000 and 4 × K) change the runtime. `--param codec=` selects the codec of
 /// the transfer's own payloads (input, activity inputs and outputs, result): `binary` (the runtime's
@@ -51,6 +52,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         let durability = try EntityBench.durability(options.extra("durability"), default: .durable)
         let shards: Int? = try options.extra("shards").map { _ in try options.extra("shards", full: 0, quick: 0) }
         let maxPerTurn: Int? = try options.extra("max-per-turn").map { _ in try options.extra("max-per-turn", full: 0, quick: 0) }
+        let commitWindow: Int? = try options.extra("commit-window-us").map { _ in try options.extra("commit-window-us", full: 0, quick: 0) }
         let codec = options.extra("codec") ?? "binary"
         guard ["binary", "json", "raw"].contains(codec) else { throw BenchmarkFailure(message: "--param codec must be binary, json or raw") }
         let maxActivities = try options.extra("activities", full: 2_048, quick: 2_048)
@@ -68,7 +70,8 @@ struct SagaTransferScenario: BenchmarkScenario {
         defer { directory.remove() }
         var configuration = try EntityBench.configuration(
             directory: directory.path, durability: durability, snapshotEvery: 100,
-            maxResidentEntities: maxResident, shards: shards, maxMessagesPerTurn: maxPerTurn)
+            maxResidentEntities: maxResident, shards: shards, maxMessagesPerTurn: maxPerTurn,
+            commitWindowMicroseconds: commitWindow)
         configuration.maxConcurrentActivities = maxActivities
         switch codec {
         case "json": configuration.codec = JSONEntityCodec()
@@ -227,6 +230,7 @@ struct SagaTransferScenario: BenchmarkScenario {
                 "max_per_turn": .int(configuration.maxMessagesPerTurn), "activities": .int(maxActivities),
                 "max_resident": .int(maxResident), "codec": .string(codec), "local": .bool(local), "api": .string(api),
                 "start": .string(together ? "together" : "steady"), "warm_up": .int(together ? clients : warmUp),
+                "commit_window_us": .int(EntityBench.commitWindowMicroseconds(configuration)),
             ],
             extra: extra)
     }

@@ -77,6 +77,13 @@ public final class Journal: Sendable {
         /// (about `index leaves / limit` of a page each) and more memory (~150 bytes a waiting name).
         /// 1 merges every commit's names in the next commits.
         public var deferredNameLimit: Int
+        /// How long a commit may wait, after the previous one started, for the submissions of work
+        /// that ``Journal/pace(with:)``'s producers report on its way (`.zero`: it never waits). Without
+        /// producers a commit takes whatever is queued at once. Each commit costs a fixed share of
+        /// CPU, so on a busy machine fewer, fuller commits leave more to the work itself: in
+        /// `saga-transfer --param local=true` (1,000 in flight) 2 ms halved the commits and cut the
+        /// CPU a transfer by 10–20% (alternating runs; ~6% side by side).
+        public var commitWindow: Duration
         /// Where the journal logs (open, close, recovery figures). Never payloads.
         public var logger: Logger
 
@@ -92,6 +99,7 @@ public final class Journal: Sendable {
             recentRecordBytes: Int = 32 << 20,
             writeMap: Bool = false,
             deferredNameLimit: Int = 65_536,
+            commitWindow: Duration = .milliseconds(2),
             logger: Logger = Logger(label: "DurableEntities.Journal")
         ) {
             self.directory = directory
@@ -105,6 +113,7 @@ public final class Journal: Sendable {
             self.recentRecordBytes = recentRecordBytes
             self.writeMap = writeMap
             self.deferredNameLimit = deferredNameLimit
+            self.commitWindow = commitWindow
             self.logger = logger
         }
     }
@@ -239,6 +248,18 @@ public final class Journal: Sendable {
     /// Batches from one caller commit in the order submitted.
     public func submit(_ batch: JournalBatch, completion: @escaping @Sendable (Result<CommitReceipt, JournalError>) -> Void) {
         writer.enqueue(GroupCommitWriter.Submission(batch: batch, completion: completion))
+    }
+
+    /// Paces commits by `producers` from now on: while they report work on its way, a commit waits
+    /// for its submissions, up to ``Configuration/commitWindow`` after the previous commit started.
+    /// Call ``producersIdle()`` whenever they stop producing, so that a waiting commit starts at once.
+    public func pace(with producers: any CommitProducers) {
+        writer.pace(with: producers)
+    }
+
+    /// The producers given to ``pace(with:)`` have nothing queued or running any more.
+    public func producersIdle() {
+        writer.producersIdle()
     }
 
     /// The key of `name`: its registered one, or a fresh key reserved for it (not durable until a
@@ -589,4 +610,12 @@ public final class Journal: Sendable {
             return recovered
         }
     }
+}
+
+/// Whoever submits to a ``Journal`` in bursts (the runtime's shards), telling its writer whether
+/// more submissions are on their way (see ``Journal/pace(with:)``).
+public protocol CommitProducers: AnyObject, Sendable {
+    /// Whether work that submits is queued or running now. The writer asks with its own lock held:
+    /// answer without calling into the journal.
+    var areProducing: Bool { get }
 }

@@ -45,7 +45,10 @@ final class RuntimeCore: Sendable {
         self.configuration = configuration
         self.logger = configuration.logger
         let count = max(1, configuration.shards)
-        let queue = ReadyQueue()
+        // The shards pace the journal's commits: a commit waits for the submissions of turns queued
+        // or running (see ``Journal/Configuration/commitWindow``).
+        let queue = ReadyQueue { [weak journal] in journal?.producersIdle() }
+        journal.pace(with: queue)
         self.shards = (0..<count).map { Shard(index: $0, queue: queue) }
         self.tables = (0..<count).map { _ in CellTableBox() }
         self.activities = ActivityWorker(limit: configuration.maxConcurrentActivities)

@@ -19,10 +19,18 @@ protocol ShardWork: AnyObject, Sendable {
 /// that to the turns running at once. An entity still has one turn at a time (its cell is queued
 /// once until its turn ends), so its history order is its mailbox order whichever thread runs it.
 ///
+/// It also paces the journal's commits (``CommitProducers``): while a turn is queued or running,
+/// its submission is on its way, and a commit may wait for it; the thread that ends the last running
+/// turn with nothing queued tells the journal (`onIdle`), so that a waiting commit starts at once.
+///
 /// `@unchecked Sendable`: all state is guarded by `condition`.
-final class ReadyQueue: @unchecked Sendable {
+final class ReadyQueue: CommitProducers, @unchecked Sendable {
     private let condition = NSCondition()
     private var ready = Deque<any ShardWork>()
+    /// Threads running a turn (from a ``pop(afterTurn:)`` that returned work to their next one).
+    private var running = 0
+    /// Told when the last running turn ended and nothing is queued.
+    private let onIdle: (@Sendable () -> Void)?
     /// Threads waiting for work: a push wakes one only when some wait.
     private var sleepers = 0
     private var stopping = false
@@ -30,6 +38,16 @@ final class ReadyQueue: @unchecked Sendable {
     private var retired: [AnyObject] = []
     /// How many retired objects may wait while every shard thread sleeps.
     static let retiredWhileIdle = 32
+
+    init(onIdle: (@Sendable () -> Void)? = nil) {
+        self.onIdle = onIdle
+    }
+
+    var areProducing: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return running > 0 || !ready.isEmpty
+    }
 
     /// Queues `work`; returns how many works are queued. The caller guarantees it is not queued twice at once.
     func push(_ work: any ShardWork) -> Int {
@@ -44,8 +62,17 @@ final class ReadyQueue: @unchecked Sendable {
     /// The oldest work, waiting for one; `nil` once stopping and nothing is left. On the way it drops
     /// up to two retired objects (as many as a turn retires, with room to catch up); a thread with
     /// nothing to run drops them all before it waits.
-    func pop() -> (any ShardWork)? {
+    /// - Parameter afterTurn: the calling thread has just run a turn (the work its last call returned).
+    func pop(afterTurn: Bool = false) -> (any ShardWork)? {
         condition.lock()
+        if afterTurn {
+            running -= 1
+            if running == 0, ready.isEmpty, let onIdle {
+                condition.unlock()
+                onIdle()  // outside the lock: the journal's writer takes it while holding its own
+                condition.lock()
+            }
+        }
         while ready.isEmpty && !stopping {
             if !retired.isEmpty {
                 var dropping: [AnyObject] = []
@@ -60,6 +87,7 @@ final class ReadyQueue: @unchecked Sendable {
             sleepers -= 1
         }
         let work = ready.popFirst()
+        if work != nil { running += 1 }
         let first = retired.popLast()
         let second = retired.popLast()
         condition.unlock()
@@ -139,7 +167,9 @@ final class Shard: Sendable {
 
     private func run() {
         Thread.current.name = "de-shard-\(index)"  // shows in top -H, perf and gdb
-        while let work = queue.pop() {
+        var ran = false
+        while let work = queue.pop(afterTurn: ran) {
+            ran = true
             let started = DispatchTime.now().uptimeNanoseconds
             work.runTurn()
             turnDuration.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - started))
