@@ -39,7 +39,14 @@ struct ScenarioOptions: Sendable {
     ///
     /// - Throws: ``ScenarioOptionsError`` when the value does not parse as `T`.
     func extra<T: LosslessStringConvertible>(_ key: String, full: T, quick quickDefault: T) throws -> T {
-        guard let text = extras[key] else { return quick ? quickDefault : full }
+        try extra(key, as: T.self) ?? (quick ? quickDefault : full)
+    }
+
+    /// A `--param key=value` setting read as `T`, or `nil` when not given.
+    ///
+    /// - Throws: ``ScenarioOptionsError`` when the value does not parse as `T`.
+    func extra<T: LosslessStringConvertible>(_ key: String, as type: T.Type) throws -> T? {
+        guard let text = extras[key] else { return nil }
         guard let parsed = T(text) else {
             throw ScenarioOptionsError(message: "--param \(key)=\(text): cannot read '\(text)' as \(T.self)")
         }

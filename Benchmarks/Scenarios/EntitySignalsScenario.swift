@@ -25,10 +25,10 @@ struct EntitySignalsScenario: BenchmarkScenario {
         let total = options.value(\.events, full: 1_000_000, quick: 20_000)
         let durability = try EntityBench.durability(options.extra("durability"), default: .durable)
         let snapshotEvery = try options.extra("snapshot-every", full: 100, quick: 100)
-        let shards: Int? = try options.extra("shards").map { _ in try options.extra("shards", full: 0, quick: 0) }
-        let maxPerTurn: Int? = try options.extra("max-per-turn").map { _ in try options.extra("max-per-turn", full: 0, quick: 0) }
+        let shards = try options.extra("shards", as: Int.self)
+        let maxPerTurn = try options.extra("max-per-turn", as: Int.self)
         let codec = options.extra("codec") ?? "binary"
-        let commitWindow: Int? = try options.extra("commit-window-us").map { _ in try options.extra("commit-window-us", full: 0, quick: 0) }
+        let commitWindow = try options.extra("commit-window-us", as: Int.self)
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("entity-signals")

@@ -50,9 +50,9 @@ struct SagaTransferScenario: BenchmarkScenario {
         let total = max(clients, options.value(\.events, full: 100_000, quick: 2_000))
         let accounts = max(2, options.value(\.entities, full: 1_000, quick: 1_000))
         let durability = try EntityBench.durability(options.extra("durability"), default: .durable)
-        let shards: Int? = try options.extra("shards").map { _ in try options.extra("shards", full: 0, quick: 0) }
-        let maxPerTurn: Int? = try options.extra("max-per-turn").map { _ in try options.extra("max-per-turn", full: 0, quick: 0) }
-        let commitWindow: Int? = try options.extra("commit-window-us").map { _ in try options.extra("commit-window-us", full: 0, quick: 0) }
+        let shards = try options.extra("shards", as: Int.self)
+        let maxPerTurn = try options.extra("max-per-turn", as: Int.self)
+        let commitWindow = try options.extra("commit-window-us", as: Int.self)
         let codec = options.extra("codec") ?? "binary"
         guard ["binary", "json", "raw"].contains(codec) else { throw BenchmarkFailure(message: "--param codec must be binary, json or raw") }
         let maxActivities = try options.extra("activities", full: 2_048, quick: 2_048)

@@ -28,6 +28,7 @@ struct CommitPacingTests {
             arrived.signal()
         }
         var all: [Result<CommitReceipt, JournalError>] { results.withLock { $0 } }
+        var allSucceeded: Bool { all.allSatisfy { if case .success = $0 { true } else { false } } }
         /// Waits for `count` results (at most 10 s each).
         func wait(for count: Int) -> Bool {
             (0..<count).allSatisfy { _ in arrived.wait(timeout: .now() + 10) == .success }
@@ -70,7 +71,7 @@ struct CommitPacingTests {
         producers.stop()
         journal.producersIdle()
         #expect(results.wait(for: 3))
-        #expect(results.all.allSatisfy { if case .success = $0 { true } else { false } })
+        #expect(results.allSucceeded)
         #expect(journal.statistics.commits - before == 1)
         for key in keys { #expect(try journal.latestSequence(of: key) == 1) }
     }
@@ -87,7 +88,7 @@ struct CommitPacingTests {
             submitFirstEvent(of: key, to: journal, results: results)
             #expect(results.wait(for: 1))
         }
-        #expect(results.all.allSatisfy { if case .success = $0 { true } else { false } })
+        #expect(results.allSucceeded)
         for key in keys { #expect(try journal.latestSequence(of: key) == 1) }
     }
 
@@ -105,7 +106,7 @@ struct CommitPacingTests {
         #expect(producers.asked.wait(timeout: .now() + 10) == .success)
         for key in keys.dropFirst() { submitFirstEvent(of: key, to: journal, results: results) }
         #expect(results.wait(for: 4))
-        #expect(results.all.allSatisfy { if case .success = $0 { true } else { false } })
+        #expect(results.allSucceeded)
         #expect(journal.statistics.commits - before == 1)
     }
 
@@ -120,7 +121,7 @@ struct CommitPacingTests {
         #expect(producers.asked.wait(timeout: .now() + 10) == .success)
         journal.close()
         #expect(results.wait(for: 1))
-        #expect(results.all.allSatisfy { if case .success = $0 { true } else { false } })
+        #expect(results.allSucceeded)
         let reopened = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
         defer { reopened.close() }
         #expect(try reopened.latestSequence(of: keys[0]) == 1)

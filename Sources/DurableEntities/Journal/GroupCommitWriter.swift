@@ -137,8 +137,8 @@ final class GroupCommitWriter: @unchecked Sendable {
 
     private func run() {
         Thread.current.name = "de-journal"  // shows in top -H, perf and gdb
-        while let batch = nextBatch() {
-            process(batch)
+        while let (batch, operations) = nextBatch() {
+            process(batch, operations: operations)
         }
         condition.lock()
         finished = true
@@ -146,8 +146,9 @@ final class GroupCommitWriter: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Blocks until something is queued; returns `nil` when closing and drained.
-    private func nextBatch() -> [Submission]? {
+    /// Blocks until something is queued; returns `nil` when closing and drained, else the batch and
+    /// its operation count.
+    private func nextBatch() -> (batch: [Submission], operations: Int)? {
         condition.lock()
         defer { condition.unlock() }
         while pending.isEmpty {
@@ -175,7 +176,7 @@ final class GroupCommitWriter: @unchecked Sendable {
             batch.append(pending.removeFirst())
         }
         pendingOperations -= operations
-        return batch
+        return (batch, operations)
     }
 
     // MARK: One group commit
@@ -191,7 +192,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         var mergePhase: NameMerge.Phase = .idle
     }
 
-    private func process(_ batch: [Submission]) {
+    private func process(_ batch: [Submission], operations: Int) {
         merge.advance(limit: configuration.deferredNameLimit, next: state.nextNameSequence, pending: pendingNames)
         let outcome: Outcome
         let started = ContinuousClock.now
@@ -217,7 +218,6 @@ final class GroupCommitWriter: @unchecked Sendable {
         }
         merge.phase = outcome.mergePhase
         let committed = ContinuousClock.now
-        let operations = batch.reduce(0) { $0 + $1.batch.operations.count }
         statistics.withLock { stats in
             stats.commits += 1
             stats.submissions += batch.count

@@ -103,7 +103,7 @@ final class ReadyQueue: CommitProducers, @unchecked Sendable {
     /// and command lists, built by turns) released on the commit-completion queue instead went
     /// back to a shard's arena under its lock, and the shards' next allocations of those sizes took
     /// the slow path; dropping such runs here, two after each turn, cut `saga-transfer`'s CPU a
-    /// transfer by ~3% (see ``pop()`` for when).
+    /// transfer by ~3% (see ``pop(afterTurn:)`` for when).
     func retire(_ object: AnyObject) {
         condition.lock()
         retired.append(object)
@@ -111,7 +111,7 @@ final class ReadyQueue: CommitProducers, @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Lets the threads run what is queued, then return from ``pop()`` with `nil`.
+    /// Lets the threads run what is queued, then return from ``pop(afterTurn:)`` with `nil`.
     func stop() {
         condition.lock()
         stopping = true
