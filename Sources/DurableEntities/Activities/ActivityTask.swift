@@ -27,11 +27,23 @@ struct ActivityTask: Codable, Sendable {
     var key: [UInt8] { Self.key(entity: entityKey, activity: activityID) }
 
     static func key(entity: UInt64, activity: UInt64) -> [UInt8] {
-        var bytes: [UInt8] = [keyPrefix]
-        withUnsafeBytes(of: entity.bigEndian) { bytes.append(contentsOf: $0) }
-        withUnsafeBytes(of: activity.bigEndian) { bytes.append(contentsOf: $0) }
-        return bytes
+        // One allocation (appending to a one-byte array grew it twice).
+        [UInt8](unsafeUninitializedCapacity: 17) { bytes, count in
+            let raw = UnsafeMutableRawBufferPointer(bytes)
+            raw[0] = keyPrefix
+            raw.storeBytes(of: entity.bigEndian, toByteOffset: 1, as: UInt64.self)
+            raw.storeBytes(of: activity.bigEndian, toByteOffset: 9, as: UInt64.self)
+            count = 17
+        }
     }
+
+    /// The task's identity in memory (its ``key``'s content, without building the bytes).
+    struct ID: Hashable, Sendable {
+        var entityKey: UInt64
+        var activityID: UInt64
+    }
+
+    var id: ID { ID(entityKey: entityKey, activityID: activityID) }
 
     /// The same for every attempt and across restarts.
     var idempotencyKey: String {

@@ -21,31 +21,56 @@ struct RegisteredActivity<A: Activity>: AnyActivity {
 /// timeouts, persists the attempt count between attempts, and hands each final outcome to the entity
 /// as a message, which records it.
 ///
+/// ## How attempts run
+/// A few *drains* (one per processor at most) take attempts from the queue, one after another, on
+/// threads of their own (Dispatch's global pool). Each attempt runs on a parked ``TurnRunner``, the
+/// way a local activity's does inside a turn: the drain runs the attempt's work on its own thread
+/// until the attempt ends or waits for something outside (I/O, a timer, another actor). An attempt
+/// that waits leaves the drain: it goes on by itself on the global executor, still counted among the
+/// running attempts, and the drain takes the next one. So an activity that computes and returns costs
+/// neither a task of its own nor a thread wake-up, and one that waits for a network answer does not
+/// hold a drain while it waits.
+///
 /// `@unchecked Sendable`: `core` is set once before use; everything else is in `Mutex`es.
 final class ActivityWorker: @unchecked Sendable {
     private unowned(unsafe) var core: RuntimeCore!
     private let activities = Mutex<[String: any AnyActivity]>([:])
     private struct Pool {
-        var running = 0
+        /// Attempts running, on a drain or waiting on their own (at most the limit).
+        var attempts = 0
+        /// Drains taking attempts from the queue.
+        var drains = 0
         var queue = Deque<ActivityTask>()
         /// Tasks queued or running, by key: a task is never run twice at once.
-        var active: Set<[UInt8]> = []
+        var active: Set<ActivityTask.ID> = []
         /// The runtime is closing: no attempt starts, outcomes of running ones are dropped once the
         /// grace period ended (their tasks stay stored and run again at the next open).
         var closing = false
+
+        /// Whether a new drain is needed: attempts wait, a slot is free and fewer than `maxDrains`
+        /// drains run. If so, it is counted.
+        mutating func startsDrain(limit: Int, maxDrains: Int) -> Bool {
+            guard !closing, !queue.isEmpty, attempts < limit, drains < maxDrains else { return false }
+            drains += 1
+            return true
+        }
     }
-    /// The pool's queue, under one lock taken about three times per attempt (queue, pop, pop-or-exit):
+    /// The pool's queue, under one lock taken about twice per attempt (queue, then end-and-take-next):
     /// every activity of every entity goes through it, so it is kept short and apart from the rest.
     private let pool = Mutex(Pool())
-    /// The draining tasks, to cancel them when the grace period ends.
-    private struct Drains {
+    /// The attempts that left their drain (or their turn, for local ones), by id: close cancels them
+    /// when the grace period ends.
+    private struct Detached {
         var tasks: [UInt64: Task<Void, Never>] = [:]
         var next: UInt64 = 0
     }
-    private let drains = Mutex(Drains())
+    private let detached = Mutex(Detached())
     /// Outcomes are dropped (the grace period ended; the journal may be closed).
     private let abandonedFlag = Atomic<Bool>(false)
     private let limit: Int
+    /// The most drains at once: more threads than processors would not run attempts that compute any
+    /// faster, and attempts that wait do not hold a drain.
+    private let maxDrains: Int
     /// Work that waits for a registration: tasks whose activity is not registered yet, and final
     /// outcomes whose entity type is not registered yet. Registering delivers them.
     private struct Waiting {
@@ -54,7 +79,10 @@ final class ActivityWorker: @unchecked Sendable {
     }
     private let waiting = Mutex(Waiting())
 
-    init(limit: Int) { self.limit = max(1, limit) }
+    init(limit: Int, drains: Int = ProcessInfo.processInfo.activeProcessorCount) {
+        self.limit = max(1, limit)
+        self.maxDrains = max(1, min(self.limit, drains))
+    }
 
     func attach(_ core: RuntimeCore) { self.core = core }
 
@@ -74,29 +102,20 @@ final class ActivityWorker: @unchecked Sendable {
     func dispatch(_ task: ActivityTask) {
         let start = pool.withLock { pool -> Bool in
             // Closing: the task is stored, the next open runs it.
-            guard !pool.closing, pool.active.insert(task.key).inserted else { return false }
+            guard !pool.closing, pool.active.insert(task.id).inserted else { return false }
             pool.queue.append(task)
-            guard pool.running < limit else { return false }
-            pool.running += 1
-            return true
+            return pool.startsDrain(limit: limit, maxDrains: maxDrains)
         }
-        guard start else { return }
-        startDrain()
+        if start { startDrain() }
     }
 
-    /// Starts a task that runs queued attempts (a pool slot is taken). It keeps the core alive: an
-    /// attempt abandoned by ``close(gracePeriod:)`` may return after the runtime is gone.
+    /// Starts a drain (already counted) on a thread of Dispatch's global pool: not a task, since it
+    /// runs the attempts' work itself, as a shard runs a turn's.
     private func startDrain() {
         core.becameBusy()
-        let core: RuntimeCore = core
-        drains.withLock { drains in
-            let id = drains.next
-            drains.next += 1
-            drains.tasks[id] = Task {
-                await self.drain()
-                self.drains.withLock { _ = $0.tasks.removeValue(forKey: id) }
-                core.becameIdle()
-            }
+        DispatchQueue.global().async { [self] in
+            drain()
+            core.becameIdle()
         }
     }
 
@@ -109,46 +128,57 @@ final class ActivityWorker: @unchecked Sendable {
     func close(gracePeriod: Duration, waitUntilIdle: (ContinuousClock.Instant) -> Bool) {
         pool.withLock { pool in
             pool.closing = true
-            for task in pool.queue { pool.active.remove(task.key) }
+            for task in pool.queue { pool.active.remove(task.id) }
             pool.queue.removeAll()
         }
         if waitUntilIdle(.now + gracePeriod) { return }
-        let running = drains.withLock { Array($0.tasks.values) }
-        if !running.isEmpty {
+        let running = detached.withLock { Array($0.tasks.values) }
+        if runningAttempts > 0 {
             core.logger.warning("closing: activity attempts still running after the grace period are cancelled",
-                                metadata: ["attempts": "\(running.count)", "gracePeriod": "\(gracePeriod)"])
+                                metadata: ["attempts": "\(runningAttempts)", "gracePeriod": "\(gracePeriod)"])
         }
-        for drain in running { drain.cancel() }
+        for attempt in running { attempt.cancel() }
         if waitUntilIdle(.now + .seconds(1)) { return }
         abandonedFlag.store(true, ordering: .releasing)
-        let stuck = drains.withLock { $0.tasks.count }
         core.logger.warning("closing: activity attempts that ignore cancellation are abandoned; they run again at the next open",
-                            metadata: ["attempts": "\(stuck)"])
+                            metadata: ["attempts": "\(runningAttempts)"])
     }
 
     /// Whether an attempt's outcome must be dropped (the runtime closed without it).
     private var abandoned: Bool { abandonedFlag.load(ordering: .acquiring) }
 
-    /// Running attempts (drains), for the close's idleness check.
-    var runningAttempts: Int { drains.withLock { $0.tasks.count } }
+    /// What may still be running attempts, for the close's idleness check: the attempts that left
+    /// their drain or turn, and the drains (one may be inside an attempt that blocks its thread).
+    var runningAttempts: Int {
+        detached.withLock { $0.tasks.count } + pool.withLock { $0.drains }
+    }
 
-    /// Runs queued attempts until the queue is empty, then gives its slot back. Taking the next task
-    /// and giving the slot back happen under one lock, so a task queued meanwhile either is taken
-    /// here or finds a free slot in ``dispatch(_:)``.
-    private func drain() async {
-        var next = pool.withLock { pool -> ActivityTask? in
-            if !pool.closing, let task = pool.queue.popFirst() { return task }
-            pool.running -= 1
-            return nil
-        }
-        while let task = next {
-            await attempt(task)
-            next = pool.withLock { pool -> ActivityTask? in
-                pool.active.remove(task.key)
-                if !pool.closing, let task = pool.queue.popFirst() { return task }
-                pool.running -= 1
+    /// The pool's counts: attempts queued, attempts running (on a drain or waiting on their own), drains.
+    var poolCounts: (queued: Int, running: Int, drains: Int) {
+        pool.withLock { ($0.queue.count, $0.attempts, $0.drains) }
+    }
+
+    /// Takes attempts from the queue and runs them, until the queue is empty or every slot is taken;
+    /// then the drain ends. Ending an attempt, taking the next and ending the drain happen under one
+    /// lock, so a task queued meanwhile either is taken here or starts a drain in ``dispatch(_:)``.
+    private func drain() {
+        var ended: ActivityTask?
+        while true {
+            let next = pool.withLock { pool -> ActivityTask? in
+                if let ended {
+                    pool.active.remove(ended.id)
+                    pool.attempts -= 1
+                }
+                if !pool.closing, pool.attempts < limit, let task = pool.queue.popFirst() {
+                    pool.attempts += 1
+                    return task
+                }
+                pool.drains -= 1
                 return nil
             }
+            guard let task = next else { return }
+            // An attempt that left the drain ends its slot itself.
+            ended = attempt(task) ? task : nil
         }
     }
 
@@ -211,7 +241,10 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    private func attempt(_ task: ActivityTask) async {
+    /// Runs an attempt of `task` on a runner, on the drain's thread. Returns `true` if it ended here
+    /// (or waits for its activity's registration); `false` if it waits for something outside and goes
+    /// on by itself (it then ends its pool slot itself).
+    private func attempt(_ task: ActivityTask) -> Bool {
         // An activity not registered (yet) waits for its registration: after a restart, tasks are
         // recovered before the application has registered everything.
         let found = activities.withLock { registered -> (any AnyActivity)? in
@@ -221,10 +254,46 @@ final class ActivityWorker: @unchecked Sendable {
         }
         guard let activity = found else {
             core.logger.debug("an activity waits for its registration", metadata: ["activity": "\(task.name)"])
-            return
+            return true
         }
-        let ended = await perform(task, activity, on: nil)
-        apply(decide(task, ended), to: task)
+        let runner = TurnRunner.start(in: core.runners) { [self] runner in
+            let ended = await perform(task, activity, on: runner.executor)
+            apply(decide(task, ended), to: task)
+            if runner.executor.finishInline() { return true }
+            detachedAttemptEnded(task, id: runner.executor.drainID)
+            return false
+        }
+        if runner.drain().parked { return true }
+        // It waits for something outside: registered (so a close can cancel it) before it can end.
+        track(runner)
+        let left = runner.executor.detach()
+        assert(left, "an attempt that did not end is still inline")
+        return false
+    }
+
+    /// An attempt that left its drain ended (its outcome carried out): its slot is free, which may
+    /// let a queued attempt start.
+    private func detachedAttemptEnded(_ task: ActivityTask, id: UInt64?) {
+        if let id { detached.withLock { _ = $0.tasks.removeValue(forKey: id) } }
+        let start = pool.withLock { pool -> Bool in
+            pool.active.remove(task.id)
+            pool.attempts -= 1
+            return pool.startsDrain(limit: limit, maxDrains: maxDrains)
+        }
+        if start { startDrain() }
+        core.becameIdle()
+    }
+
+    /// Counts an attempt leaving its drain or turn as busy and keeps its task, for a close to cancel.
+    private func track(_ runner: TurnRunner) {
+        core.becameBusy()
+        let id = detached.withLock { detached -> UInt64 in
+            let id = detached.next
+            detached.next += 1
+            detached.tasks[id] = runner.task
+            return id
+        }
+        runner.executor.drainID = id
     }
 
     /// How an attempt ended: its result, the timeout that ended it, its last heartbeat details.
@@ -437,7 +506,7 @@ final class ActivityWorker: @unchecked Sendable {
                 stored.entityKey = key
                 apply(decision, to: stored)
             }
-            if let id = executor.drainID { drains.withLock { _ = $0.tasks.removeValue(forKey: id) } }
+            if let id = executor.drainID { detached.withLock { _ = $0.tasks.removeValue(forKey: id) } }
             core.becameIdle()
         }
         return false
@@ -448,14 +517,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// Returns whether it still runs (the turn then stores its task).
     func detach(_ runner: TurnRunner) -> Bool {
         guard runner.executor.detach() else { return false }
-        core.becameBusy()
-        let id = drains.withLock { drains -> UInt64 in
-            let id = drains.next
-            drains.next += 1
-            drains.tasks[id] = runner.task
-            return id
-        }
-        runner.executor.drainID = id
+        track(runner)
         return true
     }
 

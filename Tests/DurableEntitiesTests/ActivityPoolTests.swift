@@ -1,0 +1,118 @@
+@testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Synchronization
+import Testing
+
+/// The pool that runs activities outside the shards: its bound, its queue, and attempts that wait.
+@Suite("Activity pool")
+struct ActivityPoolTests {
+    /// Attempts of the gated `Step` stub: each reports its start and waits for its label's gate.
+    final class GatedSteps: Sendable {
+        private struct State {
+            var gates: [String: AsyncGate] = [:]
+            var running = 0
+            var mostAtOnce = 0
+        }
+        private let state = Mutex(State())
+        let started: AsyncStream<String>
+        private let didStart: AsyncStream<String>.Continuation
+
+        init() { (started, didStart) = AsyncStream.makeStream(of: String.self) }
+
+        func gate(_ label: String) -> AsyncGate {
+            state.withLock { state in
+                if let gate = state.gates[label] { return gate }
+                let gate = AsyncGate()
+                state.gates[label] = gate
+                return gate
+            }
+        }
+
+        var mostAtOnce: Int { state.withLock { $0.mostAtOnce } }
+
+        func stub() -> ActivityStub<Step> {
+            ActivityStub<Step> { [self] label, _ in
+                state.withLock { state in
+                    state.running += 1
+                    state.mostAtOnce = max(state.mostAtOnce, state.running)
+                }
+                didStart.yield(label)
+                await gate(label).wait()
+                state.withLock { $0.running -= 1 }
+                return "done:\(label)"
+            }
+        }
+    }
+
+    /// Waits until every commit submitted so far has had its completions run (they run in order, and
+    /// the activities a turn schedules are queued in its commit's completion): one more committed turn.
+    private func afterPendingCompletions(_ runtime: EntityRuntime) async throws {
+        try await runtime.entity(Account.self, id: "barrier").signal(.deposit(1))
+    }
+
+    @Test("at most maxConcurrentActivities attempts run at once; the others wait in the queue and start as slots free",
+          .timeLimit(.minutes(1)))
+    func boundedConcurrency() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = EntityRuntime.Configuration(directory: directory.path, maxConcurrentActivities: 3, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        let steps = GatedSteps()
+        let runtime = try EntityRuntime(configuration: configuration, activities: [steps.stub()])
+        defer { runtime.close() }
+        runtime.register(Account.self)
+        let labels = (0..<6).map { "s\($0)" }
+        for label in labels { try await runtime.entity(CallStep.self, id: label).start(.init(label: label, options: .default)) }
+
+        var started = steps.started.makeAsyncIterator()
+        var running: [String] = []
+        for _ in 0..<3 { running.append(await started.next()!) }
+        try await afterPendingCompletions(runtime)
+        // Every attempt is dispatched: three run, three wait.
+        let counts = runtime.core.activities.poolCounts
+        #expect(counts.running == 3 && counts.queued == 3)
+
+        // Each attempt that ends lets exactly one queued attempt start.
+        var finished: Set<String> = []
+        while finished.count < labels.count {
+            let next = running.removeFirst()
+            steps.gate(next).open()
+            finished.insert(next)
+            #expect(try await runtime.entity(CallStep.self, id: next).result() == "done:\(next)")
+            if finished.count + running.count < labels.count { running.append(await started.next()!) }
+        }
+        #expect(steps.mostAtOnce == 3)
+        #expect(Set(labels) == finished)
+        let after = runtime.core.activities.poolCounts
+        #expect(after.queued == 0)
+    }
+
+    @Test("attempts that wait for something outside do not hold the pool's threads: a quick activity completes while 16 others wait",
+          .timeLimit(.minutes(1)))
+    func waitingAttemptsDoNotBlockOthers() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = EntityRuntime.Configuration(directory: directory.path, maxConcurrentActivities: 64, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        let steps = GatedSteps()
+        let runtime = try EntityRuntime(configuration: configuration, activities: [steps.stub()])
+        defer { runtime.close() }
+        let waiting = (0..<16).map { "w\($0)" }
+        for label in waiting { try await runtime.entity(CallStep.self, id: label).start(.init(label: label, options: .default)) }
+        var started = steps.started.makeAsyncIterator()
+        var seen: Set<String> = []
+        for _ in waiting { seen.insert(await started.next()!) }
+        #expect(seen == Set(waiting))
+        // All 16 are waiting on their gates (more than this machine has processors, so more than
+        // the pool has drains); one more attempt still runs and ends.
+        steps.gate("quick").open()
+        let quick = runtime.entity(CallStep.self, id: "quick")
+        try await quick.start(.init(label: "quick", options: .default))
+        #expect(try await quick.result() == "done:quick")
+        for label in waiting { steps.gate(label).open() }
+        for label in waiting { #expect(try await runtime.entity(CallStep.self, id: label).result() == "done:\(label)") }
+        // The quick attempt ran while the 16 waited.
+        #expect(steps.mostAtOnce == 17)
+    }
+}
