@@ -8,6 +8,11 @@ import Synchronization
 /// once (a retry, a crash before the outcome was recorded), so they must be idempotent: use
 /// ``ActivityContext/idempotencyKey``, which is the same on every attempt and across restarts.
 ///
+/// The pool runs an attempt on one of a few threads (one per processor) until the attempt returns or
+/// awaits something outside (a network answer, a timer, an actor); from then on it waits without
+/// holding a thread, and counts against ``EntityRuntime/Configuration/maxConcurrentActivities`` until
+/// it returns. Await I/O rather than block on it: a blocking call holds one of those threads.
+///
 /// ## Usage
 /// ```swift
 /// struct Charge: Activity {

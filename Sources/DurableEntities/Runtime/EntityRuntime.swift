@@ -45,7 +45,9 @@ public final class EntityRuntime: Sendable {
         /// How many finished runs keep their history after continue-as-new: 1 (the default) keeps the
         /// previous run's, 0 keeps none.
         public var keepRuns: Int
-        /// The most activity attempts running at once; more wait in the pool's queue.
+        /// The most activity attempts running at once, counting those that await I/O; more wait in
+        /// the pool's queue. Attempts that compute run on at most one thread per processor whatever
+        /// this is, so it bounds how many calls can be outstanding at once (to a gateway, a database).
         public var maxConcurrentActivities: Int
         /// How long ``EntityRuntime/close()`` lets running activity attempts finish before it cancels
         /// them (an attempt that ignores cancellation is abandoned a second later; its task runs again

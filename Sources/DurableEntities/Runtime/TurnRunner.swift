@@ -17,6 +17,9 @@ import Synchronization
 /// task (as for a pool activity, so a crash runs it again at open), and its outcome reaches the
 /// entity as a message once the turn's commit is durable.
 ///
+/// A pool activity's attempt runs the same way on one of the activity pool's drain threads (see
+/// ``ActivityWorker``): the drain is its "turn", and an attempt that waits is detached from it.
+///
 /// `@unchecked Sendable`: all mutable state is under `state`.
 final class TurnExecutor: TaskExecutor, @unchecked Sendable {
     private enum Phase: Equatable {
@@ -137,8 +140,8 @@ final class TurnExecutor: TaskExecutor, @unchecked Sendable {
     }
 }
 
-/// A task whose jobs run inside turns, one job after another: a run body (its whole life), or a local
-/// activity's attempt. Its ``TurnExecutor`` queues the job's work; the turn drains it.
+/// A task whose jobs run inside turns, one job after another: a run body (its whole life), a local
+/// activity's attempt, or a pool activity's attempt (whose "turn" is the activity pool's drain). Its ``TurnExecutor`` queues the job's work; the turn drains it.
 ///
 /// A task per job cost its creation, the task allocator's first slab (a 1 KiB block, glibc's slow
 /// path, which first consolidates every freed small block) and the task's destruction; a runner pays
