@@ -47,6 +47,13 @@ struct ActivityPoolTests {
 
     /// Waits until every commit submitted so far has had its completions run (they run in order, and
     /// the activities a turn schedules are queued in its commit's completion): one more committed turn.
+    /// A quiet runtime in `directory` whose pool runs `limit` attempts at once, with `steps` as `Step`.
+    private func open(_ directory: TemporaryDirectory, limit: Int, _ steps: GatedSteps) throws -> EntityRuntime {
+        var configuration = EntityRuntime.Configuration(directory: directory.path, maxConcurrentActivities: limit, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        return try EntityRuntime(configuration: configuration, activities: [steps.stub()])
+    }
+
     private func afterPendingCompletions(_ runtime: EntityRuntime) async throws {
         try await runtime.entity(Account.self, id: "barrier").signal(.deposit(1))
     }
@@ -56,10 +63,8 @@ struct ActivityPoolTests {
     func boundedConcurrency() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
-        var configuration = EntityRuntime.Configuration(directory: directory.path, maxConcurrentActivities: 3, logger: quietLogger)
-        configuration.journal.logger = quietLogger
         let steps = GatedSteps()
-        let runtime = try EntityRuntime(configuration: configuration, activities: [steps.stub()])
+        let runtime = try open(directory, limit: 3, steps)
         defer { runtime.close() }
         runtime.register(Account.self)
         let labels = (0..<6).map { "s\($0)" }
@@ -93,10 +98,8 @@ struct ActivityPoolTests {
     func waitingAttemptsDoNotBlockOthers() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
-        var configuration = EntityRuntime.Configuration(directory: directory.path, maxConcurrentActivities: 64, logger: quietLogger)
-        configuration.journal.logger = quietLogger
         let steps = GatedSteps()
-        let runtime = try EntityRuntime(configuration: configuration, activities: [steps.stub()])
+        let runtime = try open(directory, limit: 64, steps)
         defer { runtime.close() }
         let waiting = (0..<16).map { "w\($0)" }
         for label in waiting { try await runtime.entity(CallStep.self, id: label).start(.init(label: label, options: .default)) }
