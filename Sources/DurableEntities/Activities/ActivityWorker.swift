@@ -133,9 +133,10 @@ final class ActivityWorker: @unchecked Sendable {
         }
         if waitUntilIdle(.now + gracePeriod) { return }
         let running = detached.withLock { Array($0.tasks.values) }
-        if runningAttempts > 0 {
+        let count = runningAttempts
+        if count > 0 {
             core.logger.warning("closing: activity attempts still running after the grace period are cancelled",
-                                metadata: ["attempts": "\(runningAttempts)", "gracePeriod": "\(gracePeriod)"])
+                                metadata: ["attempts": "\(count)", "gracePeriod": "\(gracePeriod)"])
         }
         for attempt in running { attempt.cancel() }
         if waitUntilIdle(.now + .seconds(1)) { return }
@@ -260,13 +261,12 @@ final class ActivityWorker: @unchecked Sendable {
             let ended = await perform(task, activity, on: runner.executor)
             apply(decide(task, ended), to: task)
             if runner.executor.finishInline() { return true }
-            detachedAttemptEnded(task, id: runner.executor.drainID)
+            detachedAttemptEnded(task, id: runner.executor.trackingID)
             return false
         }
         if runner.drain().parked { return true }
-        // It waits for something outside: registered (so a close can cancel it) before it can end.
-        track(runner)
-        let left = runner.executor.detach()
+        // It waits for something outside: it goes on by itself.
+        let left = detach(runner)
         assert(left, "an attempt that did not end is still inline")
         return false
     }
@@ -274,14 +274,13 @@ final class ActivityWorker: @unchecked Sendable {
     /// An attempt that left its drain ended (its outcome carried out): its slot is free, which may
     /// let a queued attempt start.
     private func detachedAttemptEnded(_ task: ActivityTask, id: UInt64?) {
-        if let id { detached.withLock { _ = $0.tasks.removeValue(forKey: id) } }
         let start = pool.withLock { pool -> Bool in
             pool.active.remove(task.id)
             pool.attempts -= 1
             return pool.startsDrain(limit: limit, maxDrains: maxDrains)
         }
         if start { startDrain() }
-        core.becameIdle()
+        untrack(id)
     }
 
     /// Counts an attempt leaving its drain or turn as busy and keeps its task, for a close to cancel.
@@ -293,7 +292,13 @@ final class ActivityWorker: @unchecked Sendable {
             detached.tasks[id] = runner.task
             return id
         }
-        runner.executor.drainID = id
+        runner.executor.trackingID = id
+    }
+
+    /// A tracked attempt ended (or did not leave after all): undoes ``track(_:)``.
+    private func untrack(_ id: UInt64?) {
+        if let id { detached.withLock { _ = $0.tasks.removeValue(forKey: id) } }
+        core.becameIdle()
     }
 
     /// How an attempt ended: its result, the timeout that ended it, its last heartbeat details.
@@ -506,18 +511,21 @@ final class ActivityWorker: @unchecked Sendable {
                 stored.entityKey = key
                 apply(decision, to: stored)
             }
-            if let id = executor.drainID { detached.withLock { _ = $0.tasks.removeValue(forKey: id) } }
-            core.becameIdle()
+            untrack(executor.trackingID)
         }
         return false
     }
 
-    /// The turn that started the attempt on `runner` ends: if the attempt still runs, it continues
-    /// outside the turn (counted as running, cancelled by a closing runtime like the pool's attempts).
-    /// Returns whether it still runs (the turn then stores its task).
+    /// The turn (or drain) that started the attempt on `runner` is done with it: if the attempt still
+    /// runs, it continues on its own (counted as running, cancelled by a closing runtime). Returns
+    /// whether it still runs (a turn then stores its task). Tracked before it leaves, since it may
+    /// end on another thread at once.
     func detach(_ runner: TurnRunner) -> Bool {
-        guard runner.executor.detach() else { return false }
         track(runner)
+        guard runner.executor.detach() else {
+            untrack(runner.executor.trackingID)
+            return false
+        }
         return true
     }
 

@@ -53,7 +53,7 @@ final class TurnExecutor: TaskExecutor, @unchecked Sendable {
         /// The scheduling turn's commit is done (with the entity's key), or the completion that waits for it.
         var scheduled: (key: UInt64, ok: Bool)?
         var pending: (@Sendable (_ key: UInt64, _ ok: Bool) -> Void)?
-        var drainID: UInt64?
+        var trackingID: UInt64?
     }
     private let state = Mutex(State())
 
@@ -65,10 +65,10 @@ final class TurnExecutor: TaskExecutor, @unchecked Sendable {
         }
     }
 
-    /// Its handle among the worker's running attempts, once detached.
-    var drainID: UInt64? {
-        get { state.withLock { $0.drainID } }
-        set { state.withLock { $0.drainID = newValue } }
+    /// Its handle among the worker's attempts that left their turn or drain, once detached.
+    var trackingID: UInt64? {
+        get { state.withLock { $0.trackingID } }
+        set { state.withLock { $0.trackingID = newValue } }
     }
 
     func enqueue(_ job: consuming ExecutorJob) {
@@ -157,8 +157,9 @@ final class TurnExecutor: TaskExecutor, @unchecked Sendable {
 /// touched by the runner's own jobs and, after the runner parked (under the pool's lock), by the turn
 /// that takes it.
 final class TurnRunner: @unchecked Sendable {
-    /// A job: runs on the runner (whose executor it may use); returns whether it ended inside its
-    /// turn (`false`: it left the turn, and the runner ends with it).
+    /// A job: runs on the runner (whose executor it may use); returns what its executor's
+    /// ``TurnExecutor/finishInline()`` said at its end: whether it ended inside its turn (`false`: it
+    /// left the turn, and the runner ends with it).
     typealias Job = @Sendable (TurnRunner) async -> Bool
 
     let executor = TurnExecutor()
@@ -195,7 +196,6 @@ final class TurnRunner: @unchecked Sendable {
         var job = first.take()!
         while true {
             guard await Self.perform(consume job, on: self) else { return }
-            _ = executor.finishInline()
             guard let next = await nextJob() else { return }
             job = next
         }

@@ -96,13 +96,13 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         // from one by doubling was an allocation at each step.
         issued.reserveCapacity(4)
         started = true
-        runner = TurnRunner.start(in: runners) { [self] _ in
+        runner = TurnRunner.start(in: runners) { [self] runner in
             // Only the await here; the rest is out of line, which keeps the job's frame (allocated
             // on the runner's stack for every run) small.
             let ended: Result<W.Output, any Error>
             do { ended = .success(try await W.run(input, context: context)) } catch { ended = .failure(error) }
             bodyEnded(ended)
-            return true
+            return runner.executor.finishInline()  // always inside a turn: a body's runner never leaves
         }
         settle()
     }
