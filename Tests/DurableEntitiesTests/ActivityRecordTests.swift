@@ -33,6 +33,19 @@ struct ActivityRecordTests {
         #expect(Self.same(decoded, task))
     }
 
+    @Test("records are sized exactly before they are written (one allocation each)")
+    func exactSizes() {
+        for (heartbeat, error) in [([UInt8]?.none, String?.none), ([], ""), ([9, 8, 7], "gateway down")] {
+            for options in [Self.options, .default] {
+                var task = Self.task(heartbeat: heartbeat, error: error)
+                task.options = options
+                #expect(task.encoded().count == task.encodedSize)
+                let spec = ScheduledActivity(name: "déposit", input: [1, 2], options: options)
+                #expect(spec.encoded().count == spec.encodedSize)
+            }
+        }
+    }
+
     @Test("a task stored by an earlier version (binary codec) still decodes")
     func legacyTask() throws {
         let task = Self.task(heartbeat: [1], error: "x")

@@ -9,6 +9,25 @@ enum ActivityRecordFormat {
     static let marker: UInt8 = 0xA1
 }
 
+/// Exact sizes of the stored forms, so that a record is written into one allocation (a buffer
+/// reserved short grows once: a second allocation, a copy and a free).
+enum ActivityRecordSize {
+    static func of(_ value: String) -> Int { 4 + value.utf8.count }
+    static func of(_ value: [UInt8]) -> Int { 4 + value.count }
+    static func of(optional value: Duration?) -> Int { value == nil ? 1 : 17 }
+    static func of(optional value: String?) -> Int { value.map { 1 + of($0) } ?? 1 }
+    static func of(optional value: [UInt8]?) -> Int { value.map { 1 + of($0) } ?? 1 }
+
+    /// `ByteWriter.append(_: ActivityOptions)`'s bytes.
+    static func of(_ options: ActivityOptions) -> Int {
+        let retry = options.retry
+        var size = 16 + 8 + of(optional: retry.maximumInterval) + 8 + 8
+        for type in retry.nonRetryableErrorTypes { size += of(type) }
+        return size + of(optional: options.startToCloseTimeout) + of(optional: options.scheduleToCloseTimeout)
+            + of(optional: options.heartbeatTimeout)
+    }
+}
+
 extension ByteWriter {
     mutating func append(signed value: Int64) { append(UInt64(bitPattern: value)) }
 
@@ -94,7 +113,7 @@ extension ActivityTask {
     /// The stored form (see ``ActivityRecordFormat``).
     func encoded() -> [UInt8] {
         var writer = ByteWriter()
-        writer.bytes.reserveCapacity(96 + entityType.utf8.count + entityID.utf8.count + name.utf8.count + input.count)
+        writer.bytes.reserveCapacity(encodedSize)
         writer.append(ActivityRecordFormat.marker)
         writer.append(entityType)
         writer.append(entityID)
@@ -111,6 +130,13 @@ extension ActivityTask {
         writer.append(optional: lastErrorType)
         writer.append(optional: lastError)
         return writer.bytes
+    }
+
+    /// The stored form's bytes.
+    var encodedSize: Int {
+        typealias Size = ActivityRecordSize
+        return 1 + Size.of(entityType) + Size.of(entityID) + 3 * 8 + Size.of(name) + Size.of(input) + Size.of(options) + 3 * 8
+            + Size.of(optional: heartbeat) + Size.of(optional: lastErrorType) + Size.of(optional: lastError)
     }
 
     /// Decodes a stored task, in this form or the binary codec's of earlier versions; `nil` if malformed.
@@ -135,7 +161,7 @@ extension ScheduledActivity {
     /// The stored form (see ``ActivityRecordFormat``).
     func encoded() -> [UInt8] {
         var writer = ByteWriter()
-        writer.bytes.reserveCapacity(Self.estimatedSize(name: name, input: input))
+        writer.bytes.reserveCapacity(encodedSize)
         write(to: &writer)
         return writer.bytes
     }
@@ -148,8 +174,8 @@ extension ScheduledActivity {
         writer.append(options)
     }
 
-    /// Room for the stored form with default options (more grows the buffer).
-    private static func estimatedSize(name: String, input: [UInt8]) -> Int { 80 + name.utf8.count + input.count }
+    /// The stored form's bytes.
+    var encodedSize: Int { 1 + ActivityRecordSize.of(name) + ActivityRecordSize.of(input) + ActivityRecordSize.of(options) }
 
     /// Decodes an `activityScheduled` event's spec, in this form or the binary codec's of earlier versions.
     static func decode(_ bytes: ArraySlice<UInt8>) -> ScheduledActivity? {
