@@ -183,6 +183,46 @@ struct JournalTests {
         #expect(try journal.events(of: key).map(\.sequence) == [11])
     }
 
+    @Test("task rows: inline and long keys are stored, listed in key order by prefix, replaced and deleted; bad key sizes are refused")
+    func taskRows() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        defer { journal.close() }
+        let inline = TaskKey(prefix: 0x61, 7, 1 << 40)
+        #expect(inline.count == 17)
+        #expect(inline.bytes == [0x61, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 1, 0, 0, 0, 0, 0])
+        #expect(TaskKey(inline.bytes) == inline)
+        let long = TaskKey([0x61] + [UInt8](repeating: 0xEE, count: 40))  // held in an array
+        let edge = TaskKey([0x61] + [UInt8](repeating: 0x01, count: TaskKey.inlineCapacity - 1))  // the longest inline one
+        #expect(long.count == 41 && edge.count == TaskKey.inlineCapacity)
+        var batch = JournalBatch()
+        batch.putTask(long, value: bytes("long"))
+        batch.putTask(inline, value: bytes("first"))
+        batch.putTask(key: edge.bytes, value: bytes("edge"))
+        batch.putTask(key: [0x6D, 1], value: bytes("other prefix"))
+        _ = try await journal.commit(batch)
+        #expect(try journal.tasks(prefix: [0x61]).map(\.key) == [inline.bytes, edge.bytes, long.bytes])
+        #expect(try journal.task(forKey: long.bytes) == bytes("long"))
+
+        var next = JournalBatch()
+        next.putTask(inline, value: bytes("replaced"))
+        next.deleteTask(long)
+        next.deleteTask(key: edge.bytes)
+        next.deleteTask(TaskKey(prefix: 0x61, 99, 99))  // absent: no effect
+        _ = try await journal.commit(next)
+        #expect(try journal.tasks(prefix: [0x61]).map(\.value) == [bytes("replaced")])
+        #expect(try journal.tasks().count == 2)
+
+        for key in [[UInt8](), [UInt8](repeating: 1, count: 512)] {
+            var bad = JournalBatch()
+            bad.putTask(key: key, value: bytes("x"))
+            let error = await #expect(throws: JournalError.self) { try await journal.commit(bad) }
+            #expect(error?.code == .nameTooLong)
+        }
+        #expect(try journal.tasks().count == 2)
+    }
+
     @Test("a damaged record gives a typed error naming the entity and sequence", arguments: ["history", "log"])
     func corruptedRecord(database: String) async throws {
         let directory = TemporaryDirectory()

@@ -24,17 +24,10 @@ struct ActivityTask: Codable, Sendable {
     static let keyPrefix: UInt8 = 0x61  // "a"
 
     /// `a`, the entity key, the activity id: an entity's tasks sort together.
-    var key: [UInt8] { Self.key(entity: entityKey, activity: activityID) }
+    var key: TaskKey { Self.key(entity: entityKey, activity: activityID) }
 
-    static func key(entity: UInt64, activity: UInt64) -> [UInt8] {
-        // One allocation (appending to a one-byte array grew it twice).
-        [UInt8](unsafeUninitializedCapacity: 17) { bytes, count in
-            let raw = UnsafeMutableRawBufferPointer(bytes)
-            raw[0] = keyPrefix
-            raw.storeBytes(of: entity.bigEndian, toByteOffset: 1, as: UInt64.self)
-            raw.storeBytes(of: activity.bigEndian, toByteOffset: 9, as: UInt64.self)
-            count = 17
-        }
+    static func key(entity: UInt64, activity: UInt64) -> TaskKey {
+        TaskKey(prefix: keyPrefix, entity, activity)  // held inline: no allocation
     }
 
     /// The task's identity in memory (its ``key``'s content, without building the bytes).

@@ -473,9 +473,9 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// The rows of a retry: the task with its next attempt, and the timer that runs it.
     static func addRetry(_ next: ActivityTask, to batch: inout JournalBatch) {
-        batch.putTask(key: next.key, value: next.encoded())
+        batch.putTask(next.key, value: next.encoded())
         batch.scheduleTimer(JournalTimer(dueNanoseconds: next.notBefore, entity: EntityKey(rawValue: next.entityKey),
-                                         id: next.activityID | (1 << 63), payload: [1] + next.key))
+                                         id: next.activityID | (1 << 63), payload: [1] + next.key.bytes))
     }
 
     // MARK: Local activities

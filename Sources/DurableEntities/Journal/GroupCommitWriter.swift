@@ -511,9 +511,11 @@ private struct CommitContext {
             case .cancelTimer(let due, let entity, let id):
                 try Key24(due, entity.rawValue, id).withBytes { key in _ = try txn.delete(key, in: stores.timers) }
             case .putTask(let key, let value):
-                try txn.put(value, forKey: key, in: stores.tasks)
+                try key.withUnsafeBytes { key in
+                    try value.withUnsafeBytes { value in try txn.put(value, forKey: key, in: stores.tasks) }
+                }
             case .deleteTask(let key):
-                _ = try txn.delete(key, in: stores.tasks)
+                _ = try key.withUnsafeBytes { key in try txn.delete(key, in: stores.tasks) }
             case .recordResult(let key, let payload):
                 let checksum = CRC32C.checksum(payload)
                 var record = [UInt8](repeating: 0, count: 4)

@@ -25,8 +25,8 @@ public struct JournalBatch: Sendable {
         case scheduleTimer(JournalTimer)
         case cancelTimer(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64)
         case recordResult(key: [UInt8], payload: [UInt8])
-        case putTask(key: [UInt8], value: [UInt8])
-        case deleteTask(key: [UInt8])
+        case putTask(key: TaskKey, value: [UInt8])
+        case deleteTask(key: TaskKey)
     }
 
     var operations: [Operation] = []
@@ -103,11 +103,21 @@ public struct JournalBatch: Sendable {
 
     /// Stores a pending task (work owed: an activity to run, a message to deliver), replacing any.
     public mutating func putTask(key: [UInt8], value: [UInt8]) {
+        operations.append(.putTask(key: TaskKey(key), value: value))
+    }
+
+    /// Stores a pending task under a key built without an allocation, replacing any.
+    public mutating func putTask(_ key: TaskKey, value: [UInt8]) {
         operations.append(.putTask(key: key, value: value))
     }
 
     /// Removes a pending task (no effect when absent).
     public mutating func deleteTask(key: [UInt8]) {
+        operations.append(.deleteTask(key: TaskKey(key)))
+    }
+
+    /// Removes a pending task (no effect when absent).
+    public mutating func deleteTask(_ key: TaskKey) {
         operations.append(.deleteTask(key: key))
     }
 
@@ -115,6 +125,64 @@ public struct JournalBatch: Sendable {
     public mutating func recordResult(forKey key: [UInt8], payload: [UInt8]) {
         operations.append(.recordResult(key: key, payload: payload))
     }
+}
+
+/// The key of a row in the journal's `tasks` table. Keys of up to ``inlineCapacity`` bytes (the
+/// runtime's own: an activity task's is 17) are held in the value itself, so that scheduling and
+/// finishing a task costs no allocation for its key; longer ones (up to 511 bytes) in an array.
+public struct TaskKey: Sendable, Hashable {
+    /// The longest key held inline.
+    public static let inlineCapacity = 24
+
+    private enum Storage: Sendable, Hashable {
+        case inline(UInt64, UInt64, UInt64, count: UInt8)
+        case bytes([UInt8])
+    }
+
+    private var storage: Storage
+
+    /// The key `bytes`.
+    public init(_ bytes: [UInt8]) {
+        guard bytes.count <= Self.inlineCapacity else {
+            storage = .bytes(bytes)
+            return
+        }
+        var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+        withUnsafeMutableBytes(of: &words) { $0.copyBytes(from: bytes) }
+        storage = .inline(words.0, words.1, words.2, count: UInt8(bytes.count))
+    }
+
+    /// The 17-byte key `prefix`, then `first` and `second` big-endian (they sort by number).
+    public init(prefix: UInt8, _ first: UInt64, _ second: UInt64) {
+        var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+        withUnsafeMutableBytes(of: &words) { raw in
+            raw[0] = prefix
+            raw.storeBytes(of: first.bigEndian, toByteOffset: 1, as: UInt64.self)
+            raw.storeBytes(of: second.bigEndian, toByteOffset: 9, as: UInt64.self)
+        }
+        storage = .inline(words.0, words.1, words.2, count: 17)
+    }
+
+    /// The key's length in bytes.
+    public var count: Int {
+        switch storage {
+        case .inline(_, _, _, let count): Int(count)
+        case .bytes(let bytes): bytes.count
+        }
+    }
+
+    /// Calls `body` with the key's bytes.
+    public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        switch storage {
+        case .inline(let a, let b, let c, let count):
+            try Swift.withUnsafeBytes(of: (a, b, c)) { raw in try body(UnsafeRawBufferPointer(rebasing: raw[..<Int(count)])) }
+        case .bytes(let bytes):
+            try bytes.withUnsafeBytes { raw in try body(raw) }
+        }
+    }
+
+    /// The key's bytes, in an array.
+    public var bytes: [UInt8] { withUnsafeBytes { Array($0) } }
 }
 
 /// What a durable commit returns.

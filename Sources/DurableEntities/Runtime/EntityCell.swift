@@ -141,7 +141,7 @@ struct TurnOutput {
     var resultWaiters: [ValueReply] = []
     var activitiesScheduled: [(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)] = []
     var now: UInt64 = 0
-    var tasksDone: [[UInt8]] = []
+    var tasksDone: [TaskKey] = []
     /// Messages to other entities, sent once the turn is durable.
     var outgoing: [EntityEnvelope] = []
     /// The run body continued as new in this turn: the last run ended at `boundary` with `state`
@@ -705,7 +705,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
         for message in messages {
             if case .envelope(let envelope, let key, let reply) = message {
-                output.tasksDone.append(key)
+                output.tasksDone.append(TaskKey(key))
                 handle(envelope)
                 replies.append(.signal(reply))
                 continue
@@ -915,7 +915,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         for (name, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(name.key, name.kind, key), payload: result) }
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
         for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }
-        for task in output.tasksDone { batch.deleteTask(key: task) }
+        for task in output.tasksDone { batch.deleteTask(task) }
         var outbox: [([UInt8], EntityEnvelope)] = []
         outbox.reserveCapacity(output.outgoing.count)
         for (index, envelope) in output.outgoing.enumerated() {
@@ -928,7 +928,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: next.run,
                                     activityID: activity.id, name: activity.name, input: activity.input, options: activity.options,
                                     attempt: 1, scheduledAt: output.now, notBefore: output.now)
-            batch.putTask(key: task.key, value: task.encoded())
+            batch.putTask(task.key, value: task.encoded())
             tasks.append(task)
         }
         for var retry in output.localRetries {
@@ -937,7 +937,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         for (var task, _) in output.localDetached {
             task.entityKey = key.rawValue
-            batch.putTask(key: task.key, value: task.encoded())
+            batch.putTask(task.key, value: task.encoded())
         }
         var committed = next
         if let runSwitch = output.runSwitch {
