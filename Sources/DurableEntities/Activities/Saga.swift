@@ -29,6 +29,8 @@ public struct Saga {
 
     /// Registers the compensation of the step about to run.
     public mutating func addCompensation(_ name: String, _ body: @escaping () async throws -> Void) {
+        // Room for a few steps at once: growing one element at a time reallocated at each step.
+        if compensations.capacity == 0 { compensations.reserveCapacity(4) }
         compensations.append((name, body))
     }
 
