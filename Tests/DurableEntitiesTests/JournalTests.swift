@@ -189,7 +189,7 @@ struct JournalTests {
         defer { directory.remove() }
         let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
         defer { journal.close() }
-        let inline = TaskKey(prefix: 0x61, 7, 1 << 40)
+        let inline = ActivityTask.key(entity: 7, activity: 1 << 40)
         #expect(inline.count == 17)
         #expect(inline.bytes == [0x61, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 1, 0, 0, 0, 0, 0])
         #expect(TaskKey(inline.bytes) == inline)
@@ -209,7 +209,7 @@ struct JournalTests {
         next.putTask(inline, value: bytes("replaced"))
         next.deleteTask(long)
         next.deleteTask(key: edge.bytes)
-        next.deleteTask(TaskKey(prefix: 0x61, 99, 99))  // absent: no effect
+        next.deleteTask(ActivityTask.key(entity: 99, activity: 99))  // absent: no effect
         _ = try await journal.commit(next)
         #expect(try journal.tasks(prefix: [0x61]).map(\.value) == [bytes("replaced")])
         #expect(try journal.tasks().count == 2)

@@ -27,7 +27,11 @@ struct ActivityTask: Codable, Sendable {
     var key: TaskKey { Self.key(entity: entityKey, activity: activityID) }
 
     static func key(entity: UInt64, activity: UInt64) -> TaskKey {
-        TaskKey(prefix: keyPrefix, entity, activity)  // held inline: no allocation
+        TaskKey(inlineCount: 17) { raw in
+            raw[0] = keyPrefix
+            raw.storeBytes(of: entity.bigEndian, toByteOffset: 1, as: UInt64.self)
+            raw.storeBytes(of: activity.bigEndian, toByteOffset: 9, as: UInt64.self)
+        }
     }
 
     /// The task's identity in memory (its ``key``'s content, without building the bytes).

@@ -103,7 +103,7 @@ public struct JournalBatch: Sendable {
 
     /// Stores a pending task (work owed: an activity to run, a message to deliver), replacing any.
     public mutating func putTask(key: [UInt8], value: [UInt8]) {
-        operations.append(.putTask(key: TaskKey(key), value: value))
+        putTask(TaskKey(key), value: value)
     }
 
     /// Stores a pending task under a key built without an allocation, replacing any.
@@ -113,7 +113,7 @@ public struct JournalBatch: Sendable {
 
     /// Removes a pending task (no effect when absent).
     public mutating func deleteTask(key: [UInt8]) {
-        operations.append(.deleteTask(key: TaskKey(key)))
+        deleteTask(TaskKey(key))
     }
 
     /// Removes a pending task (no effect when absent).
@@ -128,8 +128,9 @@ public struct JournalBatch: Sendable {
 }
 
 /// The key of a row in the journal's `tasks` table. Keys of up to ``inlineCapacity`` bytes (the
-/// runtime's own: an activity task's is 17) are held in the value itself, so that scheduling and
-/// finishing a task costs no allocation for its key; longer ones (up to 511 bytes) in an array.
+/// runtime's own: an activity task's is 17, an outbox message's 21) are held in the value itself, so
+/// that writing and deleting a task row costs no allocation for its key; longer ones (up to 511
+/// bytes) in an array.
 public struct TaskKey: Sendable, Hashable {
     /// The longest key held inline.
     public static let inlineCapacity = 24
@@ -143,24 +144,24 @@ public struct TaskKey: Sendable, Hashable {
 
     /// The key `bytes`.
     public init(_ bytes: [UInt8]) {
-        guard bytes.count <= Self.inlineCapacity else {
-            storage = .bytes(bytes)
-            return
+        if bytes.count <= Self.inlineCapacity {
+            self.init(inlineCount: bytes.count) { $0.copyBytes(from: bytes) }
+        } else {
+            self.init(storage: .bytes(bytes))
         }
-        var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
-        withUnsafeMutableBytes(of: &words) { $0.copyBytes(from: bytes) }
-        storage = .inline(words.0, words.1, words.2, count: UInt8(bytes.count))
     }
 
-    /// The 17-byte key `prefix`, then `first` and `second` big-endian (they sort by number).
-    public init(prefix: UInt8, _ first: UInt64, _ second: UInt64) {
+    /// A key of `count` bytes (at most ``inlineCapacity``) that `write` writes in place: a caller
+    /// with its own fixed layout builds its keys without an allocation.
+    public init(inlineCount count: Int, _ write: (UnsafeMutableRawBufferPointer) -> Void) {
+        precondition((0...Self.inlineCapacity).contains(count), "an inline task key has at most \(Self.inlineCapacity) bytes")
         var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
-        withUnsafeMutableBytes(of: &words) { raw in
-            raw[0] = prefix
-            raw.storeBytes(of: first.bigEndian, toByteOffset: 1, as: UInt64.self)
-            raw.storeBytes(of: second.bigEndian, toByteOffset: 9, as: UInt64.self)
-        }
-        storage = .inline(words.0, words.1, words.2, count: 17)
+        withUnsafeMutableBytes(of: &words) { write(UnsafeMutableRawBufferPointer(rebasing: $0[..<count])) }
+        self.init(storage: .inline(words.0, words.1, words.2, count: UInt8(count)))
+    }
+
+    private init(storage: Storage) {
+        self.storage = storage
     }
 
     /// The key's length in bytes.

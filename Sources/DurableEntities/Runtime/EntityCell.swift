@@ -28,7 +28,7 @@ enum CellMessage: Sendable {
     case cancel(reply: VoidReply)
     case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: VoidReply)
     /// A message from another entity, with its outbox row (consumed in this entity's commit).
-    case envelope(EntityEnvelope, key: [UInt8], reply: VoidReply)
+    case envelope(EntityEnvelope, key: TaskKey, reply: VoidReply)
 
     /// `result` or `execute`: answered by a finished run's outcome alone.
     var asksForOutcome: Bool {
@@ -705,7 +705,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
         for message in messages {
             if case .envelope(let envelope, let key, let reply) = message {
-                output.tasksDone.append(TaskKey(key))
+                output.tasksDone.append(key)
                 handle(envelope)
                 replies.append(.signal(reply))
                 continue
@@ -916,11 +916,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
         for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }
         for task in output.tasksDone { batch.deleteTask(task) }
-        var outbox: [([UInt8], EntityEnvelope)] = []
+        var outbox: [(TaskKey, EntityEnvelope)] = []
         outbox.reserveCapacity(output.outgoing.count)
         for (index, envelope) in output.outgoing.enumerated() {
             let row = EntityEnvelope.key(sender: key, sequence: next.lastSequence, index: index)
-            batch.putTask(key: row, value: envelope.encoded())
+            batch.putTask(row, value: envelope.encoded())
             outbox.append((row, envelope))
         }
         var tasks: [ActivityTask] = []

@@ -25,7 +25,7 @@ final class RuntimeCore: Sendable {
     /// Signalled when the runtime becomes idle (for a draining close).
     private let idle = NSCondition()
     /// Messages to entity types not registered yet (after a restart): delivered on registration.
-    private let parkedMessages = Mutex<[String: [(EntityEnvelope, [UInt8])]]>([:])
+    private let parkedMessages = Mutex<[String: [(EntityEnvelope, TaskKey)]]>([:])
 
     final class CellTableBox: Sendable {
         let table = Mutex(CellTable())
@@ -161,7 +161,7 @@ final class RuntimeCore: Sendable {
 
     /// Delivers a message whose outbox row `row` is durable to its receiver's mailbox (waiting there
     /// for room if it is full). A receiver type not registered yet gets it on registration.
-    func deliver(_ envelope: EntityEnvelope, row: [UInt8]) {
+    func deliver(_ envelope: EntityEnvelope, row: TaskKey) {
         guard !closed.load(ordering: .acquiring) else { return }  // the row stays: the next open delivers it
         let registered = parkedMessages.withLock { parked -> (any RegisteredEntityType)? in
             if let registered = types.withLock({ $0[envelope.target.type] }) { return registered }
@@ -192,7 +192,7 @@ final class RuntimeCore: Sendable {
                 logger.error("an outbox message does not decode; it is left in place", metadata: ["row": "\(row)"])
                 continue
             }
-            deliver(envelope, row: row)
+            deliver(envelope, row: TaskKey(row))
         }
     }
 
@@ -269,7 +269,7 @@ protocol RegisteredEntityType: Sendable {
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void)
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
                                 done: @escaping @Sendable () -> Void)
-    func deliver(_ envelope: EntityEnvelope, row: [UInt8], core: RuntimeCore)
+    func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore)
 }
 
 struct Registered<W: EntityWorkflow>: RegisteredEntityType {
@@ -297,7 +297,7 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
         while !core.cell(W.self, name).enqueue(message) {}
     }
 
-    func deliver(_ envelope: EntityEnvelope, row: [UInt8], core: RuntimeCore) {
+    func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore) {
         let message = CellMessage.envelope(envelope, key: row) { result in
             // A failed commit leaves the row in place: try again shortly (other failures — an entity
             // that cannot load — wait for the next open, where the row is delivered again).

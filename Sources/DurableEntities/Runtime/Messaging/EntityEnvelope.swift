@@ -36,14 +36,13 @@ struct EntityEnvelope: Sendable, Equatable {
 
     /// The outbox row key: the prefix, the sender's key, the sequence of the turn's last event, and the
     /// message's index in that turn — so rows sort by sender, then in sending order.
-    static func key(sender: EntityKey, sequence: UInt64, index: Int) -> [UInt8] {
-        var bytes = [UInt8]()
-        bytes.reserveCapacity(21)
-        bytes.append(keyPrefix)
-        withUnsafeBytes(of: sender.rawValue.bigEndian) { bytes.append(contentsOf: $0) }
-        withUnsafeBytes(of: sequence.bigEndian) { bytes.append(contentsOf: $0) }
-        withUnsafeBytes(of: UInt32(truncatingIfNeeded: index).bigEndian) { bytes.append(contentsOf: $0) }
-        return bytes
+    static func key(sender: EntityKey, sequence: UInt64, index: Int) -> TaskKey {
+        TaskKey(inlineCount: 21) { raw in
+            raw[0] = keyPrefix
+            raw.storeBytes(of: sender.rawValue.bigEndian, toByteOffset: 1, as: UInt64.self)
+            raw.storeBytes(of: sequence.bigEndian, toByteOffset: 9, as: UInt64.self)
+            raw.storeBytes(of: UInt32(truncatingIfNeeded: index).bigEndian, toByteOffset: 17, as: UInt32.self)
+        }
     }
 
     // MARK: Encoding (compact and hand-written: the fan-out writes millions of these)
