@@ -474,7 +474,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         replies.reserveCapacity(messages.count)
         let now = output.now
         let limit = core.configuration.maxPayloadBytes
-        let requests = TurnRequests(codec: core.codec)
+        // Made by the first handler context only: a run body's turns need none.
+        var madeRequests: TurnRequests?
+        var requests: TurnRequests {
+            if let madeRequests { return madeRequests }
+            let made = TurnRequests(codec: core.codec)
+            madeRequests = made
+            return made
+        }
         let hadOutcome = Self.run(start)?.outcome != nil
         let wasActive = start.status == .active
         var runSwitches = 0
@@ -583,10 +590,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         /// Signals the handler just sent join the turn's outgoing messages.
         func takeSentSignals() {
-            for (target, signal) in requests.outgoing {
+            guard let madeRequests else { return }
+            for (target, signal) in madeRequests.outgoing {
                 output.outgoing.append(EntityEnvelope(kind: .signal, target: target, sender: name, commandID: 0, payload: signal))
             }
-            requests.outgoing.removeAll()
+            madeRequests.outgoing.removeAll()
         }
         func terminate(reason: String) {
             next.status = .terminated
@@ -647,7 +655,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 do {
                     try W.handle(signal, state: &state, context: context(next.lastSequence + 1))
                 } catch {
-                    requests.outgoing.removeAll()
+                    madeRequests?.outgoing.removeAll()
                     return dropped("the signal handler refused it: \(error)")
                 }
                 working = state
@@ -744,7 +752,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 do {
                     try W.handle(signal as! W.Signal, state: &state, context: context(next.lastSequence + 1))
                 } catch {
-                    requests.outgoing.removeAll()
+                    madeRequests?.outgoing.removeAll()
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the signal handler refused the signal; nothing was recorded", underlying: error))) })
                     continue
                 }
@@ -782,7 +790,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     result = try W.apply(update, state: &state, context: context(next.lastSequence + 1))
                     resultBytes = try core.codec.encode(result)
                 } catch {
-                    requests.outgoing.removeAll()
+                    madeRequests?.outgoing.removeAll()
                     replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the update was refused; nothing was recorded", underlying: error))) })
                     continue
                 }
@@ -871,7 +879,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // A run body's history is its run: no continue-as-new once the body started (a finished run
         // keeps its outcome for `result` and for the parents it reports to).
         let bodyStarted = Self.run(next)?.started ?? false
-        let continueAsNew = !bodyStarted && next.status == .active && (requests.continueAsNew
+        let continueAsNew = !bodyStarted && next.status == .active && (madeRequests?.continueAsNew == true
             || next.lastSequence + 1 - next.runStartSequence >= UInt64(configuration.continueAsNewAfterEvents)
             || next.runBytes >= configuration.continueAsNewAfterBytes)
         commit(output, next: next, continueAsNew: continueAsNew, replies: replies)
