@@ -485,24 +485,30 @@ struct JournalTests {
             _ = try await journal.commit(later)
             #expect(journal.tails.run(of: keyA.rawValue)?.firstSequence == 51)
             #expect(try counts(journal) == (log: 4, history: 5))
-            // A gap after the history is still refused.
+            // A gap after the history is still refused (the writer knew `b`'s latest sequence from
+            // the commit that wrote its history; the refused batch used that up) ...
             var gap = JournalBatch()
             gap.append(keyB, sequence: 4, payload: payload(keyB, 4))
             await #expect(throws: JournalError.self) { try await journal.commit(gap) }
             try check(journal, keyA, latest: 53)
             try check(journal, keyB, latest: 2)
+            // ... and the next batch finds it in the tables.
+            var next = JournalBatch()
+            next.append(keyB, sequence: 3, payload: payload(keyB, 3))
+            _ = try await journal.commit(next)
+            try check(journal, keyB, latest: 3)
             journal.close()
         }
         let reopened = try Journal(configuration: configuration)
         defer { reopened.close() }
         #expect(reopened.tails.run(of: keyA.rawValue)?.firstSequence == 51)
-        #expect(reopened.tails.run(of: keyB.rawValue) == nil)
+        #expect(reopened.tails.run(of: keyB.rawValue)?.firstSequence == 3)
         try check(reopened, keyA, latest: 53)
-        try check(reopened, keyB, latest: 2)
-        var next = JournalBatch()
-        next.append(keyB, sequence: 3, payload: payload(keyB, 3))
-        _ = try await reopened.commit(next)
         try check(reopened, keyB, latest: 3)
+        var next = JournalBatch()
+        next.append(keyB, sequence: 4, payload: payload(keyB, 4))
+        _ = try await reopened.commit(next)
+        try check(reopened, keyB, latest: 4)
     }
 }
 
@@ -664,6 +670,48 @@ struct RecentRecordsTests {
         let off = RecentRecords(capacity: 0)
         off.record(position: 0, checksum: 0, payload: bytes("x"))
         #expect(!off.withRecord(position: 0) { _ in })
+    }
+
+    @Test("fresh histories: an entry is taken once; the oldest are dropped beyond the capacity")
+    func freshHistories() {
+        let fresh = FreshHistories(capacity: 3)
+        #expect(fresh.take(1) == nil)
+        fresh.add(1, latest: 10)
+        fresh.add(2, latest: 20)
+        #expect(fresh.take(1) == 10)
+        #expect(fresh.take(1) == nil, "taken once: the entity has a tail from then on")
+        fresh.add(3, latest: 30)
+        fresh.add(4, latest: 40)  // capacity 3: 1 (taken already) leaves the order
+        #expect(fresh.count == 3)
+        fresh.add(5, latest: 50)  // drops 2, the oldest kept
+        #expect(fresh.take(2) == nil)
+        #expect([fresh.take(3), fresh.take(4), fresh.take(5)] == [30, 40, 50])
+        #expect(fresh.count == 0)
+    }
+
+    @Test("a tail's appended positions: a consecutive run held inline, gaps after it, drops across both, in order")
+    func appendedPositions() {
+        var positions = AppendedPositions()
+        #expect(positions.isEmpty && positions.first == nil && positions.array() == [])
+        for position: UInt64 in [10, 11, 12] { positions.append(position) }
+        #expect(positions.count == 3 && positions.first == 10 && positions.array() == [10, 11, 12])
+        // Another batch's events came in between: the rest keeps its order after the run.
+        for position: UInt64 in [20, 21, 13] { positions.append(position) }
+        #expect(positions.array() == [10, 11, 12, 20, 21, 13])
+        positions.removeFirst(2)
+        #expect(positions.first == 12 && positions.array() == [12, 20, 21, 13])
+        positions.removeFirst(2)  // the rest of the run and one after it
+        #expect(positions.first == 21 && positions.array() == [21, 13])
+        positions.append(14)  // after a gap, never into the emptied run
+        #expect(positions.array() == [21, 13, 14])
+        positions.removeFirst(3)
+        #expect(positions.isEmpty)
+        positions.append(30)
+        positions.append(31)
+        var published: [UInt64] = [1, 2]
+        positions.append(to: &published)
+        #expect(published == [1, 2, 30, 31])
+        #expect(positions.array(minimumCapacity: 8).capacity >= 8)
     }
 }
 

@@ -41,6 +41,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let configuration: Journal.Configuration
     /// The newest appended records, so moves seldom read the log back.
     private let recent: RecentRecords
+    /// The latest sequence of entities whose first events went straight to history (see ``FreshHistories``).
+    private let fresh = FreshHistories(capacity: 16_384)
     private var state: WriterCounters
     /// Entities whose tail reached the coalesce threshold and awaits a move (owed work).
     private var fullTails: Set<UInt64>
@@ -186,6 +188,8 @@ final class GroupCommitWriter: @unchecked Sendable {
         var results: [Result<CommitReceipt, JournalError>]
         var deltas: [UInt64: TailDelta] = [:]
         var fullTails: Set<UInt64> = []
+        /// Entities whose first events this transaction wrote straight to history.
+        var fresh: [UInt64] = []
         var state: WriterCounters
         /// Names registered, and the deferred name index's phase after the commit.
         var registered: [PendingName] = []
@@ -229,6 +233,9 @@ final class GroupCommitWriter: @unchecked Sendable {
         batchSizeMetric.record(operations)
         commitDurationMetric.record(duration: committed - started)
         tails.publish(outcome.deltas)
+        for entity in outcome.fresh {
+            if let delta = outcome.deltas[entity], delta.count == 0 { fresh.add(entity, latest: delta.firstSequence - 1) }
+        }
         completions.async {
             for (submission, result) in zip(batch, outcome.results) { submission.completion(result) }
         }
@@ -238,7 +245,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     /// again after growing a full map).
     private func write(_ batch: [Submission], in txn: borrowing WriteTransaction) throws -> Outcome {
         var context = CommitContext(stores: stores, tails: tails, keys: keys, configuration: configuration, counters: state, recent: recent,
-                                    pending: pendingNames)
+                                    pending: pendingNames, fresh: fresh)
         context.fullTails = fullTails
         context.mergePhase = merge.phase
         context.deltas.reserveCapacity(batch.count)
@@ -268,6 +275,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         outcome.registered = context.registered
         outcome.mergePhase = context.mergePhase
         outcome.fullTails = context.fullTails
+        outcome.fresh = context.freshHere
         outcome.state = context.counters
         return outcome
     }
@@ -315,14 +323,18 @@ private struct CommitContext {
     var chunk = ChunkBuilder()
     let recent: RecentRecords
     let pending: PendingNames
+    let fresh: FreshHistories
+    /// Entities whose first events this transaction wrote straight to history.
+    var freshHere: [UInt64] = []
     /// Names this transaction registered, in order.
     var registered: [PendingName] = []
     /// The deferred name index's phase, as this transaction leaves it.
     var mergePhase = NameMerge.Phase.idle
 
     init(stores: Journal.Stores, tails: TailIndex, keys: KeyAllocator, configuration: Journal.Configuration, counters: WriterCounters,
-         recent: RecentRecords, pending: PendingNames) {
+         recent: RecentRecords, pending: PendingNames, fresh: FreshHistories) {
         self.recent = recent
+        self.fresh = fresh
         self.pending = pending
         self.stores = stores
         self.tails = tails
@@ -339,7 +351,7 @@ private struct CommitContext {
         if let published = tails.run(of: entity) {
             delta = TailDelta(baseCount: published.positions.count, firstSequence: published.firstSequence)
         } else {
-            let latest = try Journal.latestCommittedSequence(of: entity, in: txn, stores: stores)
+            let latest = try fresh.take(entity) ?? Journal.latestCommittedSequence(of: entity, in: txn, stores: stores)
             delta = TailDelta(baseCount: 0, firstSequence: latest + 1)
         }
         deltas[entity] = delta
@@ -348,8 +360,10 @@ private struct CommitContext {
 
     /// Every position of the entity's tail as this transaction sees it.
     private func positions(of entity: UInt64, _ delta: TailDelta) -> [UInt64] {
-        guard !delta.moved, delta.baseCount > delta.dropped, let published = tails.run(of: entity) else { return delta.appended }
-        return Array(published.positions[delta.dropped...]) + delta.appended
+        guard !delta.moved, delta.baseCount > delta.dropped, let published = tails.run(of: entity) else { return delta.appended.array() }
+        var positions = Array(published.positions[delta.dropped...])
+        delta.appended.append(to: &positions)
+        return positions
     }
 
     /// The oldest position of the entity's tail, without copying it.
@@ -612,6 +626,7 @@ private struct CommitContext {
             try putChunk(of: entity, in: txn)
         }
         deltas[entity]!.firstSequence += UInt64(events.count)
+        freshHere.append(entity)
     }
 
     /// Puts the chunk being built under its entity and first sequence.
@@ -699,7 +714,7 @@ private struct CommitContext {
         tail.firstSequence += UInt64(positions.count)
         tail.baseCount = 0
         tail.dropped = 0
-        tail.appended = []
+        tail.appended = AppendedPositions()
         tail.moved = true
         deltas[entity] = tail
         fullTails.remove(entity)
@@ -801,5 +816,42 @@ private struct CommitContext {
                 entry = try cursor.next()
             }
         }
+    }
+}
+
+/// The latest sequence of entities whose first events a recent commit wrote straight into their
+/// history range (a new entity's first turn), which leaves them without a tail. Their next append
+/// needs that sequence; without this it is looked up in the `history` and `entities` tables (a
+/// cursor and two B-tree searches, for nearly every new entity's second commit).
+///
+/// One-shot and bounded: the transaction that needs an entry takes it (afterwards the entity has a
+/// tail, or the transaction failed and the next one looks it up), and the oldest entries beyond
+/// `capacity` are dropped. A missing entry only means a lookup. Entries are added after their commit
+/// succeeded, so one is never ahead of what is durable; taking one inside a transaction body that
+/// LMDB runs again (after growing the map) only costs the second run a lookup.
+///
+/// Used by the writer thread only.
+final class FreshHistories {
+    private var latest: [UInt64: UInt64] = [:]
+    /// Entities in the order they were added (taken ones too), to drop the oldest.
+    private var order = Deque<UInt64>()
+    private let capacity: Int
+
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+    }
+
+    var count: Int { latest.count }
+
+    /// `entity`'s latest sequence, if kept; removes it.
+    func take(_ entity: UInt64) -> UInt64? {
+        latest.isEmpty ? nil : latest.removeValue(forKey: entity)
+    }
+
+    /// Keeps `entity`'s latest sequence, dropping the oldest entry when full.
+    func add(_ entity: UInt64, latest sequence: UInt64) {
+        if order.count == capacity, let oldest = order.popFirst() { latest[oldest] = nil }
+        order.append(entity)
+        latest[entity] = sequence
     }
 }

@@ -11,7 +11,7 @@ struct TailRun: Sendable {
     /// Applies a delta over this run in place (one dictionary access in ``TailIndex/publish(_:)``).
     mutating func apply(_ delta: TailDelta) {
         if delta.dropped > 0 { positions.removeFirst(delta.dropped) }
-        positions.append(contentsOf: delta.appended)
+        delta.appended.append(to: &positions)
         firstSequence = delta.firstSequence
     }
 }
@@ -88,7 +88,7 @@ struct TailDelta {
     /// The sequence of the tail's first event, after drops and moves.
     var firstSequence: UInt64
     /// Positions this transaction appended.
-    var appended: [UInt64] = []
+    var appended = AppendedPositions()
     /// The whole tail was moved to history by this transaction; the published run no longer applies.
     var moved = false
 
@@ -96,13 +96,63 @@ struct TailDelta {
 
     /// Appends a position; returns the tail's new length.
     mutating func append(_ position: UInt64) -> Int {
-        // Room for a turn's events at once (growing from one by doubling was several allocations for
-        // each entity in each commit).
-        if appended.capacity == 0 { appended.reserveCapacity(8) }
         appended.append(position)
         return count
     }
     var latestSequence: UInt64 { firstSequence + UInt64(count) - 1 }
+}
+
+/// The log positions a transaction appended to one entity's tail, in order. An entity's events in
+/// one batch get consecutive positions, and an entity has one batch in most commits (its turns
+/// commit one after another), so the first run of consecutive positions is held inline: a commit
+/// costs no allocation per entity for them. Positions after a gap go to an array.
+struct AppendedPositions {
+    /// The inline run: `runCount` consecutive positions from `runStart`.
+    private var runStart: UInt64 = 0
+    private var runCount = 0
+    /// Positions after the inline run.
+    private var rest: [UInt64] = []
+
+    var count: Int { runCount + rest.count }
+    var isEmpty: Bool { count == 0 }
+    var first: UInt64? { runCount > 0 ? runStart : rest.first }
+
+    mutating func append(_ position: UInt64) {
+        if rest.isEmpty {
+            if runCount == 0 {
+                runStart = position
+                runCount = 1
+                return
+            }
+            if position == runStart &+ UInt64(runCount) {
+                runCount += 1
+                return
+            }
+        }
+        rest.append(position)
+    }
+
+    /// Drops the first `count` positions (at most ``count``).
+    mutating func removeFirst(_ count: Int) {
+        let fromRun = min(count, runCount)
+        runStart &+= UInt64(fromRun)
+        runCount -= fromRun
+        rest.removeFirst(count - fromRun)
+    }
+
+    /// Appends the positions, in order, to `positions`.
+    func append(to positions: inout [UInt64]) {
+        for offset in 0..<runCount { positions.append(runStart &+ UInt64(offset)) }
+        positions.append(contentsOf: rest)
+    }
+
+    /// The positions, in order, in an array with room for at least `minimumCapacity`.
+    func array(minimumCapacity: Int = 0) -> [UInt64] {
+        var positions: [UInt64] = []
+        positions.reserveCapacity(Swift.max(count, minimumCapacity))
+        append(to: &positions)
+        return positions
+    }
 }
 
 extension TailIndex {
@@ -113,7 +163,7 @@ extension TailIndex {
                 if delta.count == 0 {
                     runs[entity] = nil
                 } else if delta.moved || delta.baseCount == 0 {
-                    runs[entity] = TailRun(firstSequence: delta.firstSequence, positions: delta.appended)
+                    runs[entity] = TailRun(firstSequence: delta.firstSequence, positions: delta.appended.array(minimumCapacity: 8))  // room for a few more turns' events
                 } else if delta.dropped > 0 || !delta.appended.isEmpty {
                     runs.modify(entity) { $0.apply(delta) }
                 }
