@@ -542,7 +542,7 @@ final class ActivityWorker: @unchecked Sendable {
             return
         }
         core.becameBusy()
-        type.deliverActivityOutcome(id: task.activityID, outcome, entityID: task.entityID, core: core) { [core] in core!.becameIdle() }
+        type.deliverActivityOutcome(id: task.activityID, outcome, entityID: task.entityID, core: core, reply: core.idleReply)
     }
 }
 

@@ -26,6 +26,10 @@ final class RuntimeCore: Sendable {
     private let idle = NSCondition()
     /// Messages to entity types not registered yet (after a restart): delivered on registration.
     private let parkedMessages = Mutex<[String: [(EntityEnvelope, TaskKey)]]>([:])
+    /// A reply that calls ``becameIdle()``, made once: a message counted busy by its sender (an
+    /// activity's outcome) carries it instead of a closure of its own. Set at the end of `init`,
+    /// before the core is shared, and never changed.
+    nonisolated(unsafe) private(set) var idleReply: VoidReply = { _ in }
 
     final class CellTableBox: Sendable {
         let table = Mutex(CellTable())
@@ -53,6 +57,7 @@ final class RuntimeCore: Sendable {
         self.tables = (0..<count).map { _ in CellTableBox() }
         self.activities = ActivityWorker(limit: configuration.maxConcurrentActivities)
         self.activities.attach(self)
+        idleReply = { [unowned self] _ in becameIdle() }
     }
 
     func becameBusy() { busy.add(1, ordering: .relaxed) }
@@ -268,7 +273,7 @@ protocol RegisteredEntityType: Sendable {
     func signal(id: String, payload: [UInt8], idempotencyKey: String?, runtime: EntityRuntime) async throws(EntityError)
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void)
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
-                                done: @escaping @Sendable () -> Void)
+                                reply: @escaping VoidReply)
     func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore)
 }
 
@@ -291,9 +296,9 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
     }
 
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
-                                done: @escaping @Sendable () -> Void) {
+                                reply: @escaping VoidReply) {
         let name = EntityName(type: W.entityType, id: entityID)
-        let message = CellMessage.activityOutcome(id: id, outcome) { _ in done() }
+        let message = CellMessage.activityOutcome(id: id, outcome, reply: reply)
         while !core.cell(W.self, name).enqueue(message) {}
     }
 
