@@ -139,9 +139,9 @@ struct TurnOutput {
     var timersStarted: [(id: UInt64, due: UInt64)] = []
     var timersDone: [(id: UInt64, due: UInt64)] = []
     var resultWaiters: [ValueReply] = []
-    var activitiesScheduled = SmallList<(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)>()
+    var activitiesScheduled: [(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)] = []
     var now: UInt64 = 0
-    var tasksDone = SmallList<TaskKey>()
+    var tasksDone: [TaskKey] = []
     /// Messages to other entities, sent once the turn is durable.
     var outgoing: [EntityEnvelope] = []
     /// The run body continued as new in this turn: the last run ended at `boundary` with `state`
@@ -394,11 +394,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     // MARK: The shard's thread
 
     func runTurn() {
-        let (messages, durable, failure, idle) = cell.withLock { state -> (SmallList<Message>, Durable?, EntityError?, Bool) in
+        let (messages, durable, failure, idle) = cell.withLock { state -> ([Message], Durable?, EntityError?, Bool) in
             state.scheduled = false
-            guard !state.inFlight, !state.messages.isEmpty else { return (SmallList(), nil, nil, !state.inFlight) }
+            guard !state.inFlight, !state.messages.isEmpty else { return ([], nil, nil, !state.inFlight) }
             let count = min(state.messages.count, core.configuration.maxMessagesPerTurn)
-            var taken = SmallList<Message>()
+            var taken: [Message] = []
             taken.reserveCapacity(count)
             for _ in 0..<count { taken.append(state.messages.removeFirst()) }
             // Room was made: waiting senders' messages move in, oldest first.
@@ -462,7 +462,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// that continues as new without waiting for anything would otherwise loop forever).
     static var maximumRunSwitchesPerTurn: Int { 64 }
 
-    private func process(_ messages: SmallList<Message>, from start: Durable) {
+    private func process(_ messages: [Message], from start: Durable) {
         var next = start
         // The turn's working state, typed; `next.state` gets it back once the turn is over.
         var working = start.state as! W.State
@@ -470,7 +470,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // the messages: an allocation of 1 KiB or more takes glibc's slow path.
         var output = TurnOutput(events: JournalEvents(firstSequence: start.lastSequence + 1, reservingBytes: 600))
         output.now = core.clock.nowNanoseconds()
-        var replies = SmallList<Reply>()
+        var replies: [Reply] = []
         replies.reserveCapacity(messages.count)
         let now = output.now
         let limit = core.configuration.maxPayloadBytes
@@ -901,7 +901,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     }
 
     /// Writes the turn's events (registering the entity first if it is new), then completes the turn.
-    private func commit(_ output: TurnOutput, next: Durable, continueAsNew: Bool, replies: SmallList<Reply>) {
+    private func commit(_ output: TurnOutput, next: Durable, continueAsNew: Bool, replies: [Reply]) {
         var batch = JournalBatch()
         // One operation each, plus a registration, a snapshot, a prune and the metadata at most.
         batch.reserveCapacity(1 + output.keys.count + output.timersStarted.count + output.timersDone.count
@@ -931,7 +931,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             batch.putTask(row, value: envelope.encoded())
             outbox.append((row, envelope))
         }
-        var tasks = SmallList<ActivityTask>()
+        var tasks: [ActivityTask] = []
         for activity in output.activitiesScheduled {
             let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: next.run,
                                     activityID: activity.id, name: activity.name, input: activity.input, options: activity.options,
@@ -1017,7 +1017,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
 
     /// Publishes a committed turn (or drops the entity's state after a failed one), then replies.
     private func complete(_ outcome: Result<Void, EntityError>, next: Durable, waiters: [ValueReply],
-                          replies: SmallList<Reply>) {
+                          replies: [Reply]) {
         var abandoned: AnyWorkflowRun?
         let now = core.clock.nowNanoseconds()
         let awaitsChildren = (Self.run(next)?.openChildCount ?? 0) > 0
@@ -1082,7 +1082,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
     }
 
-    private func finishWithoutCommit(_ replies: some Sequence<Reply>) {
+    private func finishWithoutCommit(_ replies: [Reply]) {
         let now = core.clock.nowNanoseconds()
         var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
         let reschedule = cell.withLock { state -> Bool in
