@@ -485,14 +485,14 @@ struct JournalTests {
             _ = try await journal.commit(later)
             #expect(journal.tails.run(of: keyA.rawValue)?.firstSequence == 51)
             #expect(try counts(journal) == (log: 4, history: 5))
-            // A gap after the history is still refused (the writer knew `b`'s latest sequence from
-            // the commit that wrote its history; the refused batch used that up) ...
+            // A gap after the history is still refused (against the latest sequence the writer kept
+            // from the commit that wrote `b`'s history) ...
             var gap = JournalBatch()
             gap.append(keyB, sequence: 4, payload: payload(keyB, 4))
             await #expect(throws: JournalError.self) { try await journal.commit(gap) }
             try check(journal, keyA, latest: 53)
             try check(journal, keyB, latest: 2)
-            // ... and the next batch finds it in the tables.
+            // ... and the next batch appends after it.
             var next = JournalBatch()
             next.append(keyB, sequence: 3, payload: payload(keyB, 3))
             _ = try await journal.commit(next)

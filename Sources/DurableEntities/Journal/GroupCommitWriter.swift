@@ -41,7 +41,7 @@ final class GroupCommitWriter: @unchecked Sendable {
     private let configuration: Journal.Configuration
     /// The newest appended records, so moves seldom read the log back.
     private let recent: RecentRecords
-    /// The latest sequence of entities whose first events went straight to history (see ``FreshHistories``).
+    /// The latest sequence of entities that recent commits left without a tail (see ``FreshHistories``).
     private let fresh = FreshHistories(capacity: 16_384)
     private var state: WriterCounters
     /// Entities whose tail reached the coalesce threshold and awaits a move (owed work).
@@ -188,8 +188,6 @@ final class GroupCommitWriter: @unchecked Sendable {
         var results: [Result<CommitReceipt, JournalError>]
         var deltas: [UInt64: TailDelta] = [:]
         var fullTails: Set<UInt64> = []
-        /// Entities whose first events this transaction wrote straight to history.
-        var fresh: [UInt64] = []
         var state: WriterCounters
         /// Names registered, and the deferred name index's phase after the commit.
         var registered: [PendingName] = []
@@ -233,9 +231,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         batchSizeMetric.record(operations)
         commitDurationMetric.record(duration: committed - started)
         tails.publish(outcome.deltas)
-        for entity in outcome.fresh {
-            if let delta = outcome.deltas[entity], delta.count == 0 { fresh.add(entity, latest: delta.firstSequence - 1) }
-        }
+        for (entity, delta) in outcome.deltas where delta.count == 0 { fresh.add(entity, latest: delta.latestSequence) }
         completions.async {
             for (submission, result) in zip(batch, outcome.results) { submission.completion(result) }
         }
@@ -275,7 +271,6 @@ final class GroupCommitWriter: @unchecked Sendable {
         outcome.registered = context.registered
         outcome.mergePhase = context.mergePhase
         outcome.fullTails = context.fullTails
-        outcome.fresh = context.freshHere
         outcome.state = context.counters
         return outcome
     }
@@ -324,8 +319,6 @@ private struct CommitContext {
     let recent: RecentRecords
     let pending: PendingNames
     let fresh: FreshHistories
-    /// Entities whose first events this transaction wrote straight to history.
-    var freshHere: [UInt64] = []
     /// Names this transaction registered, in order.
     var registered: [PendingName] = []
     /// The deferred name index's phase, as this transaction leaves it.
@@ -626,7 +619,6 @@ private struct CommitContext {
             try putChunk(of: entity, in: txn)
         }
         deltas[entity]!.firstSequence += UInt64(events.count)
-        freshHere.append(entity)
     }
 
     /// Puts the chunk being built under its entity and first sequence.
@@ -819,16 +811,18 @@ private struct CommitContext {
     }
 }
 
-/// The latest sequence of entities whose first events a recent commit wrote straight into their
-/// history range (a new entity's first turn), which leaves them without a tail. Their next append
-/// needs that sequence; without this it is looked up in the `history` and `entities` tables (a
-/// cursor and two B-tree searches, for nearly every new entity's second commit).
+/// The latest sequence of entities that a recent commit left without a tail: a new entity whose first
+/// events went straight into its history range (its first turn), or one whose whole tail moved there.
+/// Their next append needs that sequence, which the commit's tail delta knew; without this it is
+/// looked up in the `history` and `entities` tables (a cursor and two B-tree searches, for nearly
+/// every new entity's second commit).
 ///
-/// One-shot and bounded: the transaction that needs an entry takes it (afterwards the entity has a
-/// tail, or the transaction failed and the next one looks it up), and the oldest entries beyond
-/// `capacity` are dropped. A missing entry only means a lookup. Entries are added after their commit
-/// succeeded, so one is never ahead of what is durable; taking one inside a transaction body that
-/// LMDB runs again (after growing the map) only costs the second run a lookup.
+/// One-shot and bounded: the transaction that needs an entry takes it (if that commit leaves the
+/// entity without a tail again, it keeps the entry again; if it fails, the next one looks it up), and
+/// the oldest entries beyond `capacity` are dropped. A missing entry only means a lookup. Entries
+/// are added after their commit succeeded, so one is never ahead of what is durable; taking one
+/// inside a transaction body that LMDB runs again (after growing the map) only costs the second run a
+/// lookup.
 ///
 /// Used by the writer thread only.
 final class FreshHistories {
