@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import DurableEntitiesTesting
 import Foundation
+import Logging
 import Testing
 
 @Suite("Entity runtime")
@@ -212,5 +213,106 @@ struct EntityRuntimeTests {
         for index in 0..<10 {
             #expect(try await runtime.entity(Account.self, id: "idle-\(index)").query(\.balance) == Int64(index == 0 ? 100 : index))
         }
+    }
+
+    @Test("idempotency keys are kept for the retention time, then forgotten: a resend after it is a new message; a large backlog expires in bounded commits")
+    func idempotencyRetention() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        var configuration = configuration(directory)
+        configuration.clock = clock
+        configuration.idempotencyRetention = .seconds(3_600)
+        do {
+            let runtime = try EntityRuntime(configuration: configuration)
+            defer { runtime.close() }
+            let carol = runtime.entity(Account.self, id: "carol")
+            try await carol.signal(.deposit(100), idempotencyKey: "d-1")
+            #expect(try await carol.update(.withdraw(30), idempotencyKey: "w-1") == 70)
+
+            clock.advance(by: .seconds(3_599))
+            #expect(try await runtime.expireIdempotencyResults() == 0)
+            try await carol.signal(.deposit(100), idempotencyKey: "d-1")           // recognised: not applied
+            #expect(try await carol.update(.withdraw(30), idempotencyKey: "w-1") == 70)  // the first result
+            #expect(try await carol.query(\.balance) == 70)
+
+            clock.advance(by: .seconds(2))
+            #expect(try await runtime.expireIdempotencyResults() == 2)
+            try await carol.signal(.deposit(100), idempotencyKey: "d-1")           // forgotten: applied again
+            #expect(try await carol.update(.withdraw(30), idempotencyKey: "w-1") == 140)
+            #expect(try await carol.query(\.balance) == 140)
+
+            // More than one commit's worth, over 12 entities; an explicit age overrides the configuration.
+            let count = RuntimeCore.resultsExpiredPerCommit + 200
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for entity in 0..<12 {
+                    group.addTask {
+                        let ref = runtime.entity(Account.self, id: "bulk-\(entity)")
+                        for index in stride(from: entity, to: count, by: 12) {
+                            try await ref.signal(.deposit(1), idempotencyKey: "k-\(index)")
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            clock.advance(by: .seconds(10))
+            #expect(try await runtime.expireIdempotencyResults(olderThan: .seconds(5)) == count + 2)
+            #expect(try await runtime.expireIdempotencyResults(olderThan: .zero) == 0)
+            try await runtime.entity(Account.self, id: "bulk-0").signal(.deposit(1), idempotencyKey: "k-0")
+            #expect(try await runtime.entity(Account.self, id: "bulk-0").query(\.balance) == Int64((count + 11) / 12 + 1))
+            try await carol.signal(.deposit(5), idempotencyKey: "d-2")
+        }
+        // Kept keys survive a reopen.
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        let carol = runtime.entity(Account.self, id: "carol")
+        try await carol.signal(.deposit(5), idempotencyKey: "d-2")
+        #expect(try await carol.query(\.balance) == 145)
+    }
+
+    @Test("the runtime expires idempotency results on its own, on its clock")
+    func idempotencyRetentionSweep() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let (sweeps, sweep) = AsyncStream.makeStream(of: String.self)
+        var configuration = configuration(directory)
+        configuration.clock = clock
+        configuration.idempotencyRetention = .seconds(60)  // swept every 2.5 s
+        configuration.logger = Logger(label: "test") { _ in
+            MessageStream(level: .info, continuation: sweep) { $0 == "idempotency results expired" }
+        }
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        let dave = runtime.entity(Account.self, id: "dave")
+        try await dave.signal(.deposit(10), idempotencyKey: "d-1")
+        clock.advance(by: .seconds(61))
+        var messages = sweeps.makeAsyncIterator()
+        #expect(await messages.next() == "idempotency results expired")
+        try await dave.signal(.deposit(10), idempotencyKey: "d-1")
+        #expect(try await dave.query(\.balance) == 20)
+    }
+}
+
+/// A log handler that passes the messages `keep` selects to a stream.
+struct MessageStream: LogHandler {
+    var logLevel: Logger.Level
+    var metadata: Logger.Metadata = [:]
+    let continuation: AsyncStream<String>.Continuation
+    let keep: @Sendable (String) -> Bool
+
+    init(level: Logger.Level, continuation: AsyncStream<String>.Continuation, keep: @escaping @Sendable (String) -> Bool) {
+        self.logLevel = level
+        self.continuation = continuation
+        self.keep = keep
+    }
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        if keep(event.message.description) { continuation.yield(event.message.description) }
     }
 }

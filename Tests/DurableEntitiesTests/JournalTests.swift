@@ -146,13 +146,13 @@ struct JournalTests {
             batch.scheduleTimer(JournalTimer(dueNanoseconds: 2_000, entity: key, id: 2, payload: bytes("late")))
             batch.scheduleTimer(JournalTimer(dueNanoseconds: 1_000, entity: key, id: 1, payload: bytes("early")))
             batch.scheduleTimer(JournalTimer(dueNanoseconds: 3_000, entity: key, id: 3))
-            batch.recordResult(forKey: bytes("charge-1"), payload: bytes("ok:42"))
+            batch.recordResult(forKey: bytes("charge-1"), payload: bytes("ok:42"), recordedAt: 1_000)
             _ = try await journal.commit(batch)
 
             var more = JournalBatch()
             more.deleteHistory(of: key, before: 8)
             more.cancelTimer(dueNanoseconds: 3_000, entity: key, id: 3)
-            more.recordResult(forKey: bytes("charge-1"), payload: bytes("second write loses"))
+            more.recordResult(forKey: bytes("charge-1"), payload: bytes("second write loses"), recordedAt: 2_000)
             var metadata = EntityMetadata(name: EntityName(type: "Order", id: "o-1"), status: 2, run: 3)
             metadata.status = 2
             more.setMetadata(key, metadata)
@@ -254,6 +254,82 @@ struct JournalTests {
         #expect(error?.entity == EntityName(type: "Account", id: "damaged"))
         // The events before the damaged one are still readable.
         #expect(try journal.events(of: key, through: target - 1).count == Int(target - 1))
+    }
+
+    @Test("recorded results expire oldest first, by their first recording's time, at most `limit` a batch; results written before they had times are timed at open")
+    func resultsExpire() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, logger: quietLogger)
+        func expire(_ journal: Journal, before: UInt64, limit: Int) async throws -> Int {
+            var batch = JournalBatch()
+            batch.expireResults(recordedBefore: before, limit: limit)
+            return try await journal.commit(batch).expiredResults
+        }
+        func kept(_ journal: Journal) throws -> [String] {
+            try ["a", "b", "c", "d"].filter { try journal.recordedResult(forKey: bytes($0)) != nil }
+        }
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            var batch = JournalBatch()
+            batch.recordResult(forKey: bytes("c"), payload: bytes("3"), recordedAt: 300)
+            batch.recordResult(forKey: bytes("a"), payload: bytes("1"), recordedAt: 100)
+            batch.recordResult(forKey: bytes("b"), payload: bytes("2"), recordedAt: 200)
+            _ = try await journal.commit(batch)
+            // A second recording loses, and does not make the key look newer.
+            var again = JournalBatch()
+            again.recordResult(forKey: bytes("a"), payload: bytes("late"), recordedAt: 900)
+            _ = try await journal.commit(again)
+            #expect(try journal.recordedResult(forKey: bytes("a")) == bytes("1"))
+
+            #expect(try await expire(journal, before: 100, limit: 10) == 0)  // strictly before
+            #expect(try await expire(journal, before: 301, limit: 1) == 1)  // the oldest only
+            #expect(try kept(journal) == ["b", "c"])
+            #expect(try await expire(journal, before: 250, limit: 10) == 1)
+            #expect(try kept(journal) == ["c"])
+            #expect(try journal.recordedResult(forKey: bytes("c")) == bytes("3"))
+            // An expired key can be recorded afresh, and expires by its new time.
+            var fresh = JournalBatch()
+            fresh.recordResult(forKey: bytes("a"), payload: bytes("new"), recordedAt: 1_000)
+            _ = try await journal.commit(fresh)
+            #expect(try journal.recordedResult(forKey: bytes("a")) == bytes("new"))
+            #expect(try await expire(journal, before: 1_000, limit: 10) == 1)
+            #expect(try kept(journal) == ["a"])
+            // A key with no room for its time row is refused whole.
+            var long = JournalBatch()
+            long.recordResult(forKey: [UInt8](repeating: 7, count: 504), payload: [], recordedAt: 1)
+            let error = await #expect(throws: JournalError.self) { try await journal.commit(long) }
+            #expect(error?.code == .nameTooLong)
+        }
+        // A directory from before results had times: drop the time rows by hand.
+        do {
+            let journal = try Journal(configuration: configuration)
+            var batch = JournalBatch()
+            batch.recordResult(forKey: bytes("d"), payload: bytes("4"), recordedAt: 50)
+            _ = try await journal.commit(batch)
+            journal.close()
+            try clear("idempotency-times", directory: directory.path)
+        }
+        let journal = try Journal(configuration: configuration)
+        defer { journal.close() }
+        #expect(try kept(journal) == ["a", "d"])
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let afterOpen = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+        // Timed at the open (not at 0, not at their old times): kept by any cutoff before it.
+        #expect(try await expire(journal, before: afterOpen - 60_000_000_000, limit: 10) == 0)
+        #expect(try kept(journal) == ["a", "d"])
+        #expect(try await expire(journal, before: afterOpen + 60_000_000_000, limit: 10) == 2)
+        #expect(try kept(journal) == [])
+    }
+
+    /// Empties one of the journal's databases, as an older version of it would have left it.
+    private func clear(_ database: String, directory: String) throws {
+        let environment = try Environment.open(.init(directory: directory))
+        defer { environment.close() }
+        let store = try environment.database(database)
+        try environment.write { txn in try txn.clear(store) }
     }
 
     /// Damages the last payload byte of the tail's first log record, or of the first history chunk

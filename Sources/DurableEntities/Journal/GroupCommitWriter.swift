@@ -254,8 +254,7 @@ final class GroupCommitWriter: @unchecked Sendable {
                 outcome.results.append(.failure(refusal))
                 continue
             }
-            let registered = try context.apply(batch[index].batch, in: txn)
-            outcome.results.append(.success(CommitReceipt(registered: registered)))
+            outcome.results.append(.success(try context.apply(batch[index].batch, in: txn)))
         }
         // Moves are owed work, paid a bounded amount per commit so no single commit stalls: what was
         // appended plus an eighth (so the backlog shrinks under load) plus a floor (so it drains when
@@ -444,11 +443,14 @@ private struct CommitContext {
                 guard (1...511).contains(key.count) else {
                     throw JournalError(.nameTooLong, "a task key must have 1...511 bytes (got \(key.count)); nothing was written")
                 }
-            case .recordResult(let key, let payload):
-                guard (1...511).contains(key.count) else {
-                    throw JournalError(.nameTooLong, "an idempotency key must have 1...511 bytes (got \(key.count)); nothing was written")
+            case .recordResult(let key, let payload, _):
+                // Its expiry row's key is the time (8) then this key, and LMDB keys hold 511 bytes.
+                guard (1...503).contains(key.count) else {
+                    throw JournalError(.nameTooLong, "an idempotency key must have 1...503 bytes (got \(key.count)); nothing was written")
                 }
                 try checkSize(payload.count, nil, nil, "recorded result")
+            case .expireResults:
+                break
             }
         }
     }
@@ -462,18 +464,19 @@ private struct CommitContext {
         return base + Int(spread % UInt64(base / 2 + 1))
     }
 
-    /// Writes a validated batch. Returns the keys of the entities it registered.
-    mutating func apply(_ batch: JournalBatch, in txn: borrowing WriteTransaction) throws -> [EntityKey] {
-        var registered: [EntityKey] = []
+    /// Writes a validated batch. Returns its receipt: the keys of the entities it registered, and how
+    /// many recorded results it expired.
+    mutating func apply(_ batch: JournalBatch, in txn: borrowing WriteTransaction) throws -> CommitReceipt {
+        var receipt = CommitReceipt()
         for operation in batch.operations {
             switch operation {
             case .register(let name):
-                registered.append(try register(name, in: txn))
+                receipt.registered.append(try register(name, in: txn))
             case .registerAs(let name, let key):
                 let found = namesFound[namesApplied]
                 namesApplied += 1
                 // Validated just now: only a name registered earlier in this batch needs looking at.
-                registered.append(found ? key : try registeredHere[name] ?? insertName(name, as: key, in: txn))
+                receipt.registered.append(found ? key : try registeredHere[name] ?? insertName(name, as: key, in: txn))
             case .append(let entity, let events):
                 if keysRegisteredHere.contains(entity), deltas[entity.rawValue]!.count == 0 {
                     try putNewHistory(of: entity.rawValue, events, in: txn)
@@ -523,7 +526,7 @@ private struct CommitContext {
                 }
             case .deleteTask(let key):
                 _ = try key.withUnsafeBytes { key in try txn.delete(key, in: stores.tasks) }
-            case .recordResult(let key, let payload):
+            case .recordResult(let key, let payload, let recordedAt):
                 let checksum = CRC32C.checksum(payload)
                 var record = [UInt8](repeating: 0, count: 4)
                 record.withUnsafeMutableBytes { $0.storeLittleEndian(checksum, at: 0) }
@@ -531,11 +534,31 @@ private struct CommitContext {
                 do {
                     try txn.put(record, forKey: key, in: stores.idempotency, flags: .noOverwrite)
                 } catch let error as LMDBError where error.code == .keyExists {
-                    // The first recorded result wins.
+                    continue  // The first recorded result wins, and keeps its time.
                 }
+                try txn.put([], forKey: JournalLayout.resultTimeKey(recordedAt, key), in: stores.resultTimes)
+            case .expireResults(let before, let limit):
+                receipt.expiredResults += try expireResults(recordedBefore: before, limit: limit, in: txn)
             }
         }
-        return registered
+        return receipt
+    }
+
+    /// Deletes up to `limit` recorded results older than `before`, oldest first, with their time rows.
+    private func expireResults(recordedBefore before: UInt64, limit: Int, in txn: borrowing WriteTransaction) throws -> Int {
+        var expired = 0
+        try txn.withCursor(stores.resultTimes) { cursor in
+            var entry = try cursor.first()
+            while expired < limit, let current = entry, current.key.bigEndianUInt64(at: 0) < before {
+                // Copied: a write may move the page the cursor's key points into.
+                let key = Array(current.key[8...])
+                try key.withUnsafeBytes { key in _ = try txn.delete(key, in: stores.idempotency) }
+                try cursor.deleteCurrent()
+                expired += 1
+                entry = try cursor.next()  // after a delete: the entry that took its place
+            }
+        }
+        return expired
     }
 
     /// The key `name` is registered under, in this transaction or before it.

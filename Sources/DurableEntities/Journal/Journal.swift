@@ -122,6 +122,8 @@ public final class Journal: Sendable {
     /// The named databases.
     struct Stores: Sendable {
         let log, history, names, entities, snapshots, timers, idempotency, tasks: Database
+        /// The idempotency results by the time they were recorded, for expiry.
+        let resultTimes: Database
         /// Registrations not yet merged into `names` (see ``PendingNames``), under a counter; the
         /// row under key 0 holds the merge watermark.
         let pendingNames: Database
@@ -182,7 +184,9 @@ public final class Journal: Sendable {
                 timers: try environment.database("timers"),
                 idempotency: try environment.database("idempotency"),
                 tasks: try environment.database("tasks"),
+                resultTimes: try environment.database("idempotency-times"),
                 pendingNames: try environment.database("pending-names"))
+            try Self.indexUntimedResults(environment: environment, stores: stores)
             tails = TailIndex()
             let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
                                              coalesceThreshold: configuration.coalesceThreshold)
@@ -549,6 +553,33 @@ public final class Journal: Sendable {
 
     /// Rebuilds the tail index from the log: an entry is live when its entity's history and retention
     /// floor do not already cover its sequence.
+    /// A directory written before results had times has results but no `idempotency-times` rows
+    /// (both are written in one transaction since): those results are given the time of this open,
+    /// so they expire like results recorded now, never earlier.
+    private static func indexUntimedResults(environment: Environment, stores: Stores) throws {
+        let untimed = try environment.read { txn in
+            try txn.count(stores.resultTimes) == 0 && txn.count(stores.idempotency) > 0
+        }
+        guard untimed else { return }
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let time = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+        try environment.write { txn in
+            var keys: [[UInt8]] = []
+            try txn.withCursor(stores.idempotency) { cursor in
+                var entry = try cursor.first()
+                while let current = entry {
+                    keys.append(Array(current.key))
+                    entry = try cursor.next()
+                }
+            }
+            // A key longer than 503 bytes (accepted before) has no room for the time: it stays, unexpired.
+            for key in keys where key.count <= 503 {
+                try txn.put([], forKey: JournalLayout.resultTimeKey(time, key), in: stores.resultTimes)
+            }
+        }
+    }
+
     private static func recover(environment: Environment, stores: Stores, tails: TailIndex, coalesceThreshold: Int) throws -> Recovered {
         try environment.read { txn in
             var recovered = Recovered()

@@ -24,7 +24,8 @@ public struct JournalBatch: Sendable {
         case metadata(EntityKey, EntityMetadata)
         case scheduleTimer(JournalTimer)
         case cancelTimer(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64)
-        case recordResult(key: [UInt8], payload: [UInt8])
+        case recordResult(key: [UInt8], payload: [UInt8], recordedAt: UInt64)
+        case expireResults(recordedBefore: UInt64, limit: Int)
         case putTask(key: TaskKey, value: [UInt8])
         case deleteTask(key: TaskKey)
     }
@@ -121,9 +122,17 @@ public struct JournalBatch: Sendable {
         operations.append(.deleteTask(key: key))
     }
 
-    /// Records the result for an idempotency key. The first recorded result wins.
-    public mutating func recordResult(forKey key: [UInt8], payload: [UInt8]) {
-        operations.append(.recordResult(key: key, payload: payload))
+    /// Records the result for an idempotency key (1...503 bytes). The first recorded result wins, and
+    /// its `recordedAt` (ns, the caller's clock) is what ``expireResults(recordedBefore:limit:)`` goes by.
+    public mutating func recordResult(forKey key: [UInt8], payload: [UInt8], recordedAt: UInt64) {
+        operations.append(.recordResult(key: key, payload: payload, recordedAt: recordedAt))
+    }
+
+    /// Deletes recorded results older than `recordedBefore`, oldest first, at most `limit` of them
+    /// (at least 1), so one sweep never makes a long commit. How many went comes back in
+    /// ``CommitReceipt/expiredResults``; fewer than `limit` means none older is left.
+    public mutating func expireResults(recordedBefore: UInt64, limit: Int) {
+        operations.append(.expireResults(recordedBefore: recordedBefore, limit: max(1, limit)))
     }
 }
 
@@ -189,7 +198,9 @@ public struct TaskKey: Sendable, Hashable {
 /// What a durable commit returns.
 public struct CommitReceipt: Sendable {
     /// The keys of the entities the batch registered, in the order of its `register` calls.
-    public var registered: [EntityKey]
+    public var registered: [EntityKey] = []
+    /// How many recorded results the batch's ``JournalBatch/expireResults(recordedBefore:limit:)`` deleted.
+    public var expiredResults = 0
 }
 
 /// Consecutive events of one entity in one buffer, each with its CRC-32C: what a turn records, built

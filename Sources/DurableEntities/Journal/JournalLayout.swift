@@ -14,6 +14,7 @@ import LMDB
 /// | `snapshots` | entity key (8) | sequence (8), CRC-32C (4), payload |
 /// | `timers` | due (8), entity key (8), timer id (8) | payload |
 /// | `idempotency` | caller's key | CRC-32C (4), payload |
+/// | `idempotency-times` | recorded at (8), caller's key | empty: what expiry reads, oldest first |
 enum JournalLayout {
     static let logHeader = 20
     static let checksumBytes = 4
@@ -22,6 +23,15 @@ enum JournalLayout {
     static let chunkBytes = 2_000
     static let chunkHeader = 4
     static let chunkEventHeader = 8
+
+    /// The `idempotency-times` key of a result recorded at `time` under `key`.
+    static func resultTimeKey(_ time: UInt64, _ key: [UInt8]) -> [UInt8] {
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(8 + key.count)
+        Swift.withUnsafeBytes(of: time.bigEndian) { bytes.append(contentsOf: $0) }
+        bytes.append(contentsOf: key)
+        return bytes
+    }
 }
 
 /// Reads the events of one history chunk: consecutive sequence numbers from the key's.

@@ -920,7 +920,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             next.key = key
         }
         batch.append(key, events: output.events)
-        for (name, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(name.key, name.kind, key), payload: result) }
+        for (name, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(name.key, name.kind, key), payload: result, recordedAt: output.now) }
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
         for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }
         for task in output.tasksDone { batch.deleteTask(task) }

@@ -36,6 +36,12 @@ public final class EntityRuntime: Sendable {
         public var maxResidentEntities: Int
         /// Entities idle this long leave memory (checked every quarter of it); `nil`: only the bound.
         public var passivateAfterIdle: Duration?
+        /// How long the result of a signal or update sent with an idempotency key is kept: a resend
+        /// with the same key within this time is recognised (a signal is not applied twice, an update
+        /// returns its first result); after it, the key is forgotten and a resend is a new message.
+        /// Results are swept every 24th of it (at least every second, at most every hour), so one
+        /// lives at most that much longer. `nil` keeps them for ever. Default: 7 days.
+        public var idempotencyRetention: Duration?
         /// The largest encoded message accepted.
         public var maxPayloadBytes: Int
         /// An entity continues as new (snapshot into a new run) once its current run has this many events.
@@ -72,6 +78,7 @@ public final class EntityRuntime: Sendable {
             snapshotEvery: Int = 100,
             maxResidentEntities: Int = 100_000,
             passivateAfterIdle: Duration? = .seconds(300),
+            idempotencyRetention: Duration? = .seconds(7 * 24 * 3_600),
             maxPayloadBytes: Int = 1 << 20,
             continueAsNewAfterEvents: Int = 1_000,
             continueAsNewAfterBytes: Int = 4 << 20,
@@ -91,6 +98,7 @@ public final class EntityRuntime: Sendable {
             self.snapshotEvery = snapshotEvery
             self.maxResidentEntities = maxResidentEntities
             self.passivateAfterIdle = passivateAfterIdle
+            self.idempotencyRetention = idempotencyRetention
             self.maxPayloadBytes = maxPayloadBytes
             self.continueAsNewAfterEvents = continueAsNewAfterEvents
             self.continueAsNewAfterBytes = continueAsNewAfterBytes
@@ -130,6 +138,26 @@ public final class EntityRuntime: Sendable {
         core.activities.recover()
         core.recoverOutbox()
         if let idle = configuration.passivateAfterIdle { core.schedulePassivation(after: idle) }
+        if let retention = configuration.idempotencyRetention { core.scheduleResultExpiry(after: retention) }
+    }
+
+    /// Deletes now the idempotency results recorded more than `age` ago (default: the configured
+    /// ``Configuration/idempotencyRetention``; with neither, nothing). The runtime also does this on
+    /// its own. A signal or update resent later with one of those keys is applied as a new message.
+    /// - Returns: how many results were deleted.
+    /// - Throws: ``EntityError`` `storage` when a commit fails (results deleted before it stay deleted).
+    @discardableResult
+    public func expireIdempotencyResults(olderThan age: Duration? = nil) async throws(EntityError) -> Int {
+        guard let age = age ?? core.configuration.idempotencyRetention else { return 0 }
+        let cutoff = core.resultCutoff(retention: age)
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Int, JournalError>, Never>) in
+            core.expireResults(recordedBefore: cutoff) { continuation.resume(returning: $0) }
+        }
+        switch result {
+        case .success(let count): return count
+        case .failure(let error):
+            throw EntityError(.storage, entity: nil, "expiring idempotency results failed", underlying: error)
+        }
     }
 
     /// Passivates now every entity idle for at least `idle` (the runtime also does it on its own,

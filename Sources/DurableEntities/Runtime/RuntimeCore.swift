@@ -162,6 +162,57 @@ final class RuntimeCore: Sendable {
         }
     }
 
+    // MARK: Idempotency results
+
+    /// The most idempotency results one expiry commit deletes: a large backlog goes in many short
+    /// commits among the turns' commits, never in one long one.
+    static let resultsExpiredPerCommit = 1_000
+
+    /// Deletes the idempotency results recorded before `cutoff` (ns on the runtime's clock), one
+    /// bounded commit after another; `completion` gets how many went, or the error that stopped it.
+    func expireResults(recordedBefore cutoff: UInt64, expiredBefore: Int = 0,
+                       completion: @escaping @Sendable (Result<Int, JournalError>) -> Void) {
+        var batch = JournalBatch()
+        batch.expireResults(recordedBefore: cutoff, limit: Self.resultsExpiredPerCommit)
+        journal.submit(batch) { [self] result in
+            switch result {
+            case .success(let receipt) where receipt.expiredResults == Self.resultsExpiredPerCommit:
+                expireResults(recordedBefore: cutoff, expiredBefore: expiredBefore + receipt.expiredResults, completion: completion)
+            case .success(let receipt):
+                completion(.success(expiredBefore + receipt.expiredResults))
+            case .failure(let error):
+                completion(.failure(error))
+            }
+        }
+    }
+
+    /// The cutoff for results older than `retention`: recorded before now minus it.
+    func resultCutoff(retention: Duration) -> UInt64 {
+        let now = clock.nowNanoseconds()
+        return now > retention.nanoseconds ? now - retention.nanoseconds : 0
+    }
+
+    /// Expires the results older than `retention` every 24th of it (at least every second, at most
+    /// every hour) on the runtime's clock; the next sweep is armed once this one is done.
+    func scheduleResultExpiry(after retention: Duration) {
+        let interval = min(3_600_000_000_000, max(1_000_000_000, retention.nanoseconds / 24))
+        _ = timers.alarm(at: clock.nowNanoseconds() &+ interval) { [weak self] in
+            guard let self, !self.closed.load(ordering: .acquiring) else { return }
+            self.expireResults(recordedBefore: self.resultCutoff(retention: retention)) { [weak self] result in
+                guard let self else { return }
+                switch result {
+                case .success(let count):
+                    if count > 0 { self.logger.info("idempotency results expired", metadata: ["entities.results.expired": "\(count)"]) }
+                case .failure(let error):
+                    guard error.code != .closed else { return }
+                    self.logger.warning("expiring idempotency results failed; the next sweep tries again",
+                                        metadata: ["error": "\(error)"])
+                }
+                self.scheduleResultExpiry(after: retention)
+            }
+        }
+    }
+
     // MARK: Entity-to-entity messages
 
     /// Delivers a message whose outbox row `row` is durable to its receiver's mailbox (waiting there
