@@ -1,5 +1,6 @@
 @testable import DurableEntities
 import Foundation
+import LMDB
 import Synchronization
 import TestSupport
 import Testing
@@ -124,6 +125,17 @@ struct EntityCrashTests {
             #expect(unsentKeys.isEmpty, "\(label): acc-\(account) recorded keys of deposits never sent \(unsentKeys)")
             #expect(state == recorded, "\(label): acc-\(account) state \(state) differs from its recorded keys \(recorded)")
         }
+        // Every recorded key has its time row (what expiry reads): both are written in one transaction.
+        let (resultCount, timeCount) = try Self.resultRowCounts(directory.path)
+        #expect(resultCount == timeCount && resultCount > 0, "\(label): \(resultCount) recorded keys, \(timeCount) time rows")
+    }
+
+    /// How many rows the journal's `idempotency` and `idempotency-times` tables hold.
+    static func resultRowCounts(_ directory: String) throws -> (results: Int, times: Int) {
+        let environment = try Environment.open(.init(directory: directory))
+        defer { environment.close() }
+        let results = try environment.database("idempotency"), times = try environment.database("idempotency-times")
+        return try environment.read { txn in (try txn.count(results), try txn.count(times)) }
     }
 
     @Test("10,000 deposits with idempotency keys, SIGKILLed 5 times and resent: nothing lost, nothing doubled")
