@@ -20,6 +20,15 @@ struct ActivityTask: Codable, Sendable {
     /// The last failed attempt's error, for the final ``ActivityFailure``.
     var lastErrorType: String?
     var lastError: String?
+    /// The cell that dispatched the task: its outcome goes straight there while the cell is in
+    /// memory, without looking the entity up. Not stored: a task read back from the journal (at open,
+    /// for a retry) has none and is delivered by name.
+    var receiver: (any ActivityOutcomeReceiver)? = nil
+
+    private enum CodingKeys: String, CodingKey {
+        case entityType, entityID, entityKey, run, activityID, name, input, options, attempt, scheduledAt, notBefore
+        case heartbeat, lastErrorType, lastError
+    }
 
     static let keyPrefix: UInt8 = 0x61  // "a"
 

@@ -532,18 +532,28 @@ final class ActivityWorker: @unchecked Sendable {
     /// Hands the final outcome to the entity, whose turn records it and deletes the task.
     private func finish(_ task: ActivityTask, _ outcome: Result<[UInt8], ActivityFailure>) {
         if abandoned { return }
+        // Counted busy before it is queued, as the outcome's message says it was.
+        core.becameBusy()
+        if let receiver = task.receiver, receiver.receive(activity: task.activityID, outcome, reply: core.idleReply) { return }
         let found = core.types.withLock { types -> (any RegisteredEntityType)? in
             if let type = types[task.entityType] { return type }
             waiting.withLock { $0.outcomes[task.entityType, default: []].append((task, outcome)) }
             return nil
         }
         guard let type = found else {
+            core.becameIdle()
             core.logger.debug("an activity's outcome waits for its entity type's registration", metadata: ["entity.type": "\(task.entityType)"])
             return
         }
-        core.becameBusy()
         type.deliverActivityOutcome(id: task.activityID, outcome, entityID: task.entityID, core: core, reply: core.idleReply)
     }
+}
+
+/// Where a pool activity's outcome is delivered without a lookup: the entity's cell, while it is in memory.
+protocol ActivityOutcomeReceiver: AnyObject, Sendable {
+    /// Queues the outcome of activity `id`; `false` once the receiver has left memory (the entity is
+    /// then looked up by name, which loads it again).
+    func receive(activity id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, reply: @escaping VoidReply) -> Bool
 }
 
 /// What a local activity's attempt reports to when it ends inside the turn that started it: the run

@@ -935,7 +935,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         for activity in output.activitiesScheduled {
             let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: next.run,
                                     activityID: activity.id, name: activity.name, input: activity.input, options: activity.options,
-                                    attempt: 1, scheduledAt: output.now, notBefore: output.now)
+                                    attempt: 1, scheduledAt: output.now, notBefore: output.now, receiver: self)
             batch.putTask(task.key, value: task.encoded())
             tasks.append(task)
         }
@@ -1191,4 +1191,10 @@ final class AbandonRun: ShardWork, @unchecked Sendable {
 
 enum HistoryEventError: Error {
     case malformed
+}
+
+extension EntityCell: ActivityOutcomeReceiver {
+    func receive(activity id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, reply: @escaping VoidReply) -> Bool {
+        enqueue(.activityOutcome(id: id, outcome, reply: reply))
+    }
 }
