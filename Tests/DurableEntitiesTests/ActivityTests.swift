@@ -122,6 +122,29 @@ struct ActivityTests {
         #expect(log.all.map { ($0.time - start) / 1_000_000_000 } == [0, 10])
     }
 
+    @Test("an entity passivated while its activity runs gets the outcome: the runtime loads it again and the run finishes")
+    func outcomeAfterPassivation() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let (started, start) = AsyncStream.makeStream(of: Void.self)
+        let (releases, release) = AsyncStream.makeStream(of: Void.self)
+        let runtime = try runtime(directory, clock, ActivityStub<Step> { label, _ in
+            start.yield()
+            for await _ in releases { break }
+            return "done:\(label)"
+        })
+        defer { runtime.close() }
+        let call = runtime.entity(CallStep.self, id: "away")
+        try await call.start(.init(label: "p", options: .init()))
+        var iterator = started.makeAsyncIterator()
+        await iterator.next()                       // the attempt runs; the entity waits for its outcome
+        #expect(runtime.passivateIdleEntities() == 1)
+        #expect(runtime.residentEntities == 0)
+        release.yield()
+        #expect(try await call.result() == "done:p")
+    }
+
     @Test("a stalled activity is caught by its heartbeat timeout and retried; the new attempt reads the last heartbeat")
     func heartbeatTimeout() async throws {
         let directory = TemporaryDirectory()
