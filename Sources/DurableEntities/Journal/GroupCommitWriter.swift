@@ -444,9 +444,9 @@ private struct CommitContext {
                     throw JournalError(.nameTooLong, "a task key must have 1...511 bytes (got \(key.count)); nothing was written")
                 }
             case .recordResult(let key, let payload, _):
-                // Its expiry row's key is the time (8) then this key, and LMDB keys hold 511 bytes.
-                guard (1...503).contains(key.count) else {
-                    throw JournalError(.nameTooLong, "an idempotency key must have 1...503 bytes (got \(key.count)); nothing was written")
+                guard (1...JournalLayout.maxResultKeyBytes).contains(key.count) else {
+                    throw JournalError(.nameTooLong,
+                                       "an idempotency key must have 1...\(JournalLayout.maxResultKeyBytes) bytes (got \(key.count)); nothing was written")
                 }
                 try checkSize(payload.count, nil, nil, "recorded result")
             case .expireResults:

@@ -551,8 +551,6 @@ public final class Journal: Sendable {
         var mergedRowsLeft = false
     }
 
-    /// Rebuilds the tail index from the log: an entry is live when its entity's history and retention
-    /// floor do not already cover its sequence.
     /// A directory written before results had times has results but no `idempotency-times` rows
     /// (both are written in one transaction since): those results are given the time of this open,
     /// so they expire like results recorded now, never earlier.
@@ -561,9 +559,7 @@ public final class Journal: Sendable {
             try txn.count(stores.resultTimes) == 0 && txn.count(stores.idempotency) > 0
         }
         guard untimed else { return }
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
-        let time = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+        let time = SystemEntityClock().nowNanoseconds()
         try environment.write { txn in
             var keys: [[UInt8]] = []
             try txn.withCursor(stores.idempotency) { cursor in
@@ -573,13 +569,15 @@ public final class Journal: Sendable {
                     entry = try cursor.next()
                 }
             }
-            // A key longer than 503 bytes (accepted before) has no room for the time: it stays, unexpired.
-            for key in keys where key.count <= 503 {
+            // A longer key (accepted before) has no room for the time: it stays, unexpired.
+            for key in keys where key.count <= JournalLayout.maxResultKeyBytes {
                 try txn.put([], forKey: JournalLayout.resultTimeKey(time, key), in: stores.resultTimes)
             }
         }
     }
 
+    /// Rebuilds the tail index from the log: an entry is live when its entity's history and retention
+    /// floor do not already cover its sequence.
     private static func recover(environment: Environment, stores: Stores, tails: TailIndex, coalesceThreshold: Int) throws -> Recovered {
         try environment.read { txn in
             var recovered = Recovered()

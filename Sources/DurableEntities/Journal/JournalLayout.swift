@@ -24,6 +24,10 @@ enum JournalLayout {
     static let chunkHeader = 4
     static let chunkEventHeader = 8
 
+    /// The longest idempotency key: its `idempotency-times` key is the time (8) then it, and LMDB
+    /// keys hold 511 bytes.
+    static let maxResultKeyBytes = 503
+
     /// The `idempotency-times` key of a result recorded at `time` under `key`.
     static func resultTimeKey(_ time: UInt64, _ key: [UInt8]) -> [UInt8] {
         var bytes = [UInt8]()

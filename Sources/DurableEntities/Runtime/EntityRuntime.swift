@@ -149,7 +149,7 @@ public final class EntityRuntime: Sendable {
     @discardableResult
     public func expireIdempotencyResults(olderThan age: Duration? = nil) async throws(EntityError) -> Int {
         guard let age = age ?? core.configuration.idempotencyRetention else { return 0 }
-        let cutoff = core.resultCutoff(retention: age)
+        let cutoff = core.time(ago: age)
         let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Int, JournalError>, Never>) in
             core.expireResults(recordedBefore: cutoff) { continuation.resume(returning: $0) }
         }

@@ -153,13 +153,29 @@ final class RuntimeCore: Sendable {
     /// Runs ``passivateIdle(activeBefore:)`` every quarter of `idle` (at least every second) on the
     /// runtime's clock.
     func schedulePassivation(after idle: Duration) {
-        let interval = max(UInt64(1_000_000_000), idle.nanoseconds / 4)
+        repeatEvery(max(1_000_000_000, idle.nanoseconds / 4)) { [weak self] done in
+            guard let self else { return }
+            passivateIdle(activeBefore: time(ago: idle))
+            done()
+        }
+    }
+
+    // MARK: Housekeeping
+
+    /// Runs `sweep` every `interval` ns on the runtime's clock until the runtime closes. The next run
+    /// is armed when `sweep` calls `done`, so runs never overlap; a sweep that does not call it ends
+    /// the series.
+    func repeatEvery(_ interval: UInt64, _ sweep: @escaping @Sendable (_ done: @escaping @Sendable () -> Void) -> Void) {
         _ = timers.alarm(at: clock.nowNanoseconds() &+ interval) { [weak self] in
             guard let self, !self.closed.load(ordering: .acquiring) else { return }
-            let now = self.clock.nowNanoseconds()
-            self.passivateIdle(activeBefore: now > idle.nanoseconds ? now - idle.nanoseconds : 0)
-            self.schedulePassivation(after: idle)
+            sweep { [weak self] in self?.repeatEvery(interval, sweep) }
         }
+    }
+
+    /// The runtime clock's time `age` ago (0 when the clock is not that far from the epoch).
+    func time(ago age: Duration) -> UInt64 {
+        let now = clock.nowNanoseconds()
+        return now > age.nanoseconds ? now - age.nanoseconds : 0
     }
 
     // MARK: Idempotency results
@@ -186,29 +202,21 @@ final class RuntimeCore: Sendable {
         }
     }
 
-    /// The cutoff for results older than `retention`: recorded before now minus it.
-    func resultCutoff(retention: Duration) -> UInt64 {
-        let now = clock.nowNanoseconds()
-        return now > retention.nanoseconds ? now - retention.nanoseconds : 0
-    }
-
     /// Expires the results older than `retention` every 24th of it (at least every second, at most
     /// every hour) on the runtime's clock; the next sweep is armed once this one is done.
     func scheduleResultExpiry(after retention: Duration) {
-        let interval = min(3_600_000_000_000, max(1_000_000_000, retention.nanoseconds / 24))
-        _ = timers.alarm(at: clock.nowNanoseconds() &+ interval) { [weak self] in
-            guard let self, !self.closed.load(ordering: .acquiring) else { return }
-            self.expireResults(recordedBefore: self.resultCutoff(retention: retention)) { [weak self] result in
+        repeatEvery(min(3_600_000_000_000, max(1_000_000_000, retention.nanoseconds / 24))) { [weak self] done in
+            guard let self else { return }
+            expireResults(recordedBefore: time(ago: retention)) { [weak self] result in
                 guard let self else { return }
                 switch result {
                 case .success(let count):
-                    if count > 0 { self.logger.info("idempotency results expired", metadata: ["entities.results.expired": "\(count)"]) }
+                    if count > 0 { logger.info("idempotency results expired", metadata: ["entities.results.expired": "\(count)"]) }
                 case .failure(let error):
                     guard error.code != .closed else { return }
-                    self.logger.warning("expiring idempotency results failed; the next sweep tries again",
-                                        metadata: ["error": "\(error)"])
+                    logger.warning("expiring idempotency results failed; the next sweep tries again", metadata: ["error": "\(error)"])
                 }
-                self.scheduleResultExpiry(after: retention)
+                done()
             }
         }
     }
@@ -349,8 +357,7 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
                                 reply: @escaping VoidReply) {
         let name = EntityName(type: W.entityType, id: entityID)
-        let message = CellMessage.activityOutcome(id: id, outcome, reply: reply)
-        while !core.cell(W.self, name).enqueue(message) {}
+        while !core.cell(W.self, name).receive(activity: id, outcome, reply: reply) {}
     }
 
     func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore) {
