@@ -340,8 +340,8 @@ private struct CommitContext {
     private mutating func delta(of entity: UInt64, in txn: borrowing WriteTransaction) throws -> TailDelta {
         if let delta = deltas[entity] { return delta }
         let delta: TailDelta
-        if let published = tails.run(of: entity) {
-            delta = TailDelta(baseCount: published.positions.count, firstSequence: published.firstSequence)
+        if let published = tails.shape(of: entity) {
+            delta = TailDelta(baseCount: published.count, firstSequence: published.firstSequence)
         } else {
             let latest = try fresh.take(entity) ?? Journal.latestCommittedSequence(of: entity, in: txn, stores: stores)
             delta = TailDelta(baseCount: 0, firstSequence: latest + 1)

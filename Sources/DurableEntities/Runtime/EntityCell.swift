@@ -203,25 +203,33 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// entity again).
     /// - Parameter bounded: a sender's message: when the mailbox is full it waits for room (the sender
     ///   stays suspended) instead of joining the mailbox.
-    func enqueue(_ message: Message, bounded: Bool = false) -> Bool {
+    func enqueue(_ message: consuming Message, bounded: Bool = false) -> Bool {
+        offer(message, bounded: bounded) == nil
+    }
+
+    /// Queues `message` like ``enqueue(_:bounded:)``, moving it into the mailbox (no copy, so its
+    /// payload and reply are not retained and released once more per message); hands it back when
+    /// the cell has left memory, for the caller to offer to the entity's next cell.
+    func offer(_ message: consuming Message, bounded: Bool = false) -> Message? {
         let capacity = core.configuration.mailboxCapacity
+        var pending: Message? = consume message
         let schedule = cell.withLock { state -> Bool? in
             guard !state.evicted else { return nil }
             if bounded, state.messages.count >= capacity || !state.waiting.isEmpty {
-                state.waiting.append(message)
+                state.waiting.append(pending.take()!)
                 return false
             }
-            state.messages.append(message)
+            state.messages.append(pending.take()!)
             guard !state.scheduled, !state.inFlight else { return false }
             state.scheduled = true
             return true
         }
-        guard let schedule else { return false }
+        guard let schedule else { return pending }
         if schedule {
             core.becameBusy()
             shard.schedule(self)
         }
-        return true
+        return nil
     }
 
     // MARK: State watches
@@ -875,13 +883,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
             return
         }
-        let configuration = core.configuration
+        // Not `let configuration = core.configuration`: that copies the whole configuration (its
+        // strings, logger and codec retained and released) on every turn.
+        let afterEvents = core.configuration.continueAsNewAfterEvents
+        let afterBytes = core.configuration.continueAsNewAfterBytes
         // A run body's history is its run: no continue-as-new once the body started (a finished run
         // keeps its outcome for `result` and for the parents it reports to).
         let bodyStarted = Self.run(next)?.started ?? false
         let continueAsNew = !bodyStarted && next.status == .active && (madeRequests?.continueAsNew == true
-            || next.lastSequence + 1 - next.runStartSequence >= UInt64(configuration.continueAsNewAfterEvents)
-            || next.runBytes >= configuration.continueAsNewAfterBytes)
+            || next.lastSequence + 1 - next.runStartSequence >= UInt64(afterEvents)
+            || next.runBytes >= afterBytes)
         commit(output, next: next, continueAsNew: continueAsNew, replies: replies)
     }
 

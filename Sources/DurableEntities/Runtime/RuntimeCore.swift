@@ -350,8 +350,8 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
 
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void) {
         let name = EntityName(type: W.entityType, id: entityID)
-        let message = CellMessage.timerFired(id: id, due: due) { _ in done() }
-        while !core.cell(W.self, name).enqueue(message) {}
+        var pending: CellMessage? = .timerFired(id: id, due: due) { _ in done() }
+        while let message = pending.take() { pending = core.cell(W.self, name).offer(message) }
     }
 
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
@@ -361,12 +361,12 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
     }
 
     func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore) {
-        let message = CellMessage.envelope(envelope, key: row) { result in
+        var pending: CellMessage? = .envelope(envelope, key: row) { result in
             // A failed commit leaves the row in place: try again shortly (other failures — an entity
             // that cannot load — wait for the next open, where the row is delivered again).
             guard case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) else { return }
             _ = core.timers.alarm(at: core.clock.nowNanoseconds() &+ 1_000_000_000) { core.deliver(envelope, row: row) }
         }
-        while !core.cell(W.self, envelope.target).enqueue(message, bounded: true) {}
+        while let message = pending.take() { pending = core.cell(W.self, envelope.target).offer(message, bounded: true) }
     }
 }
