@@ -30,17 +30,7 @@ final class TailIndex: Sendable {
     /// (the writer asks this for every entity of every commit, and retaining each entity's positions
     /// array, last touched a commit or more ago, was ~2% of `entity-signals`' CPU).
     func shape(of entity: UInt64) -> (count: Int, firstSequence: UInt64)? {
-        runs.withLock { $0.shape(of: entity) }
-    }
-}
-
-extension EntityTable where Value == TailRun {
-    fileprivate func shape(of key: UInt64) -> (count: Int, firstSequence: UInt64)? {
-        let page = Int(key >> Self.pageBits)
-        guard page < pages.count, !pages[page].isEmpty else { return nil }
-        let slot = Int(key & ((1 << Self.pageBits) - 1))
-        guard let count = pages[page][slot]?.positions.count, let first = pages[page][slot]?.firstSequence else { return nil }
-        return (count, first)
+        runs.withLock { $0.read(entity) { ($0.positions.count, $0.firstSequence) } }
     }
 }
 
@@ -53,15 +43,25 @@ struct EntityTable<Value>: ~Copyable {
 
     init() {}
 
+    /// The page and slot of `key`.
+    private static func split(_ key: UInt64) -> (page: Int, slot: Int) {
+        (Int(key >> pageBits), Int(key & ((1 << pageBits) - 1)))
+    }
+
+    /// Where `key`'s value is, if its page exists.
+    private func location(of key: UInt64) -> (page: Int, slot: Int)? {
+        let (page, slot) = Self.split(key)
+        guard page < pages.count, !pages[page].isEmpty else { return nil }
+        return (page, slot)
+    }
+
     subscript(key: UInt64) -> Value? {
         get {
-            let page = Int(key >> Self.pageBits)
-            guard page < pages.count, !pages[page].isEmpty else { return nil }
-            return pages[page][Int(key & ((1 << Self.pageBits) - 1))]
+            guard let (page, slot) = location(of: key) else { return nil }
+            return pages[page][slot]
         }
         set {
-            let page = Int(key >> Self.pageBits)
-            let slot = Int(key & ((1 << Self.pageBits) - 1))
+            let (page, slot) = Self.split(key)
             if page >= pages.count {
                 guard newValue != nil else { return }
                 pages.append(contentsOf: repeatElement([], count: page - pages.count + 1))
@@ -78,11 +78,15 @@ struct EntityTable<Value>: ~Copyable {
 
     /// Mutates the value under `key` in place, if there is one.
     mutating func modify(_ key: UInt64, _ body: (inout Value) -> Void) {
-        let page = Int(key >> Self.pageBits)
-        guard page < pages.count, !pages[page].isEmpty else { return }
-        let slot = Int(key & ((1 << Self.pageBits) - 1))
-        guard pages[page][slot] != nil else { return }
+        guard let (page, slot) = location(of: key), pages[page][slot] != nil else { return }
         body(&pages[page][slot]!)
+    }
+
+    /// What `body` reads from the value under `key`, in place (the value is not copied: reading a
+    /// field of a value with an array in it does not retain the array), if there is one.
+    func read<R>(_ key: UInt64, _ body: (borrowing Value) -> R) -> R? {
+        guard let (page, slot) = location(of: key), pages[page][slot] != nil else { return nil }
+        return body(pages[page][slot]!)
     }
 
     /// Every key and value, in key order.

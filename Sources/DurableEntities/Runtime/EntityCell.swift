@@ -203,33 +203,25 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// entity again).
     /// - Parameter bounded: a sender's message: when the mailbox is full it waits for room (the sender
     ///   stays suspended) instead of joining the mailbox.
-    func enqueue(_ message: consuming Message, bounded: Bool = false) -> Bool {
-        offer(message, bounded: bounded) == nil
-    }
-
-    /// Queues `message` like ``enqueue(_:bounded:)``, moving it into the mailbox (no copy, so its
-    /// payload and reply are not retained and released once more per message); hands it back when
-    /// the cell has left memory, for the caller to offer to the entity's next cell.
-    func offer(_ message: consuming Message, bounded: Bool = false) -> Message? {
+    func enqueue(_ message: Message, bounded: Bool = false) -> Bool {
         let capacity = core.configuration.mailboxCapacity
-        var pending: Message? = consume message
         let schedule = cell.withLock { state -> Bool? in
             guard !state.evicted else { return nil }
             if bounded, state.messages.count >= capacity || !state.waiting.isEmpty {
-                state.waiting.append(pending.take()!)
+                state.waiting.append(message)
                 return false
             }
-            state.messages.append(pending.take()!)
+            state.messages.append(message)
             guard !state.scheduled, !state.inFlight else { return false }
             state.scheduled = true
             return true
         }
-        guard let schedule else { return pending }
+        guard let schedule else { return false }
         if schedule {
             core.becameBusy()
             shard.schedule(self)
         }
-        return nil
+        return true
     }
 
     // MARK: State watches

@@ -173,7 +173,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
             })) else {
                 return continuation.resume(returning: closedError)
             }
-            enqueue(consume message, bounded: bounded)
+            enqueue(message, bounded: bounded)
         }
         if let failure { throw failure }
     }
@@ -184,7 +184,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
             guard let message = openMailbox(message({ continuation.resume(returning: $0) })) else {
                 return continuation.resume(returning: .failure(closedError))
             }
-            enqueue(consume message, bounded: bounded)
+            enqueue(message, bounded: bounded)
         }
         return try result.get()
     }
@@ -196,20 +196,10 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         runtime.core.closed.load(ordering: .acquiring) ? nil : message()
     }
 
-    private func enqueue(_ message: consuming CellMessage, bounded: Bool) {
-        if let cell = cache.cell {
-            guard let refused = cell.offer(message, bounded: bounded) else { return }
-            message = refused
-        }
-        // A cell passivated between lookup and enqueue refuses; the next lookup makes a fresh one.
-        while true {
-            let cell = runtime.core.cell(W.self, name)
-            guard let refused = cell.offer(message, bounded: bounded) else {
-                cache.cell = cell
-                return
-            }
-            message = refused
-        }
+    private func enqueue(_ message: CellMessage, bounded: Bool) {
+        if let cell = cache.cell, cell.enqueue(message, bounded: bounded) { return }
+        // The cached cell was passivated (or none was cached): look the entity up again.
+        cache.cell = runtime.core.enqueue(message, to: W.self, name, bounded: bounded)
     }
 }
 

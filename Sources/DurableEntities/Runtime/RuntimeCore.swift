@@ -105,6 +105,18 @@ final class RuntimeCore: Sendable {
         tables[shardIndex(name)].table.withLock { $0.cells[name] as? EntityCell<W> }
     }
 
+    /// Queues `message` in the entity's resident cell, loading the entity if needed. A cell that
+    /// leaves memory meanwhile hands the message back, and the next lookup makes a fresh one.
+    /// Returns the cell that took it.
+    @discardableResult
+    func enqueue<W: EntityWorkflow>(_ message: CellMessage, to type: W.Type, _ name: EntityName,
+                                    bounded: Bool = false) -> EntityCell<W> {
+        while true {
+            let cell = cell(W.self, name)
+            if cell.enqueue(message, bounded: bounded) { return cell }
+        }
+    }
+
     func cell<W: EntityWorkflow>(_ type: W.Type, _ name: EntityName) -> EntityCell<W> {
         let index = shardIndex(name)
         let maxResident = max(1, configuration.maxResidentEntities / shards.count)
@@ -350,23 +362,21 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
 
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void) {
         let name = EntityName(type: W.entityType, id: entityID)
-        var pending: CellMessage? = .timerFired(id: id, due: due) { _ in done() }
-        while let message = pending.take() { pending = core.cell(W.self, name).offer(message) }
+        core.enqueue(.timerFired(id: id, due: due) { _ in done() }, to: W.self, name)
     }
 
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
                                 reply: @escaping VoidReply) {
         let name = EntityName(type: W.entityType, id: entityID)
-        while !core.cell(W.self, name).receive(activity: id, outcome, reply: reply) {}
+        core.enqueue(.activityOutcome(id: id, outcome, reply: reply), to: W.self, name)
     }
 
     func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore) {
-        var pending: CellMessage? = .envelope(envelope, key: row) { result in
+        core.enqueue(.envelope(envelope, key: row) { result in
             // A failed commit leaves the row in place: try again shortly (other failures — an entity
             // that cannot load — wait for the next open, where the row is delivered again).
             guard case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) else { return }
             _ = core.timers.alarm(at: core.clock.nowNanoseconds() &+ 1_000_000_000) { core.deliver(envelope, row: row) }
-        }
-        while let message = pending.take() { pending = core.cell(W.self, envelope.target).offer(message, bounded: true) }
+        }, to: W.self, envelope.target, bounded: true)
     }
 }
