@@ -37,18 +37,15 @@ struct BenchmarkRunner {
         return failed.isEmpty
     }
 
-    /// Runs one scenario with a fresh recorder and a reset peak-RSS mark, between two runs of the
-    /// ``HostProbe``.
+    /// Runs one scenario with a fresh recorder and a reset peak-RSS mark.
     static func runOne(_ scenarioType: any BenchmarkScenario.Type, options: ScenarioOptions) async throws
         -> ScenarioReport
     {
         let scenario = scenarioType.init()
         let recorder = LatencyRecorder()
-        let probeBefore = HostProbe.milliseconds()
         let peakScope: PeakMemory.Scope = PeakMemory.resetPeak() ? .scenario : .process
         var result = try await scenario.run(options, recorder)
         let peak = PeakMemory.peakMegabytes()
-        let probeAfter = HostProbe.milliseconds()
         guard let wall = result.wall ?? recorder.elapsed else {
             throw HarnessError(
                 "scenario \(scenarioType.name) returned no wall time and did not call recorder.start() and recorder.stop()")
@@ -56,8 +53,7 @@ struct BenchmarkRunner {
         if options.quick, result.params["quick"] == nil { result.params["quick"] = .bool(true) }
         return ScenarioReport(
             name: scenarioType.name, summary: scenarioType.summary, result: result, wall: wall,
-            latency: recorder.summary, peakRSSMegabytes: peak, peakScope: peakScope,
-            hostProbeMilliseconds: (probeBefore, probeAfter))
+            latency: recorder.summary, peakRSSMegabytes: peak, peakScope: peakScope)
     }
 
     static func banner(options: ScenarioOptions) -> String {

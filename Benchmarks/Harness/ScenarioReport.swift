@@ -4,15 +4,13 @@ import Foundation
 ///
 /// The JSON line keeps this field order: `scenario`, `throughput_per_s`, `p50_ms`, `p90_ms`,
 /// `p99_ms`, `peak_rss_mb`, `params`, then `operations`, `wall_s`, `max_ms`, `latency_samples`,
-/// (`peak_rss_scope` when the peak could not be reset per scenario), `host_probe_before_ms` and
-/// `host_probe_after_ms` (the ``HostProbe`` just before and just after the run), then the scenario's
+/// (`peak_rss_scope` when the peak could not be reset per scenario), then the scenario's
 /// ``ScenarioResult/extra`` fields sorted by key. A percentile with no samples is `null`.
 struct ScenarioReport: Sendable {
     /// Field names the harness writes itself; a scenario's extra field may not reuse them.
     static let standardKeys: Set<String> = [
         "scenario", "throughput_per_s", "p50_ms", "p90_ms", "p99_ms", "peak_rss_mb", "params",
         "operations", "wall_s", "max_ms", "latency_samples", "peak_rss_scope",
-        "host_probe_before_ms", "host_probe_after_ms",
     ]
 
     var name: String
@@ -22,8 +20,6 @@ struct ScenarioReport: Sendable {
     var latency: LatencySummary
     var peakRSSMegabytes: Double?
     var peakScope: PeakMemory.Scope
-    /// The ``HostProbe`` just before and just after the run: how busy the host's caches were.
-    var hostProbeMilliseconds: (before: Double, after: Double)
 
     /// Operations per second over the measured wall time.
     var throughput: Double {
@@ -61,8 +57,6 @@ struct ScenarioReport: Sendable {
             ("latency_samples", String(latency.count)),
         ]
         if peakScope == .process { fields.append(("peak_rss_scope", JSONValue.quoted(peakScope.rawValue))) }
-        fields.append(("host_probe_before_ms", JSONValue.number(hostProbeMilliseconds.before, decimals: 1)))
-        fields.append(("host_probe_after_ms", JSONValue.number(hostProbeMilliseconds.after, decimals: 1)))
         fields += extraFields.map { ($0.key, $0.value.jsonText) }
         return Self.object(fields)
     }
@@ -89,8 +83,6 @@ struct ScenarioReport: Sendable {
         }
         let peak = peakRSSMegabytes.map { String(format: "%.1f MB", $0) } ?? "unknown"
         lines.append("  peak RSS    \(peak)\(peakScope == .process ? " (whole process so far)" : "")")
-        lines.append(String(format: "  host probe  %.1f ms before, %.1f ms after (4 MiB random walk: higher is a busier host)",
-                            hostProbeMilliseconds.before, hostProbeMilliseconds.after))
         if !result.params.isEmpty {
             let text = result.params.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.plainText)" }
             lines.append("  params      " + text.joined(separator: "  "))
