@@ -106,7 +106,7 @@ final class RuntimeCore: Sendable {
     }
 
     /// Queues `message` in the entity's resident cell, loading the entity if needed. A cell that
-    /// leaves memory meanwhile hands the message back, and the next lookup makes a fresh one.
+    /// left memory meanwhile refuses the message, and the next lookup makes a fresh one.
     /// Returns the cell that took it.
     @discardableResult
     func enqueue<W: EntityWorkflow>(_ message: CellMessage, to type: W.Type, _ name: EntityName,
