@@ -73,6 +73,7 @@ struct SagaTransferScenario: BenchmarkScenario {
             maxResidentEntities: maxResident, shards: shards, maxMessagesPerTurn: maxPerTurn,
             commitWindowMicroseconds: commitWindow)
         configuration.maxConcurrentActivities = maxActivities
+        configuration.journal.writeMap = try options.extra("writemap", full: false, quick: false)
         switch codec {
         case "json": configuration.codec = JSONEntityCodec()
         case "raw": configuration.codec = SagaRawCodec()
@@ -133,15 +134,23 @@ struct SagaTransferScenario: BenchmarkScenario {
         let warmUp = together ? 0 : try options.extra("warm-up", full: 5 * clients, quick: clients)
         let region = MeasuredRegion(total: total, warmUp: warmUp)
         let baseline = Baseline()
+        // `--param timeline=PATH`: the run's progress every 20 ms, warm-up included (see `Timeline`).
+        let timeline = options.extra("timeline").map { Timeline(path: $0) }
         @Sendable func open() {
             baseline.set(runtime.journal.statistics, ProcessCPU.now())
             recorder.start()
+            timeline?.measuredRegionOpened()
             region.open()
         }
         if together {
             try await EntityBench.forEach(count: clients, workers: clients) { client in
                 _ = try await transfer("warm-\(client)", input(client: client, n: 0), starts: nil)
             }
+        }
+        timeline?.start {
+            let statistics = runtime.journal.statistics
+            return [("commits", Double(statistics.commits)), ("commit_build_ms", statistics.buildTime.milliseconds),
+                    ("commit_write_ms", statistics.commitTime.milliseconds)]
         }
         if together || warmUp <= 0 { open() }
         /// How many `tr-<client>-<n>` transfers each client ran (warm-up and measured).
@@ -159,6 +168,7 @@ struct SagaTransferScenario: BenchmarkScenario {
                         let start = ContinuousClock.Instant.now
                         let receipt = try await transfer("tr-\(client)-\(n)", input(client: client, n: n), starts: measured ? starts : nil)
                         guard receipt > 0 else { throw BenchmarkFailure(message: "tr-\(client)-\(n) returned receipt \(receipt)") }
+                        timeline?.operationCompleted()
                         if measured {
                             recorder.record(since: start)
                         } else if region.warmedUp() {
@@ -174,6 +184,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         }
         recorder.stop()
         let cpu = ProcessCPU.now() - baseline.cpu
+        try timeline?.stop()
         let before = baseline.statistics
         let after = runtime.journal.statistics
 
@@ -219,6 +230,17 @@ struct SagaTransferScenario: BenchmarkScenario {
         }
         if let wall = recorder.elapsed { extra["cores_busy"] = .double(cpu.seconds / wall.seconds) }
         if let load { extra["load_avg_1m"] = .double(load) }
+        if let timeline {
+            // The spread of the measured region's 100 ms windows' throughput: a closed loop's p99 follows its slow end.
+            let windows = timeline.windows(of: .milliseconds(100)).sorted()
+            if !windows.isEmpty {
+                extra["window_100ms_throughput_min"] = .double(windows[0])
+                extra["window_100ms_throughput_p10"] = .double(windows[windows.count / 10])
+                extra["window_100ms_throughput_median"] = .double(windows[windows.count / 2])
+                extra["window_100ms_throughput_max"] = .double(windows[windows.count - 1])
+            }
+            extra["timeline"] = .string(timeline.path)
+        }
         guard consistent else {
             throw BenchmarkFailure(message: "the ledger is inconsistent: \(books)")
         }
