@@ -152,6 +152,7 @@ struct SagaTransferScenario: BenchmarkScenario {
             return [("commits", Double(statistics.commits)), ("commit_build_ms", statistics.buildTime.milliseconds),
                     ("commit_write_ms", statistics.commitTime.milliseconds)]
         }
+        defer { try? timeline?.stop() }  // a failed run stops it too (a second stop does nothing)
         if together || warmUp <= 0 { open() }
         /// How many `tr-<client>-<n>` transfers each client ran (warm-up and measured).
         let ran = try await withThrowingTaskGroup(of: (client: Int, count: Int).self) { group in
