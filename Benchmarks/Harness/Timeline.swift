@@ -64,7 +64,7 @@ final class Timeline: Sendable {
     func start(columns: @escaping @Sendable () -> [(String, Double)] = { [] }) {
         let started = ContinuousClock.now
         let thread = Thread { [self] in
-            let pause = UInt32(max(1, interval.components.seconds * 1_000_000 + interval.components.attoseconds / 1_000_000_000_000))
+            let pause = UInt32(clamping: max(1, interval.nanosecondsClamped / 1_000))  // µs
             while !stopping.load(ordering: .acquiring) {
                 let row = Row(milliseconds: started.duration(to: .now).milliseconds, measured: measuring.load(ordering: .acquiring),
                               operations: completed.load(ordering: .relaxed),
