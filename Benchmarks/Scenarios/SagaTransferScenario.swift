@@ -36,7 +36,9 @@ import Synchronization
 /// `--param durability=relaxed`, `--param shards=N`, `--param max-per-turn=N`, `--param commit-window-us=N`
 /// (``Journal/Configuration/commitWindow``, default 2,000; 0 commits as soon as anything is queued),
 /// `--param activities=N` (`maxConcurrentActivities`, default 2,048) and `--param max-resident=N`
-/// (default the larger of 10,000 and 4 × K) change the runtime. `--param codec=` selects the codec of
+/// (default the larger of 10,000 and 4 × K), `--param deferred-names=N`
+/// (``Journal/Configuration/deferredNameLimit``, default 65,536: names waiting before a merge into the
+/// name index) change the runtime. `--param codec=` selects the codec of
 /// the transfer's own payloads (input, activity inputs and outputs, result): `binary` (the runtime's
 /// default, ``BinaryEntityCodec``), `json` (``JSONEntityCodec``) or `raw` (``SagaRawCodec``, an
 /// experiment showing the runtime without the user-payload codec). The runtime's internal records
@@ -74,6 +76,10 @@ struct SagaTransferScenario: BenchmarkScenario {
             commitWindowMicroseconds: commitWindow)
         configuration.maxConcurrentActivities = maxActivities
         configuration.journal.writeMap = try options.extra("writemap", full: false, quick: false)
+        if let limit = try options.extra("deferred-names", as: Int.self) {
+            guard limit >= 1 else { throw BenchmarkFailure(message: "--param deferred-names must be at least 1") }
+            configuration.journal.deferredNameLimit = limit
+        }
         switch codec {
         case "json": configuration.codec = JSONEntityCodec()
         case "raw": configuration.codec = SagaRawCodec()
