@@ -1,5 +1,17 @@
 // swift-tools-version: 6.1
+import Foundation
 import PackageDescription
+
+// The benchmarks run on jemalloc where its development files are installed (Debian: libjemalloc-dev;
+// `scripts/test.sh` installs them when it can). The runtime's threads hand buffers to one another —
+// a turn's batch is built on a shard and freed after its commit — and glibc's malloc serves that
+// poorly: jemalloc took 12–18% less CPU in `saga-transfer` and `entity-signals` (docs/PERFORMANCE.md).
+// The library itself links no allocator; an application chooses its own (see the README's
+// "Deployment"). `DURABLE_ENTITIES_MALLOC=system` builds the benchmarks on the system malloc
+// (with `--manifest-cache none`, so that the manifest is read again).
+let jemallocInstalled = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"]
+    .contains { FileManager.default.fileExists(atPath: "\($0)/libjemalloc.so") }
+let benchmarksOnJemalloc = jemallocInstalled && ProcessInfo.processInfo.environment["DURABLE_ENTITIES_MALLOC"] != "system"
 
 let package = Package(
     name: "DurableEntities",
@@ -59,7 +71,8 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
-            path: "Benchmarks"
+            path: "Benchmarks",
+            linkerSettings: benchmarksOnJemalloc ? [.linkedLibrary("jemalloc", .when(platforms: [.linux]))] : []
         ),
         .executableTarget(
             name: "JournalDemo",

@@ -7,5 +7,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/ensure-lmdb.sh
+scripts/ensure-jemalloc.sh  # optional: the benchmarks' allocator
 swift build --build-tests
 swift test --skip-build "$@"
