@@ -4,8 +4,8 @@ import Foundation
 ///
 /// The JSON line keeps this field order: `scenario`, `throughput_per_s`, `p50_ms`, `p90_ms`,
 /// `p99_ms`, `peak_rss_mb`, `params`, then `operations`, `wall_s`, `max_ms`, `latency_samples`,
-/// `allocator` (``Allocator/current``), (`peak_rss_scope` when the peak could not be reset per scenario), then the scenario's
-/// ``ScenarioResult/extra`` fields sorted by key. A percentile with no samples is `null`.
+/// `allocator` (``Allocator/current``), (`peak_rss_scope` when the peak could not be reset per
+/// scenario), then the scenario's ``ScenarioResult/extra`` fields sorted by key. A percentile with no samples is `null`.
 struct ScenarioReport: Sendable {
     /// Field names the harness writes itself; a scenario's extra field may not reuse them.
     static let standardKeys: Set<String> = [
