@@ -2,7 +2,7 @@ import Foundation
 
 /// Which `malloc` the process runs on: jemalloc when the benchmarks were linked with it (see
 /// `Package.swift`) or it was preloaded, otherwise the C library's. Reported with every figure,
-/// since it moves them: jemalloc took 12–18% less CPU in `saga-transfer` and `entity-signals`.
+/// since it moves them (the README's "Deployment" has the measurements).
 enum Allocator {
     /// `"jemalloc 5.3.0-…"` or `"system"`.
     static let current: String = {
