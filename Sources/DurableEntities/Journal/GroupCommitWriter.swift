@@ -150,7 +150,7 @@ final class GroupCommitWriter: @unchecked Sendable {
 
     /// Blocks until something is queued; returns `nil` when closing and drained, else the batch and
     /// its operation count.
-    private func nextBatch() -> (batch: [Submission], operations: Int)? {
+    private func nextBatch() -> (batch: Deque<Submission>, operations: Int)? {
         condition.lock()
         defer { condition.unlock() }
         while pending.isEmpty {
@@ -170,12 +170,19 @@ final class GroupCommitWriter: @unchecked Sendable {
             pacing = false
         }
         lastStart = .now
-        var batch: [Submission] = []
+        // The callers (the shards) wait for this lock: when everything queued fits, take the whole
+        // queue in O(1) instead of moving its ~300 submissions one by one while they wait.
+        var batch = Deque<Submission>()
         var operations = 0
-        while let next = pending.first,
-              batch.isEmpty || operations + next.batch.operations.count <= configuration.maxOperationsPerCommit {
-            operations += next.batch.operations.count
-            batch.append(pending.removeFirst())
+        if pendingOperations <= configuration.maxOperationsPerCommit {
+            swap(&batch, &pending)
+            operations = pendingOperations
+        } else {
+            while let next = pending.first,
+                  batch.isEmpty || operations + next.batch.operations.count <= configuration.maxOperationsPerCommit {
+                operations += next.batch.operations.count
+                batch.append(pending.removeFirst())
+            }
         }
         pendingOperations -= operations
         return (batch, operations)
@@ -194,7 +201,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         var mergePhase: NameMerge.Phase = .idle
     }
 
-    private func process(_ batch: [Submission], operations: Int) {
+    private func process(_ batch: Deque<Submission>, operations: Int) {
         merge.advance(limit: configuration.deferredNameLimit, next: state.nextNameSequence, pending: pendingNames)
         let outcome: Outcome
         let started = ContinuousClock.now
@@ -239,7 +246,7 @@ final class GroupCommitWriter: @unchecked Sendable {
 
     /// The transaction body. Re-runnable: it changes nothing outside the transaction (LMDB runs it
     /// again after growing a full map).
-    private func write(_ batch: [Submission], in txn: borrowing WriteTransaction) throws -> Outcome {
+    private func write(_ batch: Deque<Submission>, in txn: borrowing WriteTransaction) throws -> Outcome {
         var context = CommitContext(stores: stores, tails: tails, keys: keys, configuration: configuration, counters: state, recent: recent,
                                     pending: pendingNames, fresh: fresh)
         context.fullTails = fullTails
