@@ -110,6 +110,42 @@ struct CommitPacingTests {
         #expect(journal.statistics.commits - before == 1)
     }
 
+    @Test("more than a full batch queued: the first maxOperationsPerCommit operations commit, in order; the rest wait for the next commit")
+    func overfullQueueSplits() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let producers = Producers()  // producing until the test stops them
+        let (journal, keys) = try await pacedJournal(directory, window: .seconds(3_600), maxOperations: 4, entities: 6,
+                                                     producers: producers)
+        defer { journal.close() }
+        let before = journal.statistics.commits
+        let order = Mutex<[Int]>([])
+        let results = Results()
+        func submit(_ index: Int) {
+            var batch = JournalBatch()
+            batch.append(keys[index], sequence: 1, payload: Array("event \(index)".utf8))
+            journal.submit(batch) { result in
+                order.withLock { $0.append(index) }
+                results.add(result)
+            }
+        }
+        submit(0)
+        #expect(producers.asked.wait(timeout: .now() + 10) == .success)
+        for index in 1..<6 { submit(index) }
+        // The fourth operation fills a batch: it commits without the two after it, which wait for
+        // the producers (an hour's window).
+        #expect(results.wait(for: 4))
+        #expect(journal.statistics.commits - before == 1)
+        #expect(order.withLock { $0 } == [0, 1, 2, 3])
+        producers.stop()
+        journal.producersIdle()
+        #expect(results.wait(for: 2))
+        #expect(results.allSucceeded)
+        #expect(journal.statistics.commits - before == 2)
+        #expect(order.withLock { $0 } == [0, 1, 2, 3, 4, 5])
+        for key in keys { #expect(try journal.latestSequence(of: key) == 1) }
+    }
+
     @Test("closing commits what a paced commit holds, at once")
     func closeCommitsWhatWaits() async throws {
         let directory = TemporaryDirectory()
