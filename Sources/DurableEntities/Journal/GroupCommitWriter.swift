@@ -57,6 +57,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var pending = Deque<Submission>()
     /// Operations in `pending`.
     private var pendingOperations = 0
+    /// Submissions in the last batch taken (writer thread only).
+    private var lastBatchCount = 0
     /// What paces commits (see the type's doc), `nil` before ``pace(with:)``.
     private var producers: (any CommitProducers)?
     /// The writer waits for producers (a signal ends the wait).
@@ -151,6 +153,9 @@ final class GroupCommitWriter: @unchecked Sendable {
     /// Blocks until something is queued; returns `nil` when closing and drained, else the batch and
     /// its operation count.
     private func nextBatch() -> (batch: Deque<Submission>, operations: Int)? {
+        // Allocated before the lock: swapped in below, it is the queue the callers append to next,
+        // sized like the last batch so that they do not grow it under the lock.
+        var batch = Deque<Submission>(minimumCapacity: lastBatchCount)
         condition.lock()
         defer { condition.unlock() }
         while pending.isEmpty {
@@ -172,7 +177,6 @@ final class GroupCommitWriter: @unchecked Sendable {
         lastStart = .now
         // The callers (the shards) wait for this lock: when everything queued fits, take the whole
         // queue in O(1) instead of moving its ~300 submissions one by one while they wait.
-        var batch = Deque<Submission>()
         var operations = 0
         if pendingOperations <= configuration.maxOperationsPerCommit {
             swap(&batch, &pending)
@@ -185,6 +189,7 @@ final class GroupCommitWriter: @unchecked Sendable {
             }
         }
         pendingOperations -= operations
+        lastBatchCount = batch.count
         return (batch, operations)
     }
 
