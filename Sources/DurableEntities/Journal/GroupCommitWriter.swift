@@ -46,6 +46,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var state: WriterCounters
     /// Entities whose tail reached the coalesce threshold and awaits a move (owed work).
     private var fullTails: Set<UInt64>
+    /// Names the last commit registered: the room its successor reserves for its own (writer thread only).
+    private var lastRegistrationCount = 0
 
     /// Counters for benchmarks and metrics.
     let statistics = Mutex(Journal.Statistics())
@@ -225,6 +227,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         }
         state = outcome.state
         fullTails = outcome.fullTails
+        lastRegistrationCount = outcome.registered.count
         // Before any caller is completed: a registered name is found from the moment its commit is acknowledged.
         pendingNames.add(outcome.registered)
         if case .merging = merge.phase, case .deleting = outcome.mergePhase {
@@ -257,6 +260,9 @@ final class GroupCommitWriter: @unchecked Sendable {
         context.fullTails = fullTails
         context.mergePhase = merge.phase
         context.deltas.reserveCapacity(batch.count)
+        // A busy commit registers tens of names (every new entity): sized like the last commit's and a
+        // quarter more, the tables seldom grow (rehashing every name, several times a commit).
+        context.reserveRegistrations(lastRegistrationCount + lastRegistrationCount / 4)
         var outcome = Outcome(results: [], state: state)
         outcome.results.reserveCapacity(batch.count)
         for index in batch.indices {
@@ -377,6 +383,14 @@ private struct CommitContext {
             return delta.appended.first
         }
         return tails.run(of: entity)?.positions.first
+    }
+
+    /// Room for `count` names registered in this transaction.
+    mutating func reserveRegistrations(_ count: Int) {
+        guard count > 0 else { return }
+        registeredHere.reserveCapacity(count)
+        keysRegisteredHere.reserveCapacity(count)
+        registered.reserveCapacity(count)
     }
 
     /// Checks a batch without writing anything: sequence numbers, entity keys, sizes.
