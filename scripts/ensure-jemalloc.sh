@@ -20,19 +20,14 @@ jemalloc_present && exit 0
 
 note() { echo "note: $* The benchmarks will use the system malloc." >&2; exit 0; }
 
-command -v apt-get >/dev/null 2>&1 || note "jemalloc (libjemalloc-dev) is not installed and apt-get is not available."
-as_root=()
-if [[ "$(id -u)" -ne 0 ]]; then
-    command -v sudo >/dev/null 2>&1 || note "jemalloc (libjemalloc-dev) is not installed, and installing it needs root."
-    as_root=(sudo -n)
-fi
-
 echo "Installing libjemalloc-dev with apt-get…" >&2
-export DEBIAN_FRONTEND=noninteractive
-if ! ${as_root[@]+"${as_root[@]}"} apt-get install -y -qq --no-install-recommends libjemalloc-dev >/dev/null 2>&1; then
-    ${as_root[@]+"${as_root[@]}"} apt-get update -qq >/dev/null 2>&1
-    ${as_root[@]+"${as_root[@]}"} apt-get install -y -qq --no-install-recommends libjemalloc-dev >/dev/null 2>&1 ||
-        note "installing libjemalloc-dev with apt-get failed."
-fi
+status=0
+"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" --no-prompt libjemalloc-dev || status=$?
+case $status in
+    0) ;;
+    2) note "jemalloc (libjemalloc-dev) is not installed and apt-get is not available." ;;
+    3) note "jemalloc (libjemalloc-dev) is not installed, and installing it needs root." ;;
+    *) note "installing libjemalloc-dev with apt-get failed." ;;
+esac
 jemalloc_present || note "installed libjemalloc-dev, but libjemalloc.so is still not found."
 echo "jemalloc is installed." >&2

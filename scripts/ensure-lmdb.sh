@@ -18,31 +18,27 @@ if lmdb_present; then
     exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: LMDB not found (pkg-config lmdb, lmdb.h) and apt-get is not available." >&2
-    echo "       Install LMDB's development files and pkg-config with your package manager" >&2
-    echo "       (Debian/Ubuntu: liblmdb-dev pkg-config; Fedora: lmdb-devel pkgconf; Homebrew: lmdb pkg-config)." >&2
-    exit 1
-fi
-
-as_root=()
-if [[ "$(id -u)" -ne 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-        as_root=(sudo)
-    else
-        echo "error: LMDB not found, and installing liblmdb-dev needs root (no sudo available)." >&2
-        echo "       As root, run: apt-get update && apt-get install -y liblmdb-dev pkg-config" >&2
-        exit 1
-    fi
-fi
-
 packages=(liblmdb-dev)
 command -v pkg-config >/dev/null 2>&1 || packages+=(pkg-config)
 
 echo "Installing ${packages[*]} with apt-get…" >&2
-export DEBIAN_FRONTEND=noninteractive
-${as_root[@]+"${as_root[@]}"} apt-get update -qq
-${as_root[@]+"${as_root[@]}"} apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+status=0
+"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" "${packages[@]}" || status=$?
+case $status in
+    0) ;;
+    2)
+        echo "error: LMDB not found (pkg-config lmdb, lmdb.h) and apt-get is not available." >&2
+        echo "       Install LMDB's development files and pkg-config with your package manager" >&2
+        echo "       (Debian/Ubuntu: liblmdb-dev pkg-config; Fedora: lmdb-devel pkgconf; Homebrew: lmdb pkg-config)." >&2
+        exit 1 ;;
+    3)
+        echo "error: LMDB not found, and installing liblmdb-dev needs root (no sudo available)." >&2
+        echo "       As root, run: apt-get update && apt-get install -y liblmdb-dev pkg-config" >&2
+        exit 1 ;;
+    *)
+        echo "error: installing ${packages[*]} with apt-get failed." >&2
+        exit 1 ;;
+esac
 
 if ! lmdb_present; then
     echo "error: installed ${packages[*]}, but 'pkg-config --exists lmdb' or lmdb.h still fails." >&2
