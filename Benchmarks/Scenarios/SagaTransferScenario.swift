@@ -151,6 +151,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         let rate = try options.extra("rate", as: Double.self)
         if let rate, !(rate > 0 && rate.isFinite) { throw BenchmarkFailure(message: "--param rate must be a positive number of transfers a second") }
         let schedule = rate.map { OpenLoopSchedule(rate: $0) }
+        defer { schedule?.stop() }  // a failed run stops it too (a second stop does nothing)
         let baseline = Baseline()
         // `--param timeline=PATH`: the run's progress every 20 ms, warm-up included (see `Timeline`).
         let timeline = options.extra("timeline").map { Timeline(path: $0) }
@@ -570,7 +571,7 @@ final class MeasuredRegion: Sendable {
 /// each due slot (or sleeps while none is taken) and resumes the clients due by then, so the pacing
 /// costs one thread's sleeps rather than a dispatch timer per transfer (which, at 10,000 transfers
 /// a second, took a tenth of the process's CPU).
-final class OpenLoopSchedule: @unchecked Sendable {
+final class OpenLoopSchedule: Sendable {
     private struct State {
         var origin: ContinuousClock.Instant?
         var slot = 0
@@ -607,10 +608,13 @@ final class OpenLoopSchedule: @unchecked Sendable {
         }
     }
 
-    /// Ends the pacing thread; every client still waiting is resumed.
+    /// Ends the pacing thread (once; later calls return at once); every client still waiting is resumed.
     func stop() {
-        state.withLock { $0.stopped = true }
-        done.wait()
+        let first = state.withLock { state in
+            defer { state.stopped = true }
+            return !state.stopped
+        }
+        if first { done.wait() }
     }
 
     private func pace() {
