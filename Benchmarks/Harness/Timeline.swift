@@ -64,6 +64,7 @@ final class Timeline: Sendable {
     func start(columns: @escaping @Sendable () -> [(String, Double)] = { [] }) {
         let started = ContinuousClock.now
         let thread = Thread { [self] in
+            Thread.current.name = "bench-timeline"  // from inside: see `OpenLoopSchedule.init`
             let pause = UInt32(clamping: max(1, interval.nanosecondsClamped / 1_000))  // µs
             while !stopping.load(ordering: .acquiring) {
                 let row = Row(milliseconds: started.duration(to: .now).milliseconds, measured: measuring.load(ordering: .acquiring),
@@ -74,7 +75,6 @@ final class Timeline: Sendable {
             }
             finished.signal()
         }
-        thread.name = "bench-timeline"
         state.withLock { $0.started = true }
         thread.start()
     }

@@ -137,12 +137,12 @@ struct NameMerge {
     /// while it ran, and `saga-transfer`'s slowest transfers were the ones in flight then. Its names are
     /// found in the table meanwhile.
     private static func sortInBackground(_ names: [EntityName: EntityKey], into result: SortResult) {
-        let thread = Thread {
+        Thread {
+            // Named from inside: on Linux a name given before `start()` never reaches the OS thread.
+            Thread.current.name = "de-name-sort"
             _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19)  // this thread only (Linux)
             result.put(SortedNames(names))
-        }
-        thread.name = "de-name-sort"
-        thread.start()
+        }.start()
     }
 }
 
