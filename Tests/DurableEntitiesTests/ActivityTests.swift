@@ -202,6 +202,35 @@ struct ActivityTests {
         #expect(log.all.count == 1)
     }
 
+    @Test("a registration racing the recovered attempts loses none: every task parked or still parking runs once it is registered",
+          .timeLimit(.minutes(1)))
+    func registrationRacesRecovery() async throws {
+        for round in 0..<3 {
+            let directory = TemporaryDirectory()
+            defer { directory.remove() }
+            let clock = TestClock(skipsTimeWhenIdle: false)
+            var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
+            configuration.journal.logger = quietLogger
+            let ids = (0..<40).map { "race-\(round)-\($0)" }
+            let first = try EntityRuntime(configuration: configuration)
+            for id in ids { try await first.entity(CallStep.self, id: id).start(.init(label: id, options: .default)) }
+            first.simulateCrash()
+
+            // The pool's drains start the recovered attempts as the runtime opens; the registration
+            // comes at once, while some are parking and others are still queued.
+            let log = AttemptLog()
+            let second = try EntityRuntime(configuration: configuration)
+            defer { second.close() }
+            second.register(activity: ActivityStub<Step> { label, context in
+                log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+                return "ran:\(label)"
+            })
+            for id in ids { #expect(try await second.entity(CallStep.self, id: id).result() == "ran:\(id)") }
+            #expect(log.all.count == ids.count)
+            #expect(Set(log.all.map(\.key)).count == ids.count)
+        }
+    }
+
     /// Opens the directory again with a `Step` that answers at once; returns the entity's result.
     private func rerun(_ configuration: EntityRuntime.Configuration, id: String, log: AttemptLog, clock: TestClock) async throws -> String {
         let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in

@@ -242,20 +242,27 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    /// Runs an attempt of `task` on a runner, on the drain's thread. Returns `true` if it ended here
-    /// (or waits for its activity's registration); `false` if it waits for something outside and goes
-    /// on by itself (it then ends its pool slot itself).
+    /// Runs an attempt of `task` on a runner, on the drain's thread. Returns `true` if it ended here,
+    /// for the drain to end its pool slot; `false` if its slot is ended otherwise: it waits for
+    /// something outside and goes on by itself (it then ends its slot itself), or it waits for its
+    /// activity's registration (its slot ended before it was parked).
     private func attempt(_ task: ActivityTask) -> Bool {
         // An activity not registered (yet) waits for its registration: after a restart, tasks are
-        // recovered before the application has registered everything.
+        // recovered before the application has registered everything. The task leaves the pool
+        // before a registration can see it parked: a registration dispatches what it finds parked,
+        // and a dispatch leaves a task alone while it is still marked active.
         let found = activities.withLock { registered -> (any AnyActivity)? in
             if let activity = registered[task.name] { return activity }
+            pool.withLock { pool in
+                pool.active.remove(task.id)
+                pool.attempts -= 1
+            }
             waiting.withLock { $0.tasks[task.name, default: []].append(task) }
             return nil
         }
         guard let activity = found else {
             core.logger.debug("an activity waits for its registration", metadata: ["activity": "\(task.name)"])
-            return true
+            return false
         }
         let runner = TurnRunner.start(in: core.runners) { [self] runner in
             let ended = await perform(task, activity, on: runner.executor)
