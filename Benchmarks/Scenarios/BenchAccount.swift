@@ -62,7 +62,8 @@ enum EntityBench {
     static func configuration(
         directory: String, durability: Environment.Durability, snapshotEvery: Int,
         maxResidentEntities: Int = 100_000, shards: Int? = nil, maxMessagesPerTurn: Int? = nil,
-        noContinueAsNew: Bool = false, codec: String = "binary", commitWindowMicroseconds: Int? = nil
+        noContinueAsNew: Bool = false, codec: String = "binary", commitWindowMicroseconds: Int? = nil,
+        commitLingerMicroseconds: Int? = nil
     ) throws -> EntityRuntime.Configuration {
         var configuration = EntityRuntime.Configuration(
             directory: directory, durability: durability, snapshotEvery: snapshotEvery,
@@ -79,6 +80,10 @@ enum EntityBench {
             guard commitWindowMicroseconds >= 0 else { throw BenchmarkFailure(message: "--param commit-window-us must be 0 or more") }
             configuration.journal.commitWindow = .microseconds(commitWindowMicroseconds)
         }
+        if let commitLingerMicroseconds {
+            guard commitLingerMicroseconds >= 0 else { throw BenchmarkFailure(message: "--param commit-linger-us must be 0 or more") }
+            configuration.journal.commitLinger = .microseconds(commitLingerMicroseconds)
+        }
         if noContinueAsNew {
             // Automatic continue-as-new also snapshots; scenarios that need a known history layout turn it off.
             configuration.continueAsNewAfterEvents = 1 << 40
@@ -87,9 +92,9 @@ enum EntityBench {
         return configuration
     }
 
-    /// The journal's commit window (`--param commit-window-us`), in µs, for the JSON params.
-    static func commitWindowMicroseconds(_ configuration: EntityRuntime.Configuration) -> Int {
-        let (seconds, attoseconds) = configuration.journal.commitWindow.components
+    /// A duration in whole µs, for the JSON params (the commit window and linger).
+    static func microseconds(_ duration: Duration) -> Int {
+        let (seconds, attoseconds) = duration.components
         return Int(seconds) * 1_000_000 + Int(attoseconds / 1_000_000_000_000)
     }
 

@@ -13,7 +13,8 @@ import DurableEntities
 /// `events_per_commit`, …), the process's CPU time per signal (`cpu_us_per_event`, all threads) and
 /// cores kept busy (`cores_busy`), and the 1-minute load average at the start. `--param durability=relaxed`,
 /// `--param snapshot-every=N`, `--param shards=N`, `--param max-per-turn=N`, `--param commit-window-us=N`
-/// (``Journal/Configuration/commitWindow``; 0: commit as soon as anything is queued) change the runtime;
+/// (``Journal/Configuration/commitWindow``; 0: commit as soon as anything is queued) and
+/// `--param commit-linger-us=N` (``Journal/Configuration/commitLinger``, default 0) change the runtime;
 /// `--param codec=raw` swaps JSON for ``BenchAccountRawCodec`` (an experiment: the runtime without codec costs).
 struct EntitySignalsScenario: BenchmarkScenario {
     static let name = "entity-signals"
@@ -29,6 +30,7 @@ struct EntitySignalsScenario: BenchmarkScenario {
         let maxPerTurn = try options.extra("max-per-turn", as: Int.self)
         let codec = options.extra("codec") ?? "binary"
         let commitWindow = try options.extra("commit-window-us", as: Int.self)
+        let commitLinger = try options.extra("commit-linger-us", as: Int.self)
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("entity-signals")
@@ -36,7 +38,7 @@ struct EntitySignalsScenario: BenchmarkScenario {
         let configuration = try EntityBench.configuration(
             directory: directory.path, durability: durability, snapshotEvery: snapshotEvery,
             maxResidentEntities: max(100_000, entityCount * 2), shards: shards, maxMessagesPerTurn: maxPerTurn, codec: codec,
-            commitWindowMicroseconds: commitWindow)
+            commitWindowMicroseconds: commitWindow, commitLingerMicroseconds: commitLinger)
         let runtime = try EntityBench.open(configuration)
         defer { runtime.close() }
         let refs = (0..<entityCount).map { runtime.entity(BenchAccount.self, id: EntityBench.id($0)) }
@@ -103,7 +105,8 @@ struct EntitySignalsScenario: BenchmarkScenario {
                 "entities": .int(entityCount), "in_flight": .int(senders), "events": .int(total),
                 "durability": .string("\(durability)"), "snapshot_every": .int(snapshotEvery),
                 "shards": .int(configuration.shards), "max_per_turn": .int(configuration.maxMessagesPerTurn),
-                "commit_window_us": .int(EntityBench.commitWindowMicroseconds(configuration)),
+                "commit_window_us": .int(EntityBench.microseconds(configuration.journal.commitWindow)),
+                "commit_linger_us": .int(EntityBench.microseconds(configuration.journal.commitLinger)),
                 "codec": .string(codec),
             ],
             extra: extra)

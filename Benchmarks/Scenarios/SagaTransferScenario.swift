@@ -43,6 +43,7 @@ import Synchronization
 ///
 /// `--param durability=relaxed`, `--param shards=N`, `--param max-per-turn=N`, `--param commit-window-us=N`
 /// (``Journal/Configuration/commitWindow``, default 2,000; 0 commits as soon as anything is queued),
+/// `--param commit-linger-us=N` (``Journal/Configuration/commitLinger``, default 0),
 /// `--param activities=N` (`maxConcurrentActivities`, default 2,048) and `--param max-resident=N`
 /// (default the larger of 10,000 and 4 × K), `--param deferred-names=N`
 /// (``Journal/Configuration/deferredNameLimit``, default 65,536: names waiting before a merge into the
@@ -63,6 +64,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         let shards = try options.extra("shards", as: Int.self)
         let maxPerTurn = try options.extra("max-per-turn", as: Int.self)
         let commitWindow = try options.extra("commit-window-us", as: Int.self)
+        let commitLinger = try options.extra("commit-linger-us", as: Int.self)
         let codec = options.extra("codec") ?? "binary"
         guard ["binary", "json", "raw"].contains(codec) else { throw BenchmarkFailure(message: "--param codec must be binary, json or raw") }
         let maxActivities = try options.extra("activities", full: 2_048, quick: 2_048)
@@ -81,7 +83,7 @@ struct SagaTransferScenario: BenchmarkScenario {
         var configuration = try EntityBench.configuration(
             directory: directory.path, durability: durability, snapshotEvery: 100,
             maxResidentEntities: maxResident, shards: shards, maxMessagesPerTurn: maxPerTurn,
-            commitWindowMicroseconds: commitWindow)
+            commitWindowMicroseconds: commitWindow, commitLingerMicroseconds: commitLinger)
         configuration.maxConcurrentActivities = maxActivities
         configuration.journal.writeMap = try options.extra("writemap", full: false, quick: false)
         if let limit = try options.extra("deferred-names", as: Int.self) {
@@ -276,7 +278,8 @@ struct SagaTransferScenario: BenchmarkScenario {
                 "max_per_turn": .int(configuration.maxMessagesPerTurn), "activities": .int(maxActivities),
                 "max_resident": .int(maxResident), "codec": .string(codec), "local": .bool(local), "api": .string(api),
                 "start": .string(together ? "together" : "steady"), "warm_up": .int(together ? clients : warmUp),
-                "commit_window_us": .int(EntityBench.commitWindowMicroseconds(configuration)),
+                "commit_window_us": .int(EntityBench.microseconds(configuration.journal.commitWindow)),
+                "commit_linger_us": .int(EntityBench.microseconds(configuration.journal.commitLinger)),
                 "rate": rate.map { .double($0) } ?? .string("closed-loop"),
             ],
             extra: extra)

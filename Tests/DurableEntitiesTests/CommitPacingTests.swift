@@ -163,6 +163,72 @@ struct CommitPacingTests {
         #expect(try reopened.latestSequence(of: keys[0]) == 1)
     }
 
+    /// A journal with `count` entities registered (before the linger applies: registering commits
+    /// too), reopened with a commit linger and without producers.
+    func lingeringJournal(_ directory: TemporaryDirectory, linger: Duration, maxOperations: Int = 16_384,
+                          entities count: Int) async throws -> (Journal, [EntityKey]) {
+        let plain = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        var keys: [EntityKey] = []
+        for index in 0..<count { keys.append(try await plain.register(EntityName(type: "Account", id: "a\(index)"))) }
+        plain.close()
+        let journal = try Journal(configuration: .init(directory: directory.path, maxOperationsPerCommit: maxOperations,
+                                                       commitLinger: linger, logger: quietLogger))
+        return (journal, keys)
+    }
+
+    @Test("a linger holds each commit but the first, with no producers at all, until a full batch waits; closing commits what it holds")
+    func lingerHoldsCommits() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        // A linger of an hour: only a full batch or closing can release a commit within the test.
+        let (journal, keys) = try await lingeringJournal(directory, linger: .seconds(3_600), maxOperations: 4, entities: 6)
+        let before = journal.statistics.commits
+        let order = Mutex<[Int]>([])
+        let results = Results()
+        func submit(_ index: Int) {
+            var batch = JournalBatch()
+            batch.append(keys[index], sequence: 1, payload: Array("event \(index)".utf8))
+            journal.submit(batch) { result in
+                order.withLock { $0.append(index) }
+                results.add(result)
+            }
+        }
+        // The first commit after opening does not wait.
+        submit(0)
+        #expect(results.wait(for: 1))
+        #expect(journal.statistics.commits - before == 1)
+        // The next waits out the linger, or a full batch: submitted one by one, four make one commit.
+        for index in 1...4 { submit(index) }
+        #expect(results.wait(for: 4))
+        #expect(journal.statistics.commits - before == 2)
+        #expect(order.withLock { $0 } == [0, 1, 2, 3, 4])
+        submit(5)
+        journal.close()
+        #expect(results.wait(for: 1))
+        #expect(results.allSucceeded)
+        #expect(journal.statistics.commits - before == 3)
+        let reopened = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        defer { reopened.close() }
+        for key in keys { #expect(try reopened.latestSequence(of: key) == 1) }
+    }
+
+    @Test("a short linger ends by itself: each commit starts once the linger after the previous one has passed")
+    func lingerEnds() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let (journal, keys) = try await lingeringJournal(directory, linger: .milliseconds(20), entities: 4)
+        defer { journal.close() }
+        let before = journal.statistics.commits
+        let results = Results()
+        for key in keys {
+            submitFirstEvent(of: key, to: journal, results: results)
+            #expect(results.wait(for: 1))
+        }
+        #expect(results.allSucceeded)
+        #expect(journal.statistics.commits - before == 4)
+        for key in keys { #expect(try journal.latestSequence(of: key) == 1) }
+    }
+
     @Test("the shards' ready queue produces while a turn is queued or running, and the end of the last running turn with nothing queued says so once")
     func readyQueueReportsProducing() throws {
         let idle = DispatchSemaphore(value: 0)

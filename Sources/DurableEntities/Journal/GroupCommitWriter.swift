@@ -14,10 +14,12 @@ import Synchronization
 /// failed commit fails every submission in it; nothing of it is visible, because in-memory state
 /// changes only after a successful commit.
 ///
-/// A batch does not wait to fill, with one exception, *pacing*: while the journal's
-/// ``CommitProducers`` report work on its way (turns queued or running), a commit waits for their
-/// submissions until ``Journal/Configuration/commitWindow`` has passed since the previous commit
-/// started, until they go idle, or until a full batch waits. Each commit costs a fixed share of CPU
+/// A batch does not wait to fill, except when *paced*: while the journal's ``CommitProducers``
+/// report work on its way (turns queued or running), a commit waits for their submissions until
+/// ``Journal/Configuration/commitWindow`` has passed since the previous commit started, until they
+/// go idle, or until a full batch waits; and a ``Journal/Configuration/commitLinger``, off by
+/// default, holds every commit but the first until that long after the previous one started, work
+/// on its way or not. Each commit costs a fixed share of CPU
 /// (LMDB copies the touched tables' paths from root to leaf, writes them and the meta page, and
 /// flushes twice, and each commit wakes the threads downstream), taken from the turns on a busy
 /// machine: committing as often as possible, `saga-transfer` made ~2.7 times the commits it makes
@@ -67,6 +69,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var pacing = false
     /// When the last commit started.
     private var lastStart = ContinuousClock.now
+    /// Whether a commit started since opening (the first one does not linger).
+    private var hasCommitted = false
     private var closing = false
     private var finished = false
     private let completions = DispatchQueue(label: "DurableEntities.Journal.completions")
@@ -164,19 +168,9 @@ final class GroupCommitWriter: @unchecked Sendable {
             if closing { return nil }
             condition.wait()
         }
-        if let producers, configuration.commitWindow > .zero {
-            // Pacing: the producers' submissions join this commit, up to the window.
-            let deadline = lastStart + configuration.commitWindow
-            pacing = true
-            while !closing, pendingOperations < configuration.maxOperationsPerCommit, producers.areProducing {
-                let left = ContinuousClock.now.duration(to: deadline)
-                guard left > .zero else { break }
-                let (seconds, attoseconds) = left.components
-                _ = condition.wait(until: Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18))
-            }
-            pacing = false
-        }
+        pace()
         lastStart = .now
+        hasCommitted = true
         // The callers (the shards) wait for this lock: when everything queued fits, take the whole
         // queue in O(1) instead of moving its ~300 submissions one by one while they wait.
         var operations = 0
@@ -193,6 +187,24 @@ final class GroupCommitWriter: @unchecked Sendable {
         pendingOperations -= operations
         lastBatchCount = batch.count
         return (batch, operations)
+    }
+
+    /// Pacing, with the lock held and something queued: the producers' submissions join this commit,
+    /// up to the window after the previous commit started, and every commit waits out the linger.
+    /// Ends early when closing or when a full batch waits.
+    private func pace() {
+        let window = producers == nil ? Duration.zero : configuration.commitWindow
+        let linger = hasCommitted ? configuration.commitLinger : .zero
+        guard window > .zero || linger > .zero else { return }
+        pacing = true
+        defer { pacing = false }
+        while !closing, pendingOperations < configuration.maxOperationsPerCommit {
+            let producing = window > .zero && producers?.areProducing == true
+            let left = ContinuousClock.now.duration(to: lastStart + (producing ? max(window, linger) : linger))
+            guard left > .zero else { break }
+            let (seconds, attoseconds) = left.components
+            _ = condition.wait(until: Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18))
+        }
     }
 
     // MARK: One group commit

@@ -85,6 +85,16 @@ public final class Journal: Sendable {
         /// transfers instead of ~2,200, for 5–7% less CPU a transfer (side by side) and, alternating,
         /// +14% throughput and −19% p99 (medians of 6 runs).
         public var commitWindow: Duration
+        /// The least time from one commit's start to the next one's, whether or not any work is on
+        /// its way (`.zero`, the default: none). The ``commitWindow`` paces commits only while the
+        /// producers work; at moderate load they go idle after almost every turn, so commits stay
+        /// small and frequent, each at its fixed cost. A linger makes them fewer and fuller at the
+        /// price of latency: every acknowledgement may wait up to this long. The first commit after
+        /// opening and a full batch (``maxOperationsPerCommit``) never wait, and closing commits at
+        /// once. In `saga-transfer --param rate=5000` (an open loop) 3 ms made ~6,400 commits per
+        /// 100,000 transfers instead of ~24,000: ~23% less CPU a transfer, and the median latency
+        /// went from ~6.5 to ~13 ms.
+        public var commitLinger: Duration
         /// Where the journal logs (open, close, recovery figures). Never payloads.
         public var logger: Logger
 
@@ -101,6 +111,7 @@ public final class Journal: Sendable {
             writeMap: Bool = false,
             deferredNameLimit: Int = 65_536,
             commitWindow: Duration = .milliseconds(2),
+            commitLinger: Duration = .zero,
             logger: Logger = Logger(label: "DurableEntities.Journal")
         ) {
             self.directory = directory
@@ -115,6 +126,7 @@ public final class Journal: Sendable {
             self.writeMap = writeMap
             self.deferredNameLimit = deferredNameLimit
             self.commitWindow = commitWindow
+            self.commitLinger = commitLinger
             self.logger = logger
         }
     }
