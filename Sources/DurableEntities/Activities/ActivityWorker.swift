@@ -35,17 +35,41 @@ struct RegisteredActivity<A: Activity>: AnyActivity {
 final class ActivityWorker: @unchecked Sendable {
     private unowned(unsafe) var core: RuntimeCore!
     private let activities = Mutex<[String: any AnyActivity]>([:])
-    private struct Pool {
+    /// The pool's bookkeeping (internal for its tests).
+    struct Pool {
         /// Attempts running, on a drain or waiting on their own (at most the limit).
         var attempts = 0
         /// Drains taking attempts from the queue.
         var drains = 0
         var queue = Deque<ActivityTask>()
-        /// Tasks queued or running, by key: a task is never run twice at once.
-        var active: Set<ActivityTask.ID> = []
+        /// Tasks queued or running, by key, with the attempt's number: a task is never run twice at once.
+        var active: [ActivityTask.ID: Int] = [:]
+        /// A task's next attempt, dispatched (by its retry timer) while the attempt before it still
+        /// held its slot: it is queued as that slot ends.
+        var following: [ActivityTask.ID: ActivityTask] = [:]
         /// The runtime is closing: no attempt starts, outcomes of running ones are dropped once the
         /// grace period ended (their tasks stay stored and run again at the next open).
         var closing = false
+
+        /// Queues `task`, unless it is queued or running already; a later attempt of a task whose
+        /// previous attempt still holds its slot waits for that slot to end. Returns whether it was queued.
+        mutating func enqueue(_ task: ActivityTask) -> Bool {
+            guard !closing else { return false }  // the task is stored, the next open runs it
+            if let running = active[task.id] {
+                if task.attempt > running { following[task.id] = task }
+                return false
+            }
+            active[task.id] = task.attempt
+            queue.append(task)
+            return true
+        }
+
+        /// An attempt of task `id` ended its slot: a following attempt, if one came, is queued.
+        mutating func endSlot(_ id: ActivityTask.ID) {
+            attempts -= 1
+            active.removeValue(forKey: id)
+            if !following.isEmpty, let next = following.removeValue(forKey: id) { _ = enqueue(next) }
+        }
 
         /// Whether a new drain is needed: attempts wait, a slot is free and fewer than `maxDrains`
         /// drains run. If so, it is counted.
@@ -101,10 +125,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// Queues an attempt of `task` (once: a task already queued or running is left alone).
     func dispatch(_ task: ActivityTask) {
         let start = pool.withLock { pool -> Bool in
-            // Closing: the task is stored, the next open runs it.
-            guard !pool.closing, pool.active.insert(task.id).inserted else { return false }
-            pool.queue.append(task)
-            return pool.startsDrain(limit: limit, maxDrains: maxDrains)
+            pool.enqueue(task) && pool.startsDrain(limit: limit, maxDrains: maxDrains)
         }
         if start { startDrain() }
     }
@@ -128,8 +149,9 @@ final class ActivityWorker: @unchecked Sendable {
     func close(gracePeriod: Duration, waitUntilIdle: (ContinuousClock.Instant) -> Bool) {
         pool.withLock { pool in
             pool.closing = true
-            for task in pool.queue { pool.active.remove(task.id) }
+            for task in pool.queue { pool.active.removeValue(forKey: task.id) }
             pool.queue.removeAll()
+            pool.following.removeAll()  // stored: the next open runs them
         }
         if waitUntilIdle(.now + gracePeriod) { return }
         let running = detached.withLock { Array($0.tasks.values) }
@@ -166,10 +188,7 @@ final class ActivityWorker: @unchecked Sendable {
         var ended: ActivityTask?
         while true {
             let next = pool.withLock { pool -> ActivityTask? in
-                if let ended {
-                    pool.active.remove(ended.id)
-                    pool.attempts -= 1
-                }
+                if let ended { pool.endSlot(ended.id) }
                 if !pool.closing, pool.attempts < limit, let task = pool.queue.popFirst() {
                     pool.attempts += 1
                     return task
@@ -253,10 +272,7 @@ final class ActivityWorker: @unchecked Sendable {
         // and a dispatch leaves a task alone while it is still marked active.
         let found = activities.withLock { registered -> (any AnyActivity)? in
             if let activity = registered[task.name] { return activity }
-            pool.withLock { pool in
-                pool.active.remove(task.id)
-                pool.attempts -= 1
-            }
+            pool.withLock { $0.endSlot(task.id) }
             waiting.withLock { $0.tasks[task.name, default: []].append(task) }
             return nil
         }
@@ -282,8 +298,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// let a queued attempt start.
     private func detachedAttemptEnded(_ task: ActivityTask, id: UInt64?) {
         let start = pool.withLock { pool -> Bool in
-            pool.active.remove(task.id)
-            pool.attempts -= 1
+            pool.endSlot(task.id)
             return pool.startsDrain(limit: limit, maxDrains: maxDrains)
         }
         if start { startDrain() }
