@@ -22,11 +22,15 @@ struct CommitPacingTests {
     /// Results of submissions, in arrival order.
     final class Results: Sendable {
         private let results = Mutex<[Result<CommitReceipt, JournalError>]>([])
+        private let indices = Mutex<[Int]>([])
         let arrived = DispatchSemaphore(value: 0)
-        func add(_ result: Result<CommitReceipt, JournalError>) {
+        func add(_ result: Result<CommitReceipt, JournalError>, index: Int? = nil) {
+            if let index { indices.withLock { $0.append(index) } }
             results.withLock { $0.append(result) }
             arrived.signal()
         }
+        /// The indices of ``CommitPacingTests/submitEvent(_:of:to:results:)``'s submissions, in completion order.
+        var order: [Int] { indices.withLock { $0 } }
         var all: [Result<CommitReceipt, JournalError>] { results.withLock { $0 } }
         var allSucceeded: Bool { all.allSatisfy { if case .success = $0 { true } else { false } } }
         /// Waits for `count` results (at most 10 s each).
@@ -44,6 +48,13 @@ struct CommitPacingTests {
         for index in 0..<count { keys.append(try await journal.register(EntityName(type: "Account", id: "a\(index)"))) }
         journal.pace(with: producers)
         return (journal, keys)
+    }
+
+    /// Submits the first event of `keys[index]`; its completion records `index` in `results.order`.
+    func submitEvent(_ index: Int, of keys: [EntityKey], to journal: Journal, results: Results) {
+        var batch = JournalBatch()
+        batch.append(keys[index], sequence: 1, payload: Array("event \(index)".utf8))
+        journal.submit(batch) { results.add($0, index: index) }
     }
 
     func submitFirstEvent(of key: EntityKey, to journal: Journal, results: Results) {
@@ -119,16 +130,8 @@ struct CommitPacingTests {
                                                      producers: producers)
         defer { journal.close() }
         let before = journal.statistics.commits
-        let order = Mutex<[Int]>([])
         let results = Results()
-        func submit(_ index: Int) {
-            var batch = JournalBatch()
-            batch.append(keys[index], sequence: 1, payload: Array("event \(index)".utf8))
-            journal.submit(batch) { result in
-                order.withLock { $0.append(index) }
-                results.add(result)
-            }
-        }
+        func submit(_ index: Int) { submitEvent(index, of: keys, to: journal, results: results) }
         submit(0)
         #expect(producers.asked.wait(timeout: .now() + 10) == .success)
         for index in 1..<6 { submit(index) }
@@ -136,13 +139,13 @@ struct CommitPacingTests {
         // the producers (an hour's window).
         #expect(results.wait(for: 4))
         #expect(journal.statistics.commits - before == 1)
-        #expect(order.withLock { $0 } == [0, 1, 2, 3])
+        #expect(results.order == [0, 1, 2, 3])
         producers.stop()
         journal.producersIdle()
         #expect(results.wait(for: 2))
         #expect(results.allSucceeded)
         #expect(journal.statistics.commits - before == 2)
-        #expect(order.withLock { $0 } == [0, 1, 2, 3, 4, 5])
+        #expect(results.order == [0, 1, 2, 3, 4, 5])
         for key in keys { #expect(try journal.latestSequence(of: key) == 1) }
     }
 
@@ -183,16 +186,8 @@ struct CommitPacingTests {
         // A linger of an hour: only a full batch or closing can release a commit within the test.
         let (journal, keys) = try await lingeringJournal(directory, linger: .seconds(3_600), maxOperations: 4, entities: 6)
         let before = journal.statistics.commits
-        let order = Mutex<[Int]>([])
         let results = Results()
-        func submit(_ index: Int) {
-            var batch = JournalBatch()
-            batch.append(keys[index], sequence: 1, payload: Array("event \(index)".utf8))
-            journal.submit(batch) { result in
-                order.withLock { $0.append(index) }
-                results.add(result)
-            }
-        }
+        func submit(_ index: Int) { submitEvent(index, of: keys, to: journal, results: results) }
         // The first commit after opening does not wait.
         submit(0)
         #expect(results.wait(for: 1))
@@ -201,7 +196,7 @@ struct CommitPacingTests {
         for index in 1...4 { submit(index) }
         #expect(results.wait(for: 4))
         #expect(journal.statistics.commits - before == 2)
-        #expect(order.withLock { $0 } == [0, 1, 2, 3, 4])
+        #expect(results.order == [0, 1, 2, 3, 4])
         submit(5)
         journal.close()
         #expect(results.wait(for: 1))
