@@ -129,6 +129,11 @@ struct ActivityPoolBookkeepingTests {
         return task
     }
 
+    /// Dispatches attempt `attempt` of task `activity`: whether it was queued.
+    func dispatch(_ pool: inout ActivityWorker.Pool, _ activity: UInt64, attempt: Int) -> Bool {
+        pool.enqueue(task(activity: activity, attempt: attempt))
+    }
+
     /// Takes the next queued task as a drain does, counting its slot.
     func take(_ pool: inout ActivityWorker.Pool) -> ActivityTask? {
         guard let next = pool.queue.popFirst() else { return nil }
@@ -139,12 +144,10 @@ struct ActivityPoolBookkeepingTests {
     @Test("a task's next attempt, dispatched by its retry timer while the attempt before still holds its slot, is queued as that slot ends")
     func followingAttemptWaitsForTheSlot() throws {
         var pool = ActivityWorker.Pool()
-        let queued1 = pool.enqueue(task(activity: 1, attempt: 1))
-        #expect(queued1)
+        #expect(dispatch(&pool, 1, attempt: 1))
         let first = try #require(take(&pool))
         // The first attempt failed and stored its retry; the timer fires before the drain ended its slot.
-        let queued2 = pool.enqueue(task(activity: 1, attempt: 2))
-        #expect(!queued2)
+        #expect(!dispatch(&pool, 1, attempt: 2))
         #expect(pool.queue.isEmpty)
         pool.endSlot(first.id)
         #expect(pool.queue.map(\.attempt) == [2])
@@ -157,34 +160,26 @@ struct ActivityPoolBookkeepingTests {
     @Test("a task dispatched again at the attempt it is running or queued at is left alone: it never runs twice at once")
     func sameAttemptIsLeftAlone() throws {
         var pool = ActivityWorker.Pool()
-        let queued3 = pool.enqueue(task(activity: 1, attempt: 3))
-        #expect(queued3)
-        let queued4 = pool.enqueue(task(activity: 1, attempt: 3))
-        #expect(!queued4)  // queued
+        #expect(dispatch(&pool, 1, attempt: 3))
+        #expect(!dispatch(&pool, 1, attempt: 3))  // queued
         #expect(pool.queue.count == 1)
         let running = try #require(take(&pool))
-        let queued5 = pool.enqueue(task(activity: 1, attempt: 3))
-        #expect(!queued5)  // running
-        let queued6 = pool.enqueue(task(activity: 1, attempt: 2))
-        #expect(!queued6)  // an older attempt
+        #expect(!dispatch(&pool, 1, attempt: 3))  // running
+        #expect(!dispatch(&pool, 1, attempt: 2))  // an older attempt
         pool.endSlot(running.id)
         #expect(pool.queue.isEmpty && pool.active.isEmpty && pool.following.isEmpty)
         // Another task is not held up by it.
-        let queued7 = pool.enqueue(task(activity: 2, attempt: 1))
-        #expect(queued7)
+        #expect(dispatch(&pool, 2, attempt: 1))
     }
 
     @Test("closing queues nothing: a following attempt dispatched while closing stays stored for the next open")
     func closingQueuesNothing() throws {
         var pool = ActivityWorker.Pool()
-        let queued8 = pool.enqueue(task(activity: 1, attempt: 1))
-        #expect(queued8)
+        #expect(dispatch(&pool, 1, attempt: 1))
         let running = try #require(take(&pool))
         pool.closing = true
-        let queued9 = pool.enqueue(task(activity: 1, attempt: 2))
-        #expect(!queued9)
-        let queued10 = pool.enqueue(task(activity: 2, attempt: 1))
-        #expect(!queued10)
+        #expect(!dispatch(&pool, 1, attempt: 2))
+        #expect(!dispatch(&pool, 2, attempt: 1))
         pool.endSlot(running.id)
         #expect(pool.queue.isEmpty && pool.following.isEmpty)
     }

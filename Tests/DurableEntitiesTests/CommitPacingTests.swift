@@ -29,7 +29,7 @@ struct CommitPacingTests {
             results.withLock { $0.append(result) }
             arrived.signal()
         }
-        /// The indices of ``CommitPacingTests/submitEvent(_:of:to:results:)``'s submissions, in completion order.
+        /// The indices given to ``CommitPacingTests/submitFirstEvent(of:to:results:index:)``, in completion order.
         var order: [Int] { indices.withLock { $0 } }
         var all: [Result<CommitReceipt, JournalError>] { results.withLock { $0 } }
         var allSucceeded: Bool { all.allSatisfy { if case .success = $0 { true } else { false } } }
@@ -50,17 +50,11 @@ struct CommitPacingTests {
         return (journal, keys)
     }
 
-    /// Submits the first event of `keys[index]`; its completion records `index` in `results.order`.
-    func submitEvent(_ index: Int, of keys: [EntityKey], to journal: Journal, results: Results) {
-        var batch = JournalBatch()
-        batch.append(keys[index], sequence: 1, payload: Array("event \(index)".utf8))
-        journal.submit(batch) { results.add($0, index: index) }
-    }
-
-    func submitFirstEvent(of key: EntityKey, to journal: Journal, results: Results) {
+    /// Submits the first event of `key`; its completion records `index`, if given, in `results.order`.
+    func submitFirstEvent(of key: EntityKey, to journal: Journal, results: Results, index: Int? = nil) {
         var batch = JournalBatch()
         batch.append(key, sequence: 1, payload: Array("event of \(key.rawValue)".utf8))
-        journal.submit(batch) { results.add($0) }
+        journal.submit(batch) { results.add($0, index: index) }
     }
 
     @Test("while the producers work, a commit waits for their submissions; once they go idle, it takes them all in one commit")
@@ -131,7 +125,7 @@ struct CommitPacingTests {
         defer { journal.close() }
         let before = journal.statistics.commits
         let results = Results()
-        func submit(_ index: Int) { submitEvent(index, of: keys, to: journal, results: results) }
+        func submit(_ index: Int) { submitFirstEvent(of: keys[index], to: journal, results: results, index: index) }
         submit(0)
         #expect(producers.asked.wait(timeout: .now() + 10) == .success)
         for index in 1..<6 { submit(index) }
@@ -187,7 +181,7 @@ struct CommitPacingTests {
         let (journal, keys) = try await lingeringJournal(directory, linger: .seconds(3_600), maxOperations: 4, entities: 6)
         let before = journal.statistics.commits
         let results = Results()
-        func submit(_ index: Int) { submitEvent(index, of: keys, to: journal, results: results) }
+        func submit(_ index: Int) { submitFirstEvent(of: keys[index], to: journal, results: results, index: index) }
         // The first commit after opening does not wait.
         submit(0)
         #expect(results.wait(for: 1))

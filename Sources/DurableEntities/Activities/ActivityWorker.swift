@@ -122,7 +122,8 @@ final class ActivityWorker: @unchecked Sendable {
         for (task, outcome) in parked { finish(task, outcome) }
     }
 
-    /// Queues an attempt of `task` (once: a task already queued or running is left alone).
+    /// Queues an attempt of `task`, once: a task already queued or running at that attempt is left
+    /// alone, and a later attempt waits for the slot of the one before (see ``Pool/enqueue(_:)``).
     func dispatch(_ task: ActivityTask) {
         let start = pool.withLock { pool -> Bool in
             pool.enqueue(task) && pool.startsDrain(limit: limit, maxDrains: maxDrains)
@@ -269,7 +270,8 @@ final class ActivityWorker: @unchecked Sendable {
         // An activity not registered (yet) waits for its registration: after a restart, tasks are
         // recovered before the application has registered everything. The task leaves the pool
         // before a registration can see it parked: a registration dispatches what it finds parked,
-        // and a dispatch leaves a task alone while it is still marked active.
+        // and a dispatch leaves a task alone while it is still marked active. (The pool's lock is
+        // taken inside this one, never the other way round.)
         let found = activities.withLock { registered -> (any AnyActivity)? in
             if let activity = registered[task.name] { return activity }
             pool.withLock { $0.endSlot(task.id) }
