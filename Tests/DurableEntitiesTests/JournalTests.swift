@@ -131,7 +131,7 @@ struct JournalTests {
         #expect(try journal.latestSequence(of: key) == 0)
     }
 
-    @Test("snapshots, retention, timers, idempotency results and metadata round-trip")
+    @Test("snapshots, retention, timers (by due time, from a due time on, filtered), idempotency results and metadata round-trip")
     func sideTables() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -166,6 +166,11 @@ struct JournalTests {
         #expect(try journal.snapshot(of: key) == JournalSnapshot(sequence: 8, payload: bytes("state@8")))
         #expect(try journal.timers(dueAtOrBefore: 2_500).map(\.id) == [1, 2])
         #expect(try journal.timers().map(\.payload) == [bytes("early"), bytes("late")])
+        // From a due time on (a seek, not a scan); a filter's rejects do not count against the limit.
+        #expect(try journal.timers(dueAtOrAfter: 1_001).map(\.id) == [2])
+        #expect(try journal.timers(dueAtOrAfter: 2_000, dueAtOrBefore: 2_000).map(\.id) == [2])
+        #expect(try journal.timers(dueAtOrAfter: 2_001).isEmpty)
+        #expect(try journal.timers(limit: 1) { $0.id != 1 }.map(\.id) == [2])
         #expect(try journal.recordedResult(forKey: bytes("charge-1")) == bytes("ok:42"))
         #expect(try journal.recordedResult(forKey: bytes("missing")) == nil)
         let metadata = try #require(try journal.metadata(of: key))

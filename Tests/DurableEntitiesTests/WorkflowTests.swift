@@ -47,6 +47,16 @@ struct Reminder: EntityWorkflow {
     }
 }
 
+/// Sleeps once, then reports: a second timer-driven type beside ``Reminder``.
+struct Nap: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Duration, context: WorkflowContext<Self>) async throws -> String {
+        try await context.sleep(for: input)
+        return "woke"
+    }
+}
+
 @Suite("Workflow run bodies")
 struct WorkflowTests {
     func configuration(_ directory: TemporaryDirectory, clock: TestClock) -> EntityRuntime.Configuration {
@@ -136,6 +146,41 @@ struct WorkflowTests {
         // Nobody sends it anything: the timer service activates the entity on its own.
         let reminder = runtime.entity(Reminder.self, id: "r-1")
         #expect(try await reminder.result() == "reminded")
+        #expect(try runtime.journal.timers().isEmpty)
+    }
+
+    @Test("due timers of a type never registered do not hold back the due timers after them, however many come first",
+          .timeLimit(.minutes(1)))
+    func unregisteredTimersDoNotStarve() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let reminders = 1_100  // more than the timer service hands over at once (1,024)
+        do {
+            let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for n in 0..<reminders {
+                    group.addTask { try await runtime.entity(Reminder.self, id: "r-\(n)").start(.init(after: .seconds(3_600))) }
+                }
+                try await group.waitForAll()
+            }
+            // Due after every reminder's first timer (at 30 minutes).
+            try await runtime.entity(Nap.self, id: "nap").start(.seconds(3_000))
+            #expect(try runtime.journal.timers().count == reminders + 1)
+            runtime.close()
+        }
+        clock.advance(by: .seconds(2 * 3_600))
+        // Reopened by a program that no longer has `Reminder`: its timers are due, and wait.
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        defer { runtime.close() }
+        let nap = runtime.entity(Nap.self, id: "nap")
+        #expect(try await withDeadline(seconds: 30) { try await nap.result() } == "woke")
+        #expect(try runtime.journal.timers().count == reminders)
+        // Registered at last, the reminders' timers fire too.
+        try await withThrowingTaskGroup(of: String.self) { group in
+            for n in 0..<reminders { group.addTask { try await runtime.entity(Reminder.self, id: "r-\(n)").result() } }
+            for try await result in group { #expect(result == "reminded") }
+        }
         #expect(try runtime.journal.timers().isEmpty)
     }
 }

@@ -430,18 +430,21 @@ public final class Journal: Sendable {
         }
     }
 
-    /// Timers due at or before `dueNanoseconds`, earliest first, at most `limit`.
-    public func timers(dueAtOrBefore dueNanoseconds: UInt64 = .max, limit: Int = .max) throws(JournalError) -> [JournalTimer] {
+    /// Timers due from `earliest` through `dueNanoseconds`, earliest first: at most `limit` of
+    /// those `include` accepts (a timer it passes over does not count against the limit).
+    public func timers(dueAtOrAfter earliest: UInt64 = 0, dueAtOrBefore dueNanoseconds: UInt64 = .max, limit: Int = .max,
+                       where include: (JournalTimer) -> Bool = { _ in true }) throws(JournalError) -> [JournalTimer] {
         try read("reading timers") { txn in
             var timers: [JournalTimer] = []
             try txn.withCursor(stores.timers) { cursor in
-                var entry = try cursor.first()
+                var entry = try Key8(earliest).withBytes { start in try cursor.seek(atLeast: start) }
                 while let current = entry, timers.count < limit {
                     let due = current.key.bigEndianUInt64(at: 0)
                     guard due <= dueNanoseconds else { break }
-                    timers.append(JournalTimer(
+                    let timer = JournalTimer(
                         dueNanoseconds: due, entity: EntityKey(rawValue: current.key.bigEndianUInt64(at: 8)),
-                        id: current.key.bigEndianUInt64(at: 16), payload: Array(current.value)))
+                        id: current.key.bigEndianUInt64(at: 16), payload: Array(current.value))
+                    if include(timer) { timers.append(timer) }
                     entry = try cursor.next()
                 }
             }

@@ -100,12 +100,20 @@ final class TimerService: @unchecked Sendable {
             let nextAlarmDeadline = alarms.values.map(\.deadline).min()
             condition.unlock()
             for alarm in ringing.values { alarm.action() }
-            let due = (try? core.journal.timers(dueAtOrBefore: now, limit: 1_024)) ?? []
+            // Due timers not handed over yet, a batch at a time: those being delivered or waiting
+            // for their type's registration are passed over, so however many of them come first,
+            // the ones after them still fire.
+            let skipped = condition.withLock { delivering }
+            let batch = 1_024
+            let due = (try? core.journal.timers(dueAtOrBefore: now, limit: batch) {
+                !skipped.contains(TimerID(entity: $0.entity, id: $0.id))
+            }) ?? []
             for timer in due { deliver(timer) }
+            // A full batch: more may be due behind it, and nothing else need wake the loop for them.
+            if due.count == batch { continue }
 
-            // The next timer still to come (skipping those being delivered).
-            let upcoming = ((try? core.journal.timers(limit: 1_024 + delivering.count)) ?? [])
-                .first { $0.dueNanoseconds > now && !isDelivering($0) }
+            // The next timer still to come (one not due yet is never being delivered).
+            let upcoming = now == .max ? nil : (try? core.journal.timers(dueAtOrAfter: now + 1, limit: 1))?.first
             var wait: Duration? = nil
             // A test clock skips idle time to durable timers only: alarms watch work in progress (an
             // activity's timeouts) or housekeeping (passivation sweeps), never what an idle runtime
@@ -128,12 +136,6 @@ final class TimerService: @unchecked Sendable {
         }
     }
 
-    private func isDelivering(_ timer: JournalTimer) -> Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        return delivering.contains(TimerID(entity: timer.entity, id: timer.id))
-    }
-
     private func deliver(_ timer: JournalTimer) {
         let id = TimerID(entity: timer.entity, id: timer.id)
         condition.lock()
@@ -151,13 +153,16 @@ final class TimerService: @unchecked Sendable {
             }
             return
         }
-        guard let name = try? core.journal.metadata(of: timer.entity)?.name,
-              let type = core.types.withLock({ $0[name.type] }) else {
-            // Its entity type is not registered (yet): the timer stays marked until a registration
-            // calls ``retryUndelivered()``.
-            condition.lock()
-            undelivered.insert(id)
-            condition.unlock()
+        // Its entity type not registered (yet), the timer stays marked until a registration calls
+        // ``retryUndelivered()``. Marked under the types' lock: a registration adds its type under
+        // that lock before it retries, so it either is seen here or finds the timer marked.
+        let name = try? core.journal.metadata(of: timer.entity)?.name
+        let found = core.types.withLock { types -> (any RegisteredEntityType)? in
+            if let name, let type = types[name.type] { return type }
+            condition.withLock { _ = undelivered.insert(id) }
+            return nil
+        }
+        guard let name, let type = found else {
             core.logger.debug("a timer waits for its entity type's registration", metadata: ["entity.key": "\(timer.entity)"])
             return
         }
