@@ -196,7 +196,7 @@ struct ActivityCrashTests {
     /// SIGKILLs it and reads what was left. Returns what it printed and whether the watchdog fired.
     func killChild(_ arguments: [String], when ready: (ActivitiesRound) -> Bool) async throws -> (round: ActivitiesRound, hung: Bool) {
         let child = try ChildProcess("EntityCrashChild", arguments: arguments)
-        let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
+        let watchdog = EntityCrashTests.Watchdog(child)
         var round = ActivitiesRound()
         while !ready(round), let line = await child.readLine() { round.record(line) }
         let hung = watchdog.disarm()
@@ -212,7 +212,7 @@ struct ActivityCrashTests {
                                        extra: [Int: @Sendable () async throws -> String] = [:]) async throws -> [Int: String]?
     where W.Output == String {
         do {
-            return try await withDeadline(seconds: 20) {
+            return try await withDeadline(seconds: 60) {
                 try await withThrowingTaskGroup(of: (Int, String).self) { group in
                     for index in 0..<count {
                         group.addTask { (index, try await runtime.entity(W.self, id: "job-\(index)").result()) }
@@ -366,7 +366,7 @@ struct ActivityCrashTests {
 
         // Kill once the child's `stall` compensation is in flight (before or after its effect).
         let child = try ChildProcess("EntityCrashChild", arguments: ["saga", directory.path, stall, when])
-        let watchdog = EntityCrashTests.Watchdog(child, seconds: 30)
+        let watchdog = EntityCrashTests.Watchdog(child)
         var runs: [(name: String, key: String)] = []
         var stalled = false
         func record(_ line: String) {
@@ -396,7 +396,7 @@ struct ActivityCrashTests {
         ])
         let result: String
         do {
-            result = try await withDeadline(seconds: 20) { try await runtime.entity(CrashTransfer.self, id: "t-1").result() }
+            result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashTransfer.self, id: "t-1").result() }
         } catch {
             let stored = try storedTasks(runtime)
             Issue.record("after reopen the saga did not finish (\(error)); ran \(log.all.map(\.label)), \(stored) tasks stored")

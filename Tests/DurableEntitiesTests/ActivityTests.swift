@@ -203,7 +203,7 @@ struct ActivityTests {
     }
 
     @Test("a registration racing the recovered attempts loses none: every task parked or still parking runs once it is registered",
-          .timeLimit(.minutes(1)))
+          .timeLimit(.minutes(3)))
     func registrationRacesRecovery() async throws {
         for round in 0..<3 {
             let directory = TemporaryDirectory()
@@ -242,7 +242,7 @@ struct ActivityTests {
     }
 
     @Test("close() does not wait for an activity that never answers: it is cancelled after the grace period, and the next open runs it again with the same idempotency key",
-          .timeLimit(.minutes(1)))
+          .timeLimit(.minutes(3)))
     func closeCancelsRunningActivity() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -278,7 +278,7 @@ struct ActivityTests {
     }
 
     @Test("an attempt that ignores cancellation is abandoned by close(); its late outcome is dropped and the next open runs it again",
-          .timeLimit(.minutes(1)))
+          .timeLimit(.minutes(3)))
     func closeAbandonsStuckActivity() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }

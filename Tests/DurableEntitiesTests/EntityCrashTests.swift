@@ -36,10 +36,15 @@ struct EntityCrashTests {
 
     /// SIGKILLs a child still running at a deadline, so a hung runtime fails the test instead of hanging
     /// it. Disarm it before the child is reaped (its pid must not be reused by then).
+    ///
+    /// Deadlines and time limits in these suites catch hangs, not slowness: in a full run beside
+    /// other load a test that takes a second or two alone can take over a minute (the suites share
+    /// the machine's two cores and the cooperative threads, which tests that block them hold), so
+    /// they are generous — 90 s here, 60 s for `withDeadline`, 3 minutes for `.timeLimit`.
     final class Watchdog: Sendable {
         private let state = Mutex((armed: true, fired: false))
 
-        init(_ child: ChildProcess, seconds: Double = 30) {
+        init(_ child: ChildProcess, seconds: Double = 90) {
             let pid = child.process.processIdentifier
             DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { [self] in
                 state.withLock { state in

@@ -146,7 +146,7 @@ struct UpdateCrashTests {
     func runChild(_ directory: TemporaryDirectory, pending: [Int], label: String, killAfter: Int?) async throws -> Round {
         let child = try ChildProcess("EntityCrashChild",
                                      arguments: ["withdraw", directory.path, EntityCrashTests().ranges(pending), "32"])
-        let watchdog = EntityCrashTests.Watchdog(child, seconds: 60)
+        let watchdog = EntityCrashTests.Watchdog(child)
         var output = Round()
         if let killAfter {
             while output.acked.count < killAfter, let line = await child.readLine() { output.record(line) }

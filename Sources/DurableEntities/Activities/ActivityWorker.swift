@@ -489,7 +489,12 @@ final class ActivityWorker: @unchecked Sendable {
         var batch = JournalBatch()
         Self.addRetry(next, to: &batch)
         core.becameBusy()
-        core.journal.submit(batch) { [core] _ in
+        core.journal.submit(batch) { [core] result in
+            if case .failure(let error) = result, error.code != .closed {
+                // The stored task keeps the attempt before: it runs again at the next open.
+                core!.logger.error("storing an activity's next attempt failed; it runs at the next open",
+                                   metadata: ["activity": "\(next.name)", "attempt": "\(next.attempt)", "error": "\(error)"])
+            }
             core!.timers.wake()
             core!.becameIdle()
         }

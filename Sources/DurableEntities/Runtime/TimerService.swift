@@ -56,6 +56,10 @@ final class TimerService: @unchecked Sendable {
         let id: UInt64
     }
 
+    /// The most timers on their way to their entities at once (those waiting for a registration not
+    /// counted).
+    static let maxInFlight = 1_024
+
     init() {}
 
     func start(core: RuntimeCore) {
@@ -100,17 +104,19 @@ final class TimerService: @unchecked Sendable {
             let nextAlarmDeadline = alarms.values.map(\.deadline).min()
             condition.unlock()
             for alarm in ringing.values { alarm.action() }
-            // Due timers not handed over yet, a batch at a time: those being delivered or waiting
-            // for their type's registration are passed over, so however many of them come first,
-            // the ones after them still fire.
-            let skipped = condition.withLock { delivering }
-            let batch = 1_024
-            let due = (try? core.journal.timers(dueAtOrBefore: now, limit: batch) {
+            // Due timers not handed over yet, as many as there is room for: those being delivered or
+            // waiting for their type's registration are passed over, so however many of them come
+            // first, the ones after them still fire; and at most `maxInFlight` are on their way at
+            // once, so a backlog (a long downtime) is worked off without all of it in memory.
+            let (skipped, inFlight) = condition.withLock { (delivering, delivering.count - undelivered.count) }
+            let room = max(0, Self.maxInFlight - inFlight)
+            let due = room == 0 ? [] : (try? core.journal.timers(dueAtOrBefore: now, limit: room) {
                 !skipped.contains(TimerID(entity: $0.entity, id: $0.id))
             }) ?? []
             for timer in due { deliver(timer) }
-            // A full batch: more may be due behind it, and nothing else need wake the loop for them.
-            if due.count == batch { continue }
+            // All the room taken: more may be due behind them, and if some of them went to wait for a
+            // registration there is room again. (Otherwise each delivery's end wakes the loop.)
+            if room > 0, due.count == room { continue }
 
             // The next timer still to come (one not due yet is never being delivered).
             let upcoming = now == .max ? nil : (try? core.journal.timers(dueAtOrAfter: now + 1, limit: 1))?.first
