@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import DurableEntitiesTesting
 import Foundation
+import Synchronization
 import Testing
 
 /// A transfer approval: waits up to 24 hours for an approval signal.
@@ -54,6 +55,17 @@ struct Nap: EntityWorkflow {
     static func run(_ input: Duration, context: WorkflowContext<Self>) async throws -> String {
         try await context.sleep(for: input)
         return "woke"
+    }
+}
+
+/// Sleeps, then reports its wake-up through `Step` (a local activity): a test counts wake-ups from
+/// the activity's stub, without holding every sleeper in memory by awaiting its result.
+struct ReportingSleeper: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Duration, context: WorkflowContext<Self>) async throws -> String {
+        try await context.sleep(for: input)
+        return try await context.executeLocal(Step.self, context.id)
     }
 }
 
@@ -147,6 +159,73 @@ struct WorkflowTests {
         let reminder = runtime.entity(Reminder.self, id: "r-1")
         #expect(try await reminder.result() == "reminded")
         #expect(try runtime.journal.timers().isEmpty)
+    }
+
+    @Test("pending timers cost disk, not memory: 5,000 sleepers stay within a resident bound of 250; when all fall due at once, the timers in flight are bounded and every one fires once",
+          .timeLimit(.minutes(3)))
+    func pendingTimersCostDisk() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let sleepers = 5_000
+        let bound = 250
+        var configuration = configuration(directory, clock: clock)
+        configuration.maxResidentEntities = bound
+        // Wake-ups, and the most entities resident at one.
+        let (woke, report) = AsyncStream.makeStream(of: String.self)
+        let peak = Mutex(0)
+        let resident = Mutex<(@Sendable () -> Int)?>(nil)
+        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [ReportingSleeper.self], activities: [
+            ActivityStub<Step> { id, _ in
+                let now = resident.withLock { $0 }?() ?? 0
+                peak.withLock { $0 = max($0, now) }
+                report.yield(id)
+                return "woke:\(id)"
+            },
+        ])
+        defer { runtime.close() }
+        resident.withLock { $0 = { runtime.residentEntities } }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<8 {
+                group.addTask {
+                    for n in stride(from: worker, to: sleepers, by: 8) {
+                        try await runtime.entity(ReportingSleeper.self, id: "s-\(n)").start(.seconds(3_600))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        // Asleep: on disk, not in memory.
+        #expect(try runtime.journal.timers().count == sleepers)
+        #expect(runtime.residentEntities <= bound + configuration.shards)
+
+        // All fall due at once. A delivered timer makes its entity resident until its turn is done.
+        clock.advance(by: .seconds(2 * 3_600))
+        var seen: Set<String> = []
+        var wakeUps = woke.makeAsyncIterator()
+        while seen.count < sleepers, let id = await wakeUps.next() {
+            #expect(seen.insert(id).inserted, "\(id) woke twice")
+        }
+        #expect(seen.count == sleepers)
+        // At most so many timers were on their way at once, and so the resident set stayed bounded too.
+        let inFlight = runtime.core.timers.mostInFlight
+        #expect(inFlight > 0 && inFlight <= TimerService.maxInFlight, "\(inFlight) timers in flight at once")
+        let most = peak.withLock { $0 }
+        #expect(most <= bound + TimerService.maxInFlight + configuration.shards, "\(most) entities resident at once")
+        // Every run ended with its wake-up's turn durable, and so did its timer's deletion.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<8 {
+                group.addTask {
+                    for n in stride(from: worker, to: sleepers, by: 8) {
+                        let result = try await runtime.entity(ReportingSleeper.self, id: "s-\(n)").result()
+                        #expect(result == "woke:s-\(n)")
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(try runtime.journal.timers().isEmpty)
+        #expect(runtime.residentEntities <= bound + configuration.shards)
     }
 
     @Test("due timers of a type never registered do not hold back the due timers after them, however many come first",

@@ -18,6 +18,9 @@ final class TimerService: @unchecked Sendable {
     private var delivering: Set<TimerID> = []
     /// Due timers whose entity type was not registered when they fell due.
     private var undelivered: Set<TimerID> = []
+    /// The most timers on their way at once since the service started (waiting ones not counted).
+    var mostInFlight: Int { condition.withLock { mostInFlightValue } }
+    private var mostInFlightValue = 0
 
     /// An entity type was registered: timers that waited for one are looked at again.
     func retryUndelivered() {
@@ -146,6 +149,7 @@ final class TimerService: @unchecked Sendable {
         let id = TimerID(entity: timer.entity, id: timer.id)
         condition.lock()
         let fresh = delivering.insert(id).inserted
+        mostInFlightValue = max(mostInFlightValue, delivering.count - undelivered.count)
         condition.unlock()
         guard fresh else { return }
         if timer.payload.first == 1 {
