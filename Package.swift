@@ -66,6 +66,7 @@ let package = Package(
             name: "Benchmarks",
             dependencies: [
                 "DurableEntities",
+                "DurableEntitiesTesting",
                 "TestSupport",
                 "LMDB",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -57,6 +57,14 @@ enum PeakMemory {
         #endif
     }
 
+    /// The resident set now in megabytes, or `nil` if it cannot be read (not Linux): `anonymous` is
+    /// the process's own memory (heap, stacks: `RssAnon`), `mapped` its resident file pages (`RssFile`,
+    /// mostly LMDB's memory map, which the kernel can drop and read back).
+    static func current() -> (anonymous: Double, mapped: Double)? {
+        guard let anonymous = statusField("RssAnon"), let mapped = statusField("RssFile") else { return nil }
+        return (Double(anonymous) / 1024, Double(mapped) / 1024)
+    }
+
     /// Calls glibc's `malloc_trim(0)` when present, so memory an earlier scenario freed is returned
     /// to the system and does not count toward the next scenario's peak. The Glibc module does not
     /// export `malloc.h`, hence the look-up by name; elsewhere this does nothing.

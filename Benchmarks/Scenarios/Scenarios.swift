@@ -17,6 +17,7 @@ enum Scenarios {
             CodecScenario.self,
             SagaTransferScenario.self,
             FanoutScenario.self,
+            TimersScenario.self,
         ]
     }
 
