@@ -228,6 +228,30 @@ struct WorkflowTests {
         #expect(runtime.residentEntities <= bound + configuration.shards)
     }
 
+    @Test("timers no entity owns (a damaged journal) are set aside and kept: the due timers after them still fire",
+          .timeLimit(.minutes(3)))
+    func orphanTimersAreSetAside() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        defer { runtime.close() }
+        // More orphans than fit in flight, due before the nap's timer: keys registered in the journal
+        // with no entity's metadata under them.
+        let orphans = TimerService.maxInFlight + 10
+        var batch = JournalBatch()
+        for n in 0..<orphans {
+            let key = try await runtime.journal.register(EntityName(type: "Orphan", id: "o-\(n)"))
+            batch.scheduleTimer(JournalTimer(dueNanoseconds: clock.nowNanoseconds() + 1, entity: key, id: 1))
+        }
+        _ = try await runtime.journal.commit(batch)
+        let nap = runtime.entity(Nap.self, id: "nap")
+        try await nap.start(.seconds(60))
+        clock.advance(by: .seconds(120))
+        #expect(try await withDeadline(seconds: 60) { try await nap.result() } == "woke")
+        #expect(try runtime.journal.timers().count == orphans, "the orphans are kept, not fired or dropped")
+    }
+
     @Test("due timers of a type never registered do not hold back the due timers after them, however many come first",
           .timeLimit(.minutes(3)))
     func unregisteredTimersDoNotStarve() async throws {

@@ -166,13 +166,33 @@ final class TimerService: @unchecked Sendable {
         // Its entity type not registered (yet), the timer stays marked until a registration calls
         // ``retryUndelivered()``. Marked under the types' lock: a registration adds its type under
         // that lock before it retries, so it either is seen here or finds the timer marked.
-        let name = try? core.journal.metadata(of: timer.entity)?.name
+        let name: EntityName
+        switch Result(catching: { () throws(JournalError) in try core.journal.metadata(of: timer.entity)?.name }) {
+        case .success(let found?):
+            name = found
+        case .success(nil):
+            // No entity owns it (a damaged journal): set aside like a timer whose type is not
+            // registered, so it holds no room, and looked at again on a registration or the next open.
+            condition.withLock { _ = undelivered.insert(id) }
+            core.logger.error("a timer's entity has no metadata; the timer is set aside",
+                              metadata: ["entity.key": "\(timer.entity)", "timer": "\(timer.id)"])
+            return
+        case .failure(let error):
+            // A failed read: looked at again in a second.
+            core.logger.warning("reading a timer's entity failed; it is tried again in a second",
+                                metadata: ["entity.key": "\(timer.entity)", "error": "\(error)"])
+            _ = alarm(at: core.clock.nowNanoseconds() &+ 1_000_000_000) { [self] in
+                condition.withLock { _ = delivering.remove(id) }
+                wake()
+            }
+            return
+        }
         let found = core.types.withLock { types -> (any RegisteredEntityType)? in
-            if let name, let type = types[name.type] { return type }
+            if let type = types[name.type] { return type }
             condition.withLock { _ = undelivered.insert(id) }
             return nil
         }
-        guard let name, let type = found else {
+        guard let type = found else {
             core.logger.debug("a timer waits for its entity type's registration", metadata: ["entity.key": "\(timer.entity)"])
             return
         }
