@@ -163,9 +163,6 @@ final class TimerService: @unchecked Sendable {
             }
             return
         }
-        // Its entity type not registered (yet), the timer stays marked until a registration calls
-        // ``retryUndelivered()``. Marked under the types' lock: a registration adds its type under
-        // that lock before it retries, so it either is seen here or finds the timer marked.
         let name: EntityName
         switch Result(catching: { () throws(JournalError) in try core.journal.metadata(of: timer.entity)?.name }) {
         case .success(let found?):
@@ -187,6 +184,9 @@ final class TimerService: @unchecked Sendable {
             }
             return
         }
+        // Its entity type not registered (yet), the timer stays marked until a registration calls
+        // ``retryUndelivered()``. Marked under the types' lock: a registration adds its type under
+        // that lock before it retries, so it either is seen here or finds the timer marked.
         let found = core.types.withLock { types -> (any RegisteredEntityType)? in
             if let type = types[name.type] { return type }
             condition.withLock { _ = undelivered.insert(id) }
