@@ -36,11 +36,11 @@ struct TimersScenario: BenchmarkScenario {
         var configuration = try EntityBench.configuration(directory: directory.path, durability: .durable, snapshotEvery: 100,
                                                           maxResidentEntities: maxResident, shards: options.shards)
         configuration.clock = clock
-        let wakeUps = WakeUps(expected: sleepers)
-        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [BenchSleeper.self],
-                                        activities: [BenchWoke(wakeUps: wakeUps)])
+        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [BenchSleeper.self])
         defer { runtime.close() }
-        wakeUps.sample = { runtime.residentEntities }
+        // Registered once the runtime is there to ask for its resident entities (nothing wakes before).
+        let wakeUps = WakeUps(expected: sleepers) { [weak runtime] in runtime?.residentEntities ?? 0 }
+        runtime.register(activity: BenchWoke(wakeUps: wakeUps))
 
         // Measured: every sleeper starts (its run body reaches its sleep; the timer is durable).
         recorder.start()
@@ -125,31 +125,28 @@ final class WakeUps: Sendable {
         var count = 0
         var mostResident = 0
         var waiter: CheckedContinuation<Void, Never>?
-        var sample: (@Sendable () -> Int)?
     }
     private let state = Mutex(State())
     private let expected: Int
-
-    init(expected: Int) { self.expected = expected }
-
     /// Reads the resident entities (sampled every 1,000 wake-ups).
-    var sample: (@Sendable () -> Int)? {
-        get { state.withLock { $0.sample } }
-        set { state.withLock { $0.sample = newValue } }
+    private let resident: @Sendable () -> Int
+
+    init(expected: Int, resident: @escaping @Sendable () -> Int) {
+        self.expected = expected
+        self.resident = resident
     }
 
     var count: Int { state.withLock { $0.count } }
     var mostResident: Int { state.withLock { $0.mostResident } }
 
     func add() {
-        let (waiter, sample) = state.withLock { state -> (CheckedContinuation<Void, Never>?, (@Sendable () -> Int)?) in
+        let (waiter, samples) = state.withLock { state -> (CheckedContinuation<Void, Never>?, Bool) in
             state.count += 1
-            let waiter = state.count == expected ? state.waiter.take() : nil
-            return (waiter, state.count % 1_000 == 0 ? state.sample : nil)
+            return (state.count == expected ? state.waiter.take() : nil, state.count % 1_000 == 0)
         }
-        if let sample {
-            let resident = sample()
-            state.withLock { $0.mostResident = max($0.mostResident, resident) }
+        if samples {
+            let now = resident()
+            state.withLock { $0.mostResident = max($0.mostResident, now) }
         }
         waiter?.resume()
     }

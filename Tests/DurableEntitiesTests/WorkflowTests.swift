@@ -171,20 +171,17 @@ struct WorkflowTests {
         let bound = 250
         var configuration = configuration(directory, clock: clock)
         configuration.maxResidentEntities = bound
-        // Wake-ups, and the most entities resident at one.
+        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [ReportingSleeper.self])
+        defer { runtime.close() }
+        // Wake-ups, and the most entities resident at one (registered once the runtime is there to ask).
         let (woke, report) = AsyncStream.makeStream(of: String.self)
         let peak = Mutex(0)
-        let resident = Mutex<(@Sendable () -> Int)?>(nil)
-        let runtime = try EntityRuntime(configuration: configuration, entityTypes: [ReportingSleeper.self], activities: [
-            ActivityStub<Step> { id, _ in
-                let now = resident.withLock { $0 }?() ?? 0
-                peak.withLock { $0 = max($0, now) }
-                report.yield(id)
-                return "woke:\(id)"
-            },
-        ])
-        defer { runtime.close() }
-        resident.withLock { $0 = { runtime.residentEntities } }
+        runtime.register(activity: ActivityStub<Step> { [weak runtime] id, _ in
+            let now = runtime?.residentEntities ?? 0
+            peak.withLock { $0 = max($0, now) }
+            report.yield(id)
+            return "woke:\(id)"
+        })
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<8 {
                 group.addTask {

@@ -21,6 +21,8 @@ final class TimerService: @unchecked Sendable {
     /// The most timers on their way at once since the service started (waiting ones not counted).
     var mostInFlight: Int { condition.withLock { mostInFlightValue } }
     private var mostInFlightValue = 0
+    /// Timers on their way now (the condition's lock held).
+    private var inFlight: Int { delivering.count - undelivered.count }
 
     /// An entity type was registered: timers that waited for one are looked at again.
     func retryUndelivered() {
@@ -111,8 +113,8 @@ final class TimerService: @unchecked Sendable {
             // waiting for their type's registration are passed over, so however many of them come
             // first, the ones after them still fire; and at most `maxInFlight` are on their way at
             // once, so a backlog (a long downtime) is worked off without all of it in memory.
-            let (skipped, inFlight) = condition.withLock { (delivering, delivering.count - undelivered.count) }
-            let room = max(0, Self.maxInFlight - inFlight)
+            let (skipped, onTheirWay) = condition.withLock { (delivering, inFlight) }
+            let room = max(0, Self.maxInFlight - onTheirWay)
             let due = room == 0 ? [] : (try? core.journal.timers(dueAtOrBefore: now, limit: room) {
                 !skipped.contains(TimerID(entity: $0.entity, id: $0.id))
             }) ?? []
@@ -149,18 +151,12 @@ final class TimerService: @unchecked Sendable {
         let id = TimerID(entity: timer.entity, id: timer.id)
         condition.lock()
         let fresh = delivering.insert(id).inserted
-        mostInFlightValue = max(mostInFlightValue, delivering.count - undelivered.count)
+        mostInFlightValue = max(mostInFlightValue, inFlight)
         condition.unlock()
         guard fresh else { return }
         if timer.payload.first == 1 {
             core.becameBusy()
-            core.activities.retryDue(timer) { [self] in
-                condition.lock()
-                delivering.remove(id)
-                condition.unlock()
-                core.becameIdle()
-                wake()
-            }
+            core.activities.retryDue(timer) { [self] in release(id, busy: true) }
             return
         }
         let name: EntityName
@@ -178,10 +174,7 @@ final class TimerService: @unchecked Sendable {
             // A failed read: looked at again in a second.
             core.logger.warning("reading a timer's entity failed; it is tried again in a second",
                                 metadata: ["entity.key": "\(timer.entity)", "error": "\(error)"])
-            _ = alarm(at: core.clock.nowNanoseconds() &+ 1_000_000_000) { [self] in
-                condition.withLock { _ = delivering.remove(id) }
-                wake()
-            }
+            _ = alarm(at: core.clock.nowNanoseconds() &+ 1_000_000_000) { [self] in release(id, busy: false) }
             return
         }
         // Its entity type not registered (yet), the timer stays marked until a registration calls
@@ -198,11 +191,15 @@ final class TimerService: @unchecked Sendable {
         }
         core.becameBusy()
         type.fireTimer(id: timer.id, due: timer.dueNanoseconds, entityID: name.id, core: core) { [self] in
-            condition.lock()
-            delivering.remove(id)
-            condition.unlock()
-            core.becameIdle()
-            wake()
+            release(id, busy: true)
         }
+    }
+
+    /// Timer `id` is no longer on its way (delivered, or to be tried again), and the delivery's
+    /// busy count ends if it took one: the loop looks again.
+    private func release(_ id: TimerID, busy: Bool) {
+        condition.withLock { _ = delivering.remove(id) }
+        if busy { core.becameIdle() }
+        wake()
     }
 }
