@@ -7,7 +7,8 @@ import Synchronization
 /// downtime's backlog, or a deadline shared by many).
 ///
 /// `--events N` sleepers (default 200,000), started by `--in-flight K` client tasks (default 256),
-/// in a runtime whose resident set is bounded by `--param max-resident=R` (default 10,000). Each
+/// in a runtime whose resident set is bounded by `--param max-resident=R` (default 10,000) and whose
+/// journal keeps `--param recent-records-mb=M` MiB of recent records (default 32; 0 for none). Each
 /// sleeper's run body sleeps for an hour on a ``TestClock`` and, woken, reports through a local
 /// activity. Measured (throughput and latency): the `start` calls; each records the sleeper's
 /// `started` and its timer. Then the clock jumps two hours ahead and every timer falls due.
@@ -28,6 +29,8 @@ struct TimersScenario: BenchmarkScenario {
         let clients = max(1, options.value(\.inFlight, full: 256, quick: 64))
         let maxResident = try options.extra("max-resident", full: 10_000, quick: 1_000)
         guard maxResident > 0 else { throw BenchmarkFailure(message: "--param max-resident must be positive") }
+        let recentRecordsMiB = try options.extra("recent-records-mb", as: Int.self)
+        if let recentRecordsMiB, recentRecordsMiB < 0 { throw BenchmarkFailure(message: "--param recent-records-mb must be 0 or more") }
         let load = EntityBench.loadAverage()
 
         let directory = try options.makeScratchDirectory("timers")
@@ -36,6 +39,7 @@ struct TimersScenario: BenchmarkScenario {
         var configuration = try EntityBench.configuration(directory: directory.path, durability: .durable, snapshotEvery: 100,
                                                           maxResidentEntities: maxResident, shards: options.shards)
         configuration.clock = clock
+        if let recentRecordsMiB { configuration.journal.recentRecordBytes = recentRecordsMiB << 20 }
         let runtime = try EntityRuntime(configuration: configuration, entityTypes: [BenchSleeper.self])
         defer { runtime.close() }
         // Registered once the runtime is there to ask for its resident entities (nothing wakes before).

@@ -794,6 +794,36 @@ struct RecentRecordsTests {
         #expect(published == [1, 2, 30, 31])
         #expect(positions.array(minimumCapacity: 8).capacity >= 8)
     }
+
+    @Test("the entity table keeps a page only while it holds a value: values in and out across pages, counts, order, reuse of a freed page")
+    func entityTablePagesFollowValues() {
+        var table = EntityTable<Int>()
+        let pageSize: UInt64 = 4_096
+        // A value in each of the first 100 pages, and two in page 3.
+        for page in 0..<UInt64(100) { table[page * pageSize + 1] = Int(page) }
+        table[3 * pageSize + 7] = 307
+        #expect(table.count == 101 && table.allocatedPages == 100)
+        #expect(table[5 * pageSize + 1] == 5 && table[5 * pageSize + 2] == nil && table[200 * pageSize] == nil)
+        // Emptying a page frees it; a page with a value left keeps it.
+        for page in 0..<UInt64(100) { table[page * pageSize + 1] = nil }
+        #expect(table.count == 1 && table.allocatedPages == 1)
+        #expect(table[3 * pageSize + 7] == 307 && table[3 * pageSize + 1] == nil)
+        // Removing what is not there changes nothing, in a freed page or past the end.
+        table[5 * pageSize + 1] = nil
+        table[1_000 * pageSize] = nil
+        #expect(table.count == 1 && table.allocatedPages == 1)
+        // A freed page comes back on its next value; in-place changes and key-order iteration still work.
+        table[5 * pageSize + 9] = 509
+        table.modify(5 * pageSize + 9) { $0 += 1 }
+        table.modify(6 * pageSize) { $0 += 1 }  // absent: nothing happens
+        var seen: [(UInt64, Int)] = []
+        table.forEach { seen.append(($0, $1)) }
+        #expect(seen.map(\.0) == [3 * pageSize + 7, 5 * pageSize + 9] && seen.map(\.1) == [307, 510])
+        #expect(table.read(5 * pageSize + 9) { $0 } == 510 && table.count == 2 && table.allocatedPages == 2)
+        table[3 * pageSize + 7] = nil
+        table[5 * pageSize + 9] = nil
+        #expect(table.count == 0 && table.allocatedPages == 0)
+    }
 }
 
 extension RecentRecords {

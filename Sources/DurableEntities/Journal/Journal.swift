@@ -67,6 +67,8 @@ public final class Journal: Sendable {
         public var maxPayloadBytes: Int
         /// Bytes of the newest appended events the writer keeps in memory, so that moving a tail into
         /// its history range reads them from there instead of searching the log for each (0: off).
+        /// Memory: this many bytes plus a slot table of 3/8 of it (44 MiB at the default), resident
+        /// only as far as events have gone through the log.
         public var recentRecordBytes: Int
         /// `MDB_WRITEMAP`: LMDB writes through the memory map instead of copying dirty pages.
         public var writeMap: Bool

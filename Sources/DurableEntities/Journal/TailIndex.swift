@@ -36,10 +36,18 @@ final class TailIndex: Sendable {
 
 /// A table keyed by entity key. Keys are allocated densely from 1, so it is a paged array: lookups
 /// index, never hash (hashing was a visible share of the writer's time with 1,000 entities a commit).
+/// A page exists only while it holds a value: the table's memory follows the entities that have a
+/// value now, not every key that ever had one (a journal whose million entities each once had a tail
+/// in the log would otherwise keep ~16 MB of empty pages).
 struct EntityTable<Value>: ~Copyable {
     private static var pageBits: UInt64 { 12 }
     private var pages: [[Value?]] = []
+    /// Values in each page (a page whose count falls to 0 is freed).
+    private var occupied: [Int] = []
     private(set) var count = 0
+
+    /// Pages allocated now (for tests).
+    var allocatedPages: Int { occupied.count(where: { $0 > 0 }) }
 
     init() {}
 
@@ -65,14 +73,20 @@ struct EntityTable<Value>: ~Copyable {
             if page >= pages.count {
                 guard newValue != nil else { return }
                 pages.append(contentsOf: repeatElement([], count: page - pages.count + 1))
+                occupied.append(contentsOf: repeatElement(0, count: page - occupied.count + 1))
             }
             if pages[page].isEmpty {
                 guard newValue != nil else { return }
                 pages[page] = Array(repeating: nil, count: 1 << Int(Self.pageBits))
             }
-            let had = pages[page][slot] != nil
-            pages[page][slot] = newValue
-            count += (newValue != nil ? 1 : 0) - (had ? 1 : 0)
+            let change = (newValue != nil ? 1 : 0) - (pages[page][slot] != nil ? 1 : 0)
+            count += change
+            occupied[page] += change
+            if occupied[page] == 0 {
+                pages[page] = []
+            } else {
+                pages[page][slot] = newValue
+            }
         }
     }
 
