@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import DurableEntitiesTesting
 import Foundation
+import LMDB
 import Synchronization
 import Testing
 
@@ -66,6 +67,35 @@ struct ReportingSleeper: EntityWorkflow {
     static func run(_ input: Duration, context: WorkflowContext<Self>) async throws -> String {
         try await context.sleep(for: input)
         return try await context.executeLocal(Step.self, context.id)
+    }
+}
+
+/// Holds the journal's LMDB write lock from a thread of its own until released: the journal's writer
+/// stops at its next commit, so nothing the runtime submits meanwhile becomes durable.
+final class WriterStall: Sendable {
+    private let held = DispatchSemaphore(value: 0)
+    private let released = DispatchSemaphore(value: 0)
+    private let isReleased = Mutex(false)
+
+    init(_ environment: LMDB.Environment) {
+        Thread { [held, released] in
+            _ = try? environment.write { _ in
+                held.signal()
+                released.wait()
+            }
+        }.start()
+    }
+
+    /// Returns once the write lock is held.
+    func hold() async {
+        await Task.detached { [self] in waitUntilHeld() }.value
+    }
+    private func waitUntilHeld() { held.wait() }
+
+    /// Lets the writer go on (again: nothing).
+    func release() {
+        guard isReleased.withLock({ done in defer { done = true }; return !done }) else { return }
+        released.signal()
     }
 }
 
@@ -161,7 +191,7 @@ struct WorkflowTests {
         #expect(try runtime.journal.timers().isEmpty)
     }
 
-    @Test("pending timers cost disk, not memory: 5,000 sleepers stay within a resident bound of 250; when all fall due at once, the timers in flight are bounded and every one fires once",
+    @Test("pending timers cost disk, not memory: 5,000 sleepers stay within a resident bound of 250; when all fall due at once, the timers in flight stop at the cap while nothing can commit, and every one fires once",
           .timeLimit(.minutes(3)))
     func pendingTimersCostDisk() async throws {
         let directory = TemporaryDirectory()
@@ -196,8 +226,18 @@ struct WorkflowTests {
         #expect(try runtime.journal.timers().count == sleepers)
         #expect(runtime.residentEntities <= bound + configuration.shards)
 
-        // All fall due at once. A delivered timer makes its entity resident until its turn is done.
+        // All fall due at once, first with the journal's writer stalled: no firing becomes durable, so
+        // no delivery ends, and the timer service stops at its cap instead of loading every sleeper.
+        let stall = WriterStall(runtime.journal.environment)
+        defer { stall.release() }
+        await stall.hold()
         clock.advance(by: .seconds(2 * 3_600))
+        let stalled = await Task.detached { runtime.core.timers.park(timeout: .seconds(60)) { $0 > 0 } }.value
+        #expect(stalled == TimerService.maxInFlight, "\(stalled.map(String.init) ?? "no") timers on their way with nothing durable")
+        #expect(runtime.residentEntities <= bound + TimerService.maxInFlight + configuration.shards)
+        #expect(try runtime.journal.timers().count == sleepers)
+        // The writer goes on. A delivered timer makes its entity resident until its turn is done.
+        stall.release()
         var seen: Set<String> = []
         var wakeUps = woke.makeAsyncIterator()
         while seen.count < sleepers, let id = await wakeUps.next() {

@@ -23,6 +23,11 @@ final class TimerService: @unchecked Sendable {
     private var mostInFlightValue = 0
     /// Timers on their way now (the condition's lock held).
     private var inFlight: Int { delivering.count - undelivered.count }
+    /// While the loop waits, the timers that were on their way when it began to (for tests: see
+    /// ``park(timeout:where:)``). A condition of its own: a waiter on `condition` could take the
+    /// loop's wake-up signal.
+    private let parks = NSCondition()
+    private var parkedInFlight: Int? = nil
 
     /// An entity type was registered: timers that waited for one are looked at again.
     func retryUndelivered() {
@@ -135,6 +140,10 @@ final class TimerService: @unchecked Sendable {
             }
             condition.lock()
             if !woken && !stopping {
+                parks.withLock {
+                    parkedInFlight = inFlight
+                    parks.broadcast()
+                }
                 if let wait {
                     let (seconds, attoseconds) = wait.components
                     let interval = Double(seconds) + Double(attoseconds) / 1e18
@@ -142,6 +151,7 @@ final class TimerService: @unchecked Sendable {
                 } else {
                     condition.wait()
                 }
+                parks.withLock { parkedInFlight = nil }
             }
             condition.unlock()
         }
@@ -192,6 +202,20 @@ final class TimerService: @unchecked Sendable {
         core.becameBusy()
         type.fireTimer(id: timer.id, due: timer.dueNanoseconds, entityID: name.id, core: core) { [self] in
             release(id, busy: true)
+        }
+    }
+
+    /// Waits until the loop is waiting (now or later) with a number of timers on their way that
+    /// `accepts`; returns that number, or nil after `timeout` (real time). For tests: a waiting loop
+    /// has done all it could with the due timers and the room it had.
+    func park(timeout: Duration, where accepts: (Int) -> Bool) -> Int? {
+        let (seconds, attoseconds) = timeout.components
+        let deadline = Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18)
+        parks.lock()
+        defer { parks.unlock() }
+        while true {
+            if let parkedInFlight, accepts(parkedInFlight) { return parkedInFlight }
+            if !parks.wait(until: deadline) { return nil }
         }
     }
 
