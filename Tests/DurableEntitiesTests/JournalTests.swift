@@ -715,7 +715,7 @@ struct RecentRecordsTests {
         }
     }
 
-    @Test("recent records: found while kept, gone once the ring wrote over them or another position took the slot; a re-append replaces an aborted one")
+    @Test("recent records: found while kept, gone once the ring wrote over them or another position took the slot; a re-append replaces an aborted one, a too-large re-append clears it")
     func recentRecords() throws {
         let recent = RecentRecords(capacity: 1_024)  // 16 slots, records up to 64 bytes
         func lookup(_ position: UInt64) -> [UInt8]? {
@@ -742,6 +742,11 @@ struct RecentRecordsTests {
         // Too large for the ring (over a sixteenth of it): not kept.
         recent.record(position: 3, checksum: 3, payload: [UInt8](repeating: 1, count: 100))
         #expect(lookup(3) == nil)
+        // An aborted transaction's small record, then a too-large one at the same position: the slot
+        // forgets the aborted record (the lookup must read the log, never return another event).
+        recent.record(position: 5, checksum: 5, payload: bytes("aborted"))
+        recent.record(position: 5, checksum: 6, payload: [UInt8](repeating: 2, count: 100))
+        #expect(lookup(5) == nil)
         // Enough bytes later, the ring has written over position 0's bytes although its slot is intact.
         for position in UInt64(4)..<UInt64(16) { recent.record(position: position, checksum: 0, payload: [UInt8](repeating: UInt8(position), count: 60)) }
         for position in UInt64(20)..<UInt64(32) { recent.record(position: position, checksum: 0, payload: [UInt8](repeating: UInt8(position), count: 60)) }

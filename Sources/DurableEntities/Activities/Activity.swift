@@ -129,12 +129,30 @@ public struct RetryPolicy: Codable, Sendable, Hashable {
         RetryPolicy(initialInterval: initial, backoffCoefficient: coefficient, maximumAttempts: attempts)
     }
 
-    /// The delay before attempt `attempt + 1`, after attempt `attempt` failed.
+    /// The delay before attempt `attempt + 1`, after attempt `attempt` failed (computed in floating
+    /// point and capped, so a long interval or a large coefficient never overflows).
     public func delay(after attempt: Int) -> Duration {
         let initial = Double(initialInterval.nanoseconds)
         let grown = initial * pow(backoffCoefficient, Double(max(0, attempt - 1)))
-        let cap = Double((maximumInterval ?? initialInterval * 100).nanoseconds)
-        return .nanoseconds(Int64(min(grown, cap)))
+        let cap = maximumInterval.map { Double($0.nanoseconds) } ?? initial * 100
+        let nanoseconds = min(grown, cap, 9.2e18)  // within Int64
+        guard nanoseconds.isFinite, nanoseconds > 0 else { return .zero }
+        return .nanoseconds(Int64(nanoseconds))
+    }
+
+    /// Why the policy is invalid, or `nil`: the initial interval must be positive, the coefficient at
+    /// least 1 (and finite), the maximum interval (if set) at least the initial one, and the maximum
+    /// attempts not negative.
+    var invalidity: String? {
+        if initialInterval <= .zero { return "the retry policy's initial interval must be positive (got \(initialInterval))" }
+        if !backoffCoefficient.isFinite || backoffCoefficient < 1 {
+            return "the retry policy's backoff coefficient must be a finite number of at least 1 (got \(backoffCoefficient))"
+        }
+        if let maximumInterval, maximumInterval < initialInterval {
+            return "the retry policy's maximum interval (\(maximumInterval)) must be at least its initial interval (\(initialInterval))"
+        }
+        if maximumAttempts < 0 { return "the retry policy's maximum attempts must be 0 (no limit) or more (got \(maximumAttempts))" }
+        return nil
     }
 }
 
@@ -157,6 +175,17 @@ public struct ActivityOptions: Codable, Sendable, Hashable {
     }
 
     public static let `default` = ActivityOptions()
+
+    /// Why the options are invalid, or `nil`: see ``RetryPolicy``; a timeout, when set, must be positive.
+    var invalidity: String? {
+        if let problem = retry.invalidity { return problem }
+        func positive(_ timeout: Duration?, _ name: String) -> String? {
+            guard let timeout, timeout <= .zero else { return nil }
+            return "the \(name) timeout must be positive (got \(timeout))"
+        }
+        return positive(startToCloseTimeout, "start-to-close") ?? positive(scheduleToCloseTimeout, "schedule-to-close")
+            ?? positive(heartbeatTimeout, "heartbeat")
+    }
 
     /// Retries by `policy`, other options default.
     public static func retrying(_ policy: RetryPolicy) -> ActivityOptions { ActivityOptions(retry: policy) }

@@ -371,13 +371,13 @@ final class ActivityWorker: @unchecked Sendable {
         let started = clock.nowNanoseconds()
         var scheduled: [UInt64] = []
         if let limit = task.options.startToCloseTimeout {
-            scheduled.append(alarms.alarm(at: started &+ limit.nanoseconds, attempt.expire(.startToClose)))
+            scheduled.append(alarms.alarm(at: started.saturatingAdd(limit.nanoseconds), attempt.expire(.startToClose)))
         }
         if let limit = task.options.scheduleToCloseTimeout {
-            scheduled.append(alarms.alarm(at: task.scheduledAt &+ limit.nanoseconds, attempt.expire(.scheduleToClose)))
+            scheduled.append(alarms.alarm(at: task.scheduledAt.saturatingAdd(limit.nanoseconds), attempt.expire(.scheduleToClose)))
         }
         if let limit = task.options.heartbeatTimeout {
-            let alarm = alarms.alarm(at: started &+ limit.nanoseconds, attempt.expire(.heartbeat))
+            let alarm = alarms.alarm(at: started.saturatingAdd(limit.nanoseconds), attempt.expire(.heartbeat))
             attempt.state.withLock { $0.heartbeatAlarm = alarm }
         }
         let context = ActivityContext(
@@ -387,7 +387,7 @@ final class ActivityWorker: @unchecked Sendable {
             // A heartbeat (its details stay in the context) rearms the heartbeat watchdog.
             var next: UInt64?
             if let limit = task.options.heartbeatTimeout {
-                next = alarms.alarm(at: clock.nowNanoseconds() &+ limit.nanoseconds, attempt.expire(.heartbeat))
+                next = alarms.alarm(at: clock.nowNanoseconds().saturatingAdd(limit.nanoseconds), attempt.expire(.heartbeat))
             }
             let previous = attempt.state.withLock { state -> UInt64? in
                 defer { if next != nil { state.heartbeatAlarm = next } }
@@ -430,7 +430,10 @@ final class ActivityWorker: @unchecked Sendable {
         if ended.cancelled, case .failure = ended.result { return .dropped }
         var next = task
         next.heartbeat = ended.heartbeat
-        if let reason = ended.timedOut {
+        // An attempt that returned its output succeeded, even if a watchdog rang meanwhile (it fires
+        // on the timer thread, and cannot be taken back once picked): the effect happened and its
+        // result is in hand, so a retry would only repeat it.
+        if let reason = ended.timedOut, case .failure = ended.result {
             return retryOrFail(next, errorType: "\(reason)Timeout", error: "the attempt timed out (\(reason))", timeout: reason, nonRetryable: false)
         }
         switch ended.result {
@@ -459,8 +462,8 @@ final class ActivityWorker: @unchecked Sendable {
         }
         if policy.maximumAttempts > 0, attempts >= policy.maximumAttempts { return fail(timeoutReason ?? .retriesExhausted) }
         let now = core.clock.nowNanoseconds()
-        let due = now &+ policy.delay(after: attempts).nanoseconds
-        if let limit = task.options.scheduleToCloseTimeout, due >= task.scheduledAt &+ limit.nanoseconds {
+        let due = now.saturatingAdd(policy.delay(after: attempts).nanoseconds)
+        if let limit = task.options.scheduleToCloseTimeout, due >= task.scheduledAt.saturatingAdd(limit.nanoseconds) {
             return fail(.scheduleToCloseTimeout)
         }
         var next = task
@@ -487,7 +490,9 @@ final class ActivityWorker: @unchecked Sendable {
     /// Stores the next attempt and its retry timer (the timer runs it, see ``retryDue(_:done:)``).
     private func storeRetry(_ next: ActivityTask) {
         var batch = JournalBatch()
-        Self.addRetry(next, to: &batch)
+        // Only while the task is stored: its entity may have given it up meanwhile (terminated, or
+        // its run cancelled), and a retry must not bring it back.
+        Self.addRetry(next, to: &batch, replacing: true)
         core.becameBusy()
         core.journal.submit(batch) { [core] result in
             if case .failure(let error) = result, error.code != .closed {
@@ -500,9 +505,10 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    /// The rows of a retry: the task with its next attempt, and the timer that runs it.
-    static func addRetry(_ next: ActivityTask, to batch: inout JournalBatch) {
-        batch.putTask(next.key, value: next.encoded())
+    /// The rows of a retry: the task with its next attempt, and the timer that runs it. `replacing`:
+    /// the task is written only if it is still stored (the timer then finds nothing to run).
+    static func addRetry(_ next: ActivityTask, to batch: inout JournalBatch, replacing: Bool) {
+        if replacing { batch.replaceTask(next.key, value: next.encoded()) } else { batch.putTask(next.key, value: next.encoded()) }
         batch.scheduleTimer(JournalTimer(dueNanoseconds: next.notBefore, entity: EntityKey(rawValue: next.entityKey),
                                          id: next.activityID | (1 << 63), payload: [1] + next.key.bytes))
     }

@@ -472,7 +472,7 @@ private struct CommitContext {
                 try checkSize(timer.payload.count, timer.entity, nil, "timer payload")
             case .cancelTimer:
                 break
-            case .putTask(let key, let value):
+            case .putTask(let key, let value), .replaceTask(let key, let value):
                 guard (1...511).contains(key.count) else {
                     throw JournalError(.nameTooLong, "a task key must have 1...511 bytes (got \(key.count)); nothing was written")
                 }
@@ -560,6 +560,11 @@ private struct CommitContext {
                 try Key24(due, entity.rawValue, id).withBytes { key in _ = try txn.delete(key, in: stores.timers) }
             case .putTask(let key, let value):
                 try key.withUnsafeBytes { key in
+                    try value.withUnsafeBytes { value in try txn.put(value, forKey: key, in: stores.tasks) }
+                }
+            case .replaceTask(let key, let value):
+                try key.withUnsafeBytes { key in
+                    guard try txn.withValue(forKey: key, in: stores.tasks, { $0 != nil }) else { return }
                     try value.withUnsafeBytes { value in try txn.put(value, forKey: key, in: stores.tasks) }
                 }
             case .deleteTask(let key):
@@ -753,15 +758,22 @@ private struct CommitContext {
                 chunk.add(record: record)
             }
             if try recent.withRecord(position: position, add) { continue }
-            try Key8(position).withBytes { key in
-                try txn.withValue(forKey: key, in: stores.log) { value in
+            // Copied out of the log before `add` may put a chunk: a value LMDB returns is valid only
+            // until the transaction's next write.
+            let record = try Key8(position).withBytes { key in
+                try txn.withValue(forKey: key, in: stores.log) { value -> [UInt8] in
                     guard let value, value.count >= JournalLayout.logHeader else {
                         throw JournalError(.corruptedRecord, key: EntityKey(rawValue: entity), sequence: sequence,
                                            "the log has no record at position \(position), which the tail index lists")
                     }
-                    try add(UnsafeRawBufferPointer(rebasing: value[16...]))
+                    guard value.bigEndianUInt64(at: 0) == entity, value.bigEndianUInt64(at: 8) == sequence else {
+                        throw JournalError(.corruptedRecord, key: EntityKey(rawValue: entity), sequence: sequence,
+                                           "the log record at position \(position) is not this entity's event at this sequence")
+                    }
+                    return [UInt8](UnsafeRawBufferPointer(rebasing: value[16...]))
                 }
             }
+            try record.withUnsafeBytes { try add($0) }
         }
         try putChunk(of: entity, in: txn)
         tail.firstSequence += UInt64(positions.count)

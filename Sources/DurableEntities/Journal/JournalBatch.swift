@@ -27,6 +27,7 @@ public struct JournalBatch: Sendable {
         case recordResult(key: [UInt8], payload: [UInt8], recordedAt: UInt64)
         case expireResults(recordedBefore: UInt64, limit: Int)
         case putTask(key: TaskKey, value: [UInt8])
+        case replaceTask(key: TaskKey, value: [UInt8])
         case deleteTask(key: TaskKey)
     }
 
@@ -110,6 +111,12 @@ public struct JournalBatch: Sendable {
     /// Stores a pending task under a key built without an allocation, replacing any.
     public mutating func putTask(_ key: TaskKey, value: [UInt8]) {
         operations.append(.putTask(key: key, value: value))
+    }
+
+    /// Replaces a pending task only if it is still stored: a task deleted by an earlier commit (its
+    /// owner gave it up) stays deleted.
+    public mutating func replaceTask(_ key: TaskKey, value: [UInt8]) {
+        operations.append(.replaceTask(key: key, value: value))
     }
 
     /// Removes a pending task (no effect when absent).

@@ -7,8 +7,8 @@ import Foundation
 /// Bounded: `capacity` bytes of records and one slot per power-of-two position modulo. A record is
 /// found only while its slot still names its position and the ring has not written over its bytes;
 /// otherwise the caller reads the log. Filled for positions appended by transactions that may still
-/// abort: a position is only looked up after it was appended again (which overwrites the slot), so a
-/// stale record is never returned.
+/// abort: a position is only looked up after it was appended again, which overwrites its slot (or,
+/// for a record too large to keep, clears it), so a stale record is never returned.
 ///
 /// Used by the writer thread only.
 final class RecentRecords {
@@ -50,7 +50,13 @@ final class RecentRecords {
     /// Keeps the `CRC-32C (4) + payload` record appended at `position`.
     func record(position: UInt64, record: UnsafeRawBufferPointer) {
         let size = record.count
-        guard !slots.isEmpty, size <= ring.count / 16 else { return }
+        guard !slots.isEmpty else { return }
+        guard size <= ring.count / 16 else {
+            // Not kept; the slot forgets whatever it held for this position (a record of a transaction
+            // that aborted may have used the same position), so a lookup reads the log.
+            slots[Int(truncatingIfNeeded: position) & slotMask].tag = 0
+            return
+        }
         var offset = Int(written % UInt64(ring.count))
         if offset + size > ring.count {  // records never wrap: skip to the ring's start
             written += UInt64(ring.count - offset)

@@ -142,6 +142,10 @@ struct TurnOutput {
     var activitiesScheduled: [(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)] = []
     var now: UInt64 = 0
     var tasksDone: [TaskKey] = []
+    /// Activities the run stopped awaiting without their outcome (its wait was cancelled, the entity
+    /// terminated, the run continued as new): their stored tasks are deleted, so no attempt of them
+    /// starts again (a retry stored later does not bring them back, see ``JournalBatch/replaceTask(_:value:)``).
+    var activitiesGivenUp: [UInt64] = []
     /// Messages to other entities, sent once the turn is durable.
     var outgoing: [EntityEnvelope] = []
     /// The run body continued as new in this turn: the last run ended at `boundary` with `state`
@@ -483,6 +487,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return made
         }
         let hadOutcome = Self.run(start)?.outcome != nil
+        // `start` and `next` share the run object, so what was durable before the turn is noted now.
+        let startedBefore = Self.run(start)?.started == true
         let wasActive = start.status == .active
         var runSwitches = 0
 
@@ -548,6 +554,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 output.localRetries += run.localRetries
                 run.localRetries.removeAll()
             }
+            if !run.activitiesGivenUp.isEmpty {
+                output.activitiesGivenUp += run.activitiesGivenUp
+                run.activitiesGivenUp.removeAll()
+            }
             run.issued.removeAll(keepingCapacity: true)
             if let continuation = run.continuation { switchRun(from: run, to: continuation) }
         }
@@ -561,6 +571,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
             for (id, due) in ended.timerDue { output.timersDone.append((id, due)) }
             closeOpenChildren(of: ended)
+            output.activitiesGivenUp += ended.awaitedActivities
             ended.abandon()
             output.runSwitch = (next.lastSequence, working, next.runStartSequence)
             next.run += 1
@@ -601,6 +612,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             record(HistoryEvent(kind: .terminated, timeNanoseconds: now, body: Array(reason.utf8)))
             if let run = Self.run(next) {
                 for (id, due) in run.timerDue { output.timersDone.append((id, due)) }
+                output.activitiesGivenUp += run.awaitedActivities
             }
         }
         func outcome(to link: ParentLink, _ result: Result<[UInt8], ChildFailure>) -> EntityEnvelope {
@@ -626,11 +638,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         /// Answers with the run's outcome if it was durable before this turn; otherwise waits for it.
         func awaitResult(_ reply: @escaping ValueReply) {
-            if let outcome = Self.run(next)?.outcome, Self.run(start)?.outcome != nil {
+            if let outcome = Self.run(next)?.outcome, hadOutcome {
                 let result = decodeOutcome(outcome)
                 replies.append(.done { reply(result) })
-            } else if Self.run(next)?.started == true {
+            } else if startedBefore {
                 output.resultWaiters.append(reply)
+            } else if Self.run(next)?.started == true {
+                // Started in this very turn: waits once the commit is durable, and fails with it.
+                replies.append(.execute(reply))
             } else {
                 replies.append(.failed { reply(.failure(EntityError(.rejected, entity: self.name, "the entity's run body was not started"))) })
             }
@@ -724,6 +739,12 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.done { reply(.success(())) })
                     continue
                 }
+                if case .activityOutcome(let id, _, let reply) = message {
+                    // So are its activities' outcomes; their tasks go (or they would run again at every open).
+                    if let key = next.key { output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id)) }
+                    replies.append(.signal(reply))
+                    continue
+                }
                 replies.append(.fail(message, EntityError(.terminated, entity: name, "the entity was terminated; it accepts no more messages")))
                 continue
             }
@@ -740,7 +761,9 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 if let key {
                     do throws(EntityError) {
                         if try previousResult(of: key, .signal) != nil {
-                            replies.append(.done { reply(.success(())) })  // a retry of a delivered signal
+                            // A retry of a delivered signal; delivered in this very turn, it is answered
+                            // with the commit (a failed one fails both).
+                            replies.append(output.keys[keyName(key, .signal)] != nil ? .signal(reply) : .done { reply(.success(())) })
                             continue
                         }
                     } catch {
@@ -773,7 +796,13 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                         if let recorded = try previousResult(of: key, .update) {
                             let decoded = Result { try recorded.withUnsafeBytes { try core.codec.decode(W.UpdateResult.self, from: $0) as any Sendable } }
                                 .mapError { EntityError(.undecodablePayload, entity: self.name, "the recorded result of update '\(key)' does not decode", underlying: $0) }
-                            replies.append(.done { reply(decoded) })  // a retry: the first result, not applied again
+                            // A retry: the first result, not applied again; answered with the commit if the
+                            // first was applied in this very turn.
+                            if output.keys[keyName(key, .update)] != nil, case .success(let value) = decoded {
+                                replies.append(.update(reply, value))
+                            } else {
+                                replies.append(.done { reply(decoded) })
+                            }
                             continue
                         }
                     } catch {
@@ -805,7 +834,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 replies.append(.signal(reply))
             case .start(let input, let bytes, let reply):
                 if Self.run(next)?.started == true {
-                    replies.append(.done { reply(.success(())) })  // starting twice is idempotent
+                    // Starting twice is idempotent; started in this very turn, answered with the commit.
+                    replies.append(startedBefore ? .done { reply(.success(())) } : .signal(reply))
                 } else if let error = startRun(input, bytes) {
                     replies.append(.failed { reply(.failure(error)) })
                 } else {
@@ -866,6 +896,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         if let run = Self.run(next), !run.locals.isEmpty { output.localDetached = run.detachLocals() }
         next.state = working
         guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty || !output.localDetached.isEmpty
+            || !output.activitiesGivenUp.isEmpty
             || !output.localRetries.isEmpty else {
             // Nothing to write: a turn that only read, refused, or registered result waiters.
             if output.resultWaiters.isEmpty && !replies.contains(where: \.isExecute) {
@@ -909,7 +940,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // One operation each, plus a registration, a snapshot, a prune and the metadata at most.
         batch.reserveCapacity(1 + output.keys.count + output.timersStarted.count + output.timersDone.count
             + output.tasksDone.count + output.outgoing.count + output.activitiesScheduled.count + output.localDetached.count
-            + output.localRetries.count + 4)
+            + output.localRetries.count + output.activitiesGivenUp.count + 4)
         var next = next
         let key: EntityKey
         if let known = next.key {
@@ -926,7 +957,6 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         for (name, result) in output.keys { batch.recordResult(forKey: RuntimeCore.resultKey(name.key, name.kind, key), payload: result, recordedAt: output.now) }
         for timer in output.timersStarted { batch.scheduleTimer(JournalTimer(dueNanoseconds: timer.due, entity: key, id: timer.id)) }
         for timer in output.timersDone { batch.cancelTimer(dueNanoseconds: timer.due, entity: key, id: timer.id) }
-        for task in output.tasksDone { batch.deleteTask(task) }
         var outbox: [(TaskKey, EntityEnvelope)] = []
         outbox.reserveCapacity(output.outgoing.count)
         for (index, envelope) in output.outgoing.enumerated() {
@@ -944,12 +974,15 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         for var retry in output.localRetries {
             retry.entityKey = key.rawValue
-            ActivityWorker.addRetry(retry, to: &batch)
+            ActivityWorker.addRetry(retry, to: &batch, replacing: false)
         }
         for (var task, _) in output.localDetached {
             task.entityKey = key.rawValue
             batch.putTask(task.key, value: task.encoded())
         }
+        // After the puts: an activity given up in the turn that scheduled it (or detached it) stays deleted.
+        for task in output.tasksDone { batch.deleteTask(task) }
+        for id in output.activitiesGivenUp { batch.deleteTask(ActivityTask.key(entity: key.rawValue, activity: id)) }
         var committed = next
         if let runSwitch = output.runSwitch {
             // The run body continued as new: the ended run's state is the new run's starting point.

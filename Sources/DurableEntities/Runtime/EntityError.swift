@@ -5,7 +5,7 @@ public struct EntityError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         fileprivate enum Base: Hashable, Sendable {
             case unknownEntityType, undecodablePayload, unencodablePayload, payloadTooLarge, rejected
-            case terminated, failedOnReplay, nondeterminism, storage, closed, timedOut
+            case terminated, failedOnReplay, nondeterminism, storage, closed, timedOut, invalidArgument
         }
         fileprivate let base: Base
         fileprivate init(_ base: Base) { self.base = base }
@@ -32,6 +32,9 @@ public struct EntityError: Error, Sendable, CustomStringConvertible {
         public static let closed = Code(.closed)
         /// A wait (``EntityRef/awaitState(timeout:where:)``) ran out of time; nothing was recorded.
         public static let timedOut = Code(.timedOut)
+        /// An argument is outside its valid range (an activity's retry policy or timeouts, …); the call
+        /// did nothing and recorded nothing.
+        public static let invalidArgument = Code(.invalidArgument)
 
         public var description: String { "\(base)" }
     }

@@ -83,7 +83,7 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
         let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<any Sendable, EntityError>, Never>) in
             let registration = WatchRegistration<W>()
             let timedOut = EntityError(.timedOut, entity: name, "the entity's state did not satisfy the condition within \(timeout)")
-            let alarm = core.timers.alarm(at: core.clock.nowNanoseconds() &+ timeout.nanoseconds) {
+            let alarm = core.timers.alarm(at: core.clock.nowNanoseconds().saturatingAdd(timeout.nanoseconds)) {
                 if let cell = registration.fire(), cell.unwatch(id) { continuation.resume(returning: .failure(timedOut)) }
             }
             let watch = CellStateWatch(id: id, predicate: { predicate($0 as! W.State) }) { result in

@@ -342,7 +342,7 @@ extension EntityCell: ResidentCell {}
 /// A registered entity type, for the untyped entry points (raw payloads, recovery).
 protocol RegisteredEntityType: Sendable {
     func signal(id: String, payload: [UInt8], idempotencyKey: String?, runtime: EntityRuntime) async throws(EntityError)
-    func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void)
+    func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping VoidReply)
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
                                 reply: @escaping VoidReply)
     func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore)
@@ -360,9 +360,9 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
         try await runtime.entity(W.self, id: id).send(signal, bytes: payload, idempotencyKey: idempotencyKey)
     }
 
-    func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping @Sendable () -> Void) {
+    func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping VoidReply) {
         let name = EntityName(type: W.entityType, id: entityID)
-        core.enqueue(.timerFired(id: id, due: due) { _ in done() }, to: W.self, name)
+        core.enqueue(.timerFired(id: id, due: due, reply: done), to: W.self, name)
     }
 
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,

@@ -184,7 +184,7 @@ final class TimerService: @unchecked Sendable {
             // A failed read: looked at again in a second.
             core.logger.warning("reading a timer's entity failed; it is tried again in a second",
                                 metadata: ["entity.key": "\(timer.entity)", "error": "\(error)"])
-            _ = alarm(at: core.clock.nowNanoseconds() &+ 1_000_000_000) { [self] in release(id, busy: false) }
+            _ = alarm(at: core.clock.nowNanoseconds().saturatingAdd(1_000_000_000)) { [self] in release(id, busy: false) }
             return
         }
         // Its entity type not registered (yet), the timer stays marked until a registration calls
@@ -200,8 +200,27 @@ final class TimerService: @unchecked Sendable {
             return
         }
         core.becameBusy()
-        type.fireTimer(id: timer.id, due: timer.dueNanoseconds, entityID: name.id, core: core) { [self] in
-            release(id, busy: true)
+        type.fireTimer(id: timer.id, due: timer.dueNanoseconds, entityID: name.id, core: core) { [self] result in
+            switch result {
+            case .success:
+                release(id, busy: true)
+            case .failure(let error) where error.code == .storage:
+                // The commit failed; the row is still due: tried again in a second (not at once, which
+                // would spin against a failing journal).
+                core.becameIdle()
+                _ = alarm(at: core.clock.nowNanoseconds().saturatingAdd(1_000_000_000)) { [self] in release(id, busy: false) }
+            case .failure(let error):
+                // The entity cannot take it (it failed to load, the runtime closes): set aside like a
+                // timer whose type is not registered, looked at again on a registration or the next
+                // open. Redelivering it at once would spin for as long as the process lives.
+                condition.withLock { _ = undelivered.insert(id) }
+                core.becameIdle()
+                if error.code != .closed {
+                    core.logger.error("a timer's entity refused it; the timer is set aside until the next open",
+                                      metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)", "timer": "\(timer.id)",
+                                                 "error": "\(error)"])
+                }
+            }
         }
     }
 

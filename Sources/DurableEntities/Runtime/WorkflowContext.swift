@@ -65,7 +65,7 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// - Throws: `CancellationError` if the run is cancelled.
     public func sleep(for duration: Duration) async throws {
         let id = run.nextCommandID()
-        let due = run.now &+ duration.nanoseconds
+        let due = run.now.saturatingAdd(duration.nanoseconds)
         run.timerDue[id] = due
         run.issued.append(.startTimer(id: id, due: due))
         _ = try await withUnsafeThrowingContinuation { continuation in
@@ -93,7 +93,7 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     public func condition(timeout: Duration, _ predicate: @escaping (W.State) -> Bool) async throws -> Bool {
         if predicate(run.state) { return true }
         let id = run.nextCommandID()
-        let due = run.now &+ timeout.nanoseconds
+        let due = run.now.saturatingAdd(timeout.nanoseconds)
         run.timerDue[id] = due
         run.issued.append(.startTimer(id: id, due: due))
         return try await withUnsafeThrowingContinuation { continuation in
@@ -104,8 +104,10 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// Runs an activity — on the runtime's activity pool, retried by `options` — and returns its
     /// output once it is recorded. A restart neither loses nor repeats a recorded outcome.
     /// - Throws: ``ActivityFailure`` when the activity ends for good (retries exhausted, a
-    ///   non-retryable error, a timeout); `CancellationError` if the run is cancelled meanwhile.
+    ///   non-retryable error, a timeout); `CancellationError` if the run is cancelled meanwhile;
+    ///   ``EntityError/Code/invalidArgument`` for invalid `options` (nothing is scheduled).
     public func execute<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
+        try check(options)
         let id = run.nextCommandID()
         let bytes = try run.codec.encode(input)
         run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
@@ -141,16 +143,22 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///   heartbeat. Cancellation is cooperative: an attempt computing inside the turn without
     ///   suspending sees it only at its next check or suspension.
     /// - Throws: ``ActivityFailure`` when the activity ends for good; `CancellationError` if the run
-    ///   is cancelled meanwhile.
+    ///   is cancelled meanwhile; ``EntityError/Code/invalidArgument`` for invalid `options`.
     public func executeLocal<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
+        try check(options)
         let id = run.nextCommandID()
         let bytes = try run.codec.encode(input)
         run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
-        if !run.replaying { _ = run.startLocal(id, name: A.name, input: bytes, options: options) }
+        if !run.replaying, !run.abandoned { _ = run.startLocal(id, name: A.name, input: bytes, options: options) }
         let output = try await withUnsafeThrowingContinuation { continuation in
             run.awaitActivity(id, continuation)
         }
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
+    }
+
+    /// Refuses invalid activity options before anything is issued (the same on every replay).
+    private func check(_ options: ActivityOptions) throws(EntityError) {
+        if let problem = options.invalidity { throw EntityError(.invalidArgument, entity: run.name, problem) }
     }
 
     /// Runs `body` once and records its result; a replay returns the recorded result without running it.
@@ -161,6 +169,8 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
             run.issued.append(.sideEffect(id: id, value: recorded))
             return try recorded.withUnsafeBytes { try run.codec.decode(Value.self, from: $0) }
         }
+        // An abandoned body only unwinds (see ``WorkflowRun/abandoned``): nothing new runs.
+        if run.abandoned { throw WorkflowRun<W>.Abandoned() }
         let value = try body()
         let bytes = try run.codec.encode(value)
         run.recordedSideEffects[id] = bytes
@@ -172,15 +182,22 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///
     /// A run that first reaches this call records `maxSupported` and gets it back, then and on every
     /// replay. A run whose history was recorded before the call existed gets
-    /// ``WorkflowContext/defaultVersion`` (0).
+    /// ``WorkflowContext/defaultVersion`` (0), and keeps getting it from every later call with the same
+    /// change id in that run, live ones included.
     /// - Throws: ``EntityError/Code/nondeterminism`` when the recorded version is outside the range.
     public func version(_ changeID: String, minSupported: Int, maxSupported: Int) throws -> Int {
         let version: Int
-        if let recorded = run.recordedVersions[changeID] {
+        if run.defaultedVersions.contains(changeID) {
+            version = Self.defaultVersion
+        } else if let recorded = run.recordedVersions[changeID] {
             version = recorded
             run.issued.append(.marker(changeID: changeID, version: recorded))
         } else if run.replaying {
+            // The history has no marker where this call is: the run began before the change. It keeps
+            // the old path for the rest of the run, live calls included (a marker recorded later would
+            // make the next replay take the new path at this first call).
             version = Self.defaultVersion
+            run.defaultedVersions.insert(changeID)
         } else {
             version = maxSupported
             run.recordedVersions[changeID] = maxSupported
@@ -211,8 +228,22 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
 }
 
 extension Duration {
+    /// Whole nanoseconds, 0 for a negative duration, saturating at `UInt64.max` (a "never" such as
+    /// `.seconds(Int64.max)` stays in the far future instead of wrapping into the past).
     var nanoseconds: UInt64 {
         let (seconds, attoseconds) = components
-        return UInt64(max(0, seconds)) &* 1_000_000_000 &+ UInt64(max(0, attoseconds) / 1_000_000_000)
+        guard seconds >= 0 else { return 0 }
+        let (whole, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
+        guard !overflow else { return .max }
+        let (sum, carry) = whole.addingReportingOverflow(UInt64(max(0, attoseconds) / 1_000_000_000))
+        return carry ? .max : sum
+    }
+}
+
+extension UInt64 {
+    /// `self + other`, at most `UInt64.max`: a due time far in the future, never one in the past.
+    func saturatingAdd(_ other: UInt64) -> UInt64 {
+        let (sum, overflow) = addingReportingOverflow(other)
+        return overflow ? .max : sum
     }
 }

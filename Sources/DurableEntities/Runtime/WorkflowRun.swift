@@ -43,6 +43,9 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     var replaying = false
     var recordedSideEffects: [UInt64: [UInt8]] = [:]
     var recordedVersions: [String: Int] = [:]
+    /// Change ids that a replay found without a marker: the run began before the change, so every
+    /// later call in the run gets the default version too, and records nothing.
+    var defaultedVersions: Set<String> = []
     /// Due time of every started, unfinished timer.
     var timerDue: [UInt64: UInt64] = [:]
     private var nextCommand: UInt64 = 1
@@ -253,11 +256,43 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// Registers the body's wait for an activity's outcome.
     func awaitActivity(_ id: UInt64, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
+        if abandoned { return refuse(continuation) }
         activities[id] = continuation
+    }
+
+    // MARK: After abandonment
+
+    /// Set by ``abandon()``: the run was dropped from memory (its entity goes on from its history), and
+    /// its body only unwinds. A wait it starts from then on fails at once with ``Abandoned``, and no
+    /// local activity or side effect runs: a `catch` that compensates must not act for a run that is
+    /// not over.
+    private(set) var abandoned = false
+    /// Waits refused since ``abandon()``.
+    private var refusals = 0
+    /// How many waits an abandoned body may start (each failing at once) before the next one is left
+    /// suspended instead: a body that swallows the errors and waits again would otherwise spin its
+    /// shard's thread for ever.
+    static var maximumRefusals: Int { 1_000 }
+
+    /// Fails a wait of an abandoned body with ``Abandoned``; past ``maximumRefusals`` leaves it
+    /// suspended (the body's memory is then lost, which a log line reports once).
+    private func refuse<T>(_ continuation: UnsafeContinuation<T, any Error>) {
+        refusals += 1
+        if refusals <= Self.maximumRefusals { return continuation.resume(throwing: Abandoned()) }
+        if refusals == Self.maximumRefusals + 1 {
+            logger.error("an abandoned run body keeps waiting after its waits failed; it is left suspended",
+                         metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)", "waits": "\(Self.maximumRefusals)"])
+        }
     }
 
     /// Whether the body awaits activity `id`.
     func isAwaitingActivity(_ id: UInt64) -> Bool { activities[id] != nil }
+
+    /// The activities the body awaits, in command order.
+    var awaitedActivities: [UInt64] { activities.keys.sorted() }
+
+    /// Activities whose waits ``cancel()`` ended: the turn deletes their stored tasks.
+    var activitiesGivenUp: [UInt64] = []
 
     /// An activity ended: resumes the body with its output or its ``ActivityFailure``.
     func completeActivity(_ id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>) {
@@ -286,6 +321,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// Waits for child `id`'s outcome (at once if it arrived).
     func awaitChild(_ id: UInt64, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
+        if abandoned { return refuse(continuation) }
         guard var record = children[id] else {
             continuation.resume(throwing: EntityError(.rejected, entity: name, "no child was started with command id \(id)"))
             return
@@ -312,7 +348,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// Resumes every wait for a child with `error`.
     private func failChildWaits(_ error: any Error) {
-        for (id, var record) in children where !record.waiters.isEmpty {
+        for (id, var record) in children.sorted(by: { $0.key < $1.key }) where !record.waiters.isEmpty {
             let waiters = record.waiters
             record.waiters = []
             children[id] = record
@@ -334,6 +370,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// Registers a wait; resumes at once if its predicate already holds.
     func wait(predicate: ((W.State) -> Bool)?, timer: UInt64?, _ continuation: UnsafeContinuation<Bool, any Error>) {
+        if abandoned { return refuse(continuation) }
         let condition: (() -> Bool)? = predicate.map { predicate in { [unowned self] in predicate(state) } }
         let waiter = Waiter(continuation: continuation, condition: condition, timer: timer)
         if let timer { timers[timer] = waiter }
@@ -342,15 +379,23 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// Cooperative cancellation: every wait the body is suspended on throws `CancellationError`, once.
     /// The body may catch it and clean up (waits after that work normally), or let it end the run.
+    ///
+    /// Everything goes in command-id order (the order the body issued its waits), never in a
+    /// dictionary's: the `cancelTimer` commands, and the order in which the resumed waits run (their
+    /// catch blocks may issue commands), must be the same on every replay.
     func cancel() {
         for waiter in waiters where !waiter.done { finish(waiter, with: .failure(CancellationError())) }
-        for (id, waiter) in timers where !waiter.done {
-            finish(waiter, with: .failure(CancellationError()))
+        // A condition's timeout timer is cancelled too, although its waiter finished just above.
+        for (id, waiter) in timers.sorted(by: { $0.key < $1.key }) {
+            if !waiter.done { finish(waiter, with: .failure(CancellationError())) }
             if let due = timerDue.removeValue(forKey: id) { issued.append(.cancelTimer(id: id, due: due)) }
         }
         waiters.removeAll()
         timers.removeAll()
-        for continuation in activities.values { continuation.resume(throwing: CancellationError()) }
+        for (id, continuation) in activities.sorted(by: { $0.key < $1.key }) {
+            activitiesGivenUp.append(id)
+            continuation.resume(throwing: CancellationError())
+        }
         activities.removeAll()
         failChildWaits(CancellationError())
         settle()
@@ -364,8 +409,10 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     }
 
     /// Ends the body without recording anything (the run is dropped from memory): every wait
-    /// resumes with an error the body does not see as a failure.
+    /// resumes with an error the body does not see as a failure, and so does every wait it starts
+    /// while it unwinds (see ``abandoned``).
     override func abandon() {
+        abandoned = true
         for waiter in waiters where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
         for waiter in timers.values where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
         waiters.removeAll()
