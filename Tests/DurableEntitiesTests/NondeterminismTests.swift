@@ -53,6 +53,23 @@ enum Flow {
     }
 }
 
+extension Flow {
+    /// Version 4 asks about the same change twice: before the timer and after it.
+    struct V4: EntityWorkflow {
+        typealias State = Flow.State
+        typealias Input = Flow.Input
+        static var entityType: String { "Flow" }
+        static func initialState(id: String) -> State { State() }
+        static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
+            let first = try context.version("effect-first", minSupported: 0, maxSupported: 1)
+            try await context.sleep(for: .seconds(60))
+            let second = try context.version("effect-first", minSupported: 0, maxSupported: 1)
+            let token = try context.sideEffect { "token" }
+            return "\(first)-\(second):\(token)"
+        }
+    }
+}
+
 @Suite("Deterministic replay")
 struct NondeterminismTests {
     func runtime(_ directory: TemporaryDirectory, _ clock: TestClock, _ type: any EntityWorkflow.Type) throws -> EntityRuntime {
@@ -116,5 +133,53 @@ struct NondeterminismTests {
         let kinds = { (events: [JournalEvent]) in events.compactMap { $0.payload.withUnsafeBytes { HistoryEvent.decode($0)?.kind } } }
         #expect(kinds(newEvents).contains(.versionMarker))
         #expect(!kinds(oldEvents).contains(.versionMarker))
+    }
+
+    @Test("a run that began before a change keeps its default version at every call, live ones after the replay included, and replays again")
+    func versionDefaultHoldsForTheRun() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        _ = try await startWithV1(directory, clock)
+
+        let runtime = try runtime(directory, clock, Flow.V4.self)
+        defer { runtime.close() }
+        let old = runtime.entity(Flow.V4.self, id: "flow-1")
+        let new = runtime.entity(Flow.V4.self, id: "flow-2")
+        try await new.start(.init())
+        clock.skipsTimeWhenIdle = true
+        // flow-1's first call is replayed (its history has no marker), its second runs live.
+        #expect(try await old.result() == "0-0:token")
+        #expect(try await new.result() == "1-1:token")
+        let oldEvents = try runtime.journal.events(of: try #require(try runtime.journal.key(for: old.name)))
+        #expect(!oldEvents.contains { $0.payload.withUnsafeBytes { HistoryEvent.decode($0)?.kind } == .versionMarker })
+        // Both histories replay under the same code (a marker recorded by the live call would make the
+        // replay take the new branch at the first call, against the recorded timer).
+        _ = try runtime.exportHistory(of: old.name).replay(as: Flow.V4.self)
+        _ = try runtime.exportHistory(of: new.name).replay(as: Flow.V4.self)
+    }
+
+    @Test("a due timer of an entity that fails to load is set aside once, not handed over again and again")
+    func timerOfFailedEntityIsSetAside() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        _ = try await startWithV1(directory, clock)
+        // The unguarded change: flow-1 fails to load, and its 60-second timer falls due.
+        let runtime = try runtime(directory, clock, Flow.V2.self)
+        defer { runtime.close() }
+        let timers = runtime.core.timers
+        clock.advance(by: .seconds(61))
+        let setAside = await Task.detached { timers.park(timeout: .seconds(60)) { $0.inFlight == 0 && timers.deliveries >= 1 } }.value
+        let first = try #require(setAside, "the timer was handed over and set aside")
+        #expect(timers.deliveries == 1)
+        // Looking again (as any new timer or clock move makes the loop do) hands it over no more.
+        timers.wake()
+        let again = await Task.detached { timers.park(timeout: .seconds(60)) { $0.parkings > first.parkings } }.value
+        #expect(again != nil)
+        #expect(timers.deliveries == 1)
+        let error = await #expect(throws: EntityError.self) { try await runtime.entity(Flow.V2.self, id: "flow-1").result() }
+        #expect(error?.code == .nondeterminism)
+        #expect(try runtime.journal.timers().count == 1, "the timer stays stored for the next open")
     }
 }

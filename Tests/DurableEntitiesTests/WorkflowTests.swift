@@ -228,7 +228,7 @@ struct WorkflowTests {
         defer { stall.release() }
         await stall.hold()
         clock.advance(by: .seconds(2 * 3_600))
-        let stalled = await Task.detached { runtime.core.timers.park(timeout: .seconds(60)) { $0 > 0 } }.value
+        let stalled = await Task.detached { runtime.core.timers.park(timeout: .seconds(60)) { $0.inFlight > 0 }?.inFlight }.value
         #expect(stalled == TimerService.maxInFlight, "\(stalled.map(String.init) ?? "no") timers on their way with nothing durable")
         #expect(runtime.residentEntities <= bound + TimerService.maxInFlight + configuration.shards)
         #expect(try runtime.journal.timers().count == sleepers)

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Logging
 
 /// Fires durable timers: one thread sleeps until the earliest due timer (on the runtime's clock), then
@@ -28,6 +29,12 @@ final class TimerService: @unchecked Sendable {
     /// loop's wake-up signal.
     private let parks = NSCondition()
     private var parkedInFlight: Int? = nil
+    /// How many times the loop went to wait (under `parks`).
+    private var parkings = 0
+    /// Timers handed over (to their entity, or to the activity worker for a retry) since the start.
+    private let handedOver = Atomic<Int>(0)
+    /// Timers handed over since the service started (for tests).
+    var deliveries: Int { handedOver.load(ordering: .acquiring) }
 
     /// An entity type was registered: timers that waited for one are looked at again.
     func retryUndelivered() {
@@ -142,6 +149,7 @@ final class TimerService: @unchecked Sendable {
             if !woken && !stopping {
                 parks.withLock {
                     parkedInFlight = inFlight
+                    parkings += 1
                     parks.broadcast()
                 }
                 if let wait {
@@ -164,6 +172,7 @@ final class TimerService: @unchecked Sendable {
         mostInFlightValue = max(mostInFlightValue, inFlight)
         condition.unlock()
         guard fresh else { return }
+        handedOver.add(1, ordering: .releasing)
         if timer.payload.first == 1 {
             core.becameBusy()
             core.activities.retryDue(timer) { [self] in release(id, busy: true) }
@@ -224,16 +233,25 @@ final class TimerService: @unchecked Sendable {
         }
     }
 
-    /// Waits until the loop is waiting (now or later) with a number of timers on their way that
-    /// `accepts`; returns that number, or nil after `timeout` (real time). For tests: a waiting loop
-    /// has done all it could with the due timers and the room it had.
-    func park(timeout: Duration, where accepts: (Int) -> Bool) -> Int? {
+    /// The loop waiting: the timers on their way when it began to, and how many times it went to wait.
+    struct Parked: Sendable {
+        let inFlight: Int
+        let parkings: Int
+    }
+
+    /// Waits until the loop is waiting (now or later) in a way that `accepts`; returns how, or nil after
+    /// `timeout` (real time). For tests: a waiting loop has done all it could with the due timers and
+    /// the room it had (`parkings` tells a later wait from one that began before).
+    func park(timeout: Duration, where accepts: (Parked) -> Bool) -> Parked? {
         let (seconds, attoseconds) = timeout.components
         let deadline = Date(timeIntervalSinceNow: Double(seconds) + Double(attoseconds) / 1e18)
         parks.lock()
         defer { parks.unlock() }
         while true {
-            if let parkedInFlight, accepts(parkedInFlight) { return parkedInFlight }
+            if let parkedInFlight {
+                let parked = Parked(inFlight: parkedInFlight, parkings: parkings)
+                if accepts(parked) { return parked }
+            }
             if !parks.wait(until: deadline) { return nil }
         }
     }

@@ -1,0 +1,124 @@
+@_spi(Testing) @testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Synchronization
+import Testing
+
+/// Calls `Step` once with the options in its input; returns the output, or how the call was refused.
+struct CallStepChecked: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    typealias Input = CallStep.Input
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
+        do {
+            return try await context.execute(Step.self, input.label, options: input.options)
+        } catch let error as EntityError {
+            return "refused:\(error.code):\(error.message)"
+        }
+    }
+}
+
+@Suite("Activity options and lifecycle")
+struct ActivityLifecycleTests {
+    func configuration(_ directory: TemporaryDirectory, _ clock: TestClock) -> EntityRuntime.Configuration {
+        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        return configuration
+    }
+
+    func kinds(_ runtime: EntityRuntime, _ name: EntityName) throws -> [HistoryEvent.Kind] {
+        let key = try #require(try runtime.journal.key(for: name))
+        return try runtime.journal.events(of: key).compactMap { $0.payload.withUnsafeBytes { HistoryEvent.decode($0)?.kind } }
+    }
+
+    @Test("invalid retry policies and timeouts are refused with invalidArgument before anything is scheduled; valid ones run")
+    func invalidOptions() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let log = AttemptLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: label))
+            return "ran:\(label)"
+        }])
+        defer { runtime.close() }
+        let cases: [(id: String, options: ActivityOptions, mentions: String)] = [
+            ("zero-interval", .retrying(.init(initialInterval: .zero)), "initial interval"),
+            ("small-coefficient", .retrying(.init(backoffCoefficient: 0.5)), "backoff coefficient"),
+            ("nan-coefficient", .retrying(.init(backoffCoefficient: .nan)), "backoff coefficient"),
+            ("maximum-below-initial", .retrying(.init(initialInterval: .seconds(10), maximumInterval: .seconds(1))), "maximum interval"),
+            ("negative-attempts", .retrying(.init(maximumAttempts: -1)), "maximum attempts"),
+            ("negative-timeout", .init(startToCloseTimeout: .seconds(-1)), "start-to-close"),
+            ("zero-heartbeat", .init(heartbeatTimeout: .zero), "heartbeat"),
+        ]
+        for (id, options, mentions) in cases {
+            let call = runtime.entity(CallStepChecked.self, id: id)
+            try await call.start(.init(label: id, options: options))
+            let result = try await call.result()
+            #expect(result.hasPrefix("refused:invalidArgument:"), "\(id): \(result)")
+            #expect(result.contains(mentions), "\(id): \(result)")
+            #expect(try !kinds(runtime, call.name).contains(.activityScheduled), "\(id): nothing is scheduled")
+        }
+        #expect(log.all.isEmpty)
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        // The same calls with valid options run; "never" is a huge but valid value, not a wrapped one.
+        let valid = runtime.entity(CallStepChecked.self, id: "valid")
+        try await valid.start(.init(label: "valid", options: .init(retry: .init(initialInterval: .milliseconds(1), backoffCoefficient: 1,
+                                                                                  maximumAttempts: 1),
+                                                                  startToCloseTimeout: .seconds(Int64.max))))
+        #expect(try await valid.result() == "ran:valid")
+    }
+
+    @Test("very long durations saturate: a retry delay or timeout of Int64.max seconds lies in the far future, not in the past")
+    func durationsSaturate() {
+        #expect(Duration.seconds(Int64.max).nanoseconds == UInt64.max)
+        #expect(Duration.seconds(-5).nanoseconds == 0)
+        #expect(Duration.milliseconds(1_500).nanoseconds == 1_500_000_000)
+        #expect(UInt64(10).saturatingAdd(.max) == .max)
+        let policy = RetryPolicy(initialInterval: .seconds(Int64.max / 2), backoffCoefficient: 1_000)
+        #expect(policy.delay(after: 50) > .seconds(1_000_000_000))
+        #expect(RetryPolicy(initialInterval: .seconds(1), backoffCoefficient: 2).delay(after: 3) == .seconds(4))
+    }
+
+    @Test("an activity given up while it retries — its entity terminated, or its run cancelled — loses its stored task: no attempt runs again, now or after reopen",
+          arguments: ["terminate", "cancel"])
+    func givenUpActivity(_ how: String) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let (attempts, attempted) = AsyncStream.makeStream(of: Int.self)
+        let stub = ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            attempted.yield(context.attempt)
+            throw Flake()
+        }
+        let configuration = configuration(directory, clock)
+        let runtime = try EntityRuntime(configuration: configuration, activities: [stub])
+        let call = runtime.entity(CallStep.self, id: "given-up")
+        try await call.start(.init(label: "x", options: .retrying(.init(initialInterval: .seconds(1)))))
+        var iterator = attempts.makeAsyncIterator()
+        #expect(await iterator.next() == 1)
+        if how == "terminate" { try await call.terminate(reason: "given up") } else { try await call.cancel() }
+        // Whichever commits first, the retry of attempt 2 or the entity's turn, the task ends deleted.
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        // The retry timer falls due and finds nothing to run.
+        let handed = runtime.core.timers.deliveries
+        clock.advance(by: .seconds(10))
+        let parked = await Task.detached {
+            runtime.core.timers.park(timeout: .seconds(60)) { $0.inFlight == 0 && runtime.core.timers.deliveries > handed }
+        }.value
+        #expect(parked != nil, "the retry timer was handed over")
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(log.all.map(\.number) == [1])
+        runtime.close()
+        // Nor does a reopen run it (it would run every stored task that is due).
+        let reopened = try EntityRuntime(configuration: configuration, activities: [stub])
+        _ = await Task.detached { reopened.core.waitUntilIdle() }.value
+        #expect(try reopened.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        reopened.close()
+        #expect(log.all.map(\.number) == [1])
+        attempted.finish()
+    }
+}
