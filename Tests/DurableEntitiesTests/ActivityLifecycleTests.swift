@@ -18,6 +18,24 @@ struct CallStepChecked: EntityWorkflow {
     }
 }
 
+/// A saga-shaped body: one pool activity, and a compensation in its `catch` that acts at once (a
+/// local activity). Reports each time its `catch` runs.
+struct CompensateOnError: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    typealias Input = String
+    static func initialState(id: String) -> State { State() }
+    static let unwinding = AsyncStream.makeStream(of: Void.self)
+    static func run(_ input: String, context: WorkflowContext<Self>) async throws -> String {
+        do {
+            return try await context.execute(Step.self, input)
+        } catch {
+            unwinding.continuation.yield()
+            _ = try? await context.executeLocal(Step.self, "compensate")
+            throw error
+        }
+    }
+}
+
 @Suite("Activity options and lifecycle")
 struct ActivityLifecycleTests {
     func configuration(_ directory: TemporaryDirectory, _ clock: TestClock) -> EntityRuntime.Configuration {
@@ -120,5 +138,36 @@ struct ActivityLifecycleTests {
         reopened.close()
         #expect(log.all.map(\.number) == [1])
         attempted.finish()
+    }
+
+    @Test("a run dropped from memory while it waits (passivation) only unwinds: its catch block's compensation does not run, and the reloaded run finishes")
+    func abandonedRunDoesNotCompensate() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let (started, start) = AsyncStream.makeStream(of: Void.self)
+        let (releases, release) = AsyncStream.makeStream(of: Void.self)
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: label))
+            if label == "main" {
+                start.yield()
+                for await _ in releases { break }
+            }
+            return "done:\(label)"
+        }])
+        defer { runtime.close() }
+        let saga = runtime.entity(CompensateOnError.self, id: "saga")
+        try await saga.start("main")
+        var iterator = started.makeAsyncIterator()
+        await iterator.next()                           // the activity runs; the body waits for it
+        #expect(runtime.passivateIdleEntities() == 1)   // the run leaves memory and is abandoned
+        var unwound = CompensateOnError.unwinding.stream.makeAsyncIterator()
+        await unwound.next()                            // its catch block ran
+        release.yield()
+        #expect(try await saga.result() == "done:main")  // reloaded from history, it goes on
+        // Every attempt started has ended (a detached one counts as busy until it does): only "main" ran.
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(log.all.map(\.key) == ["main"], "the abandoned run's compensation ran")
     }
 }

@@ -229,8 +229,10 @@ final class ActivityWorker: @unchecked Sendable {
         var batch = JournalBatch()
         batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
         core.journal.submit(batch) { [self] _ in
+            // The stored task may be a later attempt than the timer's (a stale timer, left from before
+            // a restart that ran its attempt at open): it then waits for its own timer, so the backoff holds.
             if let value = try? core.journal.task(forKey: key),
-               let task = ActivityTask.decode(value) {
+               let task = ActivityTask.decode(value), task.notBefore <= core.clock.nowNanoseconds() {
                 dispatch(task)
             }
             done()
@@ -569,7 +571,15 @@ final class ActivityWorker: @unchecked Sendable {
         if abandoned { return }
         // Counted busy before it is queued, as the outcome's message says it was.
         core.becameBusy()
-        if let receiver = task.receiver, receiver.receive(activity: task.activityID, outcome, reply: core.idleReply) { return }
+        // A failed commit leaves the task stored: the outcome is delivered again a second later (else
+        // the run would wait until the next open).
+        let reply: VoidReply = { [self] result in
+            if case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) {
+                _ = core.timers.alarm(at: core.clock.nowNanoseconds().saturatingAdd(1_000_000_000)) { [self] in finish(task, outcome) }
+            }
+            core.becameIdle()
+        }
+        if let receiver = task.receiver, receiver.receive(activity: task.activityID, outcome, reply: reply) { return }
         let found = core.types.withLock { types -> (any RegisteredEntityType)? in
             if let type = types[task.entityType] { return type }
             waiting.withLock { $0.outcomes[task.entityType, default: []].append((task, outcome)) }
@@ -580,7 +590,7 @@ final class ActivityWorker: @unchecked Sendable {
             core.logger.debug("an activity's outcome waits for its entity type's registration", metadata: ["entity.type": "\(task.entityType)"])
             return
         }
-        type.deliverActivityOutcome(id: task.activityID, outcome, entityID: task.entityID, core: core, reply: core.idleReply)
+        type.deliverActivityOutcome(id: task.activityID, outcome, entityID: task.entityID, core: core, reply: reply)
     }
 }
 
