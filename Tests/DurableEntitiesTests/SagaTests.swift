@@ -44,7 +44,8 @@ struct Transfer: EntityWorkflow {
                 try await saga.compensate()
             } catch let incomplete as SagaCompensationError {
                 context.updateState { $0.status = "failed" }
-                return "failed: \(incomplete.compensated) compensated, \(incomplete.failed.map(\.name)) failed"
+                let reasons = incomplete.failed.map { "\($0.name): \(($0.error as? ActivityFailure).map { "\($0.reason) after \($0.attempts)" } ?? "\($0.error)")" }
+                return "failed: \(incomplete.compensated) compensated, \(reasons) failed"
             }
             context.updateState { $0.status = "compensated" }
             return "compensated after \(failure.activity)"
@@ -136,7 +137,8 @@ struct SagaTests {
         defer { runtime.close() }
         let transfer = runtime.entity(Transfer.self, id: "t-4")
         try await transfer.start(.init(amount: 7))
-        #expect(try await transfer.result() == #"failed: ["refund"] compensated, ["undo-deposit"] failed"#)
+        // The failure is the compensation's typed ActivityFailure (its reason and attempts), not a string.
+        #expect(try await transfer.result() == #"failed: ["refund"] compensated, ["undo-deposit: nonRetryable after 1"] failed"#)
         #expect(log.all == ["Withdraw", "Deposit", "Record", "UndoDeposit", "Refund"])
     }
 }

@@ -76,8 +76,10 @@ public final class ActivityContext: Sendable {
         self.onHeartbeat = onHeartbeat
     }
 
-    /// Reports progress: resets the heartbeat timeout, and `details` are kept for the next attempt
-    /// (durably) if this one fails.
+    /// Reports progress: resets the heartbeat timeout, and `details` are kept for the next attempt if
+    /// this one fails or times out (stored with that retry). They are stored between attempts, not at
+    /// each heartbeat: an attempt cut off by a crash (or abandoned by a close) leaves the next one the
+    /// details of the attempt before it.
     public func heartbeat<Details: Codable & Sendable>(_ details: Details) {
         guard let bytes = try? codec.encode(details) else { return }
         heartbeats.withLock { $0 = bytes }

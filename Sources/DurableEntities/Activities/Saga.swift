@@ -40,11 +40,12 @@ public struct Saga {
     /// Runs the compensations: in reverse order of registration, each one after the previous has
     /// finished — or all concurrently with `parallelCompensation`. Every compensation is attempted
     /// even if an earlier one fails.
-    /// - Throws: ``SagaCompensationError`` naming what compensated, what failed (with the error)
-    ///   and what was never attempted (only with cancellation).
+    /// - Throws: ``SagaCompensationError`` naming what compensated, what failed (with the error each
+    ///   threw, typically an ``ActivityFailure``) and what was never attempted (only with cancellation).
     public func compensate() async throws {
         var compensated: [String] = []
         var failed: [(name: String, error: any Error)] = []
+        var attempted = [Bool](repeating: false, count: compensations.count)
         if parallelCompensation {
             let indexed = Array(compensations.enumerated())
             try await withThrowingTaskGroup(of: (Int, (any Error)?).self) { group in
@@ -57,12 +58,14 @@ public struct Saga {
                 var outcomes: [(Int, (any Error)?)] = []
                 for try await outcome in group { outcomes.append(outcome) }
                 for (index, error) in outcomes.sorted(by: { $0.0 > $1.0 }) {
+                    attempted[index] = true
                     if let error { failed.append((compensations[index].name, error)) } else { compensated.append(compensations[index].name) }
                 }
             }
         } else {
-            for compensation in compensations.reversed() {
+            for (index, compensation) in compensations.enumerated().reversed() {
                 if Task.isCancelled { break }
+                attempted[index] = true
                 do {
                     try await compensation.body()
                     compensated.append(compensation.name)
@@ -72,20 +75,21 @@ public struct Saga {
             }
         }
         guard failed.isEmpty, compensated.count == compensations.count else {
-            let attempted = Set(compensated + failed.map(\.name))
-            throw SagaCompensationError(compensated: compensated, failed: failed.map { ($0.name, "\($0.error)") },
-                                        notAttempted: compensations.map(\.name).filter { !attempted.contains($0) })
+            throw SagaCompensationError(compensated: compensated, failed: failed,
+                                        notAttempted: compensations.indices.filter { !attempted[$0] }.map { compensations[$0].name })
         }
     }
 }
 
 /// A saga's compensation did not fully succeed.
 public struct SagaCompensationError: Error, Sendable, CustomStringConvertible {
-    /// Compensations that ran successfully, in the order they finished.
+    /// Compensations that ran successfully, last registered first (the order they ran in, or with
+    /// parallel compensation the order they would have run in: a replay reports them alike).
     public let compensated: [String]
-    /// Compensations that failed, with their error.
-    public let failed: [(name: String, error: String)]
-    /// Compensations never attempted.
+    /// Compensations that failed, in the same order, with the error each threw (an ``ActivityFailure``
+    /// for an activity that ended for good: its reason, attempts and cause).
+    public let failed: [(name: String, error: any Error)]
+    /// Compensations never attempted (the run was cancelled while compensating), in registration order.
     public let notAttempted: [String]
 
     public var description: String {
