@@ -457,6 +457,27 @@ struct JournalTests {
         #expect(error?.code == .closed)
     }
 
+    @Test("closing the journal from a commit's completion does not wait for itself; the commit is durable")
+    func closeFromCompletion() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, logger: quietLogger)
+        let journal = try Journal(configuration: configuration)
+        let key = try await journal.register(EntityName(type: "A", id: "1"))
+        var batch = JournalBatch()
+        batch.append(key, sequence: 1, payload: bytes("last"))
+        let committed = await withCheckedContinuation { (done: CheckedContinuation<Bool, Never>) in
+            journal.submit(batch) { result in
+                journal.close()
+                done.resume(returning: (try? result.get()) != nil)
+            }
+        }
+        #expect(committed)
+        let reopened = try Journal(configuration: configuration)
+        defer { reopened.close() }
+        #expect(try reopened.events(of: key).map(\.payload) == [bytes("last")])
+    }
+
     @Test("a reserved key lets one batch register an entity and append to it; conflicts are refused")
     func registerWithReservedKey() async throws {
         let directory = TemporaryDirectory()

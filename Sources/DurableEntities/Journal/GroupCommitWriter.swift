@@ -89,6 +89,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead,
                                     nextNameSequence: recovered.nextNameSequence)
         self.fullTails = recovered.fullTails
+        completions.setSpecific(key: Self.onCompletions, value: true)
         let thread = Thread { [unowned self] in self.run() }
         thread.stackSize = 8 << 20
         self.thread = thread
@@ -142,8 +143,13 @@ final class GroupCommitWriter: @unchecked Sendable {
         condition.broadcast()
         while !finished { condition.wait() }
         condition.unlock()
-        completions.sync {}
+        // From a completion itself (a caller closing the journal in its callback), the completions
+        // queued after it run once it returns: waiting for them here would wait for itself.
+        if DispatchQueue.getSpecific(key: Self.onCompletions) == nil { completions.sync {} }
     }
+
+    /// Marks the completion queue, to tell a call made on it.
+    private static let onCompletions = DispatchSpecificKey<Bool>()
 
     private func run() {
         Thread.current.name = "de-journal"  // shows in top -H, perf and gdb
