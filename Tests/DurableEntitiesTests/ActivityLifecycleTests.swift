@@ -39,9 +39,7 @@ struct CompensateOnError: EntityWorkflow {
 @Suite("Activity options and lifecycle")
 struct ActivityLifecycleTests {
     func configuration(_ directory: TemporaryDirectory, _ clock: TestClock) -> EntityRuntime.Configuration {
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
-        configuration.journal.logger = quietLogger
-        return configuration
+        EntityRuntime.Configuration.quiet(directory, clock)
     }
 
     func kinds(_ runtime: EntityRuntime, _ name: EntityName) throws -> [HistoryEvent.Kind] {

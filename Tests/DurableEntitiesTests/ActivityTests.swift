@@ -54,8 +54,7 @@ struct Fatal: Error {}
 @Suite("Activities")
 struct ActivityTests {
     func runtime(_ directory: TemporaryDirectory, _ clock: TestClock, _ stub: ActivityStub<Step>) throws -> EntityRuntime {
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
-        configuration.journal.logger = quietLogger
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
         return try EntityRuntime(configuration: configuration, activities: [stub])
     }
 
@@ -179,8 +178,7 @@ struct ActivityTests {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
-        configuration.journal.logger = quietLogger
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
         // The first run schedules the activity, and crashes before it ran (it is not registered there).
         let first = try EntityRuntime(configuration: configuration)
         try await first.entity(CallStep.self, id: "late").start(.init(label: "l", options: .default))
@@ -209,8 +207,7 @@ struct ActivityTests {
             let directory = TemporaryDirectory()
             defer { directory.remove() }
             let clock = TestClock(skipsTimeWhenIdle: false)
-            var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
-            configuration.journal.logger = quietLogger
+            let configuration = EntityRuntime.Configuration.quiet(directory, clock)
             let ids = (0..<40).map { "race-\(round)-\($0)" }
             let first = try EntityRuntime(configuration: configuration)
             for id in ids { try await first.entity(CallStep.self, id: id).start(.init(label: id, options: .default)) }

@@ -73,8 +73,7 @@ extension Flow {
 @Suite("Deterministic replay")
 struct NondeterminismTests {
     func runtime(_ directory: TemporaryDirectory, _ clock: TestClock, _ type: any EntityWorkflow.Type) throws -> EntityRuntime {
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
-        configuration.journal.logger = quietLogger
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
         return try EntityRuntime(configuration: configuration, entityTypes: [type])
     }
 

@@ -66,8 +66,7 @@ final class CallLog: Sendable {
 struct SagaTests {
     /// Stubs every transfer activity; `failing` names throw `Declined` (non-retryable).
     func runtime(_ directory: TemporaryDirectory, _ clock: TestClock, log: CallLog, failing: Set<String>) throws -> EntityRuntime {
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
-        configuration.journal.logger = quietLogger
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
         func stub<A: Activity>(_ type: A.Type) -> any Activity where A.Input == Int64, A.Output == Int64 {
             ActivityStub<A> { amount, _ in
                 log.add(A.name)

@@ -43,9 +43,7 @@ struct Cancellable: EntityWorkflow {
 @Suite("Workflow replay")
 struct WorkflowReplayTests {
     func configuration(_ directory: TemporaryDirectory, _ clock: TestClock) -> EntityRuntime.Configuration {
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
-        configuration.journal.logger = quietLogger
-        return configuration
+        EntityRuntime.Configuration.quiet(directory, clock)
     }
 
     @Test("async let inside a body is deterministic: a crash mid-way and a replay give the same result")

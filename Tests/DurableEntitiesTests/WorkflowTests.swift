@@ -98,9 +98,7 @@ final class WriterStall: Sendable {
 @Suite("Workflow run bodies")
 struct WorkflowTests {
     func configuration(_ directory: TemporaryDirectory, clock: TestClock) -> EntityRuntime.Configuration {
-        var configuration = EntityRuntime.Configuration(directory: directory.path, clock: clock, logger: quietLogger)
-        configuration.journal.logger = quietLogger
-        return configuration
+        EntityRuntime.Configuration.quiet(directory, clock)
     }
 
     @Test("a query answers while the body waits on a 24-hour timer; the wait expires in milliseconds")
