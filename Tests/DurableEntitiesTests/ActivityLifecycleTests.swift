@@ -168,4 +168,22 @@ struct ActivityLifecycleTests {
         _ = await Task.detached { runtime.core.waitUntilIdle() }.value
         #expect(log.all.map(\.key) == ["main"], "the abandoned run's compensation ran")
     }
+
+    @Test("an activity nobody registered fails with notRegistered once its schedule-to-close timeout passes; without one it waits for its registration")
+    func unregisteredActivity() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock))
+        defer { runtime.close() }
+        let bounded = runtime.entity(CallStep.self, id: "bounded")
+        try await bounded.start(.init(label: "b", options: .init(scheduleToCloseTimeout: .seconds(30))))
+        let waiting = runtime.entity(CallStep.self, id: "waiting")
+        try await waiting.start(.init(label: "w", options: .init()))
+        clock.advance(by: .seconds(31))
+        #expect(try await bounded.result() == "failed:notRegistered:0:notRegistered")
+        // The other still waits; registering the activity runs it.
+        runtime.register(activity: ActivityStub<Step> { label, _ in "late:\(label)" })
+        #expect(try await waiting.result() == "late:w")
+    }
 }

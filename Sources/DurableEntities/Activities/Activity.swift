@@ -209,7 +209,9 @@ public struct ActivityFailure: Error, Codable, Sendable, Hashable, CustomStringC
         case nonRetryable
         /// A timeout ended the last attempt and no more were allowed.
         case startToCloseTimeout, scheduleToCloseTimeout, heartbeatTimeout
-        /// The activity is not registered with the runtime.
+        /// No activity of that name was registered before the schedule-to-close timeout passed (without
+        /// that timeout, a task waits for its activity's registration: after a restart, tasks are
+        /// recovered before the application has registered everything).
         case notRegistered
     }
 

@@ -282,6 +282,7 @@ final class ActivityWorker: @unchecked Sendable {
         }
         guard let activity = found else {
             core.logger.debug("an activity waits for its registration", metadata: ["activity": "\(task.name)"])
+            if let limit = task.options.scheduleToCloseTimeout { failUnregistered(task, at: task.scheduledAt.saturatingAdd(limit.nanoseconds)) }
             return false
         }
         let runner = TurnRunner.start(in: core.runners) { [self] runner in
@@ -296,6 +297,23 @@ final class ActivityWorker: @unchecked Sendable {
         let left = detach(runner)
         assert(left, "an attempt that did not end is still inline")
         return false
+    }
+
+    /// A task waiting for its activity's registration is failed (``ActivityFailure/Reason/notRegistered``)
+    /// once its schedule-to-close deadline passes, unless a registration took it first.
+    private func failUnregistered(_ task: ActivityTask, at deadline: UInt64) {
+        _ = core.timers.alarm(at: deadline) { [self] in
+            let waited = waiting.withLock { waiting -> Bool in
+                guard let index = waiting.tasks[task.name]?.firstIndex(where: { $0.id == task.id }) else { return false }
+                waiting.tasks[task.name]!.remove(at: index)
+                if waiting.tasks[task.name]!.isEmpty { waiting.tasks[task.name] = nil }
+                return true
+            }
+            guard waited else { return }
+            finish(task, .failure(ActivityFailure(
+                activity: task.name, reason: .notRegistered, attempts: task.attempt - 1, causeType: "notRegistered",
+                cause: "no activity named '\(task.name)' was registered before the schedule-to-close timeout")))
+        }
     }
 
     /// An attempt that left its drain ended (its outcome carried out): its slot is free, which may

@@ -442,9 +442,18 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 }
                 current = try load(key: key)
             } catch {
-                cell.withLock { $0.failure = error }
+                // A failed read may pass: the next message loads again. History that this code cannot
+                // replay (nondeterminism, an event that does not decode) fails the same way every time:
+                // the entity stays failed, and callers already waiting for its result get the error.
+                let stranded = cell.withLock { state -> [ValueReply] in
+                    guard error.code != .storage else { return [] }
+                    state.failure = error
+                    defer { state.resultWaiters = [] }
+                    return state.resultWaiters
+                }
                 core.logger.error("entity failed to load", metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)", "error": "\(error)"])
                 finishWithoutCommit(messages.map { Reply.fail($0, error) })
+                for waiter in stranded { waiter(.failure(error)) }
                 return
             }
             cell.withLock { $0.durable = current }
