@@ -96,7 +96,7 @@ struct ActivityLifecycleTests {
         #expect(RetryPolicy(initialInterval: .seconds(1), backoffCoefficient: 2).delay(after: 3) == .seconds(4))
     }
 
-    @Test("an activity given up while it retries — its entity terminated, or its run cancelled — loses its stored task: no attempt runs again, now or after reopen",
+    @Test("an activity given up while it retries — its entity terminated, or its run cancelled (the body sees ActivityFailure, reason cancelled) — loses its stored task: no attempt runs again, now or after reopen",
           arguments: ["terminate", "cancel"])
     func givenUpActivity(_ how: String) async throws {
         let directory = TemporaryDirectory()
@@ -115,7 +115,13 @@ struct ActivityLifecycleTests {
         try await call.start(.init(label: "x", options: .retrying(.init(initialInterval: .seconds(1)))))
         var iterator = attempts.makeAsyncIterator()
         #expect(await iterator.next() == 1)
-        if how == "terminate" { try await call.terminate(reason: "given up") } else { try await call.cancel() }
+        if how == "terminate" {
+            try await call.terminate(reason: "given up")
+        } else {
+            try await call.cancel()
+            // The body's wait ends with a typed failure that says it was a cancellation.
+            #expect(try await call.result() == "failed:cancelled:0:CancellationError")
+        }
         // Whichever commits first, the retry of attempt 2 or the entity's turn, the task ends deleted.
         _ = await Task.detached { runtime.core.waitUntilIdle() }.value
         #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)

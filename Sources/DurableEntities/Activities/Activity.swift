@@ -213,6 +213,10 @@ public struct ActivityFailure: Error, Codable, Sendable, Hashable, CustomStringC
         /// that timeout, a task waits for its activity's registration: after a restart, tasks are
         /// recovered before the application has registered everything).
         case notRegistered
+        /// The run was cancelled while it waited for the activity: its stored task is deleted, so no
+        /// further attempt starts (one already running finishes, and its outcome is dropped).
+        /// `attempts` is then 0: the run does not know how many ran.
+        case cancelled
     }
 
     public let activity: String
@@ -224,6 +228,8 @@ public struct ActivityFailure: Error, Codable, Sendable, Hashable, CustomStringC
     public let cause: String
 
     public var isTimeout: Bool { [.startToCloseTimeout, .scheduleToCloseTimeout, .heartbeatTimeout].contains(reason) }
+    /// The run stopped waiting for it because the run was cancelled.
+    public var isCancelled: Bool { reason == .cancelled }
 
     public var description: String {
         "activity \(activity) failed (\(reason)) after \(attempts) attempt\(attempts == 1 ? "" : "s"): \(causeType): \(cause)"

@@ -149,7 +149,8 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     }
 
     /// Asks the run body to stop, cooperatively: recorded, then the wait the body is suspended on
-    /// throws `CancellationError`. The body decides what to do (compensate, then finish or rethrow).
+    /// throws — `CancellationError`, or for an activity an ``ActivityFailure`` with reason `cancelled`
+    /// (the activity's task is deleted). The body decides what to do (compensate, then finish or rethrow).
     /// Cancelling when no body runs does nothing.
     public func cancel() async throws(EntityError) {
         try await deliver { reply in .cancel(reply: reply) }

@@ -104,7 +104,7 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// Runs an activity — on the runtime's activity pool, retried by `options` — and returns its
     /// output once it is recorded. A restart neither loses nor repeats a recorded outcome.
     /// - Throws: ``ActivityFailure`` when the activity ends for good (retries exhausted, a
-    ///   non-retryable error, a timeout); `CancellationError` if the run is cancelled meanwhile;
+    ///   non-retryable error, a timeout) or when the run is cancelled meanwhile (reason `cancelled`);
     ///   ``EntityError/Code/invalidArgument`` for invalid `options` (nothing is scheduled).
     public func execute<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
         try check(options)
@@ -112,7 +112,7 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         let bytes = try run.codec.encode(input)
         run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
         let output = try await withUnsafeThrowingContinuation { continuation in
-            run.awaitActivity(id, continuation)
+            run.awaitActivity(id, name: A.name, continuation)
         }
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
     }
@@ -142,8 +142,8 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///   attempt, and a timed-out attempt is retried on the pool by the policy, reading its last
     ///   heartbeat. Cancellation is cooperative: an attempt computing inside the turn without
     ///   suspending sees it only at its next check or suspension.
-    /// - Throws: ``ActivityFailure`` when the activity ends for good; `CancellationError` if the run
-    ///   is cancelled meanwhile; ``EntityError/Code/invalidArgument`` for invalid `options`.
+    /// - Throws: ``ActivityFailure`` when the activity ends for good, or with reason `cancelled` when
+    ///   the run is cancelled meanwhile; ``EntityError/Code/invalidArgument`` for invalid `options`.
     public func executeLocal<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
         try check(options)
         let id = run.nextCommandID()
@@ -151,7 +151,7 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
         if !run.replaying, !run.abandoned { _ = run.startLocal(id, name: A.name, input: bytes, options: options) }
         let output = try await withUnsafeThrowingContinuation { continuation in
-            run.awaitActivity(id, continuation)
+            run.awaitActivity(id, name: A.name, continuation)
         }
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
     }

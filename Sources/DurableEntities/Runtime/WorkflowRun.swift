@@ -50,8 +50,8 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     var timerDue: [UInt64: UInt64] = [:]
     private var nextCommand: UInt64 = 1
     private var waiters: [Waiter] = []
-    /// Activities the body awaits, by id.
-    private var activities: [UInt64: UnsafeContinuation<[UInt8], any Error>] = [:]
+    /// Activities the body awaits, by id, with their names.
+    private var activities: [UInt64: AwaitedActivity] = [:]
     private var timers: [UInt64: Waiter] = [:]
     /// Children by the id of their `startChild` command.
     private(set) var children: [UInt64: ChildRecord] = [:]
@@ -255,9 +255,9 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     }
 
     /// Registers the body's wait for an activity's outcome.
-    func awaitActivity(_ id: UInt64, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
+    func awaitActivity(_ id: UInt64, name: String, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
         if abandoned { return refuse(continuation) }
-        activities[id] = continuation
+        activities[id] = AwaitedActivity(name: name, continuation: continuation)
     }
 
     // MARK: After abandonment
@@ -301,8 +301,8 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     }
 
     private func completeActivityInTurn(_ id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>) {
-        guard let continuation = activities.removeValue(forKey: id) else { return }
-        continuation.resume(with: outcome.mapError { $0 as any Error })
+        guard let awaited = activities.removeValue(forKey: id) else { return }
+        awaited.continuation.resume(with: outcome.mapError { $0 as any Error })
     }
 
     /// Records a child started by the body (live and on replay).
@@ -377,8 +377,10 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         if predicate != nil { waiters.append(waiter) }
     }
 
-    /// Cooperative cancellation: every wait the body is suspended on throws `CancellationError`, once.
-    /// The body may catch it and clean up (waits after that work normally), or let it end the run.
+    /// Cooperative cancellation: every wait the body is suspended on throws once — an activity's an
+    /// ``ActivityFailure`` whose reason is `cancelled` (its task is deleted: no further attempt
+    /// starts), the others `CancellationError`. The body may catch it and clean up (waits after that
+    /// work normally, a saga's compensations included), or let it end the run.
     ///
     /// Everything goes in command-id order (the order the body issued its waits), never in a
     /// dictionary's: the `cancelTimer` commands, and the order in which the resumed waits run (their
@@ -392,9 +394,11 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         }
         waiters.removeAll()
         timers.removeAll()
-        for (id, continuation) in activities.sorted(by: { $0.key < $1.key }) {
+        for (id, awaited) in activities.sorted(by: { $0.key < $1.key }) {
             activitiesGivenUp.append(id)
-            continuation.resume(throwing: CancellationError())
+            awaited.continuation.resume(throwing: ActivityFailure(
+                activity: awaited.name, reason: .cancelled, attempts: 0, causeType: "CancellationError",
+                cause: "the run was cancelled while it waited for the activity; no further attempt starts"))
         }
         activities.removeAll()
         failChildWaits(CancellationError())
@@ -417,7 +421,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         for waiter in timers.values where !waiter.done { waiter.done = true; waiter.continuation.resume(throwing: Abandoned()) }
         waiters.removeAll()
         timers.removeAll()
-        for continuation in activities.values { continuation.resume(throwing: Abandoned()) }
+        for awaited in activities.values { awaited.continuation.resume(throwing: Abandoned()) }
         activities.removeAll()
         failChildWaits(Abandoned())
         _ = drainBody()
@@ -453,6 +457,12 @@ struct WorkflowChildRecord {
     let policy: ParentClosePolicy
     var outcome: Result<[UInt8], ChildFailure>?
     var waiters: [UnsafeContinuation<[UInt8], any Error>] = []
+}
+
+/// An activity the body awaits. Not nested in the generic run (see above).
+struct AwaitedActivity {
+    let name: String
+    let continuation: UnsafeContinuation<[UInt8], any Error>
 }
 
 /// A local activity whose attempt runs inside the turn (see ``WorkflowRun/locals``). Not nested in the

@@ -112,8 +112,8 @@ struct ParentLink: Sendable, Hashable {
 public enum ParentClosePolicy: UInt8, Sendable, Hashable, Codable {
     /// The child is terminated: it records why and refuses further messages (the default).
     case terminate = 1
-    /// The child's run body is asked to cancel: its current wait throws `CancellationError`, and it
-    /// decides what to do (compensate, then finish).
+    /// The child's run body is asked to cancel (as ``EntityRef/cancel()`` does): its current wait
+    /// throws, and it decides what to do (compensate, then finish).
     case requestCancel = 2
     /// The child runs on, on its own.
     case abandon = 3
