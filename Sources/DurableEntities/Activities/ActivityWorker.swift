@@ -593,7 +593,7 @@ final class ActivityWorker: @unchecked Sendable {
         // the run would wait until the next open).
         let reply: VoidReply = { [self] result in
             if case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) {
-                _ = core.timers.alarm(at: core.clock.nowNanoseconds().saturatingAdd(1_000_000_000)) { [self] in finish(task, outcome) }
+                core.retryShortly { [self] in finish(task, outcome) }
             }
             core.becameIdle()
         }

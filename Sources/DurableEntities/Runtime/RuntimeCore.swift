@@ -62,6 +62,12 @@ final class RuntimeCore: Sendable {
 
     func becameBusy() { busy.add(1, ordering: .relaxed) }
 
+    /// Runs `action` a second from now on the runtime's clock: a delivery whose commit (or read) failed
+    /// is tried again then, not at once, which would spin against a failing journal.
+    func retryShortly(_ action: @escaping @Sendable () -> Void) {
+        _ = timers.alarm(at: clock.nowNanoseconds().saturatingAdd(1_000_000_000), action)
+    }
+
     func becameIdle() {
         let left = busy.subtract(1, ordering: .acquiringAndReleasing).newValue
         if left == 0 { timers.wake() }
@@ -376,7 +382,7 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
             // A failed commit leaves the row in place: try again shortly (other failures — an entity
             // that cannot load — wait for the next open, where the row is delivered again).
             guard case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) else { return }
-            _ = core.timers.alarm(at: core.clock.nowNanoseconds() &+ 1_000_000_000) { core.deliver(envelope, row: row) }
+            core.retryShortly { core.deliver(envelope, row: row) }
         }, to: W.self, envelope.target, bounded: true)
     }
 }

@@ -193,7 +193,7 @@ final class TimerService: @unchecked Sendable {
             // A failed read: looked at again in a second.
             core.logger.warning("reading a timer's entity failed; it is tried again in a second",
                                 metadata: ["entity.key": "\(timer.entity)", "error": "\(error)"])
-            _ = alarm(at: core.clock.nowNanoseconds().saturatingAdd(1_000_000_000)) { [self] in release(id, busy: false) }
+            core.retryShortly { [self] in release(id, busy: false) }
             return
         }
         // Its entity type not registered (yet), the timer stays marked until a registration calls
@@ -214,10 +214,9 @@ final class TimerService: @unchecked Sendable {
             case .success:
                 release(id, busy: true)
             case .failure(let error) where error.code == .storage:
-                // The commit failed; the row is still due: tried again in a second (not at once, which
-                // would spin against a failing journal).
+                // The commit failed; the row is still due: tried again in a second.
                 core.becameIdle()
-                _ = alarm(at: core.clock.nowNanoseconds().saturatingAdd(1_000_000_000)) { [self] in release(id, busy: false) }
+                core.retryShortly { [self] in release(id, busy: false) }
             case .failure(let error):
                 // The entity cannot take it (it failed to load, the runtime closes): set aside like a
                 // timer whose type is not registered, looked at again on a registration or the next
