@@ -235,6 +235,8 @@ final class GroupCommitWriter: @unchecked Sendable {
             outcome = try environment.write { txn in
                 let outcome = try write(batch, in: txn)
                 built = ContinuousClock.now
+                // A failure on purpose (tests): the transaction ran and is aborted, as on a real failure.
+                if let faults = configuration.faults, faults.commitFails(batch.lazy.map(\.batch)) { throw InjectedFault() }
                 return outcome
             }
         } catch {

@@ -99,6 +99,8 @@ public final class Journal: Sendable {
         public var commitLinger: Duration
         /// Where the journal logs (open, close, recovery figures). Never payloads.
         public var logger: Logger
+        /// Storage failures on purpose, for tests (see ``JournalFaults``); `nil` in use.
+        var faults: JournalFaults?
 
         public init(
             directory: String,
@@ -491,6 +493,7 @@ public final class Journal: Sendable {
 
     private func read<R>(_ doing: @autoclosure () -> String, _ body: (borrowing ReadTransaction) throws -> R) throws(JournalError) -> R {
         do {
+            if let faults = configuration.faults, faults.readFails(doing()) { throw InjectedFault() }
             return try environment.read(body)
         } catch {
             throw JournalError.storage(error, doing())

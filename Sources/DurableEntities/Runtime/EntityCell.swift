@@ -1159,6 +1159,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
     }
 
+    /// A load that failed on `error`: a journal read that failed is a `storage` error, which may pass
+    /// (the next message loads again); anything else — a damaged record, a state or event that does
+    /// not decode — fails the same way every time (`failedOnReplay`).
+    private func loadFailure(_ error: any Error, sequence: UInt64? = nil, _ what: String) -> EntityError {
+        if let error = error as? JournalError, error.code == .storage {
+            return EntityError(.storage, entity: name, sequence: sequence, what, underlying: error)
+        }
+        return EntityError(.failedOnReplay, entity: name, sequence: sequence, what, underlying: error)
+    }
+
     /// Rebuilds the entity: an entity type without a run body from its latest snapshot and the events
     /// after it; one with a run body by replaying its current run from the start, matching the
     /// commands the code issues against the recorded ones.
@@ -1185,8 +1195,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         } catch let error as EntityError {
             throw error
         } catch {
-            throw EntityError(.failedOnReplay, entity: name, sequence: durable.snapshotSequence,
-                              "the entity's snapshot or metadata cannot be read", underlying: error)
+            throw loadFailure(error, sequence: durable.snapshotSequence, "the entity's snapshot or metadata cannot be read")
         }
         if !W.hasRunBody {
             // No run body: stream the events straight from the journal's pages, no copies.
@@ -1202,7 +1211,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     }
                 }
             } catch {
-                throw failure ?? EntityError(.failedOnReplay, entity: name, "reading the entity's history failed", underlying: error)
+                throw failure ?? loadFailure(error, "reading the entity's history failed")
             }
             durable.state = state
             return durable
@@ -1218,7 +1227,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         } catch let error as EntityError {
             throw error
         } catch {
-            throw EntityError(.failedOnReplay, entity: name, "reading the entity's history failed", underlying: error)
+            throw loadFailure(error, "reading the entity's history failed")
         }
         durable.state = state
         try HistoryReplayer<W>(name: name, codec: core.codec, logger: core.logger).replay(events, into: &durable)

@@ -1,0 +1,194 @@
+@testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Synchronization
+import Testing
+import TestSupport
+
+extension JournalBatch {
+    /// Whether the batch appends events to `entity`.
+    func appends(to entity: EntityKey) -> Bool {
+        operations.contains { if case .append(entity, _) = $0 { true } else { false } }
+    }
+
+    /// Whether the batch deletes a stored task (an activity's outcome commit does).
+    var deletesTask: Bool {
+        operations.contains { if case .deleteTask = $0 { true } else { false } }
+    }
+}
+
+/// A commit or a read that fails once (real LMDB: the failing transaction runs and is aborted, see
+/// `JournalFaults`) loses nothing acknowledged and wedges nothing: the senders of what failed get a
+/// `storage` error; deliveries the runtime owns (activity outcomes, timers, entity-to-entity
+/// messages) are delivered again a second later on the runtime's clock; an entity whose load failed
+/// loads again at its next message.
+@Suite("Storage failures that pass", .timeLimit(.minutes(2)))
+struct StorageFaultTests {
+    func runtime(_ directory: TemporaryDirectory, _ clock: TestClock, _ faults: JournalFaults,
+                 entityTypes: [any EntityWorkflow.Type] = [], activities: [any Activity] = []) throws -> EntityRuntime {
+        var configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        configuration.journal.faults = faults
+        return try EntityRuntime(configuration: configuration, entityTypes: entityTypes, activities: activities)
+    }
+
+    func kinds(_ runtime: EntityRuntime, _ name: EntityName) throws -> [HistoryEvent.Kind] {
+        let key = try #require(try runtime.journal.key(for: name))
+        return try runtime.journal.events(of: key).compactMap { $0.payload.withUnsafeBytes { HistoryEvent.decode($0)?.kind } }
+    }
+
+    func idle(_ runtime: EntityRuntime) async {
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+    }
+
+    @Test("a signal whose commit fails is refused with storage and leaves no trace; the entity takes the next one, and a reopen sees only what was acknowledged")
+    func signalCommitFails() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let faults = JournalFaults()
+        var runtime = try runtime(directory, clock, faults, entityTypes: [Account.self])
+        let account = runtime.entity(Account.self, id: "a")
+        try await account.signal(.deposit(10))
+        faults.failCommits(1)
+        let refused: Result<Void, EntityError> = await { () async -> Result<Void, EntityError> in
+            do throws(EntityError) { try await account.signal(.deposit(5)); return .success(()) } catch { return .failure(error) }
+        }()
+        guard case .failure(let error) = refused else {
+            Issue.record("the signal whose commit failed was acknowledged")
+            return
+        }
+        #expect(error.code == .storage)
+        #expect(faults.failed.commits == 1)
+        // The state in memory is the committed one, and the entity goes on.
+        #expect(try await account.query { $0 } == Account.State(balance: 10, deposits: 1))
+        try await account.signal(.deposit(7))
+        #expect(try await account.query { $0 } == Account.State(balance: 17, deposits: 2))
+        runtime.close()
+        runtime = try self.runtime(directory, clock, JournalFaults(), entityTypes: [Account.self])
+        defer { runtime.close() }
+        #expect(try await runtime.entity(Account.self, id: "a").query { $0 } == Account.State(balance: 17, deposits: 2))
+        #expect(try kinds(runtime, account.name).filter { $0 == .signal }.count == 2)
+    }
+
+    @Test("a pool activity's outcome whose commit fails keeps its task and is delivered again a second later: the run finishes, the activity ran once")
+    func activityOutcomeCommitFails() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let faults = JournalFaults()
+        let log = AttemptLog()
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return "ran:\(label)"
+        }
+        let runtime = try runtime(directory, clock, faults, activities: [stub])
+        defer { runtime.close() }
+        faults.failCommits(1) { $0.deletesTask }
+        let call = runtime.entity(CallStep.self, id: "c")
+        try await call.start(.init(label: "x", options: .init()))
+        await idle(runtime)
+        #expect(faults.failed.commits == 1)
+        // Nothing of the outcome is recorded, and the task is still stored (a crash now runs it again).
+        #expect(try !kinds(runtime, call.name).contains(.activityCompleted))
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).count == 1)
+        clock.advance(by: .seconds(1))
+        #expect(try await call.result() == "ran:x")
+        #expect(log.all.count == 1, "the outcome was delivered again, not the attempt run again")
+        await idle(runtime)
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+    }
+
+    @Test("a timer whose firing commit fails stays due and fires a second later")
+    func timerCommitFails() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let faults = JournalFaults()
+        let runtime = try runtime(directory, clock, faults, entityTypes: [Nap.self])
+        defer { runtime.close() }
+        let nap = runtime.entity(Nap.self, id: "n")
+        try await nap.start(.seconds(3_600))
+        await idle(runtime)
+        let key = try #require(try runtime.journal.key(for: nap.name))
+        faults.failCommits(1) { $0.appends(to: key) }
+        let handed = runtime.core.timers.deliveries
+        clock.advance(by: .seconds(3_600))
+        // The firing was handed over, its commit failed, and its retry waits on the clock.
+        let parked = await Task.detached {
+            runtime.core.timers.park(timeout: .seconds(60)) { _ in runtime.core.timers.deliveries > handed && faults.failed.commits == 1 }
+        }.value
+        #expect(parked != nil)
+        await idle(runtime)
+        #expect(try !kinds(runtime, nap.name).contains(.timerFired))
+        #expect(try runtime.journal.timers().count == 1, "the timer is still stored")
+        clock.advance(by: .seconds(1))
+        #expect(try await nap.result() == "woke")
+        #expect(try runtime.journal.timers().isEmpty)
+    }
+
+    @Test("a child's outcome whose delivery commit fails at the parent stays in the outbox and is delivered again a second later")
+    func messageCommitFails() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let faults = JournalFaults()
+        let runtime = try runtime(directory, clock, faults, entityTypes: [Boss.self, Worker.self, Inbox.self])
+        defer { runtime.close() }
+        let boss = runtime.entity(Boss.self, id: "boss")
+        try await boss.start(.init(children: ["w1"]))
+        #expect(try await runtime.entity(Inbox.self, id: "boss-inbox").awaitState { !$0.received.isEmpty }.received == ["started 1"])
+        await idle(runtime)
+        let key = try #require(try runtime.journal.key(for: boss.name))
+        faults.failCommits(1) { $0.appends(to: key) }
+        try await runtime.entity(Worker.self, id: "w1").signal(.finish)
+        await idle(runtime)
+        #expect(faults.failed.commits == 1)
+        #expect(try !kinds(runtime, boss.name).contains(.childCompleted))
+        #expect(try runtime.journal.tasks(prefix: [EntityEnvelope.keyPrefix]).count == 1, "the outcome is still in the outbox")
+        clock.advance(by: .seconds(1))
+        #expect(try await boss.result() == ["w1=2"])
+        await idle(runtime)
+        #expect(try runtime.journal.tasks(prefix: [EntityEnvelope.keyPrefix]).isEmpty)
+    }
+
+    @Test("a read that fails while an entity loads is a storage error that passes: the next message loads it again",
+          arguments: ["reading metadata", "reading the snapshot", "reading the history"])
+    func loadReadFails(_ read: String) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let faults = JournalFaults()
+        var runtime = try runtime(directory, clock, faults, entityTypes: [Account.self, Nap.self])
+        try await runtime.entity(Account.self, id: "a").signal(.deposit(10))
+        try await runtime.entity(Nap.self, id: "n").start(.seconds(3_600))
+        await idle(runtime)
+        runtime.close()
+        runtime = try self.runtime(directory, clock, faults, entityTypes: [Account.self, Nap.self])
+        defer { runtime.close() }
+        // An entity without a run body, loaded for a signal.
+        let account = runtime.entity(Account.self, id: "a")
+        faults.failReads(1) { $0.hasPrefix(read) }
+        let refused: Result<Void, EntityError> = await { () async -> Result<Void, EntityError> in
+            do throws(EntityError) { try await account.signal(.deposit(5)); return .success(()) } catch { return .failure(error) }
+        }()
+        guard case .failure(let error) = refused else {
+            Issue.record("the signal whose entity did not load was acknowledged")
+            return
+        }
+        #expect(error.code == .storage, "\(error)")
+        #expect(faults.failed.reads == 1)
+        try await account.signal(.deposit(7))
+        #expect(try await account.query { $0.balance } == 17)
+        // An entity with a run body, loaded (replayed) for a query.
+        let nap = runtime.entity(Nap.self, id: "n")
+        faults.failReads(1) { $0.hasPrefix(read) }
+        let queried: Result<Int, EntityError> = await { () async -> Result<Int, EntityError> in
+            do throws(EntityError) { return .success(try await nap.query { _ in 1 }) } catch { return .failure(error) }
+        }()
+        if case .failure(let error) = queried { #expect(error.code == .storage, "\(error)") }
+        #expect(faults.failed.reads == 2, "both loads read what failed")
+        #expect(try await nap.query { _ in 1 } == 1)
+        clock.advance(by: .seconds(3_600))
+        #expect(try await nap.result() == "woke")
+    }
+}
