@@ -36,7 +36,7 @@ struct CompensateOnError: EntityWorkflow {
     }
 }
 
-@Suite("Activity options and lifecycle")
+@Suite("Activity options and lifecycle", .timeLimit(.minutes(3)))
 struct ActivityLifecycleTests {
     func configuration(_ directory: TemporaryDirectory, _ clock: TestClock) -> EntityRuntime.Configuration {
         EntityRuntime.Configuration.quiet(directory, clock)
@@ -142,6 +142,51 @@ struct ActivityLifecycleTests {
         reopened.close()
         #expect(log.all.map(\.number) == [1])
         attempted.finish()
+    }
+
+    @Test("the running attempt of an activity its run gave up (entity terminated, run cancelled) is cancelled once that is committed, with or without timeouts; it is not retried",
+          arguments: ["terminate", "cancel"], [false, true])
+    func givenUpAttemptIsCancelled(_ how: String, timed: Bool) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let silence = Silence()
+        defer { silence.finish() }
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        let stub = ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            event.yield("started")
+            do {
+                try await silence.wait()
+            } catch {
+                event.yield(context.isCancelled ? "cancelled" : "ended")
+                throw error
+            }
+        }
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let call = runtime.entity(CallStep.self, id: "given-up")
+        let options = ActivityOptions(retry: .init(initialInterval: .seconds(1)), startToCloseTimeout: timed ? .seconds(600) : nil)
+        try await call.start(.init(label: "x", options: options))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        if how == "terminate" {
+            try await call.terminate(reason: "given up")
+        } else {
+            try await call.cancel()
+            #expect(try await call.result() == "failed:cancelled:0:CancellationError")
+        }
+        // Without the cancellation the attempt would wait for ever (the test's time limit ends the wait).
+        let ended = await iterator.next()
+        #expect(ended == "cancelled")
+        guard ended == "cancelled" else { return }
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        // The cancelled attempt's failure is not retried: nothing is due, even much later.
+        clock.advance(by: .seconds(3_600))
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(log.all.map(\.number) == [1])
     }
 
     @Test("a run dropped from memory while it waits (passivation) only unwinds: its catch block's compensation does not run, and the reloaded run finishes")

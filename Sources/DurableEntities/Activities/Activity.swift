@@ -96,7 +96,11 @@ public final class ActivityContext: Sendable {
         return try? bytes.withUnsafeBytes { try codec.decode(Details.self, from: $0) }
     }
 
-    /// Whether the attempt was cancelled (a timeout, or the runtime closing).
+    /// Whether the attempt was cancelled: a timeout, the runtime closing, or its run no longer awaiting
+    /// it (the run was cancelled, the entity terminated, or the run continued as new; a pool attempt
+    /// learns it once that is committed). Cancellation-aware waits (`Task.sleep`, URLSession, …)
+    /// throw `CancellationError` then. A cancelled attempt that fails is not retried; one that
+    /// returns anyway is not an error, but its outcome is dropped when its run no longer awaits it.
     public var isCancelled: Bool { Task.isCancelled }
 }
 

@@ -71,6 +71,16 @@ final class ActivityWorker: @unchecked Sendable {
             if !following.isEmpty, let next = following.removeValue(forKey: id) { _ = enqueue(next) }
         }
 
+        /// Task `id` was given up: its queued attempt (if any) and the attempt that would follow the
+        /// running one are dropped.
+        mutating func forget(_ id: ActivityTask.ID) {
+            following.removeValue(forKey: id)
+            if let index = queue.firstIndex(where: { $0.id == id }) {
+                queue.remove(at: index)
+                active.removeValue(forKey: id)
+            }
+        }
+
         /// Whether a new drain is needed: attempts wait, a slot is free and fewer than `maxDrains`
         /// drains run. If so, it is counted.
         mutating func startsDrain(limit: Int, maxDrains: Int) -> Bool {
@@ -89,6 +99,11 @@ final class ActivityWorker: @unchecked Sendable {
         var next: UInt64 = 0
     }
     private let detached = Mutex(Detached())
+    /// Pool attempts running, by task, with the runner that runs each: a run that stops awaiting its
+    /// activity (cancelled, terminated, continued as new) cancels the attempt once that is committed.
+    /// An entry goes as its attempt's work returns, under this lock, so a cancellation never reaches
+    /// the runner's next job (and a runner whose task was cancelled is not reused).
+    private let running = Mutex<[ActivityTask.ID: TurnRunner]>([:])
     /// Outcomes are dropped (the grace period ended; the journal may be closed).
     private let abandonedFlag = Atomic<Bool>(false)
     private let limit: Int
@@ -287,11 +302,14 @@ final class ActivityWorker: @unchecked Sendable {
         }
         let runner = TurnRunner.start(in: core.runners) { [self] runner in
             let ended = await perform(task, activity, on: runner.executor)
+            running.withLock { _ = $0.removeValue(forKey: task.id) }
             apply(decide(task, ended), to: task)
             if runner.executor.finishInline() { return true }
             detachedAttemptEnded(task, id: runner.executor.trackingID)
             return false
         }
+        // Before its first job runs (in the drain below): the entry goes when that job's work returns.
+        running.withLock { $0[task.id] = runner }
         if runner.drain().parked { return true }
         // It waits for something outside: it goes on by itself.
         let left = detach(runner)
@@ -582,6 +600,20 @@ final class ActivityWorker: @unchecked Sendable {
             return false
         }
         return true
+    }
+
+    /// The run of entity `entity` stopped awaiting activities `ids` (its commit, which deleted their
+    /// tasks, is durable): a queued attempt of one of them is dropped, and a running one is cancelled
+    /// (``ActivityContext/isCancelled``; cancellation-aware waits throw). A cancelled attempt that
+    /// fails is not retried; one that returns anyway hands its outcome to the entity, which drops it.
+    func giveUp(entity: UInt64, _ ids: [UInt64]) {
+        let keys = ids.map { ActivityTask.ID(entityKey: entity, activityID: $0) }
+        pool.withLock { pool in
+            for key in keys { pool.forget(key) }
+        }
+        running.withLock { running in
+            for key in keys { running[key]?.task.cancel() }
+        }
     }
 
     /// Hands the final outcome to the entity, whose turn records it and deletes the task.

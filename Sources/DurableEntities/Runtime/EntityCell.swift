@@ -1044,6 +1044,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // thread that allocated it (freeing on the completion queue's thread costs more).
         let wakesTimers = !output.timersStarted.isEmpty || !output.localRetries.isEmpty
         let detached = output.localDetached
+        let givenUp = output.activitiesGivenUp
         core.journal.submit(batch) { result in
             self.complete(result.map { _ in () }.mapError {
                 EntityError(.storage, entity: self.name, "committing the turn failed; nothing of it was recorded", underlying: $0)
@@ -1056,6 +1057,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             if case .success = result {
                 for task in dispatched { self.core.activities.dispatch(task) }
                 for (row, envelope) in sent { self.core.deliver(envelope, row: row) }
+                // Attempts of the activities the run stopped awaiting are cancelled (their tasks are gone).
+                if !givenUp.isEmpty { self.core.activities.giveUp(entity: key.rawValue, givenUp) }
             }
         }
     }

@@ -258,10 +258,12 @@ final class TurnRunners: Sendable {
         return runner
     }
 
-    /// `runner` waits for its next job: kept, or ended if the pool is full or closed.
+    /// `runner` waits for its next job: kept, or ended if the pool is full or closed, or its task was cancelled.
     fileprivate func park(_ runner: TurnRunner) {
+        // A cancelled task (an attempt given up) would cancel every later job: it ends.
+        let cancelled = runner.task.isCancelled
         let kept = state.withLock { state -> Bool in
-            guard !state.closed, state.idle.count < Self.maximumIdle else { return false }
+            guard !cancelled, !state.closed, state.idle.count < Self.maximumIdle else { return false }
             state.idle.append(runner)
             return true
         }
