@@ -141,6 +141,33 @@ struct ChildEntityTests {
         }
     }
 
+    @Test("messages to a type registered late arrive in the order sent: one sent while the parked ones are handed over queues behind them")
+    func parkedMessagesKeepTheirOrder() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [Forwarder.self])
+        defer { runtime.close() }
+        let forwarder = runtime.entity(Forwarder.self, id: "a")
+        // The inbox type is not registered: each note waits, parked, after its sender's commit.
+        for n in 0..<3 { try await forwarder.signal(.forward("\(n)", to: "box")) }
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(runtime.core.parkedMessages.withLock { $0.messages["Inbox"]?.count } == 3)
+        // A registration in two steps, as `register` makes it, with a note sent in between: the type
+        // is known, the parked notes are not handed over yet.
+        runtime.core.types.withLock { $0[Inbox.entityType] = Registered<Inbox>() }
+        try await forwarder.signal(.forward("3", to: "box"))
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        runtime.core.deliverParkedMessages(to: Inbox.entityType)
+        let received = try await runtime.entity(Inbox.self, id: "box").awaitState { $0.received.count == 4 }.received
+        #expect(received == ["a:0", "a:1", "a:2", "a:3"])
+        #expect(runtime.core.parkedMessages.withLock { $0.messages.isEmpty && $0.flushing.isEmpty })
+        // From then on, notes go straight to the inbox.
+        try await forwarder.signal(.forward("4", to: "box"))
+        #expect(try await runtime.entity(Inbox.self, id: "box").awaitState { $0.received.count == 5 }.received.last == "a:4")
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(try runtime.journal.tasks(prefix: [EntityEnvelope.keyPrefix]).isEmpty)
+    }
+
     @Test("a child started by a second parent after it finished reports the same outcome, without running again")
     func secondParentAfterFinish() async throws {
         let directory = TemporaryDirectory()

@@ -1045,7 +1045,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         let wakesTimers = !output.timersStarted.isEmpty || !output.localRetries.isEmpty
         let detached = output.localDetached
         let givenUp = output.activitiesGivenUp
+        let handsOver = !dispatched.isEmpty || !sent.isEmpty
         core.journal.submit(batch) { result in
+            // Busy until what the commit hands over (activity attempts, messages) is queued where it
+            // goes: the runtime is never idle with work between the turn and its next holder.
+            if handsOver { self.core.becameBusy() }
             self.complete(result.map { _ in () }.mapError {
                 EntityError(.storage, entity: self.name, "committing the turn failed; nothing of it was recorded", underlying: $0)
             }, next: published, waiters: waiters, replies: replies)
@@ -1060,6 +1064,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 // Attempts of the activities the run stopped awaiting are cancelled (their tasks are gone).
                 if !givenUp.isEmpty { self.core.activities.giveUp(entity: key.rawValue, givenUp) }
             }
+            if handsOver { self.core.becameIdle() }
         }
     }
 

@@ -25,7 +25,12 @@ final class RuntimeCore: Sendable {
     /// Signalled when the runtime becomes idle (for a draining close).
     private let idle = NSCondition()
     /// Messages to entity types not registered yet (after a restart): delivered on registration.
-    private let parkedMessages = Mutex<[String: [(EntityEnvelope, TaskKey)]]>([:])
+    struct ParkedMessages {
+        var messages: [String: [(EntityEnvelope, TaskKey)]] = [:]
+        /// Types whose parked messages are being handed over: later messages queue behind them.
+        var flushing: Set<String> = []
+    }
+    let parkedMessages = Mutex(ParkedMessages())
     /// A reply that calls ``becameIdle()``, made once: a message counted busy by its sender (an
     /// activity's outcome) carries it instead of a closure of its own. Set at the end of `init`,
     /// before the core is shared, and never changed.
@@ -245,18 +250,38 @@ final class RuntimeCore: Sendable {
     /// for room if it is full). A receiver type not registered yet gets it on registration.
     func deliver(_ envelope: EntityEnvelope, row: TaskKey) {
         guard !closed.load(ordering: .acquiring) else { return }  // the row stays: the next open delivers it
+        let type = envelope.target.type
         let registered = parkedMessages.withLock { parked -> (any RegisteredEntityType)? in
-            if let registered = types.withLock({ $0[envelope.target.type] }) { return registered }
-            parked[envelope.target.type, default: []].append((envelope, row))
+            // Behind messages parked earlier (its type just registered, they are being handed over),
+            // it waits its turn: a sender's messages arrive in the order it sent them.
+            if parked.messages[type] == nil, !parked.flushing.contains(type), let registered = types.withLock({ $0[type] }) {
+                return registered
+            }
+            parked.messages[type, default: []].append((envelope, row))
             return nil
         }
         registered?.deliver(envelope, row: row, core: self)
     }
 
-    /// An entity type was registered: delivers the messages that waited for it.
+    /// An entity type was registered: delivers the messages that waited for it, oldest first, and
+    /// those that queued behind them meanwhile, until none is left.
     func deliverParkedMessages(to type: String) {
-        let parked = parkedMessages.withLock { $0.removeValue(forKey: type) } ?? []
-        for (envelope, row) in parked { deliver(envelope, row: row) }
+        guard let registered = types.withLock({ $0[type] }) else { return }
+        while true {
+            let parked = parkedMessages.withLock { parked -> [(EntityEnvelope, TaskKey)]? in
+                guard let messages = parked.messages.removeValue(forKey: type) else {
+                    parked.flushing.remove(type)
+                    return nil
+                }
+                parked.flushing.insert(type)
+                return messages
+            }
+            guard let parked else { return }
+            for (envelope, row) in parked {
+                guard !closed.load(ordering: .acquiring) else { break }  // the rows stay: the next open delivers them
+                registered.deliver(envelope, row: row, core: self)
+            }
+        }
     }
 
     /// At open: every message still in the outbox (its sender committed, its receiver had not) is
