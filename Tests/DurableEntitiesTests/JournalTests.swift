@@ -504,6 +504,35 @@ struct JournalTests {
         stealing.register(EntityName(type: "Cart", id: "c-3"), as: reserved.key)
         await #expect(throws: JournalError.self) { try await journal.commit(stealing) }
         #expect(try journal.key(for: EntityName(type: "Cart", id: "c-3")) == nil)
+
+        // Within one batch too: two names under one key, one name under two keys (or under a reserved
+        // key and one the commit would allocate) are refused, and nothing of the batch is written.
+        let (n4, n5) = (EntityName(type: "Cart", id: "c-4"), EntityName(type: "Cart", id: "c-5"))
+        let (k4, k5) = (try journal.reserveKey(for: n4).key, try journal.reserveKey(for: n5).key)
+        var twoNames = JournalBatch()
+        twoNames.register(n4, as: k4)
+        twoNames.register(n5, as: k4)
+        var twoKeys = JournalBatch()
+        twoKeys.register(n4, as: k4)
+        twoKeys.register(n4, as: k5)
+        var allocatedAndReserved = JournalBatch()
+        allocatedAndReserved.register(n4)
+        allocatedAndReserved.register(n4, as: k4)
+        for batch in [twoNames, twoKeys, allocatedAndReserved] {
+            var refused: JournalError?
+            do { _ = try await journal.commit(batch) } catch { refused = error }
+            #expect(refused?.code == .unknownEntity, "\(String(describing: refused))")
+            #expect(try journal.key(for: n4) == nil && journal.key(for: n5) == nil)
+        }
+        #expect(try journal.metadata(of: k4) == nil)
+        // The same registration twice, or a name's own key confirmed, is fine.
+        var twice = JournalBatch()
+        twice.register(n4, as: k4)
+        twice.register(n4, as: k4)
+        twice.register(name)
+        twice.register(name, as: reserved.key)
+        #expect(try await journal.commit(twice).registered == [k4, k4, reserved.key, reserved.key])
+        #expect(try journal.key(for: n4) == k4)
     }
 
     @Test("events built in one buffer: a failed write leaves it as it was; an oversized event refuses the whole run; runs and single appends mix")

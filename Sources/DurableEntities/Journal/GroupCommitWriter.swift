@@ -434,13 +434,28 @@ private struct CommitContext {
                                    "no entity is registered under this key; register it first. Nothing was written")
             }
         }
+        // This batch's registrations so far (`nil`: a key the commit allocates, or the one the name has):
+        // checked against each other, since the journal's tables do not show them until applied.
+        var registering: [(name: EntityName, key: EntityKey?)] = []
         for operation in batch.operations {
             switch operation {
             case .register(let name):
                 _ = try name.nameKeyCount()
+                registering.append((name, nil))
             case .registerAs(let name, let key):
                 try checkKnown(key, nil)
+                for earlier in registering {
+                    if earlier.name == name, earlier.key != key, try earlier.key != nil || existingKey(of: name, in: txn) != key {
+                        throw JournalError(.unknownEntity, entity: name, key: key,
+                                           "the batch registers the entity under two keys; nothing was written")
+                    }
+                    if earlier.key == key, earlier.name != name {
+                        throw JournalError(.unknownEntity, entity: name, key: key,
+                                           "the batch registers two entities (\(earlier.name) first) under one key; nothing was written")
+                    }
+                }
                 namesFound.append(try validateRegistration(name, as: key, in: txn))
+                registering.append((name, key))
             case .append(let entity, let events):
                 let sequence = events.firstSequence
                 try checkKnown(entity, sequence)
