@@ -144,9 +144,9 @@ struct ActivityLifecycleTests {
         attempted.finish()
     }
 
-    @Test("the running attempt of an activity its run gave up (entity terminated, run cancelled) is cancelled once that is committed, with or without timeouts; it is not retried",
-          arguments: ["terminate", "cancel"], [false, true])
-    func givenUpAttemptIsCancelled(_ how: String, timed: Bool) async throws {
+    @Test("the running attempt of an activity its run gave up (entity terminated, run cancelled) is cancelled once that is committed — pool attempts with or without timeouts, and a local one that left its turn; it is not retried",
+          arguments: ["terminate", "cancel"], ["pool", "pool-timed", "local"])
+    func givenUpAttemptIsCancelled(_ how: String, kind: String) async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
@@ -166,16 +166,25 @@ struct ActivityLifecycleTests {
         }
         let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [stub])
         defer { runtime.close() }
-        let call = runtime.entity(CallStep.self, id: "given-up")
-        let options = ActivityOptions(retry: .init(initialInterval: .seconds(1)), startToCloseTimeout: timed ? .seconds(600) : nil)
-        try await call.start(.init(label: "x", options: options))
+        let options = ActivityOptions(retry: .init(initialInterval: .seconds(1)), startToCloseTimeout: kind == "pool-timed" ? .seconds(600) : nil)
+        // The run's controls, whichever entity type runs it.
+        let (result, cancel, terminate): (@Sendable () async throws -> String, @Sendable () async throws -> Void, @Sendable () async throws -> Void)
+        if kind == "local" {
+            let call = runtime.entity(LocalSteps.self, id: "given-up")
+            try await call.start(.init(labels: ["x"], options: options))
+            (result, cancel, terminate) = ({ try await call.result() }, { try await call.cancel() }, { try await call.terminate(reason: "given up") })
+        } else {
+            let call = runtime.entity(CallStep.self, id: "given-up")
+            try await call.start(.init(label: "x", options: options))
+            (result, cancel, terminate) = ({ try await call.result() }, { try await call.cancel() }, { try await call.terminate(reason: "given up") })
+        }
         var iterator = events.makeAsyncIterator()
         #expect(await iterator.next() == "started")
         if how == "terminate" {
-            try await call.terminate(reason: "given up")
+            try await terminate()
         } else {
-            try await call.cancel()
-            #expect(try await call.result() == "failed:cancelled:0:CancellationError")
+            try await cancel()
+            #expect(try await result() == "failed:cancelled:0:CancellationError")
         }
         // Without the cancellation the attempt would wait for ever (the test's time limit ends the wait).
         let ended = await iterator.next()

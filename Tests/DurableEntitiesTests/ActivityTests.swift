@@ -306,6 +306,46 @@ struct ActivityTests {
         let attempts = log.all
         #expect(attempts.count == 2 && Set(attempts.map(\.key)).count == 1)
     }
+
+    @Test("an abandoned attempt that ends after its runtime was released still finds the runtime's core (kept until then), which goes once it ended",
+          .timeLimit(.minutes(3)))
+    func abandonedAttemptOutlivesRuntime() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        var configuration = EntityRuntime.Configuration(directory: directory.path, activityGracePeriod: .zero, clock: clock, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        // A task stored by a runtime that had no such activity registered: it waits for the next open.
+        do {
+            let first = try EntityRuntime(configuration: configuration)
+            try await first.entity(CallStep.self, id: "stuck").start(.init(label: "s", options: .default))
+            await first.shutdown()
+        }
+        let gate = AsyncGate()
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        weak var core: RuntimeCore?
+        do {
+            // Recovered at open, the attempt runs with no entity in memory: nothing else holds the core.
+            let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, _ in
+                event.yield("started")
+                await gate.wait()  // deaf to cancellation
+                event.yield("returning")
+                return "late"
+            }])
+            core = second.core
+            #expect(await iterator.next() == "started")
+            await second.shutdown()  // abandons the attempt
+        }
+        // Released by the application, the runtime's core stays while the abandoned attempt may reach it.
+        #expect(core != nil, "the core went while an abandoned attempt could still reach it")
+        gate.open()
+        #expect(await iterator.next() == "returning")
+        // It goes once the attempt's last step on the attempt's thread is done: a bounded wait for that.
+        let deadline = ContinuousClock.now + .seconds(60)
+        while core != nil, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(2)) }
+        #expect(core == nil, "the core is released once the abandoned attempt ended")
+    }
 }
 
 /// A one-shot gate that ignores cancellation: `wait()` returns once `open()` was called.

@@ -99,13 +99,17 @@ final class ActivityWorker: @unchecked Sendable {
         var next: UInt64 = 0
     }
     private let detached = Mutex(Detached())
-    /// Pool attempts running, by task, with the runner that runs each: a run that stops awaiting its
-    /// activity (cancelled, terminated, continued as new) cancels the attempt once that is committed.
+    /// Attempts running, by task, with the runner that runs each — pool attempts, and local ones that
+    /// left their turn once stored: a run that stops awaiting its activity (cancelled, terminated,
+    /// continued as new) cancels the attempt once that is committed.
     /// An entry goes as its attempt's work returns, under this lock, so a cancellation never reaches
     /// the runner's next job (and a runner whose task was cancelled is not reused).
     private let running = Mutex<[ActivityTask.ID: TurnRunner]>([:])
     /// Outcomes are dropped (the grace period ended; the journal may be closed).
     private let abandonedFlag = Atomic<Bool>(false)
+    /// Set when a close abandons attempts: the core, held until the last of them ended, and how many
+    /// drains and detached attempts are left.
+    private let keepAlive = Mutex<(core: RuntimeCore?, left: Int)>((nil, 0))
     private let limit: Int
     /// The most drains at once: more threads than processors would not run attempts that compute any
     /// faster, and attempts that wait do not hold a drain.
@@ -152,7 +156,7 @@ final class ActivityWorker: @unchecked Sendable {
         core.becameBusy()
         DispatchQueue.global().async { [self] in
             drain()
-            core.becameIdle()
+            runningEnded()
         }
     }
 
@@ -178,6 +182,10 @@ final class ActivityWorker: @unchecked Sendable {
         }
         for attempt in running { attempt.cancel() }
         if waitUntilIdle(.now + .seconds(1)) { return }
+        // `core` is unowned: the runtime may be gone when an abandoned attempt ends, and its code
+        // still reaches the core. The core is held until the last of them ended. (One that ends
+        // between this count and the flag below is not counted: the core is then kept for good.)
+        keepAlive.withLock { $0 = (core, runningAttempts) }
         abandonedFlag.store(true, ordering: .releasing)
         core.logger.warning("closing: activity attempts that ignore cancellation are abandoned; they run again at the next open",
                             metadata: ["attempts": "\(runningAttempts)"])
@@ -360,7 +368,22 @@ final class ActivityWorker: @unchecked Sendable {
     /// A tracked attempt ended (or did not leave after all): undoes ``track(_:)``.
     private func untrack(_ id: UInt64?) {
         if let id { detached.withLock { _ = $0.tasks.removeValue(forKey: id) } }
+        runningEnded()
+    }
+
+    /// A drain, or an attempt that left its drain or turn, ended (one of ``runningAttempts``): the
+    /// last thing it does with the core. After a close that abandoned attempts, the last of them
+    /// lets the core go (see ``keepAlive``).
+    private func runningEnded() {
         core.becameIdle()
+        guard abandoned else { return }
+        let released = keepAlive.withLock { kept -> RuntimeCore? in
+            kept.left -= 1
+            guard kept.left == 0 else { return nil }
+            defer { kept.core = nil }
+            return kept.core
+        }
+        _ = released  // the core may be freed here, outside the lock
     }
 
     /// How an attempt ended: its result, the timeout that ended it, its last heartbeat details.
@@ -582,6 +605,7 @@ final class ActivityWorker: @unchecked Sendable {
             if committed {
                 var stored = task
                 stored.entityKey = key
+                running.withLock { _ = $0.removeValue(forKey: stored.id) }
                 apply(decision, to: stored)
             }
             untrack(executor.trackingID)
@@ -600,6 +624,14 @@ final class ActivityWorker: @unchecked Sendable {
             return false
         }
         return true
+    }
+
+    /// A local attempt that left its turn is stored (its scheduling commit, which gave its entity
+    /// `entity`, is durable): from now on a give-up reaches it as it reaches a pool attempt. Called
+    /// before the attempt hears of that commit, so before its entry can go (in ``endLocal``); a
+    /// detached runner is never reused, so cancelling one whose attempt just ended does nothing.
+    func trackDetachedLocal(_ runner: TurnRunner, entity: UInt64, activity id: UInt64) {
+        running.withLock { $0[ActivityTask.ID(entityKey: entity, activityID: id)] = runner }
     }
 
     /// The run of entity `entity` stopped awaiting activities `ids` (its commit, which deleted their

@@ -1056,7 +1056,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             if wakesTimers { self.core.timers.wake() }
             // Local attempts that left the turn carry out their outcomes from now on.
             let committed = if case .success = result { true } else { false }
-            for (_, runner) in detached { runner.executor.scheduled(key: key.rawValue, ok: committed) }
+            for (task, runner) in detached {
+                // Stored now, it can be given up like a pool attempt (before its outcome is carried out).
+                if committed { self.core.activities.trackDetachedLocal(runner, entity: key.rawValue, activity: task.activityID) }
+                runner.executor.scheduled(key: key.rawValue, ok: committed)
+            }
             // Activities run, and messages leave, only once the commit that made them is durable.
             if case .success = result {
                 for task in dispatched { self.core.activities.dispatch(task) }
