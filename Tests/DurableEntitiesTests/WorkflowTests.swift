@@ -95,10 +95,38 @@ final class WriterStall: Sendable {
     func release() { released.signal() }
 }
 
-@Suite("Workflow run bodies")
+@Suite("Workflow run bodies", .timeLimit(.minutes(3)))
 struct WorkflowTests {
     func configuration(_ directory: TemporaryDirectory, clock: TestClock) -> EntityRuntime.Configuration {
         EntityRuntime.Configuration.quiet(directory, clock)
+    }
+
+    @Test("a caller waiting for a run's result when the runtime closes gets closed, not a wait for ever; the run goes on at the next open")
+    func resultWaitEndsAtClose() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        let nap = runtime.entity(Nap.self, id: "n")
+        try await nap.start(.seconds(3_600))
+        let waiting = Task { () async -> Result<String, EntityError> in
+            do throws(EntityError) { return .success(try await nap.result()) } catch { return .failure(error) }
+        }
+        // A bounded wait until the entity holds the caller's wait (the call reaches it on its own task).
+        let deadline = ContinuousClock.now + .seconds(60)
+        func waiters() -> Int { runtime.core.residentCell(Nap.self, nap.name)?.cell.withLock { $0.resultWaiters.count } ?? 0 }
+        while waiters() == 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(2)) }
+        #expect(waiters() == 1)
+        await runtime.shutdown()
+        guard case .failure(let error) = await waiting.value else {
+            Issue.record("the wait ended with a result")
+            return
+        }
+        #expect(error.code == .closed)
+        let reopened = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        defer { reopened.close() }
+        clock.advance(by: .seconds(3_600))
+        #expect(try await reopened.entity(Nap.self, id: "n").result() == "woke")
     }
 
     @Test("a query answers while the body waits on a 24-hour timer; the wait expires in milliseconds")

@@ -257,13 +257,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
     }
 
-    /// Ends every waiting watch with `error` (the runtime is closing).
+    /// Ends every waiting watch with `error`, and every caller waiting for the run's result with
+    /// `closed` (the runtime is closing: the run goes on at the next open, not in this runtime).
     func failWatches(_ error: EntityError) {
-        let watches = cell.withLock { state in
-            defer { state.watches = [] }
-            return state.watches
+        let (watches, waiters) = cell.withLock { state in
+            defer { state.watches = []; state.resultWaiters = [] }
+            return (state.watches, state.resultWaiters)
         }
         for watch in watches { watch.resume(.failure(error)) }
+        let closed = EntityError(.closed, entity: name, "the runtime closed before the run body finished; it goes on at the next open")
+        for waiter in waiters { waiter(.failure(closed)) }
     }
 
     /// The watches the state now decides, removed from the cell: satisfied ones with the state, all of

@@ -316,7 +316,7 @@ final class RuntimeCore: Sendable {
         }
     }
 
-    /// Ends every state watch with `closed` (the runtime is closing).
+    /// Ends every state watch, and every wait for a run's result, with `closed` (the runtime is closing).
     func failAllWatches() {
         let cells = tables.flatMap { box in box.table.withLock { Array($0.cells.values) } }
         for cell in cells { cell.failWatches(EntityError(.closed, entity: nil, "the runtime closed while waiting for the entity's state")) }
