@@ -36,6 +36,16 @@ struct StorageFaultTests {
         return try runtime.journal.events(of: key).compactMap { $0.payload.withUnsafeBytes { HistoryEvent.decode($0)?.kind } }
     }
 
+    /// How sending `signal` to `account` ended.
+    func signalled(_ account: EntityRef<Account>, _ signal: Account.Signal) async -> Result<Void, EntityError> {
+        do throws(EntityError) {
+            try await account.signal(signal)
+            return .success(())
+        } catch {
+            return .failure(error)
+        }
+    }
+
     func idle(_ runtime: EntityRuntime) async {
         _ = await Task.detached { runtime.core.waitUntilIdle() }.value
     }
@@ -50,9 +60,7 @@ struct StorageFaultTests {
         let account = runtime.entity(Account.self, id: "a")
         try await account.signal(.deposit(10))
         faults.failCommits(1)
-        let refused: Result<Void, EntityError> = await { () async -> Result<Void, EntityError> in
-            do throws(EntityError) { try await account.signal(.deposit(5)); return .success(()) } catch { return .failure(error) }
-        }()
+        let refused = await signalled(account, .deposit(5))
         guard case .failure(let error) = refused else {
             Issue.record("the signal whose commit failed was acknowledged")
             return
@@ -168,9 +176,7 @@ struct StorageFaultTests {
         // An entity without a run body, loaded for a signal.
         let account = runtime.entity(Account.self, id: "a")
         faults.failReads(1) { $0.hasPrefix(read) }
-        let refused: Result<Void, EntityError> = await { () async -> Result<Void, EntityError> in
-            do throws(EntityError) { try await account.signal(.deposit(5)); return .success(()) } catch { return .failure(error) }
-        }()
+        let refused = await signalled(account, .deposit(5))
         guard case .failure(let error) = refused else {
             Issue.record("the signal whose entity did not load was acknowledged")
             return

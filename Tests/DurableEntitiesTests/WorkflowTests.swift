@@ -109,16 +109,15 @@ struct WorkflowTests {
         let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
         let nap = runtime.entity(Nap.self, id: "n")
         try await nap.start(.seconds(3_600))
-        let waiting = Task { () async -> Result<String, EntityError> in
-            do throws(EntityError) { return .success(try await nap.result()) } catch { return .failure(error) }
-        }
-        // A bounded wait until the entity holds the caller's wait (the call reaches it on its own task).
-        let deadline = ContinuousClock.now + .seconds(60)
-        func waiters() -> Int { runtime.core.residentCell(Nap.self, nap.name)?.cell.withLock { $0.resultWaiters.count } ?? 0 }
-        while waiters() == 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(2)) }
-        #expect(waiters() == 1)
+        // The caller's wait, queued from here (as `result()` queues it): once the runtime is idle, the
+        // run's entity holds it.
+        let (replies, reply) = AsyncStream.makeStream(of: Result<any Sendable, EntityError>.self)
+        _ = runtime.core.enqueue(.result { reply.yield($0) }, to: Nap.self, nap.name)
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(runtime.core.residentCell(Nap.self, nap.name)?.cell.withLock { $0.resultWaiters.count } == 1)
         await runtime.shutdown()
-        guard case .failure(let error) = await waiting.value else {
+        var answers = replies.makeAsyncIterator()
+        guard case .failure(let error)? = await answers.next() else {
             Issue.record("the wait ended with a result")
             return
         }

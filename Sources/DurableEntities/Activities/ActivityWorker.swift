@@ -110,6 +110,8 @@ final class ActivityWorker: @unchecked Sendable {
     /// Set when a close abandons attempts: the core, held until the last of them ended, and how many
     /// drains and detached attempts are left.
     private let keepAlive = Mutex<(core: RuntimeCore?, left: Int)>((nil, 0))
+    /// Called once the last abandoned attempt let the core go (tests await it).
+    let coreReleased = Mutex<(@Sendable () -> Void)?>(nil)
     private let limit: Int
     /// The most drains at once: more threads than processors would not run attempts that compute any
     /// faster, and attempts that wait do not hold a drain.
@@ -377,13 +379,15 @@ final class ActivityWorker: @unchecked Sendable {
     private func runningEnded() {
         core.becameIdle()
         guard abandoned else { return }
-        let released = keepAlive.withLock { kept -> RuntimeCore? in
+        var released = keepAlive.withLock { kept -> RuntimeCore? in
             kept.left -= 1
             guard kept.left == 0 else { return nil }
             defer { kept.core = nil }
             return kept.core
         }
-        _ = released  // the core may be freed here, outside the lock
+        guard released != nil else { return }
+        released = nil  // the core may be freed here, outside the lock
+        coreReleased.withLock { $0 }?()
     }
 
     /// How an attempt ended: its result, the timeout that ended it, its last heartbeat details.
