@@ -3,6 +3,7 @@ import DurableEntitiesTesting
 import Foundation
 import Logging
 import Testing
+import TestSupport
 
 @Suite("Entity runtime")
 struct EntityRuntimeTests {
@@ -135,6 +136,56 @@ struct EntityRuntimeTests {
         defer { runtime.close() }
         let error = await #expect(throws: EntityError.self) { try await runtime.entity(Account.self, id: "dave").signal(.deposit(1)) }
         #expect(error?.code == .terminated)
+    }
+
+    @Test("a closed runtime leaves memory with its resident entities, run bodies suspended in waits included; they go on at the next open")
+    func closedRuntimeIsReleased() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        var configuration = configuration(directory)
+        configuration.clock = clock
+        weak var core: RuntimeCore?
+        weak var waiting: EntityCell<Approval>?
+        weak var sleeping: EntityCell<Reminder>?
+        weak var account: EntityCell<Account>?
+        do {
+            let runtime = try EntityRuntime(configuration: configuration)
+            let approval = runtime.entity(Approval.self, id: "a")
+            let reminder = runtime.entity(Reminder.self, id: "r")
+            let alice = runtime.entity(Account.self, id: "alice")
+            try await approval.start(.init(amount: 5))  // suspended in a condition with a timeout
+            try await reminder.start(.init(after: .seconds(60)))  // suspended in a durable timer
+            try await alice.signal(.deposit(4))  // no run body
+            // Registers the types the boss starts and reports to (messages to an unknown type are parked).
+            _ = (runtime.entity(Inbox.self, id: "boss-inbox"), runtime.entity(Worker.self, id: "w"))
+            try await runtime.entity(Boss.self, id: "boss").start(.init(children: ["w"]))  // awaits its child
+            _ = await Task.detached { runtime.core.waitUntilIdle() }.value  // the child started and waits
+            #expect(runtime.core.residentCell(Worker.self, EntityName(type: "Worker", id: "w")) != nil)
+            core = runtime.core
+            waiting = runtime.core.residentCell(Approval.self, approval.name)
+            sleeping = runtime.core.residentCell(Reminder.self, reminder.name)
+            account = runtime.core.residentCell(Account.self, alice.name)
+            #expect(waiting != nil && sleeping != nil && account != nil, "the entities are resident before the close")
+            runtime.close()  // not shutdown(): its dispatch block may hold the runtime a moment after it returned
+        }
+        #expect(waiting == nil, "the approval's cell (and its suspended run body) left memory")
+        #expect(sleeping == nil, "the sleeper's cell (and its suspended run body) left memory")
+        #expect(account == nil, "the account's cell left memory")
+        #expect(core == nil, "the runtime's core left memory")
+        // Nothing was recorded by leaving memory: the runs go on where they were.
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        try await runtime.entity(Approval.self, id: "a").signal(.approve)
+        guard case .approved = try await runtime.entity(Approval.self, id: "a").result() else {
+            Issue.record("expected an approval")
+            return
+        }
+        clock.advance(by: .seconds(60))
+        #expect(try await runtime.entity(Reminder.self, id: "r").result() == "reminded")
+        #expect(try await runtime.entity(Account.self, id: "alice").query(\.balance) == 4)
+        try await runtime.entity(Worker.self, id: "w").signal(.finish)
+        #expect(try await runtime.entity(Boss.self, id: "boss").result() == ["w=2"])
     }
 
     @Test("passivated entities come back with identical state; residents stay within the bound")

@@ -277,6 +277,8 @@ public final class EntityRuntime: Sendable {
         // Turns still queued or in flight finish; abandoned attempts are not waited for.
         core.waitUntilIdle(excluding: { [core] in core.activities.runningAttempts })
         core.failAllWatches()
+        let busy = core.releaseResidentCells()
+        if busy > 0 { core.logger.warning("entities still busy left memory at close", metadata: ["entities": "\(busy)"]) }
         for shard in core.shards { shard.stop() }
         core.journal.close()
     }

@@ -322,6 +322,25 @@ final class RuntimeCore: Sendable {
         for cell in cells { cell.failWatches(EntityError(.closed, entity: nil, "the runtime closed while waiting for the entity's state")) }
     }
 
+    /// Drops every resident cell, at close once the runtime is idle. A run body suspended in a wait
+    /// is abandoned on a shard thread, as passivation does (the shards run it before they stop); the
+    /// next open replays it from history. A cell holds the core, so one left in its table would keep
+    /// the core, every cell and their run bodies in memory after the runtime was released.
+    /// - Returns: how many cells were not idle (none after a close that waited for idleness); they
+    ///   leave the table all the same.
+    @discardableResult
+    func releaseResidentCells() -> Int {
+        var busy = 0
+        for box in tables {
+            let cells = box.table.withLock { table in
+                defer { table.cells = [:]; table.order = [] }
+                return Array(table.cells.values)
+            }
+            for cell in cells where !cell.evictIfIdle() { busy += 1 }
+        }
+        return busy
+    }
+
     /// Ids for state watches.
     let watchIDs = Atomic<UInt64>(0)
 
