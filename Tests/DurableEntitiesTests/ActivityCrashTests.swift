@@ -52,6 +52,31 @@ struct CrashActivityJob: EntityWorkflow {
     }
 }
 
+/// The child's `PoisonJob`: one activity, at most 3 attempts; reports a final failure as its result.
+struct CrashPoisonJob: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "PoisonJob" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        do {
+            return try await context.execute(CrashPoison.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10), maximumAttempts: 3)))
+        } catch let failure as ActivityFailure {
+            return "failed:\(failure.reason):\(failure.attempts):\(failure.causeType)"
+        }
+    }
+}
+
+/// The child's `Poison`, here only to notice if it runs again.
+struct CrashPoison: Activity {
+    static var name: String { "Poison" }
+    let log: CrashRunLog
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        log.add(.init(label: "attempt \(context.attempt)", key: context.idempotencyKey, applied: false))
+        return "ran"
+    }
+}
+
 /// What the activities ran in this process: input (or name), idempotency key, whether the effect
 /// was applied by this run (`false`: the key's line was already there).
 final class CrashRunLog: Sendable {
@@ -354,6 +379,33 @@ struct ActivityCrashTests {
         let keys = effects.lines.map(CrashEffectsFile.key(of:))
         #expect(keys.count == count + 1 && Set(keys) == Set(round.keys.values), "\(keys.count) lines, \(Set(keys).count) distinct keys")
         #expect(try storedTasks(runtime) == 0, "activity tasks left owed after every entity completed")
+    }
+
+    @Test("an activity that SIGKILLs its own process after a heartbeat, on every attempt, ends after its 3 attempts: each attempt reads the one before's heartbeat, the run gets the failure")
+    func crashLoopingActivityEnds() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        for round in 1...3 {
+            let child = try ChildProcess("EntityCrashChild", arguments: ["poison", directory.path, round == 1 ? "start" : "resume"])
+            let watchdog = EntityCrashTests.Watchdog(child)
+            let lines = await child.remainingLines()
+            #expect(!watchdog.disarm(), "round \(round): the child hung; it printed \(lines)")
+            #expect(child.waitForExit(timeout: .seconds(60)))
+            #expect(child.process.terminationReason == .uncaughtSignal && child.process.terminationStatus == SIGKILL,
+                    "round \(round): the child ended otherwise (\(child.process.terminationStatus)); it printed \(lines)")
+            // Attempt n, reading attempt n-1's stored heartbeat (none for the first): no attempt ran twice.
+            let attempts = lines.filter { $0.hasPrefix("attempt ") }
+            #expect(attempts == ["attempt \(round) \(round - 1)"], "round \(round): \(lines)")
+            #expect(lines.contains("stored \(round)"), "round \(round): \(lines)")
+        }
+        let log = CrashRunLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashPoisonJob.self],
+                                        activities: [CrashPoison(log: log)])
+        defer { runtime.close() }
+        let result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashPoisonJob.self, id: "p").result() }
+        #expect(result == "failed:retriesExhausted:3:interrupted")
+        #expect(log.all.isEmpty, "an attempt after the last one allowed: \(log.all.map(\.label))")
+        #expect(try storedTasks(runtime) == 0)
     }
 
     @Test("a 3-step saga whose third step fails compensates steps 2 then 1, exactly once in effect, when SIGKILLed while compensating",

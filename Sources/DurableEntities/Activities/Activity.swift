@@ -60,39 +60,66 @@ public final class ActivityContext: Sendable {
     /// The entity whose run body scheduled the activity.
     public let entity: EntityName
     public let logger: Logger
-    private let heartbeats: Mutex<[UInt8]?>
+    private let heartbeats: Mutex<Heartbeats>
     /// Told of each heartbeat (to rearm the heartbeat watchdog), when there is one.
     private let onHeartbeat: (@Sendable () -> Void)?
     private let codec: any EntityCodec
+    /// Where heartbeats are stored, for a pool attempt: the worker and the attempt's task.
+    private let store: (worker: ActivityWorker, task: ActivityTask)?
+
+    private struct Heartbeats {
+        /// The last heartbeat's details (this attempt's, else the previous one's).
+        var details: [UInt8]?
+        /// When this attempt last stored its details (ns on the runtime's clock).
+        var storedAt: UInt64?
+    }
 
     init(idempotencyKey: String, attempt: Int, entity: EntityName, logger: Logger, lastHeartbeat: [UInt8]?, codec: any EntityCodec,
-         onHeartbeat: (@Sendable () -> Void)?) {
+         store: (worker: ActivityWorker, task: ActivityTask)? = nil, onHeartbeat: (@Sendable () -> Void)?) {
         self.idempotencyKey = idempotencyKey
         self.attempt = attempt
         self.entity = entity
         self.logger = logger
-        self.heartbeats = Mutex(lastHeartbeat)
+        self.heartbeats = Mutex(Heartbeats(details: lastHeartbeat))
         self.codec = codec
+        self.store = store
         self.onHeartbeat = onHeartbeat
     }
 
-    /// Reports progress: resets the heartbeat timeout, and `details` are kept for the next attempt if
-    /// this one fails or times out (stored with that retry). They are stored between attempts, not at
-    /// each heartbeat: an attempt cut off by a crash (or abandoned by a close) leaves the next one the
-    /// details of the attempt before it.
+    /// Reports progress: resets the heartbeat timeout, and `details` are what the next attempt reads
+    /// (``lastHeartbeat(as:)``) if this one fails, times out or is cut off by a crash.
+    ///
+    /// A pool attempt's details are stored with its task: the first heartbeat's at once, later ones
+    /// at most once per ``EntityRuntime/Configuration/activityHeartbeatStoreInterval`` (a crash loses
+    /// at most that much progress; the last details are stored anyway when the attempt fails or a
+    /// close cancels it). A stored heartbeat also marks the attempt as started: an attempt cut off by
+    /// a crash after one counts as a failed attempt (the next one has the next number, and
+    /// `maximumAttempts` ends an activity that keeps crashing the process). A local activity's
+    /// heartbeats are kept in memory, for its retries.
     public func heartbeat<Details: Codable & Sendable>(_ details: Details) {
         guard let bytes = try? codec.encode(details) else { return }
-        heartbeats.withLock { $0 = bytes }
+        let stores = heartbeats.withLock { state -> Bool in
+            state.details = bytes
+            guard let store else { return false }
+            let now = store.worker.now
+            if let last = state.storedAt, now < last.saturatingAdd(store.worker.heartbeatStoreInterval) { return false }
+            state.storedAt = now
+            return true
+        }
         onHeartbeat?()
+        if stores, let store { store.worker.storeHeartbeat(bytes, of: store.task) }
     }
 
     /// The encoded details of the last heartbeat (this attempt's, else the previous one's): what the
     /// next attempt reads if this one fails.
-    var heartbeatDetails: [UInt8]? { heartbeats.withLock { $0 } }
+    var heartbeatDetails: [UInt8]? { heartbeats.withLock { $0.details } }
+
+    /// Whether this attempt stored a heartbeat (its task is marked as running it).
+    var storedHeartbeat: Bool { heartbeats.withLock { $0.storedAt != nil } }
 
     /// The details of the last heartbeat — of this attempt, or else of the attempt before it.
     public func lastHeartbeat<Details: Codable & Sendable>(as type: Details.Type) -> Details? {
-        guard let bytes = heartbeats.withLock({ $0 }) else { return nil }
+        guard let bytes = heartbeats.withLock({ $0.details }) else { return nil }
         return try? bytes.withUnsafeBytes { try codec.decode(Details.self, from: $0) }
     }
 

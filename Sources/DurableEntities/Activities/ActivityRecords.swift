@@ -129,6 +129,8 @@ extension ActivityTask {
         writer.append(optional: heartbeat)
         writer.append(optional: lastErrorType)
         writer.append(optional: lastError)
+        // Last and only when set: a row without it reads as before.
+        if let runningAttempt { writer.append(signed: Int64(runningAttempt)) }
         return writer.bytes
     }
 
@@ -137,6 +139,7 @@ extension ActivityTask {
         typealias Size = ActivityRecordSize
         return 1 + Size.of(entityType) + Size.of(entityID) + 3 * 8 + Size.of(name) + Size.of(input) + Size.of(options) + 3 * 8
             + Size.of(optional: heartbeat) + Size.of(optional: lastErrorType) + Size.of(optional: lastError)
+            + (runningAttempt == nil ? 0 : 8)
     }
 
     /// Decodes a stored task, in this form or the binary codec's of earlier versions; `nil` if malformed.
@@ -149,11 +152,18 @@ extension ActivityTask {
               let run = reader.uint64(), let activityID = reader.uint64(), let name = reader.string(), let input = reader.data(),
               let options = reader.activityOptions(), let attempt = reader.int64(), let scheduledAt = reader.uint64(),
               let notBefore = reader.uint64(), let heartbeat = reader.optionalData(), let lastErrorType = reader.optionalString(),
-              let lastError = reader.optionalString(), reader.bytes.isEmpty
+              let lastError = reader.optionalString()
         else { return nil }
+        var runningAttempt: Int?
+        if !reader.bytes.isEmpty {
+            guard let running = reader.int64() else { return nil }
+            runningAttempt = Int(running)
+        }
+        guard reader.bytes.isEmpty else { return nil }
         return ActivityTask(entityType: entityType, entityID: entityID, entityKey: entityKey, run: run, activityID: activityID,
                             name: name, input: input, options: options, attempt: Int(attempt), scheduledAt: scheduledAt,
-                            notBefore: notBefore, heartbeat: heartbeat, lastErrorType: lastErrorType, lastError: lastError)
+                            notBefore: notBefore, heartbeat: heartbeat, lastErrorType: lastErrorType, lastError: lastError,
+                            runningAttempt: runningAttempt)
     }
 }
 

@@ -112,6 +112,12 @@ final class ActivityWorker: @unchecked Sendable {
     private let keepAlive = Mutex<(core: RuntimeCore?, left: Int)>((nil, 0))
     /// Called once the last abandoned attempt let the core go (tests await it).
     let coreReleased = Mutex<(@Sendable () -> Void)?>(nil)
+    /// Called once a heartbeat's details are stored (tests await it).
+    let heartbeatStored = Mutex<(@Sendable (ActivityTask.ID) -> Void)?>(nil)
+    /// How long a close waits for cancelled attempts to end before it abandons them.
+    private let cancellationWait: Duration
+    /// The least time between two stores of one attempt's heartbeats, ns.
+    let heartbeatStoreInterval: UInt64
     private let limit: Int
     /// The most drains at once: more threads than processors would not run attempts that compute any
     /// faster, and attempts that wait do not hold a drain.
@@ -124,10 +130,16 @@ final class ActivityWorker: @unchecked Sendable {
     }
     private let waiting = Mutex(Waiting())
 
-    init(limit: Int, drains: Int = ProcessInfo.processInfo.activeProcessorCount) {
+    init(limit: Int, drains: Int = ProcessInfo.processInfo.activeProcessorCount, heartbeatStoreInterval: Duration = .seconds(1),
+         cancellationWait: Duration = .seconds(1)) {
         self.limit = max(1, limit)
+        self.cancellationWait = cancellationWait
         self.maxDrains = max(1, min(self.limit, drains))
+        self.heartbeatStoreInterval = heartbeatStoreInterval < .zero ? 0 : UInt64(clamping: heartbeatStoreInterval.nanoseconds)
     }
+
+    /// The runtime clock's time, ns.
+    var now: UInt64 { core.clock.nowNanoseconds() }
 
     func attach(_ core: RuntimeCore) { self.core = core }
 
@@ -183,7 +195,7 @@ final class ActivityWorker: @unchecked Sendable {
                                 metadata: ["attempts": "\(count)", "gracePeriod": "\(gracePeriod)"])
         }
         for attempt in running { attempt.cancel() }
-        if waitUntilIdle(.now + .seconds(1)) { return }
+        if waitUntilIdle(.now + cancellationWait) { return }
         // `core` is unowned: the runtime may be gone when an abandoned attempt ends, and its code
         // still reaches the core. The core is held until the last of them ended. (One that ends
         // between this count and the flag below is not counted: the core is then kept for good.)
@@ -244,8 +256,57 @@ final class ActivityWorker: @unchecked Sendable {
                 core.logger.error("a stored activity task does not decode; it is left in place", metadata: ["task.key": "\(key)"])
                 continue
             }
-            if task.notBefore <= now { dispatch(task) }
+            if task.runningAttempt == task.attempt {
+                resumeInterrupted(task)
+            } else if task.notBefore <= now {
+                dispatch(task)
+            }
         }
+    }
+
+    /// A stored task still marked as running its attempt (a heartbeat's store): that attempt was cut
+    /// off by a crash. It counts as a failed attempt — the retry policy decides what comes next — so
+    /// an activity that keeps crashing the process ends after `maximumAttempts`.
+    private func resumeInterrupted(_ task: ActivityTask) {
+        var task = task
+        task.runningAttempt = nil
+        let decision = retryOrFail(task, errorType: "interrupted", error: "the process stopped during attempt \(task.attempt)",
+                                   timeout: nil, nonRetryable: false)
+        apply(decision, to: task)
+    }
+
+    /// Stores `details` as the last heartbeat of `task`'s running attempt, with the mark that the
+    /// attempt runs (see ``ActivityTask/runningAttempt``). Not waited for; only while the task is
+    /// stored (a task its entity gave up stays deleted).
+    func storeHeartbeat(_ details: [UInt8], of task: ActivityTask) {
+        guard !abandoned, task.entityKey != 0 else { return }
+        var stored = task
+        stored.heartbeat = details
+        stored.runningAttempt = task.attempt
+        var batch = JournalBatch()
+        batch.replaceTask(stored.key, value: stored.encoded())
+        let id = task.id
+        core.journal.submit(batch) { [self] result in
+            switch result {
+            case .success: heartbeatStored.withLock { $0 }?(id)
+            case .failure(let error) where error.code != .closed:
+                core.logger.warning("storing an activity's heartbeat failed", metadata: ["activity": "\(task.name)", "error": "\(error)"])
+            case .failure: break
+            }
+        }
+    }
+
+    /// An attempt that stored a heartbeat was cancelled by a closing runtime: its task is stored again
+    /// without the running mark (a cancelled attempt is not a failed one; the next open runs the same
+    /// attempt again), with the attempt's last details.
+    private func unmark(_ task: ActivityTask, heartbeat: [UInt8]?) {
+        guard !abandoned else { return }  // the journal may be closed: the next open counts the attempt
+        var stored = task
+        stored.heartbeat = heartbeat
+        var batch = JournalBatch()
+        batch.replaceTask(stored.key, value: stored.encoded())
+        core.becameBusy()  // a close waits for it
+        core.journal.submit(batch) { [core] _ in core!.becameIdle() }
     }
 
     /// A retry timer fell due: run the task's next attempt (if it is still owed).
@@ -311,9 +372,11 @@ final class ActivityWorker: @unchecked Sendable {
             return false
         }
         let runner = TurnRunner.start(in: core.runners) { [self] runner in
-            let ended = await perform(task, activity, on: runner.executor)
+            let ended = await perform(task, activity, on: runner.executor, storingHeartbeats: true)
             running.withLock { _ = $0.removeValue(forKey: task.id) }
-            apply(decide(task, ended), to: task)
+            let decision = decide(task, ended)
+            if case .dropped = decision, ended.storedHeartbeat { unmark(task, heartbeat: ended.heartbeat) }
+            apply(decision, to: task)
             if runner.executor.finishInline() { return true }
             detachedAttemptEnded(task, id: runner.executor.trackingID)
             return false
@@ -397,6 +460,8 @@ final class ActivityWorker: @unchecked Sendable {
         var heartbeat: [UInt8]?
         /// The attempt's task was cancelled (the runtime closes).
         var cancelled: Bool
+        /// The attempt stored a heartbeat (its stored task is marked as running it).
+        var storedHeartbeat = false
     }
 
     /// Runs one attempt of `task` under its timeouts. With an `executor`, the attempt's own task
@@ -406,29 +471,35 @@ final class ActivityWorker: @unchecked Sendable {
     /// its caller, and one holding both paths took ~4 KiB for each local attempt (several slab
     /// allocations of the task allocator, each over 1 KiB, which makes glibc consolidate its free
     /// lists) where the untimed path needs a fraction of that.
-    private func perform(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?) async -> Ended {
+    /// - Parameter storingHeartbeats: heartbeats are stored with the task (a pool attempt, whose task
+    ///   is stored before it starts).
+    private func perform(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?,
+                         storingHeartbeats: Bool = false) async -> Ended {
         let options = task.options
         if options.startToCloseTimeout == nil, options.scheduleToCloseTimeout == nil, options.heartbeatTimeout == nil {
-            return await performUntimed(task, activity)
+            return await performUntimed(task, activity, storingHeartbeats: storingHeartbeats)
         }
-        return await performTimed(task, activity, on: executor)
+        return await performTimed(task, activity, on: executor, storingHeartbeats: storingHeartbeats)
     }
 
     /// An attempt that nothing can time out: the activity runs right here, in the caller's task.
     @inline(never)
-    private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity) async -> Ended {
+    private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity, storingHeartbeats: Bool) async -> Ended {
         let codec = core.codec
         let context = ActivityContext(
             idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
-            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec, onHeartbeat: nil)
+            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec,
+            store: storingHeartbeats ? (self, task) : nil, onHeartbeat: nil)
         let result: Result<[UInt8], any Error>
         do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
-        return Ended(result: result, timedOut: nil, heartbeat: context.heartbeatDetails, cancelled: Task.isCancelled)
+        return Ended(result: result, timedOut: nil, heartbeat: context.heartbeatDetails, cancelled: Task.isCancelled,
+                     storedHeartbeat: context.storedHeartbeat)
     }
 
     /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
     @inline(never)
-    private func performTimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?) async -> Ended {
+    private func performTimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?,
+                              storingHeartbeats: Bool) async -> Ended {
         let clock = core.clock
         let codec = core.codec
         let attempt = Attempt()
@@ -447,7 +518,7 @@ final class ActivityWorker: @unchecked Sendable {
         }
         let context = ActivityContext(
             idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
-            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec
+            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec, store: storingHeartbeats ? (self, task) : nil
         ) {
             // A heartbeat (its details stay in the context) rearms the heartbeat watchdog.
             var next: UInt64?
@@ -473,7 +544,8 @@ final class ActivityWorker: @unchecked Sendable {
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
         let (timedOut, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
-        return Ended(result: result, timedOut: timedOut, heartbeat: context.heartbeatDetails, cancelled: Task.isCancelled)
+        return Ended(result: result, timedOut: timedOut, heartbeat: context.heartbeatDetails, cancelled: Task.isCancelled,
+                     storedHeartbeat: context.storedHeartbeat)
     }
 
     /// What comes after an attempt.

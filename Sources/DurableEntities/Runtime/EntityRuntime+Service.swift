@@ -1,4 +1,5 @@
 import Dispatch
+import Synchronization
 import ServiceLifecycle
 
 extension EntityRuntime: Service {
@@ -17,10 +18,17 @@ extension EntityRuntime: Service {
 
     /// ``close()`` for async code: the same steps, waited for without blocking a thread of the
     /// cooperative pool (the activity attempts that close lets finish run there).
+    ///
+    /// When it returns, the close holds no reference to the runtime any more: a runtime the caller
+    /// releases next leaves memory then (the block that closes it gives its reference up first).
     public func shutdown() async {
+        let closing = Mutex<EntityRuntime?>(self)
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             DispatchQueue.global().async {
-                self.close()
+                do {
+                    let runtime = closing.withLock { $0.take() }
+                    runtime?.close()
+                }  // released here, before the caller resumes
                 done.resume()
             }
         }

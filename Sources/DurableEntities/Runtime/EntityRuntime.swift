@@ -59,6 +59,13 @@ public final class EntityRuntime: Sendable {
         /// them (an attempt that ignores cancellation is abandoned a second later; its task runs again
         /// at the next open).
         public var activityGracePeriod: Duration
+        /// The least time between two stores of a pool attempt's heartbeat details (the first is
+        /// stored at once): what a crash may lose of an attempt's progress. See
+        /// ``ActivityContext/heartbeat(_:)``. Default 1 s.
+        public var activityHeartbeatStoreInterval: Duration = .seconds(1)
+        /// How long a close waits for cancelled activity attempts to end before it abandons them
+        /// (1 s; tests on a loaded machine lengthen it).
+        var activityCancellationWait: Duration = .seconds(1)
         /// How states and messages become bytes. The default, ``BinaryEntityCodec``, is a compact keyed
         /// binary format (3–11× faster than JSON here) that also reads JSON-encoded histories.
         public var codec: any EntityCodec

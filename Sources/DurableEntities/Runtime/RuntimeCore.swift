@@ -60,7 +60,8 @@ final class RuntimeCore: Sendable {
         journal.pace(with: queue)
         self.shards = (0..<count).map { Shard(index: $0, queue: queue) }
         self.tables = (0..<count).map { _ in CellTableBox() }
-        self.activities = ActivityWorker(limit: configuration.maxConcurrentActivities)
+        self.activities = ActivityWorker(limit: configuration.maxConcurrentActivities, heartbeatStoreInterval: configuration.activityHeartbeatStoreInterval,
+                                         cancellationWait: configuration.activityCancellationWait)
         self.activities.attach(self)
         idleReply = { [unowned self] _ in becameIdle() }
     }

@@ -54,6 +54,16 @@
 //       the process is killed, before its effect when WHEN is `before`, after it when `after`; it prints
 //       `stalled <name> <key>` when it starts waiting. Prints `started` once the start is durable.
 //
+//   EntityCrashChild poison DIR start|resume
+//       Opens a runtime on DIR (the activity modes' settings); with `start`, starts the `PoisonJob`
+//       "p" (input 0) and prints `started`. Its run body executes the activity `Poison` (at most 3
+//       attempts, 10 ms apart), which prints `attempt <n> <last>` (its attempt number and the last
+//       heartbeat it reads, 0 for none), heartbeats n, waits until a deposit to the `Account`
+//       "marker" is durable (commits keep the order of submission, so the heartbeat is stored by
+//       then), prints `stored <n>` and SIGKILLs its own process. With `resume`, the runtime's open
+//       runs what is owed. The body returns "failed:<reason>:<attempts>:<cause type>" once the
+//       activity failed for good (never in the child: each attempt kills it).
+//
 //   EntityCrashChild messages DIR COUNT SINK
 //       Opens a runtime on DIR and sends COUNT `forward` signals, number n to the `Forwarder`
 //       "fw-<n % 4>" (text "<n>", to the `Inbox` "sink"), 4 at a time, printing `ack <n>` once each is
@@ -294,6 +304,74 @@ func activities(directory: String) async throws {
     runtime.close()
 }
 
+/// The runtime, for activities that send through it; they may run during its open (recovered
+/// attempts), before it is set, and then wait for it.
+final class RuntimeBox: Sendable {
+    private let state = Mutex<(runtime: EntityRuntime?, waiters: [CheckedContinuation<EntityRuntime, Never>])>((nil, []))
+
+    func set(_ runtime: EntityRuntime) {
+        let waiters = state.withLock { state in
+            state.runtime = runtime
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume(returning: runtime) }
+    }
+
+    func get() async -> EntityRuntime {
+        await withCheckedContinuation { continuation in
+            let runtime = state.withLock { state -> EntityRuntime? in
+                if state.runtime == nil { state.waiters.append(continuation) }
+                return state.runtime
+            }
+            if let runtime { continuation.resume(returning: runtime) }
+        }
+    }
+}
+
+/// The `poison` mode's entity: one activity that kills the process on every attempt. The same
+/// shape as the tests' `CrashPoisonJob`.
+struct PoisonJob: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "PoisonJob" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        do {
+            return try await context.execute(Poison.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10), maximumAttempts: 3)))
+        } catch let failure as ActivityFailure {
+            return "failed:\(failure.reason):\(failure.attempts):\(failure.causeType)"
+        }
+    }
+}
+
+/// Heartbeats, waits until that is stored, and kills its process (see the header).
+struct Poison: Activity {
+    static var name: String { "Poison" }
+    let box: RuntimeBox
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        emit("attempt \(context.attempt) \(context.lastHeartbeat(as: Int.self) ?? 0)")
+        context.heartbeat(context.attempt)
+        try await box.get().entity(Account.self, id: "marker").signal(.deposit(1))
+        emit("stored \(context.attempt)")
+        kill(getpid(), SIGKILL)
+        try await stallUntilKilled()
+        return "not reached"
+    }
+}
+
+func poison(directory: String, start: Bool) async throws {
+    let box = RuntimeBox()
+    let runtime = try EntityRuntime(configuration: activityConfiguration(directory), entityTypes: [PoisonJob.self, Account.self],
+                                    activities: [Poison(box: box)])
+    box.set(runtime)
+    if start {
+        try await runtime.entity(PoisonJob.self, id: "p").start(0)
+        emit("started")
+    }
+    try await stallUntilKilled()
+}
+
 /// One local activity per entity: the `local` mode. The same shape as the tests' `CrashLocalJob`.
 struct LocalJob: EntityWorkflow {
     struct State: Codable, Sendable {}
@@ -453,6 +531,10 @@ if arguments.count == 5, arguments[1] == "messages", let count = Int(arguments[3
 }
 if arguments.count == 5, arguments[1] == "fanout", let width = Int(arguments[3]), let window = Int(arguments[4]) {
     do { try await fanout(directory: arguments[2], width: width, window: window) } catch { fail("EntityCrashChild: \(error)") }
+    exit(0)
+}
+if arguments.count == 4, arguments[1] == "poison", ["start", "resume"].contains(arguments[3]) {
+    do { try await poison(directory: arguments[2], start: arguments[3] == "start") } catch { fail("EntityCrashChild: \(error)") }
     exit(0)
 }
 if arguments.count > 1, ["activities", "local", "saga"].contains(arguments[1]) {

@@ -1,0 +1,160 @@
+@_spi(Testing) @testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Synchronization
+import Testing
+
+/// Heartbeats stored with their task: progress and the count of attempts survive a crash.
+@Suite("Stored heartbeats", .timeLimit(.minutes(3)))
+struct HeartbeatStoreTests {
+    /// The one stored activity task of the runtime.
+    func storedTask(_ runtime: EntityRuntime) throws -> ActivityTask? {
+        let rows = try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix])
+        #expect(rows.count == 1)
+        return rows.first.flatMap { ActivityTask.decode($0.value) }
+    }
+
+    func details(_ task: ActivityTask?) -> Int? {
+        guard let bytes = task?.heartbeat else { return nil }
+        return try? bytes.withUnsafeBytes { try BinaryEntityCodec().decode(Int.self, from: $0) }
+    }
+
+    /// Starts `CallStep` "long" on a runtime whose attempt stores heartbeat 1, keeps 2 in memory (the
+    /// same second), and after the test moved the clock a second on stores 3; it then hangs until
+    /// the process "dies". Returns the crashed runtime (the hanging attempt ends with `silence`).
+    func crashAfterHeartbeats(_ configuration: EntityRuntime.Configuration, clock: TestClock, log: AttemptLog,
+                              silence: Silence, retry: RetryPolicy) async throws -> EntityRuntime {
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        let gate = AsyncGate()
+        let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
+            context.heartbeat(1)  // stored at once
+            context.heartbeat(2)  // the same second: kept in memory only
+            event.yield("beat")
+            await gate.wait()
+            context.heartbeat(3)  // a second later: stored
+            try await silence.wait()  // until the process dies
+        }])
+        first.core.activities.heartbeatStored.withLock { $0 = { _ in event.yield("stored") } }
+        try await first.entity(CallStep.self, id: "long").start(.init(label: "l", options: .init(retry: retry)))
+        // The store's completion and the attempt's report come in either order.
+        #expect(Set([await iterator.next(), await iterator.next()]) == ["beat", "stored"])
+        let marked = try storedTask(first)
+        #expect(details(marked) == 1, "the first heartbeat is stored at once; the second waits for the interval")
+        #expect(marked?.runningAttempt == 1 && marked?.attempt == 1)
+        clock.advance(by: .seconds(1))
+        gate.open()
+        #expect(await iterator.next() == "stored")
+        #expect(details(try storedTask(first)) == 3)
+        first.simulateCrash()
+        return first
+    }
+
+    @Test("an attempt cut off by a crash after a heartbeat counts as failed: the next one has the next number and reads the stored details")
+    func crashedAttemptCounts() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        let log = AttemptLog()
+        let silence = Silence()
+        defer { silence.finish() }
+        let crashed = try await crashAfterHeartbeats(configuration, clock: clock, log: log, silence: silence,
+                                                     retry: .init(initialInterval: .seconds(2)))
+        let opened = clock.nowNanoseconds()
+        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
+            return "resumed-from-\(context.lastHeartbeat(as: Int.self) ?? -1)"
+        }])
+        defer { second.close() }
+        clock.skipsTimeWhenIdle = true  // the retry's backoff passes
+        #expect(try await second.entity(CallStep.self, id: "long").result() == "resumed-from-3")
+        let attempts = log.all
+        #expect(attempts.map(\.number) == [1, 2])
+        #expect(Set(attempts.map(\.key)).count == 1, "one idempotency key across the crash")
+        #expect(attempts.last?.heartbeat == 3)
+        #expect(attempts.last.map { $0.time - opened } == 2_000_000_000, "the retry policy's backoff, from the open")
+        #expect(try second.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        withExtendedLifetime(crashed) {}
+    }
+
+    @Test("an activity that keeps crashing the process ends after its maximum attempts: the run gets the failure")
+    func crashLoopEnds() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        let log = AttemptLog()
+        let silence = Silence()
+        defer { silence.finish() }
+        let crashed = try await crashAfterHeartbeats(configuration, clock: clock, log: log, silence: silence,
+                                                     retry: .init(maximumAttempts: 1))
+        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return "ran again"
+        }])
+        defer { second.close() }
+        #expect(try await second.entity(CallStep.self, id: "long").result() == "failed:retriesExhausted:1:interrupted")
+        #expect(log.all.map(\.number) == [1], "no attempt after the last one allowed")
+        #expect(try second.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        withExtendedLifetime(crashed) {}
+    }
+
+    @Test("an attempt a close cancels is not a failed one: the next open runs the same attempt again, with its last heartbeat")
+    func closeKeepsAttemptNumber() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        var configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        configuration.activityGracePeriod = .milliseconds(20)
+        configuration.activityCancellationWait = .seconds(120)  // the cancelled attempt ends; never abandoned, however loaded the machine
+        let log = AttemptLog()
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        let silence = Silence()
+        defer { silence.finish() }
+        let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            context.heartbeat(1)  // stored, with the running mark
+            context.heartbeat(2)  // in memory
+            event.yield("beat")
+            try await silence.wait()  // cancelled by the close
+        }])
+        first.core.activities.heartbeatStored.withLock { $0 = { _ in event.yield("stored") } }
+        try await first.entity(CallStep.self, id: "long").start(.init(label: "l", options: .default))
+        #expect(Set([await iterator.next(), await iterator.next()]) == ["beat", "stored"])
+        await first.shutdown()
+        let unmarked = try EntityRuntime(configuration: configuration)
+        let stored = try storedTask(unmarked)
+        #expect(stored?.runningAttempt == nil, "the close took the running mark away")
+        #expect(stored?.attempt == 1)
+        #expect(details(stored) == 2, "the attempt's last details are kept")
+        unmarked.close()
+
+        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
+            return "again"
+        }])
+        defer { second.close() }
+        clock.skipsTimeWhenIdle = true  // a retry's backoff (were the attempt counted) would not stall the test
+        #expect(try await second.entity(CallStep.self, id: "long").result() == "again")
+        #expect(log.all.map(\.number) == [1, 1])
+        #expect(log.all.last?.heartbeat == 2)
+    }
+
+    @Test("stored tasks without the running mark read as before; the mark round-trips")
+    func runningMarkEncoding() throws {
+        var task = ActivityTask(entityType: "T", entityID: "i", entityKey: 7, run: 1, activityID: 3, name: "Step", input: [1, 2],
+                                options: .default, attempt: 2, scheduledAt: 10, notBefore: 20, heartbeat: [9])
+        let plain = task.encoded()
+        #expect(plain.count == task.encodedSize)
+        #expect(ActivityTask.decode(plain)?.runningAttempt == nil)
+        task.runningAttempt = 2
+        let marked = task.encoded()
+        #expect(marked.count == task.encodedSize)
+        #expect(Array(marked.prefix(plain.count)) == plain, "the mark is appended")
+        #expect(ActivityTask.decode(marked)?.runningAttempt == 2)
+        #expect(ActivityTask.decode(marked + [0]) == nil, "trailing bytes are refused")
+    }
+}
