@@ -143,6 +143,39 @@ struct HeartbeatStoreTests {
         #expect(log.all.last?.heartbeat == 2)
     }
 
+    @Test("a heartbeat from work an attempt left behind, after it failed, stores nothing: the retry's row stays")
+    func lateHeartbeatStoresNothing() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let left = Mutex<ActivityContext?>(nil)
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
+            guard context.attempt == 1 else { return "second" }
+            context.heartbeat(1)
+            left.withLock { $0 = context }  // kept by work that outlives the attempt
+            throw Flake()
+        }])
+        defer { runtime.close() }
+        runtime.core.activities.heartbeatStored.withLock { $0 = { _ in event.yield("stored") } }
+        let call = runtime.entity(CallStep.self, id: "late")
+        try await call.start(.init(label: "l", options: .init(retry: .init(initialInterval: .seconds(10)))))
+        #expect(await iterator.next() == "stored")
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value  // the retry's row is stored
+        #expect(try storedTask(runtime).map { ($0.attempt, $0.runningAttempt, details($0)) } ?? (0, nil, nil) == (2, nil, 1))
+        clock.advance(by: .seconds(1))  // past the store interval, short of the retry
+        left.withLock { $0 }?.heartbeat(99)  // late: the attempt ended
+        // Commits keep the order of submission: once this deposit is durable, a store would be too.
+        try await runtime.entity(Account.self, id: "marker").signal(.deposit(1))
+        #expect(try storedTask(runtime).map { ($0.attempt, $0.runningAttempt, details($0)) } ?? (0, nil, nil) == (2, nil, 1))
+        clock.skipsTimeWhenIdle = true
+        #expect(try await call.result() == "second")
+        #expect(log.all.map(\.number) == [1, 2] && log.all.last?.heartbeat == 1)
+    }
+
     @Test("stored tasks without the running mark read as before; the mark round-trips")
     func runningMarkEncoding() throws {
         var task = ActivityTask(entityType: "T", entityID: "i", entityKey: 7, run: 1, activityID: 3, name: "Step", input: [1, 2],

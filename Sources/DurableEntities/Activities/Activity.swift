@@ -72,6 +72,8 @@ public final class ActivityContext: Sendable {
         var details: [UInt8]?
         /// When this attempt last stored its details (ns on the runtime's clock).
         var storedAt: UInt64?
+        /// The attempt ended: a late heartbeat (from work it left behind) stores nothing.
+        var ended = false
     }
 
     init(idempotencyKey: String, attempt: Int, entity: EntityName, logger: Logger, lastHeartbeat: [UInt8]?, codec: any EntityCodec,
@@ -98,24 +100,27 @@ public final class ActivityContext: Sendable {
     /// heartbeats are kept in memory, for its retries.
     public func heartbeat<Details: Codable & Sendable>(_ details: Details) {
         guard let bytes = try? codec.encode(details) else { return }
-        let stores = heartbeats.withLock { state -> Bool in
+        heartbeats.withLock { state in
             state.details = bytes
-            guard let store else { return false }
+            guard let store, !state.ended else { return }
             let now = store.worker.now
-            if let last = state.storedAt, now < last.saturatingAdd(store.worker.heartbeatStoreInterval) { return false }
+            if let last = state.storedAt, now < last.saturatingAdd(store.worker.heartbeatStoreInterval) { return }
             state.storedAt = now
-            return true
+            // Submitted under the lock: never after ``end()``, so never behind the row the attempt's
+            // end stores (a retry's), which it would overwrite.
+            store.worker.storeHeartbeat(bytes, of: store.task)
         }
         onHeartbeat?()
-        if stores, let store { store.worker.storeHeartbeat(bytes, of: store.task) }
     }
 
-    /// The encoded details of the last heartbeat (this attempt's, else the previous one's): what the
-    /// next attempt reads if this one fails.
-    var heartbeatDetails: [UInt8]? { heartbeats.withLock { $0.details } }
-
-    /// Whether this attempt stored a heartbeat (its task is marked as running it).
-    var storedHeartbeat: Bool { heartbeats.withLock { $0.storedAt != nil } }
+    /// Ends the attempt's heartbeats: returns the last details and whether this attempt stored one
+    /// (its task is then marked as running it); a later heartbeat stores nothing.
+    func end() -> (details: [UInt8]?, stored: Bool) {
+        heartbeats.withLock { state in
+            state.ended = true
+            return (state.details, state.storedAt != nil)
+        }
+    }
 
     /// The details of the last heartbeat — of this attempt, or else of the attempt before it.
     public func lastHeartbeat<Details: Codable & Sendable>(as type: Details.Type) -> Details? {

@@ -492,8 +492,9 @@ final class ActivityWorker: @unchecked Sendable {
             store: storingHeartbeats ? (self, task) : nil, onHeartbeat: nil)
         let result: Result<[UInt8], any Error>
         do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
-        return Ended(result: result, timedOut: nil, heartbeat: context.heartbeatDetails, cancelled: Task.isCancelled,
-                     storedHeartbeat: context.storedHeartbeat)
+        let heartbeats = context.end()
+        return Ended(result: result, timedOut: nil, heartbeat: heartbeats.details, cancelled: Task.isCancelled,
+                     storedHeartbeat: heartbeats.stored)
     }
 
     /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
@@ -544,8 +545,9 @@ final class ActivityWorker: @unchecked Sendable {
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
         let (timedOut, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
-        return Ended(result: result, timedOut: timedOut, heartbeat: context.heartbeatDetails, cancelled: Task.isCancelled,
-                     storedHeartbeat: context.storedHeartbeat)
+        let heartbeats = context.end()
+        return Ended(result: result, timedOut: timedOut, heartbeat: heartbeats.details, cancelled: Task.isCancelled,
+                     storedHeartbeat: heartbeats.stored)
     }
 
     /// What comes after an attempt.
