@@ -13,6 +13,13 @@ import Synchronization
 /// holding a thread, and counts against ``EntityRuntime/Configuration/maxConcurrentActivities`` until
 /// it returns. Await I/O rather than block on it: a blocking call holds one of those threads.
 ///
+/// An attempt counts against the retry policy's `maximumAttempts` when it fails, times out, or is
+/// cut off by a crash after it stored a heartbeat (``ActivityContext/heartbeat(_:)``). An attempt cut
+/// off before any heartbeat runs again under the same number: an activity that might bring the
+/// process down (a huge input, a library that traps) should heartbeat as it starts (the first
+/// heartbeat is stored with the next commit, within milliseconds), so that the retry policy ends a
+/// crash loop.
+///
 /// ## Usage
 /// ```swift
 /// struct Charge: Activity {
