@@ -23,7 +23,7 @@ struct HeartbeatStoreTests {
     /// same second), and after the test moved the clock a second on stores 3; it then hangs until
     /// the process "dies". Returns the crashed runtime (the hanging attempt ends with `silence`).
     func crashAfterHeartbeats(_ configuration: EntityRuntime.Configuration, clock: TestClock, log: AttemptLog,
-                              silence: Silence, retry: RetryPolicy) async throws -> EntityRuntime {
+                              silence: Silence, retry: RetryPolicy, timed: Bool = false) async throws -> EntityRuntime {
         let (events, event) = AsyncStream.makeStream(of: String.self)
         var iterator = events.makeAsyncIterator()
         let gate = AsyncGate()
@@ -37,7 +37,9 @@ struct HeartbeatStoreTests {
             try await silence.wait()  // until the process dies
         }])
         first.core.activities.heartbeatStored.withLock { $0 = { _ in event.yield("stored") } }
-        try await first.entity(CallStep.self, id: "long").start(.init(label: "l", options: .init(retry: retry)))
+        // Timed: the attempt runs under a watchdog, in a task of its own (the other path of an attempt).
+        let options = ActivityOptions(retry: retry, startToCloseTimeout: timed ? .seconds(3_600) : nil)
+        try await first.entity(CallStep.self, id: "long").start(.init(label: "l", options: options))
         // The store's completion and the attempt's report come in either order.
         #expect(Set([await iterator.next(), await iterator.next()]) == ["beat", "stored"])
         let marked = try storedTask(first)
@@ -51,8 +53,9 @@ struct HeartbeatStoreTests {
         return first
     }
 
-    @Test("an attempt cut off by a crash after a heartbeat counts as failed: the next one has the next number and reads the stored details")
-    func crashedAttemptCounts() async throws {
+    @Test("an attempt cut off by a crash after a heartbeat counts as failed: the next one has the next number and reads the stored details",
+          arguments: [false, true])
+    func crashedAttemptCounts(timed: Bool) async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
@@ -61,7 +64,7 @@ struct HeartbeatStoreTests {
         let silence = Silence()
         defer { silence.finish() }
         let crashed = try await crashAfterHeartbeats(configuration, clock: clock, log: log, silence: silence,
-                                                     retry: .init(initialInterval: .seconds(2)))
+                                                     retry: .init(initialInterval: .seconds(2)), timed: timed)
         let opened = clock.nowNanoseconds()
         let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
             log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
