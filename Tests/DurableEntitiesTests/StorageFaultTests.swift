@@ -1,6 +1,8 @@
 @testable import DurableEntities
 import DurableEntitiesTesting
 import Foundation
+import LMDB
+import ServiceLifecycle
 import Synchronization
 import Testing
 import TestSupport
@@ -196,5 +198,71 @@ struct StorageFaultTests {
         #expect(try await nap.query { _ in 1 } == 1)
         clock.advance(by: .seconds(3_600))
         #expect(try await nap.result() == "woke")
+    }
+}
+
+/// MDB_PANIC ("the environment had a fatal error; it must be closed"), acted out by `JournalFaults`:
+/// the journal stops rather than keep failing, says so, and the directory reopens with everything
+/// acknowledged.
+@Suite("A fatal storage failure", .timeLimit(.minutes(2)))
+struct FatalStorageTests {
+    static let panic = LMDBError(returnCode: -30_795 /* MDB_PANIC */, operation: "mdb_txn_commit", path: "(test)")
+
+    func configuration(_ directory: TemporaryDirectory, _ faults: JournalFaults?) -> EntityRuntime.Configuration {
+        var configuration = EntityRuntime.Configuration.quiet(directory, TestClock())
+        configuration.journal.faults = faults
+        return configuration
+    }
+
+    @Test("after MDB_PANIC every later message is refused at once with storage, the runtime reports why, and a reopen has everything acknowledged")
+    func panicStopsTheJournal() async throws {
+        #expect(Self.panic.code == .panic)
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let faults = JournalFaults()
+        let runtime = try EntityRuntime(configuration: configuration(directory, faults), entityTypes: [Account.self])
+        let account = runtime.entity(Account.self, id: "a")
+        try await account.signal(.deposit(5))
+        #expect(runtime.failure == nil)
+        faults.failCommits(1, with: Self.panic)
+        let first = await #expect(throws: EntityError.self) { try await account.signal(.deposit(7)) }
+        #expect(first?.code == .storage)
+        // Stopped: the next messages fail without another commit being tried (one fault was injected).
+        let later = await #expect(throws: EntityError.self) { try await runtime.entity(Account.self, id: "b").signal(.deposit(1)) }
+        #expect(later?.code == .storage)
+        #expect(later.map { "\($0)".contains("stopped") } == true, "the error says the journal stopped: \(later.map { "\($0)" } ?? "-")")
+        #expect(faults.failed.commits == 1)
+        #expect(runtime.failure?.code == .storage)
+        #expect((runtime.failure?.underlying as? JournalError)?.underlying is LMDBError)
+        runtime.close()
+
+        let reopened = try EntityRuntime(configuration: configuration(directory, nil), entityTypes: [Account.self])
+        defer { reopened.close() }
+        #expect(reopened.failure == nil)
+        #expect(try await reopened.entity(Account.self, id: "a").query { $0 } == Account.State(balance: 5, deposits: 1))
+        try await reopened.entity(Account.self, id: "b").signal(.deposit(2))
+        #expect(try await reopened.entity(Account.self, id: "b").query(\.balance) == 2)
+    }
+
+    @Test("as a Service, the runtime ends its ServiceGroup with the failure once its journal stops")
+    func serviceEndsWithTheFailure() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let faults = JournalFaults()
+        let runtime = try EntityRuntime(configuration: configuration(directory, faults), entityTypes: [Account.self])
+        let group = ServiceGroup(services: [runtime], logger: quietLogger)
+        let running = Task { try await group.run() }
+        try await runtime.entity(Account.self, id: "a").signal(.deposit(5))
+        faults.failCommits(1, with: Self.panic)
+        _ = await #expect(throws: EntityError.self) { try await runtime.entity(Account.self, id: "a").signal(.deposit(7)) }
+        let ended = await running.result
+        guard case .failure(let error) = ended else {
+            Issue.record("the service group went on after the journal stopped")
+            return
+        }
+        #expect((error as? EntityError)?.code == .storage, "the group ended with \(error)")
+        // The runtime closed on its way out: messages are refused as closed.
+        let refused = await #expect(throws: EntityError.self) { try await runtime.entity(Account.self, id: "a").signal(.deposit(1)) }
+        #expect(refused?.code == .closed)
     }
 }

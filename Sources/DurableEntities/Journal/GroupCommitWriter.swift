@@ -73,6 +73,11 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var hasCommitted = false
     private var closing = false
     private var finished = false
+    /// Set by a commit that failed with MDB_PANIC: LMDB cannot commit again until the environment
+    /// is reopened, so every later submission fails at once with this (see ``stop(_:)``).
+    private var stopped: JournalError?
+    /// Told once, when the journal stops.
+    private var onStop: [@Sendable (JournalError) -> Void] = []
     private let completions = DispatchQueue(label: "DurableEntities.Journal.completions")
     private var thread: Thread?
 
@@ -101,6 +106,11 @@ final class GroupCommitWriter: @unchecked Sendable {
         if closing {
             condition.unlock()
             submission.completion(.failure(JournalError(.closed, "the journal is closed; nothing was written")))
+            return
+        }
+        if let stopped {
+            condition.unlock()
+            submission.completion(.failure(stopped))
             return
         }
         pending.append(submission)
@@ -236,13 +246,14 @@ final class GroupCommitWriter: @unchecked Sendable {
                 let outcome = try write(batch, in: txn)
                 built = ContinuousClock.now
                 // A failure on purpose (tests): the transaction ran and is aborted, as on a real failure.
-                if let faults = configuration.faults, faults.commitFails(batch.lazy.map(\.batch)) { throw InjectedFault() }
+                if let faults = configuration.faults, let fault = faults.commitFault(batch.lazy.map(\.batch)) { throw fault }
                 return outcome
             }
         } catch {
             let failure = JournalError.storage(error, "committing \(batch.count) batches; none of them was written")
             configuration.logger.error("journal commit failed", metadata: ["journal.error": "\(error)"])
             completions.async { for submission in batch { submission.completion(.failure(failure)) } }
+            if let lmdb = error as? LMDBError, lmdb.code == .panic { stop(failure) }
             return
         }
         state = outcome.state
@@ -270,6 +281,51 @@ final class GroupCommitWriter: @unchecked Sendable {
         completions.async {
             for (submission, result) in zip(batch, outcome.results) { submission.completion(result) }
         }
+    }
+
+    /// After MDB_PANIC ("the environment had a fatal error; it must be closed"): no transaction can
+    /// commit any more. Every submission from now on fails at once with `storage` (nothing written;
+    /// nothing acknowledged is lost: what was committed stays, and the next open recovers), and the
+    /// journal's stop handlers are told, so the application can restart rather than keep failing.
+    private func stop(_ cause: JournalError) {
+        let error = JournalError(.storage, "the journal stopped after a fatal storage failure (\(cause.message)); nothing was "
+                                 + "written. Close the runtime and open it again, or restart the process: the open recovers "
+                                 + "everything committed", underlying: cause.underlying ?? cause)
+        configuration.logger.critical("the journal stopped: LMDB reported a fatal error; reopen the directory (restart the process)",
+                                      metadata: ["journal.error": "\(cause)"])
+        condition.lock()
+        guard stopped == nil else {
+            condition.unlock()
+            return
+        }
+        stopped = error
+        // Submissions already queued fail too.
+        let queued = pending
+        pending.removeAll()
+        pendingOperations = 0
+        let handlers = onStop
+        onStop = []
+        condition.unlock()
+        completions.async {
+            for submission in queued { submission.completion(.failure(error)) }
+            for handler in handlers { handler(error) }
+        }
+    }
+
+    /// Why the journal stopped (see ``stop(_:)``), or `nil` while it commits.
+    var stopReason: JournalError? {
+        condition.lock()
+        defer { condition.unlock() }
+        return stopped
+    }
+
+    /// Calls `handler` (on the completion queue) when the journal stops; at once if it has.
+    func whenStopped(_ handler: @escaping @Sendable (JournalError) -> Void) {
+        condition.lock()
+        let stopped = self.stopped
+        if stopped == nil { onStop.append(handler) }
+        condition.unlock()
+        if let stopped { completions.async { handler(stopped) } }
     }
 
     /// The transaction body. Re-runnable: it changes nothing outside the transaction (LMDB runs it

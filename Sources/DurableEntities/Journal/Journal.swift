@@ -226,6 +226,18 @@ public final class Journal: Sendable {
         }
     }
 
+    /// Why the journal stopped committing, or `nil` while it commits. It stops after a commit that
+    /// failed with MDB_PANIC (LMDB's "the environment had a fatal error"): from then on every
+    /// submission fails at once with ``JournalError/Code/storage``; what was committed stays, and
+    /// opening the directory again recovers it.
+    public var stopReason: JournalError? { writer.stopReason }
+
+    /// Calls `handler` once if the journal stops (see ``stopReason``), on the completion queue; at
+    /// once if it has stopped already.
+    public func whenStopped(_ handler: @escaping @Sendable (JournalError) -> Void) {
+        writer.whenStopped(handler)
+    }
+
     /// Finishes what is queued (every queued caller is completed), then closes the environment.
     /// Later commits fail with ``JournalError/Code/closed``. Calling it twice has no effect.
     public func close() {

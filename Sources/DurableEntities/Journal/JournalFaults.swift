@@ -14,6 +14,8 @@ final class JournalFaults: Sendable {
     }
     private struct State: Sendable {
         var commit: Rule<JournalBatch>?
+        /// What a failing commit throws (``InjectedFault`` when `nil`).
+        var commitError: (any Error & Sendable)?
         var read: Rule<String>?
         var commitsFailed = 0
         var readsFailed = 0
@@ -24,8 +26,14 @@ final class JournalFaults: Sendable {
 
     /// The next `count` commits that carry a batch matching `matches` fail (the whole commit, as a
     /// real failure would: every batch in it).
-    func failCommits(_ count: Int = 1, where matches: @escaping @Sendable (JournalBatch) -> Bool = { _ in true }) {
-        state.withLock { $0.commit = Rule(remaining: count, matches: matches) }
+    /// - Parameter error: what the commit fails with (an ``InjectedFault`` by default; an
+    ///   `LMDBError` to act out a particular LMDB failure, such as MDB_PANIC).
+    func failCommits(_ count: Int = 1, with error: (any Error & Sendable)? = nil,
+                     where matches: @escaping @Sendable (JournalBatch) -> Bool = { _ in true }) {
+        state.withLock {
+            $0.commit = Rule(remaining: count, matches: matches)
+            $0.commitError = error
+        }
     }
 
     /// The next `count` reads whose description (as in the `storage` error's message, such as
@@ -37,13 +45,13 @@ final class JournalFaults: Sendable {
     /// How many commits and reads failed on purpose so far.
     var failed: (commits: Int, reads: Int) { state.withLock { ($0.commitsFailed, $0.readsFailed) } }
 
-    /// Whether this commit of `batches` fails (counted if so).
-    func commitFails(_ batches: some Sequence<JournalBatch>) -> Bool {
+    /// What this commit of `batches` fails with, or `nil` if it does not fail (counted if it does).
+    func commitFault(_ batches: some Sequence<JournalBatch>) -> (any Error)? {
         state.withLock { state in
-            guard let rule = state.commit, rule.remaining > 0, batches.contains(where: rule.matches) else { return false }
+            guard let rule = state.commit, rule.remaining > 0, batches.contains(where: rule.matches) else { return nil }
             state.commit!.remaining -= 1
             state.commitsFailed += 1
-            return true
+            return state.commitError ?? InjectedFault()
         }
     }
 

@@ -11,9 +11,36 @@ extension EntityRuntime: Service {
     /// let group = ServiceGroup(services: [runtime, httpServer], gracefulShutdownSignals: [.sigterm], logger: logger)
     /// try await group.run()
     /// ```
+    ///
+    /// If the journal stops first (a fatal storage failure, see ``failure``), it closes the runtime
+    /// and throws that failure: the `ServiceGroup` ends, and a supervisor (systemd, Kubernetes)
+    /// restarts the process, whose open recovers everything acknowledged.
     public func run() async throws {
-        try? await gracefulShutdown()
+        let failure = await withTaskGroup(of: EntityError?.self) { group in
+            group.addTask {
+                try? await gracefulShutdown()
+                return nil
+            }
+            group.addTask { await self.untilStopped() }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
+        }
         await shutdown()
+        if let failure { throw failure }
+    }
+
+    /// Returns ``failure`` once the journal stops; `nil` if the calling task is cancelled first.
+    func untilStopped() async -> EntityError? {
+        let outcome = FirstOutcome()
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<EntityError?, Never>) in
+                outcome.wait(continuation)
+                core.journal.whenStopped { error in outcome.resolve(Self.failure(error)) }
+            }
+        } onCancel: {
+            outcome.resolve(nil)
+        }
     }
 
     /// ``close()`` for async code: the same steps, waited for without blocking a thread of the
@@ -32,5 +59,33 @@ extension EntityRuntime: Service {
                 done.resume()
             }
         }
+    }
+}
+
+/// The first of several outcomes, for one waiter that may start waiting after it arrived.
+private final class FirstOutcome: Sendable {
+    private struct State {
+        var continuation: CheckedContinuation<EntityError?, Never>?
+        var outcome: EntityError??
+    }
+    private let state = Mutex(State())
+
+    func wait(_ continuation: CheckedContinuation<EntityError?, Never>) {
+        let ready = state.withLock { state -> EntityError?? in
+            if let outcome = state.outcome { return .some(outcome) }
+            state.continuation = continuation
+            return nil
+        }
+        if let ready { continuation.resume(returning: ready) }
+    }
+
+    func resolve(_ outcome: EntityError?) {
+        let waiting = state.withLock { state -> CheckedContinuation<EntityError?, Never>? in
+            if case .some = state.outcome { return nil }
+            state.outcome = .some(outcome)
+            defer { state.continuation = nil }
+            return state.continuation
+        }
+        waiting?.resume(returning: outcome)
     }
 }

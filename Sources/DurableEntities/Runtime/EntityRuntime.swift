@@ -148,6 +148,17 @@ public final class EntityRuntime: Sendable {
         if let retention = configuration.idempotencyRetention { core.scheduleResultExpiry(after: retention) }
     }
 
+    /// Why the runtime can no longer record anything, or `nil` while it can: its journal stopped
+    /// after a fatal storage failure (LMDB's MDB_PANIC, see ``Journal/stopReason``). Every message is
+    /// then refused with `storage` at once; what was acknowledged stays. Close the runtime and open it
+    /// again, or restart the process: the open recovers. As a `Service`, the runtime's `run()`
+    /// throws this failure, so its `ServiceGroup` ends.
+    public var failure: EntityError? { core.journal.stopReason.map(Self.failure) }
+
+    static func failure(_ stopped: JournalError) -> EntityError {
+        EntityError(.storage, entity: nil, stopped.message, underlying: stopped)
+    }
+
     /// Deletes now the idempotency results recorded more than `age` ago (default: the configured
     /// ``Configuration/idempotencyRetention``; with neither, nothing). The runtime also does this on
     /// its own. A signal or update resent later with one of those keys is applied as a new message.
