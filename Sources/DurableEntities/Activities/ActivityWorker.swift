@@ -289,7 +289,7 @@ final class ActivityWorker: @unchecked Sendable {
         core.journal.submit(batch) { [self] result in
             switch result {
             case .success: heartbeatStored.withLock { $0 }?(id)
-            case .failure(let error) where error.code != .closed:
+            case .failure(let error) where error.code != .closed && core.journal.stopReason == nil:  // a stop is logged once
                 core.logger.warning("storing an activity's heartbeat failed", metadata: ["activity": "\(task.name)", "error": "\(error)"])
             case .failure: break
             }
