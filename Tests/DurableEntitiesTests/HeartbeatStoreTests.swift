@@ -19,11 +19,19 @@ struct HeartbeatStoreTests {
         return try? bytes.withUnsafeBytes { try BinaryEntityCodec().decode(Int.self, from: $0) }
     }
 
-    /// Starts `CallStep` "long" on a runtime whose attempt stores heartbeat 1, keeps 2 in memory (the
-    /// same second), and after the test moved the clock a second on stores 3; it then hangs until
-    /// the process "dies". Returns the crashed runtime (the hanging attempt ends with `silence`).
-    func crashAfterHeartbeats(_ configuration: EntityRuntime.Configuration, clock: TestClock, log: AttemptLog,
-                              silence: Silence, retry: RetryPolicy, timed: Bool = false) async throws -> EntityRuntime {
+    /// In a fresh directory, starts `CallStep` "long" on a runtime whose attempt stores heartbeat 1,
+    /// keeps 2 in memory (the same second), and after the test moved the clock a second on stores 3;
+    /// it then hangs until the process "dies" (a simulated crash). Then calls `reopen` with the
+    /// directory's configuration, the clock and the attempt log.
+    func afterCrashMidAttempt(retry: RetryPolicy, timed: Bool = false,
+                              reopen: (EntityRuntime.Configuration, TestClock, AttemptLog) async throws -> Void) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        let log = AttemptLog()
+        let silence = Silence()
+        defer { silence.finish() }
         let (events, event) = AsyncStream.makeStream(of: String.self)
         var iterator = events.makeAsyncIterator()
         let gate = AsyncGate()
@@ -50,58 +58,43 @@ struct HeartbeatStoreTests {
         #expect(await iterator.next() == "stored")
         #expect(details(try storedTask(first)) == 3)
         first.simulateCrash()
-        return first
+        try await reopen(configuration, clock, log)
+        withExtendedLifetime(first) {}  // the crashed runtime's attempt hangs until `silence` ends
     }
 
     @Test("an attempt cut off by a crash after a heartbeat counts as failed: the next one has the next number and reads the stored details",
           arguments: [false, true])
     func crashedAttemptCounts(timed: Bool) async throws {
-        let directory = TemporaryDirectory()
-        defer { directory.remove() }
-        let clock = TestClock(skipsTimeWhenIdle: false)
-        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
-        let log = AttemptLog()
-        let silence = Silence()
-        defer { silence.finish() }
-        let crashed = try await crashAfterHeartbeats(configuration, clock: clock, log: log, silence: silence,
-                                                     retry: .init(initialInterval: .seconds(2)), timed: timed)
-        let opened = clock.nowNanoseconds()
-        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
-            return "resumed-from-\(context.lastHeartbeat(as: Int.self) ?? -1)"
-        }])
-        defer { second.close() }
-        clock.skipsTimeWhenIdle = true  // the retry's backoff passes
-        #expect(try await second.entity(CallStep.self, id: "long").result() == "resumed-from-3")
-        let attempts = log.all
-        #expect(attempts.map(\.number) == [1, 2])
-        #expect(Set(attempts.map(\.key)).count == 1, "one idempotency key across the crash")
-        #expect(attempts.last?.heartbeat == 3)
-        #expect(attempts.last.map { $0.time - opened } == 2_000_000_000, "the retry policy's backoff, from the open")
-        #expect(try second.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
-        withExtendedLifetime(crashed) {}
+        try await afterCrashMidAttempt(retry: .init(initialInterval: .seconds(2)), timed: timed) { configuration, clock, log in
+            let opened = clock.nowNanoseconds()
+            let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+                log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
+                return "resumed-from-\(context.lastHeartbeat(as: Int.self) ?? -1)"
+            }])
+            defer { second.close() }
+            clock.skipsTimeWhenIdle = true  // the retry's backoff passes
+            #expect(try await second.entity(CallStep.self, id: "long").result() == "resumed-from-3")
+            let attempts = log.all
+            #expect(attempts.map(\.number) == [1, 2])
+            #expect(Set(attempts.map(\.key)).count == 1, "one idempotency key across the crash")
+            #expect(attempts.last?.heartbeat == 3)
+            #expect(attempts.last.map { $0.time - opened } == 2_000_000_000, "the retry policy's backoff, from the open")
+            #expect(try second.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        }
     }
 
     @Test("an activity that keeps crashing the process ends after its maximum attempts: the run gets the failure")
     func crashLoopEnds() async throws {
-        let directory = TemporaryDirectory()
-        defer { directory.remove() }
-        let clock = TestClock(skipsTimeWhenIdle: false)
-        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
-        let log = AttemptLog()
-        let silence = Silence()
-        defer { silence.finish() }
-        let crashed = try await crashAfterHeartbeats(configuration, clock: clock, log: log, silence: silence,
-                                                     retry: .init(maximumAttempts: 1))
-        let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            return "ran again"
-        }])
-        defer { second.close() }
-        #expect(try await second.entity(CallStep.self, id: "long").result() == "failed:retriesExhausted:1:interrupted")
-        #expect(log.all.map(\.number) == [1], "no attempt after the last one allowed")
-        #expect(try second.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
-        withExtendedLifetime(crashed) {}
+        try await afterCrashMidAttempt(retry: .init(maximumAttempts: 1)) { configuration, clock, log in
+            let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
+                log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+                return "ran again"
+            }])
+            defer { second.close() }
+            #expect(try await second.entity(CallStep.self, id: "long").result() == "failed:retriesExhausted:1:interrupted")
+            #expect(log.all.map(\.number) == [1], "no attempt after the last one allowed")
+            #expect(try second.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        }
     }
 
     @Test("an attempt a close cancels is not a failed one: the next open runs the same attempt again, with its last heartbeat")
