@@ -138,6 +138,49 @@ struct EntityRuntimeTests {
         #expect(error?.code == .terminated)
     }
 
+    @Test("the entities of a type are listed by id, a page at a time, while names wait for the sorted index and after a reopen")
+    func listsEntities() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        var configuration = configuration(directory)
+        configuration.journal.deferredNameLimit = 8  // names merge into the sorted index while later ones wait
+        // Registered out of order; one id outside ASCII (ids sort by their UTF-8 bytes).
+        let ids = (0..<40).map { "acc-\(($0 * 17) % 40)" } + ["é-last", "0-first"]
+        let expected = ids.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) }
+        func pages(_ runtime: EntityRuntime, limit: Int) throws -> [[String]] {
+            var pages: [[String]] = []
+            var after: String?
+            while true {
+                let page = try runtime.entityIDs(of: Account.self, after: after, limit: limit)
+                if page.isEmpty { return pages }
+                pages.append(page)
+                after = page.last
+            }
+        }
+        do {
+            let runtime = try EntityRuntime(configuration: configuration)
+            for id in ids { try await runtime.entity(Account.self, id: id).signal(.deposit(1)) }
+            try await runtime.entity(Account.self, id: "acc-3").terminate(reason: "closed")  // still listed
+            _ = try await runtime.entity(Account.self, id: "only-queried").query(\.balance)  // never recorded
+            try await runtime.entity(Approval.self, id: "acc-other-type").start(.init(amount: 1))  // another type
+            let paged = try pages(runtime, limit: 7)
+            #expect(paged.flatMap { $0 } == expected)
+            #expect(paged.dropLast().allSatisfy { $0.count == 7 })
+            #expect(try runtime.entityIDs(of: Account.self, after: "acc-38", limit: 3) == ["acc-39", "acc-4", "acc-5"])
+            #expect(try runtime.entityIDs(of: Approval.self) == ["acc-other-type"])
+            #expect(try runtime.entityIDs(of: Account.self, after: "é-last").isEmpty)
+            let refused = #expect(throws: EntityError.self) { try runtime.entityIDs(of: Account.self, limit: 0) }
+            #expect(refused?.code == .invalidArgument)
+            let tooLong = #expect(throws: EntityError.self) { try runtime.entityIDs(of: Account.self, after: String(repeating: "x", count: 600)) }
+            #expect(tooLong?.code == .invalidArgument)
+            runtime.close()
+        }
+        let reopened = try EntityRuntime(configuration: configuration)
+        defer { reopened.close() }
+        #expect(try pages(reopened, limit: 5).flatMap { $0 } == expected)
+        #expect(try reopened.entityIDs(of: Account.self, limit: 100) == expected)
+    }
+
     @Test("a closed runtime leaves memory with its resident entities, run bodies suspended in waits included; they go on at the next open")
     func closedRuntimeIsReleased() async throws {
         let directory = TemporaryDirectory()

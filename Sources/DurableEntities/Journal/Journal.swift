@@ -348,6 +348,39 @@ public final class Journal: Sendable {
         }
     }
 
+    /// The names of the registered entities of `type`, in the order of their ids' UTF-8 bytes: at
+    /// most `limit` of them, those whose id sorts after `after` (all when `nil`). Page through by
+    /// passing a page's last id as the next `after`. Sees every registration acknowledged before
+    /// the call.
+    public func names(ofType type: String, after: String? = nil, limit: Int) throws(JournalError) -> [EntityName] {
+        guard limit > 0 else { return [] }
+        let prefix = Array(type.utf8) + [0]
+        let start = prefix + Array((after ?? "").utf8)
+        _ = try EntityName(type: type, id: after ?? "").nameKeyCount()  // a type LMDB keys can hold
+        // Before the read transaction begins: see ``PendingNames`` on why this order finds every name.
+        let waiting = pending.names(ofType: type, after: after)
+        var found = try read("listing the entities of \(type)") { txn in
+            try txn.withCursor(stores.names) { cursor in
+                var names: [EntityName] = []
+                var entry = try cursor.seek(atLeast: start)
+                while let current = entry, names.count < limit, current.key.starts(with: prefix) {
+                    if after == nil || !current.key.elementsEqual(start), let name = EntityName(nameKey: current.key) {
+                        names.append(name)
+                    }
+                    entry = try cursor.next()
+                }
+                return names
+            }
+        }
+        // The first `limit` names after `after` are among the first `limit` stored ones and the
+        // waiting ones; a name of a merge under way may be in both.
+        if !waiting.isEmpty {
+            found = Array(Set(found).union(waiting)).sorted { $0.id.utf8.lexicographicallyPrecedes($1.id.utf8) }
+            if found.count > limit { found.removeLast(found.count - limit) }
+        }
+        return found
+    }
+
     /// The metadata of `entity`, or `nil` if it was never registered.
     public func metadata(of entity: EntityKey) throws(JournalError) -> EntityMetadata? {
         try read("reading metadata of \(entity)") { txn in try metadata(of: entity, in: txn) }

@@ -52,6 +52,21 @@ final class PendingNames: Sendable {
 
     var count: Int { tables.withLock { $0.recent.count + $0.merging.count } }
 
+    /// The waiting names of `type` whose id sorts after `after` (by UTF-8 bytes), unsorted. A name
+    /// of the batch being merged may be in `names` too.
+    func names(ofType type: String, after: String?) -> [EntityName] {
+        tables.withLock { tables in
+            var found: [EntityName] = []
+            for table in [tables.recent, tables.merging] {
+                for name in table.keys where name.type == type {
+                    if let after, !after.utf8.lexicographicallyPrecedes(name.id.utf8) { continue }
+                    found.append(name)
+                }
+            }
+            return found
+        }
+    }
+
     /// Names a commit registered (call after it committed).
     func add(_ names: [PendingName]) {
         guard !names.isEmpty else { return }

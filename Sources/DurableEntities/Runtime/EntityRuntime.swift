@@ -148,6 +148,32 @@ public final class EntityRuntime: Sendable {
         if let retention = configuration.idempotencyRetention { core.scheduleResultExpiry(after: retention) }
     }
 
+    /// The ids of the entities of type `W` in this directory, in the order of their UTF-8 bytes: at
+    /// most `limit`, those after `after` (all when `nil`). An entity is listed from its first
+    /// acknowledged message on, terminated ones included; one only queried is not. Page through by
+    /// passing a page's last id as the next `after`:
+    ///
+    /// ```swift
+    /// var after: String?
+    /// repeat {
+    ///     let page = try runtime.entityIDs(of: Account.self, after: after, limit: 500)
+    ///     for id in page { audit(try await runtime.entity(Account.self, id: id).query { $0 }) }
+    ///     after = page.last
+    /// } while after != nil
+    /// ```
+    /// - Throws: ``EntityError`` `invalidArgument` for a `limit` under 1; `storage` if the read fails.
+    public func entityIDs<W: EntityWorkflow>(of type: W.Type, after: String? = nil, limit: Int = 1_000) throws(EntityError) -> [String] {
+        guard limit >= 1 else { throw EntityError(.invalidArgument, entity: nil, "the limit must be 1 or more (got \(limit))") }
+        do {
+            return try core.journal.names(ofType: W.entityType, after: after, limit: limit).map(\.id)
+        } catch {
+            switch error.code {
+            case .nameTooLong: throw EntityError(.invalidArgument, entity: nil, error.message, underlying: error)
+            default: throw EntityError(.storage, entity: nil, "listing the entities of \(W.entityType) failed", underlying: error)
+            }
+        }
+    }
+
     /// Why the runtime can no longer record anything, or `nil` while it can: its journal stopped
     /// after a fatal storage failure (LMDB's MDB_PANIC, see ``Journal/stopReason``). Every message is
     /// then refused with `storage` at once; what was acknowledged stays. Close the runtime and open it
