@@ -276,17 +276,11 @@ final class ActivityWorker: @unchecked Sendable {
     }
 
     /// Stores `details` as the last heartbeat of `task`'s running attempt, with the mark that the
-    /// attempt runs (see ``ActivityTask/runningAttempt``). Not waited for; only while the task is
-    /// stored (a task its entity gave up stays deleted).
+    /// attempt runs (see ``ActivityTask/runningAttempt``). Not waited for.
     func storeHeartbeat(_ details: [UInt8], of task: ActivityTask) {
         guard !abandoned, task.entityKey != 0 else { return }
-        var stored = task
-        stored.heartbeat = details
-        stored.runningAttempt = task.attempt
-        var batch = JournalBatch()
-        batch.replaceTask(stored.key, value: stored.encoded())
         let id = task.id
-        core.journal.submit(batch) { [self] result in
+        rewrite(task, heartbeat: details, running: true) { [self] result in
             switch result {
             case .success: heartbeatStored.withLock { $0 }?(id)
             case .failure(let error) where error.code != .closed && core.journal.stopReason == nil:  // a stop is logged once
@@ -298,15 +292,23 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// An attempt that stored a heartbeat was cancelled by a closing runtime: its task is stored again
     /// without the running mark (a cancelled attempt is not a failed one; the next open runs the same
-    /// attempt again), with the attempt's last details.
+    /// attempt again), with the attempt's last details. A close waits for it.
     private func unmark(_ task: ActivityTask, heartbeat: [UInt8]?) {
         guard !abandoned else { return }  // the journal may be closed: the next open counts the attempt
+        core.becameBusy()
+        rewrite(task, heartbeat: heartbeat, running: false) { [core] _ in core!.becameIdle() }
+    }
+
+    /// Rewrites `task`'s stored row with `heartbeat` as its last details, marked as running its
+    /// attempt or not — only while the row is stored (a task its entity gave up stays deleted).
+    private func rewrite(_ task: ActivityTask, heartbeat: [UInt8]?, running: Bool,
+                         completion: @escaping @Sendable (Result<CommitReceipt, JournalError>) -> Void) {
         var stored = task
         stored.heartbeat = heartbeat
+        stored.runningAttempt = running ? task.attempt : nil
         var batch = JournalBatch()
         batch.replaceTask(stored.key, value: stored.encoded())
-        core.becameBusy()  // a close waits for it
-        core.journal.submit(batch) { [core] _ in core!.becameIdle() }
+        core.journal.submit(batch, completion: completion)
     }
 
     /// A retry timer fell due: run the task's next attempt (if it is still owed).

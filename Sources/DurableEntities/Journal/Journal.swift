@@ -354,9 +354,9 @@ public final class Journal: Sendable {
     /// the call.
     public func names(ofType type: String, after: String? = nil, limit: Int) throws(JournalError) -> [EntityName] {
         guard limit > 0 else { return [] }
+        _ = try EntityName(type: type, id: after ?? "").nameKeyCount()  // a type LMDB keys can hold
         let prefix = Array(type.utf8) + [0]
         let start = prefix + Array((after ?? "").utf8)
-        _ = try EntityName(type: type, id: after ?? "").nameKeyCount()  // a type LMDB keys can hold
         // Before the read transaction begins: see ``PendingNames`` on why this order finds every name.
         let waiting = pending.names(ofType: type, after: after)
         var found = try read("listing the entities of \(type)") { txn in

@@ -32,15 +32,12 @@ extension EntityRuntime: Service {
 
     /// Returns ``failure`` once the journal stops; `nil` if the calling task is cancelled first.
     func untilStopped() async -> EntityError? {
-        let outcome = FirstOutcome()
-        return await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<EntityError?, Never>) in
-                outcome.wait(continuation)
-                core.journal.whenStopped { error in outcome.resolve(Self.failure(error)) }
-            }
-        } onCancel: {
-            outcome.resolve(nil)
+        let (stopped, stop) = AsyncStream.makeStream(of: EntityError.self)
+        core.journal.whenStopped { error in
+            stop.yield(Self.failure(error))
+            stop.finish()
         }
+        return await stopped.first { _ in true }
     }
 
     /// ``close()`` for async code: the same steps, waited for without blocking a thread of the
@@ -62,30 +59,3 @@ extension EntityRuntime: Service {
     }
 }
 
-/// The first of several outcomes, for one waiter that may start waiting after it arrived.
-private final class FirstOutcome: Sendable {
-    private struct State {
-        var continuation: CheckedContinuation<EntityError?, Never>?
-        var outcome: EntityError??
-    }
-    private let state = Mutex(State())
-
-    func wait(_ continuation: CheckedContinuation<EntityError?, Never>) {
-        let ready = state.withLock { state -> EntityError?? in
-            if let outcome = state.outcome { return .some(outcome) }
-            state.continuation = continuation
-            return nil
-        }
-        if let ready { continuation.resume(returning: ready) }
-    }
-
-    func resolve(_ outcome: EntityError?) {
-        let waiting = state.withLock { state -> CheckedContinuation<EntityError?, Never>? in
-            if case .some = state.outcome { return nil }
-            state.outcome = .some(outcome)
-            defer { state.continuation = nil }
-            return state.continuation
-        }
-        waiting?.resume(returning: outcome)
-    }
-}
