@@ -11,6 +11,7 @@ public struct ActivityStub<A: Activity>: Activity {
     public typealias Input = A.Input
     public typealias Output = A.Output
     public static var name: String { A.name }
+    public static var recordsAttemptStart: Bool { A.recordsAttemptStart }
 
     private let body: @Sendable (A.Input, ActivityContext) async throws -> A.Output
 

@@ -58,8 +58,10 @@ struct CrashPoisonJob: EntityWorkflow {
     static var entityType: String { "PoisonJob" }
     static func initialState(id: String) -> State { State() }
     static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(10), maximumAttempts: 3))
         do {
-            return try await context.execute(CrashPoison.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10), maximumAttempts: 3)))
+            if input == 1 { return try await context.execute(CrashInstantPoison.self, input, options: options) }
+            return try await context.execute(CrashPoison.self, input, options: options)
         } catch let failure as ActivityFailure {
             return "failed:\(failure.reason):\(failure.attempts):\(failure.causeType)"
         }
@@ -69,6 +71,18 @@ struct CrashPoisonJob: EntityWorkflow {
 /// The child's `Poison`, here only to notice if it runs again.
 struct CrashPoison: Activity {
     static var name: String { "Poison" }
+    let log: CrashRunLog
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        log.add(.init(label: "attempt \(context.attempt)", key: context.idempotencyKey, applied: false))
+        return "ran"
+    }
+}
+
+/// The child's `InstantPoison`, here only to notice if it runs again.
+struct CrashInstantPoison: Activity {
+    static var name: String { "InstantPoison" }
+    static var recordsAttemptStart: Bool { true }
     let log: CrashRunLog
 
     func run(_ input: Int, context: ActivityContext) async throws -> String {
@@ -403,6 +417,31 @@ struct ActivityCrashTests {
                                         activities: [CrashPoison(log: log)])
         defer { runtime.close() }
         let result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashPoisonJob.self, id: "p").result() }
+        #expect(result == "failed:retriesExhausted:3:interrupted")
+        #expect(log.all.isEmpty, "an attempt after the last one allowed: \(log.all.map(\.label))")
+        #expect(try storedTasks(runtime) == 0)
+    }
+
+    @Test("an activity that records its start and SIGKILLs its own process as soon as it runs, on every attempt, ends after its 3 attempts")
+    func instantCrashLoopEnds() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        for round in 1...3 {
+            let child = try ChildProcess("EntityCrashChild", arguments: ["poison", directory.path, round == 1 ? "start" : "resume", "instant"])
+            let watchdog = EntityCrashTests.Watchdog(child)
+            let lines = await child.remainingLines()
+            #expect(!watchdog.disarm(), "round \(round): the child hung; it printed \(lines)")
+            #expect(child.waitForExit(timeout: .seconds(60)))
+            #expect(child.process.terminationReason == .uncaughtSignal && child.process.terminationStatus == SIGKILL,
+                    "round \(round): the child ended otherwise (\(child.process.terminationStatus)); it printed \(lines)")
+            // Attempt n in round n: the attempt the crash cut off counted, though it stored nothing itself.
+            #expect(lines.filter { $0.hasPrefix("attempt ") } == ["attempt \(round)"], "round \(round): \(lines)")
+        }
+        let log = CrashRunLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashPoisonJob.self],
+                                        activities: [CrashPoison(log: log), CrashInstantPoison(log: log)])
+        defer { runtime.close() }
+        let result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashPoisonJob.self, id: "q").result() }
         #expect(result == "failed:retriesExhausted:3:interrupted")
         #expect(log.all.isEmpty, "an attempt after the last one allowed: \(log.all.map(\.label))")
         #expect(try storedTasks(runtime) == 0)

@@ -14,11 +14,11 @@ import Synchronization
 /// it returns. Await I/O rather than block on it: a blocking call holds one of those threads.
 ///
 /// An attempt counts against the retry policy's `maximumAttempts` when it fails, times out, or is
-/// cut off by a crash after it stored a heartbeat (``ActivityContext/heartbeat(_:)``). An attempt cut
-/// off before any heartbeat runs again under the same number: an activity that might bring the
-/// process down (a huge input, a library that traps) should heartbeat as it starts (the first
-/// heartbeat is stored with the next commit, within milliseconds), so that the retry policy ends a
-/// crash loop.
+/// cut off by a crash after its start was stored: either it stored a heartbeat
+/// (``ActivityContext/heartbeat(_:)``), or its type sets ``recordsAttemptStart``. An attempt cut off
+/// before either runs again under the same number. So an activity that might bring the process down
+/// (a huge input, a library that traps, memory exhaustion) should set ``recordsAttemptStart``: then
+/// the retry policy ends a crash loop however early in the attempt the crash comes.
 ///
 /// ## Usage
 /// ```swift
@@ -35,12 +35,29 @@ public protocol Activity: Sendable {
     associatedtype Output: Codable & Sendable
     /// The name under which it is registered and recorded in histories.
     static var name: String { get }
+    /// Whether each attempt's start is stored before the attempt runs (default `false`).
+    ///
+    /// When `true`, an attempt runs only once the journal has durably marked its task as running that
+    /// attempt, so an attempt cut off by a crash at any point (even before its first heartbeat) counts
+    /// as a failed attempt at the next open: the next attempt has the next number, and
+    /// `maximumAttempts` ends an activity that keeps crashing the process. This is what a Temporal
+    /// user gets for every activity, and it costs the same here: one more commit before each attempt
+    /// (a commit round-trip of latency, typically a millisecond or two, and a few microseconds of CPU).
+    /// Leave it `false` for activities that cannot bring the process down.
+    ///
+    /// An attempt whose start cannot be stored (a storage error) does not run and is not counted: it
+    /// is tried again after the retry policy's delay. With ``WorkflowContext/executeLocal(_:_:options:)``
+    /// such an activity runs on the pool, like ``WorkflowContext/execute(_:_:options:)``: its task is
+    /// stored by the scheduling turn's commit, and its start after that.
+    static var recordsAttemptStart: Bool { get }
     func run(_ input: Input, context: ActivityContext) async throws -> Output
 }
 
 extension Activity {
     /// The type's name, as `String(describing:)` writes it.
     public static var name: String { DefaultActivityNames.name(of: Self.self) }
+    /// `false`: an attempt's start is stored with its first heartbeat, if any.
+    public static var recordsAttemptStart: Bool { false }
 }
 
 /// The default activity names, made once per type: `String(describing:)` of a metatype goes through
@@ -79,17 +96,19 @@ public final class ActivityContext: Sendable {
         var details: [UInt8]?
         /// When this attempt last stored its details (ns on the runtime's clock).
         var storedAt: UInt64?
+        /// The attempt's start was stored before it ran (``Activity/recordsAttemptStart``).
+        var startStored = false
         /// The attempt ended: a late heartbeat (from work it left behind) stores nothing.
         var ended = false
     }
 
     init(idempotencyKey: String, attempt: Int, entity: EntityName, logger: Logger, lastHeartbeat: [UInt8]?, codec: any EntityCodec,
-         store: (worker: ActivityWorker, task: ActivityTask)? = nil, onHeartbeat: (@Sendable () -> Void)?) {
+         store: (worker: ActivityWorker, task: ActivityTask)? = nil, startStored: Bool = false, onHeartbeat: (@Sendable () -> Void)?) {
         self.idempotencyKey = idempotencyKey
         self.attempt = attempt
         self.entity = entity
         self.logger = logger
-        self.heartbeats = Mutex(Heartbeats(details: lastHeartbeat))
+        self.heartbeats = Mutex(Heartbeats(details: lastHeartbeat, startStored: startStored))
         self.codec = codec
         self.store = store
         self.onHeartbeat = onHeartbeat
@@ -103,7 +122,8 @@ public final class ActivityContext: Sendable {
     /// at most that much progress; the last details are stored anyway when the attempt fails or a
     /// close cancels it). A stored heartbeat also marks the attempt as started: an attempt cut off by
     /// a crash after one counts as a failed attempt (the next one has the next number, and
-    /// `maximumAttempts` ends an activity that keeps crashing the process). A local activity's
+    /// `maximumAttempts` ends an activity that keeps crashing the process; to have that from the
+    /// attempt's first instruction, see ``Activity/recordsAttemptStart``). A local activity's
     /// heartbeats are kept in memory, for its retries.
     public func heartbeat<Details: Codable & Sendable>(_ details: Details) {
         guard let bytes = try? codec.encode(details) else { return }
@@ -120,12 +140,12 @@ public final class ActivityContext: Sendable {
         onHeartbeat?()
     }
 
-    /// Ends the attempt's heartbeats: returns the last details and whether this attempt stored one
-    /// (its task is then marked as running it); a later heartbeat stores nothing.
+    /// Ends the attempt's heartbeats: returns the last details and whether this attempt's task is
+    /// marked as running it (a heartbeat or its start was stored); a later heartbeat stores nothing.
     func end() -> (details: [UInt8]?, stored: Bool) {
         heartbeats.withLock { state in
             state.ended = true
-            return (state.details, state.storedAt != nil)
+            return (state.details, state.storedAt != nil || state.startStored)
         }
     }
 

@@ -5,11 +5,14 @@ import Synchronization
 
 /// An activity, whatever its types: decodes its input, runs it, encodes its output.
 protocol AnyActivity: Sendable {
+    /// ``Activity/recordsAttemptStart`` of the registered type.
+    var recordsAttemptStart: Bool { get }
     func run(_ input: [UInt8], context: ActivityContext, codec: any EntityCodec) async throws -> [UInt8]
 }
 
 struct RegisteredActivity<A: Activity>: AnyActivity {
     let activity: A
+    var recordsAttemptStart: Bool { A.recordsAttemptStart }
     func run(_ input: [UInt8], context: ActivityContext, codec: any EntityCodec) async throws -> [UInt8] {
         let decoded = try input.withUnsafeBytes { try codec.decode(A.Input.self, from: $0) }
         return try codec.encode(try await activity.run(decoded, context: context))
@@ -374,10 +377,17 @@ final class ActivityWorker: @unchecked Sendable {
             return false
         }
         let runner = TurnRunner.start(in: core.runners) { [self] runner in
-            let ended = await perform(task, activity, on: runner.executor, storingHeartbeats: true)
-            running.withLock { _ = $0.removeValue(forKey: task.id) }
-            let decision = decide(task, ended)
-            if case .dropped = decision, ended.storedHeartbeat { unmark(task, heartbeat: ended.heartbeat) }
+            let decision: Decision
+            if activity.recordsAttemptStart, let instead = await storeStart(of: task) {
+                running.withLock { _ = $0.removeValue(forKey: task.id) }
+                decision = instead
+            } else {
+                let ended = await perform(task, activity, on: runner.executor, storingHeartbeats: true,
+                                          startStored: activity.recordsAttemptStart)
+                running.withLock { _ = $0.removeValue(forKey: task.id) }
+                decision = decide(task, ended)
+                if case .dropped = decision, ended.storedHeartbeat { unmark(task, heartbeat: ended.heartbeat) }
+            }
             apply(decision, to: task)
             if runner.executor.finishInline() { return true }
             detachedAttemptEnded(task, id: runner.executor.trackingID)
@@ -390,6 +400,25 @@ final class ActivityWorker: @unchecked Sendable {
         let left = detach(runner)
         assert(left, "an attempt that did not end is still inline")
         return false
+    }
+
+    /// Before an attempt of an activity that records its start (``Activity/recordsAttemptStart``):
+    /// stores `task` marked as running its attempt and waits until that is durable. Returns `nil`
+    /// once it is (the attempt runs), else what comes instead of the attempt: nothing when the
+    /// runtime closes or the journal stopped (the next open runs it), or, after another storage
+    /// error, the same attempt again after the retry policy's delay (an attempt that never ran is
+    /// not counted).
+    private func storeStart(of task: ActivityTask) async -> Decision? {
+        let result = await withCheckedContinuation { continuation in
+            rewrite(task, heartbeat: task.heartbeat, running: true) { continuation.resume(returning: $0) }
+        }
+        guard case .failure(let error) = result else { return nil }
+        if error.code == .closed || core.journal.stopReason != nil { return .dropped }
+        var again = task
+        again.notBefore = now.saturatingAdd(task.options.retry.delay(after: task.attempt).nanoseconds)
+        core.logger.warning("storing an activity attempt's start failed; the attempt runs later", metadata: [
+            "activity": "\(task.name)", "attempt": "\(task.attempt)", "error": "\(error)"])
+        return .retry(again)
     }
 
     /// A task waiting for its activity's registration is failed (``ActivityFailure/Reason/notRegistered``)
@@ -462,7 +491,7 @@ final class ActivityWorker: @unchecked Sendable {
         var heartbeat: [UInt8]?
         /// The attempt's task was cancelled (the runtime closes).
         var cancelled: Bool
-        /// The attempt stored a heartbeat (its stored task is marked as running it).
+        /// The attempt's stored task is marked as running it (it stored a heartbeat, or its start).
         var storedHeartbeat = false
     }
 
@@ -473,25 +502,28 @@ final class ActivityWorker: @unchecked Sendable {
     /// its caller, and one holding both paths took ~4 KiB for each local attempt (several slab
     /// allocations of the task allocator, each over 1 KiB, which makes glibc consolidate its free
     /// lists) where the untimed path needs a fraction of that.
-    /// - Parameter storingHeartbeats: heartbeats are stored with the task (a pool attempt, whose task
-    ///   is stored before it starts).
+    /// - Parameters:
+    ///   - storingHeartbeats: heartbeats are stored with the task (a pool attempt, whose task is
+    ///     stored before it starts).
+    ///   - startStored: the task is already stored marked as running this attempt.
     private func perform(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?,
-                         storingHeartbeats: Bool = false) async -> Ended {
+                         storingHeartbeats: Bool = false, startStored: Bool = false) async -> Ended {
         let options = task.options
         if options.startToCloseTimeout == nil, options.scheduleToCloseTimeout == nil, options.heartbeatTimeout == nil {
-            return await performUntimed(task, activity, storingHeartbeats: storingHeartbeats)
+            return await performUntimed(task, activity, storingHeartbeats: storingHeartbeats, startStored: startStored)
         }
-        return await performTimed(task, activity, on: executor, storingHeartbeats: storingHeartbeats)
+        return await performTimed(task, activity, on: executor, storingHeartbeats: storingHeartbeats, startStored: startStored)
     }
 
     /// An attempt that nothing can time out: the activity runs right here, in the caller's task.
     @inline(never)
-    private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity, storingHeartbeats: Bool) async -> Ended {
+    private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity, storingHeartbeats: Bool,
+                                startStored: Bool) async -> Ended {
         let codec = core.codec
         let context = ActivityContext(
             idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
             logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec,
-            store: storingHeartbeats ? (self, task) : nil, onHeartbeat: nil)
+            store: storingHeartbeats ? (self, task) : nil, startStored: startStored, onHeartbeat: nil)
         let result: Result<[UInt8], any Error>
         do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
         let heartbeats = context.end()
@@ -502,7 +534,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
     @inline(never)
     private func performTimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?,
-                              storingHeartbeats: Bool) async -> Ended {
+                              storingHeartbeats: Bool, startStored: Bool) async -> Ended {
         let clock = core.clock
         let codec = core.codec
         let attempt = Attempt()
@@ -521,7 +553,8 @@ final class ActivityWorker: @unchecked Sendable {
         }
         let context = ActivityContext(
             idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
-            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec, store: storingHeartbeats ? (self, task) : nil
+            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec, store: storingHeartbeats ? (self, task) : nil,
+            startStored: startStored
         ) {
             // A heartbeat (its details stay in the context) rearms the heartbeat watchdog.
             var next: UInt64?
@@ -661,9 +694,11 @@ final class ActivityWorker: @unchecked Sendable {
     /// turn, `owner` gets the decision there (with the command's `id`); otherwise (see ``detach(_:)``)
     /// the decision is carried out like a pool attempt's once the turn's commit is durable.
     /// - Returns: the runner the attempt runs on, or `nil` if the activity is not registered (the
-    ///   caller schedules it on the pool, where it waits for its registration).
+    ///   caller schedules it on the pool, where it waits for its registration) or records each
+    ///   attempt's start (see ``Activity/recordsAttemptStart``; the pool runs it).
     func startLocal(_ task: ActivityTask, owner: any LocalAttemptOwner, id: UInt64) -> TurnRunner? {
-        guard let activity = activities.withLock({ $0[task.name] }) else { return nil }
+        // One that records its start runs on the pool, once its task is stored.
+        guard let activity = activities.withLock({ $0[task.name] }), !activity.recordsAttemptStart else { return nil }
         return TurnRunner.start(in: core.runners) { [self] runner in
             let ended = await perform(task, activity, on: runner.executor)
             return endLocal(task, ended, executor: runner.executor, owner: owner, id: id)

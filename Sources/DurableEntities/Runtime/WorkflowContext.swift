@@ -136,6 +136,8 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///   the commit, the entity's history has no trace of it, and the replay after restart schedules
     ///   it again (same command id, same ``ActivityContext/idempotencyKey`` if the body takes the same
     ///   path). Activities must be idempotent anyway; local ones rely on it a little more.
+    /// - an activity whose type records each attempt's start (``Activity/recordsAttemptStart``) runs
+    ///   on the pool instead, exactly as with `execute`: its start must be durable before it runs.
     /// - while it runs inside the turn it holds the shard's thread: keep it short (microseconds to a
     ///   few milliseconds). Anything slow belongs in `execute`.
     /// - its timeouts (start-to-close, schedule-to-close, heartbeat) cancel it as they cancel a pool

@@ -64,6 +64,11 @@
 //       runs what is owed. The body returns "failed:<reason>:<attempts>:<cause type>" once the
 //       activity failed for good (never in the child: each attempt kills it).
 //
+//   EntityCrashChild poison DIR start|resume instant
+//       The same with the `PoisonJob` "q" (input 1), whose activity `InstantPoison` records each
+//       attempt's start (`recordsAttemptStart`): it prints `attempt <n>` and SIGKILLs its own process
+//       at once, without a heartbeat.
+//
 //   EntityCrashChild messages DIR COUNT SINK
 //       Opens a runtime on DIR and sends COUNT `forward` signals, number n to the `Forwarder`
 //       "fw-<n % 4>" (text "<n>", to the `Inbox` "sink"), 4 at a time, printing `ack <n>` once each is
@@ -336,8 +341,10 @@ struct PoisonJob: EntityWorkflow {
     static var entityType: String { "PoisonJob" }
     static func initialState(id: String) -> State { State() }
     static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(10), maximumAttempts: 3))
         do {
-            return try await context.execute(Poison.self, input, options: .init(retry: .init(initialInterval: .milliseconds(10), maximumAttempts: 3)))
+            if input == 1 { return try await context.execute(InstantPoison.self, input, options: options) }
+            return try await context.execute(Poison.self, input, options: options)
         } catch let failure as ActivityFailure {
             return "failed:\(failure.reason):\(failure.attempts):\(failure.causeType)"
         }
@@ -360,13 +367,26 @@ struct Poison: Activity {
     }
 }
 
-func poison(directory: String, start: Bool) async throws {
+/// Records each attempt's start, then kills its process at once (see the header).
+struct InstantPoison: Activity {
+    static var name: String { "InstantPoison" }
+    static var recordsAttemptStart: Bool { true }
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        emit("attempt \(context.attempt)")
+        kill(getpid(), SIGKILL)
+        try await stallUntilKilled()
+        return "not reached"
+    }
+}
+
+func poison(directory: String, start: Bool, instant: Bool) async throws {
     let box = RuntimeBox()
     let runtime = try EntityRuntime(configuration: activityConfiguration(directory), entityTypes: [PoisonJob.self, Account.self],
-                                    activities: [Poison(box: box)])
+                                    activities: [Poison(box: box), InstantPoison()])
     box.set(runtime)
     if start {
-        try await runtime.entity(PoisonJob.self, id: "p").start(0)
+        try await runtime.entity(PoisonJob.self, id: instant ? "q" : "p").start(instant ? 1 : 0)
         emit("started")
     }
     try await stallUntilKilled()
@@ -533,8 +553,11 @@ if arguments.count == 5, arguments[1] == "fanout", let width = Int(arguments[3])
     do { try await fanout(directory: arguments[2], width: width, window: window) } catch { fail("EntityCrashChild: \(error)") }
     exit(0)
 }
-if arguments.count == 4, arguments[1] == "poison", ["start", "resume"].contains(arguments[3]) {
-    do { try await poison(directory: arguments[2], start: arguments[3] == "start") } catch { fail("EntityCrashChild: \(error)") }
+if [4, 5].contains(arguments.count), arguments[1] == "poison", ["start", "resume"].contains(arguments[3]),
+   arguments.count == 4 || arguments[4] == "instant" {
+    do {
+        try await poison(directory: arguments[2], start: arguments[3] == "start", instant: arguments.count == 5)
+    } catch { fail("EntityCrashChild: \(error)") }
     exit(0)
 }
 if arguments.count > 1, ["activities", "local", "saga"].contains(arguments[1]) {
