@@ -261,6 +261,65 @@ struct JournalTests {
         #expect(try journal.events(of: key, through: target - 1).count == Int(target - 1))
     }
 
+    @Test("an event missing from the log (or another's record in its place) fails reads of its entity only, at its sequence: its tail still moves and every later commit succeeds",
+          arguments: ["missing", "misplaced"])
+    func damagedLogRecord(damage: String) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 8, logger: quietLogger)
+        let damaged = EntityName(type: "Account", id: "damaged")
+        let other = EntityName(type: "Account", id: "other")
+        let key: EntityKey
+        let otherKey: EntityKey
+        let position: UInt64
+        do {
+            let journal = try Journal(configuration: configuration)
+            key = try await journal.register(damaged)
+            otherKey = try await journal.register(other)
+            for sequence in 1...5 {
+                var batch = JournalBatch()
+                batch.append(key, sequence: UInt64(sequence), payload: bytes("d-\(sequence)"))
+                _ = try await journal.commit(batch)
+            }
+            let tail = try #require(journal.tails.run(of: key.rawValue))
+            #expect(tail.firstSequence == 1 && tail.positions.count == 5, "all five wait in the log")
+            position = tail.positions[1]  // sequence 2
+            journal.close()
+        }
+        try damageLog(at: position, damage, directory: directory.path)
+
+        func expectDamage(_ journal: Journal, _ context: Comment) throws {
+            let error = #expect(throws: JournalError.self, context) { try journal.events(of: key) }
+            #expect(error?.code == .corruptedRecord && error?.sequence == 2 && error?.entity == damaged, context)
+            #expect(try journal.events(of: key, through: 1).map(\.payload) == [bytes("d-1")], context)
+        }
+        let journal = try Journal(configuration: configuration)
+        try expectDamage(journal, "in the log")
+        // The first commit after the open moves the damaged tail to history, whatever its length;
+        // later events fill the tail again past its threshold (8 to 12).
+        for sequence in 6...12 {
+            var batch = JournalBatch()
+            batch.append(key, sequence: UInt64(sequence), payload: bytes("d-\(sequence)"))
+            batch.append(otherKey, sequence: UInt64(sequence - 5), payload: bytes("o-\(sequence - 5)"))
+            _ = try await journal.commit(batch)
+            if sequence == 6 { #expect(journal.tails.run(of: key.rawValue)?.positions.isEmpty ?? true, "the damaged tail moved at once") }
+        }
+        var later = JournalBatch()
+        later.append(otherKey, sequence: 8, payload: bytes("o-8"))
+        _ = try await journal.commit(later)
+        try expectDamage(journal, "moved to history")
+        let error = #expect(throws: JournalError.self) { try journal.events(of: key) }
+        #expect(error?.message.contains("when its tail moved to history") == true, "\(String(describing: error?.message))")
+        #expect(try journal.events(of: key, from: 3).map(\.payload) == (3...12).map { bytes("d-\($0)") }, "the events after it are intact")
+        #expect(try journal.events(of: otherKey).map(\.payload) == (1...8).map { bytes("o-\($0)") })
+        journal.close()
+
+        let reopened = try Journal(configuration: configuration)
+        defer { reopened.close() }
+        try expectDamage(reopened, "after a reopen")
+        #expect(try reopened.events(of: otherKey).count == 8)
+    }
+
     @Test("recorded results expire oldest first, by their first recording's time, at most `limit` a batch; results written before they had times are timed at open")
     func resultsExpire() async throws {
         let directory = TemporaryDirectory()
@@ -339,6 +398,23 @@ struct JournalTests {
 
     /// Damages the last payload byte of the tail's first log record, or of the first history chunk
     /// (its last event). Returns the damaged event's sequence.
+    /// Deletes the log record at `position` ("missing"), or makes it claim another sequence ("misplaced").
+    private func damageLog(at position: UInt64, _ damage: String, directory: String) throws {
+        let environment = try Environment.open(.init(directory: directory))
+        defer { environment.close() }
+        let log = try environment.database("log")
+        try environment.write { txn in
+            let key = Key8(position).withBytes { Array($0) }
+            if damage == "missing" {
+                #expect(try txn.delete(key, in: log))
+            } else {
+                var value = try #require(try key.withUnsafeBytes { k in try txn.withValue(forKey: k, in: log) { $0.map(Array.init) } })
+                value.withUnsafeMutableBytes { $0.storeBytes(of: UInt64(99).bigEndian, toByteOffset: 8, as: UInt64.self) }
+                try txn.put(value, forKey: key, in: log)
+            }
+        }
+    }
+
     private func damage(in database: String, tail: TailRun, directory: String) throws -> UInt64 {
         let environment = try Environment.open(.init(directory: directory))
         defer { environment.close() }

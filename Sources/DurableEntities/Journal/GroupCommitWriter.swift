@@ -48,6 +48,8 @@ final class GroupCommitWriter: @unchecked Sendable {
     private var state: WriterCounters
     /// Entities whose tail reached the coalesce threshold and awaits a move (owed work).
     private var fullTails: Set<UInt64>
+    /// Damaged tails found at open (``Journal/Recovered/damagedTails``), moved by the first commit.
+    private var damagedTails: Set<UInt64>
     /// Names the last commit registered: the room its successor reserves for its own (writer thread only).
     private var lastRegistrationCount = 0
 
@@ -94,6 +96,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead,
                                     nextNameSequence: recovered.nextNameSequence)
         self.fullTails = recovered.fullTails
+        self.damagedTails = recovered.damagedTails
         completions.setSpecific(key: Self.onCompletions, value: true)
         let thread = Thread { [unowned self] in self.run() }
         thread.stackSize = 8 << 20
@@ -258,6 +261,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         }
         state = outcome.state
         fullTails = outcome.fullTails
+        damagedTails.removeAll()  // moved
         lastRegistrationCount = outcome.registered.count
         // Before any caller is completed: a registered name is found from the moment its commit is acknowledged.
         pendingNames.add(outcome.registered)
@@ -334,6 +338,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         var context = CommitContext(stores: stores, tails: tails, keys: keys, configuration: configuration, counters: state, recent: recent,
                                     pending: pendingNames, fresh: fresh)
         context.fullTails = fullTails
+        context.damagedTails = damagedTails
         context.mergePhase = merge.phase
         context.deltas.reserveCapacity(batch.count)
         // A busy commit registers tens of names (every new entity): sized like the last commit's and a
@@ -356,6 +361,7 @@ final class GroupCommitWriter: @unchecked Sendable {
         // of tails filling together made one commit in ten take twice as long (build p90 4.2 ms against
         // a 2.2 ms median at 1,000 entities), and that spread was most of the append latency's p99.
         context.moveBudget = context.appendedCount + context.appendedCount / 8 + 128
+        try context.moveDamagedTails(in: txn)
         try context.moveExpiredTails(in: txn)
         try context.moveFullTails(in: txn)
         try context.trimLog(in: txn)
@@ -398,6 +404,8 @@ private struct CommitContext {
     var deltas: [UInt64: TailDelta] = [:]
     /// Entities whose tail reached the coalesce threshold, waiting for a move.
     var fullTails: Set<UInt64> = []
+    /// Damaged tails found at open, all moved by this transaction whatever the budget.
+    var damagedTails: Set<UInt64> = []
     var appendedCount = 0
     /// How many events this transaction may still move.
     var moveBudget = 0
@@ -840,17 +848,20 @@ private struct CommitContext {
             // Copied out of the log before `add` may put a chunk: a value LMDB returns is valid only
             // until the transaction's next write.
             let record = try Key8(position).withBytes { key in
-                try txn.withValue(forKey: key, in: stores.log) { value -> [UInt8] in
-                    guard let value, value.count >= JournalLayout.logHeader else {
-                        throw JournalError(.corruptedRecord, key: EntityKey(rawValue: entity), sequence: sequence,
-                                           "the log has no record at position \(position), which the tail index lists")
-                    }
-                    guard value.bigEndianUInt64(at: 0) == entity, value.bigEndianUInt64(at: 8) == sequence else {
-                        throw JournalError(.corruptedRecord, key: EntityKey(rawValue: entity), sequence: sequence,
-                                           "the log record at position \(position) is not this entity's event at this sequence")
-                    }
+                try txn.withValue(forKey: key, in: stores.log) { value -> [UInt8]? in
+                    guard let value, value.count >= JournalLayout.logHeader, value.bigEndianUInt64(at: 0) == entity,
+                          value.bigEndianUInt64(at: 8) == sequence else { return nil }
                     return [UInt8](UnsafeRawBufferPointer(rebasing: value[16...]))
                 }
+            }
+            guard let record else {
+                // Damage (the log has no record there, or another's): the tail moves anyway, with a
+                // record that fails its checksum in that event's place, so reads of this entity
+                // report the damage at that sequence while every other entity's commits go on.
+                configuration.logger.error("the journal's log has no intact record of an event; its entity's history records the damage", metadata: [
+                    "entity.key": "\(entity)", "sequence": "\(sequence)", "log.position": "\(position)"])
+                try JournalLayout.missingRecord.withUnsafeBytes { try add($0) }
+                continue
             }
             try record.withUnsafeBytes { try add($0) }
         }
@@ -864,6 +875,12 @@ private struct CommitContext {
         fullTails.remove(entity)
         moveBudget -= positions.count
         return positions.count
+    }
+
+    /// Moves the damaged tails found at open (see ``Journal/Recovered/damagedTails``), before anything
+    /// else looks at their positions: the damage is then recorded in their histories.
+    mutating func moveDamagedTails(in txn: borrowing WriteTransaction) throws {
+        for entity in damagedTails.sorted() { try moveTail(of: entity, in: txn) }
     }
 
     /// Moves full tails (at or past the coalesce threshold), largest first, while the budget lasts.

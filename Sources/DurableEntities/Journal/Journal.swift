@@ -440,7 +440,12 @@ public final class Journal: Sendable {
                 guard sequence <= through else { break }
                 try Key8(position).withBytes { k in
                     try txn.withValue(forKey: k, in: stores.log) { value in
-                        guard let value else { return }  // deleted by retention meanwhile
+                        guard let value else {
+                            // Deleted by retention meanwhile (below the entity's retention floor),
+                            // or else damage: never a silent gap in a history.
+                            guard let floor = try metadata(of: entity, in: txn)?.prunedBefore, sequence >= floor else { return }
+                            throw corrupted(entity, sequence, "its log record at position \(position) is missing", txn)
+                        }
                         guard value.count >= JournalLayout.logHeader,
                               value.bigEndianUInt64(at: 0) == entity.rawValue,
                               value.bigEndianUInt64(at: 8) == sequence
@@ -561,6 +566,9 @@ public final class Journal: Sendable {
         }
         let payload = UnsafeRawBufferPointer(rebasing: record[4...])
         guard CRC32C.checksum(payload) == record.littleEndianUInt32(at: 0) else {
+            if payload.elementsEqual(JournalLayout.missingRecordPayload) {
+                throw corrupted(entity, sequence, "the log had no intact record of the event when its tail moved to history", txn)
+            }
             throw corrupted(entity, sequence, "the record fails its checksum", txn)
         }
         return payload
@@ -608,6 +616,9 @@ public final class Journal: Sendable {
         var tailEvents = 0
         var tailEntities = 0
         var fullTails: Set<UInt64> = []
+        /// Entities whose tail in the log is damaged (an event's record missing, or its header
+        /// wrong): the writer's next commit moves them to history, recording the damage there.
+        var damagedTails: Set<UInt64> = []
         /// Registrations waiting for the `names` index, and the next `pending-names` row.
         var pendingNames: [PendingName] = []
         var nextNameSequence: UInt64 = 1
@@ -643,6 +654,13 @@ public final class Journal: Sendable {
 
     /// Rebuilds the tail index from the log: an entry is live when its entity's history and retention
     /// floor do not already cover its sequence.
+    ///
+    /// An entity's live entries hold consecutive sequences from just past that floor. Where they do
+    /// not (damage), the run still gets one position for each sequence, so that the entity's latest
+    /// sequence stays right and nothing is ever appended twice under one sequence: position 0 (never
+    /// a log position) for an event whose record is missing, and a record whose header claims a
+    /// sequence it cannot have stands for the one expected there (reads check headers). The entity is
+    /// reported in ``Recovered/damagedTails``.
     private static func recover(environment: Environment, stores: Stores, tails: TailIndex, coalesceThreshold: Int) throws -> Recovered {
         try environment.read { txn in
             var recovered = Recovered()
@@ -684,11 +702,9 @@ public final class Journal: Sendable {
                         covered[entity] = floor
                     }
                     if sequence > floor {
-                        if runs[entity] == nil {
-                            runs[entity] = TailRun(firstSequence: sequence, positions: [position])
-                        } else {
-                            runs[entity]!.positions.append(position)
-                        }
+                        let expected = runs[entity, default: TailRun(firstSequence: floor + 1, positions: [])]
+                            .addRecovered(position: position, claiming: sequence)
+                        if !expected { recovered.damagedTails.insert(entity) }
                         if firstLive == nil { firstLive = position }
                     }
                     entry = try cursor.next()

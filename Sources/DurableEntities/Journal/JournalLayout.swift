@@ -28,6 +28,17 @@ enum JournalLayout {
     /// keys hold 511 bytes.
     static let maxResultKeyBytes = 503
 
+    /// What a tail move writes in place of an event without an intact log record (damage: none at
+    /// its position, or one whose header names another entity or sequence): a `CRC-32C +
+    /// payload` record whose checksum is wrong on purpose, so that every read of the event fails
+    /// with ``JournalError/Code/corruptedRecord`` at its sequence.
+    static let missingRecord: [UInt8] = {
+        let payload = missingRecordPayload
+        let checksum = ~CRC32C.checksum(payload)
+        return withUnsafeBytes(of: checksum.littleEndian) { Array($0) } + payload
+    }()
+    static let missingRecordPayload = Array("DurableEntities: the journal's log had no intact record of this event".utf8)
+
     /// The `idempotency-times` key of a result recorded at `time` under `key`.
     static func resultTimeKey(_ time: UInt64, _ key: [UInt8]) -> [UInt8] {
         var bytes = [UInt8]()

@@ -8,6 +8,25 @@ struct TailRun: Sendable {
 
     var latestSequence: UInt64 { firstSequence + UInt64(positions.count) - 1 }
 
+    /// At open, adds the log record at `position`, whose header claims `sequence` (see
+    /// `Journal.recover`). Returns whether that is the sequence expected next; if not (damage), the
+    /// run still gets one position per sequence: 0 (never a log position) for each record missing
+    /// before this one, as many as the positions in between allow; else this record stands for the
+    /// expected sequence (its header is wrong, which reads check).
+    mutating func addRecovered(position: UInt64, claiming sequence: UInt64) -> Bool {
+        let expected = firstSequence + UInt64(positions.count)
+        guard sequence != expected else {
+            positions.append(position)
+            return true
+        }
+        let room = position - (positions.last ?? 0) - 1
+        if sequence > expected, sequence - expected <= room {
+            positions.append(contentsOf: repeatElement(0, count: Int(sequence - expected)))
+        }
+        positions.append(position)
+        return false
+    }
+
     /// Applies a delta over this run in place (one dictionary access in ``TailIndex/publish(_:)``).
     mutating func apply(_ delta: TailDelta) {
         if delta.dropped > 0 { positions.removeFirst(delta.dropped) }
