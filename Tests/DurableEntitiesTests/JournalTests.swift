@@ -398,23 +398,6 @@ struct JournalTests {
 
     /// Damages the last payload byte of the tail's first log record, or of the first history chunk
     /// (its last event). Returns the damaged event's sequence.
-    /// Deletes the log record at `position` ("missing"), or makes it claim another sequence ("misplaced").
-    private func damageLog(at position: UInt64, _ damage: String, directory: String) throws {
-        let environment = try Environment.open(.init(directory: directory))
-        defer { environment.close() }
-        let log = try environment.database("log")
-        try environment.write { txn in
-            let key = Key8(position).withBytes { Array($0) }
-            if damage == "missing" {
-                #expect(try txn.delete(key, in: log))
-            } else {
-                var value = try #require(try key.withUnsafeBytes { k in try txn.withValue(forKey: k, in: log) { $0.map(Array.init) } })
-                value.withUnsafeMutableBytes { $0.storeBytes(of: UInt64(99).bigEndian, toByteOffset: 8, as: UInt64.self) }
-                try txn.put(value, forKey: key, in: log)
-            }
-        }
-    }
-
     private func damage(in database: String, tail: TailRun, directory: String) throws -> UInt64 {
         let environment = try Environment.open(.init(directory: directory))
         defer { environment.close() }
@@ -965,3 +948,21 @@ extension RecentRecords {
         record.withUnsafeBytes { self.record(position: position, record: $0) }
     }
 }
+
+/// Deletes the log record at `position` ("missing"), or makes it claim another sequence ("misplaced").
+func damageLog(at position: UInt64, _ damage: String, directory: String) throws {
+    let environment = try Environment.open(.init(directory: directory))
+    defer { environment.close() }
+    let log = try environment.database("log")
+    try environment.write { txn in
+        let key = Key8(position).withBytes { Array($0) }
+        if damage == "missing" {
+            #expect(try txn.delete(key, in: log))
+        } else {
+            var value = try #require(try key.withUnsafeBytes { k in try txn.withValue(forKey: k, in: log) { $0.map(Array.init) } })
+            value.withUnsafeMutableBytes { $0.storeBytes(of: UInt64(99).bigEndian, toByteOffset: 8, as: UInt64.self) }
+            try txn.put(value, forKey: key, in: log)
+        }
+    }
+}
+

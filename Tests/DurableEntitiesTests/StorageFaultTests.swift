@@ -266,3 +266,45 @@ struct FatalStorageTests {
         #expect(refused?.code == .closed)
     }
 }
+
+/// Damage on disk stays with its entity: the entity whose history is damaged fails with a typed
+/// error at each message, and every other entity goes on.
+@Suite("Damage on disk", .timeLimit(.minutes(2)))
+struct DamagedEntityTests {
+    @Test("an account whose log lost an event refuses its messages with failedOnReplay naming the damaged event; other accounts go on, before and after a reopen")
+    func damagedEntityIsIsolated() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock()
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        let position: UInt64
+        do {
+            let runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self])
+            let damaged = runtime.entity(Account.self, id: "damaged")
+            for amount in 1...4 { try await damaged.signal(.deposit(Int64(amount))) }
+            try await runtime.entity(Account.self, id: "healthy").signal(.deposit(10))
+            let key = try #require(try runtime.journal.key(for: EntityName(type: "Account", id: "damaged")))
+            let tail = try #require(runtime.journal.tails.run(of: key.rawValue), "later signals wait in the log")
+            position = try #require(tail.positions.first)
+            runtime.close()
+        }
+        try damageLog(at: position, "missing", directory: directory.path)
+
+        for round in 1...2 {
+            let runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self])
+            defer { runtime.close() }
+            let healthy = runtime.entity(Account.self, id: "healthy")
+            try await healthy.signal(.deposit(1))
+            #expect(try await healthy.query { $0.balance } == 10 + Int64(round))
+            for _ in 1...2 {  // refused each time: the load fails again, nothing is written
+                do {
+                    try await runtime.entity(Account.self, id: "damaged").signal(.deposit(100))
+                    Issue.record("round \(round): a signal to the damaged account was acknowledged")
+                } catch {
+                    #expect(error.code == .failedOnReplay, "round \(round): \(error)")
+                    #expect("\(error)".contains("corruptedRecord entity Account/damaged sequence 2"), "round \(round): \(error)")
+                }
+            }
+        }
+    }
+}
