@@ -395,53 +395,35 @@ struct ActivityCrashTests {
         #expect(try storedTasks(runtime) == 0, "activity tasks left owed after every entity completed")
     }
 
-    @Test("an activity that SIGKILLs its own process after a heartbeat, on every attempt, ends after its 3 attempts: each attempt reads the one before's heartbeat, the run gets the failure")
-    func crashLoopingActivityEnds() async throws {
+    /// `heartbeat`: the activity SIGKILLs its process once its heartbeat is stored (which marks its
+    /// attempt as started). `instant`: it records its start (`recordsAttemptStart`) and SIGKILLs its
+    /// process as soon as it runs, having stored nothing itself.
+    @Test("an activity that SIGKILLs its own process on every attempt ends after its 3 attempts, the run gets the failure: after a stored heartbeat (each attempt reads the one before's), or at once with its start recorded",
+          arguments: ["heartbeat", "instant"])
+    func crashLoopingActivityEnds(mode: String) async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
+        let instant = mode == "instant"
         for round in 1...3 {
-            let child = try ChildProcess("EntityCrashChild", arguments: ["poison", directory.path, round == 1 ? "start" : "resume"])
+            let child = try ChildProcess("EntityCrashChild", arguments: ["poison", directory.path, round == 1 ? "start" : "resume"]
+                                            + (instant ? ["instant"] : []))
             let watchdog = EntityCrashTests.Watchdog(child)
             let lines = await child.remainingLines()
             #expect(!watchdog.disarm(), "round \(round): the child hung; it printed \(lines)")
             #expect(child.waitForExit(timeout: .seconds(60)))
             #expect(child.process.terminationReason == .uncaughtSignal && child.process.terminationStatus == SIGKILL,
                     "round \(round): the child ended otherwise (\(child.process.terminationStatus)); it printed \(lines)")
-            // Attempt n, reading attempt n-1's stored heartbeat (none for the first): no attempt ran twice.
+            // Attempt n in round n: no attempt ran twice. With heartbeats, it read attempt n-1's
+            // stored details (none for the first).
             let attempts = lines.filter { $0.hasPrefix("attempt ") }
-            #expect(attempts == ["attempt \(round) \(round - 1)"], "round \(round): \(lines)")
-            #expect(lines.contains("stored \(round)"), "round \(round): \(lines)")
-        }
-        let log = CrashRunLog()
-        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashPoisonJob.self],
-                                        activities: [CrashPoison(log: log)])
-        defer { runtime.close() }
-        let result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashPoisonJob.self, id: "p").result() }
-        #expect(result == "failed:retriesExhausted:3:interrupted")
-        #expect(log.all.isEmpty, "an attempt after the last one allowed: \(log.all.map(\.label))")
-        #expect(try storedTasks(runtime) == 0)
-    }
-
-    @Test("an activity that records its start and SIGKILLs its own process as soon as it runs, on every attempt, ends after its 3 attempts")
-    func instantCrashLoopEnds() async throws {
-        let directory = TemporaryDirectory()
-        defer { directory.remove() }
-        for round in 1...3 {
-            let child = try ChildProcess("EntityCrashChild", arguments: ["poison", directory.path, round == 1 ? "start" : "resume", "instant"])
-            let watchdog = EntityCrashTests.Watchdog(child)
-            let lines = await child.remainingLines()
-            #expect(!watchdog.disarm(), "round \(round): the child hung; it printed \(lines)")
-            #expect(child.waitForExit(timeout: .seconds(60)))
-            #expect(child.process.terminationReason == .uncaughtSignal && child.process.terminationStatus == SIGKILL,
-                    "round \(round): the child ended otherwise (\(child.process.terminationStatus)); it printed \(lines)")
-            // Attempt n in round n: the attempt the crash cut off counted, though it stored nothing itself.
-            #expect(lines.filter { $0.hasPrefix("attempt ") } == ["attempt \(round)"], "round \(round): \(lines)")
+            #expect(attempts == [instant ? "attempt \(round)" : "attempt \(round) \(round - 1)"], "round \(round): \(lines)")
+            #expect(instant || lines.contains("stored \(round)"), "round \(round): \(lines)")
         }
         let log = CrashRunLog()
         let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashPoisonJob.self],
                                         activities: [CrashPoison(log: log), CrashInstantPoison(log: log)])
         defer { runtime.close() }
-        let result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashPoisonJob.self, id: "q").result() }
+        let result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashPoisonJob.self, id: instant ? "q" : "p").result() }
         #expect(result == "failed:retriesExhausted:3:interrupted")
         #expect(log.all.isEmpty, "an attempt after the last one allowed: \(log.all.map(\.label))")
         #expect(try storedTasks(runtime) == 0)

@@ -36,11 +36,17 @@ extension JournalBatch {
 /// ``Activity/recordsAttemptStart``: an attempt cut off by a crash counts even before any heartbeat.
 @Suite("Recorded attempt starts", .timeLimit(.minutes(3)))
 struct AttemptStartTests {
-    /// The one stored activity task of the runtime.
-    func storedTask(_ runtime: EntityRuntime) throws -> ActivityTask? {
-        let rows = try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix])
-        #expect(rows.count == 1)
-        return rows.first.flatMap { ActivityTask.decode($0.value) }
+    /// A runtime whose `FragileStep` logs its attempt, reports its number on the stream, then hangs
+    /// without a heartbeat until `silence` ends or the attempt is cancelled.
+    func hangingRuntime(_ configuration: EntityRuntime.Configuration, _ clock: TestClock, _ log: AttemptLog,
+                        _ silence: Silence) throws -> (EntityRuntime, AsyncStream<Int>) {
+        let (started, start) = AsyncStream.makeStream(of: Int.self)
+        let runtime = try EntityRuntime(configuration: configuration, activities: [ActivityStub<FragileStep> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            start.yield(context.attempt)
+            try await silence.wait()
+        }])
+        return (runtime, started)
     }
 
     @Test("an attempt that records its start is marked running before it runs: cut off by a crash before any heartbeat, it counts as failed (pool and local calls)",
@@ -53,19 +59,14 @@ struct AttemptStartTests {
         let log = AttemptLog()
         let silence = Silence()
         defer { silence.finish() }
-        let (started, start) = AsyncStream.makeStream(of: Int.self)
+        let (first, started) = try hangingRuntime(configuration, clock, log, silence)
         var iterator = started.makeAsyncIterator()
-        let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<FragileStep> { _, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            start.yield(context.attempt)
-            try await silence.wait()  // until the process "dies"; no heartbeat
-        }])
         let options = ActivityOptions(retry: .init(initialInterval: .seconds(2), maximumAttempts: maximumAttempts))
         try await first.entity(CallFragile.self, id: "f").start(.init(local: local, options: options))
         #expect(await iterator.next() == 1)
         // Running, so its start is durable (a local call ran on the pool: inside the turn, its task
         // would not be stored yet).
-        let marked = try storedTask(first)
+        let marked = try HeartbeatStoreTests.storedTask(first)
         #expect(marked?.runningAttempt == 1 && marked?.attempt == 1)
         first.simulateCrash()
 
@@ -111,7 +112,7 @@ struct AttemptStartTests {
         _ = await Task.detached { runtime.core.waitUntilIdle() }.value  // the failed start and the stored retry
         #expect(faults.failed.commits == 1)
         #expect(log.all.isEmpty, "the attempt ran without its start stored")
-        let waiting = try storedTask(runtime)
+        let waiting = try HeartbeatStoreTests.storedTask(runtime)
         #expect(waiting?.attempt == 1 && waiting?.runningAttempt == nil)
         #expect(waiting?.notBefore == scheduled + 3_000_000_000, "the policy's delay")
         clock.skipsTimeWhenIdle = true
@@ -130,18 +131,13 @@ struct AttemptStartTests {
         let log = AttemptLog()
         let silence = Silence()
         defer { silence.finish() }
-        let (started, start) = AsyncStream.makeStream(of: Int.self)
+        let (first, started) = try hangingRuntime(configuration, clock, log, silence)
         var iterator = started.makeAsyncIterator()
-        let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<FragileStep> { _, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            start.yield(context.attempt)
-            try await silence.wait()  // cancelled by the close
-        }])
         try await first.entity(CallFragile.self, id: "f").start(.init(local: false, options: .init(retry: .init(maximumAttempts: 1))))
         #expect(await iterator.next() == 1)
         await first.shutdown()
         let unmarked = try EntityRuntime(configuration: configuration)
-        let stored = try storedTask(unmarked)
+        let stored = try HeartbeatStoreTests.storedTask(unmarked)
         #expect(stored?.runningAttempt == nil && stored?.attempt == 1, "the close took the running mark away")
         unmarked.close()
 

@@ -8,7 +8,7 @@ import Testing
 @Suite("Stored heartbeats", .timeLimit(.minutes(3)))
 struct HeartbeatStoreTests {
     /// The one stored activity task of the runtime.
-    func storedTask(_ runtime: EntityRuntime) throws -> ActivityTask? {
+    static func storedTask(_ runtime: EntityRuntime) throws -> ActivityTask? {
         let rows = try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix])
         #expect(rows.count == 1)
         return rows.first.flatMap { ActivityTask.decode($0.value) }
@@ -50,13 +50,13 @@ struct HeartbeatStoreTests {
         try await first.entity(CallStep.self, id: "long").start(.init(label: "l", options: options))
         // The store's completion and the attempt's report come in either order.
         #expect(Set([await iterator.next(), await iterator.next()]) == ["beat", "stored"])
-        let marked = try storedTask(first)
+        let marked = try Self.storedTask(first)
         #expect(details(marked) == 1, "the first heartbeat is stored at once; the second waits for the interval")
         #expect(marked?.runningAttempt == 1 && marked?.attempt == 1)
         clock.advance(by: .seconds(1))
         gate.open()
         #expect(await iterator.next() == "stored")
-        #expect(details(try storedTask(first)) == 3)
+        #expect(details(try Self.storedTask(first)) == 3)
         first.simulateCrash()
         try await reopen(configuration, clock, log)
         withExtendedLifetime(first) {}  // the crashed runtime's attempt hangs until `silence` ends
@@ -122,7 +122,7 @@ struct HeartbeatStoreTests {
         #expect(Set([await iterator.next(), await iterator.next()]) == ["beat", "stored"])
         await first.shutdown()
         let unmarked = try EntityRuntime(configuration: configuration)
-        let stored = try storedTask(unmarked)
+        let stored = try Self.storedTask(unmarked)
         #expect(stored?.runningAttempt == nil, "the close took the running mark away")
         #expect(stored?.attempt == 1)
         #expect(details(stored) == 2, "the attempt's last details are kept")
@@ -161,12 +161,12 @@ struct HeartbeatStoreTests {
         try await call.start(.init(label: "l", options: .init(retry: .init(initialInterval: .seconds(10)))))
         #expect(await iterator.next() == "stored")
         _ = await Task.detached { runtime.core.waitUntilIdle() }.value  // the retry's row is stored
-        #expect(try storedTask(runtime).map { ($0.attempt, $0.runningAttempt, details($0)) } ?? (0, nil, nil) == (2, nil, 1))
+        #expect(try Self.storedTask(runtime).map { ($0.attempt, $0.runningAttempt, details($0)) } ?? (0, nil, nil) == (2, nil, 1))
         clock.advance(by: .seconds(1))  // past the store interval, short of the retry
         left.withLock { $0 }?.heartbeat(99)  // late: the attempt ended
         // Commits keep the order of submission: once this deposit is durable, a store would be too.
         try await runtime.entity(Account.self, id: "marker").signal(.deposit(1))
-        #expect(try storedTask(runtime).map { ($0.attempt, $0.runningAttempt, details($0)) } ?? (0, nil, nil) == (2, nil, 1))
+        #expect(try Self.storedTask(runtime).map { ($0.attempt, $0.runningAttempt, details($0)) } ?? (0, nil, nil) == (2, nil, 1))
         clock.skipsTimeWhenIdle = true
         #expect(try await call.result() == "second")
         #expect(log.all.map(\.number) == [1, 2] && log.all.last?.heartbeat == 1)
