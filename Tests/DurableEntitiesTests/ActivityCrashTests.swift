@@ -52,45 +52,6 @@ struct CrashActivityJob: EntityWorkflow {
     }
 }
 
-/// The child's `PoisonJob`: one activity, at most 3 attempts; reports a final failure as its result.
-struct CrashPoisonJob: EntityWorkflow {
-    struct State: Codable, Sendable {}
-    static var entityType: String { "PoisonJob" }
-    static func initialState(id: String) -> State { State() }
-    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
-        let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(10), maximumAttempts: 3))
-        do {
-            if input == 1 { return try await context.execute(CrashInstantPoison.self, input, options: options) }
-            return try await context.execute(CrashPoison.self, input, options: options)
-        } catch let failure as ActivityFailure {
-            return "failed:\(failure.reason):\(failure.attempts):\(failure.causeType)"
-        }
-    }
-}
-
-/// The child's `Poison`, here only to notice if it runs again.
-struct CrashPoison: Activity {
-    static var name: String { "Poison" }
-    let log: CrashRunLog
-
-    func run(_ input: Int, context: ActivityContext) async throws -> String {
-        log.add(.init(label: "attempt \(context.attempt)", key: context.idempotencyKey, applied: false))
-        return "ran"
-    }
-}
-
-/// The child's `InstantPoison`, here only to notice if it runs again.
-struct CrashInstantPoison: Activity {
-    static var name: String { "InstantPoison" }
-    static var recordsAttemptStart: Bool { true }
-    let log: CrashRunLog
-
-    func run(_ input: Int, context: ActivityContext) async throws -> String {
-        log.add(.init(label: "attempt \(context.attempt)", key: context.idempotencyKey, applied: false))
-        return "ran"
-    }
-}
-
 /// What the activities ran in this process: input (or name), idempotency key, whether the effect
 /// was applied by this run (`false`: the key's line was already there).
 final class CrashRunLog: Sendable {
@@ -420,10 +381,15 @@ struct ActivityCrashTests {
             #expect(instant || lines.contains("stored \(round)"), "round \(round): \(lines)")
         }
         let log = CrashRunLog()
-        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashPoisonJob.self],
-                                        activities: [CrashPoison(log: log), CrashInstantPoison(log: log)])
+        // Here only to notice an attempt after the last one allowed.
+        let noteRun: @Sendable (ActivityContext) async throws -> String = { context in
+            log.add(.init(label: "attempt \(context.attempt)", key: context.idempotencyKey, applied: false))
+            return "ran"
+        }
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [PoisonJob.self],
+                                        activities: [Poison(noteRun), InstantPoison(noteRun)])
         defer { runtime.close() }
-        let result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashPoisonJob.self, id: instant ? "q" : "p").result() }
+        let result = try await withDeadline(seconds: 60) { try await runtime.entity(PoisonJob.self, id: instant ? "q" : "p").result() }
         #expect(result == "failed:retriesExhausted:3:interrupted")
         #expect(log.all.isEmpty, "an attempt after the last one allowed: \(log.all.map(\.label))")
         #expect(try storedTasks(runtime) == 0)

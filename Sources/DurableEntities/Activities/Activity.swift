@@ -142,7 +142,7 @@ public final class ActivityContext: Sendable {
 
     /// Ends the attempt's heartbeats: returns the last details and whether this attempt's task is
     /// marked as running it (a heartbeat or its start was stored); a later heartbeat stores nothing.
-    func end() -> (details: [UInt8]?, stored: Bool) {
+    func end() -> (details: [UInt8]?, marked: Bool) {
         heartbeats.withLock { state in
             state.ended = true
             return (state.details, state.storedAt != nil || state.startStored)

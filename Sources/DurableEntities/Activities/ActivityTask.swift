@@ -21,8 +21,8 @@ struct ActivityTask: Codable, Sendable {
     var lastErrorType: String?
     var lastError: String?
     /// Set in a row stored while attempt `attempt` ran (a heartbeat's, see
-    /// ``ActivityContext/heartbeat(_:)``): if it is still there at open, that attempt was cut off by
-    /// a crash and counts as a failed attempt.
+    /// ``ActivityContext/heartbeat(_:)``, or its start's, see ``Activity/recordsAttemptStart``): if
+    /// it is still there at open, that attempt was cut off by a crash and counts as a failed attempt.
     var runningAttempt: Int? = nil
     /// The cell that dispatched the task: its outcome goes straight there while the cell is in
     /// memory, without looking the entity up. Not stored: a task read back from the journal (at open,

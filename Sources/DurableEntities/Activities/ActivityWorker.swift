@@ -267,9 +267,14 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    /// A stored task still marked as running its attempt (a heartbeat's store): that attempt was cut
-    /// off by a crash. It counts as a failed attempt — the retry policy decides what comes next — so
-    /// an activity that keeps crashing the process ends after `maximumAttempts`.
+    /// Whether `error` says the journal takes nothing more: it closed, or it stopped (logged once).
+    private func journalEnded(_ error: JournalError) -> Bool {
+        error.code == .closed || core.journal.stopReason != nil
+    }
+
+    /// A stored task still marked as running its attempt (a heartbeat's or its start's store): that
+    /// attempt was cut off by a crash. It counts as a failed attempt — the retry policy decides what
+    /// comes next — so an activity that keeps crashing the process ends after `maximumAttempts`.
     private func resumeInterrupted(_ task: ActivityTask) {
         var task = task
         task.runningAttempt = nil
@@ -286,16 +291,17 @@ final class ActivityWorker: @unchecked Sendable {
         rewrite(task, heartbeat: details, running: true) { [self] result in
             switch result {
             case .success: heartbeatStored.withLock { $0 }?(id)
-            case .failure(let error) where error.code != .closed && core.journal.stopReason == nil:  // a stop is logged once
+            case .failure(let error) where !journalEnded(error):  // a stop is logged once
                 core.logger.warning("storing an activity's heartbeat failed", metadata: ["activity": "\(task.name)", "error": "\(error)"])
             case .failure: break
             }
         }
     }
 
-    /// An attempt that stored a heartbeat was cancelled by a closing runtime: its task is stored again
-    /// without the running mark (a cancelled attempt is not a failed one; the next open runs the same
-    /// attempt again), with the attempt's last details. A close waits for it.
+    /// An attempt whose task is marked as running it (a heartbeat or its start was stored) was
+    /// cancelled by a closing runtime: its task is stored again without the running mark (a
+    /// cancelled attempt is not a failed one; the next open runs the same attempt again), with the
+    /// attempt's last details. A close waits for it.
     private func unmark(_ task: ActivityTask, heartbeat: [UInt8]?) {
         guard !abandoned else { return }  // the journal may be closed: the next open counts the attempt
         core.becameBusy()
@@ -379,15 +385,14 @@ final class ActivityWorker: @unchecked Sendable {
         let runner = TurnRunner.start(in: core.runners) { [self] runner in
             let decision: Decision
             if activity.recordsAttemptStart, let instead = await storeStart(of: task) {
-                running.withLock { _ = $0.removeValue(forKey: task.id) }
                 decision = instead
             } else {
                 let ended = await perform(task, activity, on: runner.executor, storingHeartbeats: true,
                                           startStored: activity.recordsAttemptStart)
-                running.withLock { _ = $0.removeValue(forKey: task.id) }
                 decision = decide(task, ended)
-                if case .dropped = decision, ended.storedHeartbeat { unmark(task, heartbeat: ended.heartbeat) }
+                if case .dropped = decision, ended.marked { unmark(task, heartbeat: ended.heartbeat) }
             }
+            running.withLock { _ = $0.removeValue(forKey: task.id) }
             apply(decision, to: task)
             if runner.executor.finishInline() { return true }
             detachedAttemptEnded(task, id: runner.executor.trackingID)
@@ -413,7 +418,7 @@ final class ActivityWorker: @unchecked Sendable {
             rewrite(task, heartbeat: task.heartbeat, running: true) { continuation.resume(returning: $0) }
         }
         guard case .failure(let error) = result else { return nil }
-        if error.code == .closed || core.journal.stopReason != nil { return .dropped }
+        if journalEnded(error) { return .dropped }
         var again = task
         again.notBefore = now.saturatingAdd(task.options.retry.delay(after: task.attempt).nanoseconds)
         core.logger.warning("storing an activity attempt's start failed; the attempt runs later", metadata: [
@@ -492,7 +497,7 @@ final class ActivityWorker: @unchecked Sendable {
         /// The attempt's task was cancelled (the runtime closes).
         var cancelled: Bool
         /// The attempt's stored task is marked as running it (it stored a heartbeat, or its start).
-        var storedHeartbeat = false
+        var marked = false
     }
 
     /// Runs one attempt of `task` under its timeouts. With an `executor`, the attempt's own task
@@ -528,7 +533,7 @@ final class ActivityWorker: @unchecked Sendable {
         do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
         let heartbeats = context.end()
         return Ended(result: result, timedOut: nil, heartbeat: heartbeats.details, cancelled: Task.isCancelled,
-                     storedHeartbeat: heartbeats.stored)
+                     marked: heartbeats.marked)
     }
 
     /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
@@ -582,7 +587,7 @@ final class ActivityWorker: @unchecked Sendable {
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
         let heartbeats = context.end()
         return Ended(result: result, timedOut: timedOut, heartbeat: heartbeats.details, cancelled: Task.isCancelled,
-                     storedHeartbeat: heartbeats.stored)
+                     marked: heartbeats.marked)
     }
 
     /// What comes after an attempt.

@@ -334,29 +334,11 @@ final class RuntimeBox: Sendable {
     }
 }
 
-/// The `poison` mode's entity: one activity that kills the process on every attempt. The same
-/// shape as the tests' `CrashPoisonJob`.
-struct PoisonJob: EntityWorkflow {
-    struct State: Codable, Sendable {}
-    static var entityType: String { "PoisonJob" }
-    static func initialState(id: String) -> State { State() }
-    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
-        let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(10), maximumAttempts: 3))
-        do {
-            if input == 1 { return try await context.execute(InstantPoison.self, input, options: options) }
-            return try await context.execute(Poison.self, input, options: options)
-        } catch let failure as ActivityFailure {
-            return "failed:\(failure.reason):\(failure.attempts):\(failure.causeType)"
-        }
-    }
-}
-
-/// Heartbeats, waits until that is stored, and kills its process (see the header).
-struct Poison: Activity {
-    static var name: String { "Poison" }
-    let box: RuntimeBox
-
-    func run(_ input: Int, context: ActivityContext) async throws -> String {
+/// The `poison` mode (see the header): ``PoisonJob``, whose activities kill the process.
+func poison(directory: String, start: Bool, instant instantMode: Bool) async throws {
+    let box = RuntimeBox()
+    // Heartbeats, waits until that is stored, and kills its process (see the header).
+    let poison = Poison { context in
         emit("attempt \(context.attempt) \(context.lastHeartbeat(as: Int.self) ?? 0)")
         context.heartbeat(context.attempt)
         try await box.get().entity(Account.self, id: "marker").signal(.deposit(1))
@@ -365,28 +347,18 @@ struct Poison: Activity {
         try await stallUntilKilled()
         return "not reached"
     }
-}
-
-/// Records each attempt's start, then kills its process at once (see the header).
-struct InstantPoison: Activity {
-    static var name: String { "InstantPoison" }
-    static var recordsAttemptStart: Bool { true }
-
-    func run(_ input: Int, context: ActivityContext) async throws -> String {
+    // Its start is stored before it runs: it kills its process at once.
+    let instant = InstantPoison { context in
         emit("attempt \(context.attempt)")
         kill(getpid(), SIGKILL)
         try await stallUntilKilled()
         return "not reached"
     }
-}
-
-func poison(directory: String, start: Bool, instant: Bool) async throws {
-    let box = RuntimeBox()
     let runtime = try EntityRuntime(configuration: activityConfiguration(directory), entityTypes: [PoisonJob.self, Account.self],
-                                    activities: [Poison(box: box), InstantPoison()])
+                                    activities: [poison, instant])
     box.set(runtime)
     if start {
-        try await runtime.entity(PoisonJob.self, id: instant ? "q" : "p").start(instant ? 1 : 0)
+        try await runtime.entity(PoisonJob.self, id: instantMode ? "q" : "p").start(instantMode ? 1 : 0)
         emit("started")
     }
     try await stallUntilKilled()
