@@ -19,11 +19,33 @@ struct HeartbeatStoreTests {
         return try? bytes.withUnsafeBytes { try BinaryEntityCodec().decode(Int.self, from: $0) }
     }
 
-    /// In a fresh directory, starts `CallStep` "long" on a runtime whose attempt stores heartbeat 1,
-    /// keeps 2 in memory (the same second), and after the test moved the clock a second on stores 3;
-    /// it then hangs until the process "dies" (a simulated crash). Then calls `reopen` with the
-    /// directory's configuration, the clock and the attempt log.
-    func afterCrashMidAttempt(retry: RetryPolicy, timed: Bool = false,
+    /// How the tests call `Step`: on the pool (`CallStep`), or as a local activity (`LocalSteps`).
+    enum Call: CustomTestStringConvertible, CaseIterable {
+        case pool, local
+        var testDescription: String { "\(self)" }
+
+        func start(_ runtime: EntityRuntime, _ id: String, _ options: ActivityOptions) async throws {
+            switch self {
+            case .pool: try await runtime.entity(CallStep.self, id: id).start(.init(label: "l", options: options))
+            case .local: try await runtime.entity(LocalSteps.self, id: id).start(.init(labels: ["l"], options: options))
+            }
+        }
+
+        func result(_ runtime: EntityRuntime, _ id: String) async throws -> String {
+            switch self {
+            case .pool: try await runtime.entity(CallStep.self, id: id).result()
+            case .local: try await runtime.entity(LocalSteps.self, id: id).result()
+            }
+        }
+    }
+
+    /// In a fresh directory, starts `Step` as `call` for entity "long" on a runtime whose attempt
+    /// gives heartbeats 1 and 2 in the same second, and after the test moved the clock a second on
+    /// gives 3; it then hangs until the process "dies" (a simulated crash). On the pool, 1 is stored
+    /// at once and 2 waits for the interval; a local attempt gives both inside its turn, and 2 is
+    /// stored once the turn's commit stored its task. Then calls `reopen` with the directory's
+    /// configuration, the clock and the attempt log.
+    func afterCrashMidAttempt(retry: RetryPolicy, timed: Bool = false, call: Call = .pool,
                               reopen: (EntityRuntime.Configuration, TestClock, AttemptLog) async throws -> Void) async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -37,21 +59,25 @@ struct HeartbeatStoreTests {
         let gate = AsyncGate()
         let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
             log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
-            context.heartbeat(1)  // stored at once
-            context.heartbeat(2)  // the same second: kept in memory only
+            context.heartbeat(1)  // stored at once (a local attempt: inside its turn, in memory)
+            context.heartbeat(2)  // the same second: kept in memory (a local attempt: stored with its task)
             event.yield("beat")
-            await gate.wait()
+            await gate.wait()     // a local attempt leaves its turn here
             context.heartbeat(3)  // a second later: stored
             try await silence.wait()  // until the process dies
         }])
         first.core.activities.heartbeatStored.withLock { $0 = { _ in event.yield("stored") } }
         // Timed: the attempt runs under a watchdog, in a task of its own (the other path of an attempt).
         let options = ActivityOptions(retry: retry, startToCloseTimeout: timed ? .seconds(3_600) : nil)
-        try await first.entity(CallStep.self, id: "long").start(.init(label: "l", options: options))
+        try await call.start(first, "long", options)
         // The store's completion and the attempt's report come in either order.
         #expect(Set([await iterator.next(), await iterator.next()]) == ["beat", "stored"])
         let marked = try Self.storedTask(first)
-        #expect(details(marked) == 1, "the first heartbeat is stored at once; the second waits for the interval")
+        if call == .pool {
+            #expect(details(marked) == 1, "the first heartbeat is stored at once; the second waits for the interval")
+        } else {
+            #expect(details(marked) == 2, "the last heartbeat inside the turn is stored with the task")
+        }
         #expect(marked?.runningAttempt == 1 && marked?.attempt == 1)
         clock.advance(by: .seconds(1))
         gate.open()
@@ -63,9 +89,9 @@ struct HeartbeatStoreTests {
     }
 
     @Test("an attempt cut off by a crash after a heartbeat counts as failed: the next one has the next number and reads the stored details",
-          arguments: [false, true])
-    func crashedAttemptCounts(timed: Bool) async throws {
-        try await afterCrashMidAttempt(retry: .init(initialInterval: .seconds(2)), timed: timed) { configuration, clock, log in
+          arguments: [false, true], Call.allCases)
+    func crashedAttemptCounts(timed: Bool, call: Call) async throws {
+        try await afterCrashMidAttempt(retry: .init(initialInterval: .seconds(2)), timed: timed, call: call) { configuration, clock, log in
             let opened = clock.nowNanoseconds()
             let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
                 log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey, heartbeat: context.lastHeartbeat(as: Int.self)))
@@ -73,7 +99,7 @@ struct HeartbeatStoreTests {
             }])
             defer { second.close() }
             clock.skipsTimeWhenIdle = true  // the retry's backoff passes
-            #expect(try await second.entity(CallStep.self, id: "long").result() == "resumed-from-3")
+            #expect(try await call.result(second, "long") == "resumed-from-3")
             let attempts = log.all
             #expect(attempts.map(\.number) == [1, 2])
             #expect(Set(attempts.map(\.key)).count == 1, "one idempotency key across the crash")
@@ -83,22 +109,24 @@ struct HeartbeatStoreTests {
         }
     }
 
-    @Test("an activity that keeps crashing the process ends after its maximum attempts: the run gets the failure")
-    func crashLoopEnds() async throws {
-        try await afterCrashMidAttempt(retry: .init(maximumAttempts: 1)) { configuration, clock, log in
+    @Test("an activity that keeps crashing the process ends after its maximum attempts: the run gets the failure",
+          arguments: Call.allCases)
+    func crashLoopEnds(call: Call) async throws {
+        try await afterCrashMidAttempt(retry: .init(maximumAttempts: 1), call: call) { configuration, clock, log in
             let second = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
                 log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
                 return "ran again"
             }])
             defer { second.close() }
-            #expect(try await second.entity(CallStep.self, id: "long").result() == "failed:retriesExhausted:1:interrupted")
+            #expect(try await call.result(second, "long") == "failed:retriesExhausted:1:interrupted")
             #expect(log.all.map(\.number) == [1], "no attempt after the last one allowed")
             #expect(try second.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
         }
     }
 
-    @Test("an attempt a close cancels is not a failed one: the next open runs the same attempt again, with its last heartbeat")
-    func closeKeepsAttemptNumber() async throws {
+    @Test("an attempt a close cancels is not a failed one: the next open runs the same attempt again, with its last heartbeat",
+          arguments: Call.allCases)
+    func closeKeepsAttemptNumber(call: Call) async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
@@ -112,14 +140,15 @@ struct HeartbeatStoreTests {
         defer { silence.finish() }
         let first = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { _, context in
             log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            context.heartbeat(1)  // stored, with the running mark
-            context.heartbeat(2)  // in memory
+            context.heartbeat(1)  // stored, with the running mark (a local attempt: in memory, inside its turn)
+            context.heartbeat(2)  // in memory (a local attempt: stored with its task, once it left its turn)
             event.yield("beat")
             try await silence.wait()  // cancelled by the close
         }])
         first.core.activities.heartbeatStored.withLock { $0 = { _ in event.yield("stored") } }
-        try await first.entity(CallStep.self, id: "long").start(.init(label: "l", options: .default))
+        try await call.start(first, "long", .default)
         #expect(Set([await iterator.next(), await iterator.next()]) == ["beat", "stored"])
+        #expect(try Self.storedTask(first)?.runningAttempt == 1)
         await first.shutdown()
         let unmarked = try EntityRuntime(configuration: configuration)
         let stored = try Self.storedTask(unmarked)
@@ -134,7 +163,7 @@ struct HeartbeatStoreTests {
         }])
         defer { second.close() }
         clock.skipsTimeWhenIdle = true  // a retry's backoff (were the attempt counted) would not stall the test
-        #expect(try await second.entity(CallStep.self, id: "long").result() == "again")
+        #expect(try await call.result(second, "long") == "again")
         #expect(log.all.map(\.number) == [1, 1])
         #expect(log.all.last?.heartbeat == 2)
     }

@@ -88,12 +88,15 @@ public final class ActivityContext: Sendable {
     /// Told of each heartbeat (to rearm the heartbeat watchdog), when there is one.
     private let onHeartbeat: (@Sendable () -> Void)?
     private let codec: any EntityCodec
-    /// Where heartbeats are stored, for a pool attempt: the worker and the attempt's task.
-    private let store: (worker: ActivityWorker, task: ActivityTask)?
 
     private struct Heartbeats {
+        /// Where heartbeats are stored: the worker and the attempt's task. A pool attempt has it
+        /// from its start; a local one once it left its turn and its task is stored.
+        var store: (worker: ActivityWorker, task: ActivityTask)?
         /// The last heartbeat's details (this attempt's, else the previous one's).
         var details: [UInt8]?
+        /// This attempt gave a heartbeat.
+        var beat = false
         /// When this attempt last stored its details (ns on the runtime's clock).
         var storedAt: UInt64?
         /// The attempt's start was stored before it ran (``Activity/recordsAttemptStart``).
@@ -108,9 +111,8 @@ public final class ActivityContext: Sendable {
         self.attempt = attempt
         self.entity = entity
         self.logger = logger
-        self.heartbeats = Mutex(Heartbeats(details: lastHeartbeat, startStored: startStored))
+        self.heartbeats = Mutex(Heartbeats(store: store, details: lastHeartbeat, startStored: startStored))
         self.codec = codec
-        self.store = store
         self.onHeartbeat = onHeartbeat
     }
 
@@ -123,13 +125,19 @@ public final class ActivityContext: Sendable {
     /// close cancels it). A stored heartbeat also marks the attempt as started: an attempt cut off by
     /// a crash after one counts as a failed attempt (the next one has the next number, and
     /// `maximumAttempts` ends an activity that keeps crashing the process; to have that from the
-    /// attempt's first instruction, see ``Activity/recordsAttemptStart``). A local activity's
-    /// heartbeats are kept in memory, for its retries.
+    /// attempt's first instruction, see ``Activity/recordsAttemptStart``).
+    ///
+    /// A local activity's attempt (``WorkflowContext/executeLocal(_:_:options:)``) keeps its details
+    /// in memory while it runs inside the turn that started it: nothing of it is stored yet, and an
+    /// outcome inside the turn is recorded with the turn. Once it has left its turn and the turn's
+    /// commit stored its task, its heartbeats are stored as a pool attempt's are (the last one given
+    /// before, if any, at once).
     public func heartbeat<Details: Codable & Sendable>(_ details: Details) {
         guard let bytes = try? codec.encode(details) else { return }
         heartbeats.withLock { state in
             state.details = bytes
-            guard let store, !state.ended else { return }
+            state.beat = true
+            guard let store = state.store, !state.ended else { return }
             let now = store.worker.now
             if let last = state.storedAt, now < last.saturatingAdd(store.worker.heartbeatStoreInterval) { return }
             state.storedAt = now
@@ -138,6 +146,18 @@ public final class ActivityContext: Sendable {
             store.worker.storeHeartbeat(bytes, of: store.task)
         }
         onHeartbeat?()
+    }
+
+    /// A local attempt that left its turn: the turn's commit stored its task (`task`, with its
+    /// entity's key). Its heartbeats are stored from now on; one it gave before is stored at once.
+    func taskStored(_ task: ActivityTask, by worker: ActivityWorker) {
+        heartbeats.withLock { state in
+            guard state.store == nil, !state.ended else { return }
+            state.store = (worker, task)
+            guard state.beat, let bytes = state.details else { return }
+            state.storedAt = worker.now
+            worker.storeHeartbeat(bytes, of: task)
+        }
     }
 
     /// Ends the attempt's heartbeats: returns the last details and whether this attempt's task is

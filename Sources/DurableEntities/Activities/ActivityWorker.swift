@@ -500,8 +500,8 @@ final class ActivityWorker: @unchecked Sendable {
         var marked = false
     }
 
-    /// Runs one attempt of `task` under its timeouts. With an `executor`, the attempt's own task
-    /// (when a timeout needs one) prefers it too (a local activity's attempt runs inside the turn).
+    /// Runs one attempt of `task` under its timeouts, on `executor` (its runner's): the attempt's own
+    /// task, when a timeout needs one, prefers it too (a local activity's attempt runs inside the turn).
     ///
     /// Two paths, neither inlined here: an async function's frame is allocated on its task's stack by
     /// its caller, and one holding both paths took ~4 KiB for each local attempt (several slab
@@ -509,26 +509,28 @@ final class ActivityWorker: @unchecked Sendable {
     /// lists) where the untimed path needs a fraction of that.
     /// - Parameters:
     ///   - storingHeartbeats: heartbeats are stored with the task (a pool attempt, whose task is
-    ///     stored before it starts).
+    ///     stored before it starts). Else (a local attempt) the context waits on `executor` to learn
+    ///     that its task is stored (see ``trackDetachedLocal(_:task:entity:)``).
     ///   - startStored: the task is already stored marked as running this attempt.
-    private func perform(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?,
+    private func perform(_ task: ActivityTask, _ activity: any AnyActivity, on executor: TurnExecutor,
                          storingHeartbeats: Bool = false, startStored: Bool = false) async -> Ended {
         let options = task.options
         if options.startToCloseTimeout == nil, options.scheduleToCloseTimeout == nil, options.heartbeatTimeout == nil {
-            return await performUntimed(task, activity, storingHeartbeats: storingHeartbeats, startStored: startStored)
+            return await performUntimed(task, activity, on: executor, storingHeartbeats: storingHeartbeats, startStored: startStored)
         }
         return await performTimed(task, activity, on: executor, storingHeartbeats: storingHeartbeats, startStored: startStored)
     }
 
     /// An attempt that nothing can time out: the activity runs right here, in the caller's task.
     @inline(never)
-    private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity, storingHeartbeats: Bool,
-                                startStored: Bool) async -> Ended {
+    private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: TurnExecutor,
+                                storingHeartbeats: Bool, startStored: Bool) async -> Ended {
         let codec = core.codec
         let context = ActivityContext(
             idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
             logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec,
             store: storingHeartbeats ? (self, task) : nil, startStored: startStored, onHeartbeat: nil)
+        if !storingHeartbeats { executor.attemptContext = context }
         let result: Result<[UInt8], any Error>
         do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
         let heartbeats = context.end()
@@ -538,7 +540,7 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
     @inline(never)
-    private func performTimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: (any TaskExecutor)?,
+    private func performTimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: TurnExecutor,
                               storingHeartbeats: Bool, startStored: Bool) async -> Ended {
         let clock = core.clock
         let codec = core.codec
@@ -572,6 +574,7 @@ final class ActivityWorker: @unchecked Sendable {
             }
             if let previous { alarms.cancelAlarm(previous) }
         }
+        if !storingHeartbeats { executor.attemptContext = context }
         // A timeout cancels the attempt, so it runs as a task the watchdogs can reach.
         let running = Task(executorPreference: executor) { try await activity.run(task.input, context: context, codec: codec) }
         // A watchdog that rang before the attempt was reachable cancels it here.
@@ -726,6 +729,7 @@ final class ActivityWorker: @unchecked Sendable {
                 var stored = task
                 stored.entityKey = key
                 running.withLock { _ = $0.removeValue(forKey: stored.id) }
+                if case .dropped = decision, ended.marked { unmark(stored, heartbeat: ended.heartbeat) }
                 apply(decision, to: stored)
             }
             untrack(executor.trackingID)
@@ -746,12 +750,16 @@ final class ActivityWorker: @unchecked Sendable {
         return true
     }
 
-    /// A local attempt that left its turn is stored (its scheduling commit, which gave its entity
-    /// `entity`, is durable): from now on a give-up reaches it as it reaches a pool attempt. Called
-    /// before the attempt hears of that commit, so before its entry can go (in ``endLocal``); a
-    /// detached runner is never reused, so cancelling one whose attempt just ended does nothing.
-    func trackDetachedLocal(_ runner: TurnRunner, entity: UInt64, activity id: UInt64) {
-        running.withLock { $0[ActivityTask.ID(entityKey: entity, activityID: id)] = runner }
+    /// A local attempt that left its turn is stored as `task` (its scheduling commit, which gave its
+    /// entity `entity`, is durable): from now on a give-up reaches it, and its heartbeats are stored,
+    /// as a pool attempt's. Called before the attempt hears of that commit, so before its entry can
+    /// go (in ``endLocal``); a detached runner is never reused, so cancelling one whose attempt just
+    /// ended does nothing.
+    func trackDetachedLocal(_ runner: TurnRunner, task: ActivityTask, entity: UInt64) {
+        var stored = task
+        stored.entityKey = entity
+        running.withLock { $0[stored.id] = runner }
+        runner.executor.attemptContext?.taskStored(stored, by: self)
     }
 
     /// The run of entity `entity` stopped awaiting activities `ids` (its commit, which deleted their

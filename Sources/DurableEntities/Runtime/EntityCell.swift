@@ -1061,7 +1061,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             let committed = if case .success = result { true } else { false }
             for (task, runner) in detached {
                 // Stored now, it can be given up like a pool attempt (before its outcome is carried out).
-                if committed { self.core.activities.trackDetachedLocal(runner, entity: key.rawValue, activity: task.activityID) }
+                if committed { self.core.activities.trackDetachedLocal(runner, task: task, entity: key.rawValue) }
                 runner.executor.scheduled(key: key.rawValue, ok: committed)
             }
             // Activities run, and messages leave, only once the commit that made them is durable.

@@ -54,6 +54,8 @@ final class TurnExecutor: TaskExecutor, @unchecked Sendable {
         var scheduled: (key: UInt64, ok: Bool)?
         var pending: (@Sendable (_ key: UInt64, _ ok: Bool) -> Void)?
         var trackingID: UInt64?
+        /// A local activity's attempt: its context, told when its task is stored (once it left its turn).
+        var attemptContext: ActivityContext?
     }
     private let state = Mutex(State())
 
@@ -69,6 +71,12 @@ final class TurnExecutor: TaskExecutor, @unchecked Sendable {
     var trackingID: UInt64? {
         get { state.withLock { $0.trackingID } }
         set { state.withLock { $0.trackingID = newValue } }
+    }
+
+    /// The context of the local activity's attempt the job runs, if any (see ``ActivityWorker/trackDetachedLocal(_:task:entity:)``).
+    var attemptContext: ActivityContext? {
+        get { state.withLock { $0.attemptContext } }
+        set { state.withLock { $0.attemptContext = newValue } }
     }
 
     func enqueue(_ job: consuming ExecutorJob) {
@@ -115,6 +123,7 @@ final class TurnExecutor: TaskExecutor, @unchecked Sendable {
         state.withLock { state in
             guard case .inline = state.phase else { return false }
             state.phase = .finished
+            state.attemptContext = nil  // its task was never stored; the context goes with the attempt
             return true
         }
     }

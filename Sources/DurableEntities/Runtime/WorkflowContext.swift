@@ -144,6 +144,10 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///   attempt, and a timed-out attempt is retried on the pool by the policy, reading its last
     ///   heartbeat. Cancellation is cooperative: an attempt computing inside the turn without
     ///   suspending sees it only at its next check or suspension.
+    /// - its heartbeats stay in memory while it runs inside the turn; once it has left the turn and
+    ///   its task is stored, they are stored as a pool attempt's are (see
+    ///   ``ActivityContext/heartbeat(_:)``), so a crash after that counts the attempt and the next
+    ///   one reads them.
     /// - Throws: ``ActivityFailure`` when the activity ends for good, or with reason `cancelled` when
     ///   the run is cancelled meanwhile; ``EntityError/Code/invalidArgument`` for invalid `options`.
     public func executeLocal<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
