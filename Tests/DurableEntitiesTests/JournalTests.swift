@@ -294,6 +294,8 @@ struct JournalTests {
             #expect(try journal.events(of: key, through: 1).map(\.payload) == [bytes("d-1")], context)
         }
         let journal = try Journal(configuration: configuration)
+        #expect(journal.opened.entities == 2 && journal.opened.tailEntities == 1 && journal.opened.damagedTails == 1,
+                "the open reports the damaged tail: \(journal.opened)")
         try expectDamage(journal, "in the log")
         // The first commit after the open moves the damaged tail to history, whatever its length;
         // later events fill the tail again past its threshold (8 to 12).
@@ -316,6 +318,8 @@ struct JournalTests {
 
         let reopened = try Journal(configuration: configuration)
         defer { reopened.close() }
+        #expect(reopened.opened.damagedTails == 0, "the damage moved to history; the log holds nothing more of it")
+        #expect(try reopened.latestSequence(of: key) == 12, "no event more for the damaged record: it counts as moved")
         try expectDamage(reopened, "after a reopen")
         #expect(try reopened.events(of: otherKey).count == 8)
     }

@@ -861,6 +861,7 @@ private struct CommitContext {
                 configuration.logger.error("the journal's log has no intact record of an event; its entity's history records the damage", metadata: [
                     "entity.key": "\(entity)", "sequence": "\(sequence)", "log.position": "\(position)"])
                 try JournalLayout.missingRecord.withUnsafeBytes { try add($0) }
+                if position != 0 { try markMoved(at: position, entity: entity, sequence: sequence, in: txn) }
                 continue
             }
             try record.withUnsafeBytes { try add($0) }
@@ -875,6 +876,22 @@ private struct CommitContext {
         fullTails.remove(entity)
         moveBudget -= positions.count
         return positions.count
+    }
+
+    /// A log record of `entity` whose header claims another sequence (damage) stood for `sequence`
+    /// in a tail move: its header now says `sequence`, so later opens see it as moved, as they see
+    /// the tail's other records (left as it was, a later open would take it for the next event and
+    /// record the damage again, one event further each time).
+    private func markMoved(at position: UInt64, entity: UInt64, sequence: UInt64, in txn: borrowing WriteTransaction) throws {
+        try Key8(position).withBytes { key in
+            let value = try txn.withValue(forKey: key, in: stores.log) { value -> [UInt8]? in
+                guard let value, value.count >= JournalLayout.logHeader, value.bigEndianUInt64(at: 0) == entity else { return nil }
+                return Array(value)
+            }
+            guard var value else { return }
+            value.withUnsafeMutableBytes { $0.storeBytes(of: sequence.bigEndian, toByteOffset: 8, as: UInt64.self) }
+            try value.withUnsafeBytes { try txn.put($0, forKey: key, in: stores.log) }
+        }
     }
 
     /// Moves the damaged tails found at open (see ``Journal/Recovered/damagedTails``), before anything

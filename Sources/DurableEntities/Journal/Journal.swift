@@ -154,6 +154,23 @@ public final class Journal: Sendable {
     let pending: PendingNames
     private let writer: GroupCommitWriter
     private let lockDescriptor: Int32
+    /// What the journal found as it opened (also in its "journal opened" log line).
+    public let opened: OpenSummary
+
+    /// What a journal found as it opened: how much recovery had to rebuild.
+    public struct OpenSummary: Sendable, Equatable {
+        /// Entities registered in the directory (every key ever given out).
+        public var entities: UInt64
+        /// Events still in the log (not yet moved to their entities' histories), which the open
+        /// read to rebuild its index of them.
+        public var tailEvents: Int
+        /// Entities with events in the log.
+        public var tailEntities: Int
+        /// Registrations not yet merged into the name index.
+        public var pendingNames: Int
+        /// Entities whose events in the log were found damaged (see ``JournalError/Code/corruptedRecord``).
+        public var damagedTails: Int
+    }
     private let closed = Atomic<Bool>(false)
 
     /// Opens the journal in `configuration.directory`, recovering its in-memory index from the log.
@@ -211,12 +228,16 @@ public final class Journal: Sendable {
             writer = GroupCommitWriter(
                 environment: environment, stores: stores, tails: tails, keys: keys, pending: pending,
                 configuration: configuration, recovered: recovered)
+            opened = OpenSummary(entities: recovered.nextEntityKey - 1, tailEvents: recovered.tailEvents,
+                                 tailEntities: recovered.tailEntities, pendingNames: recovered.pendingNames.count,
+                                 damagedTails: recovered.damagedTails.count)
             configuration.logger.info("journal opened", metadata: [
                 "journal.directory": "\(environment.path)",
-                "journal.entities": "\(recovered.nextEntityKey - 1)",
-                "journal.log.tailEvents": "\(recovered.tailEvents)",
-                "journal.log.tailEntities": "\(recovered.tailEntities)",
-                "journal.names.pending": "\(recovered.pendingNames.count)",
+                "journal.entities": "\(opened.entities)",
+                "journal.log.tailEvents": "\(opened.tailEvents)",
+                "journal.log.tailEntities": "\(opened.tailEntities)",
+                "journal.names.pending": "\(opened.pendingNames)",
+                "journal.log.damagedTails": "\(opened.damagedTails)",
             ])
         } catch {
             environment.close()
