@@ -75,6 +75,10 @@ struct BenchmarksCommand: AsyncParsableCommand {
         help: ArgumentHelp("A scenario-specific setting, e.g. --param mode=local (repeatable).", valueName: "key=value"))
     var params: [String] = []
 
+    /// Internal: runs the `recovery` scenario's child process on this directory (see ``RecoveryScenario``).
+    @Option(help: .hidden)
+    var recoveryChild: String?
+
     func validate() throws {
         let names = Scenarios.all.map { $0.name }
         if let duplicate = Dictionary(grouping: names, by: { $0 }).first(where: { $0.value.count > 1 })?.key {
@@ -101,6 +105,10 @@ struct BenchmarksCommand: AsyncParsableCommand {
             print(Self.scenarioTable)
             return
         }
+        if let recoveryChild {
+            try await RecoveryScenario.child(directory: recoveryChild, options: try options())
+            return
+        }
         if BuildMode.current == .debug {
             Console.error(BuildMode.debugWarning)
         }
@@ -108,12 +116,16 @@ struct BenchmarksCommand: AsyncParsableCommand {
         let selected = scenarios.isEmpty
             ? Scenarios.all
             : scenarios.filter { seen.insert($0).inserted }.compactMap(Scenarios.named)
-        let options = ScenarioOptions(
+        let succeeded = await BenchmarkRunner(scenarios: selected, options: try options(), json: json).run()
+        if !succeeded { throw ExitCode.failure }
+    }
+
+    /// The sizes and settings every scenario gets.
+    private func options() throws -> ScenarioOptions {
+        ScenarioOptions(
             quick: quick, entities: entities, inFlight: inFlight, events: events,
             durationSeconds: durationSeconds, dataDirectory: dataDir, width: width, depth: depth, shards: shards,
             extras: try parsedParams())
-        let succeeded = await BenchmarkRunner(scenarios: selected, options: options, json: json).run()
-        if !succeeded { throw ExitCode.failure }
     }
 
     /// `--param key=value` options as a dictionary.

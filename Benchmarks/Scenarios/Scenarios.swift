@@ -18,6 +18,7 @@ enum Scenarios {
             SagaTransferScenario.self,
             FanoutScenario.self,
             TimersScenario.self,
+            RecoveryScenario.self,
         ]
     }
 

@@ -134,16 +134,20 @@ final class WakeUps: Sendable {
     private let expected: Int
     /// Reads the resident entities (sampled every 1,000 wake-ups).
     private let resident: @Sendable () -> Int
+    /// Called at each wake-up.
+    private let each: (@Sendable () -> Void)?
 
-    init(expected: Int, resident: @escaping @Sendable () -> Int) {
+    init(expected: Int, resident: @escaping @Sendable () -> Int, each: (@Sendable () -> Void)? = nil) {
         self.expected = expected
         self.resident = resident
+        self.each = each
     }
 
     var count: Int { state.withLock { $0.count } }
     var mostResident: Int { state.withLock { $0.mostResident } }
 
     func add() {
+        each?()
         let (waiter, samples) = state.withLock { state -> (CheckedContinuation<Void, Never>?, Bool) in
             state.count += 1
             return (state.count == expected ? state.waiter.take() : nil, state.count % 1_000 == 0)
