@@ -154,6 +154,7 @@ public final class Journal: Sendable {
     let pending: PendingNames
     private let writer: GroupCommitWriter
     private let lockDescriptor: Int32
+    private let closed = Atomic<Bool>(false)
     /// What the journal found as it opened (also in its "journal opened" log line).
     public let opened: OpenSummary
 
@@ -171,7 +172,6 @@ public final class Journal: Sendable {
         /// Entities whose events in the log were found damaged (see ``JournalError/Code/corruptedRecord``).
         public var damagedTails: Int
     }
-    private let closed = Atomic<Bool>(false)
 
     /// Opens the journal in `configuration.directory`, recovering its in-memory index from the log.
     ///
