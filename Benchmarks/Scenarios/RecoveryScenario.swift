@@ -106,7 +106,7 @@ struct RecoveryScenario: BenchmarkScenario {
         let opening = ContinuousClock.Instant.now
         let reruns = Resumed(since: opening, recorder: recorder)
         let woken = Resumed(since: opening, recorder: recorder)
-        let wakeUps = WakeUps(expected: sizes.sleepers, resident: { 0 }, each: { woken.add("") })
+        let wakeUps = WakeUps(expected: sizes.sleepers, resident: { 0 }, each: { woken.add() })
         let runtime = try EntityRuntime(
             configuration: configuration, entityTypes: [BenchAccount.self, BenchHolder.self, BenchSleeper.self],
             activities: [BenchHold { input, context in
@@ -239,7 +239,7 @@ struct BenchHold: Activity {
     func run(_ input: String, context: ActivityContext) async throws -> String { try await body(input, context) }
 }
 
-/// Runs resuming after the open: the keys they give, each moment recorded since `start`, the last.
+/// Runs resuming after the open: each moment recorded since `start`, the last, and the keys given.
 final class Resumed: Sendable {
     private let state = Mutex<(keys: [String], last: Duration)>(([], .zero))
     private let start: ContinuousClock.Instant
@@ -250,11 +250,11 @@ final class Resumed: Sendable {
         self.recorder = recorder
     }
 
-    func add(_ key: String) {
+    func add(_ key: String? = nil) {
         let elapsed = ContinuousClock.Instant.now - start
         recorder.record(elapsed)
         state.withLock {
-            $0.keys.append(key)
+            if let key { $0.keys.append(key) }
             $0.last = max($0.last, elapsed)
         }
     }

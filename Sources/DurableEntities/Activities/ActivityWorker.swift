@@ -498,6 +498,16 @@ final class ActivityWorker: @unchecked Sendable {
         var cancelled: Bool
         /// The attempt's stored task is marked as running it (it stored a heartbeat, or its start).
         var marked = false
+
+        /// An attempt's end with `result`: ends `context`'s heartbeats and takes their last details.
+        init(result: Result<[UInt8], any Error>, timedOut: Timeout?, ending context: ActivityContext) {
+            let heartbeats = context.end()
+            self.result = result
+            self.timedOut = timedOut
+            self.heartbeat = heartbeats.details
+            self.cancelled = Task.isCancelled
+            self.marked = heartbeats.marked
+        }
     }
 
     /// Runs one attempt of `task` under its timeouts, on `executor` (its runner's): the attempt's own
@@ -508,9 +518,8 @@ final class ActivityWorker: @unchecked Sendable {
     /// allocations of the task allocator, each over 1 KiB, which makes glibc consolidate its free
     /// lists) where the untimed path needs a fraction of that.
     /// - Parameters:
-    ///   - storingHeartbeats: heartbeats are stored with the task (a pool attempt, whose task is
-    ///     stored before it starts). Else (a local attempt) the context waits on `executor` to learn
-    ///     that its task is stored (see ``trackDetachedLocal(_:task:entity:)``).
+    ///   - storingHeartbeats: heartbeats are stored with the task from the start (a pool attempt,
+    ///     whose task is stored before it starts; see ``makeContext(_:on:storingHeartbeats:startStored:onHeartbeat:)``).
     ///   - startStored: the task is already stored marked as running this attempt.
     private func perform(_ task: ActivityTask, _ activity: any AnyActivity, on executor: TurnExecutor,
                          storingHeartbeats: Bool = false, startStored: Bool = false) async -> Ended {
@@ -526,16 +535,10 @@ final class ActivityWorker: @unchecked Sendable {
     private func performUntimed(_ task: ActivityTask, _ activity: any AnyActivity, on executor: TurnExecutor,
                                 storingHeartbeats: Bool, startStored: Bool) async -> Ended {
         let codec = core.codec
-        let context = ActivityContext(
-            idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
-            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec,
-            store: storingHeartbeats ? (self, task) : nil, startStored: startStored, onHeartbeat: nil)
-        if !storingHeartbeats { executor.attemptContext = context }
+        let context = makeContext(task, on: executor, storingHeartbeats: storingHeartbeats, startStored: startStored, onHeartbeat: nil)
         let result: Result<[UInt8], any Error>
         do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
-        let heartbeats = context.end()
-        return Ended(result: result, timedOut: nil, heartbeat: heartbeats.details, cancelled: Task.isCancelled,
-                     marked: heartbeats.marked)
+        return Ended(result: result, timedOut: nil, ending: context)
     }
 
     /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
@@ -558,11 +561,7 @@ final class ActivityWorker: @unchecked Sendable {
             let alarm = alarms.alarm(at: started.saturatingAdd(limit.nanoseconds), attempt.expire(.heartbeat))
             attempt.state.withLock { $0.heartbeatAlarm = alarm }
         }
-        let context = ActivityContext(
-            idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
-            logger: core.logger, lastHeartbeat: task.heartbeat, codec: codec, store: storingHeartbeats ? (self, task) : nil,
-            startStored: startStored
-        ) {
+        let context = makeContext(task, on: executor, storingHeartbeats: storingHeartbeats, startStored: startStored) {
             // A heartbeat (its details stay in the context) rearms the heartbeat watchdog.
             var next: UInt64?
             if let limit = task.options.heartbeatTimeout {
@@ -574,7 +573,6 @@ final class ActivityWorker: @unchecked Sendable {
             }
             if let previous { alarms.cancelAlarm(previous) }
         }
-        if !storingHeartbeats { executor.attemptContext = context }
         // A timeout cancels the attempt, so it runs as a task the watchdogs can reach.
         let running = Task(executorPreference: executor) { try await activity.run(task.input, context: context, codec: codec) }
         // A watchdog that rang before the attempt was reachable cancels it here.
@@ -588,9 +586,20 @@ final class ActivityWorker: @unchecked Sendable {
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
         let (timedOut, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
-        let heartbeats = context.end()
-        return Ended(result: result, timedOut: timedOut, heartbeat: heartbeats.details, cancelled: Task.isCancelled,
-                     marked: heartbeats.marked)
+        return Ended(result: result, timedOut: timedOut, ending: context)
+    }
+
+    /// The context of an attempt of `task`. With `storingHeartbeats` (a pool attempt, whose task is
+    /// stored) its heartbeats are stored from the start; else (a local attempt) it waits on
+    /// `executor` to learn that its task is stored (see ``trackDetachedLocal(_:task:entity:)``).
+    private func makeContext(_ task: ActivityTask, on executor: TurnExecutor, storingHeartbeats: Bool, startStored: Bool,
+                             onHeartbeat: (@Sendable () -> Void)?) -> ActivityContext {
+        let context = ActivityContext(
+            idempotencyKey: task.idempotencyKey, attempt: task.attempt, entity: task.entityName,
+            logger: core.logger, lastHeartbeat: task.heartbeat, codec: core.codec,
+            store: storingHeartbeats ? (self, task) : nil, startStored: startStored, onHeartbeat: onHeartbeat)
+        if !storingHeartbeats { executor.attemptContext = context }
+        return context
     }
 
     /// What comes after an attempt.
