@@ -324,6 +324,142 @@ struct JournalTests {
         #expect(try reopened.events(of: otherKey).count == 8)
     }
 
+    @Test("a log record whose entity field was damaged into another entity's, at that entity's next sequence, is never read as that entity's event: it fails its check, and an intact record of that entity for the sequence takes its place",
+          arguments: ["followed", "last"])
+    func damagedLogHeader(other: String) async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 16, logger: quietLogger)
+        let first = EntityName(type: "Account", id: "first")
+        let second = EntityName(type: "Account", id: "second")
+        let key: EntityKey
+        let otherKey: EntityKey
+        let position: UInt64
+        do {
+            let journal = try Journal(configuration: configuration)
+            key = try await journal.register(first)
+            otherKey = try await journal.register(second)
+            func append(_ entity: EntityKey, _ sequence: UInt64, _ text: String) async throws {
+                var batch = JournalBatch()
+                batch.append(entity, sequence: sequence, payload: bytes(text))
+                _ = try await journal.commit(batch)
+            }
+            try await append(key, 1, "f-1")
+            try await append(key, 2, "f-2")
+            try await append(otherKey, 1, "s-1")
+            try await append(otherKey, 2, "s-2")
+            try await append(key, 3, "f-3")
+            if other == "followed" { try await append(otherKey, 3, "s-3") }
+            try await append(key, 4, "f-4")
+            try await append(key, 5, "f-5")
+            let tail = try #require(journal.tails.run(of: key.rawValue))
+            #expect(tail.firstSequence == 1 && tail.positions.count == 5, "all five wait in the log")
+            position = tail.positions[2]  // sequence 3
+            journal.close()
+        }
+        // The entity field of `first`'s third event now names `second`, whose next sequence is 3.
+        try damageLogEntity(at: position, naming: otherKey, directory: directory.path)
+
+        func expectFirstDamaged(_ journal: Journal, _ context: Comment) throws {
+            let error = #expect(throws: JournalError.self, context) { try journal.events(of: key) }
+            #expect(error?.code == .corruptedRecord && error?.sequence == 3 && error?.entity == first, context)
+            #expect(try journal.events(of: key, through: 2).map(\.payload) == [bytes("f-1"), bytes("f-2")], context)
+            #expect(try journal.events(of: key, from: 4).map(\.payload) == [bytes("f-4"), bytes("f-5")], context)
+            #expect(try journal.latestSequence(of: key) == 5, context)
+        }
+        func expectSecond(_ journal: Journal, _ context: Comment) throws {
+            if other == "followed" {
+                #expect(try journal.events(of: otherKey, through: 3).map(\.payload) == [bytes("s-1"), bytes("s-2"), bytes("s-3")], context)
+            } else {
+                // Its own two events, then the damaged record, which reads report instead of returning
+                // `first`'s payload as `second`'s third event.
+                let error = #expect(throws: JournalError.self, context) { try journal.events(of: otherKey, through: 3) }
+                #expect(error?.code == .corruptedRecord && error?.sequence == 3 && error?.entity == second, context)
+                #expect(try journal.events(of: otherKey, through: 2).map(\.payload) == [bytes("s-1"), bytes("s-2")], context)
+            }
+        }
+
+        let journal = try Journal(configuration: configuration)
+        #expect(journal.opened.damagedTails == 1, "only `first` has a gap: \(journal.opened)")
+        try expectFirstDamaged(journal, "at the open")
+        try expectSecond(journal, "at the open")
+        #expect(try journal.latestSequence(of: otherKey) == 3)
+        // The first commit moves `first`'s damaged tail and deletes the stray record.
+        var batch = JournalBatch()
+        batch.append(otherKey, sequence: 4, payload: bytes("s-4"))
+        _ = try await journal.commit(batch)
+        try expectFirstDamaged(journal, "after the first commit")
+        #expect(try journal.events(of: otherKey, from: 4).map(\.payload) == [bytes("s-4")])
+        journal.close()
+
+        let reopened = try Journal(configuration: configuration)
+        defer { reopened.close() }
+        #expect(reopened.opened.damagedTails == 0, "nothing of the damage is left to find: \(reopened.opened)")
+        try expectFirstDamaged(reopened, "after a reopen")
+        try expectSecond(reopened, "after a reopen")
+        #expect(try reopened.latestSequence(of: otherKey) == 4)
+    }
+
+    @Test("a log written before checks covered headers is upgraded at open, once, in one transaction; a newer format is refused and left as it was")
+    func logFormatUpgrade() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, coalesceThreshold: 16, logger: quietLogger)
+        var keys: [EntityKey] = []
+        do {
+            let journal = try Journal(configuration: configuration)
+            for i in 0..<3 { keys.append(try await journal.register(EntityName(type: "Account", id: "u\(i)"))) }
+            for sequence in 1...6 {
+                var batch = JournalBatch()
+                for key in keys { batch.append(key, sequence: UInt64(sequence), payload: bytes("\(key.rawValue):\(sequence)")) }
+                _ = try await journal.commit(batch)
+            }
+            #expect(keys.allSatisfy { journal.tails.run(of: $0.rawValue)?.positions.count == 6 }, "every event waits in the log")
+            journal.close()
+        }
+        func expectIntact(_ journal: Journal, _ context: Comment) throws {
+            for key in keys {
+                #expect(try journal.events(of: key).map(\.payload) == (1...6).map { bytes("\(key.rawValue):\($0)") }, context)
+            }
+        }
+        func storedFormat() throws -> UInt64? {
+            let environment = try Environment.open(.init(directory: directory.path))
+            defer { environment.close() }
+            let formats = try environment.database("format")
+            return try environment.read { txn in
+                try JournalLayout.formatLogKey.withUnsafeBytes { k in
+                    try txn.withValue(forKey: k, in: formats) { $0.map { $0.bigEndianUInt64(at: 0) } }
+                }
+            }
+        }
+        #expect(try storedFormat() == JournalLayout.logFormat, "a new directory is written in the current format")
+        // Turn the directory into one of format 1: checks of the payload alone, no format row.
+        #expect(try downgradeLog(directory: directory.path) == 18)
+        #expect(try storedFormat() == nil)
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            #expect(journal.opened.damagedTails == 0)
+            try expectIntact(journal, "after the upgrade")
+            var batch = JournalBatch()
+            batch.append(keys[0], sequence: 7, payload: bytes("after"))
+            _ = try await journal.commit(batch)
+        }
+        #expect(try storedFormat() == JournalLayout.logFormat)
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            #expect(try journal.events(of: keys[0], from: 7).map(\.payload) == [bytes("after")], "upgraded once: a second open changes nothing")
+            try #require(try journal.latestSequence(of: keys[1]) == 6)
+        }
+
+        // A format from a newer version: refused, and nothing changes.
+        try setLogFormat(JournalLayout.logFormat + 1, directory: directory.path)
+        let error = #expect(throws: JournalError.self) { try Journal(configuration: configuration) }
+        #expect(error?.code == .unsupportedFormat, "\(String(describing: error))")
+        #expect(try storedFormat() == JournalLayout.logFormat + 1)
+    }
+
     @Test("recorded results expire oldest first, by their first recording's time, at most `limit` a batch; results written before they had times are timed at open")
     func resultsExpire() async throws {
         let directory = TemporaryDirectory()
@@ -970,3 +1106,54 @@ func damageLog(at position: UInt64, _ damage: String, directory: String) throws 
     }
 }
 
+/// Writes `entity` into the entity field of the log record at `position`, as damage would.
+func damageLogEntity(at position: UInt64, naming entity: EntityKey, directory: String) throws {
+    let environment = try Environment.open(.init(directory: directory))
+    defer { environment.close() }
+    let log = try environment.database("log")
+    try environment.write { txn in
+        let key = Key8(position).withBytes { Array($0) }
+        var value = try #require(try key.withUnsafeBytes { k in try txn.withValue(forKey: k, in: log) { $0.map(Array.init) } })
+        value.withUnsafeMutableBytes { $0.storeBytes(of: entity.rawValue.bigEndian, toByteOffset: 0, as: UInt64.self) }
+        try txn.put(value, forKey: key, in: log)
+    }
+}
+
+/// Rewrites the directory as format 1 wrote it: log checks of the payload alone, no `format` row.
+/// Returns how many log records it rewrote.
+func downgradeLog(directory: String) throws -> Int {
+    let environment = try Environment.open(.init(directory: directory))
+    defer { environment.close() }
+    let log = try environment.database("log")
+    let formats = try environment.database("format")
+    return try environment.write { txn in
+        var rows: [(key: [UInt8], value: [UInt8])] = []
+        try txn.withCursor(log) { cursor in
+            var entry = try cursor.first()
+            while let current = entry {
+                rows.append((Array(current.key), Array(current.value)))
+                entry = try cursor.next()
+            }
+        }
+        for var row in rows {
+            row.value.withUnsafeMutableBytes { out in
+                let read = UnsafeRawBufferPointer(out)
+                let header = JournalLayout.headerCheck(entity: read.bigEndianUInt64(at: 0), sequence: read.bigEndianUInt64(at: 8))
+                out.storeLittleEndian(read.littleEndianUInt32(at: 16) ^ header, at: 16)
+            }
+            try txn.put(row.value, forKey: row.key, in: log)
+        }
+        _ = try txn.delete(JournalLayout.formatLogKey, in: formats)
+        return rows.count
+    }
+}
+
+/// Writes `format` as the log's format row.
+func setLogFormat(_ format: UInt64, directory: String) throws {
+    let environment = try Environment.open(.init(directory: directory))
+    defer { environment.close() }
+    let formats = try environment.database("format")
+    try environment.write { txn in
+        try txn.put(Key8(format).withBytes { Array($0) }, forKey: JournalLayout.formatLogKey, in: formats)
+    }
+}

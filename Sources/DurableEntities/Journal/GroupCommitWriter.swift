@@ -611,12 +611,15 @@ private struct CommitContext {
                     let position = nextPosition
                     nextPosition += 1
                     try Key8(position).withBytes { key in
-                        // The log record: entity, sequence, then the event's `CRC-32C + payload` record as it is.
+                        // The log record: entity, sequence, then the event's `CRC-32C + payload` record
+                        // with the header's checksum XORed into the CRC-32C.
                         try txn.put(reserving: JournalLayout.logHeader - JournalLayout.checksumBytes + record.count, forKey: key,
                                     in: stores.log, flags: .append) { out in
                             out.storeBigEndian(entity.rawValue, at: 0)
                             out.storeBigEndian(sequence, at: 8)
                             UnsafeMutableRawBufferPointer(rebasing: out[16...]).copyMemory(from: record)
+                            out.storeLittleEndian(record.littleEndianUInt32(at: 0) ^ JournalLayout.headerCheck(entity: entity.rawValue, sequence: sequence),
+                                                  at: 16)
                         }
                     }
                     recent.record(position: position, record: record)
@@ -851,7 +854,13 @@ private struct CommitContext {
                 try txn.withValue(forKey: key, in: stores.log) { value -> [UInt8]? in
                     guard let value, value.count >= JournalLayout.logHeader, value.bigEndianUInt64(at: 0) == entity,
                           value.bigEndianUInt64(at: 8) == sequence else { return nil }
-                    return [UInt8](UnsafeRawBufferPointer(rebasing: value[16...]))
+                    // History keeps the payload's own CRC-32C: the header's checksum comes out of the check
+                    // (a damaged record stays one that fails its check).
+                    var record = [UInt8](UnsafeRawBufferPointer(rebasing: value[16...]))
+                    record.withUnsafeMutableBytes { out in
+                        out.storeLittleEndian(value.littleEndianUInt32(at: 16) ^ JournalLayout.headerCheck(entity: entity, sequence: sequence), at: 0)
+                    }
+                    return record
                 }
             }
             guard let record else {

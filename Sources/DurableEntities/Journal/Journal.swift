@@ -219,6 +219,7 @@ public final class Journal: Sendable {
                 tasks: try environment.database("tasks"),
                 resultTimes: try environment.database("idempotency-times"),
                 pendingNames: try environment.database("pending-names"))
+            try Self.upgradeLog(environment: environment, stores: stores, logger: configuration.logger)
             try Self.indexUntimedResults(environment: environment, stores: stores)
             tails = TailIndex()
             let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
@@ -228,6 +229,10 @@ public final class Journal: Sendable {
             writer = GroupCommitWriter(
                 environment: environment, stores: stores, tails: tails, keys: keys, pending: pending,
                 configuration: configuration, recovered: recovered)
+            if !recovered.strayRecords.isEmpty {
+                configuration.logger.error("the journal's log has records whose header fails its check, each in place of an intact record of the entity it names; they are left out", metadata: [
+                    "journal.directory": "\(environment.path)", "log.positions": "\(recovered.strayRecords)"])
+            }
             opened = OpenSummary(entities: recovered.nextEntityKey - 1, tailEvents: recovered.tailEvents,
                                  tailEntities: recovered.tailEntities, pendingNames: recovered.pendingNames.count,
                                  damagedTails: recovered.damagedTails.count)
@@ -473,8 +478,8 @@ public final class Journal: Sendable {
                         else {
                             throw corrupted(entity, sequence, "its log record at position \(position) belongs elsewhere", txn)
                         }
-                        try body(sequence, try verified(UnsafeRawBufferPointer(rebasing: value[16...]),
-                                                        entity: entity, sequence: sequence, in: txn))
+                        try body(sequence, try verified(UnsafeRawBufferPointer(rebasing: value[16...]), entity: entity, sequence: sequence,
+                                                        header: JournalLayout.headerCheck(entity: entity.rawValue, sequence: sequence), in: txn))
                     }
                 }
             }
@@ -579,14 +584,15 @@ public final class Journal: Sendable {
         }
     }
 
-    /// Checks a `CRC-32C (4) + payload` record and returns the payload.
-    private func verified(_ record: UnsafeRawBufferPointer, entity: EntityKey?, sequence: UInt64?,
+    /// Checks a `CRC-32C (4) + payload` record and returns the payload. A log record's check also
+    /// covers its header: `header` is ``JournalLayout/headerCheck(entity:sequence:)`` (0 in history).
+    private func verified(_ record: UnsafeRawBufferPointer, entity: EntityKey?, sequence: UInt64?, header: UInt32 = 0,
                           in txn: borrowing some TransactionReading & ~Copyable) throws -> UnsafeRawBufferPointer {
         guard record.count >= 4 else {
             throw corrupted(entity, sequence, "the record is truncated (\(record.count) bytes)", txn)
         }
         let payload = UnsafeRawBufferPointer(rebasing: record[4...])
-        guard CRC32C.checksum(payload) == record.littleEndianUInt32(at: 0) else {
+        guard CRC32C.checksum(payload) ^ header == record.littleEndianUInt32(at: 0) else {
             if payload.elementsEqual(JournalLayout.missingRecordPayload) {
                 throw corrupted(entity, sequence, "the log had no intact record of the event when its tail moved to history", txn)
             }
@@ -640,12 +646,76 @@ public final class Journal: Sendable {
         /// Entities whose tail in the log is damaged (an event's record missing, or its header
         /// wrong): the writer's next commit moves them to history, recording the damage there.
         var damagedTails: Set<UInt64> = []
+        /// Log positions of records that fail their check and that an intact record of the entity
+        /// their header names replaced (a damaged header: another entity's event, or one of its own
+        /// under a wrong sequence). Reported only: they stay in the log until it is trimmed, and a
+        /// later open weighs them the same way, or finds their sequence in history already.
+        var strayRecords: [UInt64] = []
         /// Registrations waiting for the `names` index, and the next `pending-names` row.
         var pendingNames: [PendingName] = []
         var nextNameSequence: UInt64 = 1
         /// Rows below this are in `names` already (a merge finished; their deletion had not).
         var mergedBefore: UInt64 = 1
         var mergedRowsLeft = false
+    }
+
+    /// Brings the log's records to ``JournalLayout/logFormat``. A directory without a `format` row
+    /// was written before log records' checks covered their headers: every record in its log gets
+    /// the header's checksum XORed into its check, and the row is written, in one transaction (a
+    /// crash leaves the log as it was, and the next open upgrades it). The log holds at most the
+    /// log window and what is not yet in history, so this costs one pass over it, once.
+    /// - Throws: ``JournalError/Code/unsupportedFormat`` for a format newer than this version's.
+    static func upgradeLog(environment: Environment, stores: Stores, logger: Logger) throws {
+        let formats = try environment.database("format")
+        let stored = try environment.read { txn in
+            try JournalLayout.formatLogKey.withUnsafeBytes { key in
+                try txn.withValue(forKey: key, in: formats) { value -> UInt64? in
+                    guard let value else { return nil }
+                    guard value.count == 8 else {
+                        throw JournalError(.corruptedRecord, "the journal's log format record is damaged (\(value.count) bytes)")
+                    }
+                    return value.bigEndianUInt64(at: 0)
+                }
+            }
+        }
+        switch stored {
+        case JournalLayout.logFormat?:
+            return
+        case let newer? where newer > JournalLayout.logFormat:
+            throw JournalError(.unsupportedFormat,
+                               "the journal's log has format \(newer), written by a newer version of DurableEntities; this version reads format \(JournalLayout.logFormat) and older. Nothing was changed")
+        default:
+            break
+        }
+        let upgraded = try environment.write { txn -> Int in
+            var count = 0
+            try txn.withCursor(stores.log) { cursor in
+                var entry = try cursor.first()
+                while let current = entry {
+                    var value = Array(current.value)
+                    let key = Array(current.key)
+                    if value.count >= JournalLayout.logHeader {
+                        value.withUnsafeMutableBytes { out in
+                            let read = UnsafeRawBufferPointer(out)
+                            let header = JournalLayout.headerCheck(entity: read.bigEndianUInt64(at: 0), sequence: read.bigEndianUInt64(at: 8))
+                            out.storeLittleEndian(read.littleEndianUInt32(at: 16) ^ header, at: 16)
+                        }
+                        try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
+                        count += 1
+                    }
+                    entry = try cursor.next()
+                }
+            }
+            try Key8(JournalLayout.logFormat).withBytes { v in
+                try JournalLayout.formatLogKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) }
+            }
+            return count
+        }
+        if upgraded > 0 {
+            logger.info("journal log upgraded", metadata: [
+                "journal.directory": "\(environment.path)", "journal.log.format": "\(JournalLayout.logFormat)",
+                "journal.log.records": "\(upgraded)"])
+        }
     }
 
     /// A directory written before results had times has results but no `idempotency-times` rows
@@ -682,6 +752,13 @@ public final class Journal: Sendable {
     /// a log position) for an event whose record is missing, and a record whose header claims a
     /// sequence it cannot have stands for the one expected there (reads check headers). The entity is
     /// reported in ``Recovered/damagedTails``.
+    ///
+    /// Each live record's check is verified (it covers the header). A record that fails it is
+    /// counted for the entity its header names, as before, since a damaged payload is likelier than
+    /// a damaged header and reads report it at that sequence; but when the next record of that
+    /// entity is intact and claims the very sequence the damaged one stood for, the damaged one was
+    /// not that entity's (its header is what was damaged): the intact record takes its place, and the
+    /// damaged one is reported in ``Recovered/strayRecords``.
     private static func recover(environment: Environment, stores: Stores, tails: TailIndex, coalesceThreshold: Int) throws -> Recovered {
         try environment.read { txn in
             var recovered = Recovered()
@@ -706,6 +783,8 @@ public final class Journal: Sendable {
             }
             var runs: [UInt64: TailRun] = [:]
             var covered: [UInt64: UInt64] = [:]
+            // Entity → the last position of its run, when that record failed its check.
+            var suspects: [UInt64: UInt64] = [:]
             var firstLive: UInt64?
             try txn.withCursor(stores.log) { cursor in
                 var entry = try cursor.first()
@@ -713,6 +792,11 @@ public final class Journal: Sendable {
                 while let current = entry {
                     let position = current.key.bigEndianUInt64(at: 0)
                     recovered.nextPosition = position + 1
+                    guard current.value.count >= JournalLayout.logHeader else {
+                        // Too short to name an entity: its entity's run shows the gap.
+                        entry = try cursor.next()
+                        continue
+                    }
                     let entity = current.value.bigEndianUInt64(at: 0)
                     let sequence = current.value.bigEndianUInt64(at: 8)
                     let floor: UInt64
@@ -723,9 +807,17 @@ public final class Journal: Sendable {
                         covered[entity] = floor
                     }
                     if sequence > floor {
-                        let expected = runs[entity, default: TailRun(firstSequence: floor + 1, positions: [])]
-                            .addRecovered(position: position, claiming: sequence)
-                        if !expected { recovered.damagedTails.insert(entity) }
+                        let payload = UnsafeRawBufferPointer(rebasing: current.value[JournalLayout.logHeader...])
+                        let intact = CRC32C.checksum(payload) ^ JournalLayout.headerCheck(entity: entity, sequence: sequence)
+                            == current.value.littleEndianUInt32(at: 16)
+                        let suspect = suspects.isEmpty ? nil : suspects.removeValue(forKey: entity)
+                        if !intact { suspects[entity] = position }
+                        if intact, let suspect, runs[entity]?.replaceLast(suspect, with: position, claiming: sequence) == true {
+                            recovered.strayRecords.append(suspect)
+                        } else if !runs[entity, default: TailRun(firstSequence: floor + 1, positions: [])]
+                            .addRecovered(position: position, claiming: sequence) {
+                            recovered.damagedTails.insert(entity)
+                        }
                         if firstLive == nil { firstLive = position }
                     }
                     entry = try cursor.next()

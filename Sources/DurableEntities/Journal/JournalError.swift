@@ -7,7 +7,7 @@ public struct JournalError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         fileprivate enum Base: Hashable, Sendable {
             case nonConsecutiveSequence, corruptedRecord, unknownEntity, payloadTooLarge
-            case nameTooLong, alreadyOpen, closed, storage
+            case nameTooLong, alreadyOpen, closed, storage, unsupportedFormat
         }
         fileprivate let base: Base
         fileprivate init(_ base: Base) { self.base = base }
@@ -28,6 +28,9 @@ public struct JournalError: Error, Sendable, CustomStringConvertible {
         public static let closed = Code(.closed)
         /// LMDB failed (see ``JournalError/underlying``); the whole commit was rolled back.
         public static let storage = Code(.storage)
+        /// The directory was written in a format this version cannot read (by a newer version of the
+        /// library). The open changed nothing.
+        public static let unsupportedFormat = Code(.unsupportedFormat)
 
         public var description: String { "\(base)" }
     }

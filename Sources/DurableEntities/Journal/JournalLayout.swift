@@ -5,7 +5,7 @@ import LMDB
 ///
 /// | database | key | value |
 /// | --- | --- | --- |
-/// | `log` | position (8) | entity key (8), sequence (8), CRC-32C (4), payload |
+/// | `log` | position (8) | entity key (8), sequence (8), check (4): CRC-32C of the payload XOR CRC-32C of the 16 header bytes, payload |
 /// | `history` | entity key (8), first sequence (8) | a chunk: count (4), then per event length (4), CRC-32C (4), payload |
 /// | `names` | type UTF-8, 0x00, id UTF-8 | entity key (8) |
 /// | `pending-names` | row (8): registrations not yet in `names` (``PendingNames``) | entity key (8), then the `names` key |
@@ -15,8 +15,26 @@ import LMDB
 /// | `timers` | due (8), entity key (8), timer id (8) | payload |
 /// | `idempotency` | caller's key | CRC-32C (4), payload |
 /// | `idempotency-times` | recorded at (8), caller's key | empty: what expiry reads, oldest first |
+/// | `format` | `log` | the log's record format (8): ``JournalLayout/logFormat`` |
+///
+/// A history chunk's events keep the checksum of their payload alone: a chunk's key names the
+/// entity and its first sequence, and an event's place in it gives its sequence. A log record
+/// carries its own entity and sequence, so its check covers them too: a record whose header was
+/// damaged fails its check instead of counting as another entity's event (or as another sequence
+/// of its own). Moving a record to history XORs the header's checksum out again, in O(1).
 enum JournalLayout {
     static let logHeader = 20
+    /// The log's record format: 2, the check covers the header. Format 1 (directories written
+    /// before the `format` database existed) checked the payload alone; an open rewrites such a
+    /// log's checks in one transaction (see `Journal.upgradeLog`).
+    static let logFormat: UInt64 = 2
+    static let formatLogKey = Array("log".utf8)
+
+    /// What a log record's check adds to its event's `CRC-32C` (XOR): the `CRC-32C` of its header.
+    @inline(__always)
+    static func headerCheck(entity: UInt64, sequence: UInt64) -> UInt32 {
+        Key16(entity, sequence).withBytes { CRC32C.checksum($0) }
+    }
     static let checksumBytes = 4
     /// A history chunk stays under this many bytes, so it fits in a 4 KiB leaf page with its key and
     /// never needs LMDB overflow pages (a single larger event gets a chunk of its own).

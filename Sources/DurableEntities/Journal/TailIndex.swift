@@ -27,6 +27,15 @@ struct TailRun: Sendable {
         return false
     }
 
+    /// At open, lets the intact record at `position`, which claims `sequence`, take the place of the
+    /// run's last record `suspect` (one that failed its check) when that stood for `sequence`.
+    /// Returns whether it did.
+    mutating func replaceLast(_ suspect: UInt64, with position: UInt64, claiming sequence: UInt64) -> Bool {
+        guard positions.last == suspect, sequence == latestSequence else { return false }
+        positions[positions.count - 1] = position
+        return true
+    }
+
     /// Applies a delta over this run in place (one dictionary access in ``TailIndex/publish(_:)``).
     mutating func apply(_ delta: TailDelta) {
         if delta.dropped > 0 { positions.removeFirst(delta.dropped) }
