@@ -400,7 +400,7 @@ struct JournalTests {
         #expect(try reopened.latestSequence(of: otherKey) == 4)
     }
 
-    @Test("a log written before checks covered headers is upgraded at open, once, in one transaction; a newer format is refused and left as it was")
+    @Test("a log written before checks covered headers is upgraded at open, once, a batch a transaction, going on where an interrupted open stopped; a newer format is refused and left as it was")
     func logFormatUpgrade() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -436,6 +436,9 @@ struct JournalTests {
         // Turn the directory into one of format 1: checks of the payload alone, no format row.
         #expect(try downgradeLog(directory: directory.path) == 18)
         #expect(try storedFormat() == nil)
+        // An open that stops part-way (a crash): one transaction of five records commits.
+        #expect(try upgradeLogPartly(batchSize: 5, batches: 1, directory: directory.path) == false)
+        #expect(try storedFormat() == nil, "not upgraded yet: the next open goes on from the sixth record")
         do {
             let journal = try Journal(configuration: configuration)
             defer { journal.close() }
@@ -1156,4 +1159,13 @@ func setLogFormat(_ format: UInt64, directory: String) throws {
     try environment.write { txn in
         try txn.put(Key8(format).withBytes { Array($0) }, forKey: JournalLayout.formatLogKey, in: formats)
     }
+}
+
+/// Runs at most `batches` transactions of the log's upgrade, as an open that crashes after them
+/// would. Returns whether the upgrade finished.
+func upgradeLogPartly(batchSize: Int, batches: Int, directory: String) throws -> Bool {
+    let environment = try Environment.open(.init(directory: directory))
+    defer { environment.close() }
+    return try Journal.upgradeLog(environment: environment, log: try environment.database("log"), logger: quietLogger,
+                                  batchSize: batchSize, batches: batches)
 }

@@ -219,7 +219,7 @@ public final class Journal: Sendable {
                 tasks: try environment.database("tasks"),
                 resultTimes: try environment.database("idempotency-times"),
                 pendingNames: try environment.database("pending-names"))
-            try Self.upgradeLog(environment: environment, stores: stores, logger: configuration.logger)
+            try Self.upgradeLog(environment: environment, log: stores.log, logger: configuration.logger)
             try Self.indexUntimedResults(environment: environment, stores: stores)
             tails = TailIndex()
             let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
@@ -661,61 +661,84 @@ public final class Journal: Sendable {
 
     /// Brings the log's records to ``JournalLayout/logFormat``. A directory without a `format` row
     /// was written before log records' checks covered their headers: every record in its log gets
-    /// the header's checksum XORed into its check, and the row is written, in one transaction (a
-    /// crash leaves the log as it was, and the next open upgrades it). The log holds at most the
-    /// log window and what is not yet in history, so this costs one pass over it, once.
+    /// the header's checksum XORed into its check, `batchSize` records a transaction. Each
+    /// transaction also stores the position to go on from (`format` row `log-upgrade`), so an open
+    /// that crashes part-way resumes where the last one committed, and no record is XORed twice; the
+    /// last one writes the format row. The log holds at most the log window and what is not yet in
+    /// history, so this is one pass over it, once. `batches` bounds the transactions (tests).
+    /// - Returns: whether the log is in the current format.
     /// - Throws: ``JournalError/Code/unsupportedFormat`` for a format newer than this version's.
-    static func upgradeLog(environment: Environment, stores: Stores, logger: Logger) throws {
+    @discardableResult
+    static func upgradeLog(environment: Environment, log: Database, logger: Logger,
+                           batchSize: Int = 16_384, batches: Int = .max) throws -> Bool {
         let formats = try environment.database("format")
-        let stored = try environment.read { txn in
-            try JournalLayout.formatLogKey.withUnsafeBytes { key in
+        func stored(_ key: [UInt8], _ what: String, in txn: borrowing some TransactionReading & ~Copyable) throws -> UInt64? {
+            try key.withUnsafeBytes { key in
                 try txn.withValue(forKey: key, in: formats) { value -> UInt64? in
                     guard let value else { return nil }
                     guard value.count == 8 else {
-                        throw JournalError(.corruptedRecord, "the journal's log format record is damaged (\(value.count) bytes)")
+                        throw JournalError(.corruptedRecord, "the journal's \(what) record is damaged (\(value.count) bytes)")
                     }
                     return value.bigEndianUInt64(at: 0)
                 }
             }
         }
-        switch stored {
+        switch try environment.read({ txn in try stored(JournalLayout.formatLogKey, "log format", in: txn) }) {
         case JournalLayout.logFormat?:
-            return
+            return true
         case let newer? where newer > JournalLayout.logFormat:
             throw JournalError(.unsupportedFormat,
                                "the journal's log has format \(newer), written by a newer version of DurableEntities; this version reads format \(JournalLayout.logFormat) and older. Nothing was changed")
         default:
             break
         }
-        let upgraded = try environment.write { txn -> Int in
-            var count = 0
-            try txn.withCursor(stores.log) { cursor in
-                var entry = try cursor.first()
-                while let current = entry {
-                    var value = Array(current.value)
-                    let key = Array(current.key)
-                    if value.count >= JournalLayout.logHeader {
-                        value.withUnsafeMutableBytes { out in
-                            let read = UnsafeRawBufferPointer(out)
-                            let header = JournalLayout.headerCheck(entity: read.bigEndianUInt64(at: 0), sequence: read.bigEndianUInt64(at: 8))
-                            out.storeLittleEndian(read.littleEndianUInt32(at: 16) ^ header, at: 16)
+        var upgraded = 0
+        for _ in 0..<batches {
+            let done = try environment.write { txn -> Bool in
+                let from = try stored(JournalLayout.upgradeProgressKey, "log upgrade's progress", in: txn) ?? 0
+                var count = 0
+                let next: UInt64? = try txn.withCursor(log) { cursor in
+                    var entry = try Key8(from).withBytes { try cursor.seek(atLeast: $0) }
+                    while let current = entry {
+                        guard count < batchSize else { return current.key.bigEndianUInt64(at: 0) }
+                        let key = Array(current.key)
+                        var value = Array(current.value)
+                        if value.count >= JournalLayout.logHeader {
+                            value.withUnsafeMutableBytes { out in
+                                let read = UnsafeRawBufferPointer(out)
+                                let header = JournalLayout.headerCheck(entity: read.bigEndianUInt64(at: 0), sequence: read.bigEndianUInt64(at: 8))
+                                out.storeLittleEndian(read.littleEndianUInt32(at: 16) ^ header, at: 16)
+                            }
+                            try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
                         }
-                        try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
                         count += 1
+                        entry = try cursor.next()
                     }
-                    entry = try cursor.next()
+                    return nil
                 }
+                upgraded += count
+                if let next {
+                    try Key8(next).withBytes { v in
+                        try JournalLayout.upgradeProgressKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) }
+                    }
+                    return false
+                }
+                _ = try txn.delete(JournalLayout.upgradeProgressKey, in: formats)
+                try Key8(JournalLayout.logFormat).withBytes { v in
+                    try JournalLayout.formatLogKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) }
+                }
+                return true
             }
-            try Key8(JournalLayout.logFormat).withBytes { v in
-                try JournalLayout.formatLogKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) }
+            if done {
+                if upgraded > 0 {
+                    logger.info("journal log upgraded", metadata: [
+                        "journal.directory": "\(environment.path)", "journal.log.format": "\(JournalLayout.logFormat)",
+                        "journal.log.records": "\(upgraded)"])
+                }
+                return true
             }
-            return count
         }
-        if upgraded > 0 {
-            logger.info("journal log upgraded", metadata: [
-                "journal.directory": "\(environment.path)", "journal.log.format": "\(JournalLayout.logFormat)",
-                "journal.log.records": "\(upgraded)"])
-        }
+        return false
     }
 
     /// A directory written before results had times has results but no `idempotency-times` rows

@@ -16,6 +16,7 @@ import LMDB
 /// | `idempotency` | caller's key | CRC-32C (4), payload |
 /// | `idempotency-times` | recorded at (8), caller's key | empty: what expiry reads, oldest first |
 /// | `format` | `log` | the log's record format (8): ``JournalLayout/logFormat`` |
+/// | `format` | `log-upgrade` | while an open upgrades an older log: the next position to upgrade (8) |
 ///
 /// A history chunk's events keep the checksum of their payload alone: a chunk's key names the
 /// entity and its first sequence, and an event's place in it gives its sequence. A log record
@@ -26,9 +27,11 @@ enum JournalLayout {
     static let logHeader = 20
     /// The log's record format: 2, the check covers the header. Format 1 (directories written
     /// before the `format` database existed) checked the payload alone; an open rewrites such a
-    /// log's checks in one transaction (see `Journal.upgradeLog`).
+    /// log's checks (see `Journal.upgradeLog`).
     static let logFormat: UInt64 = 2
     static let formatLogKey = Array("log".utf8)
+    /// While an open upgrades an older log: the position of the next record to upgrade.
+    static let upgradeProgressKey = Array("log-upgrade".utf8)
 
     /// What a log record's check adds to its event's `CRC-32C` (XOR): the `CRC-32C` of its header.
     @inline(__always)
