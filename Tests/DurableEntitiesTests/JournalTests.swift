@@ -463,6 +463,54 @@ struct JournalTests {
         #expect(try storedFormat() == JournalLayout.logFormat + 1)
     }
 
+    @Test("a snapshot's check covers its entity and sequence: a damaged sequence fails it; a snapshot written before that reads as it was; a sequence of 2^63 or more is refused")
+    func snapshotCheck() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, logger: quietLogger)
+        let name = EntityName(type: "Account", id: "snapshotted")
+        let key: EntityKey
+        let older: EntityKey
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            key = try await journal.register(name)
+            older = try await journal.register(EntityName(type: "Account", id: "older"))
+            var batch = JournalBatch()
+            batch.saveSnapshot(key, sequence: 5, payload: bytes("state@5"))
+            _ = try await journal.commit(batch)
+            #expect(try journal.snapshot(of: key) == JournalSnapshot(sequence: 5, payload: bytes("state@5")))
+            var tooLate = JournalBatch()
+            tooLate.saveSnapshot(older, sequence: 1 << 63, payload: bytes("x"))
+            let error = await #expect(throws: JournalError.self) { try await journal.commit(tooLate) }
+            #expect(error?.code == .nonConsecutiveSequence)
+            #expect(try journal.snapshot(of: older) == nil, "nothing was written")
+        }
+        try rewriteSnapshots(directory: directory.path) { txn, snapshots in
+            // Sequence 5 damaged into 4 (its flag kept); `older` gets a snapshot as written before the flag.
+            try Key8(key.rawValue).withBytes { k in
+                var value = try #require(try txn.withValue(forKey: k, in: snapshots) { $0.map(Array.init) })
+                value[7] ^= 1
+                try txn.put(value, forKey: Array(k), in: snapshots)
+            }
+            let payload = bytes("state@7")
+            var value = Key8(7).withBytes { Array($0) }
+            withUnsafeBytes(of: CRC32C.checksum(payload).littleEndian) { value.append(contentsOf: $0) }
+            value += payload
+            try txn.put(value, forKey: Key8(older.rawValue).withBytes { Array($0) }, in: snapshots)
+        }
+        let journal = try Journal(configuration: configuration)
+        defer { journal.close() }
+        let error = #expect(throws: JournalError.self) { try journal.snapshot(of: key) }
+        #expect(error?.code == .corruptedRecord && error?.entity == name && error?.sequence == 4, "\(String(describing: error))")
+        #expect(try journal.snapshot(of: older) == JournalSnapshot(sequence: 7, payload: bytes("state@7")))
+        // The entity's next snapshot replaces the damaged one.
+        var batch = JournalBatch()
+        batch.saveSnapshot(key, sequence: 9, payload: bytes("state@9"))
+        _ = try await journal.commit(batch)
+        #expect(try journal.snapshot(of: key) == JournalSnapshot(sequence: 9, payload: bytes("state@9")))
+    }
+
     @Test("recorded results expire oldest first, by their first recording's time, at most `limit` a batch; results written before they had times are timed at open")
     func resultsExpire() async throws {
         let directory = TemporaryDirectory()
@@ -1168,4 +1216,12 @@ func upgradeLogPartly(batchSize: Int, batches: Int, directory: String) throws ->
     defer { environment.close() }
     return try Journal.upgradeLog(environment: environment, log: try environment.database("log"), logger: quietLogger,
                                   batchSize: batchSize, batches: batches)
+}
+
+/// Edits the `snapshots` table behind the journal's back.
+func rewriteSnapshots(directory: String, _ body: (borrowing WriteTransaction, Database) throws -> Void) throws {
+    let environment = try Environment.open(.init(directory: directory))
+    defer { environment.close() }
+    let snapshots = try environment.database("snapshots")
+    try environment.write { txn in try body(txn, snapshots) }
 }

@@ -551,6 +551,10 @@ private struct CommitContext {
                 }
             case .snapshot(let entity, let sequence, let payload):
                 try checkKnown(entity, sequence)
+                guard sequence < JournalLayout.snapshotHeaderChecked else {
+                    throw JournalError(.nonConsecutiveSequence, key: entity, sequence: sequence,
+                                       "a snapshot's sequence must be below 2^63 (an entity's events never reach it); nothing was written")
+                }
                 try checkSize(payload.count, entity, sequence, "snapshot")
             case .prune(let entity, _), .metadata(let entity, _):
                 try checkKnown(entity, nil)
@@ -627,10 +631,11 @@ private struct CommitContext {
                 }
                 appendedCount += events.count
             case .snapshot(let entity, let sequence, let payload):
-                let checksum = CRC32C.checksum(payload)
+                // The check covers the entity and the sequence too; the flag says so (see `JournalLayout`).
+                let checksum = CRC32C.checksum(payload) ^ JournalLayout.headerCheck(entity: entity.rawValue, sequence: sequence)
                 try Key8(entity.rawValue).withBytes { key in
                     try txn.put(reserving: 12 + payload.count, forKey: key, in: stores.snapshots) { out in
-                        out.storeBigEndian(sequence, at: 0)
+                        out.storeBigEndian(sequence | JournalLayout.snapshotHeaderChecked, at: 0)
                         out.storeLittleEndian(checksum, at: 8)
                         payload.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: out[12...]).copyMemory(from: $0) }
                     }

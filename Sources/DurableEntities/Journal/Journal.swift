@@ -502,8 +502,12 @@ public final class Journal: Sendable {
                 try txn.withValue(forKey: k, in: stores.snapshots) { value -> JournalSnapshot? in
                     guard let value else { return nil }
                     guard value.count >= 12 else { throw corrupted(entity, nil, "its snapshot record is truncated", txn) }
-                    let sequence = value.bigEndianUInt64(at: 0)
-                    let payload = try verified(UnsafeRawBufferPointer(rebasing: value[8...]), entity: entity, sequence: sequence, in: txn)
+                    let stored = value.bigEndianUInt64(at: 0)
+                    let sequence = stored & ~JournalLayout.snapshotHeaderChecked
+                    let header = stored & JournalLayout.snapshotHeaderChecked == 0
+                        ? 0 : JournalLayout.headerCheck(entity: entity.rawValue, sequence: sequence)
+                    let payload = try verified(UnsafeRawBufferPointer(rebasing: value[8...]), entity: entity, sequence: sequence,
+                                               header: header, in: txn)
                     return JournalSnapshot(sequence: sequence, payload: Array(payload))
                 }
             }

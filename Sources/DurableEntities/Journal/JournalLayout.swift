@@ -11,7 +11,7 @@ import LMDB
 /// | `pending-names` | row (8): registrations not yet in `names` (``PendingNames``) | entity key (8), then the `names` key |
 /// | `pending-names` | 0 (8) | merge watermark (8): rows below it are in `names` already |
 /// | `entities` | entity key (8) | metadata record |
-/// | `snapshots` | entity key (8) | sequence (8), CRC-32C (4), payload |
+/// | `snapshots` | entity key (8) | sequence (8) with its top bit set, check (4): CRC-32C of the payload XOR that of entity key and sequence, payload |
 /// | `timers` | due (8), entity key (8), timer id (8) | payload |
 /// | `idempotency` | caller's key | CRC-32C (4), payload |
 /// | `idempotency-times` | recorded at (8), caller's key | empty: what expiry reads, oldest first |
@@ -32,6 +32,12 @@ enum JournalLayout {
     static let formatLogKey = Array("log".utf8)
     /// While an open upgrades an older log: the position of the next record to upgrade.
     static let upgradeProgressKey = Array("log-upgrade".utf8)
+
+    /// The top bit of a snapshot's stored sequence: its check covers the entity key and the
+    /// sequence as well as the payload, as a log record's does. Snapshots written before it have
+    /// the bit clear and a check of the payload alone; they are read as they are, and replaced by
+    /// the entity's next snapshot. A bit flipped either way makes the check fail.
+    static let snapshotHeaderChecked: UInt64 = 1 << 63
 
     /// What a log record's check adds to its event's `CRC-32C` (XOR): the `CRC-32C` of its header.
     @inline(__always)
