@@ -381,6 +381,7 @@ struct JournalTests {
 
         let journal = try Journal(configuration: configuration)
         #expect(journal.opened.damagedTails == 1, "only `first` has a gap: \(journal.opened)")
+        #expect(journal.opened.strayRecords == (other == "followed" ? 1 : 0), "\(journal.opened)")
         try expectFirstDamaged(journal, "at the open")
         try expectSecond(journal, "at the open")
         #expect(try journal.latestSequence(of: otherKey) == 3)

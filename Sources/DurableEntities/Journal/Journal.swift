@@ -171,12 +171,18 @@ public final class Journal: Sendable {
         public var pendingNames: Int
         /// Entities whose events in the log were found damaged (see ``JournalError/Code/corruptedRecord``).
         public var damagedTails: Int
+        /// Log records left out: each failed its check and stood in for a sequence that an intact
+        /// record of the entity its header names claimed next (its header was what was damaged).
+        public var strayRecords: Int = 0
     }
 
     /// Opens the journal in `configuration.directory`, recovering its in-memory index from the log.
+    /// A log written before its records' checks covered their headers is upgraded first, a batch a
+    /// transaction (an open killed part-way leaves a log the next open finishes).
     ///
     /// - Throws: ``JournalError`` with code `alreadyOpen` if another journal (in this process or
-    ///   another) has the directory open, `storage` if LMDB fails.
+    ///   another) has the directory open, `unsupportedFormat` if a newer version of the library wrote
+    ///   it (nothing is changed), `storage` if LMDB fails.
     public init(configuration: Configuration) throws(JournalError) {
         self.configuration = configuration
         pending = PendingNames(batch: configuration.deferredNameLimit)
@@ -235,7 +241,7 @@ public final class Journal: Sendable {
             }
             opened = OpenSummary(entities: recovered.nextEntityKey - 1, tailEvents: recovered.tailEvents,
                                  tailEntities: recovered.tailEntities, pendingNames: recovered.pendingNames.count,
-                                 damagedTails: recovered.damagedTails.count)
+                                 damagedTails: recovered.damagedTails.count, strayRecords: recovered.strayRecords.count)
             configuration.logger.info("journal opened", metadata: [
                 "journal.directory": "\(environment.path)",
                 "journal.entities": "\(opened.entities)",
@@ -243,6 +249,7 @@ public final class Journal: Sendable {
                 "journal.log.tailEntities": "\(opened.tailEntities)",
                 "journal.names.pending": "\(opened.pendingNames)",
                 "journal.log.damagedTails": "\(opened.damagedTails)",
+                "journal.log.strayRecords": "\(opened.strayRecords)",
             ])
         } catch {
             environment.close()
