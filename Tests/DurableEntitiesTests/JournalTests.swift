@@ -1188,11 +1188,7 @@ func downgradeLog(directory: String) throws -> Int {
             }
         }
         for var row in rows {
-            row.value.withUnsafeMutableBytes { out in
-                let read = UnsafeRawBufferPointer(out)
-                let header = JournalLayout.headerCheck(entity: read.bigEndianUInt64(at: 0), sequence: read.bigEndianUInt64(at: 8))
-                out.storeLittleEndian(read.littleEndianUInt32(at: 16) ^ header, at: 16)
-            }
+            row.value.withUnsafeMutableBytes { $0.storeLittleEndian(JournalLayout.flippedCheck(ofLogRecord: UnsafeRawBufferPointer($0)), at: 16) }
             try txn.put(row.value, forKey: row.key, in: log)
         }
         _ = try txn.delete(JournalLayout.formatLogKey, in: formats)

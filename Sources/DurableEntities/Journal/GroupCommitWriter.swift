@@ -862,9 +862,7 @@ private struct CommitContext {
                     // History keeps the payload's own CRC-32C: the header's checksum comes out of the check
                     // (a damaged record stays one that fails its check).
                     var record = [UInt8](UnsafeRawBufferPointer(rebasing: value[16...]))
-                    record.withUnsafeMutableBytes { out in
-                        out.storeLittleEndian(value.littleEndianUInt32(at: 16) ^ JournalLayout.headerCheck(entity: entity, sequence: sequence), at: 0)
-                    }
+                    record.withUnsafeMutableBytes { $0.storeLittleEndian(JournalLayout.flippedCheck(ofLogRecord: value), at: 0) }
                     return record
                 }
             }

@@ -173,7 +173,7 @@ public final class Journal: Sendable {
         public var damagedTails: Int
         /// Log records left out: each failed its check and stood in for a sequence that an intact
         /// record of the entity its header names claimed next (its header was what was damaged).
-        public var strayRecords: Int = 0
+        public var strayRecords: Int
     }
 
     /// Opens the journal in `configuration.directory`, recovering its in-memory index from the log.
@@ -715,11 +715,7 @@ public final class Journal: Sendable {
                         let key = Array(current.key)
                         var value = Array(current.value)
                         if value.count >= JournalLayout.logHeader {
-                            value.withUnsafeMutableBytes { out in
-                                let read = UnsafeRawBufferPointer(out)
-                                let header = JournalLayout.headerCheck(entity: read.bigEndianUInt64(at: 0), sequence: read.bigEndianUInt64(at: 8))
-                                out.storeLittleEndian(read.littleEndianUInt32(at: 16) ^ header, at: 16)
-                            }
+                            value.withUnsafeMutableBytes { $0.storeLittleEndian(JournalLayout.flippedCheck(ofLogRecord: UnsafeRawBufferPointer($0)), at: 16) }
                             try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
                         }
                         count += 1
@@ -842,8 +838,7 @@ public final class Journal: Sendable {
                     }
                     if sequence > floor {
                         let payload = UnsafeRawBufferPointer(rebasing: current.value[JournalLayout.logHeader...])
-                        let intact = CRC32C.checksum(payload) ^ JournalLayout.headerCheck(entity: entity, sequence: sequence)
-                            == current.value.littleEndianUInt32(at: 16)
+                        let intact = CRC32C.checksum(payload) == JournalLayout.flippedCheck(ofLogRecord: current.value)
                         let suspect = suspects.isEmpty ? nil : suspects.removeValue(forKey: entity)
                         if !intact { suspects[entity] = position }
                         if intact, let suspect, runs[entity]?.replaceLast(suspect, with: position, claiming: sequence) == true {

@@ -44,10 +44,18 @@ enum JournalLayout {
     static func headerCheck(entity: UInt64, sequence: UInt64) -> UInt32 {
         Key16(entity, sequence).withBytes { CRC32C.checksum($0) }
     }
-    static let checksumBytes = 4
+
+    /// The check of a log record (a `log` value, at least ``logHeader`` bytes) with its own header's
+    /// checksum XORed in or out: from a format-2 record, its payload's `CRC-32C` (what history keeps,
+    /// and what an intact record's payload hashes to); from a format-1 record, its format-2 check.
+    @inline(__always)
+    static func flippedCheck(ofLogRecord value: UnsafeRawBufferPointer) -> UInt32 {
+        value.littleEndianUInt32(at: 16) ^ headerCheck(entity: value.bigEndianUInt64(at: 0), sequence: value.bigEndianUInt64(at: 8))
+    }
     /// A history chunk stays under this many bytes, so it fits in a 4 KiB leaf page with its key and
     /// never needs LMDB overflow pages (a single larger event gets a chunk of its own).
     static let chunkBytes = 2_000
+    static let checksumBytes = 4
     static let chunkHeader = 4
     static let chunkEventHeader = 8
 
