@@ -428,17 +428,17 @@ struct JournalTests {
             defer { environment.close() }
             let formats = try environment.database("format")
             return try environment.read { txn in
-                try JournalLayout.formatLogKey.withUnsafeBytes { k in
+                try JournalLayout.log.formatKey.withUnsafeBytes { k in
                     try txn.withValue(forKey: k, in: formats) { $0.map { $0.bigEndianUInt64(at: 0) } }
                 }
             }
         }
-        #expect(try storedFormat() == JournalLayout.logFormat, "a new directory is written in the current format")
+        #expect(try storedFormat() == JournalLayout.log.current, "a new directory is written in the current format")
         // Turn the directory into one of format 1: checks of the payload alone, no format row.
         #expect(try downgradeLog(directory: directory.path) == 18)
         #expect(try storedFormat() == nil)
         // An open that stops part-way (a crash): one transaction of five records commits.
-        #expect(try upgradeLogPartly(batchSize: 5, batches: 1, directory: directory.path) == false)
+        #expect(try upgradePartly(JournalLayout.log, batchSize: 5, batches: 1, directory: directory.path) == false)
         #expect(try storedFormat() == nil, "not upgraded yet: the next open goes on from the sixth record")
         do {
             let journal = try Journal(configuration: configuration)
@@ -449,7 +449,7 @@ struct JournalTests {
             batch.append(keys[0], sequence: 7, payload: bytes("after"))
             _ = try await journal.commit(batch)
         }
-        #expect(try storedFormat() == JournalLayout.logFormat)
+        #expect(try storedFormat() == JournalLayout.log.current)
         do {
             let journal = try Journal(configuration: configuration)
             defer { journal.close() }
@@ -458,10 +458,10 @@ struct JournalTests {
         }
 
         // A format from a newer version: refused, and nothing changes.
-        try setLogFormat(JournalLayout.logFormat + 1, directory: directory.path)
+        try setLogFormat(JournalLayout.log.current + 1, directory: directory.path)
         let error = #expect(throws: JournalError.self) { try Journal(configuration: configuration) }
         #expect(error?.code == .unsupportedFormat, "\(String(describing: error))")
-        #expect(try storedFormat() == JournalLayout.logFormat + 1)
+        #expect(try storedFormat() == JournalLayout.log.current + 1)
     }
 
     @Test("a snapshot's check covers its entity and sequence: a damaged sequence fails it; a snapshot written before that reads as it was; a sequence of 2^63 or more is refused")
@@ -487,7 +487,7 @@ struct JournalTests {
             #expect(error?.code == .nonConsecutiveSequence)
             #expect(try journal.snapshot(of: older) == nil, "nothing was written")
         }
-        try rewriteSnapshots(directory: directory.path) { txn, snapshots in
+        try editTable("snapshots", directory: directory.path) { txn, snapshots in
             // Sequence 5 damaged into 4 (its flag kept); `older` gets a snapshot as written before the flag.
             try Key8(key.rawValue).withBytes { k in
                 var value = try #require(try txn.withValue(forKey: k, in: snapshots) { $0.map(Array.init) })
@@ -510,6 +510,155 @@ struct JournalTests {
         batch.saveSnapshot(key, sequence: 9, payload: bytes("state@9"))
         _ = try await journal.commit(batch)
         #expect(try journal.snapshot(of: key) == JournalSnapshot(sequence: 9, payload: bytes("state@9")))
+    }
+
+    @Test("timers, tasks and results carry checks that cover their keys: a damaged due time, task key or result key, or a damaged payload, fails the check instead of reading as another row")
+    func keyedChecks() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, logger: quietLogger)
+        let entity: EntityKey
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            entity = try await journal.register(EntityName(type: "Account", id: "checked"))
+            var batch = JournalBatch()
+            batch.scheduleTimer(JournalTimer(dueNanoseconds: 1_000, entity: entity, id: 1, payload: bytes("early")))
+            batch.scheduleTimer(JournalTimer(dueNanoseconds: 2_000, entity: entity, id: 2, payload: bytes("late")))
+            batch.scheduleTimer(JournalTimer(dueNanoseconds: 3_000, entity: entity, id: 3))
+            for name in ["a-1", "a-2", "a-3"] { batch.putTask(key: bytes(name), value: bytes("task \(name)")) }
+            for name in ["k-1", "k-2", "k-3"] { batch.recordResult(forKey: bytes(name), payload: bytes("result \(name)"), recordedAt: 1) }
+            _ = try await journal.commit(batch)
+            #expect(try journal.timers().allSatisfy(\.isIntact))
+            #expect(try journal.tasks().map(\.value) == ["a-1", "a-2", "a-3"].map { bytes("task \($0)") })
+            #expect(try journal.tasks().allSatisfy(\.isIntact))
+        }
+        // Damage, behind the journal's back: a row moved to a key one bit away (its key damaged), or
+        // a bit of its payload flipped.
+        func move(_ table: String, from old: [UInt8], to new: [UInt8]) throws {
+            try editTable(table, directory: directory.path) { txn, database in
+                let value = try #require(try txn.value(forKey: old, in: database))
+                #expect(try txn.delete(old, in: database))
+                try txn.put(value, forKey: new, in: database)
+            }
+        }
+        func flipLastByte(_ table: String, of key: [UInt8]) throws {
+            try editTable(table, directory: directory.path) { txn, database in
+                var value = try #require(try txn.value(forKey: key, in: database))
+                value[value.count - 1] ^= 0x20
+                try txn.put(value, forKey: key, in: database)
+            }
+        }
+        let early = Key24(1_000, entity.rawValue, 1).withBytes { Array($0) }
+        let earlier = Key24(1_000 ^ 512, entity.rawValue, 1).withBytes { Array($0) }  // due at 488
+        try move("timers", from: early, to: earlier)
+        try flipLastByte("timers", of: Key24(2_000, entity.rawValue, 2).withBytes { Array($0) })
+        try move("tasks", from: bytes("a-1"), to: bytes("a-0"))
+        try flipLastByte("tasks", of: bytes("a-2"))
+        try move("idempotency", from: bytes("k-1"), to: bytes("k-0"))
+        try flipLastByte("idempotency", of: bytes("k-2"))
+
+        let journal = try Journal(configuration: configuration)
+        defer { journal.close() }
+        let timers = try journal.timers()
+        #expect(timers.map(\.dueNanoseconds) == [488, 2_000, 3_000])
+        #expect(timers.map(\.isIntact) == [false, false, true], "a moved due time and a damaged payload both fail; the intact timer reads as written")
+        #expect(timers.last?.payload == [])
+        let tasks = try journal.tasks(prefix: bytes("a-"))
+        #expect(tasks.map(\.key) == ["a-0", "a-2", "a-3"].map(bytes))
+        #expect(tasks.map(\.isIntact) == [false, false, true])
+        #expect(tasks.last?.value == bytes("task a-3"))
+        #expect(try journal.task(forKey: bytes("a-3")) == bytes("task a-3"))
+        for key in ["a-0", "a-2"] {
+            let error = #expect(throws: JournalError.self) { try journal.task(forKey: bytes(key)) }
+            #expect(error?.code == .corruptedRecord, "task \(key): \(String(describing: error))")
+        }
+        #expect(try journal.recordedResult(forKey: bytes("k-3")) == bytes("result k-3"))
+        #expect(try journal.recordedResult(forKey: bytes("k-1")) == nil)
+        for key in ["k-0", "k-2"] {
+            let error = #expect(throws: JournalError.self) { try journal.recordedResult(forKey: bytes(key)) }
+            #expect(error?.code == .corruptedRecord, "result \(key): \(String(describing: error))")
+        }
+    }
+
+    @Test("timers, tasks and results written before their checks covered their keys are upgraded at open, resuming where a killed open stopped; a newer format is refused")
+    func keyedCheckUpgrade() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let configuration = Journal.Configuration(directory: directory.path, logger: quietLogger)
+        let entity: EntityKey
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            entity = try await journal.register(EntityName(type: "Account", id: "upgraded"))
+            var batch = JournalBatch()
+            for id in 1...4 {
+                batch.scheduleTimer(JournalTimer(dueNanoseconds: 1_000 * UInt64(id), entity: entity, id: UInt64(id), payload: bytes("timer \(id)")))
+                batch.putTask(key: bytes("t-\(id)"), value: bytes("task \(id)"))
+                batch.recordResult(forKey: bytes("r-\(id)"), payload: bytes("result \(id)"), recordedAt: 1)
+            }
+            _ = try await journal.commit(batch)
+        }
+        func expectIntact(_ journal: Journal, _ context: Comment) throws {
+            let timers = try journal.timers()
+            #expect(timers.allSatisfy(\.isIntact) && timers.map(\.payload) == (1...4).map { bytes("timer \($0)") }, context)
+            let tasks = try journal.tasks()
+            #expect(tasks.allSatisfy(\.isIntact) && tasks.map(\.value) == (1...4).map { bytes("task \($0)") }, context)
+            #expect(try (1...4).map { try journal.recordedResult(forKey: bytes("r-\($0)")) } == (1...4).map { bytes("result \($0)") }, context)
+        }
+        func storedFormats() throws -> [UInt64?] {
+            let rows = try tableRows("format", directory: directory.path)
+            return JournalLayout.storedFormats.map { format in
+                rows.first { $0.key == format.formatKey }.map { $0.value.withUnsafeBytes { $0.bigEndianUInt64(at: 0) } }
+            }
+        }
+        #expect(try storedFormats() == [2, 2, 2, 3], "a new directory is written in the current formats (timers, tasks, results, log)")
+
+        // Rewrite the directory as the version before keyed checks wrote it: timers and tasks without
+        // a check, results with a check of the payload alone, the log's row at 2 and no other.
+        for table in ["timers", "tasks"] {
+            let rows = try tableRows(table, directory: directory.path)
+            try editTable(table, directory: directory.path) { txn, database in
+                for row in rows { try txn.put(Array(row.value.dropFirst(4)), forKey: row.key, in: database) }
+            }
+        }
+        let results = try tableRows("idempotency", directory: directory.path)
+        try editTable("idempotency", directory: directory.path) { txn, database in
+            for row in results {
+                var value = row.value
+                let check = value.withUnsafeBytes { $0.littleEndianUInt32(at: 0) } ^ CRC32C.checksum(row.key)
+                value.withUnsafeMutableBytes { $0.storeLittleEndian(check, at: 0) }
+                try txn.put(value, forKey: row.key, in: database)
+            }
+        }
+        try editTable("format", directory: directory.path) { txn, formats in
+            let deleted = try [JournalLayout.timers, JournalLayout.tasks, JournalLayout.idempotency].map { try txn.delete($0.formatKey, in: formats) }
+            #expect(deleted == [true, true, true])
+        }
+        try setLogFormat(2, directory: directory.path)
+        #expect(try storedFormats() == [nil, nil, nil, 2])
+        // An open that stops part-way (a crash): the timers' first transaction, of 3 rows, commits.
+        #expect(try upgradePartly(JournalLayout.timers, batchSize: 3, batches: 1, directory: directory.path) == false)
+        #expect(try storedFormats() == [nil, nil, nil, 2], "not upgraded yet: the next open goes on from the fourth timer")
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            try expectIntact(journal, "after the upgrade")
+        }
+        #expect(try storedFormats() == [2, 2, 2, 3])
+        do {
+            let journal = try Journal(configuration: configuration)
+            defer { journal.close() }
+            try expectIntact(journal, "upgraded once: a second open changes nothing")
+        }
+
+        // A format from a newer version: refused, and nothing changes.
+        try editTable("format", directory: directory.path) { txn, formats in
+            try txn.put(Key8(3).withBytes { Array($0) }, forKey: JournalLayout.tasks.formatKey, in: formats)
+        }
+        let error = #expect(throws: JournalError.self) { try Journal(configuration: configuration) }
+        #expect(error?.code == .unsupportedFormat, "\(String(describing: error))")
+        #expect(try storedFormats() == [2, 3, 2, 3])
     }
 
     @Test("recorded results expire oldest first, by their first recording's time, at most `limit` a batch; results written before they had times are timed at open")
@@ -1191,7 +1340,7 @@ func downgradeLog(directory: String) throws -> Int {
             row.value.withUnsafeMutableBytes { $0.storeLittleEndian(JournalLayout.flippedCheck(ofLogRecord: UnsafeRawBufferPointer($0)), at: 16) }
             try txn.put(row.value, forKey: row.key, in: log)
         }
-        _ = try txn.delete(JournalLayout.formatLogKey, in: formats)
+        _ = try txn.delete(JournalLayout.log.formatKey, in: formats)
         return rows.count
     }
 }
@@ -1202,23 +1351,40 @@ func setLogFormat(_ format: UInt64, directory: String) throws {
     defer { environment.close() }
     let formats = try environment.database("format")
     try environment.write { txn in
-        try txn.put(Key8(format).withBytes { Array($0) }, forKey: JournalLayout.formatLogKey, in: formats)
+        try txn.put(Key8(format).withBytes { Array($0) }, forKey: JournalLayout.log.formatKey, in: formats)
     }
 }
 
-/// Runs at most `batches` transactions of the log's upgrade, as an open that crashes after them
+/// Runs at most `batches` transactions of `format`'s upgrade, as an open that crashes after them
 /// would. Returns whether the upgrade finished.
-func upgradeLogPartly(batchSize: Int, batches: Int, directory: String) throws -> Bool {
+func upgradePartly(_ format: JournalLayout.StoredFormat, batchSize: Int, batches: Int, directory: String) throws -> Bool {
     let environment = try Environment.open(.init(directory: directory))
     defer { environment.close() }
-    return try Journal.upgradeLog(environment: environment, log: try environment.database("log"), logger: quietLogger,
-                                  batchSize: batchSize, batches: batches)
+    return try Journal.upgrade(format, environment: environment, logger: quietLogger, batchSize: batchSize, batches: batches)
 }
 
-/// Edits the `snapshots` table behind the journal's back.
-func rewriteSnapshots(directory: String, _ body: (borrowing WriteTransaction, Database) throws -> Void) throws {
+/// Edits the journal's table `table` behind its back.
+func editTable(_ table: String, directory: String, _ body: (borrowing WriteTransaction, Database) throws -> Void) throws {
     let environment = try Environment.open(.init(directory: directory))
     defer { environment.close() }
-    let snapshots = try environment.database("snapshots")
-    try environment.write { txn in try body(txn, snapshots) }
+    let database = try environment.database(table)
+    try environment.write { txn in try body(txn, database) }
+}
+
+/// The rows of the journal's table `table`, in key order.
+func tableRows(_ table: String, directory: String) throws -> [(key: [UInt8], value: [UInt8])] {
+    let environment = try Environment.open(.init(directory: directory))
+    defer { environment.close() }
+    let database = try environment.database(table)
+    return try environment.read { txn in
+        try txn.withCursor(database) { cursor in
+            var rows: [(key: [UInt8], value: [UInt8])] = []
+            var entry = try cursor.first()
+            while let current = entry {
+                rows.append((Array(current.key), Array(current.value)))
+                entry = try cursor.next()
+            }
+            return rows
+        }
+    }
 }

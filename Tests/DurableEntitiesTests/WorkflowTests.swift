@@ -2,6 +2,7 @@
 import DurableEntitiesTesting
 import Foundation
 import LMDB
+import Logging
 import Synchronization
 import Testing
 
@@ -308,6 +309,50 @@ struct WorkflowTests {
         clock.advance(by: .seconds(120))
         #expect(try await withDeadline(seconds: 60) { try await nap.result() } == "woke")
         #expect(try runtime.journal.timers().count == orphans, "the orphans are kept, not fired or dropped")
+    }
+
+    @Test("a timer whose row fails its check (its due time damaged into an earlier one) is set aside and reported, not fired early; the intact timer after it fires")
+    func damagedTimerIsSetAside() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        do {
+            let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+            defer { runtime.close() }
+            try await runtime.entity(Nap.self, id: "late").start(.seconds(3_600))
+            try await runtime.entity(Nap.self, id: "soon").start(.seconds(60))
+            #expect(try runtime.journal.timers().count == 2)
+        }
+        // The late nap's timer row moved to a due time a second before the other's, as damage to its
+        // key would leave it.
+        let rows = try tableRows("timers", directory: directory.path)
+        try #require(rows.count == 2)
+        let (soon, late) = (rows[0], rows[1])
+        let soonDue = soon.key.withUnsafeBytes { $0.bigEndianUInt64(at: 0) }
+        let lateEntity = EntityKey(rawValue: late.key.withUnsafeBytes { $0.bigEndianUInt64(at: 8) })
+        let damaged = Key8(soonDue - 1_000_000_000).withBytes { Array($0) } + late.key.dropFirst(8)
+        try editTable("timers", directory: directory.path) { txn, timers in
+            #expect(try txn.delete(late.key, in: timers))
+            try txn.put(late.value, forKey: damaged, in: timers)
+        }
+
+        var configuration = configuration(directory, clock: clock)
+        let (reports, report) = AsyncStream.makeStream(of: String.self)
+        configuration.logger = Logger(label: "test") { _ in
+            MessageStream(level: .error, continuation: report) { $0.hasPrefix("a stored timer fails its check") }
+        }
+        let runtime = try EntityRuntime(configuration: configuration)
+        defer { runtime.close() }
+        let asleep = try runtime.journal.latestSequence(of: lateEntity)
+        clock.advance(by: .seconds(120))
+        #expect(try await withDeadline(seconds: 60) { try await runtime.entity(Nap.self, id: "soon").result() } == "woke")
+        // Due first, the damaged timer was looked at (and reported) before the intact one was delivered.
+        report.finish()
+        var messages: [String] = []
+        for await message in reports { messages.append(message) }
+        #expect(messages == ["a stored timer fails its check (damaged on disk); it is set aside and not fired"])
+        #expect(try runtime.journal.latestSequence(of: lateEntity) == asleep, "the late nap did not wake early")
+        #expect(try runtime.journal.timers().map(\.isIntact) == [false], "the damaged row is kept, not fired or dropped")
     }
 
     @Test("due timers of a type never registered do not hold back the due timers after them, however many come first",

@@ -247,16 +247,21 @@ final class ActivityWorker: @unchecked Sendable {
     /// others wait for their retry timers.
     func recover() {
         let now = core.clock.nowNanoseconds()
-        let stored: [(key: [UInt8], value: [UInt8])]
+        let stored: [JournalTask]
         do {
             stored = try core.journal.tasks(prefix: [ActivityTask.keyPrefix])
         } catch {
             core.logger.error("reading stored activity tasks failed; they run at the next open", metadata: ["error": "\(error)"])
             return
         }
-        for (key, value) in stored {
-            guard let task = ActivityTask.decode(value) else {
-                core.logger.error("a stored activity task does not decode; it is left in place", metadata: ["task.key": "\(key)"])
+        for row in stored {
+            guard row.isIntact else {
+                core.logger.error("a stored activity task fails its check (damaged on disk); it is left in place and not run",
+                                  metadata: ["task.key": "\(row.key)"])
+                continue
+            }
+            guard let task = ActivityTask.decode(row.value) else {
+                core.logger.error("a stored activity task does not decode; it is left in place", metadata: ["task.key": "\(row.key)"])
                 continue
             }
             if task.runningAttempt == task.attempt {
@@ -328,9 +333,17 @@ final class ActivityWorker: @unchecked Sendable {
         core.journal.submit(batch) { [self] _ in
             // The stored task may be a later attempt than the timer's (a stale timer, left from before
             // a restart that ran its attempt at open): it then waits for its own timer, so the backoff holds.
-            if let value = try? core.journal.task(forKey: key),
-               let task = ActivityTask.decode(value), task.notBefore <= core.clock.nowNanoseconds() {
-                dispatch(task)
+            switch Result(catching: { () throws(JournalError) in try core.journal.task(forKey: key) }) {
+            case .success(let value?):
+                if let task = ActivityTask.decode(value), task.notBefore <= core.clock.nowNanoseconds() { dispatch(task) }
+            case .success(nil):
+                break  // the activity ended before its retry fell due
+            case .failure(let error) where error.code == .corruptedRecord:
+                core.logger.error("a stored activity task fails its check (damaged on disk); it is left in place and not run",
+                                  metadata: ["task.key": "\(key)", "error": "\(error)"])
+            case .failure(let error):
+                core.logger.warning("reading an activity task for its retry failed; it runs at the next open",
+                                    metadata: ["task.key": "\(key)", "error": "\(error)"])
             }
             done()
         }

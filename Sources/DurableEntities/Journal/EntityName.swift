@@ -55,6 +55,10 @@ public struct JournalTimer: Sendable, Hashable {
     /// Distinguishes timers of one entity.
     public var id: UInt64
     public var payload: [UInt8]
+    /// `false` for a timer read back whose row fails its check: its due time, entity, id or payload
+    /// was damaged on disk, so none of them can be trusted (``Journal/timers(dueAtOrAfter:dueAtOrBefore:limit:where:)``
+    /// returns it so that the caller can report it and set it aside).
+    public internal(set) var isIntact = true
 
     public init(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64, payload: [UInt8] = []) {
         self.dueNanoseconds = dueNanoseconds
@@ -83,4 +87,14 @@ public struct EntityMetadata: Sendable, Hashable {
         self.runStartSequence = runStartSequence
         self.prunedBefore = 0
     }
+}
+
+/// A pending task as read back: work the runtime owes (an activity to run, a message to deliver).
+public struct JournalTask: Sendable, Hashable {
+    public let key: [UInt8]
+    /// The payload as stored (check removed).
+    public let value: [UInt8]
+    /// `false` when the row fails its check: its key or payload was damaged on disk, and `value`
+    /// cannot be trusted. The journal leaves it in place; the runtime reports it and passes it over.
+    public let isIntact: Bool
 }

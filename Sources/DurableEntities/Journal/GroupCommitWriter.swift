@@ -649,23 +649,23 @@ private struct CommitContext {
                 }
             case .scheduleTimer(let timer):
                 try Key24(timer.dueNanoseconds, timer.entity.rawValue, timer.id).withBytes { key in
-                    try timer.payload.withUnsafeBytes { try txn.put($0, forKey: key, in: stores.timers) }
+                    try timer.payload.withUnsafeBytes { try putKeyed($0, forKey: key, in: stores.timers, txn) }
                 }
             case .cancelTimer(let due, let entity, let id):
                 try Key24(due, entity.rawValue, id).withBytes { key in _ = try txn.delete(key, in: stores.timers) }
             case .putTask(let key, let value):
                 try key.withUnsafeBytes { key in
-                    try value.withUnsafeBytes { value in try txn.put(value, forKey: key, in: stores.tasks) }
+                    try value.withUnsafeBytes { value in try putKeyed(value, forKey: key, in: stores.tasks, txn) }
                 }
             case .replaceTask(let key, let value):
                 try key.withUnsafeBytes { key in
                     guard try txn.withValue(forKey: key, in: stores.tasks, { $0 != nil }) else { return }
-                    try value.withUnsafeBytes { value in try txn.put(value, forKey: key, in: stores.tasks) }
+                    try value.withUnsafeBytes { value in try putKeyed(value, forKey: key, in: stores.tasks, txn) }
                 }
             case .deleteTask(let key):
                 _ = try key.withUnsafeBytes { key in try txn.delete(key, in: stores.tasks) }
             case .recordResult(let key, let payload, let recordedAt):
-                let checksum = CRC32C.checksum(payload)
+                let checksum = key.withUnsafeBytes { key in payload.withUnsafeBytes { JournalLayout.keyedCheck(key: key, payload: $0) } }
                 var record = [UInt8](repeating: 0, count: 4)
                 record.withUnsafeMutableBytes { $0.storeLittleEndian(checksum, at: 0) }
                 record.append(contentsOf: payload)
@@ -787,6 +787,16 @@ private struct CommitContext {
         guard !chunk.isEmpty else { return }
         try Key16(entity, chunk.firstSequence).withBytes { key in
             try chunk.bytes.withUnsafeBytes { try txn.put($0, forKey: key, in: stores.history) }
+        }
+    }
+
+    /// Puts `payload` under `key` with its keyed check before it (timers, tasks: see `JournalLayout`).
+    private func putKeyed(_ payload: UnsafeRawBufferPointer, forKey key: UnsafeRawBufferPointer, in database: Database,
+                          _ txn: borrowing WriteTransaction) throws(LMDBError) {
+        let check = JournalLayout.keyedCheck(key: key, payload: payload)
+        try txn.put(reserving: JournalLayout.checksumBytes + payload.count, forKey: key, in: database) { out in
+            out.storeLittleEndian(check, at: 0)
+            UnsafeMutableRawBufferPointer(rebasing: out[JournalLayout.checksumBytes...]).copyMemory(from: payload)
         }
     }
 

@@ -177,8 +177,9 @@ public final class Journal: Sendable {
     }
 
     /// Opens the journal in `configuration.directory`, recovering its in-memory index from the log.
-    /// A log written before its records' checks covered their headers is upgraded first, a batch a
-    /// transaction (an open killed part-way leaves a log the next open finishes).
+    /// Tables written by an older version in an older format (log records whose checks did not
+    /// cover their headers; timers, tasks and results without keyed checks) are upgraded first, a
+    /// batch a transaction (an open killed part-way leaves tables the next open finishes).
     ///
     /// - Throws: ``JournalError`` with code `alreadyOpen` if another journal (in this process or
     ///   another) has the directory open, `unsupportedFormat` if a newer version of the library wrote
@@ -225,7 +226,9 @@ public final class Journal: Sendable {
                 tasks: try environment.database("tasks"),
                 resultTimes: try environment.database("idempotency-times"),
                 pendingNames: try environment.database("pending-names"))
-            try Self.upgradeLog(environment: environment, log: stores.log, logger: configuration.logger)
+            for format in JournalLayout.storedFormats {
+                try Self.upgrade(format, environment: environment, logger: configuration.logger)
+            }
             try Self.indexUntimedResults(environment: environment, stores: stores)
             tails = TailIndex()
             let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
@@ -522,7 +525,9 @@ public final class Journal: Sendable {
     }
 
     /// Timers due from `earliest` through `dueNanoseconds`, earliest first: at most `limit` of
-    /// those `include` accepts (a timer it passes over does not count against the limit).
+    /// those `include` accepts (a timer it passes over does not count against the limit). A timer
+    /// whose row fails its check is returned with ``JournalTimer/isIntact`` `false` (and its row's
+    /// bytes as they are), for the caller to report and set aside.
     public func timers(dueAtOrAfter earliest: UInt64 = 0, dueAtOrBefore dueNanoseconds: UInt64 = .max, limit: Int = .max,
                        where include: (JournalTimer) -> Bool = { _ in true }) throws(JournalError) -> [JournalTimer] {
         try read("reading timers") { txn in
@@ -532,9 +537,11 @@ public final class Journal: Sendable {
                 while let current = entry, timers.count < limit {
                     let due = current.key.bigEndianUInt64(at: 0)
                     guard due <= dueNanoseconds else { break }
-                    let timer = JournalTimer(
+                    let payload = JournalLayout.keyedPayload(key: current.key, value: current.value)
+                    var timer = JournalTimer(
                         dueNanoseconds: due, entity: EntityKey(rawValue: current.key.bigEndianUInt64(at: 8)),
-                        id: current.key.bigEndianUInt64(at: 16), payload: Array(current.value))
+                        id: current.key.bigEndianUInt64(at: 16), payload: Array(payload ?? current.value))
+                    timer.isIntact = payload != nil
                     if include(timer) { timers.append(timer) }
                     entry = try cursor.next()
                 }
@@ -549,21 +556,23 @@ public final class Journal: Sendable {
             try key.withUnsafeBytes { k in
                 try txn.withValue(forKey: k, in: stores.idempotency) { value -> [UInt8]? in
                     guard let value else { return nil }
-                    return Array(try verified(value, entity: nil, sequence: nil, in: txn))
+                    return Array(try verified(value, entity: nil, sequence: nil, header: CRC32C.checksum(k), in: txn))
                 }
             }
         }
     }
 
     /// Pending tasks (work the runtime owes: activities to run, messages to deliver), in key order,
-    /// those whose key starts with `prefix`.
-    public func tasks(prefix: [UInt8] = []) throws(JournalError) -> [(key: [UInt8], value: [UInt8])] {
+    /// those whose key starts with `prefix`. A task whose row fails its check is returned with
+    /// ``JournalTask/isIntact`` `false`, for the caller to report and pass over.
+    public func tasks(prefix: [UInt8] = []) throws(JournalError) -> [JournalTask] {
         try read("reading tasks") { txn in
-            var tasks: [(key: [UInt8], value: [UInt8])] = []
+            var tasks: [JournalTask] = []
             try txn.withCursor(stores.tasks) { cursor in
                 var entry = prefix.isEmpty ? try cursor.first() : try cursor.seek(atLeast: prefix)
                 while let current = entry, current.key.starts(with: prefix) {
-                    tasks.append((Array(current.key), Array(current.value)))
+                    let payload = JournalLayout.keyedPayload(key: current.key, value: current.value)
+                    tasks.append(JournalTask(key: Array(current.key), value: Array(payload ?? current.value), isIntact: payload != nil))
                     entry = try cursor.next()
                 }
             }
@@ -572,8 +581,16 @@ public final class Journal: Sendable {
     }
 
     /// One pending task's value, or `nil`.
+    /// - Throws: ``JournalError/Code/corruptedRecord`` when its row fails its check.
     public func task(forKey key: [UInt8]) throws(JournalError) -> [UInt8]? {
-        try read("reading a task") { txn in try txn.value(forKey: key, in: stores.tasks) }
+        try read("reading a task") { txn in
+            try key.withUnsafeBytes { k in
+                try txn.withValue(forKey: k, in: stores.tasks) { value -> [UInt8]? in
+                    guard let value else { return nil }
+                    return Array(try verified(value, entity: nil, sequence: nil, header: CRC32C.checksum(k), in: txn))
+                }
+            }
+        }
     }
 
     // MARK: Internals shared with the writer
@@ -670,77 +687,75 @@ public final class Journal: Sendable {
         var mergedRowsLeft = false
     }
 
-    /// Brings the log's records to ``JournalLayout/logFormat``. A directory without a `format` row
-    /// was written before log records' checks covered their headers: every record in its log gets
-    /// the header's checksum XORed into its check, `batchSize` records a transaction. Each
-    /// transaction also stores the position to go on from (`format` row `log-upgrade`), so an open
-    /// that crashes part-way resumes where the last one committed, and no record is XORed twice; the
-    /// last one writes the format row. The log holds at most the log window and what is not yet in
-    /// history, so this is one pass over it, once. `batches` bounds the transactions (tests).
-    /// - Returns: whether the log is in the current format.
+    /// Brings the rows of `format`'s table to its current format. A directory without the table's
+    /// `format` row wrote it in format 1. Rows are rewritten `batchSize` a transaction; each
+    /// transaction also stores the key to go on from (the `format` row named after the table with
+    /// `-upgrade`), so an open that crashes part-way resumes where the last one committed and no row
+    /// is rewritten twice; the last one writes the format row. One pass over the table, once (the
+    /// log holds at most the log window and what is not yet in history). `batches` bounds the
+    /// transactions (tests).
+    /// - Returns: whether the table is in the current format.
     /// - Throws: ``JournalError/Code/unsupportedFormat`` for a format newer than this version's.
     @discardableResult
-    static func upgradeLog(environment: Environment, log: Database, logger: Logger,
-                           batchSize: Int = 16_384, batches: Int = .max) throws -> Bool {
+    static func upgrade(_ format: JournalLayout.StoredFormat, environment: Environment, logger: Logger,
+                        batchSize: Int = 16_384, batches: Int = .max) throws -> Bool {
         let formats = try environment.database("format")
-        func stored(_ key: [UInt8], _ what: String, in txn: borrowing some TransactionReading & ~Copyable) throws -> UInt64? {
-            try key.withUnsafeBytes { key in
+        let table = try environment.database(format.table)
+        let formatKey = format.formatKey, progressKey = format.progressKey
+        let found: UInt64? = try environment.read { txn in
+            try formatKey.withUnsafeBytes { key in
                 try txn.withValue(forKey: key, in: formats) { value -> UInt64? in
                     guard let value else { return nil }
                     guard value.count == 8 else {
-                        throw JournalError(.corruptedRecord, "the journal's \(what) record is damaged (\(value.count) bytes)")
+                        throw JournalError(.corruptedRecord, "the journal's format record of its \(format.table) table is damaged (\(value.count) bytes)")
                     }
                     return value.bigEndianUInt64(at: 0)
                 }
             }
         }
-        switch try environment.read({ txn in try stored(JournalLayout.formatLogKey, "log format", in: txn) }) {
-        case JournalLayout.logFormat?:
-            return true
-        case let newer? where newer > JournalLayout.logFormat:
+        let from = found ?? 1
+        guard from != format.current else { return true }
+        guard from < format.current else {
             throw JournalError(.unsupportedFormat,
-                               "the journal's log has format \(newer), written by a newer version of DurableEntities; this version reads format \(JournalLayout.logFormat) and older. Nothing was changed")
-        default:
-            break
+                               "the journal's \(format.table) table has format \(from), written by a newer version of DurableEntities; this version reads format \(format.current) and older. Nothing was changed")
         }
+        let rewrite = format.rewrite(from)
         var upgraded = 0
         for _ in 0..<batches {
             let done = try environment.write { txn -> Bool in
-                let from = try stored(JournalLayout.upgradeProgressKey, "log upgrade's progress", in: txn) ?? 0
                 var count = 0
-                let next: UInt64? = try txn.withCursor(log) { cursor in
-                    var entry = try Key8(from).withBytes { try cursor.seek(atLeast: $0) }
-                    while let current = entry {
-                        guard count < batchSize else { return current.key.bigEndianUInt64(at: 0) }
-                        let key = Array(current.key)
-                        var value = Array(current.value)
-                        if value.count >= JournalLayout.logHeader {
-                            value.withUnsafeMutableBytes { $0.storeLittleEndian(JournalLayout.flippedCheck(ofLogRecord: UnsafeRawBufferPointer($0)), at: 16) }
-                            try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
+                let next: [UInt8]? = try rewrite.flatMap { rewrite in
+                    let start = try txn.value(forKey: progressKey, in: formats)
+                    return try txn.withCursor(table) { cursor in
+                        var entry = try start.map { try cursor.seek(atLeast: $0) } ?? cursor.first()
+                        while let current = entry {
+                            guard count < batchSize else { return Array(current.key) }
+                            if let value = rewrite(current.key, current.value) {
+                                let key = Array(current.key)
+                                try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
+                            }
+                            count += 1
+                            entry = try cursor.next()
                         }
-                        count += 1
-                        entry = try cursor.next()
+                        return nil
                     }
-                    return nil
                 }
                 upgraded += count
                 if let next {
-                    try Key8(next).withBytes { v in
-                        try JournalLayout.upgradeProgressKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) }
-                    }
+                    try next.withUnsafeBytes { v in try progressKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) } }
                     return false
                 }
-                _ = try txn.delete(JournalLayout.upgradeProgressKey, in: formats)
-                try Key8(JournalLayout.logFormat).withBytes { v in
-                    try JournalLayout.formatLogKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) }
+                _ = try txn.delete(progressKey, in: formats)
+                try Key8(format.current).withBytes { v in
+                    try formatKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) }
                 }
                 return true
             }
             if done {
                 if upgraded > 0 {
-                    logger.info("journal log upgraded", metadata: [
-                        "journal.directory": "\(environment.path)", "journal.log.format": "\(JournalLayout.logFormat)",
-                        "journal.log.records": "\(upgraded)"])
+                    logger.info("journal table upgraded", metadata: [
+                        "journal.directory": "\(environment.path)", "journal.table": "\(format.table)",
+                        "journal.format": "\(format.current)", "journal.rows": "\(upgraded)"])
                 }
                 return true
             }

@@ -12,11 +12,16 @@ import LMDB
 /// | `pending-names` | 0 (8) | merge watermark (8): rows below it are in `names` already |
 /// | `entities` | entity key (8) | metadata record |
 /// | `snapshots` | entity key (8) | sequence (8) with its top bit set, check (4): CRC-32C of the payload XOR that of entity key and sequence, payload |
-/// | `timers` | due (8), entity key (8), timer id (8) | payload |
-/// | `idempotency` | caller's key | CRC-32C (4), payload |
+/// | `timers` | due (8), entity key (8), timer id (8) | keyed check (4), payload |
+/// | `tasks` | the runtime's task key (an activity's, an outbox message's) | keyed check (4), payload |
+/// | `idempotency` | caller's key | keyed check (4), payload |
 /// | `idempotency-times` | recorded at (8), caller's key | empty: what expiry reads, oldest first |
-/// | `format` | `log` | the log's record format (8): ``JournalLayout/logFormat`` |
-/// | `format` | `log-upgrade` | while an open upgrades an older log: the next position to upgrade (8) |
+/// | `format` | a table's name: `log`, `timers`, `tasks`, `idempotency` | that table's format (8): ``JournalLayout/StoredFormat`` |
+/// | `format` | the table's name, then `-upgrade` | while an open upgrades an older table: the key to go on from |
+///
+/// A keyed check is the `CRC-32C` of the payload XOR the `CRC-32C` of the row's key
+/// (``JournalLayout/keyedCheck(key:payload:)``): a damaged due time, entity, timer id or task key
+/// fails it as a damaged payload does, instead of firing another timer or running another task.
 ///
 /// A history chunk's events keep the checksum of their payload alone: a chunk's key names the
 /// entity and its first sequence, and an event's place in it gives its sequence. A log record
@@ -25,13 +30,78 @@ import LMDB
 /// of its own). Moving a record to history XORs the header's checksum out again, in O(1).
 enum JournalLayout {
     static let logHeader = 20
-    /// The log's record format: 2, the check covers the header. Format 1 (directories written
-    /// before the `format` database existed) checked the payload alone; an open rewrites such a
-    /// log's checks (see `Journal.upgradeLog`).
-    static let logFormat: UInt64 = 2
-    static let formatLogKey = Array("log".utf8)
-    /// While an open upgrades an older log: the position of the next record to upgrade.
-    static let upgradeProgressKey = Array("log-upgrade".utf8)
+
+    /// A table whose values changed format over the library's versions, and how an open brings
+    /// an older one up to date (see `Journal.upgrade(_:environment:logger:batchSize:batches:)`).
+    /// The table's row in the `format` database holds its format; a directory without the row was
+    /// written in format 1.
+    struct StoredFormat: Sendable {
+        /// The table's name, and its row's key in the `format` database.
+        let table: String
+        /// The format this version writes.
+        let current: UInt64
+        /// The value in the current format of a row stored in format `from`, or `nil` to leave the
+        /// row as it is. `nil` when rows of format `from` need no rewriting at all (the format row
+        /// alone changes).
+        let rewrite: @Sendable (_ from: UInt64) -> (@Sendable (_ key: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> [UInt8]?)?
+
+        var formatKey: [UInt8] { Array(table.utf8) }
+        /// While an open upgrades the table: the key of the next row to upgrade.
+        var progressKey: [UInt8] { Array((table + "-upgrade").utf8) }
+    }
+
+    /// The log's record format.
+    /// - 1: the check covered the payload alone (directories written before the `format` database).
+    /// - 2: the check covers the header as well (``headerCheck(entity:sequence:)``).
+    /// - 3: records as in 2. Raised when timers, tasks and results got keyed checks, so that a
+    ///   version that reads only the log's row refuses such a directory instead of misreading them.
+    ///   The log is upgraded last, so its row says 3 only once every other table is up to date.
+    static let log = StoredFormat(table: "log", current: 3) { from in
+        guard from < 2 else { return nil }
+        return { _, value in
+            guard value.count >= logHeader else { return nil }
+            var record = Array(value)
+            record.withUnsafeMutableBytes { $0.storeLittleEndian(flippedCheck(ofLogRecord: UnsafeRawBufferPointer($0)), at: 16) }
+            return record
+        }
+    }
+    /// Timers and tasks: format 1 stored the payload alone; 2 puts a keyed check before it.
+    static let timers = StoredFormat(table: "timers", current: 2) { _ in prependingKeyedCheck }
+    static let tasks = StoredFormat(table: "tasks", current: 2) { _ in prependingKeyedCheck }
+    /// Results: format 1's check covered the payload alone; 2's covers the key too.
+    static let idempotency = StoredFormat(table: "idempotency", current: 2) { _ in
+        { key, value in
+            guard value.count >= checksumBytes else { return nil }
+            var record = Array(value)
+            let check = value.littleEndianUInt32(at: 0) ^ CRC32C.checksum(key)
+            record.withUnsafeMutableBytes { $0.storeLittleEndian(check, at: 0) }
+            return record
+        }
+    }
+    /// Every table with a format, in the order an open upgrades them: the log last (see ``log``).
+    static let storedFormats = [timers, tasks, idempotency, log]
+
+    private static let prependingKeyedCheck: @Sendable (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> [UInt8]? = { key, value in
+        var record = [UInt8](repeating: 0, count: checksumBytes)
+        record.withUnsafeMutableBytes { $0.storeLittleEndian(keyedCheck(key: key, payload: value), at: 0) }
+        record.append(contentsOf: value)
+        return record
+    }
+
+    /// The check stored before the payload of a timer, a task or a result: the payload's `CRC-32C`
+    /// XOR the key's, so that damage to either fails it.
+    @inline(__always)
+    static func keyedCheck(key: UnsafeRawBufferPointer, payload: UnsafeRawBufferPointer) -> UInt32 {
+        CRC32C.checksum(payload) ^ CRC32C.checksum(key)
+    }
+
+    /// The payload of a `keyed check (4) + payload` value, or `nil` when the value fails its check
+    /// (or is too short to hold one).
+    static func keyedPayload(key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
+        guard value.count >= checksumBytes else { return nil }
+        let payload = UnsafeRawBufferPointer(rebasing: value[checksumBytes...])
+        return keyedCheck(key: key, payload: payload) == value.littleEndianUInt32(at: 0) ? payload : nil
+    }
 
     /// The top bit of a snapshot's stored sequence: its check covers the entity key and the
     /// sequence as well as the payload, as a log record's does. Snapshots written before it have

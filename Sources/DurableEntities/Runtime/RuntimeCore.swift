@@ -288,19 +288,24 @@ final class RuntimeCore: Sendable {
     /// At open: every message still in the outbox (its sender committed, its receiver had not) is
     /// delivered again, in row order — per sender, the order it was sent in.
     func recoverOutbox() {
-        let stored: [(key: [UInt8], value: [UInt8])]
+        let stored: [JournalTask]
         do {
             stored = try journal.tasks(prefix: [EntityEnvelope.keyPrefix])
         } catch {
             logger.error("reading the outbox failed; its messages are delivered at the next open", metadata: ["error": "\(error)"])
             return
         }
-        for (row, value) in stored {
-            guard let envelope = EntityEnvelope.decode(value) else {
-                logger.error("an outbox message does not decode; it is left in place", metadata: ["row": "\(row)"])
+        for row in stored {
+            guard row.isIntact else {
+                logger.error("an outbox message fails its check (damaged on disk); it is left in place and not delivered",
+                             metadata: ["row": "\(row.key)"])
                 continue
             }
-            deliver(envelope, row: TaskKey(row))
+            guard let envelope = EntityEnvelope.decode(row.value) else {
+                logger.error("an outbox message does not decode; it is left in place", metadata: ["row": "\(row.key)"])
+                continue
+            }
+            deliver(envelope, row: TaskKey(row.key))
         }
     }
 

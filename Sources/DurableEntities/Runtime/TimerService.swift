@@ -172,6 +172,14 @@ final class TimerService: @unchecked Sendable {
         mostInFlightValue = max(mostInFlightValue, inFlight)
         condition.unlock()
         guard fresh else { return }
+        guard timer.isIntact else {
+            // Its row fails its check (damaged on disk): neither its entity, nor its id, nor its
+            // payload can be trusted. Set aside like a timer without an owner, reported once an open.
+            condition.withLock { _ = undelivered.insert(id) }
+            core.logger.error("a stored timer fails its check (damaged on disk); it is set aside and not fired",
+                              metadata: ["timer.due": "\(timer.dueNanoseconds)", "entity.key": "\(timer.entity)", "timer": "\(timer.id)"])
+            return
+        }
         handedOver.add(1, ordering: .releasing)
         if timer.payload.first == 1 {
             core.becameBusy()
