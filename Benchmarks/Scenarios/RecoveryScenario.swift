@@ -25,14 +25,17 @@ import TestSupport
 /// has ended. Checked: each waiting activity ran again exactly once, each with its own idempotency
 /// key; every run ended with its expected output; every deposit acknowledged before the kill is in
 /// the balances. The directory is in the page cache (it was just written), as after a crash of the
-/// process alone.
+/// process alone; with `--param cold=true` the LMDB file is written back and dropped from this
+/// machine's page cache before the open (`posix_fadvise(POSIX_FADV_DONTNEED)`), as after a reboot —
+/// as far as this VM can tell: a hypervisor may still cache the disk under it.
 ///
 /// Extra fields: `open_ms`, `tail_events` and `tail_entities` (what the open found still in the
 /// log: ``Journal/OpenSummary``), `entities_registered`, `activities_rerun` and `last_rerun_ms`
 /// (the last of them, from the start of the open), `sleepers_woken` and `last_wake_ms`,
 /// `deposits_acknowledged` (the child's last report before it died) and `deposits_found` (in the
-/// hot accounts' balances, at least as many), `data_mb` (the LMDB file), `child_setup_s`; durable; the
-/// 1-minute load average at the start.
+/// hot accounts' balances, at least as many), `data_mb` (the LMDB file), `cached_mb` (how much of
+/// it was in the page cache at the open, by `mincore`), `child_setup_s`; durable; the 1-minute load
+/// average at the start.
 struct RecoveryScenario: BenchmarkScenario {
     static let name = "recovery"
     static let summary = "reopen after SIGKILL: open time, in-flight runs resumed"
@@ -76,6 +79,7 @@ struct RecoveryScenario: BenchmarkScenario {
 
     func run(_ options: ScenarioOptions, _ recorder: LatencyRecorder) async throws -> ScenarioResult {
         let sizes = try Sizes(options)
+        let cold = try options.extra("cold", full: false, quick: false)
         let load = EntityBench.loadAverage()
         let directory = try options.makeScratchDirectory("recovery")
         defer { directory.remove() }
@@ -97,6 +101,8 @@ struct RecoveryScenario: BenchmarkScenario {
             throw BenchmarkFailure(message: "the child ended before it was killed (exit status \(child.process.terminationStatus))")
         }
         let dataMB = Double((try? FileManager.default.attributesOfItem(atPath: directory.path + "/data.mdb")[.size] as? Int) ?? 0) / 1_048_576
+        if cold { try PageCache.drop(directory.path + "/data.mdb") }
+        let cachedMB = try PageCache.residentMB(directory.path + "/data.mdb")
 
         // Measured: the open, then every run resuming.
         let clock = TestClock(startNanoseconds: Self.epoch + UInt64(2 * Self.sleepLength.components.seconds) * 1_000_000_000,
@@ -160,13 +166,15 @@ struct RecoveryScenario: BenchmarkScenario {
             "deposits_acknowledged": .int(acknowledged),
             "deposits_found": .int(depositsFound),
             "data_mb": .double(dataMB),
+            "cached_mb": .double(cachedMB),
             "child_setup_s": .double(setup.seconds),
         ]
         if let load { extra["load_avg_1m"] = .double(load) }
         return ScenarioResult(
             operations: sizes.runs + sizes.sleepers,
             params: ["accounts": .int(sizes.accounts), "runs": .int(sizes.runs), "sleepers": .int(sizes.sleepers),
-                     "in_flight": .int(sizes.clients), "kill_after": .int(sizes.killAfter), "shards": .int(configuration.shards), "durability": .string("durable")],
+                     "in_flight": .int(sizes.clients), "kill_after": .int(sizes.killAfter), "shards": .int(configuration.shards), "durability": .string("durable"),
+                     "cold": .bool(cold)],
             extra: extra)
     }
 
@@ -261,4 +269,38 @@ final class Resumed: Sendable {
 
     var keys: [String] { state.withLock { $0.keys } }
     var last: Duration { state.withLock { $0.last } }
+}
+
+/// A file's pages in this machine's page cache.
+enum PageCache {
+    /// Writes the file's dirty pages back, then asks the kernel to drop all of its pages from the
+    /// page cache (`POSIX_FADV_DONTNEED`: no privileges needed; pages in use elsewhere may stay).
+    static func drop(_ path: String) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw BenchmarkFailure(message: "cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        guard fdatasync(fd) == 0, posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0 else {
+            throw BenchmarkFailure(message: "cannot drop \(path) from the page cache: \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// How many MiB of the file are in the page cache (`mincore` over a read-only mapping of it).
+    static func residentMB(_ path: String) throws -> Double {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw BenchmarkFailure(message: "cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var status = stat()
+        guard fstat(fd, &status) == 0, status.st_size > 0 else { return 0 }
+        let size = Int(status.st_size)
+        guard let map = mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0), map != MAP_FAILED else {
+            throw BenchmarkFailure(message: "cannot map \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { munmap(map, size) }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        var resident = [UInt8](repeating: 0, count: (size + page - 1) / page)
+        guard mincore(map, size, &resident) == 0 else {
+            throw BenchmarkFailure(message: "mincore failed on \(path): \(String(cString: strerror(errno)))")
+        }
+        return Double(resident.reduce(0) { $0 + Int($1 & 1) } * page) / 1_048_576
+    }
 }
