@@ -1360,7 +1360,7 @@ func setLogFormat(_ format: UInt64, directory: String) throws {
 func upgradePartly(_ format: JournalLayout.StoredFormat, batchSize: Int, batches: Int, directory: String) throws -> Bool {
     let environment = try Environment.open(.init(directory: directory))
     defer { environment.close() }
-    return try Journal.upgrade(format, environment: environment, logger: quietLogger, batchSize: batchSize, batches: batches)
+    return try Journal.upgrade([format], environment: environment, logger: quietLogger, batchSize: batchSize, batches: batches)
 }
 
 /// Edits the journal's table `table` behind its back.

@@ -226,9 +226,7 @@ public final class Journal: Sendable {
                 tasks: try environment.database("tasks"),
                 resultTimes: try environment.database("idempotency-times"),
                 pendingNames: try environment.database("pending-names"))
-            for format in JournalLayout.storedFormats {
-                try Self.upgrade(format, environment: environment, logger: configuration.logger)
-            }
+            try Self.upgrade(JournalLayout.storedFormats, environment: environment, logger: configuration.logger)
             try Self.indexUntimedResults(environment: environment, stores: stores)
             tails = TailIndex()
             let recovered = try Self.recover(environment: environment, stores: stores, tails: tails,
@@ -687,75 +685,79 @@ public final class Journal: Sendable {
         var mergedRowsLeft = false
     }
 
-    /// Brings the rows of `format`'s table to its current format. A directory without the table's
-    /// `format` row wrote it in format 1. Rows are rewritten `batchSize` a transaction; each
-    /// transaction also stores the key to go on from (the `format` row named after the table with
-    /// `-upgrade`), so an open that crashes part-way resumes where the last one committed and no row
-    /// is rewritten twice; the last one writes the format row. One pass over the table, once (the
-    /// log holds at most the log window and what is not yet in history). `batches` bounds the
-    /// transactions (tests).
-    /// - Returns: whether the table is in the current format.
-    /// - Throws: ``JournalError/Code/unsupportedFormat`` for a format newer than this version's.
+    /// Brings the rows of each table in `formats` to its current format, in order. A directory
+    /// without a table's `format` row wrote that table in format 1. Rows are rewritten `batchSize` a
+    /// transaction across the tables; each transaction also stores the key to go on from (the
+    /// `format` row named after the table with `-upgrade`), so an open that crashes part-way resumes
+    /// where the last one committed and no row is rewritten twice, and a table's format row is
+    /// written in the transaction that finishes it. One pass over the tables, once (the log holds at
+    /// most the log window and what is not yet in history); a new directory takes one transaction
+    /// for every row. `batches` bounds the transactions (tests).
+    /// - Returns: whether every table is in its current format.
+    /// - Throws: ``JournalError/Code/unsupportedFormat`` for a format newer than this version's
+    ///   (checked for every table before anything is written).
     @discardableResult
-    static func upgrade(_ format: JournalLayout.StoredFormat, environment: Environment, logger: Logger,
+    static func upgrade(_ formats: [JournalLayout.StoredFormat], environment: Environment, logger: Logger,
                         batchSize: Int = 16_384, batches: Int = .max) throws -> Bool {
-        let formats = try environment.database("format")
-        let table = try environment.database(format.table)
-        let formatKey = format.formatKey, progressKey = format.progressKey
-        let found: UInt64? = try environment.read { txn in
-            try formatKey.withUnsafeBytes { key in
-                try txn.withValue(forKey: key, in: formats) { value -> UInt64? in
-                    guard let value else { return nil }
-                    guard value.count == 8 else {
-                        throw JournalError(.corruptedRecord, "the journal's format record of its \(format.table) table is damaged (\(value.count) bytes)")
+        let formatRows = try environment.database("format")
+        let found: [UInt64] = try environment.read { txn in
+            try formats.map { format in
+                try format.formatKey.withUnsafeBytes { key in
+                    try txn.withValue(forKey: key, in: formatRows) { value -> UInt64 in
+                        guard let value else { return 1 }
+                        guard value.count == 8 else {
+                            throw JournalError(.corruptedRecord, "the journal's format record of its \(format.table) table is damaged (\(value.count) bytes)")
+                        }
+                        return value.bigEndianUInt64(at: 0)
                     }
-                    return value.bigEndianUInt64(at: 0)
                 }
             }
         }
-        let from = found ?? 1
-        guard from != format.current else { return true }
-        guard from < format.current else {
+        for (format, from) in zip(formats, found) where from > format.current {
             throw JournalError(.unsupportedFormat,
                                "the journal's \(format.table) table has format \(from), written by a newer version of DurableEntities; this version reads format \(format.current) and older. Nothing was changed")
         }
-        let rewrite = format.rewrite(from)
-        var upgraded = 0
+        var pending = try zip(formats, found).filter { $0.0.current != $0.1 }.map { format, from in
+            (format: format, from: from, table: try environment.database(format.table))
+        }
+        guard !pending.isEmpty else { return true }
+        var upgraded: [String: Int] = [:]
         for _ in 0..<batches {
             let done = try environment.write { txn -> Bool in
-                var count = 0
-                let next: [UInt8]? = try rewrite.flatMap { rewrite in
-                    let start = try txn.value(forKey: progressKey, in: formats)
-                    return try txn.withCursor(table) { cursor in
-                        var entry = try start.map { try cursor.seek(atLeast: $0) } ?? cursor.first()
-                        while let current = entry {
-                            guard count < batchSize else { return Array(current.key) }
-                            if let value = rewrite(current.key, current.value) {
-                                let key = Array(current.key)
-                                try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
+                var budget = batchSize
+                while let (format, from, table) = pending.first {
+                    let next: [UInt8]? = try format.rewrite(from).flatMap { rewrite in
+                        let start = try txn.value(forKey: format.progressKey, in: formatRows)
+                        return try txn.withCursor(table) { cursor in
+                            var entry = try start.map { try cursor.seek(atLeast: $0) } ?? cursor.first()
+                            while let current = entry {
+                                guard budget > 0 else { return Array(current.key) }
+                                if let value = rewrite(current.key, current.value) {
+                                    let key = Array(current.key)
+                                    try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
+                                }
+                                budget -= 1
+                                upgraded[format.table, default: 0] += 1
+                                entry = try cursor.next()
                             }
-                            count += 1
-                            entry = try cursor.next()
+                            return nil
                         }
-                        return nil
                     }
-                }
-                upgraded += count
-                if let next {
-                    try next.withUnsafeBytes { v in try progressKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) } }
-                    return false
-                }
-                _ = try txn.delete(progressKey, in: formats)
-                try Key8(format.current).withBytes { v in
-                    try formatKey.withUnsafeBytes { k in try txn.put(v, forKey: k, in: formats) }
+                    if let next {
+                        try txn.put(next, forKey: format.progressKey, in: formatRows)
+                        return false
+                    }
+                    _ = try txn.delete(format.progressKey, in: formatRows)
+                    try txn.put(Key8(format.current).withBytes { Array($0) }, forKey: format.formatKey, in: formatRows)
+                    pending.removeFirst()
                 }
                 return true
             }
             if done {
-                if upgraded > 0 {
+                for (table, rows) in upgraded.sorted(by: { $0.key < $1.key }) {
                     logger.info("journal table upgraded", metadata: [
-                        "journal.directory": "\(environment.path)", "journal.table": "\(format.table)",
-                        "journal.format": "\(format.current)", "journal.rows": "\(upgraded)"])
+                        "journal.directory": "\(environment.path)", "journal.table": "\(table)",
+                        "journal.format": "\(formats.first { $0.table == table }!.current)", "journal.rows": "\(rows)"])
                 }
                 return true
             }

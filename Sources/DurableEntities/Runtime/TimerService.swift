@@ -19,11 +19,13 @@ final class TimerService: @unchecked Sendable {
     private var delivering: Set<TimerID> = []
     /// Due timers whose entity type was not registered when they fell due.
     private var undelivered: Set<TimerID> = []
+    /// Timers whose row failed its check: set aside (and reported) once, until the next open.
+    private var damaged: Set<TimerID> = []
     /// The most timers on their way at once since the service started (waiting ones not counted).
     var mostInFlight: Int { condition.withLock { mostInFlightValue } }
     private var mostInFlightValue = 0
     /// Timers on their way now (the condition's lock held).
-    private var inFlight: Int { delivering.count - undelivered.count }
+    private var inFlight: Int { delivering.count - undelivered.count - damaged.count }
     /// While the loop waits, the timers that were on their way when it began to (for tests: see
     /// ``park(timeout:where:)``). A condition of its own: a waiter on `condition` could take the
     /// loop's wake-up signal.
@@ -174,8 +176,9 @@ final class TimerService: @unchecked Sendable {
         guard fresh else { return }
         guard timer.isIntact else {
             // Its row fails its check (damaged on disk): neither its entity, nor its id, nor its
-            // payload can be trusted. Set aside like a timer without an owner, reported once an open.
-            condition.withLock { _ = undelivered.insert(id) }
+            // payload can be trusted. Set aside (it holds no room) until the next open, and reported
+            // once: a registration's second look at the timers set aside passes it over.
+            condition.withLock { _ = damaged.insert(id) }
             core.logger.error("a stored timer fails its check (damaged on disk); it is set aside and not fired",
                               metadata: ["timer.due": "\(timer.dueNanoseconds)", "entity.key": "\(timer.entity)", "timer": "\(timer.id)"])
             return

@@ -258,9 +258,12 @@ func activityConfiguration(_ directory: String) -> EntityRuntime.Configuration {
     return configuration
 }
 
-/// Waits "forever": the test SIGKILLs the process first (a 60 s cap keeps a lost child from lingering).
+/// Waits "forever": the test SIGKILLs the process first. The cap (5 minutes) only keeps a lost child
+/// from lingering; it is longer than the tests' watchdogs (90 s), so a stall never ends on its own
+/// before a kill, however slowly a starved host brings the child to the moment of its kill (a 60 s
+/// cap once let stalled activities apply their effects when the hypervisor took 90% of the CPU).
 func stallUntilKilled() async throws {
-    try await Task.sleep(for: .seconds(60))
+    try await Task.sleep(for: .seconds(300))
 }
 
 /// One activity per entity: the `activities` mode. The same shape as the tests' `CrashActivityJob`.
