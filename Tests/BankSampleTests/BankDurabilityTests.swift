@@ -84,13 +84,13 @@ struct BankDurabilityTests {
         let posted = try await client.request("POST", "/transfers", json: transfer("t-1", "alice", "bob", 200))
         #expect(posted.status == 202)
         let waitFor = terminal.sorted().joined(separator: ",")
-        let status = try await client.request("GET", "/transfers/t-1?waitFor=\(waitFor)&timeoutMs=20000").decode(Bank.TransferView.self).status
+        let status = try await client.request("GET", "/transfers/t-1?waitFor=\(waitFor)&timeoutMs=30000").decode(Bank.TransferView.self).status
         #expect(status == "completed")
         try await client.close()
 
         kill(child.process.processIdentifier, SIGTERM)
-        if !child.waitForExit(timeout: .seconds(20)) {
-            Issue.record("serve did not exit within 20 s of SIGTERM")
+        if !child.waitForExit(timeout: .seconds(120)) {
+            Issue.record("serve did not exit within 120 s of SIGTERM")
             child.kill()
         }
         #expect(child.process.terminationReason == .exit)
@@ -144,8 +144,8 @@ struct BankDurabilityTests {
         }
         kill(child.process.processIdentifier, SIGTERM)
         let counts = try await senders.value
-        if !child.waitForExit(timeout: .seconds(20)) {
-            Issue.record("serve did not exit within 20 s of SIGTERM")
+        if !child.waitForExit(timeout: .seconds(120)) {
+            Issue.record("serve did not exit within 120 s of SIGTERM")
             child.kill()
         }
         #expect(child.process.terminationReason == .exit)

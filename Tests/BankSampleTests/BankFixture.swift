@@ -97,7 +97,7 @@ struct BankFixture {
     /// `GET /transfers/{id}?waitFor=…`: the transfer once its status is one of `statuses` (the server's
     /// long poll, 20 s at most: then the test fails).
     func awaitStatus(_ id: String, in statuses: Set<String>, sourceLocation: SourceLocation = #_sourceLocation) async throws -> Bank.TransferView {
-        let view = try await client.request("GET", "/transfers/\(id)?waitFor=\(statuses.sorted().joined(separator: ","))&timeoutMs=20000")
+        let view = try await client.request("GET", "/transfers/\(id)?waitFor=\(statuses.sorted().joined(separator: ","))&timeoutMs=30000")
             .decode(Bank.TransferView.self)
         if !statuses.contains(view.status) {
             Issue.record("transfer \(id) is still \(view.status), expected one of \(statuses.sorted())", sourceLocation: sourceLocation)

@@ -206,13 +206,13 @@ struct ActivityCrashTests {
     }
 
     /// The results of the entities "job-<i>", i in 0..<count, plus those of `extra` (index → result),
-    /// within 20 s — `nil` after recording an issue if they do not all come (the runtime is then left
+    /// within 240 s — `nil` after recording an issue if they do not all come (the runtime is then left
     /// open on purpose: closing waits for work that may never finish).
     func jobResults<W: EntityWorkflow>(_ runtime: EntityRuntime, _ type: W.Type, count: Int, log: CrashRunLog,
                                        extra: [Int: @Sendable () async throws -> String] = [:]) async throws -> [Int: String]?
     where W.Output == String {
         do {
-            return try await withDeadline(seconds: 60) {
+            return try await withDeadline(seconds: 240) {
                 try await withThrowingTaskGroup(of: (Int, String).self) { group in
                     for index in 0..<count {
                         group.addTask { (index, try await runtime.entity(W.self, id: "job-\(index)").result()) }
@@ -389,7 +389,7 @@ struct ActivityCrashTests {
         let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [PoisonJob.self],
                                         activities: [Poison(noteRun), InstantPoison(noteRun)])
         defer { runtime.close() }
-        let result = try await withDeadline(seconds: 60) { try await runtime.entity(PoisonJob.self, id: instant ? "q" : "p").result() }
+        let result = try await withDeadline(seconds: 240) { try await runtime.entity(PoisonJob.self, id: instant ? "q" : "p").result() }
         #expect(result == "failed:retriesExhausted:3:interrupted")
         #expect(log.all.isEmpty, "an attempt after the last one allowed: \(log.all.map(\.label))")
         #expect(try storedTasks(runtime) == 0)
@@ -435,7 +435,7 @@ struct ActivityCrashTests {
         ])
         let result: String
         do {
-            result = try await withDeadline(seconds: 60) { try await runtime.entity(CrashTransfer.self, id: "t-1").result() }
+            result = try await withDeadline(seconds: 240) { try await runtime.entity(CrashTransfer.self, id: "t-1").result() }
         } catch {
             let stored = try storedTasks(runtime)
             Issue.record("after reopen the saga did not finish (\(error)); ran \(log.all.map(\.label)), \(stored) tasks stored")

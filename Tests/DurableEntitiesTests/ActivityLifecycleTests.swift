@@ -36,7 +36,7 @@ struct CompensateOnError: EntityWorkflow {
     }
 }
 
-@Suite("Activity options and lifecycle", .timeLimit(.minutes(3)))
+@Suite("Activity options and lifecycle", .timeLimit(.minutes(10)))
 struct ActivityLifecycleTests {
     func configuration(_ directory: TemporaryDirectory, _ clock: TestClock) -> EntityRuntime.Configuration {
         EntityRuntime.Configuration.quiet(directory, clock)

@@ -59,7 +59,7 @@ struct ActivityPoolTests {
     }
 
     @Test("at most maxConcurrentActivities attempts run at once; the others wait in the queue and start as slots free",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func boundedConcurrency() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -94,7 +94,7 @@ struct ActivityPoolTests {
     }
 
     @Test("attempts that wait for something outside do not hold the pool's threads: a quick activity completes while 16 others wait",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func waitingAttemptsDoNotBlockOthers() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }

@@ -201,7 +201,7 @@ struct ActivityTests {
     }
 
     @Test("a registration racing the recovered attempts loses none: every task parked or still parking runs once it is registered",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func registrationRacesRecovery() async throws {
         for round in 0..<3 {
             let directory = TemporaryDirectory()
@@ -239,7 +239,7 @@ struct ActivityTests {
     }
 
     @Test("close() does not wait for an activity that never answers: it is cancelled after the grace period, and the next open runs it again with the same idempotency key",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func closeCancelsRunningActivity() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -275,7 +275,7 @@ struct ActivityTests {
     }
 
     @Test("an attempt that ignores cancellation is abandoned by close(); its late outcome is dropped and the next open runs it again",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func closeAbandonsStuckActivity() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -308,7 +308,7 @@ struct ActivityTests {
     }
 
     @Test("an abandoned attempt that ends after its runtime was released still finds the runtime's core (kept until then), which goes once it ended",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func abandonedAttemptOutlivesRuntime() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }

@@ -34,7 +34,7 @@ extension JournalBatch {
 }
 
 /// ``Activity/recordsAttemptStart``: an attempt cut off by a crash counts even before any heartbeat.
-@Suite("Recorded attempt starts", .timeLimit(.minutes(3)))
+@Suite("Recorded attempt starts", .timeLimit(.minutes(10)))
 struct AttemptStartTests {
     /// A runtime whose `FragileStep` logs its attempt, reports its number on the stream, then hangs
     /// without a heartbeat until `silence` ends or the attempt is cancelled.

@@ -5,7 +5,7 @@ import Synchronization
 import Testing
 
 /// Heartbeats stored with their task: progress and the count of attempts survive a crash.
-@Suite("Stored heartbeats", .timeLimit(.minutes(3)))
+@Suite("Stored heartbeats", .timeLimit(.minutes(10)))
 struct HeartbeatStoreTests {
     /// The one stored activity task of the runtime.
     static func storedTask(_ runtime: EntityRuntime) throws -> ActivityTask? {

@@ -210,7 +210,7 @@ struct LocalActivityTests {
     }
 
     @Test("a waiting local attempt is caught by its heartbeat timeout and retried on the pool; the retry reads the last heartbeat",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func heartbeatTimeout() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -245,7 +245,7 @@ struct LocalActivityTests {
     }
 
     @Test("a local activity still running when the runtime closes runs again at the next open, with the same idempotency key",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func closeThenRerun() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }

@@ -157,6 +157,9 @@ struct ResidencyTests {
         let gate = DecodeGate()
         var configuration = configuration(directory, maxResident: 10_000, snapshotEvery: 1_000)
         configuration.codec = GatedCodec(gate: gate)
+        // No idle sweeps: this test passivates by hand, and a sweep on the real clock could evict the
+        // cell under test when a starved host stretches the test over minutes (seen once: 281 s).
+        configuration.passivateAfterIdle = nil
         let runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self])
         defer { runtime.close() }
         let ref = runtime.entity(Account.self, id: "gated")

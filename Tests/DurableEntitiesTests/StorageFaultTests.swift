@@ -24,7 +24,7 @@ extension JournalBatch {
 /// `storage` error; deliveries the runtime owns (activity outcomes, timers, entity-to-entity
 /// messages) are delivered again a second later on the runtime's clock; an entity whose load failed
 /// loads again at its next message.
-@Suite("Storage failures that pass", .timeLimit(.minutes(2)))
+@Suite("Storage failures that pass", .timeLimit(.minutes(10)))
 struct StorageFaultTests {
     func runtime(_ directory: TemporaryDirectory, _ clock: TestClock, _ faults: JournalFaults,
                  entityTypes: [any EntityWorkflow.Type] = [], activities: [any Activity] = []) throws -> EntityRuntime {
@@ -204,7 +204,7 @@ struct StorageFaultTests {
 /// MDB_PANIC ("the environment had a fatal error; it must be closed"), acted out by `JournalFaults`:
 /// the journal stops rather than keep failing, says so, and the directory reopens with everything
 /// acknowledged.
-@Suite("A fatal storage failure", .timeLimit(.minutes(2)))
+@Suite("A fatal storage failure", .timeLimit(.minutes(10)))
 struct FatalStorageTests {
     static let panic = LMDBError(returnCode: -30_795 /* MDB_PANIC */, operation: "mdb_txn_commit", path: "(test)")
 
@@ -269,7 +269,7 @@ struct FatalStorageTests {
 
 /// Damage on disk stays with its entity: the entity whose history is damaged fails with a typed
 /// error at each message, and every other entity goes on.
-@Suite("Damage on disk", .timeLimit(.minutes(2)))
+@Suite("Damage on disk", .timeLimit(.minutes(10)))
 struct DamagedEntityTests {
     @Test("an account whose log lost an event refuses its messages with failedOnReplay naming the damaged event; other accounts go on, before and after a reopen")
     func damagedEntityIsIsolated() async throws {

@@ -96,7 +96,7 @@ final class WriterStall: Sendable {
     func release() { released.signal() }
 }
 
-@Suite("Workflow run bodies", .timeLimit(.minutes(3)))
+@Suite("Workflow run bodies", .timeLimit(.minutes(10)))
 struct WorkflowTests {
     func configuration(_ directory: TemporaryDirectory, clock: TestClock) -> EntityRuntime.Configuration {
         EntityRuntime.Configuration.quiet(directory, clock)
@@ -214,7 +214,7 @@ struct WorkflowTests {
     }
 
     @Test("pending timers cost disk, not memory: 5,000 sleepers stay within a resident bound of 250; when all fall due at once, the timers in flight stop at the cap while nothing can commit, and every one fires once",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func pendingTimersCostDisk() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -288,7 +288,7 @@ struct WorkflowTests {
     }
 
     @Test("timers no entity owns (a damaged journal) are set aside and kept: the due timers after them still fire",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func orphanTimersAreSetAside() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -307,7 +307,7 @@ struct WorkflowTests {
         let nap = runtime.entity(Nap.self, id: "nap")
         try await nap.start(.seconds(60))
         clock.advance(by: .seconds(120))
-        #expect(try await withDeadline(seconds: 60) { try await nap.result() } == "woke")
+        #expect(try await withDeadline(seconds: 240) { try await nap.result() } == "woke")
         #expect(try runtime.journal.timers().count == orphans, "the orphans are kept, not fired or dropped")
     }
 
@@ -345,7 +345,7 @@ struct WorkflowTests {
         defer { runtime.close() }
         let asleep = try runtime.journal.latestSequence(of: lateEntity)
         clock.advance(by: .seconds(120))
-        #expect(try await withDeadline(seconds: 60) { try await runtime.entity(Nap.self, id: "soon").result() } == "woke")
+        #expect(try await withDeadline(seconds: 240) { try await runtime.entity(Nap.self, id: "soon").result() } == "woke")
         // Due first, the damaged timer was looked at (and reported) before the intact one was delivered.
         report.finish()
         var messages: [String] = []
@@ -356,7 +356,7 @@ struct WorkflowTests {
     }
 
     @Test("due timers of a type never registered do not hold back the due timers after them, however many come first",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func unregisteredTimersDoNotStarve() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -380,7 +380,7 @@ struct WorkflowTests {
         let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
         defer { runtime.close() }
         let nap = runtime.entity(Nap.self, id: "nap")
-        #expect(try await withDeadline(seconds: 60) { try await nap.result() } == "woke")
+        #expect(try await withDeadline(seconds: 240) { try await nap.result() } == "woke")
         #expect(try runtime.journal.timers().count == reminders)
         // Registered at last, the reminders' timers fire too (more than fit in flight at once).
         try await withThrowingTaskGroup(of: String.self) { group in

@@ -136,7 +136,7 @@ struct ConcurrencyTests {
     }
 
     @Test("readers on several threads see only whole write transactions, while the map grows",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(10)))
     func readersSeeWholeTransactions() async throws {
         let scratch = ScratchDirectory()
         defer { scratch.remove() }

@@ -3,7 +3,7 @@ import LMDB
 import TestSupport
 import Testing
 
-@Suite("Stale readers of dead processes", .timeLimit(.minutes(3)))
+@Suite("Stale readers of dead processes", .timeLimit(.minutes(10)))
 struct StaleReaderTests {
     /// Starts `JournalCrashChild hold-reader DIR` and waits until it holds its read transaction.
     private static func startReader(_ directory: String) async throws -> ChildProcess {

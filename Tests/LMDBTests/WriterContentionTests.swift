@@ -65,7 +65,7 @@ struct WriterContentionTests {
         }
     }
 
-    @Test("write transactions from several threads are serialised: no lost update", .timeLimit(.minutes(3)))
+    @Test("write transactions from several threads are serialised: no lost update", .timeLimit(.minutes(10)))
     func noLostUpdates() async throws {
         let scratch = ScratchDirectory()
         defer { scratch.remove() }
@@ -80,7 +80,7 @@ struct WriterContentionTests {
     }
 
     @Test("writers that fill the map together grow it, and none fails while the data fits in maxMapSize",
-          .timeLimit(.minutes(3)), arguments: 0..<5)
+          .timeLimit(.minutes(10)), arguments: 0..<5)
     func contendedGrowthWithinMaximum(attempt: Int) async throws {
         let scratch = ScratchDirectory()
         defer { scratch.remove() }
@@ -112,7 +112,7 @@ struct WriterContentionTests {
     }
 
     @Test("writers that fill the map together grow it once when one growth is enough",
-          .timeLimit(.minutes(3)), arguments: 0..<5)
+          .timeLimit(.minutes(10)), arguments: 0..<5)
     func contendedGrowthGrowsOnce(attempt: Int) async throws {
         let scratch = ScratchDirectory()
         defer { scratch.remove() }

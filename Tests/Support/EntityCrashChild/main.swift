@@ -259,7 +259,7 @@ func activityConfiguration(_ directory: String) -> EntityRuntime.Configuration {
 }
 
 /// Waits "forever": the test SIGKILLs the process first. The cap (5 minutes) only keeps a lost child
-/// from lingering; it is longer than the tests' watchdogs (90 s), so a stall never ends on its own
+/// from lingering; it is longer than the tests' watchdogs (240 s), so a stall never ends on its own
 /// before a kill, however slowly a starved host brings the child to the moment of its kill (a 60 s
 /// cap once let stalled activities apply their effects when the hypervisor took 90% of the CPU).
 func stallUntilKilled() async throws {
