@@ -1,4 +1,5 @@
 import ArgumentParser
+import TestSupport
 
 /// `swift run -c release Benchmarks [scenario…] [options]`: runs named benchmark scenarios and
 /// prints throughput, latency percentiles and peak RSS for each.
@@ -106,6 +107,7 @@ struct BenchmarksCommand: AsyncParsableCommand {
             return
         }
         if let recoveryChild {
+            ParentWatch.exitWhenOrphaned()
             try await RecoveryScenario.child(directory: recoveryChild, options: try options())
             return
         }

@@ -517,6 +517,7 @@ func fanout(directory: String, width: Int, window: Int) async throws {
     try await stallUntilKilled()
 }
 
+ParentWatch.exitWhenOrphaned()
 let arguments = CommandLine.arguments
 if arguments.count == 5, arguments[1] == "messages", let count = Int(arguments[3]), ["registered", "unregistered"].contains(arguments[4]) {
     do { try await messages(directory: arguments[2], count: count, registerSink: arguments[4] == "registered") } catch {

@@ -44,6 +44,7 @@ func holdReader(_ directory: String) throws {
     }
 }
 
+ParentWatch.exitWhenOrphaned()
 let arguments = CommandLine.arguments
 guard arguments.count >= 3 else {
     fail("usage: JournalCrashChild append DIR ENTITIES EVENTS_PER_BATCH | register DIR | hold-reader DIR")

@@ -88,3 +88,19 @@ public struct ChildProcessError: Error, CustomStringConvertible {
     public init(message: String) { self.message = message }
     public var description: String { message }
 }
+
+/// For helper executables that a test (or a benchmark) starts and kills: ends this process once the
+/// process that started it is gone. A parent killed with SIGKILL (a test run stopped by a watchdog)
+/// cannot kill its children, and a child that appends or deposits until it is killed would run on,
+/// loading the machine for every later run (seen: two such children for an hour).
+public enum ParentWatch {
+    /// Starts a thread that checks the parent every 200 ms and exits (status 3) when it changed.
+    public static func exitWhenOrphaned() {
+        let parent = getppid()
+        let thread = Thread {
+            while getppid() == parent { usleep(200_000) }
+            _exit(3)
+        }
+        thread.start()
+    }
+}
