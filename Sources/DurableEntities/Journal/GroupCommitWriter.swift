@@ -665,12 +665,10 @@ private struct CommitContext {
             case .deleteTask(let key):
                 _ = try key.withUnsafeBytes { key in try txn.delete(key, in: stores.tasks) }
             case .recordResult(let key, let payload, let recordedAt):
-                let checksum = key.withUnsafeBytes { key in payload.withUnsafeBytes { JournalLayout.keyedCheck(key: key, payload: $0) } }
-                var record = [UInt8](repeating: 0, count: 4)
-                record.withUnsafeMutableBytes { $0.storeLittleEndian(checksum, at: 0) }
-                record.append(contentsOf: payload)
                 do {
-                    try txn.put(record, forKey: key, in: stores.idempotency, flags: .noOverwrite)
+                    try key.withUnsafeBytes { key in
+                        try payload.withUnsafeBytes { try putKeyed($0, forKey: key, in: stores.idempotency, txn, flags: .noOverwrite) }
+                    }
                 } catch let error as LMDBError where error.code == .keyExists {
                     continue  // The first recorded result wins, and keeps its time.
                 }
@@ -790,11 +788,11 @@ private struct CommitContext {
         }
     }
 
-    /// Puts `payload` under `key` with its keyed check before it (timers, tasks: see `JournalLayout`).
+    /// Puts `payload` under `key` with its keyed check before it (timers, tasks, results: see `JournalLayout`).
     private func putKeyed(_ payload: UnsafeRawBufferPointer, forKey key: UnsafeRawBufferPointer, in database: Database,
-                          _ txn: borrowing WriteTransaction) throws(LMDBError) {
+                          _ txn: borrowing WriteTransaction, flags: PutFlags = []) throws(LMDBError) {
         let check = JournalLayout.keyedCheck(key: key, payload: payload)
-        try txn.put(reserving: JournalLayout.checksumBytes + payload.count, forKey: key, in: database) { out in
+        try txn.put(reserving: JournalLayout.checksumBytes + payload.count, forKey: key, in: database, flags: flags) { out in
             out.storeLittleEndian(check, at: 0)
             UnsafeMutableRawBufferPointer(rebasing: out[JournalLayout.checksumBytes...]).copyMemory(from: payload)
         }

@@ -553,8 +553,7 @@ public final class Journal: Sendable {
         try read("reading an idempotency result") { txn in
             try key.withUnsafeBytes { k in
                 try txn.withValue(forKey: k, in: stores.idempotency) { value -> [UInt8]? in
-                    guard let value else { return nil }
-                    return Array(try verified(value, entity: nil, sequence: nil, header: CRC32C.checksum(k), in: txn))
+                    try value.map { value in try keyedVerified(value, key: k, "a result", in: txn) }
                 }
             }
         }
@@ -584,8 +583,7 @@ public final class Journal: Sendable {
         try read("reading a task") { txn in
             try key.withUnsafeBytes { k in
                 try txn.withValue(forKey: k, in: stores.tasks) { value -> [UInt8]? in
-                    guard let value else { return nil }
-                    return Array(try verified(value, entity: nil, sequence: nil, header: CRC32C.checksum(k), in: txn))
+                    try value.map { value in try keyedVerified(value, key: k, "a task", in: txn) }
                 }
             }
         }
@@ -625,6 +623,16 @@ public final class Journal: Sendable {
             throw corrupted(entity, sequence, "the record fails its checksum", txn)
         }
         return payload
+    }
+
+    /// The payload of a `keyed check (4) + payload` row (``JournalLayout/keyedPayload(key:value:)``).
+    /// - Throws: ``JournalError/Code/corruptedRecord`` when the row fails its check.
+    private func keyedVerified(_ value: UnsafeRawBufferPointer, key: UnsafeRawBufferPointer, _ what: String,
+                               in txn: borrowing some TransactionReading & ~Copyable) throws -> [UInt8] {
+        guard let payload = JournalLayout.keyedPayload(key: key, value: value) else {
+            throw corrupted(nil, nil, "\(what)'s row fails its check", txn)
+        }
+        return Array(payload)
     }
 
     private func corrupted(_ entity: EntityKey?, _ sequence: UInt64?, _ what: String,
@@ -717,15 +725,16 @@ public final class Journal: Sendable {
             throw JournalError(.unsupportedFormat,
                                "the journal's \(format.table) table has format \(from), written by a newer version of DurableEntities; this version reads format \(format.current) and older. Nothing was changed")
         }
-        var pending = try zip(formats, found).filter { $0.0.current != $0.1 }.map { format, from in
-            (format: format, from: from, table: try environment.database(format.table))
+        var pending = try formats.indices.filter { formats[$0].current != found[$0] }.map { index in
+            (index: index, from: found[index], table: try environment.database(formats[index].table))
         }
         guard !pending.isEmpty else { return true }
-        var upgraded: [String: Int] = [:]
+        var upgraded = [Int](repeating: 0, count: formats.count)  // rows looked at, per table
         for _ in 0..<batches {
             let done = try environment.write { txn -> Bool in
                 var budget = batchSize
-                while let (format, from, table) = pending.first {
+                while let (index, from, table) = pending.first {
+                    let format = formats[index]
                     let next: [UInt8]? = try format.rewrite(from).flatMap { rewrite in
                         let start = try txn.value(forKey: format.progressKey, in: formatRows)
                         return try txn.withCursor(table) { cursor in
@@ -737,7 +746,7 @@ public final class Journal: Sendable {
                                     try value.withUnsafeBytes { v in try key.withUnsafeBytes { k in try cursor.put(v, forKey: k) } }
                                 }
                                 budget -= 1
-                                upgraded[format.table, default: 0] += 1
+                                upgraded[index] += 1
                                 entry = try cursor.next()
                             }
                             return nil
@@ -754,10 +763,10 @@ public final class Journal: Sendable {
                 return true
             }
             if done {
-                for (table, rows) in upgraded.sorted(by: { $0.key < $1.key }) {
+                for (format, rows) in zip(formats, upgraded) where rows > 0 {
                     logger.info("journal table upgraded", metadata: [
-                        "journal.directory": "\(environment.path)", "journal.table": "\(table)",
-                        "journal.format": "\(formats.first { $0.table == table }!.current)", "journal.rows": "\(rows)"])
+                        "journal.directory": "\(environment.path)", "journal.table": "\(format.table)",
+                        "journal.format": "\(format.current)", "journal.rows": "\(rows)"])
                 }
                 return true
             }
