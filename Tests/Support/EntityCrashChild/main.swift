@@ -258,12 +258,16 @@ func activityConfiguration(_ directory: String) -> EntityRuntime.Configuration {
     return configuration
 }
 
-/// Waits "forever": the test SIGKILLs the process first. The cap (5 minutes) only keeps a lost child
-/// from lingering; it is longer than the tests' watchdogs (240 s), so a stall never ends on its own
-/// before a kill, however slowly a starved host brings the child to the moment of its kill (a 60 s
-/// cap once let stalled activities apply their effects when the hypervisor took 90% of the CPU).
+/// Waits until the test SIGKILLs the process (or the attempt is cancelled: then it throws
+/// `CancellationError`, as a sleep would). No timer: a stall never ends on its own before the kill,
+/// however slowly a starved host brings the child to it (a 60 s sleep once let stalled activities
+/// apply their effects when the hypervisor took 90% of the CPU). A child whose test died ends
+/// through `ParentWatch`.
 func stallUntilKilled() async throws {
-    try await Task.sleep(for: .seconds(300))
+    let (never, continuation) = AsyncStream.makeStream(of: Never.self)
+    for await _ in never {}  // ends only when the task is cancelled
+    withExtendedLifetime(continuation) {}  // held open until then: a finished stream would end the loop
+    try Task.checkCancellation()
 }
 
 /// One activity per entity: the `activities` mode. The same shape as the tests' `CrashActivityJob`.

@@ -5,6 +5,9 @@ import Foundation
 public final class ChildProcess: @unchecked Sendable {
     public let process = Process()
     private let pipe = Pipe()
+    /// The child's standard input, never written: its write end closes when this process ends (or
+    /// drops this object), which a child's ``ParentWatch`` sees as end of file.
+    private let input = Pipe()
     private var buffer: [UInt8] = []
     private let exited = DispatchSemaphore(value: 0)
 
@@ -29,6 +32,7 @@ public final class ChildProcess: @unchecked Sendable {
         process.executableURL = try Self.executable(name)
         process.arguments = arguments
         process.standardOutput = pipe
+        process.standardInput = input
         process.standardError = FileHandle.standardError
         process.terminationHandler = { [exited] _ in exited.signal() }
         // A small pipe: the child runs at most ~4 KiB of output ahead of the test, so "kill after N
@@ -94,12 +98,18 @@ public struct ChildProcessError: Error, CustomStringConvertible {
 /// cannot kill its children, and a child that appends or deposits until it is killed would run on,
 /// loading the machine for every later run (seen: two such children for an hour).
 public enum ParentWatch {
-    /// Starts a thread that checks the parent every 200 ms and exits (status 3) when it changed.
+    /// When standard input is a pipe (``ChildProcess`` gives its child one and never writes to it),
+    /// starts a thread that reads it and exits (status 3) at end of file: the kernel closes the
+    /// parent's end when the parent dies, however it dies. Otherwise (run by hand) does nothing.
     public static func exitWhenOrphaned() {
-        let parent = getppid()
+        var status = stat()
+        guard fstat(0, &status) == 0, status.st_mode & S_IFMT == S_IFIFO else { return }
         let thread = Thread {
-            while getppid() == parent { usleep(200_000) }
-            _exit(3)
+            var byte: UInt8 = 0
+            while true {
+                let count = read(0, &byte, 1)
+                if count == 0 || (count < 0 && errno != EINTR) { _exit(3) }
+            }
         }
         thread.start()
     }
