@@ -311,48 +311,72 @@ struct WorkflowTests {
         #expect(try runtime.journal.timers().count == orphans, "the orphans are kept, not fired or dropped")
     }
 
-    @Test("a timer whose row fails its check (its due time damaged into an earlier one) is set aside and reported, not fired early; the intact timer after it fires")
-    func damagedTimerIsSetAside() async throws {
+    @Test("""
+        a timer whose row fails its check is never fired: its entity's history stores it again (a due time damaged \
+        into an earlier one, a damaged check), and a damaged row no entity claims is set aside and reported once
+        """)
+    func damagedTimersAreRepaired() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
+        let naps: [(id: String, after: Duration)] = [("check", .seconds(10)), ("id", .seconds(20)), ("soon", .seconds(60)), ("due", .seconds(3_600))]
         do {
             let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
             defer { runtime.close() }
-            try await runtime.entity(Nap.self, id: "late").start(.seconds(3_600))
-            try await runtime.entity(Nap.self, id: "soon").start(.seconds(60))
-            #expect(try runtime.journal.timers().count == 2)
+            for nap in naps { try await runtime.entity(Nap.self, id: nap.id).start(nap.after) }
+            #expect(try runtime.journal.timers().count == naps.count)
         }
-        // The late nap's timer row moved to a due time a second before the other's, as damage to its
-        // key would leave it.
+        // Damage, as a disk could leave it: `check`'s check flipped in place; `id`'s row under another
+        // timer id of its entity; `due`'s row moved to a due time before `soon`'s.
         let rows = try tableRows("timers", directory: directory.path)
-        try #require(rows.count == 2)
-        let (soon, late) = (rows[0], rows[1])
+        try #require(rows.count == naps.count)
+        let (check, id, soon, due) = (rows[0], rows[1], rows[2], rows[3])
         let soonDue = soon.key.withUnsafeBytes { $0.bigEndianUInt64(at: 0) }
-        let lateEntity = EntityKey(rawValue: late.key.withUnsafeBytes { $0.bigEndianUInt64(at: 8) })
-        let damaged = Key8(soonDue - 1_000_000_000).withBytes { Array($0) } + late.key.dropFirst(8)
+        let dueEntity = EntityKey(rawValue: due.key.withUnsafeBytes { $0.bigEndianUInt64(at: 8) })
+        let otherID = id.key.prefix(16) + Key8(id.key.withUnsafeBytes { $0.bigEndianUInt64(at: 16) } + 7).withBytes { Array($0) }
+        let earlier = Key8(soonDue - 1_000_000_000).withBytes { Array($0) } + due.key.dropFirst(8)
         try editTable("timers", directory: directory.path) { txn, timers in
-            #expect(try txn.delete(late.key, in: timers))
-            try txn.put(late.value, forKey: damaged, in: timers)
+            try txn.put(check.value.enumerated().map { $0.offset == 0 ? $0.element ^ 0x10 : $0.element }, forKey: check.key, in: timers)
+            #expect(try txn.delete(id.key, in: timers))
+            try txn.put(id.value, forKey: Array(otherID), in: timers)
+            #expect(try txn.delete(due.key, in: timers))
+            try txn.put(due.value, forKey: earlier, in: timers)
         }
 
         var configuration = configuration(directory, clock: clock)
         let (reports, report) = AsyncStream.makeStream(of: String.self)
         configuration.logger = Logger(label: "test") { _ in
-            MessageStream(level: .error, continuation: report) { $0.hasPrefix("a stored timer fails its check") }
+            MessageStream(level: .warning, continuation: report) { $0.contains("timer") }
         }
         let runtime = try EntityRuntime(configuration: configuration)
         defer { runtime.close() }
-        let asleep = try runtime.journal.latestSequence(of: lateEntity)
+        let asleep = try runtime.journal.latestSequence(of: dueEntity)
         clock.advance(by: .seconds(120))
-        #expect(try await withDeadline(seconds: 240) { try await runtime.entity(Nap.self, id: "soon").result() } == "woke")
-        // Due first, the damaged timer was looked at (and reported) before the intact one was delivered.
-        report.finish()
+        for nap in ["check", "id", "soon"] {
+            #expect(try await withDeadline(seconds: 240) { try await runtime.entity(Nap.self, id: nap).result() } == "woke")
+        }
+        // Two timers stored again by their entities, and one row that no entity claims.
         var messages: [String] = []
+        for await message in reports {
+            messages.append(message)
+            if messages.count == 3 { break }
+        }
+        #expect(messages.sorted() == [
+            "a stored timer failed its check (damaged on disk); its entity's history stored it again",
+            "a stored timer failed its check (damaged on disk); its entity's history stored it again",
+            "a stored timer fails its check (damaged on disk) and no entity claims it; it is set aside and not fired",
+        ])
+        #expect(try runtime.journal.latestSequence(of: dueEntity) == asleep, "the long nap did not wake early")
+        let left = try runtime.journal.timers()
+        #expect(left.map(\.isIntact) == [false, true], "the unclaimed row is kept; the long nap's timer is stored again")
+        #expect(left.last.map { [$0.dueNanoseconds, $0.entity.rawValue, $0.id] } == due.key.withUnsafeBytes {
+            [$0.bigEndianUInt64(at: 0), $0.bigEndianUInt64(at: 8), $0.bigEndianUInt64(at: 16)]
+        }, "at its own due time")
+        clock.advance(by: .seconds(3_600))
+        #expect(try await withDeadline(seconds: 240) { try await runtime.entity(Nap.self, id: "due").result() } == "woke")
+        report.finish()
         for await message in reports { messages.append(message) }
-        #expect(messages == ["a stored timer fails its check (damaged on disk); it is set aside and not fired"])
-        #expect(try runtime.journal.latestSequence(of: lateEntity) == asleep, "the late nap did not wake early")
-        #expect(try runtime.journal.timers().map(\.isIntact) == [false], "the damaged row is kept, not fired or dropped")
+        #expect(messages.count == 3, "the unclaimed row was reported once: \(messages.dropFirst(3))")
     }
 
     @Test("due timers of a type never registered do not hold back the due timers after them, however many come first",

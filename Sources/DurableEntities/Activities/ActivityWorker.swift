@@ -254,10 +254,10 @@ final class ActivityWorker: @unchecked Sendable {
             core.logger.error("reading stored activity tasks failed; they run at the next open", metadata: ["error": "\(error)"])
             return
         }
+        var waiting: [JournalTimer] = []
         for row in stored {
             guard row.isIntact else {
-                core.logger.error("a stored activity task fails its check (damaged on disk); it is left in place and not run",
-                                  metadata: ["task.key": "\(row.key)"])
+                repairTask(key: row.key)
                 continue
             }
             guard let task = ActivityTask.decode(row.value) else {
@@ -268,6 +268,34 @@ final class ActivityWorker: @unchecked Sendable {
                 resumeInterrupted(task)
             } else if task.notBefore <= now {
                 dispatch(task)
+            } else {
+                waiting.append(Self.retryTimer(of: task))
+            }
+        }
+        restoreRetryTimers(waiting)
+    }
+
+    /// Tasks that wait for a retry: their timers are stored again where missing or damaged (a task
+    /// without its timer would wait until an open after its retry fell due).
+    private func restoreRetryTimers(_ timers: [JournalTimer]) {
+        let missing: [JournalTimer]
+        do {
+            missing = try core.journal.unstoredTimers(timers)
+        } catch {
+            return core.logger.error("checking the retry timers of stored activity tasks failed", metadata: ["error": "\(error)"])
+        }
+        guard !missing.isEmpty else { return }
+        var batch = JournalBatch()
+        for timer in missing { batch.scheduleTimer(timer) }
+        core.journal.submit(batch) { [core] result in
+            switch result {
+            case .success:
+                core!.logger.warning("retry timers of stored activity tasks were missing or damaged; they were stored again",
+                                     metadata: ["timers": "\(missing.count)"])
+                core!.timers.wake()
+            case .failure(let error):
+                core!.logger.error("storing retry timers again failed; their tasks run at the next open",
+                                   metadata: ["timers": "\(missing.count)", "error": "\(error)"])
             }
         }
     }
@@ -339,8 +367,7 @@ final class ActivityWorker: @unchecked Sendable {
             case .success(nil):
                 break  // the activity ended before its retry fell due
             case .failure(let error) where error.code == .corruptedRecord:
-                core.logger.error("a stored activity task fails its check (damaged on disk); it is left in place and not run",
-                                  metadata: ["task.key": "\(key)", "error": "\(error)"])
+                repairTask(key: key)
             case .failure(let error):
                 core.logger.warning("reading an activity task for its retry failed; it runs at the next open",
                                     metadata: ["task.key": "\(key)", "error": "\(error)"])
@@ -713,8 +740,71 @@ final class ActivityWorker: @unchecked Sendable {
     /// the task is written only if it is still stored (the timer then finds nothing to run).
     static func addRetry(_ next: ActivityTask, to batch: inout JournalBatch, replacing: Bool) {
         if replacing { batch.replaceTask(next.key, value: next.encoded()) } else { batch.putTask(next.key, value: next.encoded()) }
-        batch.scheduleTimer(JournalTimer(dueNanoseconds: next.notBefore, entity: EntityKey(rawValue: next.entityKey),
-                                         id: next.activityID | (1 << 63), payload: [1] + next.key.bytes))
+        batch.scheduleTimer(retryTimer(of: next))
+    }
+
+    /// The timer that runs `task`'s next attempt at its `notBefore`: its activity id with the top bit
+    /// set (apart from a run body's timers), and a payload of `1` and the task's key.
+    static func retryTimer(of task: ActivityTask) -> JournalTimer {
+        JournalTimer(dueNanoseconds: task.notBefore, entity: EntityKey(rawValue: task.entityKey),
+                     id: task.activityID | retryTimerBit, payload: [1] + task.key.bytes)
+    }
+
+    private static let retryTimerBit: UInt64 = 1 << 63
+
+    /// Whether a timer's id is a retry timer's (see ``retryTimer(of:)``).
+    static func isRetryTimer(id: UInt64) -> Bool { id & retryTimerBit != 0 }
+
+    // MARK: Damaged rows
+
+    /// A retry timer whose row failed its check (damaged on disk): rebuilt from the task its key
+    /// names, if that task is stored intact and is that timer's; the damaged row goes in the same
+    /// commit. `done(false)` otherwise (the timer service sets the row aside).
+    func repairRetryTimer(_ timer: JournalTimer, done: @escaping @Sendable (Bool) -> Void) {
+        let activity = timer.id & ~Self.retryTimerBit
+        let key = ActivityTask.key(entity: timer.entity.rawValue, activity: activity)
+        guard case .success(let value?) = Result(catching: { () throws(JournalError) in try core.journal.task(forKey: key.bytes) }),
+              let task = ActivityTask.decode(value), task.entityKey == timer.entity.rawValue, task.activityID == activity
+        else { return done(false) }
+        var batch = JournalBatch()
+        batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+        batch.scheduleTimer(Self.retryTimer(of: task))  // after the delete: the same key when only the payload was damaged
+        core.journal.submit(batch) { [core] result in
+            guard case .success = result else { return done(false) }
+            core!.logger.warning("an activity's retry timer failed its check (damaged on disk); it was rebuilt from the activity's task",
+                                 metadata: ["activity": "\(task.name)", "entity.type": "\(task.entityType)", "entity.id": "\(task.entityID)"])
+            done(true)
+        }
+    }
+
+    /// A stored task whose row failed its check: the entity its key names is asked to store again
+    /// the tasks its run is owed (see ``OwedRows``), which replaces the row if it was one of them.
+    /// Otherwise it is left in place and never run.
+    private func repairTask(key: [UInt8]) {
+        let leftInPlace = "a stored activity task fails its check (damaged on disk); it is left in place and not run"
+        guard key.count == 17, key[0] == ActivityTask.keyPrefix else {
+            return core.logger.error("\(leftInPlace)", metadata: ["task.key": "\(key)"])
+        }
+        let (entity, activity) = key.withUnsafeBytes { ($0.bigEndianUInt64(at: 1), $0.bigEndianUInt64(at: 9)) }
+        core.repair(.task(activity: activity), of: EntityKey(rawValue: entity)) { [core] result in
+            switch result {
+            case .success(let owned):
+                // Not claimed by this repair, the row may still have been its entity's: a load for
+                // another message stored it again first (and the activity may have ended since).
+                let now = owned ? nil : Result(catching: { () throws(JournalError) in try core!.journal.task(forKey: key) })
+                switch now {
+                case nil, .success?:
+                    core!.logger.warning("a stored activity task failed its check (damaged on disk); its entity's history stored it again",
+                                         metadata: ["task.key": "\(key)"])
+                case .failure(let error)? where error.code == .corruptedRecord:
+                    core!.logger.error("\(leftInPlace): no entity claims it", metadata: ["task.key": "\(key)"])
+                case .failure(let error)?:
+                    core!.logger.error("\(leftInPlace) until the next open", metadata: ["task.key": "\(key)", "error": "\(error)"])
+                }
+            case .failure(let error):
+                core!.logger.error("\(leftInPlace) until the next open", metadata: ["task.key": "\(key)", "error": "\(error)"])
+            }
+        }
     }
 
     // MARK: Local activities

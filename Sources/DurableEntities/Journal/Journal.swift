@@ -548,6 +548,23 @@ public final class Journal: Sendable {
         }
     }
 
+    /// Those of `timers` whose row is not stored as given: absent, failing its check, or holding
+    /// another payload (one read transaction for all of them). The owner of timers known from
+    /// elsewhere (a history) stores them again with these.
+    public func unstoredTimers(_ timers: [JournalTimer]) throws(JournalError) -> [JournalTimer] {
+        guard !timers.isEmpty else { return [] }
+        return try read("checking timer rows") { txn in
+            try timers.filter { timer in
+                try Key24(timer.dueNanoseconds, timer.entity.rawValue, timer.id).withBytes { key in
+                    try txn.withValue(forKey: key, in: stores.timers) { value in
+                        guard let value, let payload = JournalLayout.keyedPayload(key: key, value: value) else { return true }
+                        return !payload.elementsEqual(timer.payload)
+                    }
+                }
+            }
+        }
+    }
+
     /// The result recorded for an idempotency key, or `nil`.
     public func recordedResult(forKey key: [UInt8]) throws(JournalError) -> [UInt8]? {
         try read("reading an idempotency result") { txn in

@@ -29,6 +29,14 @@ enum CellMessage: Sendable {
     case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: VoidReply)
     /// A message from another entity, with its outbox row (consumed in this entity's commit).
     case envelope(EntityEnvelope, key: TaskKey, reply: VoidReply)
+    /// A row whose key names this entity failed its check: the turn stores again every row the
+    /// entity's run is owed (see ``OwedRows``), and the reply says (`Bool`) whether the damaged row
+    /// was one of them — then it is replaced, or deleted when its key was damaged too.
+    case repair(DamagedRow, reply: ValueReply)
+
+    var isRepair: Bool {
+        if case .repair = self { true } else { false }
+    }
 
     /// `result` or `execute`: answered by a finished run's outcome alone.
     var asksForOutcome: Bool {
@@ -37,6 +45,27 @@ enum CellMessage: Sendable {
         default: false
         }
     }
+}
+
+/// A stored row that failed its check (damaged on disk), as its key names it: the key may be
+/// damaged too, so only the entity it names can say whether the row is one it is owed.
+enum DamagedRow: Sendable, Equatable {
+    /// A timer of the entity's run body (a retry timer is its activity task's, see ``ActivityWorker``).
+    case timer(id: UInt64, due: UInt64)
+    /// The stored task of an activity the run awaits.
+    case task(activity: UInt64)
+}
+
+/// Rows that an entity's run is owed — a timer row for every timer its history started and did not
+/// end, a stored task for every pool activity it awaits — and that the journal lacks or holds damaged.
+/// Found when the entity loads (and on a ``CellMessage/repair(_:reply:)``); its next commit stores
+/// them again, so a row lost or damaged on disk costs a log line, not a run that never wakes.
+struct OwedRows {
+    var timers: [(id: UInt64, due: UInt64)] = []
+    /// Rebuilt from the `activityScheduled` events: the first attempt again (the attempts made are
+    /// lost with the row), scheduled when the history says (schedule-to-close still holds).
+    var tasks: [ActivityTask] = []
+    var isEmpty: Bool { timers.isEmpty && tasks.isEmpty }
 }
 
 /// Whether an entity accepts messages.
@@ -92,7 +121,7 @@ enum TurnReply: Sendable {
         case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply),
              .cancel(let reply), .activityOutcome(_, _, let reply), .envelope(_, _, let reply):
             .failed { reply(.failure(error)) }
-        case .update(_, _, _, let reply), .read(let reply), .result(let reply), .execute(_, _, let reply):
+        case .update(_, _, _, let reply), .read(let reply), .result(let reply), .execute(_, _, let reply), .repair(_, let reply):
             .failed { reply(.failure(error)) }
         }
     }
@@ -156,6 +185,8 @@ struct TurnOutput {
     /// Local activities still running when the turn ended: stored as tasks; their outcomes are
     /// carried out once the commit is done.
     var localDetached: [(ActivityTask, TurnRunner)] = []
+    /// Tasks of awaited activities stored again (see ``OwedRows``): stored and dispatched like new ones.
+    var tasksRestored: [ActivityTask] = []
 }
 
 /// The runtime's in-memory side of one entity: its mailbox, its committed state and, for an entity
@@ -323,7 +354,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                   state.messages.isEmpty else { return nil }
             return state.turnsStarted
         }
-        guard let generation, let loaded = try? load(key: lookUpKey()) else { return nil }
+        guard let generation, let loaded = try? load(key: lookUpKey()).durable else { return nil }
         let now = core.clock.nowNanoseconds()
         var decided: [(StateWatch, Result<any Sendable, EntityError>)] = []
         let installed = cell.withLock { state -> Bool in
@@ -426,8 +457,18 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return
         }
         let current: Durable
+        var owed = OwedRows()
         if let durable {
             current = durable
+            // A row of this entity failed its check: what its run is owed is looked up again.
+            if messages.contains(where: \.isRepair) {
+                do {
+                    owed = try owedRows(of: current, events: nil)
+                } catch {
+                    finishWithoutCommit(messages.map { Reply.fail($0, error) })
+                    return
+                }
+            }
         } else {
             do {
                 let key = try lookUpKey()
@@ -443,7 +484,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     if core.configuration.passivateFinishedRuns { core.passivate(self) }
                     return
                 }
-                current = try load(key: key)
+                (current, owed) = try load(key: key)
             } catch {
                 // A failed read may pass: the next message loads again. History that this code cannot
                 // replay (nondeterminism, an event that does not decode) fails the same way every time:
@@ -461,7 +502,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
             cell.withLock { $0.durable = current }
         }
-        process(messages, from: current)
+        process(messages, from: current, owed: owed)
     }
 
     private func keyName(_ key: String, _ kind: RuntimeCore.KeyKind) -> KeyName { KeyName(key: key, kind: kind) }
@@ -478,7 +519,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// that continues as new without waiting for anything would otherwise loop forever).
     static var maximumRunSwitchesPerTurn: Int { 64 }
 
-    private func process(_ messages: [Message], from start: Durable) {
+    private func process(_ messages: [Message], from start: Durable, owed: OwedRows) {
         var next = start
         // The turn's working state, typed; `next.state` gets it back once the turn is over.
         var working = start.state as! W.State
@@ -497,6 +538,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             let made = TurnRequests(codec: core.codec)
             madeRequests = made
             return made
+        }
+        if !owed.isEmpty {
+            // Rows the history says are owed and the journal lacks: stored again by this turn's commit.
+            output.timersStarted = owed.timers
+            output.tasksRestored = owed.tasks
+            core.logger.error("rows the entity's history is owed are missing or damaged on disk; they are stored again",
+                              metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)",
+                                         "timers": "\(owed.timers.map(\.id))", "activities": "\(owed.tasks.map(\.activityID))"])
         }
         let hadOutcome = Self.run(start)?.outcome != nil
         // `start` and `next` share the run object, so what was durable before the turn is noted now.
@@ -757,6 +806,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.signal(reply))
                     continue
                 }
+                if case .repair(_, let reply) = message {
+                    replies.append(.done { reply(.success(false)) })  // it is owed nothing
+                    continue
+                }
                 replies.append(.fail(message, EntityError(.terminated, entity: name, "the entity was terminated; it accepts no more messages")))
                 continue
             }
@@ -887,6 +940,22 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     settle { _ = $0.fire(timer: id) }
                 }
                 replies.append(.signal(reply))
+            case .repair(let damage, let reply):
+                var owned = false
+                if let run = Self.run(next), run.outcome == nil {
+                    switch damage {
+                    case .timer(let id, let due):
+                        if let correct = run.timerDue[id] {
+                            owned = true
+                            // Its key was damaged too: the row goes (the owed row, at its own key, is
+                            // among those stored again). At its own key it is simply replaced.
+                            if correct != due { output.timersDone.append((id, due)) }
+                        }
+                    case .task(let activity):
+                        owned = run.isAwaitingActivity(activity)
+                    }
+                }
+                replies.append(.update(reply, owned))
             case .envelope:
                 break  // handled above
             }
@@ -908,7 +977,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         if let run = Self.run(next), !run.locals.isEmpty { output.localDetached = run.detachLocals() }
         next.state = working
         guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty || !output.localDetached.isEmpty
-            || !output.activitiesGivenUp.isEmpty
+            || !output.activitiesGivenUp.isEmpty || !output.timersStarted.isEmpty || !output.tasksRestored.isEmpty
             || !output.localRetries.isEmpty else {
             // Nothing to write: a turn that only read, refused, or registered result waiters.
             if output.resultWaiters.isEmpty && !replies.contains(where: \.isExecute) {
@@ -950,7 +1019,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     private func commit(_ output: TurnOutput, next: Durable, continueAsNew: Bool, replies: [Reply]) {
         var batch = JournalBatch()
         // One operation each, plus a registration, a snapshot, a prune and the metadata at most.
-        batch.reserveCapacity(1 + output.keys.count + output.timersStarted.count + output.timersDone.count
+        batch.reserveCapacity(1 + output.keys.count + output.timersStarted.count + output.timersDone.count + output.tasksRestored.count
             + output.tasksDone.count + output.outgoing.count + output.activitiesScheduled.count + output.localDetached.count
             + output.localRetries.count + output.activitiesGivenUp.count + 4)
         var next = next
@@ -981,6 +1050,11 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             let task = ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: next.run,
                                     activityID: activity.id, name: activity.name, input: activity.input, options: activity.options,
                                     attempt: 1, scheduledAt: output.now, notBefore: output.now, receiver: self)
+            batch.putTask(task.key, value: task.encoded())
+            tasks.append(task)
+        }
+        for var task in output.tasksRestored {
+            task.notBefore = output.now
             batch.putTask(task.key, value: task.encoded())
             tasks.append(task)
         }
@@ -1188,10 +1262,12 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// after it; one with a run body by replaying its current run from the start, matching the
     /// commands the code issues against the recorded ones.
     /// - Parameter key: ``lookUpKey()``'s answer.
-    private func load(key: EntityKey?) throws(EntityError) -> Durable {
+    /// Loads the entity from its snapshot and history, and finds the rows its run is owed that the
+    /// journal lacks (see ``OwedRows``; none for an entity without a run body).
+    private func load(key: EntityKey?) throws(EntityError) -> (durable: Durable, owed: OwedRows) {
         let journal = core.journal
         guard let key else {
-            return Durable(state: W.initialState(id: name.id), key: nil, lastSequence: 0, snapshotSequence: 0, status: .active)
+            return (Durable(state: W.initialState(id: name.id), key: nil, lastSequence: 0, snapshotSequence: 0, status: .active), OwedRows())
         }
         var state = W.initialState(id: name.id)
         var durable = Durable(state: (), key: key, lastSequence: 0, snapshotSequence: 0, status: .active)
@@ -1229,7 +1305,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 throw failure ?? loadFailure(error, "reading the entity's history failed")
             }
             durable.state = state
-            return durable
+            return (durable, OwedRows())
         }
         var events: [(UInt64, HistoryEvent)] = []
         do {
@@ -1246,7 +1322,53 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         }
         durable.state = state
         try HistoryReplayer<W>(name: name, codec: core.codec, logger: core.logger).replay(events, into: &durable)
-        return durable
+        return (durable, try owedRows(of: durable, events: events))
+    }
+
+    /// The rows `durable`'s run is owed (its pending timers' rows, its awaited pool activities'
+    /// tasks) that the journal does not hold intact. `events`: the run's history from its first event,
+    /// if at hand (read from the journal when needed otherwise). A point read per pending timer and
+    /// awaited activity: only a run that waits on them pays it, once per load.
+    private func owedRows(of durable: Durable, events: [(UInt64, HistoryEvent)]?) throws(EntityError) -> OwedRows {
+        guard durable.status == .active, let key = durable.key, let run = Self.run(durable), run.outcome == nil else { return OwedRows() }
+        var owed = OwedRows()
+        let journal = core.journal
+        do {
+            if !run.timerDue.isEmpty {
+                let expected = run.timerDue.map { JournalTimer(dueNanoseconds: $0.value, entity: key, id: $0.key) }
+                owed.timers = try journal.unstoredTimers(expected).map { (id: $0.id, due: $0.dueNanoseconds) }
+            }
+            let awaited = run.awaitedActivities
+            guard !awaited.isEmpty else { return owed }
+            var stored: [UInt64] = []
+            for id in awaited {
+                switch Result(catching: { () throws(JournalError) in
+                    try journal.task(forKey: ActivityTask.key(entity: key.rawValue, activity: id).bytes)
+                }) {
+                case .success(.some): stored.append(id)
+                case .success(.none): break
+                case .failure(let error) where error.code == .corruptedRecord: break
+                case .failure(let error): throw error
+                }
+            }
+            guard stored.count < awaited.count else { return owed }
+            var history = events ?? []
+            if events == nil {
+                try journal.forEachEvent(of: key, from: durable.runStartSequence) { sequence, payload in
+                    if let event = HistoryEvent.decode(payload) { history.append((sequence, event)) }
+                }
+            }
+            for (_, event) in history where event.kind == .activityScheduled {
+                guard case .scheduleActivity(let id, let activity, let input, let options)? = event.command,
+                      awaited.contains(id), !stored.contains(id) else { continue }
+                owed.tasks.append(ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: durable.run,
+                                               activityID: id, name: activity, input: input, options: options, attempt: 1,
+                                               scheduledAt: event.timeNanoseconds, notBefore: 0, receiver: self))
+            }
+        } catch {
+            throw loadFailure(error, "checking the rows the entity's run is owed failed")
+        }
+        return owed
     }
 }
 

@@ -231,6 +231,7 @@ public final class EntityRuntime: Sendable {
         if let added = open(type) {
             core.activities.entityTypeRegistered(added)
             core.deliverParkedMessages(to: added)
+            core.deliverParkedRepairs(to: added)
             core.timers.retryUndelivered()
         }
     }

@@ -74,6 +74,38 @@ final class RuntimeCore: Sendable {
         _ = timers.alarm(at: clock.nowNanoseconds().saturatingAdd(1_000_000_000), action)
     }
 
+    /// A stored row naming `entity` failed its check: asks that entity to store again the rows its
+    /// run is owed (see ``OwedRows``); `done` gets whether the damaged row was one of them (`false`
+    /// without asking when no entity has that key). An entity whose type is not registered yet is
+    /// asked on its type's registration.
+    func repair(_ damage: DamagedRow, of entity: EntityKey, done: @escaping @Sendable (Result<Bool, EntityError>) -> Void) {
+        guard let name = try? journal.metadata(of: entity)?.name else { return done(.success(false)) }
+        let repair = ParkedRepair(damage: damage, entityID: name.id, done: done)
+        let registered = parkedRepairs.withLock { parked -> (any RegisteredEntityType)? in
+            if let type = types.withLock({ $0[name.type] }) { return type }
+            parked[name.type, default: []].append(repair)
+            return nil
+        }
+        registered?.repair(damage, entityID: name.id, core: self, reply: done)
+    }
+
+    /// A repair waiting for its entity type's registration.
+    struct ParkedRepair: Sendable {
+        let damage: DamagedRow
+        let entityID: String
+        let done: @Sendable (Result<Bool, EntityError>) -> Void
+    }
+    /// Repairs waiting for their entity type's registration, by type (checked under this lock).
+    private let parkedRepairs = Mutex<[String: [ParkedRepair]]>([:])
+
+    /// An entity type was registered: its entities get the repairs that waited for it.
+    func deliverParkedRepairs(to type: String) {
+        guard let registered = types.withLock({ $0[type] }) else { return }
+        for repair in parkedRepairs.withLock({ $0.removeValue(forKey: type) }) ?? [] {
+            registered.repair(repair.damage, entityID: repair.entityID, core: self, reply: repair.done)
+        }
+    }
+
     func becameIdle() {
         let left = busy.subtract(1, ordering: .acquiringAndReleasing).newValue
         if left == 0 { timers.wake() }
@@ -399,6 +431,8 @@ extension EntityCell: ResidentCell {}
 protocol RegisteredEntityType: Sendable {
     func signal(id: String, payload: [UInt8], idempotencyKey: String?, runtime: EntityRuntime) async throws(EntityError)
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping VoidReply)
+    /// Asks the entity to store again the rows its run is owed; `reply` gets whether `damage` was one.
+    func repair(_ damage: DamagedRow, entityID: String, core: RuntimeCore, reply: @escaping @Sendable (Result<Bool, EntityError>) -> Void)
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
                                 reply: @escaping VoidReply)
     func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore)
@@ -419,6 +453,11 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping VoidReply) {
         let name = EntityName(type: W.entityType, id: entityID)
         core.enqueue(.timerFired(id: id, due: due, reply: done), to: W.self, name)
+    }
+
+    func repair(_ damage: DamagedRow, entityID: String, core: RuntimeCore, reply: @escaping @Sendable (Result<Bool, EntityError>) -> Void) {
+        let name = EntityName(type: W.entityType, id: entityID)
+        core.enqueue(.repair(damage, reply: { result in reply(result.map { $0 as? Bool ?? false }) }), to: W.self, name)
     }
 
     func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,

@@ -174,17 +174,19 @@ final class TimerService: @unchecked Sendable {
         mostInFlightValue = max(mostInFlightValue, inFlight)
         condition.unlock()
         guard fresh else { return }
-        guard timer.isIntact else {
-            // Its row fails its check (damaged on disk): neither its entity, nor its id, nor its
-            // payload can be trusted. Set aside (it holds no room) until the next open, and reported
-            // once: a registration's second look at the timers set aside passes it over.
-            condition.withLock { _ = damaged.insert(id) }
-            core.logger.error("a stored timer fails its check (damaged on disk); it is set aside and not fired",
-                              metadata: ["timer.due": "\(timer.dueNanoseconds)", "entity.key": "\(timer.entity)", "timer": "\(timer.id)"])
+        // A row that fails its check (damaged on disk) is never fired: neither its entity, nor its id,
+        // nor its payload can be trusted. The owner its key names is asked to store again what it is
+        // owed — an activity's retry timer is rebuilt from its stored task, a run body's timer from
+        // its history — and the row goes if it was the owner's; otherwise it is set aside.
+        if !timer.isIntact, ActivityWorker.isRetryTimer(id: timer.id) {
+            core.becameBusy()
+            core.activities.repairRetryTimer(timer) { [self] owned in
+                if owned { release(id, busy: true) } else { setAside(timer, busy: true) }
+            }
             return
         }
-        handedOver.add(1, ordering: .releasing)
-        if timer.payload.first == 1 {
+        if timer.isIntact { handedOver.add(1, ordering: .releasing) }
+        if timer.isIntact, timer.payload.first == 1 {
             core.becameBusy()
             core.activities.retryDue(timer) { [self] in release(id, busy: true) }
             return
@@ -193,6 +195,9 @@ final class TimerService: @unchecked Sendable {
         switch Result(catching: { () throws(JournalError) in try core.journal.metadata(of: timer.entity)?.name }) {
         case .success(let found?):
             name = found
+        case .success(nil) where !timer.isIntact:
+            setAside(timer, busy: false)
+            return
         case .success(nil):
             // No entity owns it (a damaged journal): set aside like a timer whose type is not
             // registered, so it holds no room, and looked at again on a registration or the next open.
@@ -220,6 +225,31 @@ final class TimerService: @unchecked Sendable {
             return
         }
         core.becameBusy()
+        guard timer.isIntact else {
+            type.repair(.timer(id: timer.id, due: timer.dueNanoseconds), entityID: name.id, core: core) { [self] result in
+                switch result {
+                case .success(true):
+                    core.logger.warning("a stored timer failed its check (damaged on disk); its entity's history stored it again",
+                                        metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)", "timer": "\(timer.id)"])
+                    release(id, busy: true)
+                case .failure(let error) where error.code == .storage:
+                    core.becameIdle()
+                    core.retryShortly { [self] in release(id, busy: false) }
+                case .success(false):
+                    // Not claimed by this repair, the row may still have been the entity's: a load for
+                    // another message stored it again first (and it may have fired since).
+                    let row = Result(catching: { () throws(JournalError) in
+                        try core.journal.timers(dueAtOrAfter: timer.dueNanoseconds, dueAtOrBefore: timer.dueNanoseconds) {
+                            $0.entity == timer.entity && $0.id == timer.id
+                        }
+                    })
+                    if case .success(let rows) = row, rows.allSatisfy(\.isIntact) { release(id, busy: true) } else { setAside(timer, busy: true) }
+                case .failure:
+                    setAside(timer, busy: true)
+                }
+            }
+            return
+        }
         type.fireTimer(id: timer.id, due: timer.dueNanoseconds, entityID: name.id, core: core) { [self] result in
             switch result {
             case .success:
@@ -241,6 +271,17 @@ final class TimerService: @unchecked Sendable {
                 }
             }
         }
+    }
+
+    /// A damaged timer (see ``deliver(_:)``) that no owner claimed: set aside until the next open (it
+    /// holds no room, and a registration's second look passes it over), and reported once.
+    /// It stays among those being delivered, so it is not looked at again; `busy`: its delivery took
+    /// a busy count, which ends.
+    private func setAside(_ timer: JournalTimer, busy: Bool) {
+        condition.withLock { _ = damaged.insert(TimerID(entity: timer.entity, id: timer.id)) }
+        defer { if busy { core.becameIdle() } }
+        core.logger.error("a stored timer fails its check (damaged on disk) and no entity claims it; it is set aside and not fired",
+                          metadata: ["timer.due": "\(timer.dueNanoseconds)", "entity.key": "\(timer.entity)", "timer": "\(timer.id)"])
     }
 
     /// The loop waiting: the timers on their way when it began to, and how many times it went to wait.
