@@ -356,11 +356,7 @@ struct WorkflowTests {
             #expect(try await withDeadline(seconds: 240) { try await runtime.entity(Nap.self, id: nap).result() } == "woke")
         }
         // Two timers stored again by their entities, and one row that no entity claims.
-        var messages: [String] = []
-        for await message in reports {
-            messages.append(message)
-            if messages.count == 3 { break }
-        }
+        var messages = try await firstMessages(3, of: reports)
         #expect(messages.sorted() == [
             "a stored timer failed its check (damaged on disk); its entity's history stored it again",
             "a stored timer failed its check (damaged on disk); its entity's history stored it again",
@@ -375,7 +371,7 @@ struct WorkflowTests {
         clock.advance(by: .seconds(3_600))
         #expect(try await withDeadline(seconds: 240) { try await runtime.entity(Nap.self, id: "due").result() } == "woke")
         report.finish()
-        for await message in reports { messages.append(message) }
+        messages += try await firstMessages(.max, of: reports)
         #expect(messages.count == 3, "the unclaimed row was reported once: \(messages.dropFirst(3))")
     }
 

@@ -525,7 +525,8 @@ public final class Journal: Sendable {
     /// Timers due from `earliest` through `dueNanoseconds`, earliest first: at most `limit` of
     /// those `include` accepts (a timer it passes over does not count against the limit). A timer
     /// whose row fails its check is returned with ``JournalTimer/isIntact`` `false` (and its row's
-    /// bytes as they are), for the caller to report and set aside.
+    /// bytes as they are), for the caller to report and never fire (its owner can store it again,
+    /// see ``unstoredTimers(_:)``).
     public func timers(dueAtOrAfter earliest: UInt64 = 0, dueAtOrBefore dueNanoseconds: UInt64 = .max, limit: Int = .max,
                        where include: (JournalTimer) -> Bool = { _ in true }) throws(JournalError) -> [JournalTimer] {
         try read("reading timers") { txn in

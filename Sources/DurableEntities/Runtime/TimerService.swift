@@ -5,7 +5,8 @@ import Logging
 /// Fires durable timers: one thread sleeps until the earliest due timer (on the runtime's clock), then
 /// hands every due timer to its entity as a message. The entity records the firing and deletes the
 /// timer row in one commit, so a timer fires at least once and takes effect once; a timer that fell
-/// due while the process was down fires right after the runtime opens.
+/// due while the process was down fires right after the runtime opens. A timer whose row fails its
+/// check is never fired: its owner stores it again (see ``deliver(_:)``).
 ///
 /// `@unchecked Sendable`: its state is guarded by `condition`.
 final class TimerService: @unchecked Sendable {
@@ -19,7 +20,8 @@ final class TimerService: @unchecked Sendable {
     private var delivering: Set<TimerID> = []
     /// Due timers whose entity type was not registered when they fell due.
     private var undelivered: Set<TimerID> = []
-    /// Timers whose row failed its check: set aside (and reported) once, until the next open.
+    /// Timers whose row failed its check and that no entity claimed: set aside (and reported) once,
+    /// until the next open.
     private var damaged: Set<TimerID> = []
     /// The most timers on their way at once since the service started (waiting ones not counted).
     var mostInFlight: Int { condition.withLock { mostInFlightValue } }
