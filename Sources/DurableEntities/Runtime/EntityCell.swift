@@ -34,10 +34,6 @@ enum CellMessage: Sendable {
     /// was one of them — then it is replaced, or deleted when its key was damaged too.
     case repair(DamagedRow, reply: ValueReply)
 
-    var isRepair: Bool {
-        if case .repair = self { true } else { false }
-    }
-
     /// `result` or `execute`: answered by a finished run's outcome alone.
     var asksForOutcome: Bool {
         switch self {
@@ -457,18 +453,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             return
         }
         let current: Durable
-        var owed = OwedRows()
+        // Looked up by a load; for a resident entity, by the turn if a repair asks for it.
+        var owed: OwedRows? = nil
         if let durable {
             current = durable
-            // A row of this entity failed its check: what its run is owed is looked up again.
-            if messages.contains(where: \.isRepair) {
-                do {
-                    owed = try owedRows(of: current, events: nil)
-                } catch {
-                    finishWithoutCommit(messages.map { Reply.fail($0, error) })
-                    return
-                }
-            }
         } else {
             do {
                 let key = try lookUpKey()
@@ -519,7 +507,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// that continues as new without waiting for anything would otherwise loop forever).
     static var maximumRunSwitchesPerTurn: Int { 64 }
 
-    private func process(_ messages: [Message], from start: Durable, owed: OwedRows) {
+    /// `owed`: the rows the entity's run is owed that the journal lacks, if its load looked them up.
+    private func process(_ messages: [Message], from start: Durable, owed: OwedRows?) {
         var next = start
         // The turn's working state, typed; `next.state` gets it back once the turn is over.
         var working = start.state as! W.State
@@ -539,14 +528,19 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             madeRequests = made
             return made
         }
-        if !owed.isEmpty {
-            // Rows the history says are owed and the journal lacks: stored again by this turn's commit.
-            output.timersStarted = owed.timers
-            output.tasksRestored = owed.tasks
+        /// Rows the history says are owed and the journal lacks: stored again by this turn's commit.
+        /// (Timers the turn started itself are not stored yet: they are in the output already.)
+        func storeAgain(_ owed: OwedRows) {
+            let timers = owed.timers.filter { owedTimer in !output.timersStarted.contains { $0.id == owedTimer.id } }
+            guard !timers.isEmpty || !owed.tasks.isEmpty else { return }
+            output.timersStarted += timers
+            output.tasksRestored += owed.tasks
             core.logger.error("rows the entity's history is owed are missing or damaged on disk; they are stored again",
                               metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)",
-                                         "timers": "\(owed.timers.map(\.id))", "activities": "\(owed.tasks.map(\.activityID))"])
+                                         "timers": "\(timers.map(\.id))", "activities": "\(owed.tasks.map(\.activityID))"])
         }
+        var owedLookedUp = owed != nil
+        if let owed { storeAgain(owed) }
         let hadOutcome = Self.run(start)?.outcome != nil
         // `start` and `next` share the run object, so what was durable before the turn is noted now.
         let startedBefore = Self.run(start)?.started == true
@@ -941,6 +935,16 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 }
                 replies.append(.signal(reply))
             case .repair(let damage, let reply):
+                // A row of this resident entity failed its check: what its run is owed is looked up now.
+                if !owedLookedUp {
+                    do {
+                        storeAgain(try owedRows(of: next, events: nil))
+                        owedLookedUp = true
+                    } catch {
+                        replies.append(.fail(message, error))
+                        continue
+                    }
+                }
                 var owned = false
                 if let run = Self.run(next), run.outcome == nil {
                     switch damage {
