@@ -6,13 +6,14 @@ import Logging
 ///
 /// `demo` (the default) tells the story end to end: deposits, a refused withdrawal, transfers (one
 /// approved, one refused), a restart, and a crash. `serve` is the bank as an HTTP service, `load` a load
-/// generator for it. Each opens the data directory through ``BankOptions``.
+/// generator for it, `verify` the data directory's integrity check. Each opens the data directory
+/// through ``BankOptions``.
 @main
 struct BankSample: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "BankSample",
         abstract: "Bank accounts and transfers as durable entities, on a local LMDB directory: a demo, an HTTP service, a load generator.",
-        subcommands: [Demo.self, Serve.self, Load.self, DepositForever.self],
+        subcommands: [Demo.self, Serve.self, Load.self, Verify.self, DepositForever.self],
         defaultSubcommand: Demo.self)
 }
 

@@ -138,6 +138,12 @@ struct Demo: AsyncParsableCommand {
         step(10, "Reopen the directory after the crash, and count what the savers' balances hold.")
         runtime = try options.openRuntime()
         defer { runtime.close() }
+        let verification = try runtime.journal.verify()
+        guard verification.isIntact else {
+            print("   ✘ The directory has damaged rows: \(verification)")
+            throw ExitCode.failure
+        }
+        print("   ✔ No torn write: each of the directory's \(verification.rows) rows passes its check (`BankSample verify`).")
         var recorded: [String: Int] = [:]
         for id in savers {
             recorded[id] = Int(try await runtime.entity(Account.self, id: id).state().balance - baseline[id]!)
@@ -359,7 +365,8 @@ private func pad(_ value: Int, _ width: Int) -> String {
     "\(value)".padding(width, left: true)
 }
 
-private func milliseconds(_ duration: Duration) -> String {
+/// A duration as `12 ms`, or `1.3 s` from a second on.
+func milliseconds(_ duration: Duration) -> String {
     let (seconds, attoseconds) = duration.components
     let ms = Double(seconds) * 1_000 + Double(attoseconds) / 1e15
     return ms < 1_000 ? "\(Int(ms.rounded())) ms" : "\((ms / 100).rounded() / 10) s"

@@ -139,19 +139,22 @@ final class ResumeOnce<T: Sendable>: Sendable {
 
 struct DeadlineExceeded: Error, CustomStringConvertible {
     let seconds: Double
-    var description: String { "no answer within \(seconds) s" }
+    /// The wait's place in the test (file and line).
+    var place = ""
+    var description: String { "no answer within \(seconds) s" + (place.isEmpty ? "" : " (the wait at \(place))") }
 }
 
 /// Awaits `operation` for at most `seconds`: a watchdog (not a synchronisation), so that a hang — a
 /// task never re-dispatched, an outcome never recorded — fails the test instead of hanging it. The
 /// operation is left running if the deadline passes.
-func withDeadline<T: Sendable>(seconds: Double, _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+func withDeadline<T: Sendable>(seconds: Double, fileID: String = #fileID, line: Int = #line,
+                                _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { continuation in
         let once = ResumeOnce(continuation)
         Task {
             do { once.resume(.success(try await operation())) } catch { once.resume(.failure(error)) }
         }
-        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { once.resume(.failure(DeadlineExceeded(seconds: seconds))) }
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { once.resume(.failure(DeadlineExceeded(seconds: seconds, place: "\(fileID):\(line)"))) }
     }
 }
 

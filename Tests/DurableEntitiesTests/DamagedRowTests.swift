@@ -107,8 +107,9 @@ struct DamagedRowTests {
 }
 
 /// The first `count` messages of `stream` (fewer if it finishes first); throws after `seconds`.
-func firstMessages(_ count: Int, of stream: AsyncStream<String>, seconds: Double = 240) async throws -> [String] {
-    try await withDeadline(seconds: seconds) {
+func firstMessages(_ count: Int, of stream: AsyncStream<String>, seconds: Double = 240,
+                   fileID: String = #fileID, line: Int = #line) async throws -> [String] {
+    try await withDeadline(seconds: seconds, fileID: fileID, line: line) {
         var messages: [String] = []
         for await message in stream {
             messages.append(message)

@@ -88,6 +88,9 @@ final class PendingNames: Sendable {
         }
     }
 
+    /// Whether a merge has begun and not yet ended.
+    var isMerging: Bool { tables.withLock { !$0.merging.isEmpty } }
+
     /// The commit that put the batch's last names into `names` is done: the batch goes.
     func endMerge() {
         var batch: [EntityName: EntityKey] = [:]

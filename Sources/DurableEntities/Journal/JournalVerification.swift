@@ -1,0 +1,321 @@
+import Glibc
+import LMDB
+
+/// What ``Journal/verify(batchSize:reportLimit:)`` found: how many rows each table holds, and the
+/// rows that failed a check.
+///
+/// A row is damaged when it fails its checksum (log records, history events, snapshots, timers,
+/// tasks, results: see ``JournalLayout``) or does not have the shape its table gives every row
+/// (a key or value of the wrong length, a metadata record or name that does not decode). The
+/// verification reads; it changes nothing. What the runtime does with each kind of damage when it
+/// meets it is in the README's *Records* section: a damaged event fails its entity's reads with
+/// ``JournalError/Code/corruptedRecord``, a damaged timer or task is stored again by its owner.
+public struct JournalVerification: Sendable, Equatable, CustomStringConvertible {
+    /// One table: its rows, and how many of them are damaged.
+    public struct Table: Sendable, Equatable {
+        /// The table's (LMDB database's) name: `log`, `history`, `names`, …
+        public let name: String
+        public internal(set) var rows = 0
+        public internal(set) var damagedRows = 0
+    }
+
+    /// A row that failed a check.
+    public struct DamagedRow: Sendable, Equatable, CustomStringConvertible {
+        public let table: String
+        /// The row's key, as stored.
+        public let key: [UInt8]
+        /// The entity the row belongs to, as the row names it (a damaged row may name another), when
+        /// the table's rows name one (every table but tasks and results).
+        public let entity: EntityKey?
+        /// That entity's name, when its metadata record is intact.
+        public let name: EntityName?
+        /// The event's sequence, for a log record, a history event or a snapshot.
+        public let sequence: UInt64?
+        /// What is wrong with the row.
+        public let problem: String
+
+        public var description: String {
+            var place = table
+            if let name { place += " \(name)" } else if let entity { place += " entity \(entity)" }
+            if let sequence { place += " sequence \(sequence)" }
+            if entity == nil { place += " key \(key.prefix(32).map { String($0, radix: 16) }.joined(separator: " "))" }
+            return "\(place): \(problem)"
+        }
+    }
+
+    /// Every table, in the order they were read.
+    public internal(set) var tables: [Table]
+    /// The damaged rows, in table and key order: the first `reportLimit` of them (``damagedRows``
+    /// counts them all).
+    public internal(set) var damage: [DamagedRow] = []
+
+    /// How many rows were read.
+    public var rows: Int { tables.reduce(0) { $0 + $1.rows } }
+    /// How many rows failed a check.
+    public var damagedRows: Int { tables.reduce(0) { $0 + $1.damagedRows } }
+    /// Whether every row passed its checks.
+    public var isIntact: Bool { damagedRows == 0 }
+
+    public var description: String {
+        let counts = tables.map { table in
+            table.damagedRows == 0 ? "\(table.name) \(table.rows)" : "\(table.name) \(table.rows) (\(table.damagedRows) damaged)"
+        }
+        var text = "\(isIntact ? "intact" : "\(damagedRows) damaged rows") — rows: \(counts.joined(separator: ", "))"
+        for row in damage { text += "\n  \(row)" }
+        if damage.count < damagedRows { text += "\n  … and \(damagedRows - damage.count) more" }
+        return text
+    }
+}
+
+extension Journal {
+    /// Reads every row of every table and checks it: the directory's integrity check (what
+    /// `PRAGMA integrity_check` is to SQLite). It reads only, in read transactions of at most
+    /// `batchSize` rows each, so it may run while the journal commits (a long read transaction
+    /// would keep LMDB from reusing the pages freed meanwhile); rows moved or deleted by commits
+    /// in between may then be counted twice or not at all, but an intact row is never reported
+    /// damaged.
+    ///
+    /// It checks each row on its own (its checksum and its shape), not whether the tables agree
+    /// with each other. ``verify(directory:batchSize:reportLimit:)`` does the same without opening
+    /// the journal, for a directory whose open fails.
+    /// - Parameters:
+    ///   - batchSize: rows read per read transaction.
+    ///   - reportLimit: damaged rows described in ``JournalVerification/damage`` (all are counted).
+    /// - Throws: ``JournalError/Code/storage`` if LMDB fails (a read, not a check, failing).
+    public func verify(batchSize: Int = 10_000, reportLimit: Int = 1_000) throws(JournalError) -> JournalVerification {
+        try Self.verify(environment, tables: Self.verifiedTables(stores), entities: stores.entities,
+                        batchSize: batchSize, reportLimit: reportLimit)
+    }
+
+    /// ``verify(batchSize:reportLimit:)`` on a directory the journal need not open: LMDB's
+    /// environment alone, none of the journal's recovery (which refuses some damage, a damaged
+    /// pending name for one). It takes no lock: another process may have the journal open, and
+    /// keeps committing meanwhile.
+    /// - Throws: ``JournalError`` with code `storage` if the directory holds no journal or LMDB
+    ///   fails, `alreadyOpen` if this process has it open with other settings (verify that journal
+    ///   instead), `unsupportedFormat` if a table is in another format than this version writes (an
+    ///   older one: open the journal once, which upgrades it; a newer one: verify with that version).
+    public static func verify(directory: String, batchSize: Int = 10_000, reportLimit: Int = 1_000) throws(JournalError) -> JournalVerification {
+        guard access(directory + "/data.mdb", F_OK) == 0 else {
+            throw JournalError(.storage, "'\(directory)' holds no journal (no data.mdb)")
+        }
+        let environment: Environment
+        switch Result(catching: { () throws(LMDBError) in try Environment.open(.init(directory: directory)) }) {
+        case .success(let opened): environment = opened
+        case .failure(let error) where error.code == .alreadyOpenDifferently:
+            throw JournalError(.alreadyOpen, "the journal in '\(directory)' is open in this process; call verify() on it")
+        case .failure(let error): throw JournalError.storage(error, "opening '\(directory)'")
+        }
+        defer { environment.close() }
+        do {
+            try checkFormats(environment)
+            func table(_ name: String) throws -> Database {
+                try environment.database(name, create: false)
+            }
+            let stores = Stores(
+                log: try table("log"), history: try table("history"), names: try table("names"), entities: try table("entities"),
+                snapshots: try table("snapshots"), timers: try table("timers"), idempotency: try table("idempotency"),
+                tasks: try table("tasks"), resultTimes: try table("idempotency-times"), pendingNames: try table("pending-names"))
+            return try verify(environment, tables: verifiedTables(stores), entities: stores.entities,
+                              batchSize: batchSize, reportLimit: reportLimit)
+        } catch {
+            throw JournalError.storage(error, "verifying '\(directory)'")
+        }
+    }
+
+    /// Refuses a directory whose tables are not all in the formats this version writes.
+    private static func checkFormats(_ environment: Environment) throws {
+        let formats: Database
+        switch Result(catching: { () throws(LMDBError) in try environment.database("format", create: false) }) {
+        case .success(let database): formats = database
+        case .failure(let error) where error.code == .notFound:
+            throw JournalError(.unsupportedFormat, "the journal was written by an older version of DurableEntities (it has no format table); open it once with this version, which upgrades it, then verify it")
+        case .failure(let error): throw error
+        }
+        try environment.read { txn in
+            for format in JournalLayout.storedFormats {
+                let found = try format.formatKey.withUnsafeBytes { key in
+                    try txn.withValue(forKey: key, in: formats) { value -> UInt64? in
+                        guard let value, value.count == 8 else { return nil }
+                        return value.bigEndianUInt64(at: 0)
+                    }
+                }
+                guard found == format.current else {
+                    let stored = found.map { "format \($0)" } ?? "no intact format row"
+                    throw JournalError(.unsupportedFormat, "the journal's \(format.table) table has \(stored); this version writes and verifies format \(format.current). An older format is upgraded by opening the journal once with this version; a newer one is verified by the version that wrote it")
+                }
+            }
+        }
+    }
+
+    /// The verification's loop: each table in batches of rows, one read transaction a batch.
+    private static func verify(_ environment: Environment, tables: [VerifiedTable], entities: Database,
+                               batchSize: Int, reportLimit: Int) throws(JournalError) -> JournalVerification {
+        let batch = max(1, batchSize)
+        var report = JournalVerification(tables: [])
+        for table in tables {
+            var counts = JournalVerification.Table(name: table.name)
+            var after: [UInt8]?
+            var done = false
+            while !done {
+                do {
+                    try environment.read { txn in
+                        try txn.withCursor(table.database) { cursor in
+                            var entry: Cursor.Entry?
+                            if let after { entry = try cursor.seek(atLeast: after) } else { entry = try cursor.first() }
+                            if let current = entry, let after, current.key.elementsEqual(after) { entry = try cursor.next() }
+                            var read = 0
+                            while let current = entry, read < batch {
+                                read += 1
+                                counts.rows += 1
+                                if let problem = table.check(current.key, current.value) {
+                                    counts.damagedRows += 1
+                                    if report.damage.count < reportLimit {
+                                        let entity = problem.entity
+                                        let name = try entity.flatMap { entity in
+                                            try Key8(entity.rawValue).withBytes { key in
+                                                try txn.withValue(forKey: key, in: entities) { value in
+                                                    value.flatMap { try? EntityMetadata.decode($0, key: entity).name }
+                                                }
+                                            }
+                                        }
+                                        report.damage.append(JournalVerification.DamagedRow(
+                                            table: table.name, key: Array(current.key), entity: entity, name: name,
+                                            sequence: problem.sequence, problem: problem.text))
+                                    }
+                                }
+                                after = Array(current.key)
+                                entry = try cursor.next()
+                            }
+                            done = entry == nil
+                        }
+                    }
+                } catch {
+                    throw JournalError.storage(error, "verifying the table '\(table.name)'")
+                }
+            }
+            report.tables.append(counts)
+        }
+        return report
+    }
+
+    /// What is wrong with one row.
+    private struct Problem {
+        var entity: EntityKey?
+        var sequence: UInt64?
+        var text: String
+    }
+
+    /// A table and the check of each of its rows (`nil`: intact).
+    private struct VerifiedTable {
+        let name: String
+        let database: Database
+        let check: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Problem?
+    }
+
+    private static func verifiedTables(_ stores: Stores) -> [VerifiedTable] {
+        func entity(at offset: Int, of bytes: UnsafeRawBufferPointer) -> EntityKey? {
+            bytes.count >= offset + 8 ? EntityKey(rawValue: bytes.bigEndianUInt64(at: offset)) : nil
+        }
+        func keyed(_ what: String, keyCount: Int? = nil, entityAt offset: Int? = nil) -> (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Problem? {
+            { key, value in
+                let owner = offset.flatMap { entity(at: $0, of: key) }
+                if let keyCount, key.count != keyCount {
+                    return Problem(entity: owner, text: "\(what)'s key has \(key.count) bytes instead of \(keyCount)")
+                }
+                guard JournalLayout.keyedPayload(key: key, value: value) != nil else {
+                    return Problem(entity: owner, text: "\(what)'s row fails its check (its key or its payload is damaged)")
+                }
+                return nil
+            }
+        }
+        return [
+            VerifiedTable(name: "log", database: stores.log) { key, value in
+                guard key.count == 8 else { return Problem(text: "the key has \(key.count) bytes instead of 8") }
+                guard value.count >= JournalLayout.logHeader else {
+                    return Problem(entity: entity(at: 0, of: value), text: "the record is truncated (\(value.count) bytes)")
+                }
+                let payload = UnsafeRawBufferPointer(rebasing: value[JournalLayout.logHeader...])
+                guard CRC32C.checksum(payload) == JournalLayout.flippedCheck(ofLogRecord: value) else {
+                    return Problem(entity: entity(at: 0, of: value), sequence: value.bigEndianUInt64(at: 8),
+                                   text: "the record fails its check (its header or its payload is damaged)")
+                }
+                return nil
+            },
+            VerifiedTable(name: "history", database: stores.history) { key, value in
+                guard key.count == 16 else { return Problem(entity: entity(at: 0, of: key), text: "the key has \(key.count) bytes instead of 16") }
+                let owner = entity(at: 0, of: key)
+                let chunk = HistoryChunk(firstSequence: key.bigEndianUInt64(at: 8), bytes: value)
+                var damaged: [UInt64] = []
+                var placeholders = 0
+                let broken = chunk.forEach { sequence, record in
+                    let payload = UnsafeRawBufferPointer(rebasing: record[JournalLayout.checksumBytes...])
+                    if CRC32C.checksum(payload) != record.littleEndianUInt32(at: 0) {
+                        damaged.append(sequence)
+                        if payload.elementsEqual(JournalLayout.missingRecordPayload) { placeholders += 1 }
+                    }
+                    return true
+                }
+                if let broken {
+                    return Problem(entity: owner, sequence: broken, text: "the history chunk is malformed from this event on (a damaged length or count)")
+                }
+                guard let first = damaged.first else { return nil }
+                var text = damaged.count == 1 ? "an event fails its checksum" : "\(damaged.count) events fail their checksums (sequences \(damaged.map(String.init).joined(separator: ", ")))"
+                if placeholders > 0 {
+                    text += placeholders == damaged.count
+                        ? ": the log had no intact record of \(placeholders == 1 ? "it" : "them") when the tail moved to history"
+                        : " (\(placeholders) of them lost from the log before the tail moved to history)"
+                }
+                return Problem(entity: owner, sequence: first, text: text)
+            },
+            VerifiedTable(name: "names", database: stores.names) { key, value in
+                let owner = value.count == 8 ? EntityKey(rawValue: value.bigEndianUInt64(at: 0)) : nil
+                guard EntityName(nameKey: key) != nil else { return Problem(entity: owner, text: "the key is not an entity type, a zero byte and an id") }
+                guard owner != nil else { return Problem(text: "the value has \(value.count) bytes instead of an entity key's 8") }
+                return nil
+            },
+            VerifiedTable(name: "pending-names", database: stores.pendingNames) { key, value in
+                guard key.count == 8 else { return Problem(text: "the key has \(key.count) bytes instead of 8") }
+                if key.bigEndianUInt64(at: 0) == 0 {
+                    return value.count == 8 ? nil : Problem(text: "the merge watermark has \(value.count) bytes instead of 8")
+                }
+                guard value.count > 8 else { return Problem(text: "the registration is truncated (\(value.count) bytes)") }
+                guard EntityName(nameKey: UnsafeRawBufferPointer(rebasing: value[8...])) != nil else {
+                    return Problem(entity: entity(at: 0, of: value), text: "the registration's name is not an entity type, a zero byte and an id")
+                }
+                return nil
+            },
+            VerifiedTable(name: "entities", database: stores.entities) { key, value in
+                guard key.count == 8 else { return Problem(text: "the key has \(key.count) bytes instead of 8") }
+                let owner = EntityKey(rawValue: key.bigEndianUInt64(at: 0))
+                do throws(JournalError) {
+                    _ = try EntityMetadata.decode(value, key: owner)
+                } catch {
+                    return Problem(entity: owner, text: error.message)
+                }
+                return nil
+            },
+            VerifiedTable(name: "snapshots", database: stores.snapshots) { key, value in
+                guard key.count == 8 else { return Problem(text: "the key has \(key.count) bytes instead of 8") }
+                let owner = EntityKey(rawValue: key.bigEndianUInt64(at: 0))
+                guard value.count >= 12 else { return Problem(entity: owner, text: "the snapshot is truncated (\(value.count) bytes)") }
+                let stored = value.bigEndianUInt64(at: 0)
+                let sequence = stored & ~JournalLayout.snapshotHeaderChecked
+                let header = stored & JournalLayout.snapshotHeaderChecked == 0
+                    ? 0 : JournalLayout.headerCheck(entity: owner.rawValue, sequence: sequence)
+                let payload = UnsafeRawBufferPointer(rebasing: value[12...])
+                guard CRC32C.checksum(payload) ^ header == value.littleEndianUInt32(at: 8) else {
+                    return Problem(entity: owner, sequence: sequence, text: "the snapshot fails its checksum")
+                }
+                return nil
+            },
+            VerifiedTable(name: "timers", database: stores.timers, check: keyed("the timer", keyCount: 24, entityAt: 8)),
+            VerifiedTable(name: "tasks", database: stores.tasks, check: keyed("the task")),
+            VerifiedTable(name: "idempotency", database: stores.idempotency, check: keyed("the result")),
+            VerifiedTable(name: "idempotency-times", database: stores.resultTimes) { key, value in
+                guard key.count > 8 else { return Problem(text: "the key has \(key.count) bytes: not a time and an idempotency key") }
+                return value.isEmpty ? nil : Problem(text: "the row holds \(value.count) bytes where it holds none")
+            },
+        ]
+    }
+}
