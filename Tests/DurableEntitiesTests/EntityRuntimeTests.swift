@@ -394,10 +394,14 @@ struct MessageStream: LogHandler {
     var metadata: Logger.Metadata = [:]
     let continuation: AsyncStream<String>.Continuation
     let keep: @Sendable (String) -> Bool
+    /// A metadata key whose value, when a message has it, follows the message: `message [value]`.
+    let tag: String?
 
-    init(level: Logger.Level, continuation: AsyncStream<String>.Continuation, keep: @escaping @Sendable (String) -> Bool) {
+    init(level: Logger.Level, continuation: AsyncStream<String>.Continuation, tag: String? = nil,
+         keep: @escaping @Sendable (String) -> Bool) {
         self.logLevel = level
         self.continuation = continuation
+        self.tag = tag
         self.keep = keep
     }
 
@@ -407,6 +411,12 @@ struct MessageStream: LogHandler {
     }
 
     func log(event: LogEvent) {
-        if keep(event.message.description) { continuation.yield(event.message.description) }
+        let message = event.message.description
+        guard keep(message) else { return }
+        if let tag, let value = event.metadata?[tag] ?? metadata[tag] {
+            continuation.yield("\(message) [\(value)]")
+        } else {
+            continuation.yield(message)
+        }
     }
 }
