@@ -19,6 +19,7 @@ enum Scenarios {
             FanoutScenario.self,
             TimersScenario.self,
             RecoveryScenario.self,
+            VerifyScenario.self,
         ]
     }
 
