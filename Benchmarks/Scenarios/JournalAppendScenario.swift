@@ -34,16 +34,7 @@ struct JournalAppendScenario: BenchmarkScenario {
         defer { journal.close() }
 
         // Set-up, not measured: register the entities, 1,000 per commit.
-        var keys: [EntityKey] = []
-        keys.reserveCapacity(entityCount)
-        var index = 0
-        while index < entityCount {
-            var batch = JournalBatch()
-            let end = min(entityCount, index + 1_000)
-            for i in index..<end { batch.register(EntityName(type: "Account", id: "acc-\(i)")) }
-            keys += try await journal.commit(batch).registered
-            index = end
-        }
+        let keys = try await journal.registerAccounts(entityCount, prefix: "acc-")
 
         let generator = AppendGenerator(keys: keys, total: total, payloadSize: payloadSize)
         let failed: Int

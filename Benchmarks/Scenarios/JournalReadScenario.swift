@@ -34,15 +34,7 @@ struct JournalReadScenario: BenchmarkScenario {
             }
             _ = try await journal.commit(batch)
         }
-        var keys: [EntityKey] = []
-        var index = 0
-        while index < entityCount {
-            var batch = JournalBatch()
-            let end = min(entityCount, index + 1_000)
-            for i in index..<end { batch.register(EntityName(type: "Account", id: "snap-\(i)")) }
-            keys += try await journal.commit(batch).registered
-            index = end
-        }
+        let keys = try await journal.registerAccounts(entityCount, prefix: "snap-")
         var snapshots = JournalBatch()
         for key in keys { snapshots.saveSnapshot(key, sequence: 1, payload: [UInt8](repeating: 0x42, count: 100)) }
         _ = try await journal.commit(snapshots)

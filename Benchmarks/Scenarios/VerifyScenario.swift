@@ -28,15 +28,7 @@ struct VerifyScenario: BenchmarkScenario {
             logger: Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() })))
         defer { journal.close() }
 
-        var keys: [EntityKey] = []
-        var index = 0
-        while index < entityCount {
-            var batch = JournalBatch()
-            let end = min(entityCount, index + 1_000)
-            for i in index..<end { batch.register(EntityName(type: "Account", id: "acc-\(i)")) }
-            keys += try await journal.commit(batch).registered
-            index = end
-        }
+        let keys = try await journal.registerAccounts(entityCount, prefix: "acc-")
         let payload = Array("deposit ref r-000000 amount 100 cents ..........................".utf8.prefix(64))
         var next: UInt64 = 1
         while next <= UInt64(eventsEach) {
