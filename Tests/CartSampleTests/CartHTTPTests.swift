@@ -279,8 +279,9 @@ struct CartHTTPTests {
             shop.clock.advance(by: .seconds(400))  // 31 minutes after the last change: expired
             let ended = try await shop.runtime.entity(Cart.self, id: "c-1").result()
             #expect(ended == .expired)
-            // Loose, as the suite shares two cores: a real 31-minute wait would still fail it.
-            #expect(ContinuousClock.now - before < .seconds(30))
+            // Loose, as the suite shares two cores on a host that can starve them (another test's
+            // bound of 30 s was passed at 51.7 s under load): a real 31-minute wait would still fail it.
+            #expect(ContinuousClock.now - before < .seconds(300))
             #expect(try expect(200, try await shop.get("/carts/c-1"), CartView.self).status == "expired")
             for sku in ["mug", "socks"] {
                 let view = try await shop.inventory(sku)

@@ -145,10 +145,10 @@ struct WorkflowTests {
         clock.skipsTimeWhenIdle = true
         #expect(try await approval.result() == .expired)
         #expect(clock.nowNanoseconds() - before >= 24 * 3_600 * 1_000_000_000)
-        // Alone it takes milliseconds. The bound is loose because the whole suite shares two cores
-        // (5.2 s was seen under load); a real wait for the 24 hours, or for one of them, would still
-        // fail it by orders of magnitude.
-        #expect(ContinuousClock.now - started < .seconds(30))
+        // Alone it takes milliseconds. The bound is loose because the whole suite shares two cores,
+        // on a host that can starve them (51.7 s was seen with two busy loops beside the suite); a
+        // real wait for the 24 hours, or for one of them, would still fail it by a factor of 12 or more.
+        #expect(ContinuousClock.now - started < .seconds(300))
         #expect(try await approval.query { $0 } == Approval.State(approved: false, reminders: 1, outcome: "expired"))
     }
 
