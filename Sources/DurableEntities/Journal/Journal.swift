@@ -143,6 +143,20 @@ public final class Journal: Sendable {
         /// Registrations not yet merged into `names` (see ``PendingNames``), under a counter; the
         /// row under key 0 holds the merge watermark.
         let pendingNames: Database
+
+        /// Opens the named databases; `create`: those missing are created (else LMDB's `notFound`).
+        init(_ environment: Environment, create: Bool = true) throws(LMDBError) {
+            log = try environment.database("log", create: create)
+            history = try environment.database("history", create: create)
+            names = try environment.database("names", create: create)
+            entities = try environment.database("entities", create: create)
+            snapshots = try environment.database("snapshots", create: create)
+            timers = try environment.database("timers", create: create)
+            idempotency = try environment.database("idempotency", create: create)
+            tasks = try environment.database("tasks", create: create)
+            resultTimes = try environment.database("idempotency-times", create: create)
+            pendingNames = try environment.database("pending-names", create: create)
+        }
     }
 
     public let configuration: Configuration
@@ -215,17 +229,7 @@ public final class Journal: Sendable {
             throw JournalError.storage(error, "opening '\(directory)'")
         }
         do {
-            stores = Stores(
-                log: try environment.database("log"),
-                history: try environment.database("history"),
-                names: try environment.database("names"),
-                entities: try environment.database("entities"),
-                snapshots: try environment.database("snapshots"),
-                timers: try environment.database("timers"),
-                idempotency: try environment.database("idempotency"),
-                tasks: try environment.database("tasks"),
-                resultTimes: try environment.database("idempotency-times"),
-                pendingNames: try environment.database("pending-names"))
+            stores = try Stores(environment)
             try Self.upgrade(JournalLayout.storedFormats, environment: environment, logger: configuration.logger)
             try Self.indexUntimedResults(environment: environment, stores: stores)
             tails = TailIndex()
@@ -619,8 +623,14 @@ public final class Journal: Sendable {
     }
 
     func metadata(of entity: EntityKey, in txn: borrowing some TransactionReading & ~Copyable) throws -> EntityMetadata? {
+        try Self.metadata(of: entity, in: txn, entities: stores.entities)
+    }
+
+    /// An entity's metadata record in `entities`, or `nil`; ``JournalError/Code/corruptedRecord`` when damaged.
+    static func metadata(of entity: EntityKey, in txn: borrowing some TransactionReading & ~Copyable,
+                         entities: Database) throws -> EntityMetadata? {
         try Key8(entity.rawValue).withBytes { k in
-            try txn.withValue(forKey: k, in: stores.entities) { value in
+            try txn.withValue(forKey: k, in: entities) { value in
                 try value.map { v throws(JournalError) in try EntityMetadata.decode(v, key: entity) }
             }
         }
@@ -711,6 +721,18 @@ public final class Journal: Sendable {
         var mergedRowsLeft = false
     }
 
+    /// The format `format`'s table is stored in: its row in the `format` database, 1 without one (a
+    /// directory written before the rows), `nil` when the row is damaged.
+    static func storedFormat(of format: JournalLayout.StoredFormat, in txn: borrowing some TransactionReading & ~Copyable,
+                             formats: Database) throws -> UInt64? {
+        try format.formatKey.withUnsafeBytes { key in
+            try txn.withValue(forKey: key, in: formats) { value -> UInt64? in
+                guard let value else { return 1 }
+                return value.count == 8 ? value.bigEndianUInt64(at: 0) : nil
+            }
+        }
+    }
+
     /// Brings the rows of each table in `formats` to its current format, in order. A directory
     /// without a table's `format` row wrote that table in format 1. Rows are rewritten `batchSize` a
     /// transaction across the tables; each transaction also stores the key to go on from (the
@@ -728,15 +750,10 @@ public final class Journal: Sendable {
         let formatRows = try environment.database("format")
         let found: [UInt64] = try environment.read { txn in
             try formats.map { format in
-                try format.formatKey.withUnsafeBytes { key in
-                    try txn.withValue(forKey: key, in: formatRows) { value -> UInt64 in
-                        guard let value else { return 1 }
-                        guard value.count == 8 else {
-                            throw JournalError(.corruptedRecord, "the journal's format record of its \(format.table) table is damaged (\(value.count) bytes)")
-                        }
-                        return value.bigEndianUInt64(at: 0)
-                    }
+                guard let found = try storedFormat(of: format, in: txn, formats: formatRows) else {
+                    throw JournalError(.corruptedRecord, "the journal's format record of its \(format.table) table is damaged")
                 }
+                return found
             }
         }
         for (format, from) in zip(formats, found) where from > format.current {

@@ -109,13 +109,7 @@ extension Journal {
         defer { environment.close() }
         do {
             try checkFormats(environment)
-            func table(_ name: String) throws -> Database {
-                try environment.database(name, create: false)
-            }
-            let stores = Stores(
-                log: try table("log"), history: try table("history"), names: try table("names"), entities: try table("entities"),
-                snapshots: try table("snapshots"), timers: try table("timers"), idempotency: try table("idempotency"),
-                tasks: try table("tasks"), resultTimes: try table("idempotency-times"), pendingNames: try table("pending-names"))
+            let stores = try Stores(environment, create: false)
             return try verify(environment, tables: verifiedTables(stores), entities: stores.entities,
                               batchSize: batchSize, reportLimit: reportLimit)
         } catch {
@@ -134,12 +128,7 @@ extension Journal {
         }
         try environment.read { txn in
             for format in JournalLayout.storedFormats {
-                let found = try format.formatKey.withUnsafeBytes { key in
-                    try txn.withValue(forKey: key, in: formats) { value -> UInt64? in
-                        guard let value, value.count == 8 else { return nil }
-                        return value.bigEndianUInt64(at: 0)
-                    }
-                }
+                let found = try storedFormat(of: format, in: txn, formats: formats)
                 guard found == format.current else {
                     let stored = found.map { "format \($0)" } ?? "no intact format row"
                     throw JournalError(.unsupportedFormat, "the journal's \(format.table) table has \(stored); this version writes and verifies format \(format.current). An older format is upgraded by opening the journal once with this version; a newer one is verified by the version that wrote it")
@@ -172,12 +161,8 @@ extension Journal {
                                     counts.damagedRows += 1
                                     if report.damage.count < reportLimit {
                                         let entity = problem.entity
-                                        let name = try entity.flatMap { entity in
-                                            try Key8(entity.rawValue).withBytes { key in
-                                                try txn.withValue(forKey: key, in: entities) { value in
-                                                    value.flatMap { try? EntityMetadata.decode($0, key: entity).name }
-                                                }
-                                            }
+                                        let name = try entity.flatMap { entity -> EntityName? in
+                                            do { return try metadata(of: entity, in: txn, entities: entities)?.name } catch is JournalError { return nil }
                                         }
                                         report.damage.append(JournalVerification.DamagedRow(
                                             table: table.name, key: Array(current.key), entity: entity, name: name,

@@ -1344,18 +1344,18 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
             let awaited = run.awaitedActivities
             guard !awaited.isEmpty else { return owed }
-            var stored: [UInt64] = []
+            var missing: Set<UInt64> = []
             for id in awaited {
                 switch Result(catching: { () throws(JournalError) in
                     try journal.task(forKey: ActivityTask.key(entity: key.rawValue, activity: id).bytes)
                 }) {
-                case .success(.some): stored.append(id)
-                case .success(.none): break
-                case .failure(let error) where error.code == .corruptedRecord: break
+                case .success(.some): break
+                case .success(.none): missing.insert(id)
+                case .failure(let error) where error.code == .corruptedRecord: missing.insert(id)
                 case .failure(let error): throw error
                 }
             }
-            guard stored.count < awaited.count else { return owed }
+            guard !missing.isEmpty else { return owed }
             var history = events ?? []
             if events == nil {
                 try journal.forEachEvent(of: key, from: durable.runStartSequence) { sequence, payload in
@@ -1364,7 +1364,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
             for (_, event) in history where event.kind == .activityScheduled {
                 guard case .scheduleActivity(let id, let activity, let input, let options)? = event.command,
-                      awaited.contains(id), !stored.contains(id) else { continue }
+                      missing.contains(id) else { continue }
                 owed.tasks.append(ActivityTask(entityType: name.type, entityID: name.id, entityKey: key.rawValue, run: durable.run,
                                                activityID: id, name: activity, input: input, options: options, attempt: 1,
                                                scheduledAt: event.timeNanoseconds, notBefore: 0, receiver: self))
