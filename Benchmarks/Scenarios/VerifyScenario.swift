@@ -2,7 +2,7 @@ import DurableEntities
 import Foundation
 import Logging
 
-/// `verify`: ``Journal/verify(batchSize:reportLimit:)``, the directory's integrity check, over a
+/// `verify`: ``Journal/verify(batchSize:reportLimit:acrossTables:)``, the directory's integrity check, over a
 /// journal of `--entities E` entities (default 10,000) with `--events N` events each (default 100,
 /// ~64 bytes), plus a snapshot, a timer and an idempotency result per entity.
 ///
@@ -12,6 +12,7 @@ import Logging
 /// directory, one latency sample each; the headline throughput is events checked a second (each
 /// event's checksum, in its chunk or in the log). Extra fields: rows read a second, the directory's
 /// size, and its rows per table from the last run. Every run must find the directory intact.
+/// `--param rows-only=true` skips the check across tables (the row checks alone).
 struct VerifyScenario: BenchmarkScenario {
     static let name = "verify"
     static let summary = "the integrity check over E entities × N events, timers, results, snapshots"
@@ -20,6 +21,7 @@ struct VerifyScenario: BenchmarkScenario {
         let entityCount = max(1, options.value(\.entities, full: 10_000, quick: 1_000))
         let eventsEach = max(1, options.value(\.events, full: 100, quick: 20))
         let runs = max(1, try options.extra("runs", full: 5, quick: 2))
+        let rowsOnly = try EntityBench.flag(options.extra("rows-only"), name: "rows-only")
 
         let directory = try options.makeScratchDirectory("verify")
         defer { directory.remove() }
@@ -58,7 +60,7 @@ struct VerifyScenario: BenchmarkScenario {
         recorder.start()
         for _ in 0..<runs {
             let start = ContinuousClock.Instant.now
-            let verification = try journal.verify()
+            let verification = try journal.verify(acrossTables: !rowsOnly)
             recorder.record(since: start)
             measured += ContinuousClock.Instant.now - start
             guard verification.isIntact else { throw BenchmarkFailure(message: "the directory is not intact: \(verification)") }
@@ -77,7 +79,7 @@ struct VerifyScenario: BenchmarkScenario {
         for table in report.tables { extra["rows_\(table.name.replacingOccurrences(of: "-", with: "_"))"] = .int(table.rows) }
         return ScenarioResult(
             operations: runs * events,
-            params: ["entities": .int(entityCount), "events": .int(eventsEach), "runs": .int(runs)],
+            params: ["entities": .int(entityCount), "events": .int(eventsEach), "runs": .int(runs), "rows_only": .bool(rowsOnly)],
             extra: extra)
     }
 }

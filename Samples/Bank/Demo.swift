@@ -140,10 +140,10 @@ struct Demo: AsyncParsableCommand {
         defer { runtime.close() }
         let verification = try runtime.journal.verify()
         guard verification.isIntact else {
-            print("   ✘ The directory has damaged rows: \(verification)")
+            print("   ✘ The directory is damaged: \(verification)")
             throw ExitCode.failure
         }
-        print("   ✔ No torn write: each of the directory's \(verification.rows) rows passes its check (`BankSample verify`).")
+        print("   ✔ No torn write: each of the directory's \(verification.rows) rows passes its check, and the tables agree (`BankSample verify`).")
         var recorded: [String: Int] = [:]
         for id in savers {
             recorded[id] = Int(try await runtime.entity(Account.self, id: id).state().balance - baseline[id]!)

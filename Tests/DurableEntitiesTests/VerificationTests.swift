@@ -178,10 +178,143 @@ struct VerificationTests {
         let limited = try Journal.verify(directory: path, reportLimit: 3)
         #expect(limited.damage.count == 3 && limited.damagedRows == Self.tables.count)
         #expect(limited.damage == Array(report.damage.prefix(3)))
-        #expect(limited.description.hasSuffix("… and 7 more"))
+        #expect(limited.description.hasSuffix("… and 7 more damaged rows"))
+        // Damage is reported once, by its row's check: no relation through a damaged row is checked.
+        #expect(report.checkedAcrossTables && report.inconsistencyCount == 0 && report.inconsistencies.isEmpty, "\(report)")
 
         for table in Self.tables {
             #expect(try tableRows(table, directory: path).flatMap { [$0.key, $0.value] } == before[table], "\(table) unchanged")
         }
+    }
+
+    @Test("tables that disagree are reported where a row is missing: a lost chunk of events or log record, an entity without metadata or without its name, a snapshot past the events, a result without its time row")
+    func tablesThatDisagree() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.path
+        let (order, cart) = try await Self.populate(path)
+        // A ledger whose events all wait in the log (a coalesce threshold above them), and a book whose
+        // ten events went to history with its registration, three to a chunk.
+        let ledger: EntityKey
+        let book: EntityKey
+        do {
+            let journal = try Journal(configuration: .init(directory: path, coalesceThreshold: 1_000, logger: quietLogger))
+            defer { journal.close() }
+            ledger = try await journal.register(EntityName(type: "Ledger", id: "l-1"))
+            for sequence in 1...6 {
+                var batch = JournalBatch()
+                batch.append(ledger, sequence: UInt64(sequence), payload: bytes("entry-\(sequence)"))
+                _ = try await journal.commit(batch)
+            }
+            let bookName = EntityName(type: "Book", id: "b-1")
+            book = try journal.reserveKey(for: bookName).key
+            var batch = JournalBatch()
+            batch.register(bookName, as: book)
+            for sequence in 1...10 { batch.append(book, sequence: UInt64(sequence), payload: [UInt8](repeating: UInt8(sequence), count: 500)) }
+            _ = try await journal.commit(batch)
+            // Retention: the order's events before 3 go; its history starts at its floor.
+            var prune = JournalBatch()
+            prune.deleteHistory(of: order, before: 3)
+            _ = try await journal.commit(prune)
+            #expect(try journal.events(of: order).first?.sequence == 3)
+            let intact = try journal.verify()
+            #expect(intact.isIntact && intact.checkedAcrossTables, "before any change: \(intact)")
+            // The journal takes a snapshot past the order's latest event (9) as it is told to.
+            var ahead = JournalBatch()
+            ahead.saveSnapshot(order, sequence: 12, payload: bytes("order@12"))
+            _ = try await journal.commit(ahead)
+        }
+        let historyKeys = try tableRows("history", directory: path).map(\.key)
+        let bookChunks = historyKeys.filter { $0.prefix(8).elementsEqual(Key8(book.rawValue).withBytes { Array($0) }) }
+        #expect(bookChunks == [1, 4, 7, 10].map { Key16(book.rawValue, $0).bytes }, "three 508-byte events to a chunk")
+        let ledgerRecords = try tableRows("log", directory: path).filter { $0.value.prefix(8).elementsEqual(Key8(ledger.rawValue).withBytes { Array($0) }) }
+        #expect(ledgerRecords.count == 6, "the ledger's events wait in the log")
+        // The cart's events: some in history, maybe some still in the log.
+        let cartPrefix = Key8(cart.rawValue).withBytes { Array($0) }
+        let cartHistoryLast = try #require(try tableRows("history", directory: path).last { $0.key.prefix(8).elementsEqual(cartPrefix) }.flatMap { row in
+            row.value.withUnsafeBytes { HistoryChunk(firstSequence: row.key.withUnsafeBytes { $0.bigEndianUInt64(at: 8) }, bytes: $0).lastSequence }
+        })
+        let cartInLog = try tableRows("log", directory: path).contains { row in
+            row.value.prefix(8).elementsEqual(cartPrefix) && row.value.withUnsafeBytes { $0.bigEndianUInt64(at: 8) } > cartHistoryLast
+        }
+
+        func delete(_ table: String, _ key: [UInt8]) throws {
+            try editTable(table, directory: path) { txn, database in
+                let deleted = try txn.delete(key, in: database)
+                #expect(deleted, "\(table) had the row")
+            }
+        }
+        try delete("history", Key16(book.rawValue, 4).bytes)                        // events 4...6 of the book
+        let lostRecord = try #require(ledgerRecords.first { $0.value.withUnsafeBytes { $0.bigEndianUInt64(at: 8) } == 3 })
+        try delete("log", lostRecord.key)                                            // the ledger's event 3
+        try delete("entities", Key8(cart.rawValue).withBytes { Array($0) })         // the cart's metadata
+        let extra = EntityName(type: "Order", id: "o-extra-1")
+        let extraKey = Array("Order".utf8) + [0] + Array("o-extra-1".utf8)
+        let extraEntity = try #require(try tableRows("names", directory: path).first { $0.key == extraKey }).value
+        try delete("names", extraKey)                                               // a merged name
+        try delete("idempotency", bytes("k-1"))                                      // a result, its time row left
+        let k2Time = try #require(try tableRows("idempotency-times", directory: path).first { $0.key.suffix(3).elementsEqual(bytes("k-2")) })
+        try delete("idempotency-times", k2Time.key)                                  // a time row, its result left
+
+        var before: [String: [[UInt8]]] = [:]
+        for table in Self.tables { before[table] = try tableRows(table, directory: path).flatMap { [$0.key, $0.value] } }
+        let report = try Journal.verify(directory: path)
+        #expect(report.damagedRows == 0, "every row passes its own check: \(report)")
+        #expect(!report.isIntact && report.checkedAcrossTables)
+        var unmatched = report.inconsistencies
+        func expectFound(_ table: String, entity: EntityKey? = nil, key: [UInt8]? = nil, sequence: UInt64? = nil, _ problem: String,
+                         sourceLocation: SourceLocation = #_sourceLocation) {
+            guard let index = unmatched.firstIndex(where: { found in
+                found.table == table && (entity == nil || found.entity == entity) && (key == nil || found.key == key)
+                    && found.sequence == sequence && found.problem.contains(problem)
+            }) else {
+                Issue.record("no \(table) inconsistency \"\(problem)\" in \(report)", sourceLocation: sourceLocation)
+                return
+            }
+            unmatched.remove(at: index)
+        }
+        expectFound("history", entity: book, key: Key16(book.rawValue, 7).bytes, sequence: 4, "events 4...6 are missing: the history goes on at 7")
+        expectFound("log", entity: ledger, key: ledgerRecords[3].key, sequence: 3, "events 3...3 are missing: the entity's events in the log go on at 4")
+        // The cart without metadata: its name, its history, its snapshot and its timer each say so.
+        expectFound("names", entity: cart, "the name Cart/c-1 is registered under an entity that has no metadata record")
+        expectFound("entities", entity: cart, sequence: 1, "the entity has events in history but no metadata record")
+        if cartInLog { expectFound("entities", entity: cart, sequence: cartHistoryLast + 1, "the entity has events in the log but no metadata record") }
+        expectFound("entities", entity: cart, sequence: 6, "the entity has a snapshot but no metadata record")
+        expectFound("timers", entity: cart, key: Key24(2_000, cart.rawValue, 1).withBytes { Array($0) }, "belongs to an entity that has no metadata record")
+        expectFound("names", entity: EntityKey(rawValue: extraEntity.withUnsafeBytes { $0.bigEndianUInt64(at: 0) }),
+                    "the entity's name is neither in the names index nor among the registrations waiting for it")
+        expectFound("snapshots", entity: order, sequence: 12, "past the entity's latest event (9)")
+        expectFound("idempotency", key: bytes("k-1"), "names a result that is not stored")
+        expectFound("idempotency-times", key: bytes("k-2"), "the result has no time row: it never expires")
+        #expect(unmatched.isEmpty, "nothing else: \(unmatched)")
+        #expect(report.inconsistencyCount == report.inconsistencies.count)
+        let byName = report.inconsistencies.filter { $0.name == extra }
+        #expect(byName.count == 1, "an inconsistency names its entity when its metadata is intact")
+        #expect(report.description.hasPrefix("\(report.inconsistencyCount) inconsistencies — rows:"), "\(report)")
+        #expect(report.description.contains("history Book/b-1 sequence 4: events 4...6 are missing"), "\(report)")
+
+        // Row checks alone find nothing; a report limit keeps the first and counts them all.
+        let rowsOnly = try Journal.verify(directory: path, acrossTables: false)
+        #expect(rowsOnly.isIntact && !rowsOnly.checkedAcrossTables && rowsOnly.inconsistencies.isEmpty)
+        #expect(rowsOnly.description.hasPrefix("intact rows (tables not checked against each other)"))
+        let limited = try Journal.verify(directory: path, reportLimit: 2)
+        #expect(limited.inconsistencies == Array(report.inconsistencies.prefix(2)) && limited.inconsistencyCount == report.inconsistencyCount)
+        #expect(limited.description.hasSuffix("… and \(report.inconsistencyCount - 2) more inconsistencies"))
+        for table in Self.tables {
+            #expect(try tableRows(table, directory: path).flatMap { [$0.key, $0.value] } == before[table], "\(table) unchanged")
+        }
+
+        // A chunk whose event count lost one (its bytes hold three events) fails its own check; the gap
+        // before it is still found from its key, and nothing is reported twice.
+        try editTable("history", directory: path) { txn, database in
+            let key = Key16(book.rawValue, 7).bytes
+            var value = try #require(try txn.value(forKey: key, in: database))
+            value[0] -= 1
+            try txn.put(value, forKey: key, in: database)
+        }
+        let recounted = try Journal.verify(directory: path)
+        #expect(recounted.damagedRows == 1 && recounted.damage.first?.problem == "the history chunk's event count (2) does not match its 1528 bytes",
+                "\(recounted)")
+        #expect(recounted.inconsistencies == report.inconsistencies)
     }
 }

@@ -1,8 +1,8 @@
 import Glibc
 import LMDB
 
-/// What ``Journal/verify(batchSize:reportLimit:)`` found: how many rows each table holds, and the
-/// rows that failed a check.
+/// What ``Journal/verify(batchSize:reportLimit:acrossTables:)`` found: how many rows each table
+/// holds, the rows that failed a check, and where tables disagree.
 ///
 /// A row is damaged when it fails its checksum (log records, history events, snapshots, timers,
 /// tasks, results: see ``JournalLayout``) or does not have the shape its table gives every row
@@ -10,6 +10,9 @@ import LMDB
 /// verification reads; it changes nothing. What the runtime does with each kind of damage when it
 /// meets it is in the README's *Records* section: a damaged event fails its entity's reads with
 /// ``JournalError/Code/corruptedRecord``, a damaged timer or task is stored again by its owner.
+///
+/// Tables disagree (an ``Inconsistency``) when a row that another table's row needs is not there:
+/// a chunk of an entity's events lost, an entity's metadata or its name, a result's time row.
 public struct JournalVerification: Sendable, Equatable, CustomStringConvertible {
     /// One table: its rows, and how many of them are damaged.
     public struct Table: Sendable, Equatable {
@@ -48,21 +51,35 @@ public struct JournalVerification: Sendable, Equatable, CustomStringConvertible 
     /// The damaged rows, in table and key order: the first `reportLimit` of them (``damagedRows``
     /// counts them all).
     public internal(set) var damage: [DamagedRow] = []
+    /// Whether the tables were checked against each other (see ``Inconsistency``).
+    public internal(set) var checkedAcrossTables = false
+    /// Where the tables disagree: the first `reportLimit` (``inconsistencyCount`` counts them all).
+    public internal(set) var inconsistencies: [Inconsistency] = []
+    /// How many disagreements the check across tables found.
+    public internal(set) var inconsistencyCount = 0
 
     /// How many rows were read.
     public var rows: Int { tables.reduce(0) { $0 + $1.rows } }
     /// How many rows failed a check.
     public var damagedRows: Int { tables.reduce(0) { $0 + $1.damagedRows } }
-    /// Whether every row passed its checks.
-    public var isIntact: Bool { damagedRows == 0 }
+    /// Whether every row passed its checks and the tables agree.
+    public var isIntact: Bool { damagedRows == 0 && inconsistencyCount == 0 }
 
     public var description: String {
         let counts = tables.map { table in
             table.damagedRows == 0 ? "\(table.name) \(table.rows)" : "\(table.name) \(table.rows) (\(table.damagedRows) damaged)"
         }
-        var text = "\(isIntact ? "intact" : "\(damagedRows) damaged rows") — rows: \(counts.joined(separator: ", "))"
+        var verdict: [String] = []
+        if damagedRows > 0 { verdict.append("\(damagedRows) damaged rows") }
+        if inconsistencyCount > 0 { verdict.append("\(inconsistencyCount) inconsistencies") }
+        if verdict.isEmpty { verdict.append(checkedAcrossTables ? "intact" : "intact rows (tables not checked against each other)") }
+        var text = "\(verdict.joined(separator: ", ")) — rows: \(counts.joined(separator: ", "))"
         for row in damage { text += "\n  \(row)" }
-        if damage.count < damagedRows { text += "\n  … and \(damagedRows - damage.count) more" }
+        if damage.count < damagedRows { text += "\n  … and \(damagedRows - damage.count) more damaged rows" }
+        for inconsistency in inconsistencies { text += "\n  \(inconsistency)" }
+        if inconsistencies.count < inconsistencyCount {
+            text += "\n  … and \(inconsistencyCount - inconsistencies.count) more inconsistencies"
+        }
         return text
     }
 }
@@ -75,19 +92,28 @@ extension Journal {
     /// in between may then be counted twice or not at all, but an intact row is never reported
     /// damaged.
     ///
-    /// It checks each row on its own (its checksum and its shape), not whether the tables agree
-    /// with each other. ``verify(directory:batchSize:reportLimit:)`` does the same without opening
-    /// the journal, for a directory whose open fails.
+    /// Then, with `acrossTables`, it checks that the tables agree (see
+    /// ``JournalVerification/Inconsistency``): every entity's events consecutive across its history
+    /// chunks and its log records, names and metadata naming each other, snapshots, timers and
+    /// results with the rows they need. That check needs a consistent view, so it reads in one read
+    /// transaction: while it runs (about as long as the row checks), LMDB cannot reuse the pages
+    /// that commits free meanwhile, and the file may grow by what they write. Its memory is bounded
+    /// by the registrations waiting to merge and the entities with events in the log, plus 8 bytes a
+    /// recorded result.
+    ///
+    /// ``verify(directory:batchSize:reportLimit:acrossTables:)`` does the same without opening the
+    /// journal, for a directory whose open fails.
     /// - Parameters:
-    ///   - batchSize: rows read per read transaction.
-    ///   - reportLimit: damaged rows described in ``JournalVerification/damage`` (all are counted).
+    ///   - batchSize: rows read per read transaction by the row checks.
+    ///   - reportLimit: damaged rows described in ``JournalVerification/damage``, and inconsistencies
+    ///     in ``JournalVerification/inconsistencies`` (all are counted).
+    ///   - acrossTables: whether to check the tables against each other.
     /// - Throws: ``JournalError/Code/storage`` if LMDB fails (a read, not a check, failing).
-    public func verify(batchSize: Int = 10_000, reportLimit: Int = 1_000) throws(JournalError) -> JournalVerification {
-        try Self.verify(environment, tables: Self.verifiedTables(stores), entities: stores.entities,
-                        batchSize: batchSize, reportLimit: reportLimit)
+    public func verify(batchSize: Int = 10_000, reportLimit: Int = 1_000, acrossTables: Bool = true) throws(JournalError) -> JournalVerification {
+        try Self.verify(environment, stores: stores, batchSize: batchSize, reportLimit: reportLimit, acrossTables: acrossTables)
     }
 
-    /// ``verify(batchSize:reportLimit:)`` on a directory the journal need not open: LMDB's
+    /// ``verify(batchSize:reportLimit:acrossTables:)`` on a directory the journal need not open: LMDB's
     /// environment alone, none of the journal's recovery (which refuses some damage, a damaged
     /// pending name for one). It takes no lock: another process may have the journal open, and
     /// keeps committing meanwhile.
@@ -95,7 +121,8 @@ extension Journal {
     ///   fails, `alreadyOpen` if this process has it open with other settings (verify that journal
     ///   instead), `unsupportedFormat` if a table is in another format than this version writes (an
     ///   older one: open the journal once, which upgrades it; a newer one: verify with that version).
-    public static func verify(directory: String, batchSize: Int = 10_000, reportLimit: Int = 1_000) throws(JournalError) -> JournalVerification {
+    public static func verify(directory: String, batchSize: Int = 10_000, reportLimit: Int = 1_000,
+                              acrossTables: Bool = true) throws(JournalError) -> JournalVerification {
         guard access(directory + "/data.mdb", F_OK) == 0 else {
             throw JournalError(.storage, "'\(directory)' holds no journal (no data.mdb)")
         }
@@ -109,9 +136,8 @@ extension Journal {
         defer { environment.close() }
         do {
             try checkFormats(environment)
-            let stores = try Stores(environment, create: false)
-            return try verify(environment, tables: verifiedTables(stores), entities: stores.entities,
-                              batchSize: batchSize, reportLimit: reportLimit)
+            return try verify(environment, stores: Stores(environment, create: false), batchSize: batchSize,
+                              reportLimit: reportLimit, acrossTables: acrossTables)
         } catch {
             throw JournalError.storage(error, "verifying '\(directory)'")
         }
@@ -137,9 +163,27 @@ extension Journal {
         }
     }
 
-    /// The verification's loop: each table in batches of rows, one read transaction a batch.
-    private static func verify(_ environment: Environment, tables: [VerifiedTable], entities: Database,
-                               batchSize: Int, reportLimit: Int) throws(JournalError) -> JournalVerification {
+    /// The row checks, then (`acrossTables`) the check across tables.
+    private static func verify(_ environment: Environment, stores: Stores, batchSize: Int, reportLimit: Int,
+                               acrossTables: Bool) throws(JournalError) -> JournalVerification {
+        var report = try verifyRows(environment, tables: verifiedTables(stores), entities: stores.entities,
+                                    batchSize: batchSize, reportLimit: reportLimit)
+        guard acrossTables else { return report }
+        do {
+            var check = CrossTableCheck(stores: stores, reportLimit: reportLimit)
+            try environment.read { txn in try check.run(txn) }
+            report.checkedAcrossTables = true
+            report.inconsistencies = check.found
+            report.inconsistencyCount = check.count
+        } catch {
+            throw JournalError.storage(error, "checking the tables against each other")
+        }
+        return report
+    }
+
+    /// The row checks: each table in batches of rows, one read transaction a batch.
+    private static func verifyRows(_ environment: Environment, tables: [VerifiedTable], entities: Database,
+                                   batchSize: Int, reportLimit: Int) throws(JournalError) -> JournalVerification {
         let batch = max(1, batchSize)
         var report = JournalVerification(tables: [])
         for table in tables {
@@ -233,7 +277,9 @@ extension Journal {
                 let chunk = HistoryChunk(firstSequence: key.bigEndianUInt64(at: 8), bytes: value)
                 var damaged: [UInt64] = []
                 var placeholders = 0
+                var end = JournalLayout.chunkHeader
                 let broken = chunk.forEach { sequence, record in
+                    end = chunk.end(of: record)
                     let payload = UnsafeRawBufferPointer(rebasing: record[JournalLayout.checksumBytes...])
                     if CRC32C.checksum(payload) != record.littleEndianUInt32(at: 0) {
                         damaged.append(sequence)
@@ -243,6 +289,10 @@ extension Journal {
                 }
                 if let broken {
                     return Problem(entity: owner, sequence: broken, text: "the history chunk is malformed from this event on (a damaged length or count)")
+                }
+                guard chunk.count != 0, end == value.count else {
+                    return Problem(entity: owner, sequence: chunk.firstSequence,
+                                   text: "the history chunk's event count (\(chunk.count ?? 0)) does not match its \(value.count) bytes")
                 }
                 guard let first = damaged.first else { return nil }
                 var text = damaged.count == 1 ? "an event fails its checksum" : "\(damaged.count) events fail their checksums (sequences \(damaged.map(String.init).joined(separator: ", ")))"
