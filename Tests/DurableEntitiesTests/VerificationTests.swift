@@ -1,6 +1,7 @@
 @testable import DurableEntities
 import Foundation
 import LMDB
+import Synchronization
 import TestSupport
 import Testing
 
@@ -316,5 +317,95 @@ struct VerificationTests {
         #expect(recounted.damagedRows == 1 && recounted.damage.first?.problem == "the history chunk's event count (2) does not match its 1528 bytes",
                 "\(recounted)")
         #expect(recounted.inconsistencies == report.inconsistencies)
+    }
+
+    /// What the verifier and the writer of ``verifyWhileCommitting()`` share.
+    private final class Progress: Sendable {
+        let commits = Atomic<Int>(0)
+        /// Verifications during which at least one commit landed.
+        let overlapped = Atomic<Int>(0)
+        let writerDone = Atomic<Bool>(false)
+    }
+
+    @Test("a verification while the journal commits (registrations, tail moves, name merges, pruning, snapshots, timers, results) finds an intact directory every time")
+    func verifyWhileCommitting() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, coalesceThreshold: 4, deferredNameLimit: 8,
+                                                       logger: quietLogger))
+        defer { journal.close() }
+        let progress = Progress()
+        let (verifierStarted, started) = AsyncStream<Void>.makeStream()
+        let verifier = Task.detached { () throws -> [JournalVerification] in
+            var reports: [JournalVerification] = []
+            started.yield()
+            // Until the writer stops, and at least three times after it first committed.
+            while !progress.writerDone.load(ordering: .acquiring) || reports.count < 3 {
+                let before = progress.commits.load(ordering: .acquiring)
+                let report = try journal.verify(batchSize: 7)
+                if progress.commits.load(ordering: .acquiring) > before { progress.overlapped.add(1, ordering: .releasing) }
+                reports.append(report)
+            }
+            return reports
+        }
+        for await _ in verifierStarted { break }
+
+        // A deterministic mix of every kind of write, until at least 300 commits landed and three
+        // verifications each saw a commit land while they read.
+        var random = UInt64(0x5EED)
+        func next(_ bound: Int) -> Int {
+            random = random &* 6364136223846793005 &+ 1442695040888963407
+            return Int((random >> 33) % UInt64(bound))
+        }
+        var latest: [EntityKey: UInt64] = [:]
+        var entities: [EntityKey] = []
+        var timers: [(due: UInt64, entity: EntityKey)] = []
+        var commit = 0
+        while commit < 300 || progress.overlapped.load(ordering: .acquiring) < 3, commit < 20_000 {
+            commit += 1
+            var batch = JournalBatch()
+            if entities.count < 8 || next(3) == 0 {
+                let name = EntityName(type: "Item", id: "i-\(commit)")
+                let key = try journal.reserveKey(for: name).key
+                batch.register(name, as: key)
+                let count = 1 + next(3)
+                for sequence in 1...count { batch.append(key, sequence: UInt64(sequence), payload: bytes("\(name)#\(sequence)")) }
+                latest[key] = UInt64(count)
+                entities.append(key)
+            }
+            for _ in 0..<3 {
+                let key = entities[next(entities.count)]
+                guard !batch.operations.contains(where: { if case .append(key, _) = $0 { true } else { false } }) else { continue }
+                let first = latest[key]! + 1
+                let count = 1 + next(5)
+                for sequence in first..<(first + UInt64(count)) { batch.append(key, sequence: sequence, payload: bytes("e\(sequence)")) }
+                latest[key] = first + UInt64(count) - 1
+            }
+            if commit % 10 == 0 {
+                let key = entities[next(entities.count)]
+                batch.saveSnapshot(key, sequence: latest[key]!, payload: bytes("state@\(latest[key]!)"))
+                batch.deleteHistory(of: key, before: max(3, latest[key]!) - 2)
+                let due = UInt64(commit) * 1_000
+                batch.scheduleTimer(JournalTimer(dueNanoseconds: due, entity: key, id: 1, payload: bytes("t")))
+                timers.append((due, key))
+                batch.recordResult(forKey: bytes("r-\(commit)"), payload: bytes("ok"), recordedAt: UInt64(commit))
+            }
+            if commit % 25 == 0, !timers.isEmpty {
+                let timer = timers.removeFirst()
+                batch.cancelTimer(dueNanoseconds: timer.due, entity: timer.entity, id: 1)
+                batch.expireResults(recordedBefore: UInt64(max(0, commit - 50)), limit: 3)
+            }
+            _ = try await journal.commit(batch)
+            progress.commits.add(1, ordering: .releasing)
+        }
+        progress.writerDone.store(true, ordering: .releasing)
+        let reports = try await verifier.value
+        #expect(progress.overlapped.load(ordering: .acquiring) >= 3, "verifications overlapped commits")
+        for report in reports {
+            #expect(report.isIntact && report.checkedAcrossTables, "\(report)")
+        }
+        // The journal merged names and moved tails meanwhile: the last report has rows in those tables.
+        let last = try #require(reports.last)
+        #expect(last.tables.first { $0.name == "names" }!.rows > 0 && last.tables.first { $0.name == "history" }!.rows > 0)
     }
 }
