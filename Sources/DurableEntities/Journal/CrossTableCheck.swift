@@ -1,35 +1,5 @@
 import LMDB
 
-extension JournalVerification {
-    /// Rows of two tables that disagree, or a row one table needs and its table lacks: what a row's
-    /// own checks cannot see (a whole chunk of events lost, a name without its entity).
-    ///
-    /// Found by the check across tables (``Journal/verify(batchSize:reportLimit:acrossTables:)``).
-    /// A relation with a damaged row in it is not checked: the damaged row is reported already.
-    public struct Inconsistency: Sendable, Equatable, CustomStringConvertible {
-        /// The table that lacks a row, or whose row disagrees with another table.
-        public let table: String
-        /// The row that disagrees, as stored; `nil` when the problem is a row that is not there.
-        public let key: [UInt8]?
-        /// The entity concerned, when there is one.
-        public let entity: EntityKey?
-        /// That entity's name, when its metadata record is intact.
-        public let name: EntityName?
-        /// The first sequence concerned, for events.
-        public let sequence: UInt64?
-        /// What disagrees.
-        public let problem: String
-
-        public var description: String {
-            var place = table
-            if let name { place += " \(name)" } else if let entity { place += " entity \(entity)" }
-            if let sequence { place += " sequence \(sequence)" }
-            if entity == nil, let key { place += " key \(key.prefix(32).map { String($0, radix: 16) }.joined(separator: " "))" }
-            return "\(place): \(problem)"
-        }
-    }
-}
-
 /// The verification's check across tables: in one read transaction (a consistent snapshot), the
 /// relations every commit keeps.
 ///

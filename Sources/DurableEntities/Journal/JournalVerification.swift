@@ -22,29 +22,43 @@ public struct JournalVerification: Sendable, Equatable, CustomStringConvertible 
         public internal(set) var damagedRows = 0
     }
 
-    /// A row that failed a check.
-    public struct DamagedRow: Sendable, Equatable, CustomStringConvertible {
+    /// A row that failed a check (a ``damage`` entry), or rows of two tables that disagree (an
+    /// ``inconsistencies`` entry): where, and what is wrong.
+    public struct Finding: Sendable, Equatable, CustomStringConvertible {
+        /// The damaged row's table; for tables that disagree, the one that lacks a row or whose row
+        /// disagrees with another table.
         public let table: String
-        /// The row's key, as stored.
-        public let key: [UInt8]
-        /// The entity the row belongs to, as the row names it (a damaged row may name another), when
-        /// the table's rows name one (every table but tasks and results).
+        /// The row's key, as stored: always there for a damaged row; `nil` when tables disagree
+        /// because a row is not there.
+        public let key: [UInt8]?
+        /// The entity concerned, as the row names it (a damaged row may name another), when there is
+        /// one (a damaged task or result names none).
         public let entity: EntityKey?
         /// That entity's name, when its metadata record is intact.
         public let name: EntityName?
-        /// The event's sequence, for a log record, a history event or a snapshot.
+        /// The event's sequence (a log record, a history event, a snapshot), or the first of the
+        /// events concerned.
         public let sequence: UInt64?
-        /// What is wrong with the row.
+        /// What is wrong.
         public let problem: String
 
         public var description: String {
             var place = table
             if let name { place += " \(name)" } else if let entity { place += " entity \(entity)" }
             if let sequence { place += " sequence \(sequence)" }
-            if entity == nil { place += " key \(key.prefix(32).map { String($0, radix: 16) }.joined(separator: " "))" }
+            if entity == nil, let key { place += " key \(key.prefix(32).map { String($0, radix: 16) }.joined(separator: " "))" }
             return "\(place): \(problem)"
         }
     }
+
+    /// A row that failed its own check.
+    public typealias DamagedRow = Finding
+
+    /// Rows of two tables that disagree, or a row one table needs and its table lacks: what a row's
+    /// own checks cannot see (a whole chunk of events lost, a name without its entity). Found by the
+    /// check across tables (``Journal/verify(batchSize:reportLimit:acrossTables:)``); a relation with
+    /// a damaged row in it is not checked, since the damaged row is reported already.
+    public typealias Inconsistency = Finding
 
     /// Every table, in the order they were read.
     public internal(set) var tables: [Table]
