@@ -325,6 +325,10 @@ struct VerificationTests {
         /// Verifications during which at least one commit landed.
         let overlapped = Atomic<Int>(0)
         let writerDone = Atomic<Bool>(false)
+        /// The verifier's findings: how many verifications ran, the reports that were not intact
+        /// (at most a few), the last report, and what it threw.
+        let findings = Mutex<(count: Int, broken: [JournalVerification], last: JournalVerification?, error: JournalError?)>((0, [], nil, nil))
+        let finished = DispatchSemaphore(value: 0)
     }
 
     @Test("a verification while the journal commits (registrations, tail moves, name merges, pruning, snapshots, timers, results) finds an intact directory every time")
@@ -336,18 +340,29 @@ struct VerificationTests {
         defer { journal.close() }
         let progress = Progress()
         let (verifierStarted, started) = AsyncStream<Void>.makeStream()
-        let verifier = Task.detached { () throws -> [JournalVerification] in
-            var reports: [JournalVerification] = []
+        // The verifier loops on a thread of its own: on the concurrency pool it would hold a thread
+        // the writer's awaits need, for as long as the writer is not done.
+        Thread {
+            defer { progress.finished.signal() }
             started.yield()
-            // Until the writer stops, and at least three times after it first committed.
-            while !progress.writerDone.load(ordering: .acquiring) || reports.count < 3 {
+            // Until the writer stops, and at least three times.
+            while !progress.writerDone.load(ordering: .acquiring) || progress.findings.withLock({ $0.count }) < 3 {
                 let before = progress.commits.load(ordering: .acquiring)
-                let report = try journal.verify(batchSize: 7)
+                let report: JournalVerification
+                do throws(JournalError) {
+                    report = try journal.verify(batchSize: 7)
+                } catch {
+                    progress.findings.withLock { $0.error = error }
+                    return
+                }
                 if progress.commits.load(ordering: .acquiring) > before { progress.overlapped.add(1, ordering: .releasing) }
-                reports.append(report)
+                progress.findings.withLock { findings in
+                    findings.count += 1
+                    findings.last = report
+                    if !(report.isIntact && report.checkedAcrossTables), findings.broken.count < 3 { findings.broken.append(report) }
+                }
             }
-            return reports
-        }
+        }.start()
         for await _ in verifierStarted { break }
 
         // A deterministic mix of every kind of write, until at least 300 commits landed and three
@@ -361,7 +376,8 @@ struct VerificationTests {
         var entities: [EntityKey] = []
         var timers: [(due: UInt64, entity: EntityKey)] = []
         var commit = 0
-        while commit < 300 || progress.overlapped.load(ordering: .acquiring) < 3, commit < 20_000 {
+        while commit < 300 || progress.overlapped.load(ordering: .acquiring) < 3, commit < 20_000,
+              progress.findings.withLock({ $0.error == nil }) {
             commit += 1
             var batch = JournalBatch()
             if entities.count < 8 || next(3) == 0 {
@@ -399,13 +415,60 @@ struct VerificationTests {
             progress.commits.add(1, ordering: .releasing)
         }
         progress.writerDone.store(true, ordering: .releasing)
-        let reports = try await verifier.value
-        #expect(progress.overlapped.load(ordering: .acquiring) >= 3, "verifications overlapped commits")
-        for report in reports {
-            #expect(report.isIntact && report.checkedAcrossTables, "\(report)")
-        }
+        await withCheckedContinuation { done in DispatchQueue.global().async { progress.finished.wait(); done.resume() } }
+        let findings = progress.findings.withLock { $0 }
+        #expect(findings.error == nil)
+        #expect(findings.count >= 3 && progress.overlapped.load(ordering: .acquiring) >= 3, "verifications overlapped commits")
+        #expect(findings.broken.isEmpty, "\(findings.broken)")
         // The journal merged names and moved tails meanwhile: the last report has rows in those tables.
-        let last = try #require(reports.last)
+        let last = try #require(findings.last)
         #expect(last.tables.first { $0.name == "names" }!.rows > 0 && last.tables.first { $0.name == "history" }!.rows > 0)
+    }
+
+    @Test("a history chunk lost whole fails the entity's reads at its first missing event, never a silent gap; a pruned history still reads from its floor")
+    func lostChunkFailsReads() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let book: EntityKey
+        let pruned: EntityKey
+        do {
+            let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+            defer { journal.close() }
+            // Ten 508-byte events with the registration: history chunks at 1, 4, 7 and 10.
+            let name = EntityName(type: "Book", id: "b-1")
+            book = try journal.reserveKey(for: name).key
+            var batch = JournalBatch()
+            batch.register(name, as: book)
+            for sequence in 1...10 { batch.append(book, sequence: UInt64(sequence), payload: [UInt8](repeating: UInt8(sequence), count: 500)) }
+            let other = EntityName(type: "Book", id: "b-2")
+            pruned = try journal.reserveKey(for: other).key
+            batch.register(other, as: pruned)
+            for sequence in 1...10 { batch.append(pruned, sequence: UInt64(sequence), payload: [UInt8](repeating: UInt8(sequence), count: 500)) }
+            _ = try await journal.commit(batch)
+            var prune = JournalBatch()
+            prune.deleteHistory(of: pruned, before: 7)
+            _ = try await journal.commit(prune)
+        }
+        try editTable("history", directory: directory.path) { txn, database in
+            let deleted = try txn.delete(Key16(book.rawValue, 4).bytes, in: database)
+            #expect(deleted)
+        }
+        let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        defer { journal.close() }
+        for from: UInt64 in [1, 2, 5] {
+            let error = #expect(throws: JournalError.self) { try journal.events(of: book, from: from) }
+            #expect(error?.code == .corruptedRecord && error?.sequence == max(from, 4), "from \(from): \(String(describing: error))")
+            #expect(error?.entity == EntityName(type: "Book", id: "b-1"))
+            #expect(error?.message.contains("events \(max(from, 4))...6 are missing from its history") == true, "\(String(describing: error))")
+        }
+        // Past the gap, and before it, reads succeed.
+        #expect(try journal.events(of: book, from: 7).map(\.sequence) == Array(7...10))
+        #expect(try journal.events(of: book, from: 1, through: 3).map(\.sequence) == [1, 2, 3])
+        // Events below the retention floor are not a gap.
+        #expect(try journal.events(of: pruned).map(\.sequence) == Array(7...10))
+        #expect(try journal.events(of: pruned, from: 3).map(\.sequence) == Array(7...10))
+        // The verification finds the same gap.
+        let report = try journal.verify()
+        #expect(report.damagedRows == 0 && report.inconsistencyCount == 1 && report.inconsistencies.first?.sequence == 4, "\(report)")
     }
 }

@@ -456,6 +456,11 @@ public final class Journal: Sendable {
                 while let current = entry, current.key.count == 16, current.key.bigEndianUInt64(at: 0) == entity.rawValue {
                     let chunk = HistoryChunk(firstSequence: current.key.bigEndianUInt64(at: 8), bytes: current.value)
                     guard chunk.firstSequence <= through else { break }
+                    // Events between the last one read and this chunk are in no chunk: deleted by
+                    // retention (below the entity's floor), or else lost. Never a silent gap.
+                    if chunk.firstSequence > last + 1, chunk.firstSequence > (try metadata(of: entity, in: txn)?.prunedBefore ?? 0) {
+                        throw corrupted(entity, last + 1, "its events \(last + 1)...\(chunk.firstSequence - 1) are missing from its history (the next chunk starts at \(chunk.firstSequence))", txn)
+                    }
                     var finished = false
                     let broken = try chunk.forEach { sequence, record in
                         guard sequence <= through else { finished = true; return false }
