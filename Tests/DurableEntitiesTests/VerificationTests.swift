@@ -50,6 +50,23 @@ struct VerificationTests {
         return (order, cart)
     }
 
+    /// Adds to `batch` the registration of `name` with ten 508-byte events, which go to history with
+    /// it, three to a chunk: chunks at 1, 4, 7 and 10.
+    static func registerBook(_ name: EntityName, in journal: Journal, into batch: inout JournalBatch) throws -> EntityKey {
+        let key = try journal.reserveKey(for: name).key
+        batch.register(name, as: key)
+        for sequence in 1...10 { batch.append(key, sequence: UInt64(sequence), payload: [UInt8](repeating: UInt8(sequence), count: 500)) }
+        return key
+    }
+
+    /// Deletes the row under `key` from `table`, which must have it.
+    static func deleteRow(_ table: String, _ key: [UInt8], directory: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        try editTable(table, directory: directory) { txn, database in
+            let deleted = try txn.delete(key, in: database)
+            #expect(deleted, "\(table) had the row", sourceLocation: sourceLocation)
+        }
+    }
+
     @Test("an intact directory verifies as intact: every row of every table is read once, in batches of any size")
     func intactDirectory() async throws {
         let directory = TemporaryDirectory()
@@ -207,11 +224,8 @@ struct VerificationTests {
                 batch.append(ledger, sequence: UInt64(sequence), payload: bytes("entry-\(sequence)"))
                 _ = try await journal.commit(batch)
             }
-            let bookName = EntityName(type: "Book", id: "b-1")
-            book = try journal.reserveKey(for: bookName).key
             var batch = JournalBatch()
-            batch.register(bookName, as: book)
-            for sequence in 1...10 { batch.append(book, sequence: UInt64(sequence), payload: [UInt8](repeating: UInt8(sequence), count: 500)) }
+            book = try Self.registerBook(EntityName(type: "Book", id: "b-1"), in: journal, into: &batch)
             _ = try await journal.commit(batch)
             // Retention: the order's events before 3 go; its history starts at its floor.
             var prune = JournalBatch()
@@ -239,11 +253,8 @@ struct VerificationTests {
             row.value.prefix(8).elementsEqual(cartPrefix) && row.value.withUnsafeBytes { $0.bigEndianUInt64(at: 8) } > cartHistoryLast
         }
 
-        func delete(_ table: String, _ key: [UInt8]) throws {
-            try editTable(table, directory: path) { txn, database in
-                let deleted = try txn.delete(key, in: database)
-                #expect(deleted, "\(table) had the row")
-            }
+        func delete(_ table: String, _ key: [UInt8], sourceLocation: SourceLocation = #_sourceLocation) throws {
+            try Self.deleteRow(table, key, directory: path, sourceLocation: sourceLocation)
         }
         try delete("history", Key16(book.rawValue, 4).bytes)                        // events 4...6 of the book
         let lostRecord = try #require(ledgerRecords.first { $0.value.withUnsafeBytes { $0.bigEndianUInt64(at: 8) } == 3 })
@@ -434,25 +445,15 @@ struct VerificationTests {
         do {
             let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
             defer { journal.close() }
-            // Ten 508-byte events with the registration: history chunks at 1, 4, 7 and 10.
-            let name = EntityName(type: "Book", id: "b-1")
-            book = try journal.reserveKey(for: name).key
             var batch = JournalBatch()
-            batch.register(name, as: book)
-            for sequence in 1...10 { batch.append(book, sequence: UInt64(sequence), payload: [UInt8](repeating: UInt8(sequence), count: 500)) }
-            let other = EntityName(type: "Book", id: "b-2")
-            pruned = try journal.reserveKey(for: other).key
-            batch.register(other, as: pruned)
-            for sequence in 1...10 { batch.append(pruned, sequence: UInt64(sequence), payload: [UInt8](repeating: UInt8(sequence), count: 500)) }
+            book = try Self.registerBook(EntityName(type: "Book", id: "b-1"), in: journal, into: &batch)
+            pruned = try Self.registerBook(EntityName(type: "Book", id: "b-2"), in: journal, into: &batch)
             _ = try await journal.commit(batch)
             var prune = JournalBatch()
             prune.deleteHistory(of: pruned, before: 7)
             _ = try await journal.commit(prune)
         }
-        try editTable("history", directory: directory.path) { txn, database in
-            let deleted = try txn.delete(Key16(book.rawValue, 4).bytes, in: database)
-            #expect(deleted)
-        }
+        try Self.deleteRow("history", Key16(book.rawValue, 4).bytes, directory: directory.path)
         let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
         defer { journal.close() }
         for from: UInt64 in [1, 2, 5] {

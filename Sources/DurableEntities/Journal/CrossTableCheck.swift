@@ -51,11 +51,10 @@ struct CrossTableCheck {
     }
 
     private func metadata(of entity: EntityKey, in txn: borrowing ReadTransaction) throws -> Metadata {
-        try Key8(entity.rawValue).withBytes { k in
-            try txn.withValue(forKey: k, in: stores.entities) { value -> Metadata in
-                guard let value else { return .missing }
-                do throws(JournalError) { return .intact(try EntityMetadata.decode(value, key: entity)) } catch { return .damaged }
-            }
+        do {
+            return try Journal.metadata(of: entity, in: txn, entities: stores.entities).map { .intact($0) } ?? .missing
+        } catch is JournalError {
+            return .damaged
         }
     }
 

@@ -171,12 +171,10 @@ struct HistoryChunk {
     /// exactly (a damaged count or length that ``forEach(_:)`` alone could read past shows here).
     var isWellFormed: Bool {
         var end = 0
-        guard let count, count > 0, forEach({ _, record in end = self.end(of: record); return true }) == nil else { return false }
+        guard let count, count > 0,
+              forEach({ _, record in end = record.baseAddress! - bytes.baseAddress! + record.count; return true }) == nil else { return false }
         return end == bytes.count
     }
-
-    /// The offset in the chunk's bytes just past `record`, an event ``forEach(_:)`` passed.
-    func end(of record: UnsafeRawBufferPointer) -> Int { record.baseAddress! - bytes.baseAddress! + record.count }
 
     /// Calls `body` with each event's sequence and `CRC-32C (4) + payload` record; stops when it returns false.
     /// - Returns: `nil` when the chunk is well-formed, else the sequence where it breaks.

@@ -291,9 +291,7 @@ extension Journal {
                 let chunk = HistoryChunk(firstSequence: key.bigEndianUInt64(at: 8), bytes: value)
                 var damaged: [UInt64] = []
                 var placeholders = 0
-                var end = JournalLayout.chunkHeader
                 let broken = chunk.forEach { sequence, record in
-                    end = chunk.end(of: record)
                     let payload = UnsafeRawBufferPointer(rebasing: record[JournalLayout.checksumBytes...])
                     if CRC32C.checksum(payload) != record.littleEndianUInt32(at: 0) {
                         damaged.append(sequence)
@@ -304,7 +302,7 @@ extension Journal {
                 if let broken {
                     return Problem(entity: owner, sequence: broken, text: "the history chunk is malformed from this event on (a damaged length or count)")
                 }
-                guard chunk.count != 0, end == value.count else {
+                guard chunk.isWellFormed else {
                     return Problem(entity: owner, sequence: chunk.firstSequence,
                                    text: "the history chunk's event count (\(chunk.count ?? 0)) does not match its \(value.count) bytes")
                 }
