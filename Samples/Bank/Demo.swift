@@ -87,6 +87,8 @@ struct Demo: AsyncParsableCommand {
         let before = try await states(bank.runtime, people)
         printStates(people, before)
         try check(before, people, money: money, inTransit: held)
+        print("   t-1's history holds each activity once: its schedule, and its outcome with the attempt that ended it.")
+        try printActivities(of: "t-1", bank.runtime)
 
         step(7, "A restart. Close the runtime and open a NEW one on the same directory: each account's")
         print("   state is rebuilt from LMDB: its latest snapshot, if any, then a replay of the history after it;")
@@ -284,6 +286,23 @@ struct Demo: AsyncParsableCommand {
             let state = states[id]!
             let refs = state.recentRefs.count > 3 ? "…, " + state.recentRefs.suffix(2).joined(separator: ", ") : state.recentRefs.joined(separator: ", ")
             print("   \(id.padding(width))  \(Money.format(state.balance).padding(9, left: true))  \(pad(state.operations, 4)) operation\(state.operations == 1 ? " " : "s")  last refs: \(refs)")
+        }
+    }
+
+    /// A transfer's activities as its history records them (``ExportedHistory/activities()``).
+    private func printActivities(of transfer: String, _ runtime: EntityRuntime) throws {
+        let history = try runtime.exportHistory(of: EntityName(type: Transfer.entityType, id: transfer))
+        let activities = try history.activities()
+        let width = activities.map(\.name.count).max() ?? 0
+        for activity in activities {
+            let outcome = switch activity.outcome {
+            case .success?: "completed"
+            case .failure(let failure)?: "failed (\(failure.reason))"
+            case nil: "awaited"
+            }
+            let attempt = activity.attempt.map { ", attempt \($0.number)" } ?? ""
+            let took = activity.closedAt.map { "; recorded \(String(format: "%.1f", Double($0 &- activity.scheduledAt) / 1e6)) ms after its schedule" } ?? ""
+            print("     \(activity.name.padding(width))  \(outcome)\(attempt)\(took)")
         }
     }
 

@@ -395,6 +395,9 @@ struct ActivityCrashTests {
         let result = try await withDeadline(seconds: 240) { try await runtime.entity(PoisonJob.self, id: instant ? "q" : "p").result() }
         #expect(result == "failed:retriesExhausted:3:interrupted")
         #expect(log.all.isEmpty, "an attempt after the last one allowed: \(log.all.map(\.label))")
+        // Recorded as ended by attempt 3, whose start this process did not see.
+        let ended = try runtime.exportHistory(of: EntityName(type: PoisonJob.entityType, id: instant ? "q" : "p")).activities()
+        #expect(ended.map(\.attempt) == [ActivityAttempt(number: 3, startedAt: nil)])
         #expect(try storedTasks(runtime) == 0)
     }
 

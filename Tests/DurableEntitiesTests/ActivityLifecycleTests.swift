@@ -242,6 +242,8 @@ struct ActivityLifecycleTests {
         try await waiting.start(.init(label: "w", options: .init()))
         clock.advance(by: .seconds(31))
         #expect(try await bounded.result() == "failed:notRegistered:0:notRegistered")
+        // Recorded as ended without an attempt.
+        #expect(try runtime.exportHistory(of: bounded.name).activities().map(\.attempt) == [ActivityAttempt(number: 0, startedAt: nil)])
         // The other still waits; registering the activity runs it.
         runtime.register(activity: ActivityStub<Step> { label, _ in "late:\(label)" })
         #expect(try await waiting.result() == "late:w")

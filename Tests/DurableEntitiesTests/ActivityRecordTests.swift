@@ -94,11 +94,45 @@ struct ActivityRecordTests {
             #expect(HistoryEvent.encodedCommand(command, time: time) == HistoryEvent.command(command, time: time).encoded())
         }
         let failure = ActivityFailure(activity: "withdraw", reason: .nonRetryable, attempts: 2, causeType: "Fraud", cause: "stop")
+        let attempts = [ActivityAttempt(number: 2, startedAt: time - 5), ActivityAttempt(number: 0, startedAt: nil),
+                        ActivityAttempt(number: 70_000, startedAt: 1)]
         for outcome: Result<[UInt8], ActivityFailure> in [.success([]), .success(Array(0...200)), .failure(failure)] {
-            #expect(HistoryEvent.encodedActivityOutcome(id: 12, outcome, time: time)
-                == HistoryEvent.activityOutcome(id: 12, outcome, time: time).encoded())
+            for attempt in attempts {
+                let encoded = HistoryEvent.encodedActivityOutcome(id: 12, outcome, attempt: attempt, time: time)
+                #expect(encoded == HistoryEvent.activityOutcome(id: 12, outcome, attempt: attempt, time: time).encoded())
+                // Read back: the outcome, and the attempt that ended it.
+                let event = try #require(encoded.withUnsafeBytes { HistoryEvent.decode($0) })
+                #expect(event.kind == (outcome.isSuccess ? .activityCompleted : .activityFailed))
+                #expect(event.activityAttempt == attempt)
+                let read = try #require(event.activityOutcome)
+                #expect(read.id == 12 && read.outcome == outcome)
+            }
         }
     }
+
+    @Test("an activity outcome written before attempts were recorded (kinds 14 and 15) still reads, without an attempt")
+    func outcomeWithoutAttempt() throws {
+        let id: UInt64 = 7 << 32 | 3
+        var body = withUnsafeBytes(of: id.bigEndian) { Array($0) }
+        let completed = HistoryEvent(kind: .activityCompletedWithoutAttempt, timeNanoseconds: 5, body: body + [9, 8, 7])
+        #expect(HistoryEvent.Kind(rawValue: 14) == .activityCompletedWithoutAttempt)
+        #expect(completed.activityAttempt == nil)
+        #expect(completed.activityOutcome?.id == id && completed.activityOutcome?.outcome == .success([9, 8, 7]))
+        let failure = ActivityFailure(activity: "deposit", reason: .retriesExhausted, attempts: 3, causeType: "Flake", cause: "again")
+        body += try BinaryEntityCodec().encode(failure)
+        let failed = try #require(HistoryEvent(kind: .activityFailedWithoutAttempt, timeNanoseconds: 5, body: body).encoded()
+            .withUnsafeBytes { HistoryEvent.decode($0) })
+        #expect(HistoryEvent.Kind(rawValue: 15) == .activityFailedWithoutAttempt)
+        #expect(failed.activityAttempt == nil)
+        #expect(failed.activityOutcome?.id == id && failed.activityOutcome?.outcome == .failure(failure))
+        // Too short for the id: refused, never misread.
+        #expect(HistoryEvent(kind: .activityCompletedWithoutAttempt, timeNanoseconds: 5, body: [1, 2]).activityOutcome == nil)
+        #expect(HistoryEvent(kind: .activityCompleted, timeNanoseconds: 5, body: Array(body.prefix(19))).activityOutcome == nil)
+    }
+}
+
+extension Result {
+    var isSuccess: Bool { if case .success = self { true } else { false } }
 }
 
 extension HistoryEvent {
@@ -109,9 +143,10 @@ extension HistoryEvent {
         return bytes
     }
 
-    static func encodedActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64) -> [UInt8] {
+    static func encodedActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, attempt: ActivityAttempt,
+                                       time: UInt64) -> [UInt8] {
         var bytes = [UInt8]()
-        appendActivityOutcome(id: id, outcome, time: time, to: &bytes)
+        appendActivityOutcome(id: id, outcome, attempt: attempt, time: time, to: &bytes)
         return bytes
     }
 }

@@ -58,7 +58,7 @@ struct ActivityTests {
         return try EntityRuntime(configuration: configuration, activities: [stub])
     }
 
-    @Test("fails 3 times then succeeds: 4 attempts, one idempotency key, gaps exactly 1 s, 2 s, 4 s on the test clock")
+    @Test("fails 3 times then succeeds: 4 attempts, one idempotency key, gaps exactly 1 s, 2 s, 4 s on the test clock; the history holds its schedule and its outcome with attempt 4, no event per retry")
     func retryGaps() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -78,6 +78,15 @@ struct ActivityTests {
         #expect(Set(attempts.map(\.key)).count == 1)
         let gaps = zip(attempts.dropFirst(), attempts).map { $0.time - $1.time }
         #expect(gaps == [1_000_000_000, 2_000_000_000, 4_000_000_000])
+        // Scheduled, then the fourth attempt (started when the stub saw it start) completed it; the
+        // three failed attempts before it are not events.
+        let history = try runtime.exportHistory(of: call.name)
+        #expect(history.events.map(\.kind) == [.started, .activityScheduled, .activityCompleted, .completed])
+        let activity = try #require(try history.activities().first)
+        #expect(activity.name == "Step" && activity.scheduledAt == attempts[0].time)
+        #expect(activity.attempt == ActivityAttempt(number: 4, startedAt: attempts[3].time))
+        #expect(try activity.output(as: String.self) == "ok:x")
+        #expect(activity.closedAt == attempts[3].time && activity.closedSequence == 3)
     }
 
     @Test("a non-retryable error fails at once; maximum attempts is honoured")
@@ -100,6 +109,14 @@ struct ActivityTests {
         #expect(try await limited.result() == "failed:retriesExhausted:3:Flake")
         #expect(log.all.filter { $0.key == "fatal" }.count == 1)
         #expect(log.all.filter { $0.key == "limited" }.count == 3)
+        // Each failure is recorded with the attempt that ended it.
+        let failedFatal = try #require(try runtime.exportHistory(of: fatal.name).activities().first)
+        #expect(failedFatal.attempt == ActivityAttempt(number: 1, startedAt: log.all.first { $0.key == "fatal" }?.time))
+        guard case .failure(let fatalFailure)? = failedFatal.outcome else { Issue.record("no failure recorded"); return }
+        #expect(fatalFailure.reason == .nonRetryable && fatalFailure.attempts == 1)
+        let failedLimited = try #require(try runtime.exportHistory(of: limited.name).activities().first)
+        #expect(failedLimited.attempt == ActivityAttempt(number: 3, startedAt: log.all.last { $0.key == "limited" }?.time))
+        #expect(try runtime.exportHistory(of: limited.name).events.map(\.kind) == [.started, .activityScheduled, .activityFailed, .completed])
     }
 
     @Test("schedule-to-close ends the retries on time")
@@ -119,6 +136,8 @@ struct ActivityTests {
         try await call.start(.init(label: "d", options: .init(retry: .init(initialInterval: .seconds(10)), scheduleToCloseTimeout: .seconds(25))))
         #expect(try await call.result() == "failed:scheduleToCloseTimeout:2:Flake")
         #expect(log.all.map { ($0.time - start) / 1_000_000_000 } == [0, 10])
+        let activity = try #require(try runtime.exportHistory(of: call.name).activities().first)
+        #expect(activity.attempt == ActivityAttempt(number: 2, startedAt: start + 10_000_000_000))
     }
 
     @Test("an entity passivated while its activity runs gets the outcome: the runtime loads it again and the run finishes")

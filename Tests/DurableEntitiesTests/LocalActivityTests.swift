@@ -82,6 +82,10 @@ struct LocalActivityTests {
                                                  .activityScheduled, .activityCompleted, .completed])
         #expect(log.all.map(\.number) == [1, 1, 1])
         #expect(log.all.map(\.key) == (1...3).map { "LocalSteps/inline/\(UInt64(1) << 32 | UInt64($0))" })
+        // Each outcome is recorded with its attempt, as a pool activity's is.
+        let activities = try runtime.exportHistory(of: steps.name).activities()
+        #expect(activities.map(\.attempt) == log.all.map { ActivityAttempt(number: 1, startedAt: $0.time) })
+        #expect(try activities.map { try $0.output(as: String.self) } == ["ok:a", "ok:b", "ok:c"])
         #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
     }
 

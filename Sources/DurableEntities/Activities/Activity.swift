@@ -284,6 +284,29 @@ public struct NonRetryableError: Error, Sendable, CustomStringConvertible {
 }
 
 /// How an activity ended for good, as the run body sees it.
+/// The attempt that ended an activity, recorded in its entity's history with the outcome
+/// (``HistoryEvent/activityAttempt``): an activity's history is its `activityScheduled` event and one
+/// outcome event that carries this, the attempt that started last. Failed attempts before it are not
+/// events (their count is `number - 1`; the last one's error is in the failure), as in Temporal, whose
+/// started event of a retried activity is written with its outcome.
+public struct ActivityAttempt: Sendable, Hashable, Codable, CustomStringConvertible {
+    /// Its number: 1 for the first attempt. 0 when no attempt ran (the activity failed before one
+    /// could: ``ActivityFailure/Reason/notRegistered``).
+    public var number: Int
+    /// When it started, ns on the runtime's clock; `nil` when not known: the attempt was cut off by a
+    /// crash and counted as failed at the next open, without running again.
+    public var startedAt: UInt64?
+
+    public init(number: Int, startedAt: UInt64?) {
+        self.number = number
+        self.startedAt = startedAt
+    }
+
+    public var description: String {
+        number == 0 ? "no attempt" : "attempt \(number)" + (startedAt.map { " started at \($0) ns" } ?? "")
+    }
+}
+
 public struct ActivityFailure: Error, Codable, Sendable, Hashable, CustomStringConvertible {
     public enum Reason: String, Codable, Sendable, Hashable {
         /// The last attempt failed and the policy allowed no more (maximum attempts).

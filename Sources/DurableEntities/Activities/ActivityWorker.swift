@@ -129,7 +129,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// outcomes whose entity type is not registered yet. Registering delivers them.
     private struct Waiting {
         var tasks: [String: [ActivityTask]] = [:]
-        var outcomes: [String: [(ActivityTask, Result<[UInt8], ActivityFailure>)]] = [:]
+        var outcomes: [String: [(ActivityTask, Result<[UInt8], ActivityFailure>, ActivityAttempt)]] = [:]
     }
     private let waiting = Mutex(Waiting())
 
@@ -155,7 +155,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// An entity type was registered: delivers the outcomes that waited for it.
     func entityTypeRegistered(_ type: String) {
         let parked = waiting.withLock { $0.outcomes.removeValue(forKey: type) } ?? []
-        for (task, outcome) in parked { finish(task, outcome) }
+        for (task, outcome, attempt) in parked { finish(task, outcome, attempt) }
     }
 
     /// Queues an attempt of `task`, once: a task already queued or running at that attempt is left
@@ -312,7 +312,7 @@ final class ActivityWorker: @unchecked Sendable {
         var task = task
         task.runningAttempt = nil
         let decision = retryOrFail(task, errorType: "interrupted", error: "the process stopped during attempt \(task.attempt)",
-                                   timeout: nil, nonRetryable: false)
+                                   timeout: nil, nonRetryable: false, startedAt: nil)
         apply(decision, to: task)
     }
 
@@ -479,7 +479,8 @@ final class ActivityWorker: @unchecked Sendable {
             guard waited else { return }
             finish(task, .failure(ActivityFailure(
                 activity: task.name, reason: .notRegistered, attempts: task.attempt - 1, causeType: "notRegistered",
-                cause: "no activity named '\(task.name)' was registered before the schedule-to-close timeout")))
+                cause: "no activity named '\(task.name)' was registered before the schedule-to-close timeout")),
+                   ActivityAttempt(number: 0, startedAt: nil))
         }
     }
 
@@ -538,11 +539,14 @@ final class ActivityWorker: @unchecked Sendable {
         var cancelled: Bool
         /// The attempt's stored task is marked as running it (it stored a heartbeat, or its start).
         var marked = false
+        /// When the attempt started, ns on the runtime's clock.
+        var startedAt: UInt64
 
         /// An attempt's end with `result`: ends `context`'s heartbeats and takes their last details.
-        init(result: Result<[UInt8], any Error>, timedOut: Timeout?, ending context: ActivityContext) {
+        init(result: Result<[UInt8], any Error>, timedOut: Timeout?, startedAt: UInt64, ending context: ActivityContext) {
             let heartbeats = context.end()
             self.result = result
+            self.startedAt = startedAt
             self.timedOut = timedOut
             self.heartbeat = heartbeats.details
             self.cancelled = Task.isCancelled
@@ -576,9 +580,10 @@ final class ActivityWorker: @unchecked Sendable {
                                 storingHeartbeats: Bool, startStored: Bool) async -> Ended {
         let codec = core.codec
         let context = makeContext(task, on: executor, storingHeartbeats: storingHeartbeats, startStored: startStored, onHeartbeat: nil)
+        let started = core.clock.nowNanoseconds()
         let result: Result<[UInt8], any Error>
         do { result = .success(try await activity.run(task.input, context: context, codec: codec)) } catch { result = .failure(error) }
-        return Ended(result: result, timedOut: nil, ending: context)
+        return Ended(result: result, timedOut: nil, startedAt: started, ending: context)
     }
 
     /// An attempt under at least one timeout: watchdog alarms, and a task of its own they can cancel.
@@ -626,7 +631,7 @@ final class ActivityWorker: @unchecked Sendable {
         for alarm in scheduled { alarms.cancelAlarm(alarm) }
         let (timedOut, heartbeatAlarm) = attempt.state.withLock { ($0.timedOut, $0.heartbeatAlarm) }
         if let heartbeatAlarm { alarms.cancelAlarm(heartbeatAlarm) }
-        return Ended(result: result, timedOut: timedOut, ending: context)
+        return Ended(result: result, timedOut: timedOut, startedAt: started, ending: context)
     }
 
     /// The context of an attempt of `task`. With `storingHeartbeats` (a pool attempt, whose task is
@@ -644,9 +649,10 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// What comes after an attempt.
     enum Decision: Sendable {
-        case succeeded([UInt8])
-        /// The activity ended for good.
-        case failed(ActivityFailure)
+        /// The activity succeeded with this output, in this attempt.
+        case succeeded([UInt8], ActivityAttempt)
+        /// The activity ended for good; the attempt that ended it.
+        case failed(ActivityFailure, ActivityAttempt)
         /// Attempt `next.attempt` runs at `next.notBefore`.
         case retry(ActivityTask)
         /// Nothing is recorded: the runtime closed during the attempt (its task runs again at the next open).
@@ -665,24 +671,28 @@ final class ActivityWorker: @unchecked Sendable {
         // on the timer thread, and cannot be taken back once picked): the effect happened and its
         // result is in hand, so a retry would only repeat it.
         if let reason = ended.timedOut, case .failure = ended.result {
-            return retryOrFail(next, errorType: "\(reason)Timeout", error: "the attempt timed out (\(reason))", timeout: reason, nonRetryable: false)
+            return retryOrFail(next, errorType: "\(reason)Timeout", error: "the attempt timed out (\(reason))", timeout: reason,
+                               nonRetryable: false, startedAt: ended.startedAt)
         }
         switch ended.result {
         case .success(let output):
-            return .succeeded(output)
+            return .succeeded(output, ActivityAttempt(number: task.attempt, startedAt: ended.startedAt))
         case .failure(let error):
             let type = String(describing: Swift.type(of: error))
             let nonRetryable = error is NonRetryableError || task.options.retry.nonRetryableErrorTypes.contains(type)
-            return retryOrFail(next, errorType: type, error: "\(error)", timeout: nil, nonRetryable: nonRetryable)
+            return retryOrFail(next, errorType: type, error: "\(error)", timeout: nil, nonRetryable: nonRetryable, startedAt: ended.startedAt)
         }
     }
 
-    /// After a failed attempt: the next attempt, or the final failure.
-    private func retryOrFail(_ task: ActivityTask, errorType: String, error: String, timeout: Timeout?, nonRetryable: Bool) -> Decision {
+    /// After a failed attempt (which started at `startedAt`, when known): the next attempt, or the
+    /// final failure.
+    private func retryOrFail(_ task: ActivityTask, errorType: String, error: String, timeout: Timeout?, nonRetryable: Bool,
+                             startedAt: UInt64?) -> Decision {
         let policy = task.options.retry
         let attempts = task.attempt
         func fail(_ reason: ActivityFailure.Reason) -> Decision {
-            .failed(ActivityFailure(activity: task.name, reason: reason, attempts: attempts, causeType: errorType, cause: error))
+            .failed(ActivityFailure(activity: task.name, reason: reason, attempts: attempts, causeType: errorType, cause: error),
+                    ActivityAttempt(number: attempts, startedAt: startedAt))
         }
         if nonRetryable { return fail(.nonRetryable) }
         if timeout == .scheduleToClose { return fail(.scheduleToCloseTimeout) }
@@ -709,8 +719,8 @@ final class ActivityWorker: @unchecked Sendable {
     /// with its retry timer.
     private func apply(_ decision: Decision, to task: ActivityTask) {
         switch decision {
-        case .succeeded(let output): finish(task, .success(output))
-        case .failed(let failure): finish(task, .failure(failure))
+        case .succeeded(let output, let attempt): finish(task, .success(output), attempt)
+        case .failed(let failure, let attempt): finish(task, .failure(failure), attempt)
         case .retry(var next):
             next.entityKey = task.entityKey  // a local attempt's task learns its entity key at the commit
             storeRetry(next)
@@ -888,8 +898,9 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    /// Hands the final outcome to the entity, whose turn records it and deletes the task.
-    private func finish(_ task: ActivityTask, _ outcome: Result<[UInt8], ActivityFailure>) {
+    /// Hands the final outcome, and the attempt that ended the activity, to the entity, whose turn
+    /// records them and deletes the task.
+    private func finish(_ task: ActivityTask, _ outcome: Result<[UInt8], ActivityFailure>, _ attempt: ActivityAttempt) {
         if abandoned { return }
         // Counted busy before it is queued, as the outcome's message says it was.
         core.becameBusy()
@@ -897,14 +908,14 @@ final class ActivityWorker: @unchecked Sendable {
         // the run would wait until the next open).
         let reply: VoidReply = { [self] result in
             if case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) {
-                core.retryShortly { [self] in finish(task, outcome) }
+                core.retryShortly { [self] in finish(task, outcome, attempt) }
             }
             core.becameIdle()
         }
-        if let receiver = task.receiver, receiver.receive(activity: task.activityID, outcome, reply: reply) { return }
+        if let receiver = task.receiver, receiver.receive(activity: task.activityID, outcome, attempt, reply: reply) { return }
         let found = core.types.withLock { types -> (any RegisteredEntityType)? in
             if let type = types[task.entityType] { return type }
-            waiting.withLock { $0.outcomes[task.entityType, default: []].append((task, outcome)) }
+            waiting.withLock { $0.outcomes[task.entityType, default: []].append((task, outcome, attempt)) }
             return nil
         }
         guard let type = found else {
@@ -912,7 +923,7 @@ final class ActivityWorker: @unchecked Sendable {
             core.logger.debug("an activity's outcome waits for its entity type's registration", metadata: ["entity.type": "\(task.entityType)"])
             return
         }
-        type.deliverActivityOutcome(id: task.activityID, outcome, entityID: task.entityID, core: core, reply: reply)
+        type.deliverActivityOutcome(id: task.activityID, outcome, attempt, entityID: task.entityID, core: core, reply: reply)
     }
 }
 
@@ -920,7 +931,8 @@ final class ActivityWorker: @unchecked Sendable {
 protocol ActivityOutcomeReceiver: AnyObject, Sendable {
     /// Queues the outcome of activity `id`; `false` once the receiver has left memory (the entity is
     /// then looked up by name, which loads it again).
-    func receive(activity id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, reply: @escaping VoidReply) -> Bool
+    func receive(activity id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, _ attempt: ActivityAttempt,
+                 reply: @escaping VoidReply) -> Bool
 }
 
 /// What a local activity's attempt reports to when it ends inside the turn that started it: the run

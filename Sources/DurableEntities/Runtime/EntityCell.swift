@@ -26,7 +26,7 @@ enum CellMessage: Sendable {
     case execute(any Sendable, bytes: [UInt8], reply: ValueReply)
     case timerFired(id: UInt64, due: UInt64, reply: VoidReply)
     case cancel(reply: VoidReply)
-    case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, reply: VoidReply)
+    case activityOutcome(id: UInt64, Result<[UInt8], ActivityFailure>, ActivityAttempt, reply: VoidReply)
     /// A message from another entity, with its outbox row (consumed in this entity's commit).
     case envelope(EntityEnvelope, key: TaskKey, reply: VoidReply)
     /// A row whose key names this entity failed its check: the turn stores again every row the
@@ -115,7 +115,7 @@ enum TurnReply: Sendable {
     static func fail(_ message: CellMessage, _ error: EntityError) -> TurnReply {
         switch message {
         case .signal(_, _, _, let reply), .terminate(_, let reply), .start(_, _, let reply), .timerFired(_, _, let reply),
-             .cancel(let reply), .activityOutcome(_, _, let reply), .envelope(_, _, let reply):
+             .cancel(let reply), .activityOutcome(_, _, _, let reply), .envelope(_, _, let reply):
             .failed { reply(.failure(error)) }
         case .update(_, _, _, let reply), .read(let reply), .result(let reply), .execute(_, _, let reply), .repair(_, let reply):
             .failed { reply(.failure(error)) }
@@ -575,7 +575,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             func recordLocalOutcomes(upTo position: Int) {
                 while localOutcome < run.localOutcomes.count, run.localOutcomes[localOutcome].position <= position {
                     let ended = run.localOutcomes[localOutcome]
-                    record { HistoryEvent.appendActivityOutcome(id: ended.id, ended.outcome, time: now, to: &$0) }
+                    record { HistoryEvent.appendActivityOutcome(id: ended.id, ended.outcome, attempt: ended.attempt, time: now, to: &$0) }
                     localOutcome += 1
                 }
             }
@@ -794,7 +794,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     replies.append(.done { reply(.success(())) })
                     continue
                 }
-                if case .activityOutcome(let id, _, let reply) = message {
+                if case .activityOutcome(let id, _, _, let reply) = message {
                     // So are its activities' outcomes; their tasks go (or they would run again at every open).
                     if let key = next.key { output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id)) }
                     replies.append(.signal(reply))
@@ -918,10 +918,10 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 record(HistoryEvent(kind: .cancelRequested, timeNanoseconds: now, body: []))
                 settle { $0.cancel() }
                 replies.append(.signal(reply))
-            case .activityOutcome(let id, let outcome, let reply):
+            case .activityOutcome(let id, let outcome, let attempt, let reply):
                 if let key = next.key { output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id)) }
                 if let run = Self.run(next), run.isAwaitingActivity(id) {
-                    record { HistoryEvent.appendActivityOutcome(id: id, outcome, time: now, to: &$0) }
+                    record { HistoryEvent.appendActivityOutcome(id: id, outcome, attempt: attempt, time: now, to: &$0) }
                     settle { $0.completeActivity(id, outcome) }
                 }
                 replies.append(.signal(reply))
@@ -1389,7 +1389,8 @@ enum HistoryEventError: Error {
 }
 
 extension EntityCell: ActivityOutcomeReceiver {
-    func receive(activity id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, reply: @escaping VoidReply) -> Bool {
-        enqueue(.activityOutcome(id: id, outcome, reply: reply))
+    func receive(activity id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, _ attempt: ActivityAttempt,
+                 reply: @escaping VoidReply) -> Bool {
+        enqueue(.activityOutcome(id: id, outcome, attempt, reply: reply))
     }
 }

@@ -14,8 +14,19 @@ public struct HistoryEvent: Sendable, Hashable {
         case started = 4
         case timerFired = 6
         case cancelRequested = 12
-        case activityCompleted = 14
-        case activityFailed = 15
+        /// An activity ended with its output. Body: activity id (8) · the number of the attempt that
+        /// ended it (4) · that attempt's start, ns (8; 0 when not known) · the output. The attempt is
+        /// the activity's "started" record: retries before it are not events (see ``activityAttempt``).
+        case activityCompleted = 23
+        /// An activity failed for good. Body: activity id (8) · the attempt that ended it (4; 0 when
+        /// none ran) · its start, ns (8; 0 when not known) · the encoded ``ActivityFailure``.
+        case activityFailed = 24
+        /// An activity's output as versions before the attempt was recorded wrote it (body: activity
+        /// id (8) · output). Still read and replayed as ``activityCompleted``; no longer written.
+        case activityCompletedWithoutAttempt = 14
+        /// An activity's failure as versions before the attempt was recorded wrote it (body: activity
+        /// id (8) · the encoded ``ActivityFailure``). Still read and replayed; no longer written.
+        case activityFailedWithoutAttempt = 15
         case childCompleted = 19
         case childFailed = 20
         /// A parent started this entity as its child (body: the parent link); precedes `started`.
@@ -173,22 +184,43 @@ public struct HistoryEvent: Sendable, Hashable {
         }
     }
 
-    /// The activity id and outcome of an `activityCompleted` or `activityFailed` event.
-    var activityOutcome: (id: UInt64, outcome: Result<[UInt8], ActivityFailure>)? {
-        guard body.count >= 8 else { return nil }
-        let id = body.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self).bigEndian }
+    /// Where an activity outcome event's output or failure starts, after the id (and the attempt).
+    private var activityPayloadOffset: Int? {
         switch kind {
-        case .activityCompleted: return (id, .success(Array(body[8...])))
-        case .activityFailed:
-            guard let failure = try? body[8...].withUnsafeBytes({ try BinaryEntityCodec().decode(ActivityFailure.self, from: $0) }) else { return nil }
-            return (id, .failure(failure))
-        default: return nil
+        case .activityCompleted, .activityFailed: body.count >= 20 ? 20 : nil
+        case .activityCompletedWithoutAttempt, .activityFailedWithoutAttempt: body.count >= 8 ? 8 : nil
+        default: nil
         }
     }
 
-    static func activityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64) -> HistoryEvent {
+    /// The activity id and outcome of an activity outcome event (`activityCompleted`,
+    /// `activityFailed`, or their forms without the attempt).
+    var activityOutcome: (id: UInt64, outcome: Result<[UInt8], ActivityFailure>)? {
+        guard let offset = activityPayloadOffset else { return nil }
+        let id = body.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self).bigEndian }
+        switch kind {
+        case .activityCompleted, .activityCompletedWithoutAttempt: return (id, .success(Array(body[offset...])))
+        default:
+            guard let failure = try? body[offset...].withUnsafeBytes({ try BinaryEntityCodec().decode(ActivityFailure.self, from: $0) }) else { return nil }
+            return (id, .failure(failure))
+        }
+    }
+
+    /// The attempt an `activityCompleted` or `activityFailed` event records: the one that ended the
+    /// activity. `nil` for other events, and for outcomes written before attempts were recorded.
+    public var activityAttempt: ActivityAttempt? {
+        guard kind == .activityCompleted || kind == .activityFailed, body.count >= 20 else { return nil }
+        return body.withUnsafeBytes { raw in
+            let started = raw.loadUnaligned(fromByteOffset: 12, as: UInt64.self).bigEndian
+            return ActivityAttempt(number: Int(raw.loadUnaligned(fromByteOffset: 8, as: UInt32.self).bigEndian),
+                                   startedAt: started == 0 ? nil : started)
+        }
+    }
+
+    static func activityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, attempt: ActivityAttempt,
+                                time: UInt64) -> HistoryEvent {
         var body = [UInt8]()
-        withUnsafeBytes(of: id.bigEndian) { body.append(contentsOf: $0) }
+        appendActivityPrefix(id: id, attempt: attempt, to: &body)
         switch outcome {
         case .success(let output):
             body.append(contentsOf: output)
@@ -197,6 +229,13 @@ public struct HistoryEvent: Sendable, Hashable {
             body.append(contentsOf: (try? BinaryEntityCodec().encode(failure)) ?? [])
             return HistoryEvent(kind: .activityFailed, timeNanoseconds: time, body: body)
         }
+    }
+
+    /// An activity outcome's id and attempt, as its event's body starts.
+    private static func appendActivityPrefix(id: UInt64, attempt: ActivityAttempt, to bytes: inout [UInt8]) {
+        withUnsafeBytes(of: id.bigEndian) { bytes.append(contentsOf: $0) }
+        withUnsafeBytes(of: UInt32(clamping: max(0, attempt.number)).bigEndian) { bytes.append(contentsOf: $0) }
+        withUnsafeBytes(of: (attempt.startedAt ?? 0).bigEndian) { bytes.append(contentsOf: $0) }
     }
 
     /// The timer id of a `timerFired` event.
@@ -221,11 +260,14 @@ public struct HistoryEvent: Sendable, Hashable {
         swap(&writer.bytes, &bytes)
     }
 
-    /// Appends `activityOutcome(id:_:time:).encoded()` to `bytes`; a success is written in place.
-    static func appendActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, time: UInt64, to bytes: inout [UInt8]) {
-        guard case .success(let output) = outcome else { return activityOutcome(id: id, outcome, time: time).encode(into: &bytes) }
+    /// Appends `activityOutcome(id:_:attempt:time:).encoded()` to `bytes`; a success is written in place.
+    static func appendActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, attempt: ActivityAttempt,
+                                      time: UInt64, to bytes: inout [UInt8]) {
+        guard case .success(let output) = outcome else {
+            return activityOutcome(id: id, outcome, attempt: attempt, time: time).encode(into: &bytes)
+        }
         appendHeader(.activityCompleted, time: time, to: &bytes)
-        withUnsafeBytes(of: id.bigEndian) { bytes.append(contentsOf: $0) }
+        appendActivityPrefix(id: id, attempt: attempt, to: &bytes)
         bytes.append(contentsOf: output)
     }
 

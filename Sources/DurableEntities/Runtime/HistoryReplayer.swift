@@ -149,7 +149,7 @@ struct HistoryReplayer<W: EntityWorkflow> {
                 settle { _ = $0.fire(timer: id) }
             case .cancelRequested:
                 settle { $0.cancel() }
-            case .activityCompleted, .activityFailed:
+            case .activityCompleted, .activityFailed, .activityCompletedWithoutAttempt, .activityFailedWithoutAttempt:
                 guard let (id, outcome) = event.activityOutcome else { throw HistoryEventError.malformed }
                 settle { $0.completeActivity(id, outcome) }
             case .childCompleted, .childFailed:
@@ -209,11 +209,7 @@ public struct ExportedHistory: Codable, Sendable, Hashable {
                 throw EntityError(.undecodablePayload, entity: name, "the exported start state does not decode", underlying: error)
             }
         }
-        var events: [(UInt64, HistoryEvent)] = []
-        for event in self.events {
-            events.append((event.sequence, HistoryEvent(kind: event.kind, timeNanoseconds: event.timeNanoseconds,
-                                                        idempotencyKey: event.idempotencyKey, body: try decode(event.body, "event"))))
-        }
+        let events = try decodedEvents().map { ($0.sequence, $0.event) }
         let first = events.first?.0 ?? 1
         var durable = EntityDurable(state: state, key: nil, lastSequence: first - 1, snapshotSequence: 0, status: .active,
                                             run: run, runStartSequence: first)

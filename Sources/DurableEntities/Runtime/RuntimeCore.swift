@@ -433,7 +433,7 @@ protocol RegisteredEntityType: Sendable {
     func fireTimer(id: UInt64, due: UInt64, entityID: String, core: RuntimeCore, done: @escaping VoidReply)
     /// Asks the entity to store again the rows its run is owed; `reply` gets whether `damage` was one.
     func repair(_ damage: DamagedRow, entityID: String, core: RuntimeCore, reply: @escaping @Sendable (Result<Bool, EntityError>) -> Void)
-    func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
+    func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, _ attempt: ActivityAttempt, entityID: String, core: RuntimeCore,
                                 reply: @escaping VoidReply)
     func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore)
 }
@@ -460,10 +460,10 @@ struct Registered<W: EntityWorkflow>: RegisteredEntityType {
         core.enqueue(.repair(damage, reply: { result in reply(result.map { $0 as? Bool ?? false }) }), to: W.self, name)
     }
 
-    func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, entityID: String, core: RuntimeCore,
+    func deliverActivityOutcome(id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>, _ attempt: ActivityAttempt, entityID: String, core: RuntimeCore,
                                 reply: @escaping VoidReply) {
         let name = EntityName(type: W.entityType, id: entityID)
-        core.enqueue(.activityOutcome(id: id, outcome, reply: reply), to: W.self, name)
+        core.enqueue(.activityOutcome(id: id, outcome, attempt, reply: reply), to: W.self, name)
     }
 
     func deliver(_ envelope: EntityEnvelope, row: TaskKey, core: RuntimeCore) {

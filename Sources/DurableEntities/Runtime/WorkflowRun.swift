@@ -74,7 +74,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     /// Few, so an array (with room for several from the first one) rather than a set.
     private var localCommands: [UInt64] = []
     /// Outcomes of local activities that ended inside the turn, with their place among `issued`.
-    var localOutcomes: [(position: Int, id: UInt64, outcome: Result<[UInt8], ActivityFailure>)] = []
+    var localOutcomes: [(position: Int, id: UInt64, outcome: Result<[UInt8], ActivityFailure>, attempt: ActivityAttempt)] = []
     /// Local activities whose attempt failed inside the turn and retry on the pool (next attempts).
     var localRetries: [ActivityTask] = []
 
@@ -207,11 +207,11 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         if let index = locals.firstIndex(where: { $0.id == id }) { locals.remove(at: index) }
         guard activities[id] != nil else { return }  // the body stopped waiting (cancelled)
         switch decision {
-        case .succeeded(let output):
-            localOutcomes.append((issued.count, id, .success(output)))
+        case .succeeded(let output, let attempt):
+            localOutcomes.append((issued.count, id, .success(output), attempt))
             completeActivityInTurn(id, .success(output))
-        case .failed(let failure):
-            localOutcomes.append((issued.count, id, .failure(failure)))
+        case .failed(let failure, let attempt):
+            localOutcomes.append((issued.count, id, .failure(failure), attempt))
             completeActivityInTurn(id, .failure(failure))
         case .retry(let next):
             localRetries.append(next)
