@@ -156,7 +156,8 @@ let package = Package(
         // The samples' HTTP services, driven in-process over loopback.
         .testTarget(
             name: "BankSampleTests",
-            dependencies: ["BankSample", "SampleHTTPClient", "DurableEntities", "DurableEntitiesTesting", "TestSupport"]
+            dependencies: ["BankSample", "SampleHTTPClient", "DurableEntities", "DurableEntitiesTesting", "TestSupport"],
+            exclude: ["Histories"]
         ),
         .testTarget(
             name: "CartSampleTests",

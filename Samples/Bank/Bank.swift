@@ -25,7 +25,10 @@ final class Bank: Sendable {
     /// Opens the runtime on `configuration.directory` with ``Account``, ``Transfer`` and the transfers'
     /// activities registered. Transfers that were in flight when the process stopped carry on.
     /// - Throws: ``EntityError`` `storage` when the directory cannot be opened.
-    init(configuration: EntityRuntime.Configuration, approvalThreshold: Int64 = Bank.defaultApprovalThreshold) throws(EntityError) {
+    /// - Parameter onReminder: called when a transfer's approvers are reminded (after 4 hours
+    ///   without a decision); the reminder is also logged.
+    init(configuration: EntityRuntime.Configuration, approvalThreshold: Int64 = Bank.defaultApprovalThreshold,
+         onReminder: @escaping @Sendable (ApprovalReminder) -> Void = { _ in }) throws(EntityError) {
         runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self, Transfer.self])
         self.approvalThreshold = approvalThreshold
         // The activities call accounts through the runtime, so they are registered once it exists;
@@ -33,6 +36,7 @@ final class Bank: Sendable {
         let link = RuntimeLink(runtime)
         runtime.register(activity: WithdrawFromAccount(link: link))
         runtime.register(activity: DepositToAccount(link: link))
+        runtime.register(activity: RemindApprovers(deliver: onReminder))
     }
 
     /// Closes the runtime (finishing what is in flight). See ``EntityRuntime/close()``.
@@ -92,6 +96,8 @@ final class Bank: Sendable {
         var amount: Int64
         /// Why it ended as it did, when it did not complete (`insufficient_funds`, `approval_timed_out`, …).
         var reason: String?
+        /// When the approvers were reminded (ns since the Unix epoch), if they were.
+        var remindedAt: UInt64?
 
         init(id: String, _ state: Transfer.State) {
             transferId = id
@@ -100,6 +106,7 @@ final class Bank: Sendable {
             to = state.to
             amount = state.amount
             reason = state.reason
+            remindedAt = state.remindedAt
         }
     }
 

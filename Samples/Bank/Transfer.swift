@@ -64,6 +64,10 @@ struct Transfer: EntityWorkflow {
         var reason: String?
         /// The approver's answer, once given.
         var decision: Decision?
+        /// When the approvers were reminded (ns since the Unix epoch, the runtime's clock); `nil` if
+        /// they were not (yet). Optional, as every field added after the first release: states
+        /// stored before it decode with `nil`.
+        var remindedAt: UInt64?
     }
 
     /// What starts a transfer. The threshold travels with it, so that replay after a restart with
@@ -101,6 +105,11 @@ struct Transfer: EntityWorkflow {
 
     /// How long a large transfer waits for an approver.
     static let approvalTimeout: Duration = .seconds(24 * 3_600)
+    /// How long it waits before the approvers are reminded (once), counted from the same start.
+    static let approvalReminderAfter: Duration = .seconds(4 * 3_600)
+
+    /// A reminder is worth a few tries, not a stuck transfer: after 5 it is given up.
+    static let reminderDelivery = ActivityOptions(retry: RetryPolicy(initialInterval: .seconds(1), backoffCoefficient: 2, maximumAttempts: 5))
 
     /// Money moves: retried until they get an answer (accepted or refused), never given up.
     static let moneyMove = ActivityOptions(
@@ -142,7 +151,7 @@ struct Transfer: EntityWorkflow {
             }
             if input.amount >= input.approvalThreshold {
                 context.updateState { $0.status = .awaitingApproval }
-                guard try await context.condition(timeout: approvalTimeout, { $0.decision != nil }) else {
+                guard try await awaitDecision(input, context) else {
                     try await saga.compensate()
                     return finish(.compensated, reason: "approval_timed_out", context)
                 }
@@ -162,6 +171,35 @@ struct Transfer: EntityWorkflow {
             // until they get an answer, so nothing else ends up here.)
             return finish(.failed, reason: "\(error)", context)
         }
+    }
+
+    /// Waits for an approver's decision: reminds the approvers once after ``approvalReminderAfter``,
+    /// and gives up ``approvalTimeout`` after the wait began. Returns whether a decision came.
+    ///
+    /// The reminder came in the sample's second version. A transfer that was already waiting when
+    /// the new code was deployed has a history without the version marker, so `version` gives it
+    /// 0 on replay and it keeps the single 24-hour wait it recorded; transfers that reach this point
+    /// under the new code record version 1 and take the new path (see "Versioning" in the README).
+    private static func awaitDecision(_ input: Input, _ context: WorkflowContext<Self>) async throws -> Bool {
+        let decided: (State) -> Bool = { $0.decision != nil }
+        guard try context.version("approval-reminder", minSupported: WorkflowContext<Self>.defaultVersion, maxSupported: 1) == 1 else {
+            return try await context.condition(timeout: approvalTimeout, decided)
+        }
+        // Both deadlines count from now: a late reminder does not push the end back.
+        let since = context.nowNanoseconds
+        if try await context.condition(untilNanoseconds: since + nanoseconds(approvalReminderAfter), decided) { return true }
+        let reminder = ApprovalReminder(transfer: context.id, from: input.from, to: input.to, amount: input.amount, waitingSince: since)
+        do {
+            _ = try await context.execute(RemindApprovers.self, reminder, options: reminderDelivery)
+            context.updateState { $0.remindedAt = context.nowNanoseconds }
+        } catch let failure as ActivityFailure where !failure.isCancelled {
+            // Undelivered: the wait goes on to its deadline all the same.
+        }
+        return try await context.condition(untilNanoseconds: since + nanoseconds(approvalTimeout), decided)
+    }
+
+    private static func nanoseconds(_ duration: Duration) -> UInt64 {
+        UInt64(duration.components.seconds) * 1_000_000_000 + UInt64(duration.components.attoseconds / 1_000_000_000)
     }
 
     /// Records the outcome in the state (the "record" step) and returns it.

@@ -71,3 +71,32 @@ struct DepositToAccount: Activity {
         }
     }
 }
+
+/// What the approvers are reminded of: a transfer still waiting for their decision.
+struct ApprovalReminder: Codable, Sendable, Equatable {
+    var transfer: String
+    var from: String
+    var to: String
+    /// Cents.
+    var amount: Int64
+    /// When the transfer began waiting (ns since the Unix epoch, the runtime's clock).
+    var waitingSince: UInt64
+}
+
+/// Reminds the approvers that a transfer still waits for them. The sample logs it and hands it to
+/// `deliver` (the bank's `onReminder`; a real bank would send an email or a chat message here, with
+/// `context.idempotencyKey` so that a retried attempt does not send it twice).
+struct RemindApprovers: Activity {
+    let deliver: @Sendable (ApprovalReminder) -> Void
+
+    static var name: String { "bank.remindApprovers" }
+
+    func run(_ input: ApprovalReminder, context: ActivityContext) async throws -> Bool {
+        context.logger.notice("transfer \(input.transfer) still waits for an approval", metadata: [
+            "from": "\(input.from)", "to": "\(input.to)", "amount": "\(Money.format(input.amount))",
+            "idempotencyKey": "\(context.idempotencyKey)",
+        ])
+        deliver(input)
+        return true
+    }
+}

@@ -3,6 +3,7 @@ import DurableEntitiesTesting
 import Foundation
 import LMDB
 import Logging
+import TestSupport
 import Testing
 
 /// Rows an entity's run is owed — an awaited activity's task, the timer of its retry — lost or

@@ -4,6 +4,7 @@ import Foundation
 import LMDB
 import Logging
 import Synchronization
+import TestSupport
 import Testing
 
 /// A transfer approval: waits up to 24 hours for an approval signal.
@@ -47,6 +48,24 @@ struct Reminder: EntityWorkflow {
         try await context.sleep(for: input.after / 2)
         try await context.sleep(untilNanoseconds: deadline)
         return "reminded"
+    }
+}
+
+/// Waits for an approval against deadlines fixed when it began: escalates at 1 hour, gives up at 2,
+/// then asks once more with the first deadline, long past. Reports each wait's answer.
+struct Escalation: EntityWorkflow {
+    struct State: Codable, Sendable { var approved = false; var escalated = false }
+    enum Signal: Codable, Sendable { case approve }
+    static func initialState(id: String) -> State { State() }
+    static func handle(_ signal: Signal, state: inout State, context: EntityContext) throws { state.approved = true }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        let since = context.nowNanoseconds
+        let hour: UInt64 = 3_600 * 1_000_000_000
+        let first = try await context.condition(untilNanoseconds: since + hour) { $0.approved }
+        if !first { context.updateState { $0.escalated = true } }
+        let second = try await context.condition(untilNanoseconds: since + 2 * hour) { $0.approved }
+        let late = try await context.condition(untilNanoseconds: since + hour) { $0.approved }
+        return "\(first),\(second),\(late)"
     }
 }
 
@@ -191,6 +210,34 @@ struct WorkflowTests {
         try await approval.start(.init(amount: 1))
         #expect(try await approval.result() == .expired)
         #expect(clock.nowNanoseconds() - before >= 24 * 3_600 * 1_000_000_000)
+    }
+
+    @Test("condition(untilNanoseconds:) keeps deadlines fixed at the start across waits: timers due at exactly 1 h and 2 h, a passed deadline answers false without a timer, an approval in time answers true")
+    func conditionUntilDeadline() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let runtime = try EntityRuntime(configuration: configuration(directory, clock: clock))
+        defer { runtime.close() }
+        let hour: UInt64 = 3_600 * 1_000_000_000
+        let lapsed = runtime.entity(Escalation.self, id: "lapsed")
+        let since = clock.nowNanoseconds()
+        try await lapsed.start(1)  // its first timer is stored when this returns
+        clock.advance(by: .seconds(3_600))
+        _ = try await withDeadline(seconds: 60) { try await lapsed.awaitState { $0.escalated } }  // recorded with the second timer
+        clock.advance(by: .seconds(3_600))
+        #expect(try await lapsed.result() == "false,false,false")
+        let events = try runtime.exportHistory(of: lapsed.name).decodedEvents().map(\.event)
+        let timers = events.filter { $0.kind == .timerStarted }.compactMap { $0.command }
+        #expect(timers.map(\.description) == ["StartTimer(id: \(UInt64(1) << 32 | 1), due: \(since + hour))",
+                                               "StartTimer(id: \(UInt64(1) << 32 | 2), due: \(since + 2 * hour))"])
+        #expect(events.filter { $0.kind == .timerFired }.map(\.timeNanoseconds) == [since + hour, since + 2 * hour])
+
+        let approved = runtime.entity(Escalation.self, id: "approved")
+        try await approved.start(1)
+        try await approved.signal(.approve)
+        #expect(try await approved.result() == "true,true,true")
+        #expect(try await !approved.query(\.escalated))
     }
 
     @Test("a timer that fell due while the process was down fires right after reopen")

@@ -92,8 +92,24 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// - Returns: `true` if the predicate held, `false` on timeout.
     public func condition(timeout: Duration, _ predicate: @escaping (W.State) -> Bool) async throws -> Bool {
         if predicate(run.state) { return true }
+        // A timer even for a timeout of zero: runs recorded that way replay the same.
+        return try await conditionOrTimer(due: run.now.saturatingAdd(timeout.nanoseconds), predicate)
+    }
+
+    /// Waits until `predicate` holds, or until `deadline` (nanoseconds since the Unix epoch on the
+    /// runtime's clock) on a durable timer: the way to keep one deadline across several waits (an
+    /// approval that escalates after 4 hours and ends after 24 counts both from when it began).
+    /// - Returns: `true` if the predicate held, `false` once the deadline passed (at once, without a
+    ///   timer, if it already has and the predicate does not hold).
+    public func condition(untilNanoseconds deadline: UInt64, _ predicate: @escaping (W.State) -> Bool) async throws -> Bool {
+        if predicate(run.state) { return true }
+        guard deadline > run.now else { return false }
+        return try await conditionOrTimer(due: deadline, predicate)
+    }
+
+    /// Waits for `predicate` or a durable timer due at `due`, whichever comes first.
+    private func conditionOrTimer(due: UInt64, _ predicate: @escaping (W.State) -> Bool) async throws -> Bool {
         let id = run.nextCommandID()
-        let due = run.now.saturatingAdd(timeout.nanoseconds)
         run.timerDue[id] = due
         run.issued.append(.startTimer(id: id, due: due))
         return try await withUnsafeThrowingContinuation { continuation in
