@@ -87,6 +87,12 @@ struct ActivityTests {
         #expect(activity.attempt == ActivityAttempt(number: 4, startedAt: attempts[3].time))
         #expect(try activity.output(as: String.self) == "ok:x")
         #expect(activity.closedAt == attempts[3].time && activity.closedSequence == 3)
+        // Read by people: one line an event.
+        let lines = history.description.split(separator: "\n").map(String.init)
+        #expect(lines.count == 5 && lines[0] == "CallStep/retry, run 1")
+        #expect(lines[2].hasSuffix("ScheduleActivity(id: \(UInt64(1) << 32 | 1), Step, \(activity.input.count) bytes)"), "\(lines)")
+        #expect(lines[3] == "3  \(attempts[3].time)  ActivityCompleted(id: \(UInt64(1) << 32 | 1), attempt 4 started at \(attempts[3].time) ns, \((try? activity.outcome?.get())?.count ?? -1) bytes)",
+                "\(lines)")
     }
 
     @Test("a non-retryable error fails at once; maximum attempts is honoured")

@@ -81,3 +81,51 @@ extension ExportedHistory {
         return activities
     }
 }
+
+/// A one-line account of an event for people: its kind and what its body says, without decoding
+/// the entity type's own payloads (signals, updates, inputs, outputs are given by size).
+extension HistoryEvent: CustomStringConvertible {
+    public var description: String {
+        let key = idempotencyKey.map { ", key \($0)" } ?? ""
+        if kind.isCommand, let command {
+            return command.description + key
+        }
+        switch kind {
+        case .activityCompleted, .activityFailed, .activityCompletedWithoutAttempt, .activityFailedWithoutAttempt:
+            guard let (id, outcome) = activityOutcome else { break }
+            let attempt = activityAttempt.map { ", \($0)" } ?? ""
+            switch outcome {
+            case .success(let output): return "ActivityCompleted(id: \(id)\(attempt), \(output.count) bytes)"
+            case .failure(let failure): return "ActivityFailed(id: \(id)\(attempt), \(failure.reason), \(failure.attempts) attempts: \(failure.causeType))"
+            }
+        case .childCompleted, .childFailed:
+            guard let (id, outcome) = childOutcome else { break }
+            switch outcome {
+            case .success(let output): return "ChildCompleted(id: \(id), \(output.count) bytes)"
+            case .failure(let failure): return "ChildFailed(id: \(id), \(failure))"
+            }
+        case .timerFired:
+            guard let id = firedTimer else { break }
+            return "TimerFired(id: \(id))"
+        case .terminated:
+            return "Terminated(\(String(decoding: body, as: UTF8.self)))"
+        case .parentLinked:
+            guard let link = ParentLink.decode(body) else { break }
+            return "ParentLinked(\(link.parent), id: \(link.commandID))"
+        default:
+            break
+        }
+        let name = String(describing: kind)
+        return name.prefix(1).uppercased() + name.dropFirst() + "(\(body.count) bytes\(key))"
+    }
+}
+
+extension ExportedHistory: CustomStringConvertible {
+    /// The run, one event a line: sequence, time (ns), event.
+    public var description: String {
+        var lines = ["\(entityType)/\(entityID), run \(run)\(startState == nil ? "" : ", from a continue-as-new snapshot")"]
+        guard let events = try? decodedEvents() else { return lines[0] + ": an event's body is not base64" }
+        for (sequence, event) in events { lines.append("\(sequence)  \(event.timeNanoseconds)  \(event)") }
+        return lines.joined(separator: "\n")
+    }
+}
