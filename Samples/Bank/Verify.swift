@@ -2,8 +2,8 @@ import ArgumentParser
 import DurableEntities
 
 /// The data directory's integrity check: every row of every table of the journal read and checked,
-/// then the tables checked against each other
-/// (``Journal/verify(directory:batchSize:reportLimit:acrossTables:)``). It does not open the
+/// then the tables checked against each other, the runtime's tasks included
+/// (``EntityRuntime/verify(directory:batchSize:reportLimit:acrossTables:)``). It does not open the
 /// journal, let alone the runtime: no entity resumes and no timer fires while it reads, nothing is
 /// created or upgraded, and damage that makes an open fail is still listed. Exits with status 1
 /// when a row is damaged or the tables disagree.
@@ -21,7 +21,7 @@ struct Verify: AsyncParsableCommand {
 
     func run() async throws {
         let started = ContinuousClock.now
-        let verification = try Journal.verify(directory: options.data, reportLimit: max(0, show), acrossTables: !rowsOnly)
+        let verification = try EntityRuntime.verify(directory: options.data, reportLimit: max(0, show), acrossTables: !rowsOnly)
         print("\(options.data): \(verification)")
         print("Read in \(milliseconds(ContinuousClock.now - started)).")
         if !verification.isIntact { throw ExitCode.failure }

@@ -330,6 +330,43 @@ struct VerificationTests {
         #expect(recounted.inconsistencies == report.inconsistencies)
     }
 
+    @Test("with the runtime's task owner, tasks of an entity without metadata are reported (activity tasks and outbox messages); other task keys are not read")
+    func tasksOfMissingEntities() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.path
+        let (order, cart) = try await Self.populate(path)
+        let ghost = EntityKey(rawValue: 999_999)
+        let activity = ActivityTask.key(entity: order.rawValue, activity: 1 << 32 | 1).bytes
+        let message = EntityEnvelope.key(sender: cart, sequence: 9, index: 0).bytes
+        let ghostActivity = ActivityTask.key(entity: ghost.rawValue, activity: 1 << 32 | 2).bytes
+        let ghostMessage = EntityEnvelope.key(sender: ghost, sequence: 4, index: 1).bytes
+        #expect(EntityRuntime.taskOwner(UnsafeRawBufferPointer(start: nil, count: 0)) == nil)
+        for (key, owner) in [(activity, order), (message, cart), (ghostActivity, ghost), (ghostMessage, ghost), (bytes("a-1"), nil)] {
+            #expect(key.withUnsafeBytes { EntityRuntime.taskOwner($0) } == owner)
+        }
+        do {
+            let journal = try Journal(configuration: .init(directory: path, logger: quietLogger, taskOwner: EntityRuntime.taskOwner))
+            defer { journal.close() }
+            var batch = JournalBatch()
+            for key in [activity, message, ghostActivity, ghostMessage] { batch.putTask(key: key, value: bytes("owed")) }
+            _ = try await journal.commit(batch)
+            let report = try journal.verify()
+            #expect(report.damagedRows == 0 && report.inconsistencyCount == 2, "\(report)")
+            #expect(report.inconsistencies.map(\.table) == ["tasks", "tasks"])
+            #expect(Set(report.inconsistencies.compactMap(\.key)) == [ghostActivity, ghostMessage])
+            #expect(report.inconsistencies.allSatisfy { $0.entity == ghost && $0.problem == "the task belongs to an entity that has no metadata record" })
+        }
+        // Without the journal: the runtime's check finds them, the journal's alone does not read task keys.
+        let runtimeReport = try EntityRuntime.verify(directory: path)
+        #expect(runtimeReport.inconsistencyCount == 2 && !runtimeReport.isIntact)
+        #expect(try Journal.verify(directory: path).isIntact)
+        // A runtime's journal checks its tasks without being told.
+        let runtime = try EntityRuntime(configuration: .init(directory: path, logger: quietLogger))
+        defer { runtime.close() }
+        #expect(try runtime.journal.verify().inconsistencies == runtimeReport.inconsistencies)
+    }
+
     /// What the verifier and the writer of ``verifyWhileCommitting()`` share.
     private final class Progress: Sendable {
         let commits = Atomic<Int>(0)

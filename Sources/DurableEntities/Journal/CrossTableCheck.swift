@@ -9,7 +9,7 @@ import LMDB
 ///   overlap from its retention floor (1 when nothing was pruned), and its events still in the log
 ///   (those past its history) continue them.
 /// - History, log events, snapshots and timers belong to entities that have metadata; a snapshot is
-///   not past its entity's latest event.
+///   not past its entity's latest event. So do tasks, when a ``Journal/TaskOwner`` reads their keys.
 /// - Every recorded result has its time row (what expiry reads) and every time row its result.
 ///
 /// Memory stays bounded by the tables that are bounded: the registrations waiting to merge and the
@@ -17,6 +17,7 @@ import LMDB
 struct CrossTableCheck {
     let stores: Journal.Stores
     let reportLimit: Int
+    let taskOwner: Journal.TaskOwner?
     private(set) var found: [JournalVerification.Inconsistency] = []
     private(set) var count = 0
 
@@ -30,9 +31,10 @@ struct CrossTableCheck {
         var name: EntityName? { if case .intact(let metadata) = self { metadata.name } else { nil } }
     }
 
-    init(stores: Journal.Stores, reportLimit: Int) {
+    init(stores: Journal.Stores, reportLimit: Int, taskOwner: Journal.TaskOwner? = nil) {
         self.stores = stores
         self.reportLimit = reportLimit
+        self.taskOwner = taskOwner
     }
 
     mutating func run(_ txn: borrowing ReadTransaction) throws {
@@ -40,6 +42,7 @@ struct CrossTableCheck {
         let next = try checkHistoryAndLog(txn)
         try checkSnapshots(txn, next: next)
         try checkTimers(txn)
+        try checkTasks(txn)
         try checkResults(txn)
     }
 
@@ -230,22 +233,38 @@ struct CrossTableCheck {
 
     /// Timers: of entities with metadata.
     private mutating func checkTimers(_ txn: borrowing ReadTransaction) throws {
-        var last: (entity: UInt64, missing: Bool)?
+        var last: (entity: EntityKey, missing: Bool)?
         try Self.rows(stores.timers, in: txn) { key, value in
             guard key.count == 24, JournalLayout.keyedPayload(key: key, value: value) != nil else { return }
-            let entity = key.bigEndianUInt64(at: 8)
-            let missing: Bool
-            if let last, last.entity == entity {
-                missing = last.missing
-            } else {
-                if case .missing = try metadata(of: EntityKey(rawValue: entity), in: txn) { missing = true } else { missing = false }
-                last = (entity, missing)
-            }
-            if missing {
-                report("timers", key: Array(key), entity: EntityKey(rawValue: entity),
+            let entity = EntityKey(rawValue: key.bigEndianUInt64(at: 8))
+            if try lacksMetadata(entity, lastAsked: &last, in: txn) {
+                report("timers", key: Array(key), entity: entity,
                        "the timer (due at \(key.bigEndianUInt64(at: 0)) ns, id \(key.bigEndianUInt64(at: 16))) belongs to an entity that has no metadata record")
             }
         }
+    }
+
+    /// Tasks whose keys name an owner: of entities with metadata.
+    private mutating func checkTasks(_ txn: borrowing ReadTransaction) throws {
+        guard let taskOwner else { return }
+        var last: (entity: EntityKey, missing: Bool)?
+        try Self.rows(stores.tasks, in: txn) { key, value in
+            // A damaged row's key may be what is damaged (its check reports it).
+            guard JournalLayout.keyedPayload(key: key, value: value) != nil, let entity = taskOwner(key) else { return }
+            if try lacksMetadata(entity, lastAsked: &last, in: txn) {
+                report("tasks", key: Array(key), entity: entity, "the task belongs to an entity that has no metadata record")
+            }
+        }
+    }
+
+    /// Whether `entity` has no metadata record, looked up once for each run of one entity's rows
+    /// (`lastAsked`: the table's rows of one entity sort together).
+    private func lacksMetadata(_ entity: EntityKey, lastAsked: inout (entity: EntityKey, missing: Bool)?,
+                               in txn: borrowing ReadTransaction) throws -> Bool {
+        if let lastAsked, lastAsked.entity == entity { return lastAsked.missing }
+        let missing = if case .missing = try metadata(of: entity, in: txn) { true } else { false }
+        lastAsked = (entity, missing)
+        return missing
     }
 
     /// Results and their time rows, both ways.

@@ -99,6 +99,10 @@ public final class Journal: Sendable {
         public var commitLinger: Duration
         /// Where the journal logs (open, close, recovery figures). Never payloads.
         public var logger: Logger
+        /// Which entity owns a task, read from its key (see ``TaskOwner``): with it, ``verify(batchSize:reportLimit:acrossTables:)``
+        /// also finds tasks whose entity has no metadata record. The journal itself never reads task
+        /// keys. An ``EntityRuntime`` sets its own (``EntityRuntime/taskOwner``).
+        public var taskOwner: TaskOwner?
         /// Storage failures on purpose, for tests (see ``JournalFaults``); `nil` in use.
         var faults: JournalFaults?
 
@@ -116,7 +120,8 @@ public final class Journal: Sendable {
             deferredNameLimit: Int = 65_536,
             commitWindow: Duration = .milliseconds(2),
             commitLinger: Duration = .zero,
-            logger: Logger = Logger(label: "DurableEntities.Journal")
+            logger: Logger = Logger(label: "DurableEntities.Journal"),
+            taskOwner: TaskOwner? = nil
         ) {
             self.directory = directory
             self.durability = durability
@@ -132,6 +137,7 @@ public final class Journal: Sendable {
             self.commitWindow = commitWindow
             self.commitLinger = commitLinger
             self.logger = logger
+            self.taskOwner = taskOwner
         }
     }
 

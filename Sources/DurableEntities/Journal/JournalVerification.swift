@@ -99,6 +99,10 @@ public struct JournalVerification: Sendable, Equatable, CustomStringConvertible 
 }
 
 extension Journal {
+    /// Reads a task's key (the `tasks` table's keys are the application's): the entity that owns
+    /// the task, or `nil` for a task that names none (or a key it does not know).
+    public typealias TaskOwner = @Sendable (_ key: UnsafeRawBufferPointer) -> EntityKey?
+
     /// Reads every row of every table and checks it: the directory's integrity check (what
     /// `PRAGMA integrity_check` is to SQLite). It reads only, in read transactions of at most
     /// `batchSize` rows each, so it may run while the journal commits (a long read transaction
@@ -109,7 +113,8 @@ extension Journal {
     /// Then, with `acrossTables`, it checks that the tables agree (see
     /// ``JournalVerification/Inconsistency``): every entity's events consecutive across its history
     /// chunks and its log records, names and metadata naming each other, snapshots, timers and
-    /// results with the rows they need. That check needs a consistent view, so it reads in one read
+    /// results with the rows they need, and — with the configuration's ``Configuration/taskOwner`` —
+    /// tasks of entities that exist. That check needs a consistent view, so it reads in one read
     /// transaction: while it runs (about as long as the row checks), LMDB cannot reuse the pages
     /// that commits free meanwhile, and the file may grow by what they write. Its memory is bounded
     /// by the registrations waiting to merge and the entities with events in the log, plus 8 bytes a
@@ -124,19 +129,22 @@ extension Journal {
     ///   - acrossTables: whether to check the tables against each other.
     /// - Throws: ``JournalError/Code/storage`` if LMDB fails (a read, not a check, failing).
     public func verify(batchSize: Int = 10_000, reportLimit: Int = 1_000, acrossTables: Bool = true) throws(JournalError) -> JournalVerification {
-        try Self.verify(environment, stores: stores, batchSize: batchSize, reportLimit: reportLimit, acrossTables: acrossTables)
+        try Self.verify(environment, stores: stores, batchSize: batchSize, reportLimit: reportLimit, acrossTables: acrossTables,
+                        taskOwner: configuration.taskOwner)
     }
 
     /// ``verify(batchSize:reportLimit:acrossTables:)`` on a directory the journal need not open: LMDB's
     /// environment alone, none of the journal's recovery (which refuses some damage, a damaged
     /// pending name for one). It takes no lock: another process may have the journal open, and
-    /// keeps committing meanwhile.
+    /// keeps committing meanwhile. `taskOwner` reads tasks' keys, as the configuration's does for
+    /// ``verify(batchSize:reportLimit:acrossTables:)`` (``EntityRuntime/verify(directory:batchSize:reportLimit:acrossTables:)``
+    /// passes the runtime's).
     /// - Throws: ``JournalError`` with code `storage` if the directory holds no journal or LMDB
     ///   fails, `alreadyOpen` if this process has it open with other settings (verify that journal
     ///   instead), `unsupportedFormat` if a table is in another format than this version writes (an
     ///   older one: open the journal once, which upgrades it; a newer one: verify with that version).
     public static func verify(directory: String, batchSize: Int = 10_000, reportLimit: Int = 1_000,
-                              acrossTables: Bool = true) throws(JournalError) -> JournalVerification {
+                              acrossTables: Bool = true, taskOwner: TaskOwner? = nil) throws(JournalError) -> JournalVerification {
         guard access(directory + "/data.mdb", F_OK) == 0 else {
             throw JournalError(.storage, "'\(directory)' holds no journal (no data.mdb)")
         }
@@ -151,7 +159,7 @@ extension Journal {
         do {
             try checkFormats(environment)
             return try verify(environment, stores: Stores(environment, create: false), batchSize: batchSize,
-                              reportLimit: reportLimit, acrossTables: acrossTables)
+                              reportLimit: reportLimit, acrossTables: acrossTables, taskOwner: taskOwner)
         } catch {
             throw JournalError.storage(error, "verifying '\(directory)'")
         }
@@ -179,12 +187,12 @@ extension Journal {
 
     /// The row checks, then (`acrossTables`) the check across tables.
     private static func verify(_ environment: Environment, stores: Stores, batchSize: Int, reportLimit: Int,
-                               acrossTables: Bool) throws(JournalError) -> JournalVerification {
+                               acrossTables: Bool, taskOwner: TaskOwner?) throws(JournalError) -> JournalVerification {
         var report = try verifyRows(environment, tables: verifiedTables(stores), entities: stores.entities,
                                     batchSize: batchSize, reportLimit: reportLimit)
         guard acrossTables else { return report }
         do {
-            var check = CrossTableCheck(stores: stores, reportLimit: reportLimit)
+            var check = CrossTableCheck(stores: stores, reportLimit: reportLimit, taskOwner: taskOwner)
             try environment.read { txn in try check.run(txn) }
             report.checkedAcrossTables = true
             report.inconsistencies = check.found

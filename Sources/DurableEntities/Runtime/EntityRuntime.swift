@@ -130,6 +130,7 @@ public final class EntityRuntime: Sendable {
         var journalConfiguration = configuration.journal
         journalConfiguration.directory = configuration.directory
         journalConfiguration.durability = configuration.durability
+        if journalConfiguration.taskOwner == nil { journalConfiguration.taskOwner = Self.taskOwner }
         let journal: Journal
         do {
             journal = try Journal(configuration: journalConfiguration)
