@@ -37,6 +37,13 @@ struct BankApprovalTests {
         try await awaitTransfer(bank, id, line: line) { $0.status.isTerminal }
     }
 
+    /// alice gets $90; t-1 moves $60 of it to bob, which waits for an approval (the threshold is $50).
+    func startWaitingTransfer(_ bank: Bank, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
+        _ = try await bank.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 6_000)
+        #expect(try await bank.awaitTransferSettled("t-1").status == "awaiting_approval", sourceLocation: sourceLocation)
+    }
+
     @Test("undecided for 4 hours, the approvers are reminded once; approved after that, the transfer completes")
     func reminderThenApproval() async throws {
         let directory = try TemporaryDirectory()
@@ -45,9 +52,7 @@ struct BankApprovalTests {
         let inbox = Inbox()
         let bank = try openBank(directory, clock, inbox)
         defer { bank.close() }
-        _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
-        _ = try await bank.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 6_000)
-        #expect(try await bank.awaitTransferSettled("t-1").status == "awaiting_approval")
+        try await startWaitingTransfer(bank)
         let since = clock.nowNanoseconds()
 
         clock.advance(by: Transfer.approvalReminderAfter)
@@ -73,9 +78,7 @@ struct BankApprovalTests {
         let inbox = Inbox()
         let bank = try openBank(directory, clock, inbox)
         defer { bank.close() }
-        _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
-        _ = try await bank.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 6_000)
-        #expect(try await bank.awaitTransferSettled("t-1").status == "awaiting_approval")
+        try await startWaitingTransfer(bank)
         clock.advance(by: .seconds(3 * 3_600))
         _ = try await bank.decide("t-1", approve: true, requestId: "a-1")
         #expect(try await bank.awaitTransfer("t-1") == .completed)
@@ -93,9 +96,7 @@ struct BankApprovalTests {
         let clock = TestClock(skipsTimeWhenIdle: false)
         let inbox = Inbox()
         var bank = try openBank(directory, clock, inbox)
-        _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
-        _ = try await bank.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 6_000)
-        #expect(try await bank.awaitTransferSettled("t-1").status == "awaiting_approval")
+        try await startWaitingTransfer(bank)
         clock.advance(by: Transfer.approvalReminderAfter)
         _ = try await awaitTransfer(bank, "t-1") { $0.remindedAt != nil }
         bank.close()
