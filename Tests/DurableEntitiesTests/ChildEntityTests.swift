@@ -238,6 +238,14 @@ struct ChildEntityTests {
         let results = try await fanner.result()
         #expect(results == ids.dropLast().map { "\(LeafWork.value(of: $0))" } + ["failed: failed"])
         #expect(running.withLock { $0.most } <= 3)
+        // The parent's history, read back: each child started once, in order, with its outcome.
+        let children = try runtime.exportHistory(of: fanner.name).children()
+        #expect(children.map(\.name) == ids.map { EntityName(type: FanNode.entityType, id: $0) })
+        #expect(children.allSatisfy { $0.policy == .terminate && !$0.cancelRequested && $0.closedAt != nil && $0.closedSequence! > $0.startedSequence })
+        let outputs = try children.dropLast().map { child in try child.outcome?.get().withUnsafeBytes { try BinaryEntityCodec().decode(Int64.self, from: $0) } }
+        #expect(outputs == ids.dropLast().map { LeafWork.value(of: $0) })
+        guard case .failure(let failure)? = children.last?.outcome else { Issue.record("the bad child's failure is not recorded"); return }
+        #expect(failure.child == EntityName(type: FanNode.entityType, id: "bad") && failure.reason == .failed)
     }
 
     @Test("a run longer than the continue-as-new threshold keeps its outcome; parents survive the resident bound")

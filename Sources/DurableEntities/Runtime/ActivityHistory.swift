@@ -82,6 +82,62 @@ extension ExportedHistory {
     }
 }
 
+extension ExportedHistory {
+    /// One child entity the run started: its `childStarted` event and, once recorded, its outcome.
+    public struct Child: Sendable, Hashable {
+        /// The start's command id in the run.
+        public var id: UInt64
+        public var name: EntityName
+        /// The child's encoded input.
+        public var input: [UInt8]
+        public var policy: ParentClosePolicy
+        /// The sequence and time (ns) of its `childStarted` event.
+        public var startedSequence: UInt64
+        public var startedAt: UInt64
+        /// Whether the run asked it to cancel (`childCancelRequested`).
+        public var cancelRequested = false
+        /// Its outcome: the encoded output, or its failure; `nil` while it is awaited.
+        public var outcome: Result<[UInt8], ChildFailure>?
+        /// The sequence and time (ns) of its outcome event; `nil` while it is awaited.
+        public var closedSequence: UInt64?
+        public var closedAt: UInt64?
+    }
+
+    /// The child entities the run started, in the order it started them, each with its outcome once
+    /// recorded (a fan-out's progress at a glance).
+    /// - Throws: ``EntityError`` `undecodablePayload` for a body that is not base64, or a child event
+    ///   whose body does not parse.
+    public func children() throws(EntityError) -> [Child] {
+        var children: [Child] = []
+        var index: [UInt64: Int] = [:]
+        let name = EntityName(type: entityType, id: entityID)
+        for (sequence, event) in try decodedEvents() {
+            switch event.kind {
+            case .childStarted:
+                guard case .startChild(let id, let child, let input, let policy)? = event.command else {
+                    throw EntityError(.undecodablePayload, entity: name, sequence: sequence, "the childStarted event does not parse")
+                }
+                index[id] = children.count
+                children.append(Child(id: id, name: child, input: input, policy: policy, startedSequence: sequence,
+                                      startedAt: event.timeNanoseconds))
+            case .childCancelRequested:
+                if case .cancelChild(let id)? = event.command, let position = index[id] { children[position].cancelRequested = true }
+            case .childCompleted, .childFailed:
+                guard let (id, outcome) = event.childOutcome else {
+                    throw EntityError(.undecodablePayload, entity: name, sequence: sequence, "the \(event.kind) event does not parse")
+                }
+                guard let position = index[id] else { continue }  // started before the export's first event
+                children[position].outcome = outcome
+                children[position].closedSequence = sequence
+                children[position].closedAt = event.timeNanoseconds
+            default:
+                continue
+            }
+        }
+        return children
+    }
+}
+
 /// A one-line account of an event for people: its kind and what its body says, without decoding
 /// the entity type's own payloads (signals, updates, inputs, outputs are given by size).
 extension HistoryEvent: CustomStringConvertible {
