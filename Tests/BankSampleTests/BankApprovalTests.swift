@@ -44,8 +44,8 @@ struct BankApprovalTests {
         #expect(try await bank.awaitTransferSettled("t-1").status == "awaiting_approval", sourceLocation: sourceLocation)
     }
 
-    @Test("undecided for 4 hours, the approvers are reminded once; approved after that, the transfer completes")
-    func reminderThenApproval() async throws {
+    /// A fresh bank on the test clock with t-1 waiting for an approval, for `body`.
+    func withWaitingTransfer(_ body: (Bank, TestClock, Inbox) async throws -> Void) async throws {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
@@ -53,40 +53,42 @@ struct BankApprovalTests {
         let bank = try openBank(directory, clock, inbox)
         defer { bank.close() }
         try await startWaitingTransfer(bank)
-        let since = clock.nowNanoseconds()
+        try await body(bank, clock, inbox)
+    }
 
-        clock.advance(by: Transfer.approvalReminderAfter)
-        let reminded = try await awaitTransfer(bank, "t-1") { $0.remindedAt != nil }
-        #expect(reminded.status == .awaitingApproval && reminded.remindedAt == since + 4 * 3_600 * 1_000_000_000)
-        #expect(inbox.all == [ApprovalReminder(transfer: "t-1", from: "alice", to: "bob", amount: 6_000, waitingSince: since)])
-        #expect(try await bank.transfer("t-1").remindedAt == reminded.remindedAt, "the HTTP view shows when")
+    @Test("undecided for 4 hours, the approvers are reminded once; approved after that, the transfer completes")
+    func reminderThenApproval() async throws {
+        try await withWaitingTransfer { bank, clock, inbox in
+            let since = clock.nowNanoseconds()
 
-        _ = try await bank.decide("t-1", approve: true, requestId: "a-1")
-        #expect(try await bank.awaitTransfer("t-1") == .completed)
-        #expect(try await bank.account("bob").balance == 6_000)
-        #expect(inbox.all.count == 1, "reminded once")
-        // The reminder is an activity in the transfer's history, between the withdrawal and the deposit.
-        let activities = try bank.runtime.exportHistory(of: EntityName(type: Transfer.entityType, id: "t-1")).activities()
-        #expect(activities.map(\.name) == ["bank.withdraw", "bank.remindApprovers", "bank.deposit"])
+            clock.advance(by: Transfer.approvalReminderAfter)
+            let reminded = try await awaitTransfer(bank, "t-1") { $0.remindedAt != nil }
+            #expect(reminded.status == .awaitingApproval && reminded.remindedAt == since + 4 * 3_600 * 1_000_000_000)
+            #expect(inbox.all == [ApprovalReminder(transfer: "t-1", from: "alice", to: "bob", amount: 6_000, waitingSince: since)])
+            #expect(try await bank.transfer("t-1").remindedAt == reminded.remindedAt, "the HTTP view shows when")
+
+            _ = try await bank.decide("t-1", approve: true, requestId: "a-1")
+            #expect(try await bank.awaitTransfer("t-1") == .completed)
+            #expect(try await bank.account("bob").balance == 6_000)
+            #expect(inbox.all.count == 1, "reminded once")
+            // The reminder is an activity in the transfer's history, between the withdrawal and the deposit.
+            let activities = try bank.runtime.exportHistory(of: EntityName(type: Transfer.entityType, id: "t-1")).activities()
+            #expect(activities.map(\.name) == ["bank.withdraw", "bank.remindApprovers", "bank.deposit"])
+        }
     }
 
     @Test("a transfer approved within 4 hours sends no reminder")
     func approvalBeforeReminder() async throws {
-        let directory = try TemporaryDirectory()
-        defer { directory.remove() }
-        let clock = TestClock(skipsTimeWhenIdle: false)
-        let inbox = Inbox()
-        let bank = try openBank(directory, clock, inbox)
-        defer { bank.close() }
-        try await startWaitingTransfer(bank)
-        clock.advance(by: .seconds(3 * 3_600))
-        _ = try await bank.decide("t-1", approve: true, requestId: "a-1")
-        #expect(try await bank.awaitTransfer("t-1") == .completed)
-        clock.advance(by: Transfer.approvalTimeout)  // the reminder's timer, if it were still pending, would fire now
-        #expect(try await bank.transfer("t-1").remindedAt == nil)
-        #expect(try bank.runtime.exportHistory(of: EntityName(type: Transfer.entityType, id: "t-1")).activities().map(\.name)
-            == ["bank.withdraw", "bank.deposit"])
-        #expect(inbox.all.isEmpty)
+        try await withWaitingTransfer { bank, clock, inbox in
+            clock.advance(by: .seconds(3 * 3_600))
+            _ = try await bank.decide("t-1", approve: true, requestId: "a-1")
+            #expect(try await bank.awaitTransfer("t-1") == .completed)
+            clock.advance(by: Transfer.approvalTimeout)  // the reminder's timer, if it were still pending, would fire now
+            #expect(try await bank.transfer("t-1").remindedAt == nil)
+            #expect(try bank.runtime.exportHistory(of: EntityName(type: Transfer.entityType, id: "t-1")).activities().map(\.name)
+                == ["bank.withdraw", "bank.deposit"])
+            #expect(inbox.all.isEmpty)
+        }
     }
 
     @Test("never decided: reminded at 4 hours, compensated at 24 hours after the wait began (not 24 after the reminder), also across a restart")
