@@ -283,7 +283,6 @@ public struct NonRetryableError: Error, Sendable, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// How an activity ended for good, as the run body sees it.
 /// The attempt that ended an activity, recorded in its entity's history with the outcome
 /// (``HistoryEvent/activityAttempt``): an activity's history is its `activityScheduled` event and one
 /// outcome event that carries this, the attempt that started last. Failed attempts before it are not
@@ -307,6 +306,7 @@ public struct ActivityAttempt: Sendable, Hashable, Codable, CustomStringConverti
     }
 }
 
+/// How an activity ended for good, as the run body sees it.
 public struct ActivityFailure: Error, Codable, Sendable, Hashable, CustomStringConvertible {
     public enum Reason: String, Codable, Sendable, Hashable {
         /// The last attempt failed and the policy allowed no more (maximum attempts).

@@ -53,6 +53,12 @@ struct ActivityTask: Codable, Sendable {
         var activityID: UInt64
     }
 
+    /// The identity a task row's key holds; `nil` for a key of another shape (not an activity task's).
+    static func id(ofKey key: UnsafeRawBufferPointer) -> ID? {
+        guard key.count == 17, key[0] == keyPrefix else { return nil }
+        return ID(entityKey: key.bigEndianUInt64(at: 1), activityID: key.bigEndianUInt64(at: 9))
+    }
+
     var id: ID { ID(entityKey: entityKey, activityID: activityID) }
 
     /// The same for every attempt and across restarts.

@@ -792,11 +792,10 @@ final class ActivityWorker: @unchecked Sendable {
     /// Otherwise it is left in place and never run.
     private func repairTask(key: [UInt8]) {
         let leftInPlace = "a stored activity task fails its check (damaged on disk); it is left in place and not run"
-        guard key.count == 17, key[0] == ActivityTask.keyPrefix else {
+        guard let id = key.withUnsafeBytes({ ActivityTask.id(ofKey: $0) }) else {
             return core.logger.error("\(leftInPlace)", metadata: ["task.key": "\(key)"])
         }
-        let (entity, activity) = key.withUnsafeBytes { ($0.bigEndianUInt64(at: 1), $0.bigEndianUInt64(at: 9)) }
-        core.repair(.task(activity: activity), of: EntityKey(rawValue: entity)) { [core] result in
+        core.repair(.task(activity: id.activityID), of: EntityKey(rawValue: id.entityKey)) { [core] result in
             switch result {
             case .success(let owned):
                 // Not claimed by this repair, the row may still have been its entity's: a load for

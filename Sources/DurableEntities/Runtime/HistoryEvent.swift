@@ -184,10 +184,14 @@ public struct HistoryEvent: Sendable, Hashable {
         }
     }
 
+    /// The bytes of an activity outcome's id and attempt, before its output or failure (see
+    /// ``appendActivityPrefix(id:attempt:to:)``).
+    private static let activityPrefixBytes = 20
+
     /// Where an activity outcome event's output or failure starts, after the id (and the attempt).
     private var activityPayloadOffset: Int? {
         switch kind {
-        case .activityCompleted, .activityFailed: body.count >= 20 ? 20 : nil
+        case .activityCompleted, .activityFailed: body.count >= Self.activityPrefixBytes ? Self.activityPrefixBytes : nil
         case .activityCompletedWithoutAttempt, .activityFailedWithoutAttempt: body.count >= 8 ? 8 : nil
         default: nil
         }
@@ -209,7 +213,7 @@ public struct HistoryEvent: Sendable, Hashable {
     /// The attempt an `activityCompleted` or `activityFailed` event records: the one that ended the
     /// activity. `nil` for other events, and for outcomes written before attempts were recorded.
     public var activityAttempt: ActivityAttempt? {
-        guard kind == .activityCompleted || kind == .activityFailed, body.count >= 20 else { return nil }
+        guard kind == .activityCompleted || kind == .activityFailed, body.count >= Self.activityPrefixBytes else { return nil }
         return body.withUnsafeBytes { raw in
             let started = raw.loadUnaligned(fromByteOffset: 12, as: UInt64.self).bigEndian
             return ActivityAttempt(number: Int(raw.loadUnaligned(fromByteOffset: 8, as: UInt32.self).bigEndian),

@@ -3,13 +3,7 @@ extension EntityRuntime {
     /// The owner of a task the runtime stores: an activity task's entity (key `a` · entity · activity
     /// id) or an outbox message's sender (key `m` · sender · sequence · index). `nil` for other keys.
     public static let taskOwner: Journal.TaskOwner = { key in
-        guard key.count >= 9 else { return nil }
-        switch (key[0], key.count) {
-        case (ActivityTask.keyPrefix, 17), (EntityEnvelope.keyPrefix, 21):
-            return EntityKey(rawValue: key.loadUnaligned(fromByteOffset: 1, as: UInt64.self).bigEndian)
-        default:
-            return nil
-        }
+        ActivityTask.id(ofKey: key).map { EntityKey(rawValue: $0.entityKey) } ?? EntityEnvelope.sender(ofKey: key)
     }
 
     /// ``Journal/verify(directory:batchSize:reportLimit:acrossTables:taskOwner:)`` with the runtime's

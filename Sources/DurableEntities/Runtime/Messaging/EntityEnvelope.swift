@@ -45,6 +45,12 @@ struct EntityEnvelope: Sendable, Equatable {
         }
     }
 
+    /// The sender an outbox row's key names; `nil` for a key of another shape.
+    static func sender(ofKey key: UnsafeRawBufferPointer) -> EntityKey? {
+        guard key.count == 21, key[0] == keyPrefix else { return nil }
+        return EntityKey(rawValue: key.bigEndianUInt64(at: 1))
+    }
+
     // MARK: Encoding (compact and hand-written: the fan-out writes millions of these)
 
     func encoded() -> [UInt8] {
