@@ -18,11 +18,16 @@ extension ExportedHistory {
         /// The attempt that ended it; `nil` while it is awaited, or when its outcome was written by a
         /// version that did not record the attempt.
         public var attempt: ActivityAttempt?
-        /// Its outcome: the encoded output, or the failure the run saw; `nil` while it is awaited.
+        /// Its outcome: the encoded output, or the failure the run saw (reason `cancelled` for one
+        /// the run stopped awaiting); `nil` while it is awaited.
         public var outcome: Result<[UInt8], ActivityFailure>?
-        /// The sequence and time (ns) of its outcome event; `nil` while it is awaited.
+        /// The sequence and time (ns) of its outcome event (or of its `activityCancelRequested`);
+        /// `nil` while it is awaited.
         public var closedSequence: UInt64?
         public var closedAt: UInt64?
+        /// Whether the task that awaited it was cancelled (`activityCancelRequested`): no attempt
+        /// started after that, and no outcome was recorded.
+        public var cancelRequested = false
 
         /// Its output decoded as `Output` (with the codec the runtime used, the binary codec unless
         /// configured otherwise); `nil` unless it completed.
@@ -72,6 +77,14 @@ extension ExportedHistory {
                 guard let position = index[id] else { continue }
                 activities[position].attempt = event.activityAttempt
                 activities[position].outcome = outcome
+                activities[position].closedSequence = sequence
+                activities[position].closedAt = event.timeNanoseconds
+            case .activityCancelRequested:
+                guard case .cancelActivity(let id)? = event.command, let position = index[id] else { continue }
+                activities[position].cancelRequested = true
+                activities[position].outcome = .failure(ActivityFailure(
+                    activity: activities[position].name, reason: .cancelled, attempts: 0, causeType: "CancellationError",
+                    cause: "the task awaiting the activity was cancelled; no further attempt starts"))
                 activities[position].closedSequence = sequence
                 activities[position].closedAt = event.timeNanoseconds
             default:

@@ -42,6 +42,10 @@ public struct HistoryEvent: Sendable, Hashable {
         case childStarted = 16
         case entitySignalled = 17
         case childCancelRequested = 18
+        /// The run body stopped awaiting an activity: the task that awaited it was cancelled (body:
+        /// activity id (8)). Its stored task went in the same commit, and a running attempt is
+        /// cancelled once that commit is durable; an outcome it returns anyway is not recorded.
+        case activityCancelRequested = 25
         /// The run body ended its run with ``WorkflowContext/continueAsNew(_:)``; the body is the next
         /// run's input. The run's last event.
         case continuedAsNew = 22
@@ -49,7 +53,7 @@ public struct HistoryEvent: Sendable, Hashable {
         var isCommand: Bool {
             switch self {
             case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed, .activityScheduled,
-                 .childStarted, .entitySignalled, .childCancelRequested, .continuedAsNew: true
+                 .childStarted, .entitySignalled, .childCancelRequested, .activityCancelRequested, .continuedAsNew: true
             default: false
             }
         }
@@ -117,6 +121,7 @@ public struct HistoryEvent: Sendable, Hashable {
             writer.append(signal)
             return HistoryEvent(kind: .entitySignalled, timeNanoseconds: time, body: ids(id) + writer.bytes)
         case .cancelChild(let id): return HistoryEvent(kind: .childCancelRequested, timeNanoseconds: time, body: ids(id))
+        case .cancelActivity(let id): return HistoryEvent(kind: .activityCancelRequested, timeNanoseconds: time, body: ids(id))
         case .continueAsNew(let input): return HistoryEvent(kind: .continuedAsNew, timeNanoseconds: time, body: input)
         }
     }
@@ -153,6 +158,7 @@ public struct HistoryEvent: Sendable, Hashable {
             guard let type = reader.string(), let target = reader.string(), let signal = reader.data() else { return nil }
             return .signalEntity(id: a, target: EntityName(type: type, id: target), signal: signal)
         case .childCancelRequested: guard let a = id(0) else { return nil }; return .cancelChild(id: a)
+        case .activityCancelRequested: guard let a = id(0) else { return nil }; return .cancelActivity(id: a)
         case .continuedAsNew: return .continueAsNew(input: body)
         default: return nil
         }

@@ -11,6 +11,8 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
     case startChild(id: UInt64, child: EntityName, input: [UInt8], policy: ParentClosePolicy)
     case signalEntity(id: UInt64, target: EntityName, signal: [UInt8])
     case cancelChild(id: UInt64)
+    /// The body stopped awaiting activity `id` (the task awaiting it was cancelled).
+    case cancelActivity(id: UInt64)
     /// Ends the run; the next one starts with this input (see ``WorkflowContext/continueAsNew(_:)``).
     case continueAsNew(input: [UInt8])
 
@@ -27,6 +29,7 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case (.startChild(let a, let x, _, _), .startChild(let b, let y, _, _)): a == b && x == y
         case (.signalEntity(let a, let x, _), .signalEntity(let b, let y, _)): a == b && x == y
         case (.cancelChild(let a), .cancelChild(let b)): a == b
+        case (.cancelActivity(let a), .cancelActivity(let b)): a == b
         default: false
         }
     }
@@ -43,6 +46,7 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case .startChild(let id, let child, let input, let policy): "StartChild(id: \(id), \(child), \(input.count) bytes, \(policy))"
         case .signalEntity(let id, let target, let signal): "SignalEntity(id: \(id), \(target), \(signal.count) bytes)"
         case .cancelChild(let id): "CancelChild(id: \(id))"
+        case .cancelActivity(let id): "CancelActivity(id: \(id))"
         case .continueAsNew(let input): "ContinueAsNew(\(input.count) bytes)"
         }
     }

@@ -12,6 +12,33 @@
 ///     return .done(reference)
 /// }
 /// ```
+///
+/// ## Cancelling a wait
+/// A body may run waits side by side (`async let`, a task group) and cancel the tasks it no longer
+/// needs — a race between an activity and a deadline, say. Cancelling a task that waits is a
+/// command like any other, made by the body's own code at the same point on every replay:
+/// - an activity's wait (``execute(_:_:options:)``, ``executeLocal(_:_:options:)``) throws an
+///   ``ActivityFailure`` with reason `cancelled`; the history records `activityCancelRequested`,
+///   the activity's stored task goes in the same commit, an attempt still running is cancelled
+///   once that is durable (``ActivityContext/isCancelled``), and an outcome it returns anyway is
+///   not recorded;
+/// - a sleep or a condition throws `CancellationError`, and its timer is cancelled
+///   (`timerCancelled`: the timer's row goes, it never fires);
+/// - a wait for a child's ``ChildEntity/result()`` throws `CancellationError`; the child goes on
+///   (``ChildEntity/cancel()`` asks it to stop).
+/// A wait started by a task already cancelled fails at once, with nothing recorded. A task group
+/// that returns while its other tasks still wait cancels them this way too, and an `async let` left
+/// unawaited is cancelled when its scope ends.
+///
+/// ```swift
+/// // Charge, unless the gateway takes more than a minute: then give up on it and refund.
+/// let charged = try await withThrowingTaskGroup(of: Bool.self) { group in
+///     group.addTask { _ = try await context.execute(Charge.self, order); return true }
+///     group.addTask { try await context.sleep(for: .seconds(60)); return false }
+///     defer { group.cancelAll() }   // the loser: its timer or its activity is cancelled
+///     return try await group.next()!
+/// }
+/// ```
 public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     let run: WorkflowRun<W>
 
@@ -62,14 +89,31 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
 
     /// Sleeps on a durable timer: survives restarts; a timer due while the process was down fires
     /// right after it opens again.
-    /// - Throws: `CancellationError` if the run is cancelled.
+    ///
+    /// Cancelling the task that sleeps cancels the timer (see "Cancelling a wait" in the type's
+    /// documentation).
+    /// - Throws: `CancellationError` if the run is cancelled, or the task that sleeps (at once, with no
+    ///   timer started, if it already is).
     public func sleep(for duration: Duration) async throws {
+        try Task.checkCancellation()
         let id = run.nextCommandID()
         let due = run.now.saturatingAdd(duration.nanoseconds)
         run.timerDue[id] = due
         run.issued.append(.startTimer(id: id, due: due))
-        _ = try await withUnsafeThrowingContinuation { continuation in
-            run.wait(predicate: nil, timer: id, continuation)
+        _ = try await suspend(predicate: nil, timer: id)
+    }
+
+    /// Suspends the body on a wait (a timer, a predicate, or both) until it ends, or until the task
+    /// is cancelled (see ``WorkflowRun/cancelWait(_:)``).
+    private func suspend(predicate: ((W.State) -> Bool)?, timer: UInt64?) async throws -> Bool {
+        let handle = WorkflowWaitHandle()
+        let run = run
+        return try await withTaskCancellationHandler {
+            try await withUnsafeThrowingContinuation { continuation in
+                run.wait(predicate: predicate, timer: timer, handle: handle, continuation)
+            }
+        } onCancel: {
+            run.cancelWait(handle)
         }
     }
 
@@ -81,17 +125,20 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     }
 
     /// Waits until `predicate` holds for the state (checked after every event the entity handles).
+    /// - Throws: `CancellationError` if the run is cancelled, or the task that waits.
     public func condition(_ predicate: @escaping (W.State) -> Bool) async throws {
         if predicate(run.state) { return }
-        _ = try await withUnsafeThrowingContinuation { continuation in
-            run.wait(predicate: predicate, timer: nil, continuation)
-        }
+        try Task.checkCancellation()
+        _ = try await suspend(predicate: predicate, timer: nil)
     }
 
     /// Waits until `predicate` holds, or `timeout` passes on a durable timer.
     /// - Returns: `true` if the predicate held, `false` on timeout.
+    /// - Throws: `CancellationError` if the run is cancelled, or the task that waits (its timer is
+    ///   cancelled; none is started if the task already is).
     public func condition(timeout: Duration, _ predicate: @escaping (W.State) -> Bool) async throws -> Bool {
         if predicate(run.state) { return true }
+        try Task.checkCancellation()
         // A timer even for a timeout of zero: runs recorded that way replay the same.
         return try await conditionOrTimer(due: run.now.saturatingAdd(timeout.nanoseconds), predicate)
     }
@@ -101,9 +148,11 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// approval that escalates after 4 hours and ends after 24 counts both from when it began).
     /// - Returns: `true` if the predicate held, `false` once the deadline passed (at once, without a
     ///   timer, if it already has and the predicate does not hold).
+    /// - Throws: `CancellationError` if the run is cancelled, or the task that waits.
     public func condition(untilNanoseconds deadline: UInt64, _ predicate: @escaping (W.State) -> Bool) async throws -> Bool {
         if predicate(run.state) { return true }
         guard deadline > run.now else { return false }
+        try Task.checkCancellation()
         return try await conditionOrTimer(due: deadline, predicate)
     }
 
@@ -112,9 +161,7 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         let id = run.nextCommandID()
         run.timerDue[id] = due
         run.issued.append(.startTimer(id: id, due: due))
-        return try await withUnsafeThrowingContinuation { continuation in
-            run.wait(predicate: predicate, timer: id, continuation)
-        }
+        return try await suspend(predicate: predicate, timer: id)
     }
 
     /// Runs an activity — on the runtime's activity pool, retried by `options` — and returns its
@@ -124,13 +171,32 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///   ``EntityError/Code/invalidArgument`` for invalid `options` (nothing is scheduled).
     public func execute<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
         try check(options)
+        try checkCancellation(A.self)
         let id = run.nextCommandID()
         let bytes = try run.codec.encode(input)
         run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
-        let output = try await withUnsafeThrowingContinuation { continuation in
-            run.awaitActivity(id, name: A.name, continuation)
-        }
+        let output = try await awaitActivity(id, name: A.name)
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
+    }
+
+    /// A cancelled task schedules no activity: it fails at once, with nothing recorded.
+    private func checkCancellation<A: Activity>(_ activity: A.Type) throws(ActivityFailure) {
+        guard Task.isCancelled else { return }
+        throw ActivityFailure(activity: A.name, reason: .cancelled, attempts: 0, causeType: "CancellationError",
+                              cause: "the task was cancelled before the activity was scheduled; nothing was scheduled")
+    }
+
+    /// Suspends the body until activity `id` ends, or until the task is cancelled (see
+    /// ``WorkflowRun/cancelActivityWait(_:)``).
+    private func awaitActivity(_ id: UInt64, name: String) async throws -> [UInt8] {
+        let run = run
+        return try await withTaskCancellationHandler {
+            try await withUnsafeThrowingContinuation { continuation in
+                run.awaitActivity(id, name: name, continuation)
+            }
+        } onCancel: {
+            run.cancelActivityWait(id)
+        }
     }
 
     /// Runs a *local activity*: a short call in this process (an in-memory ledger, a local file or
@@ -168,13 +234,12 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///   the run is cancelled meanwhile; ``EntityError/Code/invalidArgument`` for invalid `options`.
     public func executeLocal<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
         try check(options)
+        try checkCancellation(A.self)
         let id = run.nextCommandID()
         let bytes = try run.codec.encode(input)
         run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
         if !run.replaying, !run.abandoned { _ = run.startLocal(id, name: A.name, input: bytes, options: options) }
-        let output = try await withUnsafeThrowingContinuation { continuation in
-            run.awaitActivity(id, name: A.name, continuation)
-        }
+        let output = try await awaitActivity(id, name: A.name)
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
     }
 

@@ -305,6 +305,23 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         awaited.continuation.resume(with: outcome.mapError { $0 as any Error })
     }
 
+    /// The task awaiting activity `id` was cancelled (by the body itself: a task group's
+    /// `cancelAll()`, an `async let` left unawaited). Records `cancelActivity`, gives the activity up
+    /// (the turn deletes its task, and a running attempt is cancelled once that is durable) and
+    /// resumes the wait with an ``ActivityFailure`` whose reason is `cancelled`. Nothing if the
+    /// activity already ended or the body no longer awaits it.
+    ///
+    /// Called from the cancellation handler, which runs where the cancelling code runs: the body's
+    /// own job, inside the turn (see ``WorkflowContext/execute(_:_:options:)``).
+    func cancelActivityWait(_ id: UInt64) {
+        guard let awaited = activities.removeValue(forKey: id) else { return }
+        issued.append(.cancelActivity(id: id))
+        activitiesGivenUp.append(id)
+        awaited.continuation.resume(throwing: ActivityFailure(
+            activity: awaited.name, reason: .cancelled, attempts: 0, causeType: "CancellationError",
+            cause: "the task awaiting the activity was cancelled; no further attempt starts"))
+    }
+
     /// Records a child started by the body (live and on replay).
     func addChild(_ id: UInt64, name: EntityName, policy: ParentClosePolicy) {
         children[id] = ChildRecord(name: name, policy: policy)
@@ -319,8 +336,9 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         children.filter { $0.value.outcome == nil }.map { (id: $0.key, child: $0.value) }.sorted { $0.id < $1.id }
     }
 
-    /// Waits for child `id`'s outcome (at once if it arrived).
-    func awaitChild(_ id: UInt64, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
+    /// Waits for child `id`'s outcome (at once if it arrived). `handle` lets the wait be cancelled
+    /// (see ``cancelChildWait(_:)``).
+    func awaitChild(_ id: UInt64, handle: WorkflowWaitHandle? = nil, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
         if abandoned { return refuse(continuation) }
         guard var record = children[id] else {
             continuation.resume(throwing: EntityError(.rejected, entity: name, "no child was started with command id \(id)"))
@@ -330,8 +348,20 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
             continuation.resume(with: outcome.mapError { $0 as any Error })
             return
         }
-        record.waiters.append(continuation)
+        let waiter = WorkflowChildWaiter(continuation)
+        handle?.child = (id, waiter)
+        record.waiters.append(waiter)
         children[id] = record
+    }
+
+    /// The task waiting for a child's outcome was cancelled: that wait throws `CancellationError`.
+    /// The child itself goes on (``ChildEntity/cancel()`` asks it to stop); nothing is recorded.
+    func cancelChildWait(_ handle: WorkflowWaitHandle) {
+        guard let (id, waiter) = handle.child, var record = children[id],
+              let index = record.waiters.firstIndex(where: { $0 === waiter }) else { return }
+        record.waiters.remove(at: index)
+        children[id] = record
+        waiter.continuation.resume(throwing: CancellationError())
     }
 
     /// A child reported its outcome: resumes the body's waits for it.
@@ -342,7 +372,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         record.waiters = []
         children[id] = record
         openChildCount -= 1
-        for waiter in waiters { waiter.resume(with: outcome.mapError { $0 as any Error }) }
+        for waiter in waiters { waiter.continuation.resume(with: outcome.mapError { $0 as any Error }) }
         settle()
     }
 
@@ -352,7 +382,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
             let waiters = record.waiters
             record.waiters = []
             children[id] = record
-            for waiter in waiters { waiter.resume(throwing: error) }
+            for waiter in waiters { waiter.continuation.resume(throwing: error) }
         }
     }
 
@@ -368,13 +398,30 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         return true
     }
 
-    /// Registers a wait; resumes at once if its predicate already holds.
-    func wait(predicate: ((W.State) -> Bool)?, timer: UInt64?, _ continuation: UnsafeContinuation<Bool, any Error>) {
+    /// Registers a wait; resumes at once if its predicate already holds. `handle` lets the wait be
+    /// cancelled (see ``cancelWait(_:)``).
+    func wait(predicate: ((W.State) -> Bool)?, timer: UInt64?, handle: WorkflowWaitHandle? = nil,
+              _ continuation: UnsafeContinuation<Bool, any Error>) {
         if abandoned { return refuse(continuation) }
         let condition: (() -> Bool)? = predicate.map { predicate in { [unowned self] in predicate(state) } }
         let waiter = Waiter(continuation: continuation, condition: condition, timer: timer)
+        handle?.waiter = waiter
         if let timer { timers[timer] = waiter }
         if predicate != nil { waiters.append(waiter) }
+    }
+
+    /// The task suspended in a sleep or a condition was cancelled (by the body itself, see
+    /// ``cancelActivityWait(_:)``): the wait throws `CancellationError`, and its timer, if it has one,
+    /// is cancelled (`cancelTimer`: the turn deletes the timer's row). Nothing if the wait is over.
+    func cancelWait(_ handle: WorkflowWaitHandle) {
+        guard let waiter = handle.waiter, !waiter.done else { return }
+        waiter.done = true
+        if let timer = waiter.timer {
+            timers[timer] = nil
+            if let due = timerDue.removeValue(forKey: timer) { issued.append(.cancelTimer(id: timer, due: due)) }
+        }
+        if waiter.condition != nil { waiters.removeAll { $0 === waiter } }
+        waiter.continuation.resume(throwing: CancellationError())
     }
 
     /// Cooperative cancellation: every wait the body is suspended on throws once — an activity's an
@@ -456,7 +503,22 @@ struct WorkflowChildRecord {
     let name: EntityName
     let policy: ParentClosePolicy
     var outcome: Result<[UInt8], ChildFailure>?
-    var waiters: [UnsafeContinuation<[UInt8], any Error>] = []
+    var waiters: [WorkflowChildWaiter] = []
+}
+
+/// A wait for a child's outcome; a class, so that a cancelled wait finds its own entry.
+final class WorkflowChildWaiter {
+    let continuation: UnsafeContinuation<[UInt8], any Error>
+    init(_ continuation: UnsafeContinuation<[UInt8], any Error>) { self.continuation = continuation }
+}
+
+/// What a cancellation handler needs to find the wait it ends: the waiter once registered. Set and
+/// read on the entity's shard thread only (the body's job registers the wait; a cancellation that
+/// the body's own code makes runs its handler there too), hence `@unchecked Sendable`.
+final class WorkflowWaitHandle: @unchecked Sendable {
+    var waiter: WorkflowWaiter?
+    var child: (id: UInt64, waiter: WorkflowChildWaiter)?
+    init() {}
 }
 
 /// An activity the body awaits. Not nested in the generic run (see above).

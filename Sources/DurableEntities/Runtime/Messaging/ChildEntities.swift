@@ -84,22 +84,30 @@ public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
     init<W: EntityWorkflow>(context: WorkflowContext<W>, commandID: UInt64, name: EntityName) {
         self.commandID = commandID
         self.name = name
-        self.wait = { id, continuation in context.run.awaitChild(id, continuation) }
+        let run = context.run
+        self.wait = { id in
+            let handle = WorkflowWaitHandle()
+            return try await withTaskCancellationHandler {
+                try await withUnsafeThrowingContinuation { continuation in run.awaitChild(id, handle: handle, continuation) }
+            } onCancel: {
+                run.cancelChildWait(handle)
+            }
+        }
         self.issue = { command in context.run.issued.append(command) }
         self.decode = { bytes in try bytes.withUnsafeBytes { try context.run.codec.decode(C.Output.self, from: $0) } }
     }
 
-    private let wait: (UInt64, UnsafeContinuation<[UInt8], any Error>) -> Void
+    private let wait: (UInt64) async throws -> [UInt8]
     private let issue: (WorkflowCommand) -> Void
     private let decode: ([UInt8]) throws -> C.Output
 
     /// The child's output, once it completed.
     /// - Throws: ``ChildFailure`` when it failed or was terminated; `CancellationError` if the parent's
-    ///   run is cancelled while it waits.
+    ///   run is cancelled while it waits, or the task that waits (at once if it already is; the
+    ///   child goes on, see ``cancel()``).
     public func result() async throws -> C.Output {
-        let id = commandID
-        let bytes = try await withUnsafeThrowingContinuation { wait(id, $0) }
-        return try decode(bytes)
+        try Task.checkCancellation()
+        return try decode(try await wait(commandID))
     }
 
     /// The child's outcome as a `Result` (throws only for the parent's own cancellation).
