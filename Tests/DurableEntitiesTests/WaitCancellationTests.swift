@@ -94,6 +94,19 @@ struct CancelledBeforeWaiting: EntityWorkflow {
     }
 }
 
+/// Starts `Step` in an `async let` that it never awaits, sleeps a minute and returns: the scope's end
+/// cancels the activity's task.
+struct UnawaitedStep: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    typealias Input = String
+    static func initialState(id: String) -> State { State() }
+    static func run(_ label: String, context: WorkflowContext<Self>) async throws -> String {
+        async let ignored = context.execute(Step.self, label)
+        try await context.sleep(for: .seconds(60))
+        return "slept"
+    }
+}
+
 /// A child that sleeps an hour, then answers.
 struct SleepyChild: EntityWorkflow {
     struct State: Codable, Sendable {}
@@ -198,6 +211,40 @@ struct WaitCancellationTests {
         await idle(reopened)
         #expect(try reopened.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
         #expect(log.all.map(\.number) == [1])
+    }
+
+    @Test("an activity started in an async let that is never awaited is cancelled when the body returns: activityCancelRequested before completed, the attempt cancelled, no task left")
+    func unawaitedAsyncLetIsCancelled() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let silence = Silence()
+        defer { silence.finish() }
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        let stub = ActivityStub<Step> { _, context in
+            event.yield("started")
+            do {
+                try await silence.wait()
+            } catch {
+                event.yield(context.isCancelled ? "cancelled" : "ended")
+                throw error
+            }
+        }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let job = runtime.entity(UnawaitedStep.self, id: "u")
+        try await job.start("w")
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        clock.advance(by: .seconds(60))
+        #expect(try await job.result() == "slept")
+        #expect(await iterator.next() == "cancelled")
+        await idle(runtime)
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
+        // The async let's task runs once the body suspends: its activity is scheduled after the timer.
+        let recorded = try kinds(runtime, EntityName(type: UnawaitedStep.entityType, id: "u"))
+        #expect(recorded == [.started, .timerStarted, .activityScheduled, .timerFired, .activityCancelRequested, .completed],
+                "\(recorded)")
     }
 
     @Test("a durable timer raced against an activity that ends first is cancelled with the task that slept: the sleep throws CancellationError, timerCancelled is recorded, the timer's row goes in the same commit, and it never fires")

@@ -106,8 +106,13 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// Suspends the body on a wait (a timer, a predicate, or both) until it ends, or until the task
     /// is cancelled (see ``WorkflowRun/cancelWait(_:)``).
     private func suspend(predicate: ((W.State) -> Bool)?, timer: UInt64?) async throws -> Bool {
-        let handle = WorkflowWaitHandle()
         let run = run
+        guard run.waitsAreCancellable else {
+            return try await withUnsafeThrowingContinuation { continuation in
+                run.wait(predicate: predicate, timer: timer, continuation)
+            }
+        }
+        let handle = WorkflowWaitHandle()
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { continuation in
                 run.wait(predicate: predicate, timer: timer, handle: handle, continuation)
@@ -175,7 +180,18 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         let id = run.nextCommandID()
         let bytes = try run.codec.encode(input)
         run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
-        let output = try await awaitActivity(id, name: A.name)
+        // The wait is written out here (and in `executeLocal`), not in a shared async helper: each
+        // async call is one more frame and executor check a step, on every activity.
+        let run = run
+        let output = if run.waitsAreCancellable {
+            try await withTaskCancellationHandler {
+                try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, continuation) }
+            } onCancel: {
+                run.cancelActivityWait(id)  // see WorkflowRun.cancelActivityWait
+            }
+        } else {
+            try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, continuation) }
+        }
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
     }
 
@@ -186,18 +202,6 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
                               cause: "the task was cancelled before the activity was scheduled; nothing was scheduled")
     }
 
-    /// Suspends the body until activity `id` ends, or until the task is cancelled (see
-    /// ``WorkflowRun/cancelActivityWait(_:)``).
-    private func awaitActivity(_ id: UInt64, name: String) async throws -> [UInt8] {
-        let run = run
-        return try await withTaskCancellationHandler {
-            try await withUnsafeThrowingContinuation { continuation in
-                run.awaitActivity(id, name: name, continuation)
-            }
-        } onCancel: {
-            run.cancelActivityWait(id)
-        }
-    }
 
     /// Runs a *local activity*: a short call in this process (an in-memory ledger, a local file or
     /// cache, a quick call to a nearby service) that skips the activity pool.
@@ -239,7 +243,16 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         let bytes = try run.codec.encode(input)
         run.issued.append(.scheduleActivity(id: id, name: A.name, input: bytes, options: options))
         if !run.replaying, !run.abandoned { _ = run.startLocal(id, name: A.name, input: bytes, options: options) }
-        let output = try await awaitActivity(id, name: A.name)
+        let run = run
+        let output = if run.waitsAreCancellable {
+            try await withTaskCancellationHandler {
+                try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, continuation) }
+            } onCancel: {
+                run.cancelActivityWait(id)
+            }
+        } else {
+            try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, continuation) }
+        }
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
     }
 

@@ -92,6 +92,18 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         return run << 32 | nextCommand
     }
 
+    /// The task the body itself runs in (not a child task it made), while it runs. Nothing cancels it
+    /// (a run is cancelled through ``cancel()``), so its waits need no cancellation handler: see
+    /// ``waitsAreCancellable``. Compared, never used to reach the task.
+    private var bodyTask: UnsafeCurrentTask?
+
+    /// Whether the current task may be cancelled by the body's own code: a child task (`async let`,
+    /// a task group's) rather than the body's own. Its waits then register a cancellation handler
+    /// (see ``cancelWait(_:)``); the body's own skip it, which costs a lock on every wait.
+    var waitsAreCancellable: Bool {
+        withUnsafeCurrentTask { $0 == nil || $0 != bodyTask }
+    }
+
     /// Starts the body with `input`, and runs it until it waits.
     func start(_ input: W.Input) {
         let context = WorkflowContext<W>(run: self)
@@ -103,6 +115,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
             // Only the await here; the rest is out of line, which keeps the job's frame (allocated
             // on the runner's stack for every run) small.
             let ended: Result<W.Output, any Error>
+            withUnsafeCurrentTask { bodyTask = $0 }
             do { ended = .success(try await W.run(input, context: context)) } catch { ended = .failure(error) }
             bodyEnded(ended)
             return runner.executor.finishInline()  // always inside a turn: a body's runner never leaves

@@ -86,6 +86,9 @@ public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
         self.name = name
         let run = context.run
         self.wait = { id in
+            guard run.waitsAreCancellable else {
+                return try await withUnsafeThrowingContinuation { continuation in run.awaitChild(id, continuation) }
+            }
             let handle = WorkflowWaitHandle()
             return try await withTaskCancellationHandler {
                 try await withUnsafeThrowingContinuation { continuation in run.awaitChild(id, handle: handle, continuation) }
