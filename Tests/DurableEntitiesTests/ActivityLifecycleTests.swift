@@ -153,17 +153,7 @@ struct ActivityLifecycleTests {
         let log = AttemptLog()
         let silence = Silence()
         defer { silence.finish() }
-        let (events, event) = AsyncStream.makeStream(of: String.self)
-        let stub = ActivityStub<Step> { _, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            event.yield("started")
-            do {
-                try await silence.wait()
-            } catch {
-                event.yield(context.isCancelled ? "cancelled" : "ended")
-                throw error
-            }
-        }
+        let (stub, events) = StallingStep.make(clock: clock, log: log, silence: silence)
         let runtime = try EntityRuntime(configuration: configuration(directory, clock), activities: [stub])
         defer { runtime.close() }
         let options = ActivityOptions(retry: .init(initialInterval: .seconds(1)), startToCloseTimeout: kind == "pool-timed" ? .seconds(600) : nil)

@@ -138,6 +138,26 @@ struct ChildOrDeadline: EntityWorkflow {
     }
 }
 
+/// A `Step` stub whose attempts never end by themselves: each is logged (time on `clock`, attempt
+/// number, idempotency key), sends "started", waits on `silence`, and once that wait ends sends
+/// "cancelled" (the attempt was cancelled) or "ended" and throws.
+enum StallingStep {
+    static func make(clock: TestClock, log: AttemptLog, silence: Silence) -> (ActivityStub<Step>, AsyncStream<String>) {
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        let stub = ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            event.yield("started")
+            do {
+                try await silence.wait()
+            } catch {
+                event.yield(context.isCancelled ? "cancelled" : "ended")
+                throw error
+            }
+        }
+        return (stub, events)
+    }
+}
+
 @Suite("Cancelling a run body's waits", .timeLimit(.minutes(10)))
 struct WaitCancellationTests {
     func kinds(_ runtime: EntityRuntime, _ name: EntityName) throws -> [HistoryEvent.Kind] {
@@ -156,17 +176,7 @@ struct WaitCancellationTests {
         let log = AttemptLog()
         let silence = Silence()
         defer { silence.finish() }
-        let (events, event) = AsyncStream.makeStream(of: String.self)
-        let stub = ActivityStub<Step> { _, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            event.yield("started")
-            do {
-                try await silence.wait()
-            } catch {
-                event.yield(context.isCancelled ? "cancelled" : "ended")
-                throw error
-            }
-        }
+        let (stub, events) = StallingStep.make(clock: clock, log: log, silence: silence)
         let name = EntityName(type: RaceStep.entityType, id: "race")
         do {
             let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
@@ -220,16 +230,7 @@ struct WaitCancellationTests {
         let clock = TestClock(skipsTimeWhenIdle: false)
         let silence = Silence()
         defer { silence.finish() }
-        let (events, event) = AsyncStream.makeStream(of: String.self)
-        let stub = ActivityStub<Step> { _, context in
-            event.yield("started")
-            do {
-                try await silence.wait()
-            } catch {
-                event.yield(context.isCancelled ? "cancelled" : "ended")
-                throw error
-            }
-        }
+        let (stub, events) = StallingStep.make(clock: clock, log: AttemptLog(), silence: silence)
         let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { runtime.close() }
         let job = runtime.entity(UnawaitedStep.self, id: "u")
