@@ -172,7 +172,8 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// Runs an activity — on the runtime's activity pool, retried by `options` — and returns its
     /// output once it is recorded. A restart neither loses nor repeats a recorded outcome.
     /// - Throws: ``ActivityFailure`` when the activity ends for good (retries exhausted, a
-    ///   non-retryable error, a timeout) or when the run is cancelled meanwhile (reason `cancelled`);
+    ///   non-retryable error, a timeout) or when the run, or the task that awaits it, is cancelled
+    ///   meanwhile (reason `cancelled`; see "Cancelling a wait" above);
     ///   ``EntityError/Code/invalidArgument`` for invalid `options` (nothing is scheduled).
     public func execute<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
         try check(options)
@@ -235,7 +236,8 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     ///   ``ActivityContext/heartbeat(_:)``), so a crash after that counts the attempt and the next
     ///   one reads them.
     /// - Throws: ``ActivityFailure`` when the activity ends for good, or with reason `cancelled` when
-    ///   the run is cancelled meanwhile; ``EntityError/Code/invalidArgument`` for invalid `options`.
+    ///   the run, or the task that awaits it, is cancelled meanwhile; ``EntityError/Code/invalidArgument``
+    ///   for invalid `options`.
     public func executeLocal<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
         try check(options)
         try checkCancellation(A.self)
