@@ -82,9 +82,7 @@ extension ExportedHistory {
             case .activityCancelRequested:
                 guard case .cancelActivity(let id)? = event.command, let position = index[id] else { continue }
                 activities[position].cancelRequested = true
-                activities[position].outcome = .failure(ActivityFailure(
-                    activity: activities[position].name, reason: .cancelled, attempts: 0, causeType: "CancellationError",
-                    cause: "the task awaiting the activity was cancelled; no further attempt starts"))
+                activities[position].outcome = .failure(.waitCancelled(activities[position].name))
                 activities[position].closedSequence = sequence
                 activities[position].closedAt = event.timeNanoseconds
             default:

@@ -330,9 +330,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         guard let awaited = activities.removeValue(forKey: id) else { return }
         issued.append(.cancelActivity(id: id))
         activitiesGivenUp.append(id)
-        awaited.continuation.resume(throwing: ActivityFailure(
-            activity: awaited.name, reason: .cancelled, attempts: 0, causeType: "CancellationError",
-            cause: "the task awaiting the activity was cancelled; no further attempt starts"))
+        awaited.continuation.resume(throwing: ActivityFailure.waitCancelled(awaited.name))
     }
 
     /// Records a child started by the body (live and on replay).
@@ -508,6 +506,15 @@ final class WorkflowWaiter {
         self.continuation = continuation
         self.condition = condition
         self.timer = timer
+    }
+}
+
+extension ActivityFailure {
+    /// What the wait for `activity` throws when the task awaiting it is cancelled (and what an
+    /// exported history's `activityCancelRequested` stands for).
+    static func waitCancelled(_ activity: String) -> ActivityFailure {
+        ActivityFailure(activity: activity, reason: .cancelled, attempts: 0, causeType: "CancellationError",
+                        cause: "the task awaiting the activity was cancelled; no further attempt starts")
     }
 }
 
