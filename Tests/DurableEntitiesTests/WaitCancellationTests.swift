@@ -74,6 +74,10 @@ struct CancelledBeforeWaiting: EntityWorkflow {
             group.addTask { await describe { try await context.sleep(for: .seconds(60)); return "slept" } }
             group.addTask { await describe { try await context.condition(timeout: .seconds(60)) { $0.approved } ? "approved" : "timed out" } }
             group.addTask { await describe { try await context.condition { $0.approved }; return "approved" } }
+            group.addTask { await describe { try await context.executeChild(SleepyChild.self, id: "never-\(label)", input: label) } }
+            group.addTask {
+                await describe { try await context.fanOut(SleepyChild.self, [("never-fan-\(label)", label)]).map { try $0.get() }.joined() }
+            }
             var all: [String] = []
             for await one in group { all.append(one) }
             return all.sorted().joined(separator: ",")
@@ -101,7 +105,7 @@ struct UnawaitedStep: EntityWorkflow {
     typealias Input = String
     static func initialState(id: String) -> State { State() }
     static func run(_ label: String, context: WorkflowContext<Self>) async throws -> String {
-        async let ignored = context.execute(Step.self, label)
+        async let _ = context.execute(Step.self, label)
         try await context.sleep(for: .seconds(60))
         return "slept"
     }
@@ -128,6 +132,57 @@ struct ChildOrDeadline: EntityWorkflow {
         return try await withThrowingTaskGroup(of: String.self) { group in
             group.addTask {
                 do { return "child:" + (try await child.result()) } catch is CancellationError { return "child-wait-cancelled" }
+            }
+            group.addTask { try await RaceStep.deadline(context) }
+            let first = try await group.next()!
+            group.cancelAll()
+            let second = try await group.next()!
+            return first + "," + second
+        }
+    }
+}
+
+/// Races `executeChild` of a ``SleepyChild`` (left alone by the parent-close policy) against 60
+/// seconds: the deadline wins, and cancelling the wait asks the child to cancel.
+struct ExecuteChildOrDeadline: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    typealias Input = String
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: String, context: WorkflowContext<Self>) async throws -> String {
+        try await withThrowingTaskGroup(of: String.self) { group in
+            group.addTask {
+                do {
+                    return "child:" + (try await context.executeChild(SleepyChild.self, id: "child-of-\(context.id)", input: input,
+                                                                      parentClosePolicy: .abandon))
+                } catch is CancellationError {
+                    return "child-cancelled"
+                }
+            }
+            group.addTask { try await RaceStep.deadline(context) }
+            let first = try await group.next()!
+            group.cancelAll()
+            let second = try await group.next()!
+            return first + "," + second
+        }
+    }
+}
+
+/// Races a fan-out of three ``SleepyChild``ren, two at a time, against 60 seconds: the deadline
+/// wins, the two running children are asked to cancel, and the third never starts.
+struct FanOutOrDeadline: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    typealias Input = String
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: String, context: WorkflowContext<Self>) async throws -> String {
+        try await withThrowingTaskGroup(of: String.self) { group in
+            group.addTask {
+                do {
+                    let children = (0..<3).map { (id: "fan-\($0)-of-\(context.id)", input: input) }
+                    let outcomes = try await context.fanOut(SleepyChild.self, children, maxConcurrent: 2, parentClosePolicy: .abandon)
+                    return "fan-out:\(outcomes.count)"
+                } catch is CancellationError {
+                    return "fan-out-cancelled"
+                }
             }
             group.addTask { try await RaceStep.deadline(context) }
             let first = try await group.next()!
@@ -266,7 +321,7 @@ struct WaitCancellationTests {
         #expect(try kinds(runtime, name) == recorded)
     }
 
-    @Test("waits started by a task already cancelled fail at once with nothing recorded: an activity (pool or local) with ActivityFailure(cancelled), a sleep and conditions with CancellationError; the run goes on")
+    @Test("waits started by a task already cancelled fail at once with nothing recorded: an activity (pool or local) with ActivityFailure(cancelled), a sleep, conditions, executeChild and a fan-out with CancellationError (no child starts); the run goes on")
     func cancelledTaskSchedulesNothing() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -277,12 +332,17 @@ struct WaitCancellationTests {
             return "ran:\(label)"
         }])
         defer { runtime.close() }
+        // The children's type is registered, so a child start would not wait for it.
+        _ = runtime.entity(SleepyChild.self, id: "never-z")
         let result = try await runtime.entity(CancelledBeforeWaiting.self, id: "early").execute("z")
-        #expect(result == "activity-cancelled,activity-cancelled,cancelled,cancelled,cancelled|ran:z")
+        #expect(result == "activity-cancelled,activity-cancelled,cancelled,cancelled,cancelled,cancelled,cancelled|ran:z")
         #expect(try kinds(runtime, EntityName(type: CancelledBeforeWaiting.entityType, id: "early"))
                 == [.started, .activityScheduled, .activityCompleted, .completed])
         #expect(log.all.count == 1)
         #expect(try runtime.journal.timers().isEmpty)
+        // Neither the child nor the fan-out started one.
+        await idle(runtime)
+        #expect(try runtime.entityIDs(of: SleepyChild.self).isEmpty)
     }
 
     @Test("a wait for a child's result raced against a durable timer is cancelled when the timer fires first; the child, left to run on its own, goes on and finishes")
@@ -304,5 +364,78 @@ struct WaitCancellationTests {
         #expect(kinds == [.started, .childStarted, .timerStarted, .timerFired, .completed])
         clock.advance(by: .seconds(3_600))
         #expect(try await withDeadline(seconds: 60) { try await child.result() } == "woke:c")
+    }
+    /// What `child.result()` throws (`nil` if it answers): a child asked to cancel ends failed. A
+    /// deadline passing is rethrown, so a child that never ends fails the test.
+    func failure(of child: EntityRef<SleepyChild>) async throws -> (any Error)? {
+        do {
+            _ = try await withDeadline(seconds: 60) { try await child.result() }
+            return nil
+        } catch let error as DeadlineExceeded {
+            throw error
+        } catch {
+            return error
+        }
+    }
+
+    @Test("executeChild raced against a durable timer that fires first: the cancelled wait throws CancellationError and asks the child to cancel (childCancelRequested), which ends the child's sleep; the code replays its history")
+    func executeChildWaitCancelsTheChild() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock))
+        defer { runtime.close() }
+        let name = EntityName(type: ExecuteChildOrDeadline.entityType, id: "p")
+        let parent = runtime.entity(ExecuteChildOrDeadline.self, id: "p")
+        try await parent.start("c")
+        // The child's type is registered (its start would wait for it otherwise).
+        let child = runtime.entity(SleepyChild.self, id: "child-of-p")
+        // Idle once the child's start, handed over by the parent's commit, is committed too.
+        await idle(runtime)
+        #expect(try runtime.journal.timers().count == 2)
+        clock.advance(by: .seconds(60))
+        #expect(try await parent.result() == "deadline,child-cancelled")
+        // The child's hour-long sleep ended with the request, not with time: the clock has moved 60 s.
+        // Its body let the CancellationError end the run: the run failed.
+        let failure = try await failure(of: child)
+        #expect((failure as? EntityError)?.code == .rejected)
+        #expect(String(describing: failure).contains("CancellationError"))
+        let childKinds = try kinds(runtime, EntityName(type: SleepyChild.entityType, id: "child-of-p"))
+        #expect(childKinds.contains(.cancelRequested))
+        #expect(childKinds.contains(.timerCancelled))
+        await idle(runtime)
+        #expect(try runtime.journal.timers().isEmpty)
+        // The request went out with the parent's last turn; the child's outcome is recorded after it.
+        #expect(try kinds(runtime, name) == [.started, .childStarted, .timerStarted, .timerFired, .childCancelRequested, .completed, .childFailed])
+        _ = try runtime.exportHistory(of: name).replay(as: ExecuteChildOrDeadline.self)
+    }
+
+    @Test("a fan-out raced against a durable timer that fires first: its two running children are asked to cancel, the third never starts, and the fan-out throws CancellationError")
+    func cancelledFanOutCancelsItsChildren() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock))
+        defer { runtime.close() }
+        let name = EntityName(type: FanOutOrDeadline.entityType, id: "f")
+        let parent = runtime.entity(FanOutOrDeadline.self, id: "f")
+        try await parent.start("c")
+        let children = (0..<3).map { runtime.entity(SleepyChild.self, id: "fan-\($0)-of-f") }
+        await idle(runtime)
+        #expect(try runtime.journal.timers().count == 3)
+        #expect(try runtime.entityIDs(of: SleepyChild.self) == ["fan-0-of-f", "fan-1-of-f"])
+        clock.advance(by: .seconds(60))
+        #expect(try await parent.result() == "deadline,fan-out-cancelled")
+        for child in children.prefix(2) {
+            #expect(String(describing: try await failure(of: child)).contains("CancellationError"))
+        }
+        await idle(runtime)
+        let recorded = try kinds(runtime, name)
+        #expect(recorded.filter { $0 == .childStarted }.count == 2)
+        #expect(Array(recorded.drop { $0 != .timerFired })
+                == [.timerFired, .childCancelRequested, .childCancelRequested, .completed, .childFailed, .childFailed])
+        #expect(try runtime.entityIDs(of: SleepyChild.self) == ["fan-0-of-f", "fan-1-of-f"])
+        #expect(try runtime.journal.timers().isEmpty)
+        _ = try runtime.exportHistory(of: name).replay(as: FanOutOrDeadline.self)
     }
 }

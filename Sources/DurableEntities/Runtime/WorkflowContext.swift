@@ -25,8 +25,14 @@
 /// - a sleep or a condition throws `CancellationError`, and its timer is cancelled
 ///   (`timerCancelled`: the timer's row goes, it never fires);
 /// - a wait for a child's ``ChildEntity/result()`` throws `CancellationError`; the child goes on
-///   (``ChildEntity/cancel()`` asks it to stop).
-/// A wait started by a task already cancelled fails at once, with nothing recorded. A task group
+///   (``ChildEntity/cancel()`` asks it to stop);
+/// - ``executeChild(_:id:input:parentClosePolicy:)`` and ``fanOut(_:_:maxConcurrent:parentClosePolicy:)``
+///   own the children they start: their cancelled waits throw `CancellationError` and ask those
+///   children to cancel (`childCancelRequested`, delivered once the turn is durable), without
+///   waiting for them to end, and a cancelled fan-out starts no further child.
+/// A wait started by a task already cancelled fails at once, with nothing recorded (an
+/// `executeChild` then starts no child; a child a fan-out started but had not awaited yet is asked
+/// to cancel). A task group
 /// that returns while its other tasks still wait cancels them this way too, and an `async let` left
 /// unawaited is cancelled when its scope ends.
 ///

@@ -348,7 +348,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     }
 
     /// Waits for child `id`'s outcome (at once if it arrived). `handle` lets the wait be cancelled
-    /// (see ``cancelChildWait(_:)``).
+    /// (see ``cancelChildWait(_:cancellingChild:)``).
     func awaitChild(_ id: UInt64, handle: WorkflowWaitHandle? = nil, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
         if abandoned { return refuse(continuation) }
         guard var record = children[id] else {
@@ -366,13 +366,24 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     }
 
     /// The task waiting for a child's outcome was cancelled: that wait throws `CancellationError`.
-    /// The child itself goes on (``ChildEntity/cancel()`` asks it to stop); nothing is recorded.
-    func cancelChildWait(_ handle: WorkflowWaitHandle) {
+    /// `cancellingChild`: the wait owns the child (``WorkflowContext/executeChild(_:id:input:parentClosePolicy:)``,
+    /// ``WorkflowContext/fanOut(_:_:maxConcurrent:parentClosePolicy:)``), which is asked to cancel
+    /// too (see ``requestChildCancel(_:)``); otherwise the child goes on (``ChildEntity/cancel()``
+    /// asks it to stop) and nothing is recorded.
+    func cancelChildWait(_ handle: WorkflowWaitHandle, cancellingChild: Bool) {
         guard let (id, waiter) = handle.child, var record = children[id],
               let index = record.waiters.firstIndex(where: { $0 === waiter }) else { return }
         record.waiters.remove(at: index)
         children[id] = record
+        if cancellingChild { requestChildCancel(id) }
         waiter.continuation.resume(throwing: CancellationError())
+    }
+
+    /// Records `cancelChild` for child `id` unless it has ended (its outcome arrived): the request
+    /// goes out once the turn is durable, as ``ChildEntity/cancel()``'s does.
+    func requestChildCancel(_ id: UInt64) {
+        guard isChildOpen(id) else { return }
+        issued.append(.cancelChild(id: id))
     }
 
     /// A child reported its outcome: resumes the body's waits for it.

@@ -41,17 +41,31 @@ extension WorkflowContext {
     }
 
     /// Starts a child and waits for its output.
+    ///
+    /// The child belongs to this wait: when the task that waits is cancelled (a task group's
+    /// `cancelAll()`, an `async let` left unawaited; see ``WorkflowContext`` "Cancelling a wait"),
+    /// the child is asked to cancel too — a recorded `childCancelRequested`, as ``ChildEntity/cancel()``
+    /// records — and the wait throws `CancellationError` at once, without waiting for the child to
+    /// end. A task already cancelled starts no child. (With ``startChild(_:id:input:parentClosePolicy:)``
+    /// and ``ChildEntity/result()`` the handle outlives the wait, and a cancelled wait leaves the
+    /// child running.)
     /// - Throws: ``ChildFailure`` when the child fails or is terminated; `CancellationError` when this
-    ///   run is cancelled meanwhile.
+    ///   run, or the task that waits, is cancelled meanwhile.
     public func executeChild<C: EntityWorkflow>(_ type: C.Type, id: String, input: C.Input,
                                                 parentClosePolicy: ParentClosePolicy = .terminate) async throws -> C.Output {
-        try await startChild(type, id: id, input: input, parentClosePolicy: parentClosePolicy).result()
+        try Task.checkCancellation()
+        return try await startChild(type, id: id, input: input, parentClosePolicy: parentClosePolicy).result(cancellingChild: true)
     }
 
     /// Starts one child per element of `children`, at most `maxConcurrent` running at once (the next
     /// starts as soon as one finishes), and collects every outcome in the order given. A failed child
     /// does not stop the others: its slot holds its ``ChildFailure``, for the caller to decide.
-    /// - Throws: `CancellationError` if this run is cancelled meanwhile, or an encoding error.
+    ///
+    /// The children belong to the fan-out, as an ``executeChild(_:id:input:parentClosePolicy:)``'s
+    /// child does: if the task that runs it is cancelled, every child still running is asked to
+    /// cancel (`childCancelRequested`), no further child starts, and it throws `CancellationError`.
+    /// - Throws: `CancellationError` if this run, or the task that runs the fan-out, is cancelled
+    ///   meanwhile, or an encoding error.
     public func fanOut<C: EntityWorkflow>(_ type: C.Type, _ children: [(id: String, input: C.Input)], maxConcurrent: Int = 100,
                                           parentClosePolicy: ParentClosePolicy = .terminate) async throws -> [Result<C.Output, ChildFailure>] {
         var results = [Result<C.Output, ChildFailure>?](repeating: nil, count: children.count)
@@ -59,10 +73,12 @@ extension WorkflowContext {
         try await withThrowingTaskGroup(of: (Int, Result<C.Output, ChildFailure>).self) { group in
             var next = 0
             func launch() throws {
+                // A cancelled fan-out starts nothing more (its running children are asked to cancel).
+                try Task.checkCancellation()
                 let index = next
                 next += 1
                 let child = try startChild(type, id: children[index].id, input: children[index].input, parentClosePolicy: parentClosePolicy)
-                group.addTask { (index, try await child.outcome()) }
+                group.addTask { (index, try await child.outcome(cancellingChild: true)) }
             }
             while next < min(window, children.count) { try launch() }
             while let (index, result) = try await group.next() {
@@ -85,22 +101,28 @@ public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
         self.commandID = commandID
         self.name = name
         let run = context.run
-        self.wait = { id in
+        self.wait = { id, cancellingChild in
             guard run.waitsAreCancellable else {
+                try Task.checkCancellation()
                 return try await withUnsafeThrowingContinuation { continuation in run.awaitChild(id, continuation) }
+            }
+            if Task.isCancelled {
+                if cancellingChild { run.requestChildCancel(id) }
+                throw CancellationError()
             }
             let handle = WorkflowWaitHandle()
             return try await withTaskCancellationHandler {
                 try await withUnsafeThrowingContinuation { continuation in run.awaitChild(id, handle: handle, continuation) }
             } onCancel: {
-                run.cancelChildWait(handle)
+                run.cancelChildWait(handle, cancellingChild: cancellingChild)
             }
         }
         self.issue = { command in context.run.issued.append(command) }
         self.decode = { bytes in try bytes.withUnsafeBytes { try context.run.codec.decode(C.Output.self, from: $0) } }
     }
 
-    private let wait: (UInt64) async throws -> [UInt8]
+    /// Waits for child `id`'s outcome; the `Bool`: whether a cancelled wait asks the child to cancel.
+    private let wait: (UInt64, Bool) async throws -> [UInt8]
     private let issue: (WorkflowCommand) -> Void
     private let decode: ([UInt8]) throws -> C.Output
 
@@ -109,14 +131,20 @@ public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
     ///   run is cancelled while it waits, or the task that waits (at once if it already is; the
     ///   child goes on, see ``cancel()``).
     public func result() async throws -> C.Output {
-        try Task.checkCancellation()
-        return try decode(try await wait(commandID))
+        try await result(cancellingChild: false)
     }
 
-    /// The child's outcome as a `Result` (throws only for the parent's own cancellation).
-    func outcome() async throws -> Result<C.Output, ChildFailure> {
+    /// The child's output. `cancellingChild`: the wait owns the child, and a cancelled task asks it to
+    /// cancel (``WorkflowRun/requestChildCancel(_:)``), whether it was cancelled before or during the wait.
+    func result(cancellingChild: Bool) async throws -> C.Output {
+        try decode(try await wait(commandID, cancellingChild))
+    }
+
+    /// The child's outcome as a `Result` (throws only for cancellation: the parent's run's, or the
+    /// waiting task's).
+    func outcome(cancellingChild: Bool) async throws -> Result<C.Output, ChildFailure> {
         do {
-            return .success(try await result())
+            return .success(try await result(cancellingChild: cancellingChild))
         } catch let failure as ChildFailure {
             return .failure(failure)
         }
