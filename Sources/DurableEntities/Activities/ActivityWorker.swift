@@ -7,11 +7,14 @@ import Synchronization
 protocol AnyActivity: Sendable {
     /// ``Activity/recordsAttemptStart`` of the registered type.
     var recordsAttemptStart: Bool { get }
+    /// The metrics its attempts record into.
+    var metrics: ActivityMetrics { get }
     func run(_ input: [UInt8], context: ActivityContext, codec: any EntityCodec) async throws -> [UInt8]
 }
 
 struct RegisteredActivity<A: Activity>: AnyActivity {
     let activity: A
+    let metrics = ActivityMetrics(activity: A.name)
     var recordsAttemptStart: Bool { A.recordsAttemptStart }
     func run(_ input: [UInt8], context: ActivityContext, codec: any EntityCodec) async throws -> [UInt8] {
         let decoded = try input.withUnsafeBytes { try codec.decode(A.Input.self, from: $0) }
@@ -378,7 +381,7 @@ final class ActivityWorker: @unchecked Sendable {
 
     // MARK: One attempt
 
-    fileprivate enum Timeout: Sendable { case startToClose, heartbeat, scheduleToClose }
+    enum Timeout: Sendable { case startToClose, heartbeat, scheduleToClose }
 
     /// What the watchdogs of one attempt share with it.
     private final class Attempt: Sendable {
@@ -430,6 +433,8 @@ final class ActivityWorker: @unchecked Sendable {
                 let ended = await perform(task, activity, on: runner.executor, storingHeartbeats: true,
                                           startStored: activity.recordsAttemptStart)
                 decision = decide(task, ended)
+                activity.metrics.attemptStarted(at: ended.startedAt, dueSince: max(task.scheduledAt, task.notBefore))
+                activity.metrics.attemptEnded(decision, timedOut: ended.timedOut, startedAt: ended.startedAt, endedAt: now)
                 if case .dropped = decision, ended.marked { unmark(task, heartbeat: ended.heartbeat) }
             }
             running.withLock { _ = $0.removeValue(forKey: task.id) }
@@ -830,16 +835,17 @@ final class ActivityWorker: @unchecked Sendable {
         guard let activity = activities.withLock({ $0[task.name] }), !activity.recordsAttemptStart else { return nil }
         return TurnRunner.start(in: core.runners) { [self] runner in
             let ended = await perform(task, activity, on: runner.executor)
-            return endLocal(task, ended, executor: runner.executor, owner: owner, id: id)
+            return endLocal(task, activity, ended, executor: runner.executor, owner: owner, id: id)
         }
     }
 
     /// A local attempt ended: inside the turn, `owner` gets the decision (returns `true`); detached,
     /// the decision waits for the scheduling turn's commit and then goes the way a pool attempt's goes.
     @inline(never)
-    private func endLocal(_ task: ActivityTask, _ ended: Ended, executor: TurnExecutor,
+    private func endLocal(_ task: ActivityTask, _ activity: any AnyActivity, _ ended: Ended, executor: TurnExecutor,
                           owner: any LocalAttemptOwner, id: UInt64) -> Bool {
         let decision = decide(task, ended)
+        activity.metrics.attemptEnded(decision, timedOut: ended.timedOut, startedAt: ended.startedAt, endedAt: now)
         if executor.finishInline() {
             owner.localAttemptEnded(id, decision)
             return true

@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Logging
+import Metrics
 
 /// Fires durable timers: one thread sleeps until the earliest due timer (on the runtime's clock), then
 /// hands every due timer to its entity as a message. The entity records the firing and deletes the
@@ -39,6 +40,15 @@ final class TimerService: @unchecked Sendable {
     private let handedOver = Atomic<Int>(0)
     /// Timers handed over since the service started (for tests).
     var deliveries: Int { handedOver.load(ordering: .acquiring) }
+    /// The same count as a metric, `durable_entities_timers_fired`, with the dimension `kind`: `entity`
+    /// (a run body's timer, or a condition's timeout) or `retry` (an activity's next attempt). A timer
+    /// whose hand-over has to wait (its entity type not registered yet, a failed read) counts again
+    /// when it is tried again.
+    private let fired = (entity: Counter(label: "durable_entities_timers_fired", dimensions: [("kind", "entity")]),
+                         retry: Counter(label: "durable_entities_timers_fired", dimensions: [("kind", "retry")]))
+    /// `durable_entities_timer_lag`: how late a timer was handed over, from its due time (runtime
+    /// clock). A backlog after a long downtime, or a loop that falls behind, shows here.
+    private let lag = Metrics.Timer(label: "durable_entities_timer_lag")
 
     /// An entity type was registered: timers that waited for one are looked at again.
     func retryUndelivered() {
@@ -187,7 +197,12 @@ final class TimerService: @unchecked Sendable {
             }
             return
         }
-        if timer.isIntact { handedOver.add(1, ordering: .releasing) }
+        if timer.isIntact {
+            handedOver.add(1, ordering: .releasing)
+            (timer.payload.first == 1 ? fired.retry : fired.entity).increment()
+            let now = core.clock.nowNanoseconds()
+            lag.recordNanoseconds(Int64(clamping: now &- min(timer.dueNanoseconds, now)))
+        }
         if timer.isIntact, timer.payload.first == 1 {
             core.becameBusy()
             core.activities.retryDue(timer) { [self] in release(id, busy: true) }
