@@ -12,8 +12,15 @@ struct RaceStep: EntityWorkflow {
     typealias Input = String
     static func initialState(id: String) -> State { State() }
     static func run(_ label: String, context: WorkflowContext<Self>) async throws -> String {
+        try await race(context) { try await step(label, context) }
+    }
+
+    /// Races `contender` against a 60-second durable timer in a task group and cancels the loser;
+    /// returns the winner's result, then the loser's.
+    static func race(_ context: WorkflowContext<some EntityWorkflow>,
+                     _ contender: @escaping @Sendable () async throws -> String) async throws -> String {
         try await withThrowingTaskGroup(of: String.self) { group in
-            group.addTask { try await step(label, context) }
+            group.addTask { try await contender() }
             group.addTask { try await deadline(context) }
             let first = try await group.next()!
             group.cancelAll()
@@ -129,15 +136,8 @@ struct ChildOrDeadline: EntityWorkflow {
     static func initialState(id: String) -> State { State() }
     static func run(_ input: String, context: WorkflowContext<Self>) async throws -> String {
         let child = try context.startChild(SleepyChild.self, id: "child-of-\(context.id)", input: input, parentClosePolicy: .abandon)
-        return try await withThrowingTaskGroup(of: String.self) { group in
-            group.addTask {
-                do { return "child:" + (try await child.result()) } catch is CancellationError { return "child-wait-cancelled" }
-            }
-            group.addTask { try await RaceStep.deadline(context) }
-            let first = try await group.next()!
-            group.cancelAll()
-            let second = try await group.next()!
-            return first + "," + second
+        return try await RaceStep.race(context) {
+            do { return "child:" + (try await child.result()) } catch is CancellationError { return "child-wait-cancelled" }
         }
     }
 }
@@ -149,20 +149,13 @@ struct ExecuteChildOrDeadline: EntityWorkflow {
     typealias Input = String
     static func initialState(id: String) -> State { State() }
     static func run(_ input: String, context: WorkflowContext<Self>) async throws -> String {
-        try await withThrowingTaskGroup(of: String.self) { group in
-            group.addTask {
-                do {
-                    return "child:" + (try await context.executeChild(SleepyChild.self, id: "child-of-\(context.id)", input: input,
-                                                                      parentClosePolicy: .abandon))
-                } catch is CancellationError {
-                    return "child-cancelled"
-                }
+        try await RaceStep.race(context) {
+            do {
+                return "child:" + (try await context.executeChild(SleepyChild.self, id: "child-of-\(context.id)", input: input,
+                                                                  parentClosePolicy: .abandon))
+            } catch is CancellationError {
+                return "child-cancelled"
             }
-            group.addTask { try await RaceStep.deadline(context) }
-            let first = try await group.next()!
-            group.cancelAll()
-            let second = try await group.next()!
-            return first + "," + second
         }
     }
 }
@@ -174,21 +167,14 @@ struct FanOutOrDeadline: EntityWorkflow {
     typealias Input = String
     static func initialState(id: String) -> State { State() }
     static func run(_ input: String, context: WorkflowContext<Self>) async throws -> String {
-        try await withThrowingTaskGroup(of: String.self) { group in
-            group.addTask {
-                do {
-                    let children = (0..<3).map { (id: "fan-\($0)-of-\(context.id)", input: input) }
-                    let outcomes = try await context.fanOut(SleepyChild.self, children, maxConcurrent: 2, parentClosePolicy: .abandon)
-                    return "fan-out:\(outcomes.count)"
-                } catch is CancellationError {
-                    return "fan-out-cancelled"
-                }
+        try await RaceStep.race(context) {
+            do {
+                let children = (0..<3).map { (id: "fan-\($0)-of-\(context.id)", input: input) }
+                let outcomes = try await context.fanOut(SleepyChild.self, children, maxConcurrent: 2, parentClosePolicy: .abandon)
+                return "fan-out:\(outcomes.count)"
+            } catch is CancellationError {
+                return "fan-out-cancelled"
             }
-            group.addTask { try await RaceStep.deadline(context) }
-            let first = try await group.next()!
-            group.cancelAll()
-            let second = try await group.next()!
-            return first + "," + second
         }
     }
 }
