@@ -3,7 +3,8 @@ import Metrics
 /// The metrics of one registered activity (swift-metrics), with the dimension `activity` (its
 /// registered name). Made once, when the activity is registered, so that an attempt records into
 /// objects it already holds, with no lookup; like the runtime's other metrics they are no-ops unless
-/// the application bootstrapped a backend before it made the runtime. Durations are on the runtime's
+/// the application bootstrapped a backend before the registration (activities passed to the
+/// runtime's initializer register as it is made). Durations are on the runtime's
 /// clock (a ``TestClock`` in tests), like everything else the runtime times.
 ///
 /// - `durable_entities_activity_attempts` (counter; dimension `result`): every attempt's end —
