@@ -47,8 +47,11 @@ final class ActivityMetrics: Sendable {
     }
 
     /// An attempt ended with `decision` (a watchdog's `timedOut` if one ended it), having started at
-    /// `startedAt` and ended at `endedAt` (ns, runtime clock).
-    func attemptEnded(_ decision: ActivityWorker.Decision, timedOut: ActivityWorker.Timeout?, startedAt: UInt64, endedAt: UInt64) {
+    /// `startedAt` and ended at `endedAt` (ns, runtime clock); `due`: when a pool attempt could have
+    /// started (its schedule-to-start is recorded), `nil` for a local one.
+    func attemptEnded(_ decision: ActivityWorker.Decision, timedOut: ActivityWorker.Timeout?, due: UInt64?,
+                      startedAt: UInt64, endedAt: UInt64) {
+        if let due { scheduleToStart.recordNanoseconds(Int64(clamping: startedAt &- min(due, startedAt))) }
         switch decision {
         case .succeeded: completed.increment()
         case .retry: retried.increment()
@@ -62,10 +65,5 @@ final class ActivityMetrics: Sendable {
         case nil: break
         }
         attemptDuration.recordNanoseconds(Int64(clamping: endedAt &- min(startedAt, endedAt)))
-    }
-
-    /// A pool attempt started at `startedAt`, due since `due` (ns, runtime clock).
-    func attemptStarted(at startedAt: UInt64, dueSince due: UInt64) {
-        scheduleToStart.recordNanoseconds(Int64(clamping: startedAt &- min(due, startedAt)))
     }
 }

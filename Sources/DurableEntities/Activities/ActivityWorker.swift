@@ -433,8 +433,8 @@ final class ActivityWorker: @unchecked Sendable {
                 let ended = await perform(task, activity, on: runner.executor, storingHeartbeats: true,
                                           startStored: activity.recordsAttemptStart)
                 decision = decide(task, ended)
-                activity.metrics.attemptStarted(at: ended.startedAt, dueSince: max(task.scheduledAt, task.notBefore))
-                activity.metrics.attemptEnded(decision, timedOut: ended.timedOut, startedAt: ended.startedAt, endedAt: now)
+                activity.metrics.attemptEnded(decision, timedOut: ended.timedOut, due: max(task.scheduledAt, task.notBefore),
+                                              startedAt: ended.startedAt, endedAt: now)
                 if case .dropped = decision, ended.marked { unmark(task, heartbeat: ended.heartbeat) }
             }
             running.withLock { _ = $0.removeValue(forKey: task.id) }
@@ -845,7 +845,7 @@ final class ActivityWorker: @unchecked Sendable {
     private func endLocal(_ task: ActivityTask, _ activity: any AnyActivity, _ ended: Ended, executor: TurnExecutor,
                           owner: any LocalAttemptOwner, id: UInt64) -> Bool {
         let decision = decide(task, ended)
-        activity.metrics.attemptEnded(decision, timedOut: ended.timedOut, startedAt: ended.startedAt, endedAt: now)
+        activity.metrics.attemptEnded(decision, timedOut: ended.timedOut, due: nil, startedAt: ended.startedAt, endedAt: now)
         if executor.finishInline() {
             owner.localAttemptEnded(id, decision)
             return true
