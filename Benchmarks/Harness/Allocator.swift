@@ -18,3 +18,15 @@ enum Allocator {
         return "jemalloc " + String(cString: version)
     }()
 }
+
+/// How the Swift runtime is linked: `"static"` when the binary carries it (release builds of the
+/// benchmarks, see `Package.swift`), `"dynamic"` when it was loaded from `libswiftCore.so`. Reported
+/// with every figure, since it moves them (the README's "Deployment" has the measurements).
+enum SwiftRuntimeLinkage {
+    static let current: String = {
+        // RTLD_NOLOAD: only asks whether the library is already mapped into the process.
+        guard let handle = dlopen("libswiftCore.so", RTLD_LAZY | RTLD_NOLOAD) else { return "static" }
+        dlclose(handle)
+        return "dynamic"
+    }()
+}

@@ -59,7 +59,7 @@ struct BenchmarkRunner {
     static func banner(options: ScenarioOptions) -> String {
         let info = ProcessInfo.processInfo
         return "DurableEntities benchmarks — \(BuildMode.current) build, \(info.activeProcessorCount) cores, "
-            + "\(info.operatingSystemVersionString), malloc: \(Allocator.current)\(options.quick ? ", --quick" : "")"
+            + "\(info.operatingSystemVersionString), malloc: \(Allocator.current), Swift runtime: \(SwiftRuntimeLinkage.current)\(options.quick ? ", --quick" : "")"
     }
 }
 

@@ -4,13 +4,13 @@ import Foundation
 ///
 /// The JSON line keeps this field order: `scenario`, `throughput_per_s`, `p50_ms`, `p90_ms`,
 /// `p99_ms`, `peak_rss_mb`, `params`, then `operations`, `wall_s`, `max_ms`, `latency_samples`,
-/// `allocator` (``Allocator/current``), (`peak_rss_scope` when the peak could not be reset per
+/// `allocator` (``Allocator/current``), `swift_runtime` (``SwiftRuntimeLinkage/current``), (`peak_rss_scope` when the peak could not be reset per
 /// scenario), then the scenario's ``ScenarioResult/extra`` fields sorted by key. A percentile with no samples is `null`.
 struct ScenarioReport: Sendable {
     /// Field names the harness writes itself; a scenario's extra field may not reuse them.
     static let standardKeys: Set<String> = [
         "scenario", "throughput_per_s", "p50_ms", "p90_ms", "p99_ms", "peak_rss_mb", "params",
-        "operations", "wall_s", "max_ms", "latency_samples", "allocator", "peak_rss_scope",
+        "operations", "wall_s", "max_ms", "latency_samples", "allocator", "swift_runtime", "peak_rss_scope",
     ]
 
     var name: String
@@ -56,6 +56,7 @@ struct ScenarioReport: Sendable {
             ("max_ms", ms(latency.maxMilliseconds)),
             ("latency_samples", String(latency.count)),
             ("allocator", JSONValue.quoted(Allocator.current)),
+            ("swift_runtime", JSONValue.quoted(SwiftRuntimeLinkage.current)),
         ]
         if peakScope == .process { fields.append(("peak_rss_scope", JSONValue.quoted(peakScope.rawValue))) }
         fields += extraFields.map { ($0.key, $0.value.jsonText) }
