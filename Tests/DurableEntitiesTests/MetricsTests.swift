@@ -73,7 +73,11 @@ struct MetricsTests {
             if label == "stall" { try await silence.wait() }
             return "stub:\(label)"
         }
-        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        // The runtime's own dimension keeps its figures apart from other suites' runtimes.
+        var configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        let mine = ("runtime", "metrics-activities")
+        configuration.metricsDimensions = [mine]
+        let runtime = try EntityRuntime(configuration: configuration, activities: [stub])
         defer { runtime.close() }
         func idle() async { _ = await Task.detached { runtime.core.waitUntilIdle() }.value }
         var started = events.makeAsyncIterator()
@@ -97,22 +101,67 @@ struct MetricsTests {
 
         let activity = ("activity", MeteredStep.name)
         func attempts(_ result: String) -> Int64 {
-            metrics.counterTotal(label: "durable_entities_activity_attempts", dimensions: [activity, ("result", result)])
+            metrics.counterTotal(label: "durable_entities_activity_attempts", dimensions: [activity, mine, ("result", result)])
         }
         // flaky: retried then completed on the pool, completed locally; stall: failed, completed locally.
         #expect(attempts("completed") == 3)
         #expect(attempts("retried") == 1)
         #expect(attempts("failed") == 1)
         #expect(attempts("dropped") == 0)
-        #expect(metrics.counterTotal(label: "durable_entities_activity_timeouts", dimensions: [activity, ("timeout", "start_to_close")]) == 1)
-        #expect(metrics.counterTotal(label: "durable_entities_activity_timeouts", dimensions: [activity, ("timeout", "heartbeat")]) == 0)
+        #expect(metrics.counterTotal(label: "durable_entities_activity_timeouts", dimensions: [activity, mine, ("timeout", "start_to_close")]) == 1)
+        #expect(metrics.counterTotal(label: "durable_entities_activity_timeouts", dimensions: [activity, mine, ("timeout", "heartbeat")]) == 0)
         let twoSeconds: Int64 = 2_000_000_000
-        #expect(try metrics.expectTimer("durable_entities_activity_attempt_duration", [activity]).values
+        #expect(try metrics.expectTimer("durable_entities_activity_attempt_duration", [activity, mine]).values
                 == [twoSeconds, twoSeconds, twoSeconds, twoSeconds, twoSeconds])
         // Pool attempts only: the first at once, the retry 4 s after it was due, the stalling one at once.
-        #expect(try metrics.expectTimer("durable_entities_activity_schedule_to_start", [activity]).values == [0, 4_000_000_000, 0])
-        // Timer metrics have no per-activity dimension: other suites' runtimes add to them.
-        #expect(metrics.counterTotal(label: "durable_entities_timers_fired", dimensions: [("kind", "retry")]) >= 1)
-        #expect(try metrics.expectTimer("durable_entities_timer_lag").values.contains(4_000_000_000))
+        #expect(try metrics.expectTimer("durable_entities_activity_schedule_to_start", [activity, mine]).values == [0, 4_000_000_000, 0])
+        // One durable timer fired in this runtime: the retry's, 4 s late.
+        #expect(metrics.counterTotal(label: "durable_entities_timers_fired", dimensions: [("kind", "retry"), mine]) == 1)
+        #expect(metrics.counterTotal(label: "durable_entities_timers_fired", dimensions: [("kind", "entity"), mine]) == 0)
+        #expect(try metrics.expectTimer("durable_entities_timer_lag", [mine]).values == [4_000_000_000])
+        // The journal took the runtime's dimensions, and so did the shards.
+        #expect(metrics.counterTotal(label: "durable_entities_journal_commits", dimensions: [mine]) >= 4)
+        #expect(try !metrics.expectTimer("durable_entities_turn_duration", [("shard", "0"), mine]).values.isEmpty)
+    }
+
+    @Test("the activity pool reports its occupancy: attempts running out of maxConcurrentActivities, and attempts queued for a slot")
+    func poolOccupancy() async throws {
+        let metrics = Self.metrics
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let steps = ActivityPoolTests.GatedSteps()
+        var configuration = EntityRuntime.Configuration(directory: directory.path, maxConcurrentActivities: 2, logger: quietLogger)
+        configuration.journal.logger = quietLogger
+        let mine = [("runtime", "metrics-pool")]
+        configuration.metricsDimensions = mine
+        let runtime = try EntityRuntime(configuration: configuration, activities: [steps.stub()])
+        defer { runtime.close() }
+        func occupancy() throws -> (running: Double?, queued: Double?) {
+            (try metrics.expectGauge("durable_entities_activity_pool_running", mine).lastValue,
+             try metrics.expectGauge("durable_entities_activity_pool_queued", mine).lastValue)
+        }
+
+        // Three calls, two slots: two run (held on their gates), the third waits in the queue.
+        let labels = ["p0", "p1", "p2"]
+        for label in labels { try await runtime.entity(CallStep.self, id: label).start(.init(label: label, options: .default)) }
+        var started = steps.started.makeAsyncIterator()
+        let first = await started.next()!
+        let second = await started.next()!
+        // One more committed turn: the completions that queued the third call have run.
+        try await runtime.entity(Account.self, id: "barrier").signal(.deposit(1))
+        #expect(try occupancy() == (running: 2, queued: 1))
+
+        // The first ends: its slot goes to the queued call, recorded before that call starts.
+        steps.gate(first).open()
+        let third = await started.next()!
+        #expect(Set([first, second, third]) == Set(labels))
+        #expect(try occupancy() == (running: 2, queued: 0))
+
+        // All end: the pool is empty once the runtime is idle.
+        steps.gate(second).open()
+        steps.gate(third).open()
+        for label in labels { #expect(try await runtime.entity(CallStep.self, id: label).result() == "done:\(label)") }
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+        #expect(try occupancy() == (running: 0, queued: 0))
     }
 }

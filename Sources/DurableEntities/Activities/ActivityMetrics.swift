@@ -28,12 +28,15 @@ final class ActivityMetrics: Sendable {
     private let attemptDuration: Metrics.Timer
     private let scheduleToStart: Metrics.Timer
 
-    init(activity: String) {
+    /// - Parameter dimensions: the runtime's own (``EntityRuntime/Configuration/metricsDimensions``),
+    ///   added after `activity`.
+    init(activity: String, dimensions: [(String, String)] = []) {
+        let named = [("activity", activity)] + dimensions
         func attempts(_ result: String) -> Counter {
-            Counter(label: "durable_entities_activity_attempts", dimensions: [("activity", activity), ("result", result)])
+            Counter(label: "durable_entities_activity_attempts", dimensions: named + [("result", result)])
         }
         func timeouts(_ timeout: String) -> Counter {
-            Counter(label: "durable_entities_activity_timeouts", dimensions: [("activity", activity), ("timeout", timeout)])
+            Counter(label: "durable_entities_activity_timeouts", dimensions: named + [("timeout", timeout)])
         }
         completed = attempts("completed")
         retried = attempts("retried")
@@ -42,8 +45,8 @@ final class ActivityMetrics: Sendable {
         startToCloseTimeouts = timeouts("start_to_close")
         scheduleToCloseTimeouts = timeouts("schedule_to_close")
         heartbeatTimeouts = timeouts("heartbeat")
-        attemptDuration = Metrics.Timer(label: "durable_entities_activity_attempt_duration", dimensions: [("activity", activity)])
-        scheduleToStart = Metrics.Timer(label: "durable_entities_activity_schedule_to_start", dimensions: [("activity", activity)])
+        attemptDuration = Metrics.Timer(label: "durable_entities_activity_attempt_duration", dimensions: named)
+        scheduleToStart = Metrics.Timer(label: "durable_entities_activity_schedule_to_start", dimensions: named)
     }
 
     /// An attempt ended with `decision` (a watchdog's `timedOut` if one ended it), having started at

@@ -1,6 +1,7 @@
 import DequeModule
 import Foundation
 import Logging
+import Metrics
 import Synchronization
 
 /// An activity, whatever its types: decodes its input, runs it, encodes its output.
@@ -14,7 +15,12 @@ protocol AnyActivity: Sendable {
 
 struct RegisteredActivity<A: Activity>: AnyActivity {
     let activity: A
-    let metrics = ActivityMetrics(activity: A.name)
+    let metrics: ActivityMetrics
+
+    init(activity: A, metricsDimensions: [(String, String)] = []) {
+        self.activity = activity
+        metrics = ActivityMetrics(activity: A.name, dimensions: metricsDimensions)
+    }
     var recordsAttemptStart: Bool { A.recordsAttemptStart }
     func run(_ input: [UInt8], context: ActivityContext, codec: any EntityCodec) async throws -> [UInt8] {
         let decoded = try input.withUnsafeBytes { try codec.decode(A.Input.self, from: $0) }
@@ -97,7 +103,26 @@ final class ActivityWorker: @unchecked Sendable {
     }
     /// The pool's queue, under one lock taken about twice per attempt (queue, then end-and-take-next):
     /// every activity of every entity goes through it, so it is kept short and apart from the rest.
+    /// Changed only through ``withPool(_:)``, which reports its counts.
     private let pool = Mutex(Pool())
+    /// The pool's occupancy as gauges, recorded under its lock after each change, so the last value
+    /// recorded is the current one: `durable_entities_activity_pool_queued` (attempts due and waiting
+    /// for a slot) and `durable_entities_activity_pool_running` (attempts holding a slot, out of
+    /// `maxConcurrentActivities`: running on a drain or waiting on their own).
+    private let queuedGauge: Gauge
+    private let runningGauge: Gauge
+    /// The runtime's metric dimensions, for the activities registered later.
+    private let metricsDimensions: [(String, String)]
+
+    /// Changes the pool under its lock and records its counts.
+    private func withPool<R: Sendable>(_ change: (inout Pool) -> R) -> R {
+        pool.withLock { pool in
+            let result = change(&pool)
+            queuedGauge.record(pool.queue.count)
+            runningGauge.record(pool.attempts)
+            return result
+        }
+    }
     /// The attempts that left their drain (or their turn, for local ones), by id: close cancels them
     /// when the grace period ends.
     private struct Detached {
@@ -137,8 +162,11 @@ final class ActivityWorker: @unchecked Sendable {
     private let waiting = Mutex(Waiting())
 
     init(limit: Int, drains: Int = ProcessInfo.processInfo.activeProcessorCount, heartbeatStoreInterval: Duration = .seconds(1),
-         cancellationWait: Duration = .seconds(1)) {
+         cancellationWait: Duration = .seconds(1), metricsDimensions: [(String, String)] = []) {
         self.limit = max(1, limit)
+        self.metricsDimensions = metricsDimensions
+        queuedGauge = Gauge(label: "durable_entities_activity_pool_queued", dimensions: metricsDimensions)
+        runningGauge = Gauge(label: "durable_entities_activity_pool_running", dimensions: metricsDimensions)
         self.cancellationWait = cancellationWait
         self.maxDrains = max(1, min(self.limit, drains))
         self.heartbeatStoreInterval = heartbeatStoreInterval < .zero ? 0 : UInt64(clamping: heartbeatStoreInterval.nanoseconds)
@@ -150,7 +178,7 @@ final class ActivityWorker: @unchecked Sendable {
     func attach(_ core: RuntimeCore) { self.core = core }
 
     func register<A: Activity>(_ activity: A) {
-        activities.withLock { $0[A.name] = RegisteredActivity(activity: activity) }
+        activities.withLock { $0[A.name] = RegisteredActivity(activity: activity, metricsDimensions: metricsDimensions) }
         let parked = waiting.withLock { $0.tasks.removeValue(forKey: A.name) } ?? []
         for task in parked { dispatch(task) }
     }
@@ -164,7 +192,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// Queues an attempt of `task`, once: a task already queued or running at that attempt is left
     /// alone, and a later attempt waits for the slot of the one before (see ``Pool/enqueue(_:)``).
     func dispatch(_ task: ActivityTask) {
-        let start = pool.withLock { pool -> Bool in
+        let start = withPool { pool -> Bool in
             pool.enqueue(task) && pool.startsDrain(limit: limit, maxDrains: maxDrains)
         }
         if start { startDrain() }
@@ -187,7 +215,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// - Parameter waitUntilIdle: waits until the runtime is idle or the deadline passes; returns
     ///   whether it became idle.
     func close(gracePeriod: Duration, waitUntilIdle: (ContinuousClock.Instant) -> Bool) {
-        pool.withLock { pool in
+        withPool { pool in
             pool.closing = true
             for task in pool.queue { pool.active.removeValue(forKey: task.id) }
             pool.queue.removeAll()
@@ -231,7 +259,7 @@ final class ActivityWorker: @unchecked Sendable {
     private func drain() {
         var ended: ActivityTask?
         while true {
-            let next = pool.withLock { pool -> ActivityTask? in
+            let next = withPool { pool -> ActivityTask? in
                 if let ended { pool.endSlot(ended.id) }
                 if !pool.closing, pool.attempts < limit, let task = pool.queue.popFirst() {
                     pool.attempts += 1
@@ -416,7 +444,7 @@ final class ActivityWorker: @unchecked Sendable {
         // taken inside this one, never the other way round.)
         let found = activities.withLock { registered -> (any AnyActivity)? in
             if let activity = registered[task.name] { return activity }
-            pool.withLock { $0.endSlot(task.id) }
+            withPool { $0.endSlot(task.id) }
             waiting.withLock { $0.tasks[task.name, default: []].append(task) }
             return nil
         }
@@ -492,7 +520,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// An attempt that left its drain ended (its outcome carried out): its slot is free, which may
     /// let a queued attempt start.
     private func detachedAttemptEnded(_ task: ActivityTask, id: UInt64?) {
-        let start = pool.withLock { pool -> Bool in
+        let start = withPool { pool -> Bool in
             pool.endSlot(task.id)
             return pool.startsDrain(limit: limit, maxDrains: maxDrains)
         }
@@ -895,7 +923,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// fails is not retried; one that returns anyway hands its outcome to the entity, which drops it.
     func giveUp(entity: UInt64, _ ids: [UInt64]) {
         let keys = ids.map { ActivityTask.ID(entityKey: entity, activityID: $0) }
-        pool.withLock { pool in
+        withPool { pool in
             for key in keys { pool.forget(key) }
         }
         running.withLock { running in

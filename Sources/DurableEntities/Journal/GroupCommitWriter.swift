@@ -56,9 +56,9 @@ final class GroupCommitWriter: @unchecked Sendable {
     /// Counters for benchmarks and metrics.
     let statistics = Mutex(Journal.Statistics())
     /// swift-metrics: commits, their sizes (operations) and durations (fsync included).
-    private let commitsMetric = Counter(label: "durable_entities_journal_commits")
-    private let batchSizeMetric = Recorder(label: "durable_entities_journal_commit_operations")
-    private let commitDurationMetric = Metrics.Timer(label: "durable_entities_journal_commit_duration")
+    private let commitsMetric: Counter
+    private let batchSizeMetric: Recorder
+    private let commitDurationMetric: Metrics.Timer
     private let condition = NSCondition()
     private var pending = Deque<Submission>()
     /// Operations in `pending`.
@@ -92,6 +92,9 @@ final class GroupCommitWriter: @unchecked Sendable {
         self.pendingNames = pending
         if recovered.mergedRowsLeft { merge.phase = .deleting(upTo: recovered.mergedBefore) }
         self.configuration = configuration
+        commitsMetric = Counter(label: "durable_entities_journal_commits", dimensions: configuration.metricsDimensions)
+        batchSizeMetric = Recorder(label: "durable_entities_journal_commit_operations", dimensions: configuration.metricsDimensions)
+        commitDurationMetric = Metrics.Timer(label: "durable_entities_journal_commit_duration", dimensions: configuration.metricsDimensions)
         self.recent = RecentRecords(capacity: configuration.recentRecordBytes)
         self.state = WriterCounters(nextPosition: recovered.nextPosition, liveHead: recovered.liveHead,
                                     nextNameSequence: recovered.nextNameSequence)

@@ -103,6 +103,10 @@ public final class Journal: Sendable {
         /// also finds tasks whose entity has no metadata record. The journal itself never reads task
         /// keys. An ``EntityRuntime`` sets its own (``EntityRuntime/taskOwner``).
         public var taskOwner: TaskOwner?
+        /// Added to each of the journal's metrics (`durable_entities_journal_*`), e.g.
+        /// `[("runtime", "orders")]` when a process has more than one journal. An ``EntityRuntime``
+        /// passes its own (``EntityRuntime/Configuration/metricsDimensions``) when these are empty.
+        public var metricsDimensions: [(String, String)] = []
         /// Storage failures on purpose, for tests (see ``JournalFaults``); `nil` in use.
         var faults: JournalFaults?
 

@@ -18,7 +18,7 @@ final class RuntimeCore: Sendable {
     /// Entities with messages queued or a turn in flight, plus timers being delivered. Zero means idle:
     /// every entity waits (for a message or a timer).
     private let busy = Atomic<Int>(0)
-    let timers = TimerService()
+    let timers: TimerService
     let activities: ActivityWorker
     /// Parked tasks for run bodies and local activities' attempts (see ``TurnRunner``).
     let runners = TurnRunners()
@@ -58,10 +58,12 @@ final class RuntimeCore: Sendable {
         // or running (see ``Journal/Configuration/commitWindow``).
         let queue = ReadyQueue { [weak journal] in journal?.producersIdle() }
         journal.pace(with: queue)
-        self.shards = (0..<count).map { Shard(index: $0, queue: queue) }
+        self.shards = (0..<count).map { Shard(index: $0, queue: queue, metricsDimensions: configuration.metricsDimensions) }
+        self.timers = TimerService(metricsDimensions: configuration.metricsDimensions)
         self.tables = (0..<count).map { _ in CellTableBox() }
         self.activities = ActivityWorker(limit: configuration.maxConcurrentActivities, heartbeatStoreInterval: configuration.activityHeartbeatStoreInterval,
-                                         cancellationWait: configuration.activityCancellationWait)
+                                         cancellationWait: configuration.activityCancellationWait,
+                                         metricsDimensions: configuration.metricsDimensions)
         self.activities.attach(self)
         idleReply = { [unowned self] _ in becameIdle() }
     }

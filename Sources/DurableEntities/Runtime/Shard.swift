@@ -140,10 +140,10 @@ final class Shard: Sendable {
     /// Left when the thread returns (see ``stop()``).
     private let running = DispatchGroup()
 
-    init(index: Int, queue: ReadyQueue) {
+    init(index: Int, queue: ReadyQueue, metricsDimensions: [(String, String)] = []) {
         self.index = index
         self.queue = queue
-        let dimensions = [("shard", "\(index)")]
+        let dimensions = [("shard", "\(index)")] + metricsDimensions
         readyEntities = Gauge(label: "durable_entities_shard_ready_entities", dimensions: dimensions)
         turnDuration = Metrics.Timer(label: "durable_entities_turn_duration", dimensions: dimensions)
         turnMessages = Recorder(label: "durable_entities_turn_messages", dimensions: dimensions)

@@ -44,11 +44,17 @@ final class TimerService: @unchecked Sendable {
     /// (a run body's timer, or a condition's timeout) or `retry` (an activity's next attempt). A timer
     /// whose hand-over has to wait (its entity type not registered yet, a failed read) counts again
     /// when it is tried again.
-    private let fired = (entity: Counter(label: "durable_entities_timers_fired", dimensions: [("kind", "entity")]),
-                         retry: Counter(label: "durable_entities_timers_fired", dimensions: [("kind", "retry")]))
+    private let fired: (entity: Counter, retry: Counter)
     /// `durable_entities_timer_lag`: how late a timer was handed over, from its due time (runtime
     /// clock). A backlog after a long downtime, or a loop that falls behind, shows here.
-    private let lag = Metrics.Timer(label: "durable_entities_timer_lag")
+    private let lag: Metrics.Timer
+
+    /// - Parameter metricsDimensions: added to each of its metrics (``EntityRuntime/Configuration/metricsDimensions``).
+    init(metricsDimensions: [(String, String)] = []) {
+        fired = (entity: Counter(label: "durable_entities_timers_fired", dimensions: [("kind", "entity")] + metricsDimensions),
+                 retry: Counter(label: "durable_entities_timers_fired", dimensions: [("kind", "retry")] + metricsDimensions))
+        lag = Metrics.Timer(label: "durable_entities_timer_lag", dimensions: metricsDimensions)
+    }
 
     /// An entity type was registered: timers that waited for one are looked at again.
     func retryUndelivered() {
@@ -90,8 +96,6 @@ final class TimerService: @unchecked Sendable {
     /// The most timers on their way to their entities at once (those waiting for a registration not
     /// counted).
     static let maxInFlight = 1_024
-
-    init() {}
 
     func start(core: RuntimeCore) {
         self.core = core
