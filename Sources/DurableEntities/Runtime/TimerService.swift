@@ -201,13 +201,14 @@ final class TimerService: @unchecked Sendable {
             }
             return
         }
+        let isRetry = timer.payload.first == 1  // an activity's next attempt (see ActivityWorker)
         if timer.isIntact {
             handedOver.add(1, ordering: .releasing)
-            (timer.payload.first == 1 ? fired.retry : fired.entity).increment()
+            (isRetry ? fired.retry : fired.entity).increment()
             let now = core.clock.nowNanoseconds()
             lag.recordNanoseconds(Int64(clamping: now &- min(timer.dueNanoseconds, now)))
         }
-        if timer.isIntact, timer.payload.first == 1 {
+        if timer.isIntact, isRetry {
             core.becameBusy()
             core.activities.retryDue(timer) { [self] in release(id, busy: true) }
             return

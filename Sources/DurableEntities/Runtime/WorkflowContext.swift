@@ -204,11 +204,8 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
 
     /// A cancelled task schedules no activity: it fails at once, with nothing recorded.
     private func checkCancellation<A: Activity>(_ activity: A.Type) throws(ActivityFailure) {
-        guard Task.isCancelled else { return }
-        throw ActivityFailure(activity: A.name, reason: .cancelled, attempts: 0, causeType: "CancellationError",
-                              cause: "the task was cancelled before the activity was scheduled; nothing was scheduled")
+        if Task.isCancelled { throw .cancelledBeforeScheduling(A.name) }
     }
-
 
     /// Runs a *local activity*: a short call in this process (an in-memory ledger, a local file or
     /// cache, a quick call to a nearby service) that skips the activity pool.

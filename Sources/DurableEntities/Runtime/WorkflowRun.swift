@@ -261,10 +261,16 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         waiter.done = true
         if let timer = waiter.timer, waiter.condition != nil, (try? result.get()) == true {
             // The condition won the race with its timeout: cancel the timer.
-            timers[timer] = nil
-            if let due = timerDue.removeValue(forKey: timer) { issued.append(.cancelTimer(id: timer, due: due)) }
+            cancelTimer(timer)
         }
         waiter.continuation.resume(with: result)
+    }
+
+    /// Cancels timer `id`: it no longer resumes a wait, and `cancelTimer` is recorded (the turn deletes
+    /// its row) unless it already fired or was cancelled.
+    private func cancelTimer(_ id: UInt64) {
+        timers[id] = nil
+        if let due = timerDue.removeValue(forKey: id) { issued.append(.cancelTimer(id: id, due: due)) }
     }
 
     /// Registers the body's wait for an activity's outcome.
@@ -438,10 +444,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     func cancelWait(_ handle: WorkflowWaitHandle) {
         guard let waiter = handle.waiter, !waiter.done else { return }
         waiter.done = true
-        if let timer = waiter.timer {
-            timers[timer] = nil
-            if let due = timerDue.removeValue(forKey: timer) { issued.append(.cancelTimer(id: timer, due: due)) }
-        }
+        if let timer = waiter.timer { cancelTimer(timer) }
         if waiter.condition != nil { waiters.removeAll { $0 === waiter } }
         waiter.continuation.resume(throwing: CancellationError())
     }
@@ -459,7 +462,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         // A condition's timeout timer is cancelled too, although its waiter finished just above.
         for (id, waiter) in timers.sorted(by: { $0.key < $1.key }) {
             if !waiter.done { finish(waiter, with: .failure(CancellationError())) }
-            if let due = timerDue.removeValue(forKey: id) { issued.append(.cancelTimer(id: id, due: due)) }
+            cancelTimer(id)
         }
         waiters.removeAll()
         timers.removeAll()
@@ -526,6 +529,13 @@ extension ActivityFailure {
     static func waitCancelled(_ activity: String) -> ActivityFailure {
         ActivityFailure(activity: activity, reason: .cancelled, attempts: 0, causeType: "CancellationError",
                         cause: "the task awaiting the activity was cancelled; no further attempt starts")
+    }
+
+    /// What ``WorkflowContext/execute(_:_:options:)`` throws when its task is cancelled already:
+    /// nothing was scheduled.
+    static func cancelledBeforeScheduling(_ activity: String) -> ActivityFailure {
+        ActivityFailure(activity: activity, reason: .cancelled, attempts: 0, causeType: "CancellationError",
+                        cause: "the task was cancelled before the activity was scheduled; nothing was scheduled")
     }
 }
 
