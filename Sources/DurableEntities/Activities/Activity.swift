@@ -241,6 +241,33 @@ public struct RetryPolicy: Codable, Sendable, Hashable {
     }
 }
 
+/// What cancelling the wait for an activity does (the task awaiting it is cancelled, or the run is):
+/// Temporal's activity cancellation types.
+public enum ActivityCancellationType: UInt8, Codable, Sendable, Hashable {
+    /// The wait throws at once (``ActivityFailure`` with reason `cancelled`, 0 attempts); the
+    /// activity's task is deleted in the same commit, so no further attempt starts, and an attempt
+    /// still running is cancelled once that is durable (its outcome, if it returns one, is dropped).
+    /// The default.
+    case tryCancel = 0
+    /// The cancellation is recorded (`activityCancelRequested`) and the activity is asked to stop,
+    /// but the wait goes on until the activity has really ended, and returns how it ended:
+    /// - an attempt that is running is cancelled (``ActivityContext/isCancelled``, cancellation-aware
+    ///   waits throw); if it returns its output anyway, the wait returns that output (the step
+    ///   happened, and a saga must compensate it); if it throws, the wait throws an
+    ///   ``ActivityFailure`` with reason `cancelled` carrying the attempt's error and the attempts made;
+    /// - an activity with no attempt running (queued, or waiting for its next retry or for its
+    ///   registration) ends at once as cancelled: no further attempt starts.
+    ///
+    /// So code that compensates after a cancellation knows what happened. The request survives a
+    /// crash: at the next open, an activity whose cancellation was requested ends as cancelled without
+    /// running again. An attempt that never checks for cancellation holds the wait until it ends (or
+    /// until its timeouts end it).
+    case waitCancellationCompleted = 1
+    /// The wait throws at once, as with ``tryCancel``, but the activity is left alone: its attempts
+    /// (and retries) go on, and its outcome is dropped when it arrives.
+    case abandon = 2
+}
+
 /// Options of one activity call.
 public struct ActivityOptions: Codable, Sendable, Hashable {
     public var retry: RetryPolicy
@@ -250,13 +277,30 @@ public struct ActivityOptions: Codable, Sendable, Hashable {
     public var scheduleToCloseTimeout: Duration?
     /// The longest an attempt may go without a heartbeat.
     public var heartbeatTimeout: Duration?
+    /// What cancelling the wait for the activity does; ``ActivityCancellationType/tryCancel`` by default.
+    public var cancellationType: ActivityCancellationType
 
     public init(retry: RetryPolicy = .default, startToCloseTimeout: Duration? = nil, scheduleToCloseTimeout: Duration? = nil,
-                heartbeatTimeout: Duration? = nil) {
+                heartbeatTimeout: Duration? = nil, cancellationType: ActivityCancellationType = .tryCancel) {
         self.retry = retry
         self.startToCloseTimeout = startToCloseTimeout
         self.scheduleToCloseTimeout = scheduleToCloseTimeout
         self.heartbeatTimeout = heartbeatTimeout
+        self.cancellationType = cancellationType
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case retry, startToCloseTimeout, scheduleToCloseTimeout, heartbeatTimeout, cancellationType
+    }
+
+    /// Options encoded before ``cancellationType`` existed decode with the default.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        retry = try container.decode(RetryPolicy.self, forKey: .retry)
+        startToCloseTimeout = try container.decodeIfPresent(Duration.self, forKey: .startToCloseTimeout)
+        scheduleToCloseTimeout = try container.decodeIfPresent(Duration.self, forKey: .scheduleToCloseTimeout)
+        heartbeatTimeout = try container.decodeIfPresent(Duration.self, forKey: .heartbeatTimeout)
+        cancellationType = try container.decodeIfPresent(ActivityCancellationType.self, forKey: .cancellationType) ?? .tryCancel
     }
 
     public static let `default` = ActivityOptions()
@@ -319,9 +363,11 @@ public struct ActivityFailure: Error, Codable, Sendable, Hashable, CustomStringC
         /// that timeout, a task waits for its activity's registration: after a restart, tasks are
         /// recovered before the application has registered everything).
         case notRegistered
-        /// The run was cancelled while it waited for the activity: its stored task is deleted, so no
-        /// further attempt starts (one already running finishes, and its outcome is dropped).
-        /// `attempts` is then 0: the run does not know how many ran.
+        /// The wait for the activity was cancelled (the run was, or the task that awaited it). With
+        /// ``ActivityCancellationType/tryCancel`` and ``ActivityCancellationType/abandon`` the wait
+        /// ends at once and `attempts` is 0 (the run does not know how many ran); with
+        /// ``ActivityCancellationType/waitCancellationCompleted`` the failure comes once the activity
+        /// has ended, with the attempts made and the last one's error.
         case cancelled
     }
 

@@ -182,10 +182,16 @@ extension ScheduledActivity {
         writer.append(name)
         writer.append(input)
         writer.append(options)
+        // Last and only when not the default: an event without it reads as before (and as before,
+        // an earlier version refuses one with it).
+        if options.cancellationType != .tryCancel { writer.append(options.cancellationType.rawValue) }
     }
 
     /// The stored form's bytes.
-    var encodedSize: Int { 1 + ActivityRecordSize.of(name) + ActivityRecordSize.of(input) + ActivityRecordSize.of(options) }
+    var encodedSize: Int {
+        1 + ActivityRecordSize.of(name) + ActivityRecordSize.of(input) + ActivityRecordSize.of(options)
+            + (options.cancellationType == .tryCancel ? 0 : 1)
+    }
 
     /// Decodes an `activityScheduled` event's spec, in this form or the binary codec's of earlier versions.
     static func decode(_ bytes: ArraySlice<UInt8>) -> ScheduledActivity? {
@@ -193,8 +199,12 @@ extension ScheduledActivity {
             return try? bytes.withUnsafeBytes { try BinaryEntityCodec().decode(ScheduledActivity.self, from: $0) }
         }
         var reader = ByteReader(bytes: bytes.dropFirst())
-        guard let name = reader.string(), let input = reader.data(), let options = reader.activityOptions(), reader.bytes.isEmpty
-        else { return nil }
+        guard let name = reader.string(), let input = reader.data(), var options = reader.activityOptions() else { return nil }
+        if !reader.bytes.isEmpty {
+            guard let raw = reader.byte(), let type = ActivityCancellationType(rawValue: raw) else { return nil }
+            options.cancellationType = type
+        }
+        guard reader.bytes.isEmpty else { return nil }
         return ScheduledActivity(name: name, input: input, options: options)
     }
 }

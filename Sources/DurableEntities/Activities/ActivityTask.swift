@@ -47,6 +47,30 @@ struct ActivityTask: Codable, Sendable {
         }
     }
 
+    /// `c`, the entity key, the activity id: the row that says the run requested the activity's
+    /// cancellation and waits for its outcome (``ActivityCancellationType/waitCancellationCompleted``).
+    /// Stored by the turn that made the request, deleted by the one that records the outcome; the
+    /// worker reads it where an attempt would start (a retry falling due, the next open), so an
+    /// activity whose cancellation was requested never starts again. A row of its own, not a field of
+    /// the task: the worker rewrites the task (heartbeats, retries) from its own copy.
+    static func cancelKey(entity: UInt64, activity: UInt64) -> TaskKey {
+        TaskKey(inlineCount: 17) { raw in
+            raw[0] = cancelKeyPrefix
+            raw.storeBytes(of: entity.bigEndian, toByteOffset: 1, as: UInt64.self)
+            raw.storeBytes(of: activity.bigEndian, toByteOffset: 9, as: UInt64.self)
+        }
+    }
+
+    static let cancelKeyPrefix: UInt8 = 0x63  // "c"
+    /// A cancellation row's value: its key says it all.
+    static let cancelRequestValue: [UInt8] = [1]
+
+    /// The identity a cancellation row's key holds; `nil` for a key of another shape.
+    static func id(ofCancelKey key: UnsafeRawBufferPointer) -> ID? {
+        guard key.count == 17, key[0] == cancelKeyPrefix else { return nil }
+        return ID(entityKey: key.bigEndianUInt64(at: 1), activityID: key.bigEndianUInt64(at: 9))
+    }
+
     /// The task's identity in memory (its ``key``'s content, without building the bytes).
     struct ID: Hashable, Sendable {
         var entityKey: UInt64

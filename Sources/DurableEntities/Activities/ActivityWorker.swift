@@ -83,6 +83,15 @@ final class ActivityWorker: @unchecked Sendable {
             if !following.isEmpty, let next = following.removeValue(forKey: id) { _ = enqueue(next) }
         }
 
+        /// Takes task `id`'s attempt that has not started — queued, or following the attempt before
+        /// it — out of the pool; `nil` if there is none.
+        mutating func take(_ id: ActivityTask.ID) -> ActivityTask? {
+            if let next = following.removeValue(forKey: id) { return next }
+            guard let index = queue.firstIndex(where: { $0.id == id }) else { return nil }
+            active.removeValue(forKey: id)
+            return queue.remove(at: index)
+        }
+
         /// Task `id` was given up: its queued attempt (if any) and the attempt that would follow the
         /// running one are dropped.
         mutating func forget(_ id: ActivityTask.ID) {
@@ -135,7 +144,46 @@ final class ActivityWorker: @unchecked Sendable {
     /// continued as new) cancels the attempt once that is committed.
     /// An entry goes as its attempt's work returns, under this lock, so a cancellation never reaches
     /// the runner's next job (and a runner whose task was cancelled is not reused).
-    private let running = Mutex<[ActivityTask.ID: TurnRunner]>([:])
+    private let running = Mutex(RunningAttempts())
+    /// How many requests ``RunningAttempts/pendingCancels`` holds, read without its lock where every
+    /// outcome would otherwise take it for nothing.
+    private let pendingCancelCount = Atomic<Int>(0)
+
+    /// See ``running``.
+    private struct RunningAttempts {
+        struct Entry {
+            let runner: TurnRunner
+            /// Its run requested the activity's cancellation and waits for how the attempt ends
+            /// (``ActivityCancellationType/waitCancellationCompleted``): see ``decide(_:_:cancelRequested:)``.
+            var cancelRequested = false
+        }
+        var entries: [ActivityTask.ID: Entry] = [:]
+        /// Cancellation requests (see ``requestCancel(entity:_:)``) for tasks that were neither
+        /// queued nor running when they came, nor waiting for a retry: between two states (an attempt
+        /// just taken from the queue, one whose end is being carried out, a retry due whose timer has
+        /// not rung). Whoever moves the task next takes the request: an attempt starting
+        /// (``insert(_:for:)``), a retry stored (``storeRetry(_:)``), a retry timer
+        /// (``retryDue(_:done:)``), or the outcome's commit (``finish(_:_:_:)``).
+        var pendingCancels: Set<ActivityTask.ID> = []
+
+        /// Adds `runner`'s entry for task `id`; a request pending for the task cancels it. Returns
+        /// whether it did (the caller cancels the runner's task).
+        mutating func insert(_ runner: TurnRunner, for id: ActivityTask.ID) -> Bool {
+            let cancelled = !pendingCancels.isEmpty && pendingCancels.remove(id) != nil
+            entries[id] = Entry(runner: runner, cancelRequested: cancelled)
+            return cancelled
+        }
+    }
+
+    /// Takes a pending cancellation request for `id`; whether there was one.
+    private func takePendingCancel(_ id: ActivityTask.ID) -> Bool {
+        guard pendingCancelCount.load(ordering: .relaxed) > 0 else { return false }
+        return running.withLock { running in
+            guard running.pendingCancels.remove(id) != nil else { return false }
+            pendingCancelCount.subtract(1, ordering: .relaxed)
+            return true
+        }
+    }
     /// Outcomes are dropped (the grace period ended; the journal may be closed).
     private let abandonedFlag = Atomic<Bool>(false)
     /// Set when a close abandons attempts: the core, held until the last of them ended, and how many
@@ -279,7 +327,11 @@ final class ActivityWorker: @unchecked Sendable {
     func recover() {
         let now = core.clock.nowNanoseconds()
         let stored: [JournalTask]
+        var cancelled: Set<ActivityTask.ID> = []
         do {
+            for row in try core.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]) {
+                if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofCancelKey: $0) }) { cancelled.insert(id) }
+            }
             stored = try core.journal.tasks(prefix: [ActivityTask.keyPrefix])
         } catch {
             core.logger.error("reading stored activity tasks failed; they run at the next open", metadata: ["error": "\(error)"])
@@ -295,7 +347,11 @@ final class ActivityWorker: @unchecked Sendable {
                 core.logger.error("a stored activity task does not decode; it is left in place", metadata: ["task.key": "\(row.key)"])
                 continue
             }
-            if task.runningAttempt == task.attempt {
+            if cancelled.contains(task.id) {
+                // Its run requested its cancellation and waits for its end: it ends here, as cancelled
+                // (an attempt cut off by the crash counts as made).
+                cancelUnstarted(task, interrupted: task.runningAttempt == task.attempt)
+            } else if task.runningAttempt == task.attempt {
                 resumeInterrupted(task)
             } else if task.notBefore <= now {
                 dispatch(task)
@@ -392,11 +448,18 @@ final class ActivityWorker: @unchecked Sendable {
         core.journal.submit(batch) { [self] _ in
             // The stored task may be a later attempt than the timer's (a stale timer, left from before
             // a restart that ran its attempt at open): it then waits for its own timer, so the backoff holds.
-            switch Result(catching: { () throws(JournalError) in try core.journal.task(forKey: key) }) {
-            case .success(let value?):
-                if let task = ActivityTask.decode(value), task.notBefore <= core.clock.nowNanoseconds() { dispatch(task) }
-            case .success(nil):
-                break  // the activity ended before its retry fell due
+            // With its cancellation row, read in the same snapshot: the commit that records the
+            // activity's outcome deletes both.
+            let cancelKey = ActivityTask.cancelKey(entity: timer.entity.rawValue, activity: timer.id & ~Self.retryTimerBit)
+            switch Result(catching: { () throws(JournalError) in try core.journal.tasks(forKeys: [key, cancelKey.bytes]) }) {
+            case .success(let rows):
+                guard let value = rows[0], let task = ActivityTask.decode(value) else { break }  // nil: it ended before its retry fell due
+                if rows[1] != nil {
+                    _ = takePendingCancel(task.id)
+                    cancelUnstarted(task)  // its cancellation was requested: no further attempt
+                } else if task.notBefore <= core.clock.nowNanoseconds() {
+                    dispatch(task)
+                }
             case .failure(let error) where error.code == .corruptedRecord:
                 repairTask(key: key)
             case .failure(let error):
@@ -457,22 +520,28 @@ final class ActivityWorker: @unchecked Sendable {
             let decision: Decision
             if activity.recordsAttemptStart, let instead = await storeStart(of: task) {
                 decision = instead
+                running.withLock { _ = $0.entries.removeValue(forKey: task.id) }
             } else {
                 let ended = await perform(task, activity, on: runner.executor, storingHeartbeats: true,
                                           startStored: activity.recordsAttemptStart)
-                decision = decide(task, ended)
+                // Removed before the decision: a cancellation request either reached the entry (and
+                // counts) or finds it gone (and waits for what comes next, see `pendingCancels`).
+                let cancelRequested = running.withLock { $0.entries.removeValue(forKey: task.id)?.cancelRequested ?? false }
+                decision = decide(task, ended, cancelRequested: cancelRequested)
                 activity.metrics.attemptEnded(decision, timedOut: ended.timedOut, due: max(task.scheduledAt, task.notBefore),
                                               startedAt: ended.startedAt, endedAt: now)
                 if case .dropped = decision, ended.marked { unmark(task, heartbeat: ended.heartbeat) }
             }
-            running.withLock { _ = $0.removeValue(forKey: task.id) }
             apply(decision, to: task)
             if runner.executor.finishInline() { return true }
             detachedAttemptEnded(task, id: runner.executor.trackingID)
             return false
         }
         // Before its first job runs (in the drain below): the entry goes when that job's work returns.
-        running.withLock { $0[task.id] = runner }
+        if running.withLock({ $0.insert(runner, for: task.id) }) {
+            pendingCancelCount.subtract(1, ordering: .relaxed)
+            runner.task.cancel()
+        }
         if runner.drain().parked { return true }
         // It waits for something outside: it goes on by itself.
         let left = detach(runner)
@@ -692,11 +761,26 @@ final class ActivityWorker: @unchecked Sendable {
         case dropped
     }
 
-    /// Applies the retry policy to an attempt's end.
-    private func decide(_ task: ActivityTask, _ ended: Ended) -> Decision {
+    /// Applies the retry policy to an attempt's end. `cancelRequested`: the run asked for the
+    /// activity's cancellation during the attempt and waits for its end
+    /// (``ActivityCancellationType/waitCancellationCompleted``): output returned anyway is the
+    /// outcome, and any failure ends the activity as cancelled (no retry).
+    private func decide(_ task: ActivityTask, _ ended: Ended, cancelRequested: Bool = false) -> Decision {
         // Cancelled by a closing runtime: a failure is not recorded (nor is anything once the attempt
         // was abandoned); the stored task runs again at the next open.
         if abandoned { return .dropped }
+        if cancelRequested {
+            let attempt = ActivityAttempt(number: task.attempt, startedAt: ended.startedAt)
+            switch ended.result {
+            case .success(let output):
+                return .succeeded(output, attempt)
+            case .failure(let error):
+                let type = ended.timedOut.map { "\($0)Timeout" } ?? String(describing: Swift.type(of: error))
+                return .failed(ActivityFailure(activity: task.name, reason: .cancelled, attempts: task.attempt, causeType: type,
+                                               cause: "the activity's cancellation was requested during attempt \(task.attempt), which ended with: \(error)"),
+                               attempt)
+            }
+        }
         if ended.cancelled, case .failure = ended.result { return .dropped }
         var next = task
         next.heartbeat = ended.heartbeat
@@ -768,14 +852,16 @@ final class ActivityWorker: @unchecked Sendable {
         // its run cancelled), and a retry must not bring it back.
         Self.addRetry(next, to: &batch, replacing: true)
         core.becameBusy()
-        core.journal.submit(batch) { [core] result in
+        core.journal.submit(batch) { [self] result in
             if case .failure(let error) = result, error.code != .closed {
                 // The stored task keeps the attempt before: it runs again at the next open.
-                core!.logger.error("storing an activity's next attempt failed; it runs at the next open",
-                                   metadata: ["activity": "\(next.name)", "attempt": "\(next.attempt)", "error": "\(error)"])
+                core.logger.error("storing an activity's next attempt failed; it runs at the next open",
+                                  metadata: ["activity": "\(next.name)", "attempt": "\(next.attempt)", "error": "\(error)"])
             }
-            core!.timers.wake()
-            core!.becameIdle()
+            // Its cancellation was requested while this attempt's end was carried out: no next attempt.
+            if takePendingCancel(next.id) { cancelUnstarted(next) }
+            core.timers.wake()
+            core.becameIdle()
         }
     }
 
@@ -883,7 +969,9 @@ final class ActivityWorker: @unchecked Sendable {
             if committed {
                 var stored = task
                 stored.entityKey = key
-                running.withLock { _ = $0.removeValue(forKey: stored.id) }
+                let cancelRequested = running.withLock { $0.entries.removeValue(forKey: stored.id)?.cancelRequested ?? false }
+                // A cancellation its run requested once it was stored (and waits for) decides its end.
+                let decision = cancelRequested ? decide(stored, ended, cancelRequested: true) : decision
                 if case .dropped = decision, ended.marked { unmark(stored, heartbeat: ended.heartbeat) }
                 apply(decision, to: stored)
             }
@@ -913,7 +1001,10 @@ final class ActivityWorker: @unchecked Sendable {
     func trackDetachedLocal(_ runner: TurnRunner, task: ActivityTask, entity: UInt64) {
         var stored = task
         stored.entityKey = entity
-        running.withLock { $0[stored.id] = runner }
+        if running.withLock({ $0.insert(runner, for: stored.id) }) {
+            pendingCancelCount.subtract(1, ordering: .relaxed)
+            runner.task.cancel()
+        }
         runner.executor.attemptContext?.taskStored(stored, by: self)
     }
 
@@ -927,8 +1018,91 @@ final class ActivityWorker: @unchecked Sendable {
             for key in keys { pool.forget(key) }
         }
         running.withLock { running in
-            for key in keys { running[key]?.task.cancel() }
+            for key in keys {
+                running.entries[key]?.runner.task.cancel()
+                if !running.pendingCancels.isEmpty, running.pendingCancels.remove(key) != nil {
+                    pendingCancelCount.subtract(1, ordering: .relaxed)
+                }
+            }
         }
+    }
+
+    /// The run of entity `entity` requested the cancellation of activities `ids` and waits for how
+    /// each ends (``ActivityCancellationType/waitCancellationCompleted``; the commit that stored the
+    /// requests is durable). Called on the journal's completion queue, as the retry timers' reads are
+    /// (``retryDue(_:done:)``), so the two never interleave. For each activity:
+    /// - an attempt not started (queued, following a running one, waiting for the activity's
+    ///   registration or for its retry) ends at once as cancelled, without running;
+    /// - a running attempt is cancelled (``ActivityContext/isCancelled``); how it ends is the outcome
+    ///   (see ``decide(_:_:cancelRequested:)``);
+    /// - one between those states gets the request from whoever moves it next (see
+    ///   ``RunningAttempts/pendingCancels``).
+    func requestCancel(entity: UInt64, _ ids: [UInt64]) {
+        for activity in ids {
+            let id = ActivityTask.ID(entityKey: entity, activityID: activity)
+            if let task = withPool({ $0.take(id) }) ?? takeWaitingForRegistration(id) {
+                cancelUnstarted(task)
+                continue
+            }
+            let runner = running.withLock { running -> TurnRunner? in
+                if let entry = running.entries[id] {
+                    running.entries[id]!.cancelRequested = true
+                    return entry.runner
+                }
+                if running.pendingCancels.insert(id).inserted { pendingCancelCount.add(1, ordering: .relaxed) }
+                return nil
+            }
+            if let runner {
+                runner.task.cancel()
+            } else {
+                cancelIfWaitingForRetry(id)
+            }
+        }
+    }
+
+    /// A task parked until its activity is registered, taken out (`nil` if it is not there).
+    private func takeWaitingForRegistration(_ id: ActivityTask.ID) -> ActivityTask? {
+        waiting.withLock { waiting -> ActivityTask? in
+            for (name, tasks) in waiting.tasks {
+                guard let index = tasks.firstIndex(where: { $0.id == id }) else { continue }
+                let task = waiting.tasks[name]!.remove(at: index)
+                if waiting.tasks[name]!.isEmpty { waiting.tasks[name] = nil }
+                return task
+            }
+            return nil
+        }
+    }
+
+    /// A cancellation request that found task `id` neither queued nor running (see
+    /// ``requestCancel(entity:_:)``): if its stored row waits for a retry, the activity ends now as
+    /// cancelled (its retry timer then finds the task gone, or reads the request); if the row is gone,
+    /// the activity ended and its outcome is on its way. Otherwise the request stays pending.
+    private func cancelIfWaitingForRetry(_ id: ActivityTask.ID) {
+        let key = ActivityTask.key(entity: id.entityKey, activity: id.activityID)
+        switch Result(catching: { () throws(JournalError) in try core.journal.task(forKey: key.bytes) }) {
+        case .success(let value?):
+            guard let task = ActivityTask.decode(value), task.notBefore > now, task.runningAttempt != task.attempt else { return }
+            if takePendingCancel(id) { cancelUnstarted(task) }
+        case .success(nil):
+            _ = takePendingCancel(id)
+        case .failure(let error):
+            // Left pending: the retry timer, or the next open, reads the request's row.
+            core.logger.warning("reading an activity task for its cancellation failed; it ends when its retry falls due",
+                                metadata: ["task.key": "\(key)", "error": "\(error)"])
+        }
+    }
+
+    /// Ends an activity whose cancellation was requested before its next attempt started (or, at
+    /// open, whose attempt a crash cut off: `interrupted`): the outcome is a failure with reason
+    /// `cancelled`, counting the attempts made.
+    private func cancelUnstarted(_ task: ActivityTask, interrupted: Bool = false) {
+        let made = interrupted ? task.attempt : task.attempt - 1
+        let why = interrupted ? "attempt \(task.attempt) was cut off by a stop of the process"
+            : "no attempt was running (attempt \(task.attempt) had not started)"
+        let last = task.lastError.map { "; the last attempt failed with: \($0)" } ?? ""
+        finish(task, .failure(ActivityFailure(activity: task.name, reason: .cancelled, attempts: made, causeType: "CancellationError",
+                                              cause: "the activity's cancellation was requested; \(why)\(last)")),
+               ActivityAttempt(number: made, startedAt: nil))
     }
 
     /// Hands the final outcome, and the attempt that ended the activity, to the entity, whose turn
@@ -942,6 +1116,9 @@ final class ActivityWorker: @unchecked Sendable {
         let reply: VoidReply = { [self] result in
             if case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) {
                 core.retryShortly { [self] in finish(task, outcome, attempt) }
+            } else {
+                // The outcome is recorded: a cancellation request still pending for it has nothing left to do.
+                _ = takePendingCancel(task.id)
             }
             core.becameIdle()
         }

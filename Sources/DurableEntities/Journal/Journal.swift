@@ -626,6 +626,21 @@ public final class Journal: Sendable {
         }
     }
 
+    /// Several pending tasks' values, read in one snapshot (`nil` for a key not stored): rows that
+    /// one commit writes or deletes together are seen together.
+    /// - Throws: ``JournalError/Code/corruptedRecord`` when one of the rows fails its check.
+    public func tasks(forKeys keys: [[UInt8]]) throws(JournalError) -> [[UInt8]?] {
+        try read("reading tasks") { txn in
+            try keys.map { key in
+                try key.withUnsafeBytes { k in
+                    try txn.withValue(forKey: k, in: stores.tasks) { value -> [UInt8]? in
+                        try value.map { value in try keyedVerified(value, key: k, "a task", in: txn) }
+                    }
+                }
+            }
+        }
+    }
+
     // MARK: Internals shared with the writer
 
     private func read<R>(_ doing: @autoclosure () -> String, _ body: (borrowing ReadTransaction) throws -> R) throws(JournalError) -> R {

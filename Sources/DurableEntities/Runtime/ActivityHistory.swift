@@ -21,12 +21,16 @@ extension ExportedHistory {
         /// Its outcome: the encoded output, or the failure the run saw (reason `cancelled` for one
         /// the run stopped awaiting); `nil` while it is awaited.
         public var outcome: Result<[UInt8], ActivityFailure>?
-        /// The sequence and time (ns) of its outcome event (or of its `activityCancelRequested`);
-        /// `nil` while it is awaited.
+        /// The sequence and time (ns) of its outcome event (or of its `activityCancelRequested`, unless
+        /// its cancellation type is ``ActivityCancellationType/waitCancellationCompleted``); `nil`
+        /// while it is awaited.
         public var closedSequence: UInt64?
         public var closedAt: UInt64?
-        /// Whether the task that awaited it was cancelled (`activityCancelRequested`): no attempt
-        /// started after that, and no outcome was recorded.
+        /// Whether the task that awaited it, or the run, was cancelled (`activityCancelRequested`). With
+        /// ``ActivityCancellationType/tryCancel`` no attempt started after that and no outcome was
+        /// recorded; with ``ActivityCancellationType/abandon`` its attempts went on and their outcome was
+        /// dropped; with ``ActivityCancellationType/waitCancellationCompleted`` the outcome event that
+        /// follows says how it ended.
         public var cancelRequested = false
 
         /// Its output decoded as `Output` (with the codec the runtime used, the binary codec unless
@@ -82,7 +86,12 @@ extension ExportedHistory {
             case .activityCancelRequested:
                 guard case .cancelActivity(let id)? = event.command, let position = index[id] else { continue }
                 activities[position].cancelRequested = true
-                activities[position].outcome = .failure(.waitCancelled(activities[position].name))
+                let name = activities[position].name
+                switch activities[position].options.cancellationType {
+                case .waitCancellationCompleted: continue  // awaited until its outcome event
+                case .tryCancel: activities[position].outcome = .failure(.waitCancelled(name))
+                case .abandon: activities[position].outcome = .failure(.waitAbandoned(name))
+                }
                 activities[position].closedSequence = sequence
                 activities[position].closedAt = event.timeNanoseconds
             default:

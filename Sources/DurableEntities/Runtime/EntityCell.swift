@@ -53,7 +53,8 @@ enum DamagedRow: Sendable, Equatable {
 }
 
 /// Rows that an entity's run is owed — a timer row for every timer its history started and did not
-/// end, a stored task for every pool activity it awaits — and that the journal lacks or holds damaged.
+/// end, a stored task for every pool activity it awaits (with its cancellation request, if the run
+/// made one) — and that the journal lacks or holds damaged.
 /// Found when the entity loads (and on a ``CellMessage/repair(_:reply:)``); its next commit stores
 /// them again, so a row lost or damaged on disk costs a log line, not a run that never wakes.
 struct OwedRows {
@@ -61,6 +62,8 @@ struct OwedRows {
     /// Rebuilt from the `activityScheduled` events: the first attempt again (the attempts made are
     /// lost with the row), scheduled when the history says (schedule-to-close still holds).
     var tasks: [ActivityTask] = []
+    /// Those of `tasks` whose cancellation the run requested: stored again with the task, and carried out.
+    var cancelRequests: [UInt64] = []
     var isEmpty: Bool { timers.isEmpty && tasks.isEmpty }
 }
 
@@ -171,6 +174,11 @@ struct TurnOutput {
     /// terminated, the run continued as new): their stored tasks are deleted, so no attempt of them
     /// starts again (a retry stored later does not bring them back, see ``JournalBatch/replaceTask(_:value:)``).
     var activitiesGivenUp: [UInt64] = []
+    /// Activities whose cancellation the run requested while it goes on waiting for their outcome
+    /// (``ActivityCancellationType/waitCancellationCompleted``): a cancellation row is stored for each
+    /// (``ActivityTask/cancelKey(entity:activity:)``), and once the commit is durable the worker stops
+    /// them (``ActivityWorker/requestCancel(entity:_:)``).
+    var activityCancelRequests: [UInt64] = []
     /// Messages to other entities, sent once the turn is durable.
     var outgoing: [EntityEnvelope] = []
     /// The run body continued as new in this turn: the last run ended at `boundary` with `state`
@@ -535,6 +543,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             guard !timers.isEmpty || !owed.tasks.isEmpty else { return }
             output.timersStarted += timers
             output.tasksRestored += owed.tasks
+            output.activityCancelRequests += owed.cancelRequests
             core.logger.error("rows the entity's history is owed are missing or damaged on disk; they are stored again",
                               metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)",
                                          "timers": "\(timers.map(\.id))", "activities": "\(owed.tasks.map(\.activityID))"])
@@ -612,6 +621,20 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             if !run.activitiesGivenUp.isEmpty {
                 output.activitiesGivenUp += run.activitiesGivenUp
                 run.activitiesGivenUp.removeAll()
+            }
+            if !run.activityCancelRequests.isEmpty {
+                output.activityCancelRequests += run.activityCancelRequests
+                run.activityCancelRequests.removeAll()
+            }
+            if !run.activityCancelsDone.isEmpty {
+                for id in run.activityCancelsDone {
+                    if let index = output.activityCancelRequests.firstIndex(of: id) {
+                        output.activityCancelRequests.remove(at: index)  // requested in this turn: nothing to store
+                    } else if let key = next.key {
+                        output.tasksDone.append(ActivityTask.cancelKey(entity: key.rawValue, activity: id))
+                    }
+                }
+                run.activityCancelsDone.removeAll()
             }
             run.issued.removeAll(keepingCapacity: true)
             if let continuation = run.continuation { switchRun(from: run, to: continuation) }
@@ -795,8 +818,12 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                     continue
                 }
                 if case .activityOutcome(let id, _, _, let reply) = message {
-                    // So are its activities' outcomes; their tasks go (or they would run again at every open).
-                    if let key = next.key { output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id)) }
+                    // So are its activities' outcomes; their tasks go (or they would run again at every open),
+                    // with their cancellation requests if they had any.
+                    if let key = next.key {
+                        output.tasksDone.append(ActivityTask.key(entity: key.rawValue, activity: id))
+                        output.tasksDone.append(ActivityTask.cancelKey(entity: key.rawValue, activity: id))
+                    }
                     replies.append(.signal(reply))
                     continue
                 }
@@ -982,7 +1009,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         next.state = working
         guard !output.events.isEmpty || !output.timersDone.isEmpty || !output.tasksDone.isEmpty || !output.localDetached.isEmpty
             || !output.activitiesGivenUp.isEmpty || !output.timersStarted.isEmpty || !output.tasksRestored.isEmpty
-            || !output.localRetries.isEmpty else {
+            || !output.localRetries.isEmpty || !output.activityCancelRequests.isEmpty else {
             // Nothing to write: a turn that only read, refused, or registered result waiters.
             if output.resultWaiters.isEmpty && !replies.contains(where: \.isExecute) {
                 finishWithoutCommit(replies)
@@ -1025,7 +1052,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         // One operation each, plus a registration, a snapshot, a prune and the metadata at most.
         batch.reserveCapacity(1 + output.keys.count + output.timersStarted.count + output.timersDone.count + output.tasksRestored.count
             + output.tasksDone.count + output.outgoing.count + output.activitiesScheduled.count + output.localDetached.count
-            + output.localRetries.count + output.activitiesGivenUp.count + 4)
+            + output.localRetries.count + 2 * output.activitiesGivenUp.count + output.activityCancelRequests.count + 4)
         var next = next
         let key: EntityKey
         if let known = next.key {
@@ -1070,9 +1097,17 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             task.entityKey = key.rawValue
             batch.putTask(task.key, value: task.encoded())
         }
-        // After the puts: an activity given up in the turn that scheduled it (or detached it) stays deleted.
+        for id in output.activityCancelRequests {
+            batch.putTask(ActivityTask.cancelKey(entity: key.rawValue, activity: id), value: ActivityTask.cancelRequestValue)
+        }
+        // After the puts: an activity given up in the turn that scheduled it (or detached it) stays
+        // deleted, and so does the cancellation request of one whose outcome the turn recorded.
         for task in output.tasksDone { batch.deleteTask(task) }
-        for id in output.activitiesGivenUp { batch.deleteTask(ActivityTask.key(entity: key.rawValue, activity: id)) }
+        for id in output.activitiesGivenUp {
+            batch.deleteTask(ActivityTask.key(entity: key.rawValue, activity: id))
+            // A run that ends while an activity's cancellation was requested gives the activity up.
+            batch.deleteTask(ActivityTask.cancelKey(entity: key.rawValue, activity: id))
+        }
         var committed = next
         if let runSwitch = output.runSwitch {
             // The run body continued as new: the ended run's state is the new run's starting point.
@@ -1126,7 +1161,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         let wakesTimers = !output.timersStarted.isEmpty || !output.localRetries.isEmpty
         let detached = output.localDetached
         let givenUp = output.activitiesGivenUp
-        let handsOver = !dispatched.isEmpty || !sent.isEmpty
+        let cancelRequests = output.activityCancelRequests
+        let handsOver = !dispatched.isEmpty || !sent.isEmpty || !cancelRequests.isEmpty
         core.journal.submit(batch) { result in
             // Busy until what the commit hands over (activity attempts, messages) is queued where it
             // goes: the runtime is never idle with work between the turn and its next holder.
@@ -1148,6 +1184,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 for (row, envelope) in sent { self.core.deliver(envelope, row: row) }
                 // Attempts of the activities the run stopped awaiting are cancelled (their tasks are gone).
                 if !givenUp.isEmpty { self.core.activities.giveUp(entity: key.rawValue, givenUp) }
+                // Activities whose cancellation the run requested are stopped; their outcomes follow.
+                if !cancelRequests.isEmpty { self.core.activities.requestCancel(entity: key.rawValue, cancelRequests) }
             }
             if handsOver { self.core.becameIdle() }
         }
@@ -1356,6 +1394,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 }
             }
             guard !missing.isEmpty else { return owed }
+            owed.cancelRequests = run.cancelRequestedActivities.filter { missing.contains($0) }
             var history = events ?? []
             if events == nil {
                 try journal.forEachEvent(of: key, from: durable.runStartSequence) { sequence, payload in

@@ -40,6 +40,7 @@ struct HistoryReplayer<W: EntityWorkflow> {
         }
         if let run = EntityCell<W>.run(durable) {
             run.replaying = false
+            run.forgetReplayedCancelRequests()
             if let extra = run.issued.first {
                 run.abandon()
                 throw nondeterminism(at: durable.lastSequence + 1, recorded: "nothing (the history ends here)", issued: extra.description)

@@ -192,12 +192,12 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         let run = run
         let output = if run.waitsAreCancellable {
             try await withTaskCancellationHandler {
-                try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, continuation) }
+                try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, cancellation: options.cancellationType, continuation) }
             } onCancel: {
                 run.cancelActivityWait(id)  // see WorkflowRun.cancelActivityWait
             }
         } else {
-            try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, continuation) }
+            try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, cancellation: options.cancellationType, continuation) }
         }
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
     }
@@ -251,12 +251,12 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
         let run = run
         let output = if run.waitsAreCancellable {
             try await withTaskCancellationHandler {
-                try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, continuation) }
+                try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, cancellation: options.cancellationType, continuation) }
             } onCancel: {
                 run.cancelActivityWait(id)
             }
         } else {
-            try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, continuation) }
+            try await withUnsafeThrowingContinuation { continuation in run.awaitActivity(id, name: A.name, cancellation: options.cancellationType, continuation) }
         }
         return try output.withUnsafeBytes { try run.codec.decode(A.Output.self, from: $0) }
     }

@@ -273,10 +273,12 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         if let due = timerDue.removeValue(forKey: id) { issued.append(.cancelTimer(id: id, due: due)) }
     }
 
-    /// Registers the body's wait for an activity's outcome.
-    func awaitActivity(_ id: UInt64, name: String, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
+    /// Registers the body's wait for an activity's outcome; `cancellation` says what cancelling the
+    /// wait does (see ``cancelActivityWait(_:)``).
+    func awaitActivity(_ id: UInt64, name: String, cancellation: ActivityCancellationType,
+                       _ continuation: UnsafeContinuation<[UInt8], any Error>) {
         if abandoned { return refuse(continuation) }
-        activities[id] = AwaitedActivity(name: name, continuation: continuation)
+        activities[id] = AwaitedActivity(name: name, continuation: continuation, cancellation: cancellation)
     }
 
     // MARK: After abandonment
@@ -312,6 +314,21 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     /// Activities whose waits ``cancel()`` ended: the turn deletes their stored tasks.
     var activitiesGivenUp: [UInt64] = []
+    /// Activities whose cancellation the body requested while it goes on waiting for them
+    /// (``ActivityCancellationType/waitCancellationCompleted``): the turn stores each request with
+    /// the `activityCancelRequested` event and, once that is durable, has the activity stopped.
+    var activityCancelRequests: [UInt64] = []
+    /// Activities whose stored cancellation request goes with the turn: their outcome arrived.
+    var activityCancelsDone: [UInt64] = []
+
+    /// The awaited activities whose cancellation was requested, in command order.
+    var cancelRequestedActivities: [UInt64] { activities.filter { $0.value.cancelRequested }.keys.sorted() }
+
+    /// After a replay: the requests it made again were stored and carried out when first made.
+    func forgetReplayedCancelRequests() {
+        activityCancelRequests.removeAll()
+        activityCancelsDone.removeAll()
+    }
 
     /// An activity ended: resumes the body with its output or its ``ActivityFailure``.
     func completeActivity(_ id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>) {
@@ -321,22 +338,47 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
 
     private func completeActivityInTurn(_ id: UInt64, _ outcome: Result<[UInt8], ActivityFailure>) {
         guard let awaited = activities.removeValue(forKey: id) else { return }
+        if awaited.cancelRequested {
+            // Its cancellation request is stored (or, made in this turn, not stored after all).
+            if let index = activityCancelRequests.firstIndex(of: id) {
+                activityCancelRequests.remove(at: index)
+            } else {
+                activityCancelsDone.append(id)
+            }
+        }
         awaited.continuation.resume(with: outcome.mapError { $0 as any Error })
     }
 
     /// The task awaiting activity `id` was cancelled (by the body itself: a task group's
-    /// `cancelAll()`, an `async let` left unawaited). Records `cancelActivity`, gives the activity up
-    /// (the turn deletes its task, and a running attempt is cancelled once that is durable) and
-    /// resumes the wait with an ``ActivityFailure`` whose reason is `cancelled`. Nothing if the
-    /// activity already ended or the body no longer awaits it.
+    /// `cancelAll()`, an `async let` left unawaited). Records `cancelActivity`, then by the call's
+    /// ``ActivityCancellationType``:
+    /// - `tryCancel`: gives the activity up (the turn deletes its task, and a running attempt is
+    ///   cancelled once that is durable) and resumes the wait with an ``ActivityFailure`` whose
+    ///   reason is `cancelled`;
+    /// - `abandon`: resumes the wait the same way and leaves the activity alone;
+    /// - `waitCancellationCompleted`: requests the activity's cancellation (see
+    ///   ``activityCancelRequests``) and goes on waiting for its outcome.
+    ///
+    /// Nothing if the activity already ended, the body no longer awaits it, or its cancellation was
+    /// requested already.
     ///
     /// Called from the cancellation handler, which runs where the cancelling code runs: the body's
     /// own job, inside the turn (see ``WorkflowContext/execute(_:_:options:)``).
     func cancelActivityWait(_ id: UInt64) {
-        guard let awaited = activities.removeValue(forKey: id) else { return }
+        guard let awaited = activities[id], !awaited.cancelRequested else { return }
         issued.append(.cancelActivity(id: id))
-        activitiesGivenUp.append(id)
-        awaited.continuation.resume(throwing: ActivityFailure.waitCancelled(awaited.name))
+        switch awaited.cancellation {
+        case .waitCancellationCompleted:
+            activities[id]!.cancelRequested = true
+            activityCancelRequests.append(id)
+        case .tryCancel:
+            activities[id] = nil
+            activitiesGivenUp.append(id)
+            awaited.continuation.resume(throwing: ActivityFailure.waitCancelled(awaited.name))
+        case .abandon:
+            activities[id] = nil
+            awaited.continuation.resume(throwing: ActivityFailure.waitAbandoned(awaited.name))
+        }
     }
 
     /// Records a child started by the body (live and on replay).
@@ -467,12 +509,26 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         waiters.removeAll()
         timers.removeAll()
         for (id, awaited) in activities.sorted(by: { $0.key < $1.key }) {
-            activitiesGivenUp.append(id)
+            let cause: String
+            switch awaited.cancellation {
+            case .waitCancellationCompleted:
+                // Asked to stop; its wait ends with its outcome (see ``cancelActivityWait(_:)``).
+                if !awaited.cancelRequested {
+                    activities[id]!.cancelRequested = true
+                    issued.append(.cancelActivity(id: id))
+                    activityCancelRequests.append(id)
+                }
+                continue
+            case .tryCancel:
+                activitiesGivenUp.append(id)
+                cause = "the run was cancelled while it waited for the activity; no further attempt starts"
+            case .abandon:
+                cause = "the run was cancelled while it waited for the activity; the activity goes on (abandoned)"
+            }
+            activities[id] = nil
             awaited.continuation.resume(throwing: ActivityFailure(
-                activity: awaited.name, reason: .cancelled, attempts: 0, causeType: "CancellationError",
-                cause: "the run was cancelled while it waited for the activity; no further attempt starts"))
+                activity: awaited.name, reason: .cancelled, attempts: 0, causeType: "CancellationError", cause: cause))
         }
-        activities.removeAll()
         failChildWaits(CancellationError())
         settle()
     }
@@ -531,6 +587,13 @@ extension ActivityFailure {
                         cause: "the task awaiting the activity was cancelled; no further attempt starts")
     }
 
+    /// What the wait for `activity` throws when the task awaiting it is cancelled and the call's
+    /// cancellation type is ``ActivityCancellationType/abandon``.
+    static func waitAbandoned(_ activity: String) -> ActivityFailure {
+        ActivityFailure(activity: activity, reason: .cancelled, attempts: 0, causeType: "CancellationError",
+                        cause: "the task awaiting the activity was cancelled; the activity goes on (abandoned)")
+    }
+
     /// What ``WorkflowContext/execute(_:_:options:)`` throws when its task is cancelled already:
     /// nothing was scheduled.
     static func cancelledBeforeScheduling(_ activity: String) -> ActivityFailure {
@@ -566,6 +629,10 @@ final class WorkflowWaitHandle: @unchecked Sendable {
 struct AwaitedActivity {
     let name: String
     let continuation: UnsafeContinuation<[UInt8], any Error>
+    let cancellation: ActivityCancellationType
+    /// Its cancellation was requested and the wait goes on until its outcome
+    /// (``ActivityCancellationType/waitCancellationCompleted``).
+    var cancelRequested = false
 }
 
 /// A local activity whose attempt runs inside the turn (see ``WorkflowRun/locals``). Not nested in the

@@ -1,0 +1,298 @@
+@_spi(Testing) @testable import DurableEntities
+import DurableEntitiesTesting
+import Foundation
+import Synchronization
+import TestSupport
+import Testing
+
+/// Races `Step` — called with the input's cancellation type, retried every 10 minutes — against a
+/// 60-second durable timer and cancels the loser (see ``RaceStep/race(_:_:)``). The step's part of
+/// the result says how its wait ended: `step:<output>` or `step-failed:<reason>:<attempts>`.
+struct RaceTypedStep: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    struct Input: Codable, Sendable {
+        var label: String
+        var type: ActivityCancellationType
+    }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
+        try await RaceStep.race(context) { try await step(input, context) }
+    }
+
+    static func step(_ input: Input, _ context: WorkflowContext<some EntityWorkflow>) async throws -> String {
+        let options = ActivityOptions(retry: RetryPolicy(initialInterval: .seconds(600)), cancellationType: input.type)
+        do {
+            return "step:" + (try await context.execute(Step.self, input.label, options: options))
+        } catch let failure as ActivityFailure {
+            return "step-failed:\(failure.reason):\(failure.attempts)"
+        }
+    }
+}
+
+/// Calls `Step` with the input's cancellation type and nothing else: cancelling the entity's run
+/// cancels that wait.
+struct TypedStep: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    typealias Input = RaceTypedStep.Input
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
+        try await RaceTypedStep.step(input, context)
+    }
+}
+
+/// A `Step` stub whose attempt says "started", waits for `gate` (which ignores cancellation; a
+/// cancellation meanwhile says "cancelled"), says "ended" and returns `late:<label>`, or throws
+/// ``Flake`` when `fails`: an activity that takes its time to stop, or that finishes its work anyway.
+enum SlowToStopStep {
+    static func make(log: AttemptLog, clock: TestClock, gate: AsyncGate, fails: Bool = false) -> (ActivityStub<Step>, AsyncStream<String>) {
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            event.yield("started")
+            await withTaskCancellationHandler {
+                await gate.wait()
+            } onCancel: {
+                event.yield("cancelled")
+            }
+            event.yield("ended")
+            if fails { throw Flake() }
+            return "late:\(label)"
+        }
+        return (stub, events)
+    }
+}
+
+@Suite("Activity cancellation types", .timeLimit(.minutes(10)))
+struct CancellationTypeTests {
+    func kinds(_ runtime: EntityRuntime, _ name: EntityName) throws -> [HistoryEvent.Kind] {
+        try runtime.exportHistory(of: name).decodedEvents().map(\.event.kind)
+    }
+
+    func idle(_ runtime: EntityRuntime) async {
+        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
+    }
+
+    /// The activity rows left: tasks and cancellation requests.
+    func activityRows(_ runtime: EntityRuntime) throws -> Int {
+        try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).count
+            + runtime.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]).count
+    }
+
+    @Test("waitCancellationCompleted: the race's losing activity is asked to stop, but its wait lasts until the attempt has ended; an attempt that returns anyway gives the wait its output (activityCompleted after activityCancelRequested), and the history replays")
+    func waitReturnsLateOutput() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let log = AttemptLog()
+        let (stub, events) = SlowToStopStep.make(log: log, clock: clock, gate: gate)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let name = EntityName(type: RaceTypedStep.entityType, id: "late")
+        let race = runtime.entity(RaceTypedStep.self, id: "late")
+        try await race.start(.init(label: "x", type: .waitCancellationCompleted))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        clock.advance(by: .seconds(60))
+        // The attempt is cancelled only once the request is durable: by now it is, and the run still waits.
+        #expect(await iterator.next() == "cancelled")
+        #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested])
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]).count == 1)
+        gate.open()
+        #expect(try await race.result() == "deadline,step:late:x")
+        await idle(runtime)
+        #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
+                                             .activityCompleted, .completed])
+        #expect(try activityRows(runtime) == 0)
+        let history = try runtime.exportHistory(of: name)
+        let activities = try history.activities()
+        #expect(activities.count == 1)
+        #expect(activities.first?.options.cancellationType == .waitCancellationCompleted)
+        #expect(activities.first?.cancelRequested == true)
+        #expect(try activities.first?.output(as: String.self) == "late:x")
+        #expect(activities.first?.attempt?.number == 1)
+        _ = try history.replay(as: RaceTypedStep.self)
+        #expect(log.all.map(\.number) == [1])
+    }
+
+    @Test("waitCancellationCompleted: an attempt that throws once cancelled ends the wait with ActivityFailure(cancelled) counting that attempt, and is not retried")
+    func waitFailsAsCancelled() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let silence = Silence()
+        defer { silence.finish() }
+        let (stub, events) = StallingStep.make(clock: clock, log: log, silence: silence)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let name = EntityName(type: RaceTypedStep.entityType, id: "stops")
+        let race = runtime.entity(RaceTypedStep.self, id: "stops")
+        try await race.start(.init(label: "y", type: .waitCancellationCompleted))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        clock.advance(by: .seconds(60))
+        #expect(try await race.result() == "deadline,step-failed:cancelled:1")
+        #expect(await iterator.next() == "cancelled")
+        #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
+                                             .activityFailed, .completed])
+        guard case .failure(let failure)? = try runtime.exportHistory(of: name).activities().first?.outcome else {
+            Issue.record("the activity has no recorded failure")
+            return
+        }
+        #expect(failure.reason == .cancelled)
+        #expect(failure.attempts == 1)
+        #expect(failure.causeType == "CancellationError")
+        // Past its retry interval: no second attempt, nothing left behind.
+        clock.advance(by: .seconds(3_600))
+        await idle(runtime)
+        #expect(log.all.map(\.number) == [1])
+        #expect(try activityRows(runtime) == 0)
+        #expect(try runtime.journal.timers().isEmpty)
+    }
+
+    @Test("waitCancellationCompleted: an activity waiting for its next retry ends at once as cancelled (1 attempt made, the last error in the cause); the retry never runs and its timer finds nothing")
+    func waitingRetryEndsAtOnce() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let stub = ActivityStub<Step> { _, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            throw Flake()
+        }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let name = EntityName(type: RaceTypedStep.entityType, id: "retrying")
+        let race = runtime.entity(RaceTypedStep.self, id: "retrying")
+        try await race.start(.init(label: "z", type: .waitCancellationCompleted))
+        await idle(runtime)  // the first attempt failed; the second is stored, due in 10 minutes
+        #expect(log.all.map(\.number) == [1])
+        clock.advance(by: .seconds(60))
+        #expect(try await race.result() == "deadline,step-failed:cancelled:1")
+        guard case .failure(let failure)? = try runtime.exportHistory(of: name).activities().first?.outcome else {
+            Issue.record("the activity has no recorded failure")
+            return
+        }
+        #expect(failure.cause.contains("Flake"), "\(failure.cause)")
+        clock.advance(by: .seconds(3_600))
+        await idle(runtime)
+        #expect(log.all.map(\.number) == [1])
+        #expect(try activityRows(runtime) == 0)
+        #expect(try runtime.journal.timers().isEmpty)
+    }
+
+    @Test("waitCancellationCompleted: an activity that never started (it waits for its registration) ends at once as cancelled with 0 attempts, and a later registration runs nothing")
+    func unstartedEndsAtOnce() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock))
+        defer { runtime.close() }
+        let race = runtime.entity(RaceTypedStep.self, id: "unregistered")
+        try await race.start(.init(label: "w", type: .waitCancellationCompleted))
+        await idle(runtime)
+        clock.advance(by: .seconds(60))
+        #expect(try await race.result() == "deadline,step-failed:cancelled:0")
+        let log = AttemptLog()
+        runtime.register(activity: ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return label
+        })
+        await idle(runtime)
+        #expect(log.all.isEmpty)
+        #expect(try activityRows(runtime) == 0)
+    }
+
+    @Test("waitCancellationCompleted: cancelling the entity's run asks its running activity to stop and the run's catch sees how it ended (cancelRequested, activityCancelRequested, activityFailed)")
+    func runCancelWaits() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let silence = Silence()
+        defer { silence.finish() }
+        let (stub, events) = StallingStep.make(clock: clock, log: AttemptLog(), silence: silence)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let job = runtime.entity(TypedStep.self, id: "run")
+        try await job.start(.init(label: "v", type: .waitCancellationCompleted))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        try await job.cancel()
+        #expect(try await job.result() == "step-failed:cancelled:1")
+        #expect(await iterator.next() == "cancelled")
+        await idle(runtime)
+        #expect(try kinds(runtime, EntityName(type: TypedStep.entityType, id: "run"))
+                == [.started, .activityScheduled, .cancelRequested, .activityCancelRequested, .activityFailed, .completed])
+        #expect(try activityRows(runtime) == 0)
+    }
+
+    @Test("waitCancellationCompleted survives a crash: the request is durable, the attempt ignores it, the process dies; reopened, the activity ends as cancelled without running again")
+    func requestSurvivesCrash() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let (stub, events) = SlowToStopStep.make(log: AttemptLog(), clock: clock, gate: gate)
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        let runtime = try EntityRuntime(configuration: configuration, activities: [stub])
+        try await runtime.entity(RaceTypedStep.self, id: "crash").start(.init(label: "u", type: .waitCancellationCompleted))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        clock.advance(by: .seconds(60))
+        #expect(await iterator.next() == "cancelled")  // the request is durable; the attempt goes on
+        runtime.simulateCrash()
+
+        let log = AttemptLog()
+        let reopened = try EntityRuntime(configuration: configuration, activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return label
+        }])
+        defer { reopened.close() }
+        #expect(try await reopened.entity(RaceTypedStep.self, id: "crash").result() == "deadline,step-failed:cancelled:0")
+        await idle(reopened)
+        #expect(log.all.isEmpty)
+        #expect(try activityRows(reopened) == 0)
+        #expect(try kinds(reopened, EntityName(type: RaceTypedStep.entityType, id: "crash"))
+                == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested, .activityFailed, .completed])
+    }
+
+    @Test("abandon: the wait ends at once, the activity is not cancelled and goes on; its outcome, when it comes, is dropped and its task goes")
+    func abandonLeavesActivity() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let log = AttemptLog()
+        let (stub, events) = SlowToStopStep.make(log: log, clock: clock, gate: gate)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let name = EntityName(type: RaceTypedStep.entityType, id: "abandoned")
+        let race = runtime.entity(RaceTypedStep.self, id: "abandoned")
+        try await race.start(.init(label: "t", type: .abandon))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        clock.advance(by: .seconds(60))
+        #expect(try await race.result() == "deadline,step-failed:cancelled:0")
+        // The attempt was not cancelled: its task is still stored while it runs.
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).count == 1)
+        gate.open()
+        await idle(runtime)
+        #expect(try activityRows(runtime) == 0)
+        #expect(log.all.map(\.number) == [1])
+        let recorded = try kinds(runtime, name)
+        #expect(recorded == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested, .completed])
+        let activity = try runtime.exportHistory(of: name).activities().first
+        #expect(activity?.cancelRequested == true)
+        guard case .failure(let failure)? = activity?.outcome else {
+            Issue.record("the abandoned activity has no outcome in the history's view")
+            return
+        }
+        #expect(failure.cause.contains("abandoned"))
+        // The attempt ran to its end without being cancelled.
+        #expect(await iterator.next() == "ended")
+    }
+}
