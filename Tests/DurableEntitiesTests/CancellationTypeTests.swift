@@ -176,7 +176,13 @@ struct CancellationTypeTests {
             return
         }
         #expect(failure.cause.contains("Flake"), "\(failure.cause)")
+        // The retry timer falls due and finds nothing to run.
+        let handed = runtime.core.timers.deliveries
         clock.advance(by: .seconds(3_600))
+        let parked = await Task.detached {
+            runtime.core.timers.park(timeout: .seconds(60)) { $0.inFlight == 0 && runtime.core.timers.deliveries > handed }
+        }.value
+        #expect(parked != nil, "the retry timer was handed over")
         await idle(runtime)
         #expect(log.all.map(\.number) == [1])
         #expect(try activityRows(runtime) == 0)

@@ -350,7 +350,7 @@ final class ActivityWorker: @unchecked Sendable {
             if cancelled.contains(task.id) {
                 // Its run requested its cancellation and waits for its end: it ends here, as cancelled
                 // (an attempt cut off by the crash counts as made).
-                cancelUnstarted(task, interrupted: task.runningAttempt == task.attempt)
+                cancelUnstarted(task, atOpen: true)
             } else if task.runningAttempt == task.attempt {
                 resumeInterrupted(task)
             } else if task.notBefore <= now {
@@ -1092,13 +1092,20 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    /// Ends an activity whose cancellation was requested before its next attempt started (or, at
-    /// open, whose attempt a crash cut off: `interrupted`): the outcome is a failure with reason
-    /// `cancelled`, counting the attempts made.
-    private func cancelUnstarted(_ task: ActivityTask, interrupted: Bool = false) {
+    /// Ends an activity whose cancellation was requested before its next attempt started, or (`atOpen`)
+    /// before the process stopped: the outcome is a failure with reason `cancelled`, counting the
+    /// attempts known to have been made (at open, one marked as running counts; one that was not
+    /// marked may have started too: the stored task cannot tell).
+    private func cancelUnstarted(_ task: ActivityTask, atOpen: Bool = false) {
+        let interrupted = atOpen && task.runningAttempt == task.attempt
         let made = interrupted ? task.attempt : task.attempt - 1
-        let why = interrupted ? "attempt \(task.attempt) was cut off by a stop of the process"
-            : "no attempt was running (attempt \(task.attempt) had not started)"
+        let why = if interrupted {
+            "attempt \(task.attempt) was cut off by a stop of the process"
+        } else if atOpen {
+            "the process stopped before attempt \(task.attempt) ended, if it had started"
+        } else {
+            "no attempt was running (attempt \(task.attempt) had not started)"
+        }
         let last = task.lastError.map { "; the last attempt failed with: \($0)" } ?? ""
         finish(task, .failure(ActivityFailure(activity: task.name, reason: .cancelled, attempts: made, causeType: "CancellationError",
                                               cause: "the activity's cancellation was requested; \(why)\(last)")),
