@@ -82,6 +82,42 @@ struct ActivityRecordTests {
         #expect(options == Self.options)
     }
 
+    /// `ActivityOptions` as versions before `cancellationType` encoded them through `Codable`.
+    struct OptionsBeforeCancellationType: Codable {
+        var retry: RetryPolicy
+        var startToCloseTimeout: Duration?
+        var scheduleToCloseTimeout: Duration?
+        var heartbeatTimeout: Duration?
+    }
+
+    @Test("a call's cancellation type is stored in its activityScheduled spec only when it is not the default (one byte after the options, sized exactly); a spec without it, and options encoded before it existed, read as tryCancel; an unknown value is refused")
+    func cancellationTypeInSpec() throws {
+        let plain = ScheduledActivity(name: "charge", input: [7], options: Self.options).encoded()
+        for type in [ActivityCancellationType.tryCancel, .waitCancellationCompleted, .abandon] {
+            var options = Self.options
+            options.cancellationType = type
+            let spec = ScheduledActivity(name: "charge", input: [7], options: options)
+            let bytes = spec.encoded()
+            #expect(bytes.count == spec.encodedSize)
+            #expect(bytes == (type == .tryCancel ? plain : plain + [type.rawValue]))
+            #expect(try #require(ScheduledActivity.decode(bytes[...])).options == options)
+            let event = HistoryEvent.command(.scheduleActivity(id: 5, name: "charge", input: [7], options: options), time: 1)
+            #expect(HistoryEvent.encodedCommand(.scheduleActivity(id: 5, name: "charge", input: [7], options: options), time: 1) == event.encoded())
+            guard case .scheduleActivity(_, _, _, let read)? = event.command else {
+                Issue.record("the event does not read back")
+                continue
+            }
+            #expect(read.cancellationType == type)
+        }
+        #expect(try #require(ScheduledActivity.decode(plain[...])).options.cancellationType == .tryCancel)
+        #expect(ScheduledActivity.decode((plain + [9])[...]) == nil)
+        #expect(ScheduledActivity.decode((plain + [1, 1])[...]) == nil)
+        let old = OptionsBeforeCancellationType(retry: Self.options.retry, startToCloseTimeout: .seconds(3),
+                                                scheduleToCloseTimeout: nil, heartbeatTimeout: .seconds(1))
+        let decoded = try BinaryEntityCodec().encode(old).withUnsafeBytes { try BinaryEntityCodec().decode(ActivityOptions.self, from: $0) }
+        #expect(decoded == ActivityOptions(retry: Self.options.retry, startToCloseTimeout: .seconds(3), heartbeatTimeout: .seconds(1)))
+    }
+
     @Test("the one-buffer encodings of activityScheduled and activityCompleted events equal the general ones")
     func oneBufferEvents() throws {
         let time: UInt64 = 1_700_000_000_123_456_789

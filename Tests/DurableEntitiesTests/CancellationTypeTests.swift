@@ -13,6 +13,8 @@ struct RaceTypedStep: EntityWorkflow {
     struct Input: Codable, Sendable {
         var label: String
         var type: ActivityCancellationType
+        /// Called with `executeLocal` instead of `execute`.
+        var local = false
     }
     static func initialState(id: String) -> State { State() }
     static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
@@ -22,7 +24,9 @@ struct RaceTypedStep: EntityWorkflow {
     static func step(_ input: Input, _ context: WorkflowContext<some EntityWorkflow>) async throws -> String {
         let options = ActivityOptions(retry: RetryPolicy(initialInterval: .seconds(600)), cancellationType: input.type)
         do {
-            return "step:" + (try await context.execute(Step.self, input.label, options: options))
+            let output = input.local ? try await context.executeLocal(Step.self, input.label, options: options)
+                : try await context.execute(Step.self, input.label, options: options)
+            return "step:" + output
         } catch let failure as ActivityFailure {
             return "step-failed:\(failure.reason):\(failure.attempts)"
         }
@@ -209,6 +213,64 @@ struct CancellationTypeTests {
         await idle(runtime)
         #expect(log.all.isEmpty)
         #expect(try activityRows(runtime) == 0)
+    }
+
+    @Test("waitCancellationCompleted: a local activity whose attempt left its turn is cancelled once the request is durable, and its wait ends with how the attempt ended")
+    func localAttemptWaits() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let silence = Silence()
+        defer { silence.finish() }
+        let (stub, events) = StallingStep.make(clock: clock, log: log, silence: silence)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let name = EntityName(type: RaceTypedStep.entityType, id: "local")
+        let race = runtime.entity(RaceTypedStep.self, id: "local")
+        try await race.start(.init(label: "s", type: .waitCancellationCompleted, local: true))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        clock.advance(by: .seconds(60))
+        #expect(try await race.result() == "deadline,step-failed:cancelled:1")
+        #expect(await iterator.next() == "cancelled")
+        await idle(runtime)
+        #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
+                                             .activityFailed, .completed])
+        #expect(try activityRows(runtime) == 0)
+        #expect(log.all.map(\.number) == [1])
+    }
+
+    @Test("waitCancellationCompleted: an activity queued for a pool slot (the only one held by an abandoned attempt) ends at once as cancelled with 0 attempts, and never runs")
+    func queuedEndsAtOnce() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let silence = Silence()
+        let (stub, events) = StallingStep.make(clock: clock, log: log, silence: silence)
+        var configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        configuration.maxConcurrentActivities = 1
+        let runtime = try EntityRuntime(configuration: configuration, activities: [stub])
+        defer { runtime.close() }
+        defer { silence.finish() }  // before the close, which would wait for the holder's attempt
+        let holder = runtime.entity(RaceTypedStep.self, id: "holder")
+        try await holder.start(.init(label: "h", type: .abandon))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        // (Not `waitUntilIdle`: the holder's attempt runs until the test's end.)
+        let queued = runtime.entity(RaceTypedStep.self, id: "queued")
+        try await queued.start(.init(label: "q", type: .waitCancellationCompleted))
+        clock.advance(by: .seconds(60))
+        #expect(try await holder.result() == "deadline,step-failed:cancelled:0")
+        #expect(try await queued.result() == "deadline,step-failed:cancelled:0")
+        // Taken out of the queue before its outcome went to its entity.
+        #expect(runtime.core.activities.poolCounts.queued == 0)
+        #expect(runtime.core.activities.poolCounts.running == 1)
+        // Only the holder's attempt ever ran; the queued activity's rows are gone, the holder's task stays.
+        #expect(log.all.count == 1 && log.all.allSatisfy { $0.key.contains("/holder/") }, "\(log.all)")
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).count == 1)
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]).isEmpty)
     }
 
     @Test("waitCancellationCompleted: cancelling the entity's run asks its running activity to stop and the run's catch sees how it ended (cancelRequested, activityCancelRequested, activityFailed)")

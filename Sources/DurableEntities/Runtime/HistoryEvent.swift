@@ -42,9 +42,13 @@ public struct HistoryEvent: Sendable, Hashable {
         case childStarted = 16
         case entitySignalled = 17
         case childCancelRequested = 18
-        /// The run body stopped awaiting an activity: the task that awaited it was cancelled (body:
-        /// activity id (8)). Its stored task went in the same commit, and a running attempt is
-        /// cancelled once that commit is durable; an outcome it returns anyway is not recorded.
+        /// The wait for an activity was cancelled (body: activity id (8)): the task that awaited it
+        /// was, or (for ``ActivityCancellationType/waitCancellationCompleted`` only) the run. What
+        /// follows depends on the call's cancellation type: with `tryCancel` its stored task went in the
+        /// same commit, a running attempt is cancelled once that commit is durable, and an outcome it
+        /// returns anyway is not recorded; with `abandon` the activity goes on and its outcome is not
+        /// recorded; with `waitCancellationCompleted` its cancellation request was stored in the same
+        /// commit and its outcome event follows.
         case activityCancelRequested = 25
         /// The run body ended its run with ``WorkflowContext/continueAsNew(_:)``; the body is the next
         /// run's input. The run's last event.

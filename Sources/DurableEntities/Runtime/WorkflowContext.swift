@@ -17,11 +17,16 @@
 /// A body may run waits side by side (`async let`, a task group) and cancel the tasks it no longer
 /// needs — a race between an activity and a deadline, say. Cancelling a task that waits is a
 /// command like any other, made by the body's own code at the same point on every replay:
-/// - an activity's wait (``execute(_:_:options:)``, ``executeLocal(_:_:options:)``) throws an
-///   ``ActivityFailure`` with reason `cancelled`; the history records `activityCancelRequested`,
-///   the activity's stored task goes in the same commit, an attempt still running is cancelled
-///   once that is durable (``ActivityContext/isCancelled``), and an outcome it returns anyway is
-///   not recorded;
+/// - an activity's wait (``execute(_:_:options:)``, ``executeLocal(_:_:options:)``) records
+///   `activityCancelRequested`, then does what the call's ``ActivityOptions/cancellationType`` says.
+///   By default (``ActivityCancellationType/tryCancel``) it throws an ``ActivityFailure`` with
+///   reason `cancelled` at once; the activity's stored task goes in the same commit, an attempt
+///   still running is cancelled once that is durable (``ActivityContext/isCancelled``), and an
+///   outcome it returns anyway is not recorded. With ``ActivityCancellationType/waitCancellationCompleted``
+///   the wait lasts until the activity has really ended — its output if an attempt returns it
+///   anyway, else a failure with reason `cancelled` and the attempts made — so code that
+///   compensates afterwards knows whether the step happened. With ``ActivityCancellationType/abandon``
+///   it throws at once and the activity goes on unobserved;
 /// - a sleep or a condition throws `CancellationError`, and its timer is cancelled
 ///   (`timerCancelled`: the timer's row goes, it never fires);
 /// - a wait for a child's ``ChildEntity/result()`` throws `CancellationError`; the child goes on
@@ -179,7 +184,8 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// output once it is recorded. A restart neither loses nor repeats a recorded outcome.
     /// - Throws: ``ActivityFailure`` when the activity ends for good (retries exhausted, a
     ///   non-retryable error, a timeout) or when the run, or the task that awaits it, is cancelled
-    ///   meanwhile (reason `cancelled`; see "Cancelling a wait" above);
+    ///   meanwhile (reason `cancelled`, when ``ActivityOptions/cancellationType`` says; see
+    ///   "Cancelling a wait" above);
     ///   ``EntityError/Code/invalidArgument`` for invalid `options` (nothing is scheduled).
     public func execute<A: Activity>(_ activity: A.Type, _ input: A.Input, options: ActivityOptions = .default) async throws -> A.Output {
         try check(options)

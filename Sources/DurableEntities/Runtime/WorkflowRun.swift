@@ -492,9 +492,11 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     }
 
     /// Cooperative cancellation: every wait the body is suspended on throws once — an activity's an
-    /// ``ActivityFailure`` whose reason is `cancelled` (its task is deleted: no further attempt
-    /// starts), the others `CancellationError`. The body may catch it and clean up (waits after that
-    /// work normally, a saga's compensations included), or let it end the run.
+    /// ``ActivityFailure`` whose reason is `cancelled` (by its call's cancellation type: its task is
+    /// deleted and no further attempt starts, or it is abandoned, or — `waitCancellationCompleted` —
+    /// it is asked to stop and its wait ends with its outcome instead), the others `CancellationError`.
+    /// The body may catch it and clean up (waits after that work normally, a saga's compensations
+    /// included), or let it end the run.
     ///
     /// Everything goes in command-id order (the order the body issued its waits), never in a
     /// dictionary's: the `cancelTimer` commands, and the order in which the resumed waits run (their
