@@ -68,14 +68,6 @@ enum SlowToStopStep {
 
 @Suite("Activity cancellation types", .timeLimit(.minutes(10)))
 struct CancellationTypeTests {
-    func kinds(_ runtime: EntityRuntime, _ name: EntityName) throws -> [HistoryEvent.Kind] {
-        try runtime.exportHistory(of: name).decodedEvents().map(\.event.kind)
-    }
-
-    func idle(_ runtime: EntityRuntime) async {
-        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
-    }
-
     /// The activity rows left: tasks and cancellation requests.
     func activityRows(_ runtime: EntityRuntime) throws -> Int {
         try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).count
@@ -101,12 +93,12 @@ struct CancellationTypeTests {
         clock.advance(by: .seconds(60))
         // The attempt is cancelled only once the request is durable: by now it is, and the run still waits.
         #expect(await iterator.next() == "cancelled")
-        #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested])
+        #expect(try runtime.historyKinds(of: name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested])
         #expect(try runtime.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]).count == 1)
         gate.open()
         #expect(try await race.result() == "deadline,step:late:x")
-        await idle(runtime)
-        #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
+        await runtime.untilIdle()
+        #expect(try runtime.historyKinds(of: name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
                                              .activityCompleted, .completed])
         #expect(try activityRows(runtime) == 0)
         let history = try runtime.exportHistory(of: name)
@@ -139,7 +131,7 @@ struct CancellationTypeTests {
         clock.advance(by: .seconds(60))
         #expect(try await race.result() == "deadline,step-failed:cancelled:1")
         #expect(await iterator.next() == "cancelled")
-        #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
+        #expect(try runtime.historyKinds(of: name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
                                              .activityFailed, .completed])
         guard case .failure(let failure)? = try runtime.exportHistory(of: name).activities().first?.outcome else {
             Issue.record("the activity has no recorded failure")
@@ -150,7 +142,7 @@ struct CancellationTypeTests {
         #expect(failure.causeType == "CancellationError")
         // Past its retry interval: no second attempt, nothing left behind.
         clock.advance(by: .seconds(3_600))
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(log.all.map(\.number) == [1])
         #expect(try activityRows(runtime) == 0)
         #expect(try runtime.journal.timers().isEmpty)
@@ -171,7 +163,7 @@ struct CancellationTypeTests {
         let name = EntityName(type: RaceTypedStep.entityType, id: "retrying")
         let race = runtime.entity(RaceTypedStep.self, id: "retrying")
         try await race.start(.init(label: "z", type: .waitCancellationCompleted))
-        await idle(runtime)  // the first attempt failed; the second is stored, due in 10 minutes
+        await runtime.untilIdle()  // the first attempt failed; the second is stored, due in 10 minutes
         #expect(log.all.map(\.number) == [1])
         clock.advance(by: .seconds(60))
         #expect(try await race.result() == "deadline,step-failed:cancelled:1")
@@ -187,7 +179,7 @@ struct CancellationTypeTests {
             runtime.core.timers.park(timeout: .seconds(60)) { $0.inFlight == 0 && runtime.core.timers.deliveries > handed }
         }.value
         #expect(parked != nil, "the retry timer was handed over")
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(log.all.map(\.number) == [1])
         #expect(try activityRows(runtime) == 0)
         #expect(try runtime.journal.timers().isEmpty)
@@ -202,7 +194,7 @@ struct CancellationTypeTests {
         defer { runtime.close() }
         let race = runtime.entity(RaceTypedStep.self, id: "unregistered")
         try await race.start(.init(label: "w", type: .waitCancellationCompleted))
-        await idle(runtime)
+        await runtime.untilIdle()
         clock.advance(by: .seconds(60))
         #expect(try await race.result() == "deadline,step-failed:cancelled:0")
         let log = AttemptLog()
@@ -210,7 +202,7 @@ struct CancellationTypeTests {
             log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
             return label
         })
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(log.all.isEmpty)
         #expect(try activityRows(runtime) == 0)
     }
@@ -234,8 +226,8 @@ struct CancellationTypeTests {
         clock.advance(by: .seconds(60))
         #expect(try await race.result() == "deadline,step-failed:cancelled:1")
         #expect(await iterator.next() == "cancelled")
-        await idle(runtime)
-        #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
+        await runtime.untilIdle()
+        #expect(try runtime.historyKinds(of: name) == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested,
                                              .activityFailed, .completed])
         #expect(try activityRows(runtime) == 0)
         #expect(log.all.map(\.number) == [1])
@@ -290,8 +282,8 @@ struct CancellationTypeTests {
         try await job.cancel()
         #expect(try await job.result() == "step-failed:cancelled:1")
         #expect(await iterator.next() == "cancelled")
-        await idle(runtime)
-        #expect(try kinds(runtime, EntityName(type: TypedStep.entityType, id: "run"))
+        await runtime.untilIdle()
+        #expect(try runtime.historyKinds(of: EntityName(type: TypedStep.entityType, id: "run"))
                 == [.started, .activityScheduled, .cancelRequested, .activityCancelRequested, .activityFailed, .completed])
         #expect(try activityRows(runtime) == 0)
     }
@@ -320,10 +312,10 @@ struct CancellationTypeTests {
         }])
         defer { reopened.close() }
         #expect(try await reopened.entity(RaceTypedStep.self, id: "crash").result() == "deadline,step-failed:cancelled:0")
-        await idle(reopened)
+        await reopened.untilIdle()
         #expect(log.all.isEmpty)
         #expect(try activityRows(reopened) == 0)
-        #expect(try kinds(reopened, EntityName(type: RaceTypedStep.entityType, id: "crash"))
+        #expect(try reopened.historyKinds(of: EntityName(type: RaceTypedStep.entityType, id: "crash"))
                 == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested, .activityFailed, .completed])
     }
 
@@ -348,10 +340,10 @@ struct CancellationTypeTests {
         // The attempt was not cancelled: its task is still stored while it runs.
         #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).count == 1)
         gate.open()
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try activityRows(runtime) == 0)
         #expect(log.all.map(\.number) == [1])
-        let recorded = try kinds(runtime, name)
+        let recorded = try runtime.historyKinds(of: name)
         #expect(recorded == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested, .completed])
         let activity = try runtime.exportHistory(of: name).activities().first
         #expect(activity?.cancelRequested == true)

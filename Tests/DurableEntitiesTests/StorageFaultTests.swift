@@ -48,10 +48,6 @@ struct StorageFaultTests {
         }
     }
 
-    func idle(_ runtime: EntityRuntime) async {
-        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
-    }
-
     @Test("a signal whose commit fails is refused with storage and leaves no trace; the entity takes the next one, and a reopen sees only what was acknowledged")
     func signalCommitFails() async throws {
         let directory = TemporaryDirectory()
@@ -96,7 +92,7 @@ struct StorageFaultTests {
         faults.failCommits(1) { $0.deletesTask }
         let call = runtime.entity(CallStep.self, id: "c")
         try await call.start(.init(label: "x", options: .init()))
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(faults.failed.commits == 1)
         // Nothing of the outcome is recorded, and the task is still stored (a crash now runs it again).
         #expect(try !kinds(runtime, call.name).contains(.activityCompleted))
@@ -104,7 +100,7 @@ struct StorageFaultTests {
         clock.advance(by: .seconds(1))
         #expect(try await call.result() == "ran:x")
         #expect(log.all.count == 1, "the outcome was delivered again, not the attempt run again")
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
     }
 
@@ -118,7 +114,7 @@ struct StorageFaultTests {
         defer { runtime.close() }
         let nap = runtime.entity(Nap.self, id: "n")
         try await nap.start(.seconds(3_600))
-        await idle(runtime)
+        await runtime.untilIdle()
         let key = try #require(try runtime.journal.key(for: nap.name))
         faults.failCommits(1) { $0.appends(to: key) }
         let handed = runtime.core.timers.deliveries
@@ -128,7 +124,7 @@ struct StorageFaultTests {
             runtime.core.timers.park(timeout: .seconds(60)) { _ in runtime.core.timers.deliveries > handed && faults.failed.commits == 1 }
         }.value
         #expect(parked != nil)
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try !kinds(runtime, nap.name).contains(.timerFired))
         #expect(try runtime.journal.timers().count == 1, "the timer is still stored")
         clock.advance(by: .seconds(1))
@@ -147,17 +143,17 @@ struct StorageFaultTests {
         let boss = runtime.entity(Boss.self, id: "boss")
         try await boss.start(.init(children: ["w1"]))
         #expect(try await runtime.entity(Inbox.self, id: "boss-inbox").awaitState { !$0.received.isEmpty }.received == ["started 1"])
-        await idle(runtime)
+        await runtime.untilIdle()
         let key = try #require(try runtime.journal.key(for: boss.name))
         faults.failCommits(1) { $0.appends(to: key) }
         try await runtime.entity(Worker.self, id: "w1").signal(.finish)
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(faults.failed.commits == 1)
         #expect(try !kinds(runtime, boss.name).contains(.childCompleted))
         #expect(try runtime.journal.tasks(prefix: [EntityEnvelope.keyPrefix]).count == 1, "the outcome is still in the outbox")
         clock.advance(by: .seconds(1))
         #expect(try await boss.result() == ["w1=2"])
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try runtime.journal.tasks(prefix: [EntityEnvelope.keyPrefix]).isEmpty)
     }
 
@@ -171,7 +167,7 @@ struct StorageFaultTests {
         var runtime = try runtime(directory, clock, faults, entityTypes: [Account.self, Nap.self])
         try await runtime.entity(Account.self, id: "a").signal(.deposit(10))
         try await runtime.entity(Nap.self, id: "n").start(.seconds(3_600))
-        await idle(runtime)
+        await runtime.untilIdle()
         runtime.close()
         runtime = try self.runtime(directory, clock, faults, entityTypes: [Account.self, Nap.self])
         defer { runtime.close() }

@@ -9,3 +9,16 @@ extension EntityRuntime.Configuration {
         return configuration
     }
 }
+
+extension EntityRuntime {
+    /// The kinds of the events of `name`'s current run, as exported, in order.
+    func historyKinds(of name: EntityName) throws -> [HistoryEvent.Kind] {
+        try exportHistory(of: name).decodedEvents().map(\.event.kind)
+    }
+
+    /// Waits, off the cooperative pool, until the runtime has nothing in flight (turns, commits,
+    /// activity attempts, outcomes and timers handed over).
+    func untilIdle() async {
+        _ = await Task.detached { self.core.waitUntilIdle() }.value
+    }
+}

@@ -201,14 +201,6 @@ enum StallingStep {
 
 @Suite("Cancelling a run body's waits", .timeLimit(.minutes(10)))
 struct WaitCancellationTests {
-    func kinds(_ runtime: EntityRuntime, _ name: EntityName) throws -> [HistoryEvent.Kind] {
-        try runtime.exportHistory(of: name).decodedEvents().map(\.event.kind)
-    }
-
-    func idle(_ runtime: EntityRuntime) async {
-        _ = await Task.detached { runtime.core.waitUntilIdle() }.value
-    }
-
     @Test("an activity raced against a durable timer that fires first is cancelled with the task that awaited it: the wait throws ActivityFailure(cancelled), the history records activityCancelRequested, the task row goes, the running attempt sees the cancellation, and nothing runs again after a reopen")
     func losingActivityIsCancelled() async throws {
         let directory = TemporaryDirectory()
@@ -231,9 +223,9 @@ struct WaitCancellationTests {
             #expect(try await race.result() == "deadline,step-failed:cancelled")
             // Without the cancellation the attempt would wait for ever (the suite's time limit ends it).
             #expect(await iterator.next() == "cancelled")
-            await idle(runtime)
+            await runtime.untilIdle()
             #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
-            #expect(try kinds(runtime, name) == [.started, .activityScheduled, .timerStarted, .timerFired,
+            #expect(try runtime.historyKinds(of: name) == [.started, .activityScheduled, .timerStarted, .timerFired,
                                                  .activityCancelRequested, .completed])
             let activities = try runtime.exportHistory(of: name).activities()
             #expect(activities.count == 1)
@@ -259,7 +251,7 @@ struct WaitCancellationTests {
         let reopened = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { reopened.close() }
         #expect(try await reopened.entity(RaceStep.self, id: "race").result() == "deadline,step-failed:cancelled")
-        await idle(reopened)
+        await reopened.untilIdle()
         #expect(try reopened.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
         #expect(log.all.map(\.number) == [1])
     }
@@ -281,10 +273,10 @@ struct WaitCancellationTests {
         clock.advance(by: .seconds(60))
         #expect(try await job.result() == "slept")
         #expect(await iterator.next() == "cancelled")
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try runtime.journal.tasks(prefix: [ActivityTask.keyPrefix]).isEmpty)
         // The async let's task runs once the body suspends: its activity is scheduled after the timer.
-        let recorded = try kinds(runtime, EntityName(type: UnawaitedStep.entityType, id: "u"))
+        let recorded = try runtime.historyKinds(of: EntityName(type: UnawaitedStep.entityType, id: "u"))
         #expect(recorded == [.started, .timerStarted, .activityScheduled, .timerFired, .activityCancelRequested, .completed],
                 "\(recorded)")
     }
@@ -300,11 +292,11 @@ struct WaitCancellationTests {
         let name = EntityName(type: RaceStep.entityType, id: "quick")
         #expect(try await runtime.entity(RaceStep.self, id: "quick").execute("y") == "step:ran:y,sleep-cancelled")
         #expect(try runtime.journal.timers().isEmpty)
-        let recorded = try kinds(runtime, name)
+        let recorded = try runtime.historyKinds(of: name)
         #expect(recorded == [.started, .activityScheduled, .timerStarted, .activityCompleted, .timerCancelled, .completed])
         clock.advance(by: .seconds(7_200))
-        await idle(runtime)
-        #expect(try kinds(runtime, name) == recorded)
+        await runtime.untilIdle()
+        #expect(try runtime.historyKinds(of: name) == recorded)
     }
 
     @Test("waits started by a task already cancelled fail at once with nothing recorded: an activity (pool or local) with ActivityFailure(cancelled), a sleep, conditions, executeChild and a fan-out with CancellationError (no child starts); the run goes on")
@@ -322,12 +314,12 @@ struct WaitCancellationTests {
         _ = runtime.entity(SleepyChild.self, id: "never-z")
         let result = try await runtime.entity(CancelledBeforeWaiting.self, id: "early").execute("z")
         #expect(result == "activity-cancelled,activity-cancelled,cancelled,cancelled,cancelled,cancelled,cancelled|ran:z")
-        #expect(try kinds(runtime, EntityName(type: CancelledBeforeWaiting.entityType, id: "early"))
+        #expect(try runtime.historyKinds(of: EntityName(type: CancelledBeforeWaiting.entityType, id: "early"))
                 == [.started, .activityScheduled, .activityCompleted, .completed])
         #expect(log.all.count == 1)
         #expect(try runtime.journal.timers().isEmpty)
         // Neither the child nor the fan-out started one.
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try runtime.entityIDs(of: SleepyChild.self).isEmpty)
     }
 
@@ -342,11 +334,11 @@ struct WaitCancellationTests {
         try await parent.start("c")
         let child = runtime.entity(SleepyChild.self, id: "child-of-p")
         // Idle once the child's start, handed over by the parent's commit, is committed too.
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try runtime.journal.timers().count == 2)
         clock.advance(by: .seconds(60))
         #expect(try await parent.result() == "deadline,child-wait-cancelled")
-        let kinds = try kinds(runtime, EntityName(type: ChildOrDeadline.entityType, id: "p"))
+        let kinds = try runtime.historyKinds(of: EntityName(type: ChildOrDeadline.entityType, id: "p"))
         #expect(kinds == [.started, .childStarted, .timerStarted, .timerFired, .completed])
         clock.advance(by: .seconds(3_600))
         #expect(try await withDeadline(seconds: 60) { try await child.result() } == "woke:c")
@@ -377,7 +369,7 @@ struct WaitCancellationTests {
         // The child's type is registered (its start would wait for it otherwise).
         let child = runtime.entity(SleepyChild.self, id: "child-of-p")
         // Idle once the child's start, handed over by the parent's commit, is committed too.
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try runtime.journal.timers().count == 2)
         clock.advance(by: .seconds(60))
         #expect(try await parent.result() == "deadline,child-cancelled")
@@ -386,13 +378,13 @@ struct WaitCancellationTests {
         let failure = try await failure(of: child)
         #expect((failure as? EntityError)?.code == .rejected)
         #expect(String(describing: failure).contains("CancellationError"))
-        let childKinds = try kinds(runtime, EntityName(type: SleepyChild.entityType, id: "child-of-p"))
+        let childKinds = try runtime.historyKinds(of: EntityName(type: SleepyChild.entityType, id: "child-of-p"))
         #expect(childKinds.contains(.cancelRequested))
         #expect(childKinds.contains(.timerCancelled))
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try runtime.journal.timers().isEmpty)
         // The request went out with the parent's last turn; the child's outcome is recorded after it.
-        #expect(try kinds(runtime, name) == [.started, .childStarted, .timerStarted, .timerFired, .childCancelRequested, .completed, .childFailed])
+        #expect(try runtime.historyKinds(of: name) == [.started, .childStarted, .timerStarted, .timerFired, .childCancelRequested, .completed, .childFailed])
         _ = try runtime.exportHistory(of: name).replay(as: ExecuteChildOrDeadline.self)
     }
 
@@ -407,7 +399,7 @@ struct WaitCancellationTests {
         let parent = runtime.entity(FanOutOrDeadline.self, id: "f")
         try await parent.start("c")
         let children = (0..<3).map { runtime.entity(SleepyChild.self, id: "fan-\($0)-of-f") }
-        await idle(runtime)
+        await runtime.untilIdle()
         #expect(try runtime.journal.timers().count == 3)
         #expect(try runtime.entityIDs(of: SleepyChild.self) == ["fan-0-of-f", "fan-1-of-f"])
         clock.advance(by: .seconds(60))
@@ -415,8 +407,8 @@ struct WaitCancellationTests {
         for child in children.prefix(2) {
             #expect(String(describing: try await failure(of: child)).contains("CancellationError"))
         }
-        await idle(runtime)
-        let recorded = try kinds(runtime, name)
+        await runtime.untilIdle()
+        let recorded = try runtime.historyKinds(of: name)
         #expect(recorded.filter { $0 == .childStarted }.count == 2)
         #expect(Array(recorded.drop { $0 != .timerFired })
                 == [.timerFired, .childCancelRequested, .childCancelRequested, .completed, .childFailed, .childFailed])
