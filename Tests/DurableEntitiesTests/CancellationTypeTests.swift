@@ -34,13 +34,14 @@ struct RaceTypedStep: EntityWorkflow {
 }
 
 /// Calls `Step` with the input's cancellation type and nothing else: cancelling the entity's run
-/// cancels that wait.
+/// cancels that wait. The result adds `|run-cancelled` when the body learns that the run was.
 struct TypedStep: EntityWorkflow {
     struct State: Codable, Sendable {}
     typealias Input = RaceTypedStep.Input
     static func initialState(id: String) -> State { State() }
     static func run(_ input: Input, context: WorkflowContext<Self>) async throws -> String {
-        try await RaceTypedStep.step(input, context)
+        let step = try await RaceTypedStep.step(input, context)
+        return context.isCancellationRequested ? step + "|run-cancelled" : step
     }
 }
 
@@ -205,6 +206,9 @@ struct CancellationTypeTests {
         await runtime.untilIdle()
         #expect(log.all.isEmpty)
         #expect(try activityRows(runtime) == 0)
+        // A run nobody cancelled: its body is not told otherwise.
+        #expect(try await runtime.entity(TypedStep.self, id: "plain").execute(.init(label: "ok", type: .waitCancellationCompleted))
+                == "step:ok")
     }
 
     @Test("waitCancellationCompleted: a local activity whose attempt left its turn is cancelled once the request is durable, and its wait ends with how the attempt ended")
@@ -280,11 +284,35 @@ struct CancellationTypeTests {
         var iterator = events.makeAsyncIterator()
         #expect(await iterator.next() == "started")
         try await job.cancel()
-        #expect(try await job.result() == "step-failed:cancelled:1")
+        #expect(try await job.result() == "step-failed:cancelled:1|run-cancelled")
         #expect(await iterator.next() == "cancelled")
         await runtime.untilIdle()
         #expect(try runtime.historyKinds(of: EntityName(type: TypedStep.entityType, id: "run"))
                 == [.started, .activityScheduled, .cancelRequested, .activityCancelRequested, .activityFailed, .completed])
+        #expect(try activityRows(runtime) == 0)
+    }
+
+    @Test("waitCancellationCompleted: when the run is cancelled and its activity's attempt finishes anyway, the wait returns the output and the body learns of the cancellation from isCancellationRequested")
+    func runCancelLateOutput() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let (stub, events) = SlowToStopStep.make(log: AttemptLog(), clock: clock, gate: gate)
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let job = runtime.entity(TypedStep.self, id: "finishes")
+        try await job.start(.init(label: "p", type: .waitCancellationCompleted))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        try await job.cancel()
+        #expect(await iterator.next() == "cancelled")
+        gate.open()
+        #expect(try await job.result() == "step:late:p|run-cancelled")
+        await runtime.untilIdle()
+        #expect(try runtime.historyKinds(of: EntityName(type: TypedStep.entityType, id: "finishes"))
+                == [.started, .activityScheduled, .cancelRequested, .activityCancelRequested, .activityCompleted, .completed])
         #expect(try activityRows(runtime) == 0)
     }
 

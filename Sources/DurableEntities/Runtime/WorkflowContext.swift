@@ -64,6 +64,14 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// The entity's current state (signals and updates change it between the body's steps).
     public var state: W.State { run.state }
 
+    /// Whether the run's cancellation was requested (``EntityRef/cancel()``, a parent's request or
+    /// its parent-close policy). The request ends the waits the body was suspended in at that moment,
+    /// once (see "Cancelling a wait"); waits after that work normally. So a body that must not go on
+    /// checks this — notably after an activity called with
+    /// ``ActivityCancellationType/waitCancellationCompleted``, whose wait may return the output of an
+    /// attempt that finished anyway. Deterministic: replay sets it at the same point.
+    public var isCancellationRequested: Bool { run.cancellationRequested }
+
     /// Changes the state from the body. Deterministic, like everything the body does: replay repeats it.
     public func updateState(_ change: (inout W.State) -> Void) {
         change(&run.state)

@@ -501,7 +501,11 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     /// Everything goes in command-id order (the order the body issued its waits), never in a
     /// dictionary's: the `cancelTimer` commands, and the order in which the resumed waits run (their
     /// catch blocks may issue commands), must be the same on every replay.
+    /// Set by ``cancel()`` (see ``WorkflowContext/isCancellationRequested``).
+    private(set) var cancellationRequested = false
+
     func cancel() {
+        cancellationRequested = true
         for waiter in waiters where !waiter.done { finish(waiter, with: .failure(CancellationError())) }
         // A condition's timeout timer is cancelled too, although its waiter finished just above.
         for (id, waiter) in timers.sorted(by: { $0.key < $1.key }) {
