@@ -39,12 +39,21 @@ struct ActivityTask: Codable, Sendable {
     /// `a`, the entity key, the activity id: an entity's tasks sort together.
     var key: TaskKey { Self.key(entity: entityKey, activity: activityID) }
 
-    static func key(entity: UInt64, activity: UInt64) -> TaskKey {
+    static func key(entity: UInt64, activity: UInt64) -> TaskKey { key(keyPrefix, entity: entity, activity: activity) }
+
+    /// `prefix`, the entity key, the activity id: the shape of a task's key and of its cancellation row's.
+    private static func key(_ prefix: UInt8, entity: UInt64, activity: UInt64) -> TaskKey {
         TaskKey(inlineCount: 17) { raw in
-            raw[0] = keyPrefix
+            raw[0] = prefix
             raw.storeBytes(of: entity.bigEndian, toByteOffset: 1, as: UInt64.self)
             raw.storeBytes(of: activity.bigEndian, toByteOffset: 9, as: UInt64.self)
         }
+    }
+
+    /// The identity a key of that shape with `prefix` holds; `nil` for a key of another shape.
+    private static func id(ofKey key: UnsafeRawBufferPointer, prefix: UInt8) -> ID? {
+        guard key.count == 17, key[0] == prefix else { return nil }
+        return ID(entityKey: key.bigEndianUInt64(at: 1), activityID: key.bigEndianUInt64(at: 9))
     }
 
     /// `c`, the entity key, the activity id: the row that says the run requested the activity's
@@ -53,23 +62,14 @@ struct ActivityTask: Codable, Sendable {
     /// worker reads it where an attempt would start (a retry falling due, the next open), so an
     /// activity whose cancellation was requested never starts again. A row of its own, not a field of
     /// the task: the worker rewrites the task (heartbeats, retries) from its own copy.
-    static func cancelKey(entity: UInt64, activity: UInt64) -> TaskKey {
-        TaskKey(inlineCount: 17) { raw in
-            raw[0] = cancelKeyPrefix
-            raw.storeBytes(of: entity.bigEndian, toByteOffset: 1, as: UInt64.self)
-            raw.storeBytes(of: activity.bigEndian, toByteOffset: 9, as: UInt64.self)
-        }
-    }
+    static func cancelKey(entity: UInt64, activity: UInt64) -> TaskKey { key(cancelKeyPrefix, entity: entity, activity: activity) }
 
     static let cancelKeyPrefix: UInt8 = 0x63  // "c"
     /// A cancellation row's value: its key says it all.
     static let cancelRequestValue: [UInt8] = [1]
 
     /// The identity a cancellation row's key holds; `nil` for a key of another shape.
-    static func id(ofCancelKey key: UnsafeRawBufferPointer) -> ID? {
-        guard key.count == 17, key[0] == cancelKeyPrefix else { return nil }
-        return ID(entityKey: key.bigEndianUInt64(at: 1), activityID: key.bigEndianUInt64(at: 9))
-    }
+    static func id(ofCancelKey key: UnsafeRawBufferPointer) -> ID? { id(ofKey: key, prefix: cancelKeyPrefix) }
 
     /// The task's identity in memory (its ``key``'s content, without building the bytes).
     struct ID: Hashable, Sendable {
@@ -78,10 +78,7 @@ struct ActivityTask: Codable, Sendable {
     }
 
     /// The identity a task row's key holds; `nil` for a key of another shape (not an activity task's).
-    static func id(ofKey key: UnsafeRawBufferPointer) -> ID? {
-        guard key.count == 17, key[0] == keyPrefix else { return nil }
-        return ID(entityKey: key.bigEndianUInt64(at: 1), activityID: key.bigEndianUInt64(at: 9))
-    }
+    static func id(ofKey key: UnsafeRawBufferPointer) -> ID? { id(ofKey: key, prefix: keyPrefix) }
 
     var id: ID { ID(entityKey: entityKey, activityID: activityID) }
 

@@ -175,6 +175,14 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
+    /// Adds the entry of `runner`, which runs an attempt of task `id`; a cancellation request pending
+    /// for the task cancels it at once.
+    private func trackRunning(_ runner: TurnRunner, for id: ActivityTask.ID) {
+        guard running.withLock({ $0.insert(runner, for: id) }) else { return }
+        pendingCancelCount.subtract(1, ordering: .relaxed)
+        runner.task.cancel()
+    }
+
     /// Takes a pending cancellation request for `id`; whether there was one.
     private func takePendingCancel(_ id: ActivityTask.ID) -> Bool {
         guard pendingCancelCount.load(ordering: .relaxed) > 0 else { return false }
@@ -538,10 +546,7 @@ final class ActivityWorker: @unchecked Sendable {
             return false
         }
         // Before its first job runs (in the drain below): the entry goes when that job's work returns.
-        if running.withLock({ $0.insert(runner, for: task.id) }) {
-            pendingCancelCount.subtract(1, ordering: .relaxed)
-            runner.task.cancel()
-        }
+        trackRunning(runner, for: task.id)
         if runner.drain().parked { return true }
         // It waits for something outside: it goes on by itself.
         let left = detach(runner)
@@ -1001,10 +1006,7 @@ final class ActivityWorker: @unchecked Sendable {
     func trackDetachedLocal(_ runner: TurnRunner, task: ActivityTask, entity: UInt64) {
         var stored = task
         stored.entityKey = entity
-        if running.withLock({ $0.insert(runner, for: stored.id) }) {
-            pendingCancelCount.subtract(1, ordering: .relaxed)
-            runner.task.cancel()
-        }
+        trackRunning(runner, for: stored.id)
         runner.executor.attemptContext?.taskStored(stored, by: self)
     }
 

@@ -366,19 +366,20 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     /// own job, inside the turn (see ``WorkflowContext/execute(_:_:options:)``).
     func cancelActivityWait(_ id: UInt64) {
         guard let awaited = activities[id], !awaited.cancelRequested else { return }
+        if awaited.cancellation == .waitCancellationCompleted { return requestActivityCancel(id) }
         issued.append(.cancelActivity(id: id))
-        switch awaited.cancellation {
-        case .waitCancellationCompleted:
-            activities[id]!.cancelRequested = true
-            activityCancelRequests.append(id)
-        case .tryCancel:
-            activities[id] = nil
-            activitiesGivenUp.append(id)
-            awaited.continuation.resume(throwing: ActivityFailure.waitCancelled(awaited.name))
-        case .abandon:
-            activities[id] = nil
-            awaited.continuation.resume(throwing: ActivityFailure.waitAbandoned(awaited.name))
-        }
+        activities[id] = nil
+        let abandoning = awaited.cancellation == .abandon
+        if !abandoning { activitiesGivenUp.append(id) }
+        awaited.continuation.resume(throwing: abandoning ? ActivityFailure.waitAbandoned(awaited.name) : .waitCancelled(awaited.name))
+    }
+
+    /// Records `cancelActivity` for awaited activity `id` and requests its cancellation, its wait
+    /// going on until its outcome (``ActivityCancellationType/waitCancellationCompleted``).
+    private func requestActivityCancel(_ id: UInt64) {
+        activities[id]!.cancelRequested = true
+        issued.append(.cancelActivity(id: id))
+        activityCancelRequests.append(id)
     }
 
     /// Records a child started by the body (live and on replay).
@@ -519,11 +520,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
             switch awaited.cancellation {
             case .waitCancellationCompleted:
                 // Asked to stop; its wait ends with its outcome (see ``cancelActivityWait(_:)``).
-                if !awaited.cancelRequested {
-                    activities[id]!.cancelRequested = true
-                    issued.append(.cancelActivity(id: id))
-                    activityCancelRequests.append(id)
-                }
+                if !awaited.cancelRequested { requestActivityCancel(id) }
                 continue
             case .tryCancel:
                 activitiesGivenUp.append(id)
