@@ -31,10 +31,14 @@
 ///   (`timerCancelled`: the timer's row goes, it never fires);
 /// - a wait for a child's ``ChildEntity/result()`` throws `CancellationError`; the child goes on
 ///   (``ChildEntity/cancel()`` asks it to stop);
-/// - ``executeChild(_:id:input:parentClosePolicy:)`` and ``fanOut(_:_:maxConcurrent:parentClosePolicy:)``
-///   own the children they start: their cancelled waits throw `CancellationError` and ask those
-///   children to cancel (`childCancelRequested`, delivered once the turn is durable), without
-///   waiting for them to end, and a cancelled fan-out starts no further child.
+/// - ``executeChild(_:id:input:parentClosePolicy:cancellationType:)`` and
+///   ``fanOut(_:_:maxConcurrent:parentClosePolicy:cancellationType:)`` own the children they start,
+///   and a cancelled fan-out starts no further child. By default
+///   (``ChildCancellationType/tryCancel``) their cancelled waits throw `CancellationError` and ask
+///   those children to cancel (`childCancelRequested`, delivered once the turn is durable), without
+///   waiting for them to end. With ``ChildCancellationType/waitCancellationCompleted`` they ask
+///   and wait until the children have ended (the run's cancellation does the same); with
+///   ``ChildCancellationType/abandon`` they throw at once and the children go on.
 /// A wait started by a task already cancelled fails at once, with nothing recorded (an
 /// `executeChild` then starts no child; a child a fan-out started but had not awaited yet is asked
 /// to cancel). A task group
@@ -69,7 +73,9 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// once (see "Cancelling a wait"); waits after that work normally. So a body that must not go on
     /// checks this — notably after an activity called with
     /// ``ActivityCancellationType/waitCancellationCompleted``, whose wait may return the output of an
-    /// attempt that finished anyway. Deterministic: replay sets it at the same point.
+    /// attempt that finished anyway, or a child awaited with
+    /// ``ChildCancellationType/waitCancellationCompleted``. Deterministic: replay sets it at the same
+    /// point.
     public var isCancellationRequested: Bool { run.cancellationRequested }
 
     /// Changes the state from the body. Deterministic, like everything the body does: replay repeats it.

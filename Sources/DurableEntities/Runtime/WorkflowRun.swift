@@ -396,9 +396,10 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         children.filter { $0.value.outcome == nil }.map { (id: $0.key, child: $0.value) }.sorted { $0.id < $1.id }
     }
 
-    /// Waits for child `id`'s outcome (at once if it arrived). `handle` lets the wait be cancelled
-    /// (see ``cancelChildWait(_:cancellingChild:)``).
-    func awaitChild(_ id: UInt64, handle: WorkflowWaitHandle? = nil, _ continuation: UnsafeContinuation<[UInt8], any Error>) {
+    /// Waits for child `id`'s outcome (at once if it arrived). `handle` lets the wait be cancelled,
+    /// and `cancellation` says what cancelling it does (see ``cancelChildWait(_:)``).
+    func awaitChild(_ id: UInt64, handle: WorkflowWaitHandle? = nil, cancellation: ChildCancellationType,
+                    _ continuation: UnsafeContinuation<[UInt8], any Error>) {
         if abandoned { return refuse(continuation) }
         guard var record = children[id] else {
             continuation.resume(throwing: EntityError(.rejected, entity: name, "no child was started with command id \(id)"))
@@ -408,30 +409,35 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
             continuation.resume(with: outcome.mapError { $0 as any Error })
             return
         }
-        let waiter = WorkflowChildWaiter(continuation)
+        let waiter = WorkflowChildWaiter(continuation, cancellation: cancellation)
         handle?.child = (id, waiter)
         record.waiters.append(waiter)
         children[id] = record
     }
 
-    /// The task waiting for a child's outcome was cancelled: that wait throws `CancellationError`.
-    /// `cancellingChild`: the wait owns the child (``WorkflowContext/executeChild(_:id:input:parentClosePolicy:)``,
-    /// ``WorkflowContext/fanOut(_:_:maxConcurrent:parentClosePolicy:)``), which is asked to cancel
-    /// too (see ``requestChildCancel(_:)``); otherwise the child goes on (``ChildEntity/cancel()``
-    /// asks it to stop) and nothing is recorded.
-    func cancelChildWait(_ handle: WorkflowWaitHandle, cancellingChild: Bool) {
+    /// The task waiting for a child's outcome was cancelled (by the body itself). By the wait's
+    /// ``ChildCancellationType``:
+    /// - `tryCancel` (``WorkflowContext/executeChild(_:id:input:parentClosePolicy:cancellationType:)``,
+    ///   ``WorkflowContext/fanOut(_:_:maxConcurrent:parentClosePolicy:cancellationType:)``): asks the
+    ///   child to cancel (see ``requestChildCancel(_:)``) and throws `CancellationError`;
+    /// - `abandon` (and every ``ChildEntity/result()``): throws `CancellationError`, the child goes on
+    ///   and nothing is recorded;
+    /// - `waitCancellationCompleted`: asks the child to cancel and goes on waiting for its outcome.
+    func cancelChildWait(_ handle: WorkflowWaitHandle) {
         guard let (id, waiter) = handle.child, var record = children[id],
               let index = record.waiters.firstIndex(where: { $0 === waiter }) else { return }
+        if waiter.cancellation == .waitCancellationCompleted { return requestChildCancel(id) }
         record.waiters.remove(at: index)
         children[id] = record
-        if cancellingChild { requestChildCancel(id) }
+        if waiter.cancellation == .tryCancel { requestChildCancel(id) }
         waiter.continuation.resume(throwing: CancellationError())
     }
 
-    /// Records `cancelChild` for child `id` unless it has ended (its outcome arrived): the request
-    /// goes out once the turn is durable, as ``ChildEntity/cancel()``'s does.
+    /// Records `cancelChild` for child `id` unless it has ended (its outcome arrived) or a wait asked
+    /// already: the request goes out once the turn is durable, as ``ChildEntity/cancel()``'s does.
     func requestChildCancel(_ id: UInt64) {
-        guard isChildOpen(id) else { return }
+        guard let record = children[id], record.outcome == nil, !record.cancelRequested else { return }
+        children[id]!.cancelRequested = true
         issued.append(.cancelChild(id: id))
     }
 
@@ -447,13 +453,20 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         settle()
     }
 
-    /// Resumes every wait for a child with `error`.
-    private func failChildWaits(_ error: any Error) {
+    /// Resumes every wait for a child with `error`. `keepingCompletionWaits` (the run's cancellation):
+    /// a ``ChildCancellationType/waitCancellationCompleted`` wait stays, and its child is asked to
+    /// cancel instead.
+    private func failChildWaits(_ error: any Error, keepingCompletionWaits: Bool = false) {
         for (id, var record) in children.sorted(by: { $0.key < $1.key }) where !record.waiters.isEmpty {
-            let waiters = record.waiters
-            record.waiters = []
+            var failed = record.waiters
+            if keepingCompletionWaits {
+                failed.removeAll { $0.cancellation == .waitCancellationCompleted }
+                if failed.count < record.waiters.count { requestChildCancel(id) }
+            }
+            record = children[id]!
+            record.waiters.removeAll { waiter in failed.contains { $0 === waiter } }
             children[id] = record
-            for waiter in waiters { waiter.continuation.resume(throwing: error) }
+            for waiter in failed { waiter.continuation.resume(throwing: error) }
         }
     }
 
@@ -502,11 +515,14 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     /// Everything goes in command-id order (the order the body issued its waits), never in a
     /// dictionary's: the `cancelTimer` commands, and the order in which the resumed waits run (their
     /// catch blocks may issue commands), must be the same on every replay.
-    /// Set by ``cancel()`` (see ``WorkflowContext/isCancellationRequested``).
-    private(set) var cancellationRequested = false
+    /// Whether ``cancel()`` was called (see ``WorkflowContext/isCancellationRequested``).
+    var cancellationRequested: Bool { cancellations > 0 }
+    /// How many times ``cancel()`` was called (a run may survive a request and get another): a
+    /// fan-out compares it before and after its waits.
+    private(set) var cancellations = 0
 
     func cancel() {
-        cancellationRequested = true
+        cancellations += 1
         for waiter in waiters where !waiter.done { finish(waiter, with: .failure(CancellationError())) }
         // A condition's timeout timer is cancelled too, although its waiter finished just above.
         for (id, waiter) in timers.sorted(by: { $0.key < $1.key }) {
@@ -532,7 +548,7 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
             awaited.continuation.resume(throwing: ActivityFailure(
                 activity: awaited.name, reason: .cancelled, attempts: 0, causeType: "CancellationError", cause: cause))
         }
-        failChildWaits(CancellationError())
+        failChildWaits(CancellationError(), keepingCompletionWaits: true)
         settle()
     }
 
@@ -611,12 +627,19 @@ struct WorkflowChildRecord {
     let policy: ParentClosePolicy
     var outcome: Result<[UInt8], ChildFailure>?
     var waiters: [WorkflowChildWaiter] = []
+    /// A wait asked the child to cancel (``WorkflowRun/requestChildCancel(_:)``), once.
+    var cancelRequested = false
 }
 
 /// A wait for a child's outcome; a class, so that a cancelled wait finds its own entry.
 final class WorkflowChildWaiter {
     let continuation: UnsafeContinuation<[UInt8], any Error>
-    init(_ continuation: UnsafeContinuation<[UInt8], any Error>) { self.continuation = continuation }
+    /// What cancelling the wait does (the run's cancellation included).
+    let cancellation: ChildCancellationType
+    init(_ continuation: UnsafeContinuation<[UInt8], any Error>, cancellation: ChildCancellationType) {
+        self.continuation = continuation
+        self.cancellation = cancellation
+    }
 }
 
 /// What a cancellation handler needs to find the wait it ends: the waiter once registered. Set and

@@ -42,43 +42,65 @@ extension WorkflowContext {
 
     /// Starts a child and waits for its output.
     ///
-    /// The child belongs to this wait: when the task that waits is cancelled (a task group's
+    /// The child belongs to this wait. When the task that waits is cancelled (a task group's
     /// `cancelAll()`, an `async let` left unawaited; see ``WorkflowContext`` "Cancelling a wait"),
-    /// the child is asked to cancel too — a recorded `childCancelRequested`, as ``ChildEntity/cancel()``
-    /// records — and the wait throws `CancellationError` at once, without waiting for the child to
-    /// end. A task already cancelled starts no child. (With ``startChild(_:id:input:parentClosePolicy:)``
+    /// `cancellationType` says what happens:
+    /// - ``ChildCancellationType/tryCancel`` (the default): the child is asked to cancel — a
+    ///   recorded `childCancelRequested`, as ``ChildEntity/cancel()`` records — and the wait throws
+    ///   `CancellationError` at once, without waiting for the child to end;
+    /// - ``ChildCancellationType/waitCancellationCompleted``: the child is asked to cancel, and the
+    ///   wait lasts until it has ended. It returns the child's output if the child finished anyway,
+    ///   and throws its ``ChildFailure`` otherwise. The run's own cancellation does the same;
+    /// - ``ChildCancellationType/abandon``: the wait throws `CancellationError` at once and the
+    ///   child goes on (until `parentClosePolicy` applies).
+    ///
+    /// A task already cancelled starts no child. (With ``startChild(_:id:input:parentClosePolicy:)``
     /// and ``ChildEntity/result()`` the handle outlives the wait, and a cancelled wait leaves the
     /// child running.)
     /// - Throws: ``ChildFailure`` when the child fails or is terminated; `CancellationError` when this
-    ///   run, or the task that waits, is cancelled meanwhile.
+    ///   run, or the task that waits, is cancelled meanwhile (not with `waitCancellationCompleted`).
     public func executeChild<C: EntityWorkflow>(_ type: C.Type, id: String, input: C.Input,
-                                                parentClosePolicy: ParentClosePolicy = .terminate) async throws -> C.Output {
+                                                parentClosePolicy: ParentClosePolicy = .terminate,
+                                                cancellationType: ChildCancellationType = .tryCancel) async throws -> C.Output {
         try Task.checkCancellation()
-        return try await startChild(type, id: id, input: input, parentClosePolicy: parentClosePolicy).result(cancellingChild: true)
+        return try await startChild(type, id: id, input: input, parentClosePolicy: parentClosePolicy).result(cancellation: cancellationType)
     }
 
     /// Starts one child per element of `children`, at most `maxConcurrent` running at once (the next
     /// starts as soon as one finishes), and collects every outcome in the order given. A failed child
     /// does not stop the others: its slot holds its ``ChildFailure``, for the caller to decide.
     ///
-    /// The children belong to the fan-out, as an ``executeChild(_:id:input:parentClosePolicy:)``'s
-    /// child does: if the task that runs it is cancelled, every child still running is asked to
-    /// cancel (`childCancelRequested`), no further child starts, and it throws `CancellationError`.
+    /// The children belong to the fan-out, as an
+    /// ``executeChild(_:id:input:parentClosePolicy:cancellationType:)``'s child does. If the task that
+    /// runs it is cancelled, no further child starts, and each child still running is handled as
+    /// `cancellationType` says: asked to cancel (`childCancelRequested`) by default, or left running
+    /// with ``ChildCancellationType/abandon``; the fan-out throws `CancellationError` at once. With
+    /// ``ChildCancellationType/waitCancellationCompleted`` the children are asked to cancel and it
+    /// throws `CancellationError` only once every one of them has ended; the run's own cancellation
+    /// does the same.
     /// - Throws: `CancellationError` if this run, or the task that runs the fan-out, is cancelled
     ///   meanwhile, or an encoding error.
     public func fanOut<C: EntityWorkflow>(_ type: C.Type, _ children: [(id: String, input: C.Input)], maxConcurrent: Int = 100,
-                                          parentClosePolicy: ParentClosePolicy = .terminate) async throws -> [Result<C.Output, ChildFailure>] {
+                                          parentClosePolicy: ParentClosePolicy = .terminate,
+                                          cancellationType: ChildCancellationType = .tryCancel) async throws -> [Result<C.Output, ChildFailure>] {
         var results = [Result<C.Output, ChildFailure>?](repeating: nil, count: children.count)
         let window = max(1, maxConcurrent)
+        // Whether the fan-out was cancelled while its waits lasted (`waitCancellationCompleted`:
+        // they do not throw, so the run's cancellation is seen here).
+        let runCancellations = run.cancellations
+        func checkCancellation() throws {
+            try Task.checkCancellation()
+            if cancellationType == .waitCancellationCompleted && run.cancellations != runCancellations { throw CancellationError() }
+        }
         try await withThrowingTaskGroup(of: (Int, Result<C.Output, ChildFailure>).self) { group in
             var next = 0
             func launch() throws {
                 // A cancelled fan-out starts nothing more (its running children are asked to cancel).
-                try Task.checkCancellation()
+                try checkCancellation()
                 let index = next
                 next += 1
                 let child = try startChild(type, id: children[index].id, input: children[index].input, parentClosePolicy: parentClosePolicy)
-                group.addTask { (index, try await child.outcome(cancellingChild: true)) }
+                group.addTask { (index, try await child.outcome(cancellation: cancellationType)) }
             }
             while next < min(window, children.count) { try launch() }
             while let (index, result) = try await group.next() {
@@ -86,8 +108,34 @@ extension WorkflowContext {
                 if next < children.count { try launch() }
             }
         }
+        // Cancelled while it waited for its last children to end: it was cancelled all the same.
+        if cancellationType == .waitCancellationCompleted { try checkCancellation() }
         return results.map { $0! }
     }
+}
+
+/// What cancelling a wait for a child does: the run's cancellation, or the cancellation of the task
+/// that waits (see ``WorkflowContext/executeChild(_:id:input:parentClosePolicy:cancellationType:)``
+/// and ``WorkflowContext/fanOut(_:_:maxConcurrent:parentClosePolicy:cancellationType:)``). The
+/// counterpart of Temporal's child-workflow cancellation types, and of ``ActivityCancellationType``
+/// for activities.
+///
+/// Not stored in the history: the body says it again on every replay, and the requests it leads to
+/// (`childCancelRequested`) are recorded and matched as usual. Temporal's fourth type, which waits
+/// until the child has *received* the request, has no counterpart: here the request is durable in
+/// the parent's own commit and delivered exactly once in effect, so the wait would end at the same
+/// point as ``tryCancel``'s, one delivery later.
+public enum ChildCancellationType: Sendable, Hashable {
+    /// Ask the child to cancel and end the wait at once with `CancellationError`. The default, and
+    /// what the runtime always did.
+    case tryCancel
+    /// Ask the child to cancel and wait until it has ended: its output if it finished anyway, its
+    /// ``ChildFailure`` otherwise (a body that rethrew `CancellationError` ends `failed`). A saga
+    /// that compensates afterwards then knows whether the child's work happened.
+    case waitCancellationCompleted
+    /// End the wait at once with `CancellationError` and leave the child alone. It still ends with
+    /// the parent if its ``ParentClosePolicy`` says so.
+    case abandon
 }
 
 /// A child entity started by a run body. Await its ``result()`` or ``cancel()`` it, from the same body.
@@ -101,28 +149,36 @@ public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
         self.commandID = commandID
         self.name = name
         let run = context.run
-        self.wait = { id, cancellingChild in
+        self.wait = { id, cancellation in
             guard run.waitsAreCancellable else {
                 try Task.checkCancellation()
-                return try await withUnsafeThrowingContinuation { continuation in run.awaitChild(id, continuation) }
+                return try await withUnsafeThrowingContinuation { continuation in
+                    run.awaitChild(id, cancellation: cancellation, continuation)
+                }
             }
             if Task.isCancelled {
-                if cancellingChild { run.requestChildCancel(id) }
-                throw CancellationError()
+                // Cancelled before it waited: a fan-out's child started, then its task cancelled.
+                if cancellation != .abandon { run.requestChildCancel(id) }
+                guard cancellation == .waitCancellationCompleted else { throw CancellationError() }
+                return try await withUnsafeThrowingContinuation { continuation in
+                    run.awaitChild(id, cancellation: cancellation, continuation)
+                }
             }
             let handle = WorkflowWaitHandle()
             return try await withTaskCancellationHandler {
-                try await withUnsafeThrowingContinuation { continuation in run.awaitChild(id, handle: handle, continuation) }
+                try await withUnsafeThrowingContinuation { continuation in
+                    run.awaitChild(id, handle: handle, cancellation: cancellation, continuation)
+                }
             } onCancel: {
-                run.cancelChildWait(handle, cancellingChild: cancellingChild)
+                run.cancelChildWait(handle)
             }
         }
         self.issue = { command in context.run.issued.append(command) }
         self.decode = { bytes in try bytes.withUnsafeBytes { try context.run.codec.decode(C.Output.self, from: $0) } }
     }
 
-    /// Waits for child `id`'s outcome; the `Bool`: whether a cancelled wait asks the child to cancel.
-    private let wait: (UInt64, Bool) async throws -> [UInt8]
+    /// Waits for child `id`'s outcome, cancelled as the type says.
+    private let wait: (UInt64, ChildCancellationType) async throws -> [UInt8]
     private let issue: (WorkflowCommand) -> Void
     private let decode: ([UInt8]) throws -> C.Output
 
@@ -131,20 +187,20 @@ public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
     ///   run is cancelled while it waits, or the task that waits (at once if it already is; the
     ///   child goes on, see ``cancel()``).
     public func result() async throws -> C.Output {
-        try await result(cancellingChild: false)
+        try await result(cancellation: .abandon)
     }
 
-    /// The child's output. `cancellingChild`: the wait owns the child, and a cancelled task asks it to
-    /// cancel (``WorkflowRun/requestChildCancel(_:)``), whether it was cancelled before or during the wait.
-    func result(cancellingChild: Bool) async throws -> C.Output {
-        try decode(try await wait(commandID, cancellingChild))
+    /// The child's output; a cancelled wait does what `cancellation` says (see
+    /// ``WorkflowRun/cancelChildWait(_:)``), whether it was cancelled before or during the wait.
+    func result(cancellation: ChildCancellationType) async throws -> C.Output {
+        try decode(try await wait(commandID, cancellation))
     }
 
     /// The child's outcome as a `Result` (throws only for cancellation: the parent's run's, or the
     /// waiting task's).
-    func outcome(cancellingChild: Bool) async throws -> Result<C.Output, ChildFailure> {
+    func outcome(cancellation: ChildCancellationType) async throws -> Result<C.Output, ChildFailure> {
         do {
-            return .success(try await result(cancellingChild: cancellingChild))
+            return .success(try await result(cancellation: cancellation))
         } catch let failure as ChildFailure {
             return .failure(failure)
         }

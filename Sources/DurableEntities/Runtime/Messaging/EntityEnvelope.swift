@@ -126,7 +126,7 @@ public enum ParentClosePolicy: UInt8, Sendable, Hashable, Codable {
 }
 
 /// A child entity's run ended without an output. Thrown by ``ChildEntity/result()`` and reported by
-/// ``WorkflowContext/fanOut(_:_:maxConcurrent:parentClosePolicy:)``.
+/// ``WorkflowContext/fanOut(_:_:maxConcurrent:parentClosePolicy:cancellationType:)``.
 public struct ChildFailure: Error, Sendable, Hashable, CustomStringConvertible {
     public enum Reason: UInt8, Sendable, Hashable {
         /// The child's run body threw (its message says what; a cancelled body that rethrew
