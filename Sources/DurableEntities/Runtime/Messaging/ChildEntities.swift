@@ -127,7 +127,8 @@ extension WorkflowContext {
 /// point as ``tryCancel``'s, one delivery later.
 public enum ChildCancellationType: Sendable, Hashable {
     /// Ask the child to cancel and end the wait at once with `CancellationError`. The default, and
-    /// what the runtime always did.
+    /// what the runtime always did. The run's own cancellation ends the wait at once too, without
+    /// asking: the child is left to its ``ParentClosePolicy`` when the run ends.
     case tryCancel
     /// Ask the child to cancel and wait until it has ended: its output if it finished anyway, its
     /// ``ChildFailure`` otherwise (a body that rethrew `CancellationError` ends `failed`). A saga
