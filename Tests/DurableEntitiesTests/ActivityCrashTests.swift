@@ -85,6 +85,35 @@ struct CrashLocalJob: EntityWorkflow {
     }
 }
 
+/// The child's `CancelJob`: one activity whose cancellation the run waits for.
+struct CrashCancelJob: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "CancelJob" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(10)), cancellationType: .waitCancellationCompleted)
+        do {
+            return "done:" + (try await context.execute(CrashStubborn.self, input, options: options))
+        } catch let failure as ActivityFailure {
+            return "\(failure.reason):\(failure.attempts)"
+        }
+    }
+}
+
+/// The child's `Stubborn` (same name, input, output and side effect), without the stall.
+struct CrashStubborn: Activity {
+    static var name: String { "Stubborn" }
+    let effects: CrashEffectsFile
+    let log: CrashRunLog
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        let key = context.idempotencyKey
+        let applied = effects.applyOnce(key: key, line: key)
+        log.add(.init(label: "\(input)", key: key, applied: applied))
+        return key
+    }
+}
+
 /// Names a saga step (the same names as the child's).
 protocol CrashSagaStepName { static var name: String { get } }
 enum CrashWithdrawStep: CrashSagaStepName { static var name: String { "Withdraw" } }
@@ -151,6 +180,7 @@ struct ActivityCrashTests {
         var applied = Set<Int>()
         var started = Set<Int>()
         var done: [Int: String] = [:]       // i → the committed result the child observed
+        var cancelAcked = Set<Int>()        // runs whose cancellation the child saw durable
 
         mutating func record(_ line: String) {
             let parts = line.split(separator: " ").map(String.init)
@@ -162,6 +192,7 @@ struct ActivityCrashTests {
             case ("applied", 3): applied.insert(index)
             case ("started", 2): started.insert(index)
             case ("done", 3): done[index] = parts[2]
+            case ("cancel-acked", 2): cancelAcked.insert(index)
             default: break
             }
         }
@@ -266,6 +297,54 @@ struct ActivityCrashTests {
         #expect(keys.count == count, "\(keys.count) lines for \(Set(keys).count) keys")
         for index in round.done.keys { #expect(keys.filter { $0 == round.keys[index] }.count == 1, "job-\(index)") }
         #expect(try storedTasks(runtime) == 0, "activity tasks left owed after every entity completed")
+    }
+
+    @Test("SIGKILLed after cancelling runs whose activities ignore the request (waitCancellationCompleted): after reopen every activity whose request was durable ends cancelled without running again, every other one runs again with its key, one effect per activity")
+    func killedAfterActivityCancellations() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let count = 40
+        // Killed after a random number of acknowledged cancellations: some requests durable, some
+        // made but not acknowledged, some never made.
+        let killAfter = Int.random(in: 1..<count)
+        let (round, hung) = try await killChild(["cancel", directory.path]) { round in round.cancelAcked.count >= killAfter }
+        try #require(!hung, "the child hung: \(round.applied.count) applied, \(round.cancelAcked.count) cancellations acknowledged")
+        try #require(round.started == Set(0..<count) && round.applied == Set(0..<count),
+                     "the child stopped early: \(round.started.count) started, \(round.applied.count) applied")
+        #expect(round.attempts.values.allSatisfy { $0 == 1 }, "an activity ran twice in the child: \(round.attempts.filter { $0.value > 1 })")
+        let effects = CrashEffectsFile(directory.path + "/effects.log")
+        #expect(Set(effects.lines) == Set(round.keys.values) && effects.lines.count == count, "the child's effects: \(effects.lines.count) lines")
+
+        let log = CrashRunLog()
+        let runtime = try EntityRuntime(configuration: configuration(directory), entityTypes: [CrashCancelJob.self],
+                                        activities: [CrashStubborn(effects: effects, log: log)])
+        guard let results = try await jobResults(runtime, CrashCancelJob.self, count: count, log: log) else { return }
+        defer { runtime.close() }
+
+        let reruns = Dictionary(log.all.map { (Int($0.label) ?? -1, [$0]) }, uniquingKeysWith: +)
+        #expect(reruns.values.allSatisfy { $0.count == 1 }, "an activity ran twice after reopen: \(log.all.map(\.label))")
+        var requested = 0
+        for index in 0..<count {
+            let kinds = try runtime.historyKinds(of: EntityName(type: CrashCancelJob.entityType, id: "job-\(index)"))
+            let key = try #require(round.keys[index])
+            if kinds.contains(.activityCancelRequested) {
+                // The request was durable: the next open ended the activity as cancelled, unrun.
+                requested += 1
+                #expect(results[index]?.hasPrefix("cancelled:") == true, "job-\(index): \(results[index] ?? "-")")
+                #expect(reruns[index] == nil, "job-\(index)'s activity ran again after its cancellation was durable")
+                #expect(Array(kinds.drop { $0 != .cancelRequested }) == [.cancelRequested, .activityCancelRequested, .activityFailed, .completed])
+            } else {
+                #expect(!round.cancelAcked.contains(index), "job-\(index)'s cancellation was acknowledged but not recorded")
+                #expect(results[index] == "done:" + key, "job-\(index): \(results[index] ?? "-")")
+                #expect(reruns[index]?.first.map { $0.key == key && !$0.applied } == true,
+                        "job-\(index) ran again with \(reruns[index].map { "\($0)" } ?? "nothing"), first with \(key)")
+                #expect(!kinds.contains(.cancelRequested))
+            }
+        }
+        #expect(requested >= killAfter)
+        #expect(Set(effects.lines) == Set(round.keys.values) && effects.lines.count == count, "\(effects.lines.count) effects after reopen")
+        #expect(try storedTasks(runtime) == 0, "activity tasks left owed after every entity completed")
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]).isEmpty, "cancellation rows left")
     }
 
     @Test("SIGKILLed with local activities done, in flight and inside an uncommitted turn: one effect per activity, same keys after reopen")

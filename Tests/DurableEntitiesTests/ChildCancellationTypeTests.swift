@@ -133,8 +133,7 @@ struct ChildCancellationTypeTests {
         try await parent.start("wait")
         let child = runtime.entity(CleaningChild.self, id: "child-of-clean")
         await runtime.untilIdle()
-        harness.clock.advance(by: .seconds(60))
-        await runtime.untilIdle()
+        await runtime.advance(harness.clock, by: .seconds(60))
         // The request is recorded and delivered; the parent still waits while the child cleans up.
         #expect(try harness.kinds(TypedChildOrDeadline.self, "clean")
                 == [.started, .childStarted, .timerStarted, .timerFired, .childCancelRequested])
@@ -260,8 +259,7 @@ struct ChildCancellationTypeTests {
         try await parent.start("wait")
         _ = (0..<3).map { runtime.entity(CleaningChild.self, id: "fan-\($0)-of-race") }
         await runtime.untilIdle()
-        harness.clock.advance(by: .seconds(60))
-        await runtime.untilIdle()
+        await runtime.advance(harness.clock, by: .seconds(60))
         #expect(Array(try harness.kinds(TypedFanOut.self, "race").drop { $0 != .timerFired })
                 == [.timerFired, .childCancelRequested, .childCancelRequested])
         harness.clock.advance(by: .seconds(600))

@@ -21,4 +21,17 @@ extension EntityRuntime {
     func untilIdle() async {
         _ = await Task.detached { self.core.waitUntilIdle() }.value
     }
+
+    /// Moves `clock` by `duration`, then waits until the timer service has handed over every timer
+    /// that fell due (it parked again after the move, nothing on its way) and the runtime is idle.
+    /// (`untilIdle()` alone may look before the service has seen the move.)
+    func advance(_ clock: TestClock, by duration: Duration) async {
+        let timers = core.timers
+        _ = await Task.detached {
+            let before = timers.park(timeout: .seconds(60)) { _ in true }?.parkings ?? 0
+            clock.advance(by: duration)
+            _ = timers.park(timeout: .seconds(60)) { $0.parkings > before && $0.inFlight == 0 }
+            self.core.waitUntilIdle()
+        }.value
+    }
 }

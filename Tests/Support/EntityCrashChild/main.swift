@@ -76,6 +76,19 @@
 //       test kills the process at a random ack); `unregistered` leaves it out, so that every message
 //       stays between its sender's commit and its delivery, prints `done` and waits to be killed.
 //
+//   EntityCrashChild cancel DIR
+//       Opens a runtime on DIR (the activity modes' settings) and starts the 40 `CancelJob` entities
+//       "job-<i>", i in 0..<40, whose run body executes the activity `Stubborn` once with input i and
+//       cancellation type `waitCancellationCompleted`, and returns "done:<output>", or
+//       "<reason>:<attempts>" when the activity fails. `Stubborn` prints `running <i> <key>`, appends
+//       "<key>" to DIR/effects.log unless a line for the key is there and prints `applied <i> <key>`,
+//       then stays in flight until the process is killed, ignoring cancellation (it prints
+//       `cancel-seen <i>` when its attempt is cancelled). Prints `started <i>` once the start of
+//       "job-<i>" is durable. Once every activity has applied its effect, it cancels the runs from 4
+//       tasks (task k cancels the jobs i with i % 4 == k, in increasing order), printing
+//       `cancel-acked <i>` once the cancellation of "job-<i>" is durable. Never finishes on its own:
+//       the test SIGKILLs it.
+//
 //   EntityCrashChild fanout DIR WIDTH WINDOW
 //       Opens a runtime on DIR and starts the `FanNode` "r" (WIDTH children of WIDTH leaves each, at
 //       most WINDOW running per parent); the `LeafWork` activity prints `leaf <id>` on every attempt.
@@ -492,6 +505,74 @@ func saga(directory: String, stall: String, stallBeforeEffect: Bool) async throw
     runtime.close()
 }
 
+// MARK: - Cancellation mode
+
+/// The `cancel` mode's job (see the header). The same shape as the tests' `CrashCancelJob`.
+struct CancelJob: EntityWorkflow {
+    struct State: Codable, Sendable {}
+    static var entityType: String { "CancelJob" }
+    static func initialState(id: String) -> State { State() }
+    static func run(_ input: Int, context: WorkflowContext<Self>) async throws -> String {
+        let options = ActivityOptions(retry: .init(initialInterval: .milliseconds(10)), cancellationType: .waitCancellationCompleted)
+        do {
+            return "done:" + (try await context.execute(Stubborn.self, input, options: options))
+        } catch let failure as ActivityFailure {
+            return "\(failure.reason):\(failure.attempts)"
+        }
+    }
+}
+
+/// The `cancel` mode's activity: applies its effect, then never ends, whatever it is asked.
+struct Stubborn: Activity {
+    static var name: String { "Stubborn" }
+    let effects: EffectsFile
+    let applied: @Sendable () -> Void
+
+    func run(_ input: Int, context: ActivityContext) async throws -> String {
+        let key = context.idempotencyKey
+        emit("running \(input) \(key)")
+        _ = effects.applyOnce(key: key, line: key)
+        emit("applied \(input) \(key)")
+        applied()
+        await withTaskCancellationHandler {
+            // Never resumed: the attempt outlives its cancellation until the process is killed.
+            await withUnsafeContinuation { (_: UnsafeContinuation<Void, Never>) in }
+        } onCancel: {
+            emit("cancel-seen \(input)")
+        }
+        return key
+    }
+}
+
+func cancel(directory: String) async throws {
+    let count = 40
+    let (appliedAll, appliedOne) = AsyncStream.makeStream(of: Void.self)
+    let effects = EffectsFile(directory + "/effects.log")
+    let runtime = try EntityRuntime(configuration: activityConfiguration(directory), entityTypes: [CancelJob.self],
+                                    activities: [Stubborn(effects: effects, applied: { appliedOne.yield() })])
+    for index in 0..<count {
+        try await runtime.entity(CancelJob.self, id: "job-\(index)").start(index)
+        emit("started \(index)")
+    }
+    var applied = 0
+    for await _ in appliedAll {
+        applied += 1
+        if applied == count { break }
+    }
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for lane in 0..<4 {
+            group.addTask {
+                for index in stride(from: lane, to: count, by: 4) {
+                    try await runtime.entity(CancelJob.self, id: "job-\(index)").cancel()
+                    emit("cancel-acked \(index)")
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+    try await stallUntilKilled()
+}
+
 // MARK: - Messaging and fan-out modes
 
 func messages(directory: String, count: Int, registerSink: Bool) async throws {
@@ -538,6 +619,10 @@ if [4, 5].contains(arguments.count), arguments[1] == "poison", ["start", "resume
     do {
         try await poison(directory: arguments[2], start: arguments[3] == "start", instant: arguments.count == 5)
     } catch { fail("EntityCrashChild: \(error)") }
+    exit(0)
+}
+if arguments.count == 3, arguments[1] == "cancel" {
+    do { try await cancel(directory: arguments[2]) } catch { fail("EntityCrashChild: \(error)") }
     exit(0)
 }
 if arguments.count > 1, ["activities", "local", "saga"].contains(arguments[1]) {
