@@ -347,6 +347,46 @@ struct CancellationTypeTests {
                 == [.started, .activityScheduled, .timerStarted, .timerFired, .activityCancelRequested, .activityFailed, .completed])
     }
 
+    @Test("a cancellation row lost on disk while its task survived is stored again when the entity loads: the attempt that the next open ran again is cancelled, and the activity ends as cancelled")
+    func lostCancellationRowIsStoredAgain() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let (stub, events) = SlowToStopStep.make(log: AttemptLog(), clock: clock, gate: gate)
+        let configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        let runtime = try EntityRuntime(configuration: configuration, activities: [stub])
+        let job = runtime.entity(TypedStep.self, id: "lost")
+        try await job.start(.init(label: "l", type: .waitCancellationCompleted))
+        var iterator = events.makeAsyncIterator()
+        #expect(await iterator.next() == "started")
+        try await job.cancel()
+        #expect(await iterator.next() == "cancelled")  // the request is durable; the attempt goes on
+        runtime.simulateCrash()
+        // The cancellation row is lost; the task row stays.
+        let cancelRows = try tableRows("tasks", directory: directory.path).filter { $0.key.first == ActivityTask.cancelKeyPrefix }
+        try #require(cancelRows.count == 1)
+        try editTable("tasks", directory: directory.path) { txn, tasks in _ = try txn.delete(cancelRows[0].key, in: tasks) }
+
+        // Reopened: the open runs the task again (it sees no request); the entity's load stores the
+        // request again and carries it out, so the new attempt is cancelled.
+        let log = AttemptLog()
+        let silence = Silence()
+        let (stalling, _) = StallingStep.make(clock: clock, log: log, silence: silence)
+        let reopened = try EntityRuntime(configuration: configuration, activities: [stalling])
+        defer { reopened.close() }
+        defer { silence.finish() }
+        let result = try await withDeadline(seconds: 60) { try await reopened.entity(TypedStep.self, id: "lost").result() }
+        #expect(result.hasPrefix("step-failed:cancelled:") && result.hasSuffix("|run-cancelled"), "\(result)")
+        // Cancelled while it ran, or before it began; never twice.
+        #expect(log.all.count <= 1)
+        await reopened.untilIdle()
+        #expect(try activityRows(reopened) == 0)
+        #expect(try reopened.historyKinds(of: EntityName(type: TypedStep.entityType, id: "lost"))
+                == [.started, .activityScheduled, .cancelRequested, .activityCancelRequested, .activityFailed, .completed])
+    }
+
     @Test("abandon: the wait ends at once, the activity is not cancelled and goes on; its outcome, when it comes, is dropped and its task goes")
     func abandonLeavesActivity() async throws {
         let directory = TemporaryDirectory()

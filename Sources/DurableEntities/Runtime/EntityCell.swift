@@ -62,9 +62,10 @@ struct OwedRows {
     /// Rebuilt from the `activityScheduled` events: the first attempt again (the attempts made are
     /// lost with the row), scheduled when the history says (schedule-to-close still holds).
     var tasks: [ActivityTask] = []
-    /// Those of `tasks` whose cancellation the run requested: stored again with the task, and carried out.
+    /// Those of `tasks`, and of the stored tasks, whose cancellation the run requested and whose
+    /// cancellation row is missing: stored again (with the task), and carried out.
     var cancelRequests: [UInt64] = []
-    var isEmpty: Bool { timers.isEmpty && tasks.isEmpty }
+    var isEmpty: Bool { timers.isEmpty && tasks.isEmpty && cancelRequests.isEmpty }
 }
 
 /// Whether an entity accepts messages.
@@ -540,13 +541,14 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         /// (Timers the turn started itself are not stored yet: they are in the output already.)
         func storeAgain(_ owed: OwedRows) {
             let timers = owed.timers.filter { owedTimer in !output.timersStarted.contains { $0.id == owedTimer.id } }
-            guard !timers.isEmpty || !owed.tasks.isEmpty else { return }
+            guard !timers.isEmpty || !owed.tasks.isEmpty || !owed.cancelRequests.isEmpty else { return }
             output.timersStarted += timers
             output.tasksRestored += owed.tasks
-            output.activityCancelRequests += owed.cancelRequests
+            output.activityCancelRequests += owed.cancelRequests.filter { !output.activityCancelRequests.contains($0) }
             core.logger.error("rows the entity's history is owed are missing or damaged on disk; they are stored again",
                               metadata: ["entity.type": "\(name.type)", "entity.id": "\(name.id)",
-                                         "timers": "\(timers.map(\.id))", "activities": "\(owed.tasks.map(\.activityID))"])
+                                         "timers": "\(timers.map(\.id))", "activities": "\(owed.tasks.map(\.activityID))",
+                                         "cancellations": "\(owed.cancelRequests)"])
         }
         var owedLookedUp = owed != nil
         if let owed { storeAgain(owed) }
@@ -1382,19 +1384,24 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
             let awaited = run.awaitedActivities
             guard !awaited.isEmpty else { return owed }
-            var missing: Set<UInt64> = []
-            for id in awaited {
-                switch Result(catching: { () throws(JournalError) in
-                    try journal.task(forKey: ActivityTask.key(entity: key.rawValue, activity: id).bytes)
-                }) {
-                case .success(.some): break
-                case .success(.none): missing.insert(id)
-                case .failure(let error) where error.code == .corruptedRecord: missing.insert(id)
+            /// Whether the row `taskKey` is missing or fails its check.
+            func lacks(_ taskKey: TaskKey) throws(JournalError) -> Bool {
+                switch Result(catching: { () throws(JournalError) in try journal.task(forKey: taskKey.bytes) }) {
+                case .success(.some): false
+                case .success(.none): true
+                case .failure(let error) where error.code == .corruptedRecord: true
                 case .failure(let error): throw error
                 }
             }
+            var missing: Set<UInt64> = []
+            for id in awaited where try lacks(ActivityTask.key(entity: key.rawValue, activity: id)) { missing.insert(id) }
+            // A requested cancellation goes with a task stored again, and is stored again on its own
+            // if only its row was lost (the task's next move would not see it after a restart).
+            for id in run.cancelRequestedActivities
+            where try missing.contains(id) || lacks(ActivityTask.cancelKey(entity: key.rawValue, activity: id)) {
+                owed.cancelRequests.append(id)
+            }
             guard !missing.isEmpty else { return owed }
-            owed.cancelRequests = run.cancelRequestedActivities.filter { missing.contains($0) }
             var history = events ?? []
             if events == nil {
                 try journal.forEachEvent(of: key, from: durable.runStartSequence) { sequence, payload in
