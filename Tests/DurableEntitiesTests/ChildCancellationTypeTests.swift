@@ -34,7 +34,8 @@ struct CleaningChild: EntityWorkflow {
 
 /// Races `executeChild` (the cancellation type named by the input, parent-close policy `abandon`)
 /// against 60 seconds. The child is a ``CleaningChild`` for ids starting "clean", else a
-/// ``SleepyChild`` (which fails once asked to cancel).
+/// ``SleepyChild`` (which fails once asked to cancel). For ids starting "handle" the
+/// ``CleaningChild`` is started first and its handle's `result(cancellationType:)` races instead.
 struct TypedChildOrDeadline: EntityWorkflow {
     struct State: Codable, Sendable {}
     typealias Input = String
@@ -44,7 +45,10 @@ struct TypedChildOrDeadline: EntityWorkflow {
         let childID = "child-of-\(context.id)"
         return try await RaceStep.race(context) {
             do {
-                let output = if context.id.hasPrefix("clean") {
+                let output = if context.id.hasPrefix("handle") {
+                    try await context.startChild(CleaningChild.self, id: childID, input: label, parentClosePolicy: .abandon)
+                        .result(cancellationType: type)
+                } else if context.id.hasPrefix("clean") {
                     try await context.executeChild(CleaningChild.self, id: childID, input: label, parentClosePolicy: .abandon,
                                                    cancellationType: type)
                 } else {
@@ -124,28 +128,29 @@ struct ChildCancellationTypeTests {
         }
     }
 
-    @Test("waitCancellationCompleted: the cancelled wait asks the child to cancel and lasts until the child has ended; a child that cleans up and finishes anyway gives its output; the history replays")
-    func waitReturnsTheOutputOfAChildThatFinishesAnyway() async throws {
+    @Test("waitCancellationCompleted: the cancelled wait asks the child to cancel and lasts until the child has ended; a child that cleans up and finishes anyway gives its output; the history replays (executeChild, and a started child's handle)",
+          arguments: ["clean", "handle"])
+    func waitReturnsTheOutputOfAChildThatFinishesAnyway(_ id: String) async throws {
         let harness = try Harness()
         defer { harness.close() }
         let runtime = harness.runtime
-        let parent = runtime.entity(TypedChildOrDeadline.self, id: "clean")
+        let parent = runtime.entity(TypedChildOrDeadline.self, id: id)
         try await parent.start("wait")
-        let child = runtime.entity(CleaningChild.self, id: "child-of-clean")
+        let child = runtime.entity(CleaningChild.self, id: "child-of-\(id)")
         await runtime.untilIdle()
         await runtime.advance(harness.clock, by: .seconds(60))
         // The request is recorded and delivered; the parent still waits while the child cleans up.
-        #expect(try harness.kinds(TypedChildOrDeadline.self, "clean")
+        #expect(try harness.kinds(TypedChildOrDeadline.self, id)
                 == [.started, .childStarted, .timerStarted, .timerFired, .childCancelRequested])
-        #expect(try harness.kinds(CleaningChild.self, "child-of-clean")
+        #expect(try harness.kinds(CleaningChild.self, "child-of-\(id)")
                 == [.parentLinked, .started, .timerStarted, .cancelRequested, .timerCancelled, .timerStarted])
         harness.clock.advance(by: .seconds(600))
         #expect(try await withDeadline(seconds: 60) { try await parent.result() } == "deadline,child:cleaned:wait")
         #expect(try await child.result() == "cleaned:wait")
         await runtime.untilIdle()
-        #expect(try harness.kinds(TypedChildOrDeadline.self, "clean")
+        #expect(try harness.kinds(TypedChildOrDeadline.self, id)
                 == [.started, .childStarted, .timerStarted, .timerFired, .childCancelRequested, .childCompleted, .completed])
-        _ = try runtime.exportHistory(of: EntityName(type: TypedChildOrDeadline.entityType, id: "clean"))
+        _ = try runtime.exportHistory(of: EntityName(type: TypedChildOrDeadline.entityType, id: id))
             .replay(as: TypedChildOrDeadline.self)
     }
 

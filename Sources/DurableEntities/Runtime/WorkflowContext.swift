@@ -30,7 +30,8 @@
 /// - a sleep or a condition throws `CancellationError`, and its timer is cancelled
 ///   (`timerCancelled`: the timer's row goes, it never fires);
 /// - a wait for a child's ``ChildEntity/result()`` throws `CancellationError`; the child goes on
-///   (``ChildEntity/cancel()`` asks it to stop);
+///   (``ChildEntity/cancel()`` asks it to stop, and ``ChildEntity/result(cancellationType:)`` waits
+///   as the type says, like the two below);
 /// - ``executeChild(_:id:input:parentClosePolicy:cancellationType:)`` and
 ///   ``fanOut(_:_:maxConcurrent:parentClosePolicy:cancellationType:)`` own the children they start,
 ///   and a cancelled fan-out starts no further child. By default

@@ -63,7 +63,7 @@ extension WorkflowContext {
                                                 parentClosePolicy: ParentClosePolicy = .terminate,
                                                 cancellationType: ChildCancellationType = .tryCancel) async throws -> C.Output {
         try Task.checkCancellation()
-        return try await startChild(type, id: id, input: input, parentClosePolicy: parentClosePolicy).result(cancellation: cancellationType)
+        return try await startChild(type, id: id, input: input, parentClosePolicy: parentClosePolicy).result(cancellationType: cancellationType)
     }
 
     /// Starts one child per element of `children`, at most `maxConcurrent` running at once (the next
@@ -188,20 +188,25 @@ public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
     ///   run is cancelled while it waits, or the task that waits (at once if it already is; the
     ///   child goes on, see ``cancel()``).
     public func result() async throws -> C.Output {
-        try await result(cancellation: .abandon)
+        try await result(cancellationType: .abandon)
     }
 
-    /// The child's output; a cancelled wait does what `cancellation` says (see
-    /// ``WorkflowRun/cancelChildWait(_:)``), whether it was cancelled before or during the wait.
-    func result(cancellation: ChildCancellationType) async throws -> C.Output {
-        try decode(try await wait(commandID, cancellation))
+    /// The child's output, once it completed; a cancelled wait does what `cancellationType` says
+    /// (see ``ChildCancellationType``), whether the task was cancelled before or during the wait.
+    /// ``result()`` is this with ``ChildCancellationType/abandon``: the handle, not the wait, owns
+    /// the child. A race between a child started earlier and a deadline that must stop the child
+    /// and learn how it ended passes ``ChildCancellationType/waitCancellationCompleted``.
+    /// - Throws: ``ChildFailure`` when it failed or was terminated; `CancellationError` when the
+    ///   wait is cancelled (not with `waitCancellationCompleted`).
+    public func result(cancellationType: ChildCancellationType) async throws -> C.Output {
+        try decode(try await wait(commandID, cancellationType))
     }
 
     /// The child's outcome as a `Result` (throws only for cancellation: the parent's run's, or the
     /// waiting task's).
     func outcome(cancellation: ChildCancellationType) async throws -> Result<C.Output, ChildFailure> {
         do {
-            return .success(try await result(cancellation: cancellation))
+            return .success(try await result(cancellationType: cancellation))
         } catch let failure as ChildFailure {
             return .failure(failure)
         }
