@@ -65,7 +65,6 @@ struct OwedRows {
     /// Those of `tasks`, and of the stored tasks, whose cancellation the run requested and whose
     /// cancellation row is missing: stored again (with the task), and carried out.
     var cancelRequests: [UInt64] = []
-    var isEmpty: Bool { timers.isEmpty && tasks.isEmpty && cancelRequests.isEmpty }
 }
 
 /// Whether an entity accepts messages.

@@ -457,15 +457,11 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
     /// a ``ChildCancellationType/waitCancellationCompleted`` wait stays, and its child is asked to
     /// cancel instead.
     private func failChildWaits(_ error: any Error, keepingCompletionWaits: Bool = false) {
-        for (id, var record) in children.sorted(by: { $0.key < $1.key }) where !record.waiters.isEmpty {
-            var failed = record.waiters
-            if keepingCompletionWaits {
-                failed.removeAll { $0.cancellation == .waitCancellationCompleted }
-                if failed.count < record.waiters.count { requestChildCancel(id) }
-            }
-            record = children[id]!
-            record.waiters.removeAll { waiter in failed.contains { $0 === waiter } }
-            children[id] = record
+        let stays = { (waiter: WorkflowChildWaiter) in keepingCompletionWaits && waiter.cancellation == .waitCancellationCompleted }
+        for (id, record) in children.sorted(by: { $0.key < $1.key }) where !record.waiters.isEmpty {
+            let failed = record.waiters.filter { !stays($0) }
+            if failed.count < record.waiters.count { requestChildCancel(id) }
+            children[id]!.waiters.removeAll { !stays($0) }
             for waiter in failed { waiter.continuation.resume(throwing: error) }
         }
     }

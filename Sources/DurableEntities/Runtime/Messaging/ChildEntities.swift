@@ -151,19 +151,19 @@ public struct ChildEntity<C: EntityWorkflow>: @unchecked Sendable {
         self.name = name
         let run = context.run
         self.wait = { id, cancellation in
+            /// A wait no task cancellation reaches (the run's own still does).
+            func uncancellableWait() async throws -> [UInt8] {
+                try await withUnsafeThrowingContinuation { continuation in run.awaitChild(id, cancellation: cancellation, continuation) }
+            }
             guard run.waitsAreCancellable else {
                 try Task.checkCancellation()
-                return try await withUnsafeThrowingContinuation { continuation in
-                    run.awaitChild(id, cancellation: cancellation, continuation)
-                }
+                return try await uncancellableWait()
             }
             if Task.isCancelled {
                 // Cancelled before it waited: a fan-out's child started, then its task cancelled.
                 if cancellation != .abandon { run.requestChildCancel(id) }
                 guard cancellation == .waitCancellationCompleted else { throw CancellationError() }
-                return try await withUnsafeThrowingContinuation { continuation in
-                    run.awaitChild(id, cancellation: cancellation, continuation)
-                }
+                return try await uncancellableWait()
             }
             let handle = WorkflowWaitHandle()
             return try await withTaskCancellationHandler {
