@@ -126,7 +126,8 @@ struct ActivityRecordTests {
                                                            options: options)
             #expect(HistoryEvent.encodedCommand(command, time: time) == HistoryEvent.command(command, time: time).encoded())
         }
-        for command in [WorkflowCommand.startTimer(id: 9, due: 99), .complete(output: [1, 2, 3]), .fail(message: "no")] {
+        for command in [WorkflowCommand.startTimer(id: 9, due: 99), .complete(output: [1, 2, 3]), .fail(message: "no", cancelled: false),
+                            .fail(message: "stop", cancelled: true)] {
             #expect(HistoryEvent.encodedCommand(command, time: time) == HistoryEvent.command(command, time: time).encoded())
         }
         let failure = ActivityFailure(activity: "withdraw", reason: .nonRetryable, attempts: 2, causeType: "Fraud", cause: "stop")

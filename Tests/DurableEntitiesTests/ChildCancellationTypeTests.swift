@@ -34,7 +34,7 @@ struct CleaningChild: EntityWorkflow {
 
 /// Races `executeChild` (the cancellation type named by the input, parent-close policy `abandon`)
 /// against 60 seconds. The child is a ``CleaningChild`` for ids starting "clean", else a
-/// ``SleepyChild`` (which fails once asked to cancel). For ids starting "handle" the
+/// ``SleepyChild`` (which lets the cancellation end its run). For ids starting "handle" the
 /// ``CleaningChild`` is started first and its handle's `result(cancellationType:)` races instead.
 struct TypedChildOrDeadline: EntityWorkflow {
     struct State: Codable, Sendable {}
@@ -154,7 +154,7 @@ struct ChildCancellationTypeTests {
             .replay(as: TypedChildOrDeadline.self)
     }
 
-    @Test("waitCancellationCompleted: a child that fails once asked to cancel ends the wait with its ChildFailure, recorded before the parent completes (tryCancel, the control, completes first)")
+    @Test("waitCancellationCompleted: a child that lets the cancellation end it ends the wait with its ChildFailure (reason cancelled), recorded before the parent completes (tryCancel, the control, completes first)")
     func waitThrowsTheFailureOfAChildThatStops() async throws {
         let harness = try Harness()
         defer { harness.close() }
@@ -166,7 +166,7 @@ struct ChildCancellationTypeTests {
         _ = runtime.entity(SleepyChild.self, id: "child-of-w")
         await runtime.untilIdle()
         harness.clock.advance(by: .seconds(60))
-        #expect(try await withDeadline(seconds: 60) { try await waiting.result() } == "deadline,child-failed:failed")
+        #expect(try await withDeadline(seconds: 60) { try await waiting.result() } == "deadline,child-failed:cancelled")
         #expect(try await withDeadline(seconds: 60) { try await trying.result() } == "deadline,child-cancelled")
         await runtime.untilIdle()
         #expect(try harness.kinds(TypedChildOrDeadline.self, "w")

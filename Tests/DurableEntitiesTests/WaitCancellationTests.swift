@@ -374,9 +374,10 @@ struct WaitCancellationTests {
         clock.advance(by: .seconds(60))
         #expect(try await parent.result() == "deadline,child-cancelled")
         // The child's hour-long sleep ended with the request, not with time: the clock has moved 60 s.
-        // Its body let the CancellationError end the run: the run failed.
+        // Its body let the CancellationError end the run: the run was cancelled.
         let failure = try await failure(of: child)
-        #expect((failure as? EntityError)?.code == .rejected)
+        #expect((failure as? EntityError)?.code == .cancelled)
+        #expect(((failure as? EntityError)?.underlying as? WorkflowFailure)?.isCancellation == true)
         #expect(String(describing: failure).contains("CancellationError"))
         let childKinds = try runtime.historyKinds(of: EntityName(type: SleepyChild.entityType, id: "child-of-p"))
         #expect(childKinds.contains(.cancelRequested))

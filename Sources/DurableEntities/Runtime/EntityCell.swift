@@ -377,7 +377,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
     /// The outcome of a finished run read from the journal, without activating the entity: the answer
     /// to `result()` when the entity is not in memory (finished runs leave it at once, see
     /// ``EntityRuntime/Configuration/passivateFinishedRuns``) and its history's last event is the
-    /// run's `completed` or `failed`. A finished run's outcome is final — nothing a later turn does
+    /// run's `completed`, `failed` or `cancelled`. A finished run's outcome is final — nothing a later turn does
     /// changes it — so this read cannot be stale. `nil`: ask the entity (anything else, or a read error).
     func finishedOutcome() -> Result<any Sendable, EntityError>? {
         let idle = cell.withLock { $0.durable == nil && $0.failure == nil && !$0.inFlight && $0.messages.isEmpty }
@@ -401,7 +401,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
                 let body = UnsafeRawBufferPointer(rebasing: payload[header.bodyOffset...])
                 switch header.kind {
                 case .completed: outcome = .success(Array(body))
-                case .failed: outcome = .failure(WorkflowFailure(message: String(decoding: body, as: UTF8.self)))
+                case .failed, .cancelled:
+                    outcome = .failure(WorkflowFailure(message: String(decoding: body, as: UTF8.self), isCancellation: header.kind == .cancelled))
                 default: break
                 }
             }
@@ -703,7 +704,7 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
             }
         }
         func childResult(_ outcome: Result<[UInt8], WorkflowFailure>) -> Result<[UInt8], ChildFailure> {
-            outcome.mapError { ChildFailure(child: name, reason: .failed, message: $0.message) }
+            outcome.mapError { ChildFailure(child: name, reason: $0.isCancellation ? .cancelled : .failed, message: $0.message) }
         }
         /// Starts the run body with `input` (it has not started); the error refuses the start.
         func startRun(_ input: any Sendable, _ bytes: [UInt8]) -> EntityError? {
@@ -1042,6 +1043,8 @@ final class EntityCell<W: EntityWorkflow>: ShardWork, @unchecked Sendable {
         case .success(let bytes):
             Result { try bytes.withUnsafeBytes { try codec.decode(W.Output.self, from: $0) as any Sendable } }
                 .mapError { EntityError(.undecodablePayload, entity: name, "the run's recorded output does not decode", underlying: $0) }
+        case .failure(let failure) where failure.isCancellation:
+            .failure(EntityError(.cancelled, entity: name, "the run was cancelled: \(failure.message)", underlying: failure))
         case .failure(let failure):
             .failure(EntityError(.rejected, entity: name, "the run body failed: \(failure.message)", underlying: failure))
         }

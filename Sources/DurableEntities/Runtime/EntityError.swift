@@ -5,7 +5,7 @@ public struct EntityError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         fileprivate enum Base: Hashable, Sendable {
             case unknownEntityType, undecodablePayload, unencodablePayload, payloadTooLarge, rejected
-            case terminated, failedOnReplay, nondeterminism, storage, closed, timedOut, invalidArgument
+            case terminated, failedOnReplay, nondeterminism, storage, closed, timedOut, invalidArgument, cancelled
         }
         fileprivate let base: Base
         fileprivate init(_ base: Base) { self.base = base }
@@ -35,6 +35,10 @@ public struct EntityError: Error, Sendable, CustomStringConvertible {
         /// An argument is outside its valid range (an activity's retry policy or timeouts, …); the call
         /// did nothing and recorded nothing.
         public static let invalidArgument = Code(.invalidArgument)
+
+        /// The run was cancelled: its cancellation was requested and its body let the cancellation
+        /// end it (``WorkflowFailure/isCancellation``; the ``WorkflowFailure`` is the ``EntityError/underlying``).
+        public static let cancelled = Code(.cancelled)
 
         public var description: String { "\(base)" }
     }

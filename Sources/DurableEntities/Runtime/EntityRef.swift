@@ -111,7 +111,8 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
 
     /// Starts the run body with `input` (unless it started before: starting is idempotent) and waits
     /// for its outcome: `start` then `result`, in one message. The output, or
-    /// ``EntityError/Code/rejected`` carrying the body's ``WorkflowFailure``; the start's own errors
+    /// ``EntityError/Code/rejected`` carrying the body's ``WorkflowFailure`` (``EntityError/Code/cancelled``
+    /// for a run that was cancelled and let the cancellation end it); the start's own errors
     /// as for ``start(_:)``. A body that finishes in its first turn (local activities only) answers
     /// after that one commit.
     public func execute(_ input: W.Input) async throws(EntityError) -> W.Output {
@@ -131,7 +132,8 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     }
 
     /// Waits for the run body's outcome: its output, or ``EntityError/Code/rejected`` carrying the
-    /// body's ``WorkflowFailure``. Waiting costs no thread; the body may take months.
+    /// body's ``WorkflowFailure`` — ``EntityError/Code/cancelled`` if the run was cancelled and its
+    /// body let the cancellation end it. Waiting costs no thread; the body may take months.
     public func result() async throws(EntityError) -> W.Output {
         // A finished run that left memory answers from its last event, without a replay.
         let core = runtime.core
@@ -151,7 +153,9 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
     /// Asks the run body to stop, cooperatively: recorded, then the wait the body is suspended on
     /// throws — `CancellationError`, or for an activity an ``ActivityFailure`` with reason `cancelled`
     /// (the activity's task is deleted). The body decides what to do (compensate, then finish or rethrow).
-    /// Cancelling when no body runs does nothing.
+    /// A body that lets the cancellation out ends the run as cancelled (a `cancelled` event;
+    /// ``result()`` throws ``EntityError/Code/cancelled``, a parent gets ``ChildFailure`` with reason
+    /// `cancelled`); one that returns completes it. Cancelling when no body runs does nothing.
     public func cancel() async throws(EntityError) {
         try await deliver { reply in .cancel(reply: reply) }
     }

@@ -38,6 +38,9 @@ public struct HistoryEvent: Sendable, Hashable {
         case versionMarker = 9
         case completed = 10
         case failed = 11
+        /// The run body ended a cancelled run (see ``WorkflowFailure/isCancellation``; body: the
+        /// message, as for `failed`). Versions before it recorded such an end as `failed`.
+        case cancelled = 26
         case activityScheduled = 13
         case childStarted = 16
         case entitySignalled = 17
@@ -56,7 +59,7 @@ public struct HistoryEvent: Sendable, Hashable {
 
         var isCommand: Bool {
             switch self {
-            case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed, .activityScheduled,
+            case .timerStarted, .timerCancelled, .sideEffect, .versionMarker, .completed, .failed, .cancelled, .activityScheduled,
                  .childStarted, .entitySignalled, .childCancelRequested, .activityCancelRequested, .continuedAsNew: true
             default: false
             }
@@ -110,7 +113,8 @@ public struct HistoryEvent: Sendable, Hashable {
             let spec = ScheduledActivity(name: name, input: input, options: options).encoded()
             return HistoryEvent(kind: .activityScheduled, timeNanoseconds: time, body: ids(id) + spec)
         case .complete(let output): return HistoryEvent(kind: .completed, timeNanoseconds: time, body: output)
-        case .fail(let message): return HistoryEvent(kind: .failed, timeNanoseconds: time, body: Array(message.utf8))
+        case .fail(let message, let cancelled):
+            return HistoryEvent(kind: cancelled ? .cancelled : .failed, timeNanoseconds: time, body: Array(message.utf8))
         case .startChild(let id, let child, let input, let policy):
             var writer = ByteWriter()
             writer.append(child.type)
@@ -149,7 +153,8 @@ public struct HistoryEvent: Sendable, Hashable {
             else { return nil }
             return .scheduleActivity(id: a, name: spec.name, input: spec.input, options: spec.options)
         case .completed: return .complete(output: body)
-        case .failed: return .fail(message: String(decoding: body, as: UTF8.self))
+        case .failed: return .fail(message: String(decoding: body, as: UTF8.self), cancelled: false)
+        case .cancelled: return .fail(message: String(decoding: body, as: UTF8.self), cancelled: true)
         case .childStarted:
             guard let a = id(0) else { return nil }
             var reader = ByteReader(bytes: body[8...])

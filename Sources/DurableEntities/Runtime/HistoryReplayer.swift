@@ -107,7 +107,7 @@ struct HistoryReplayer<W: EntityWorkflow> {
                 throw nondeterminism(at: sequence, recorded: recorded.description, issued: "nothing (no run body was started)")
             }
             guard let issued = run.issued.first else {
-                if case .fail(let message) = recorded, run.continuation != nil {
+                if case .fail(let message, _) = recorded, run.continuation != nil {
                     run.refuseContinueAsNew(message)  // the turn refused this run's continue-as-new
                     run.issued.removeFirst()
                     return
@@ -118,6 +118,9 @@ struct HistoryReplayer<W: EntityWorkflow> {
             guard issued.matches(recorded) else {
                 run.abandon()
                 throw nondeterminism(at: sequence, recorded: recorded.description, issued: issued.description)
+            }
+            if case .fail(let message, let cancelled) = recorded {
+                run.replayedFailure(WorkflowFailure(message: message, isCancellation: cancelled))
             }
             run.issued.removeFirst()
             return

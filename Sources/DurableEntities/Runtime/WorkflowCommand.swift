@@ -7,7 +7,9 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
     case marker(changeID: String, version: Int)
     case scheduleActivity(id: UInt64, name: String, input: [UInt8], options: ActivityOptions)
     case complete(output: [UInt8])
-    case fail(message: String)
+    /// Ends the run with a failure; `cancelled` when it ends a cancelled run (see
+    /// ``WorkflowFailure/isCancellation``).
+    case fail(message: String, cancelled: Bool)
     case startChild(id: UInt64, child: EntityName, input: [UInt8], policy: ParentClosePolicy)
     case signalEntity(id: UInt64, target: EntityName, signal: [UInt8])
     case cancelChild(id: UInt64)
@@ -42,7 +44,7 @@ enum WorkflowCommand: Sendable, Hashable, CustomStringConvertible {
         case .marker(let changeID, let version): "VersionMarker(\"\(changeID)\", version: \(version))"
         case .scheduleActivity(let id, let name, let input, _): "ScheduleActivity(id: \(id), \(name), \(input.count) bytes)"
         case .complete(let output): "Complete(\(output.count) bytes)"
-        case .fail(let message): "Fail(\(message))"
+        case .fail(let message, let cancelled): cancelled ? "Cancelled(\(message))" : "Fail(\(message))"
         case .startChild(let id, let child, let input, let policy): "StartChild(id: \(id), \(child), \(input.count) bytes, \(policy))"
         case .signalEntity(let id, let target, let signal): "SignalEntity(id: \(id), \(target), \(signal.count) bytes)"
         case .cancelChild(let id): "CancelChild(id: \(id))"

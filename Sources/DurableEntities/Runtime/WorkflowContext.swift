@@ -77,6 +77,12 @@ public final class WorkflowContext<W: EntityWorkflow>: @unchecked Sendable {
     /// attempt that finished anyway, or a child awaited with
     /// ``ChildCancellationType/waitCancellationCompleted``. Deterministic: replay sets it at the same
     /// point.
+    ///
+    /// How the run ends is the body's choice: returning completes it; letting a cancellation out
+    /// (`CancellationError`, or an ``ActivityFailure`` or ``ChildFailure`` with reason `cancelled`)
+    /// once this is `true` ends it **cancelled** (``WorkflowFailure/isCancellation``: a `cancelled`
+    /// event, ``EntityError/Code/cancelled`` for ``EntityRef/result()``, a parent's
+    /// ``ChildFailure/Reason/cancelled``); any other error fails it.
     public var isCancellationRequested: Bool { run.cancellationRequested }
 
     /// Changes the state from the body. Deterministic, like everything the body does: replay repeats it.

@@ -135,13 +135,14 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
                 issued.append(.complete(output: bytes))
             } catch {
                 outcome = .failure(WorkflowFailure(message: "the run's output does not encode: \(error)"))
-                issued.append(.fail(message: outcome!.failureMessage))
+                issued.append(.fail(message: outcome!.failureMessage, cancelled: false))
             }
         case .failure(let error):
             if error is Abandoned { return }
             guard continuation == nil else { return }  // ended by continue-as-new, whatever it threw
-            outcome = .failure(WorkflowFailure(message: "\(error)"))
-            issued.append(.fail(message: "\(error)"))
+            let cancelled = cancellationRequested && WorkflowFailure.isCancellation(error)
+            outcome = .failure(WorkflowFailure(message: "\(error)", isCancellation: cancelled))
+            issued.append(.fail(message: "\(error)", cancelled: cancelled))
         }
     }
 
@@ -152,11 +153,17 @@ final class WorkflowRun<W: EntityWorkflow>: AnyWorkflowRun, LocalAttemptOwner, @
         issued.append(.continueAsNew(input: bytes))
     }
 
+    /// On replay: the run's failure as its history recorded it. A history written before cancelled runs
+    /// had their own event recorded a cancelled run as `failed`, and stays so.
+    func replayedFailure(_ failure: WorkflowFailure) {
+        if case .failure = outcome { outcome = .failure(failure) }
+    }
+
     /// Ends the run with a failure instead of continuing it as new (the turn refused the switch).
     func refuseContinueAsNew(_ message: String) {
         continuation = nil
         outcome = .failure(WorkflowFailure(message: message))
-        issued.append(.fail(message: message))
+        issued.append(.fail(message: message, cancelled: false))
     }
 
     /// Runs the body until every task waits, resuming conditions that became true on the way (and
@@ -668,8 +675,32 @@ struct LocalActivityEntry {
 
 /// A run body's failure, as recorded.
 public struct WorkflowFailure: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What the body threw, as text.
     public let message: String
-    public var description: String { message }
+    /// The run was cancelled: its cancellation was requested (``EntityRef/cancel()``, a parent's
+    /// request or its parent-close policy) and the body ended by letting a cancellation out — a
+    /// `CancellationError`, or an ``ActivityFailure`` or ``ChildFailure`` whose reason is `cancelled`.
+    /// Recorded as a `cancelled` event instead of `failed`. Any other error, or a cancellation thrown
+    /// while no cancellation was requested, is a failure.
+    public let isCancellation: Bool
+
+    init(message: String, isCancellation: Bool = false) {
+        self.message = message
+        self.isCancellation = isCancellation
+    }
+
+    public var description: String { isCancellation ? "cancelled: \(message)" : message }
+
+    /// Whether `error`, thrown out of a run body whose cancellation was requested, ends the run as
+    /// cancelled rather than failed.
+    static func isCancellation(_ error: any Error) -> Bool {
+        switch error {
+        case is CancellationError: true
+        case let failure as ActivityFailure: failure.reason == .cancelled
+        case let failure as ChildFailure: failure.reason == .cancelled
+        default: false
+        }
+    }
 }
 
 extension Result where Failure == WorkflowFailure {

@@ -129,13 +129,16 @@ public enum ParentClosePolicy: UInt8, Sendable, Hashable, Codable {
 /// ``WorkflowContext/fanOut(_:_:maxConcurrent:parentClosePolicy:cancellationType:)``.
 public struct ChildFailure: Error, Sendable, Hashable, CustomStringConvertible {
     public enum Reason: UInt8, Sendable, Hashable {
-        /// The child's run body threw (its message says what; a cancelled body that rethrew
-        /// `CancellationError` lands here too).
+        /// The child's run body threw (its message says what).
         case failed = 1
         /// The child was terminated before its run body finished.
         case terminated = 2
         /// The child cannot run as one: its type has no run body, or the input does not decode.
         case rejected = 3
+        /// The child was cancelled: its cancellation was requested (by this parent, another caller or
+        /// a parent-close policy) and its body let the cancellation end it
+        /// (``WorkflowFailure/isCancellation``). A child that caught the request and returned completed.
+        case cancelled = 4
     }
 
     /// The child's name.
