@@ -156,10 +156,31 @@ final class Bank: Sendable {
         return TransferView(id: id, state)
     }
 
+    /// Cancels a transfer that has not finished: recorded, then the transfer stops before its next
+    /// money move (or its approval wait ends), refunds what it withdrew and ends `cancelled`. A transfer
+    /// whose deposit has begun completes all the same. Cancelling again changes nothing.
+    /// - Returns: the transfer as it was when the cancellation was recorded (poll it, or wait for
+    ///   `cancelled` or `completed`, for the end).
+    /// - Throws: ``BankError``: `notFound`, `transferFinished`, `invalidID`, `unavailable`.
+    func cancelTransfer(_ id: String) async throws(BankError) -> TransferView {
+        let current = try await transfer(id)
+        if let status = Transfer.Status(rawValue: current.status), status.isTerminal {
+            throw BankError(.transferFinished, "the transfer is \(current.status); there is nothing to cancel")
+        }
+        try await mapped { try await runtime.entity(Transfer.self, id: id).cancel() }
+        return current
+    }
+
     /// Waits for the transfer's run body to finish (in-process callers: the demo; HTTP clients poll).
-    /// - Returns: its final status.
+    /// - Returns: its final status (`cancelled` for a run that ended cancelled).
     func awaitTransfer(_ id: String) async throws(BankError) -> Transfer.Status {
-        try await mapped { try await runtime.entity(Transfer.self, id: id).result() }
+        do {
+            return try await runtime.entity(Transfer.self, id: id).result()
+        } catch where error.code == .cancelled {
+            return .cancelled
+        } catch {
+            throw Self.bankError(error)
+        }
     }
 
     /// Waits until the transfer is no longer `running`: awaiting an approval, or finished.

@@ -14,6 +14,7 @@ struct BankError: Error, Sendable, CustomStringConvertible {
             case insufficientFunds = "insufficient_funds"
             case notAwaitingApproval = "not_awaiting_approval"
             case transferConflict = "transfer_conflict"
+            case transferFinished = "transfer_finished"
             case unavailable = "unavailable"
         }
         fileprivate let base: Base
@@ -38,6 +39,8 @@ struct BankError: Error, Sendable, CustomStringConvertible {
         static let notAwaitingApproval = Code(base: .notAwaitingApproval)
         /// A `transferId` already used for a transfer with other accounts or another amount.
         static let transferConflict = Code(base: .transferConflict)
+        /// A cancellation of a transfer that has already finished (its status says how).
+        static let transferFinished = Code(base: .transferFinished)
         /// The runtime is closed or its storage failed; retry later with the same `requestId`.
         static let unavailable = Code(base: .unavailable)
 

@@ -14,6 +14,7 @@ import Logging
 /// | `GET /transfers/{id}` | | 200 the transfer, 404 `not_found` |
 /// | `GET /transfers/{id}?waitFor=completed,rejected&timeoutMs=10000` | | 200 the transfer once its status is one of those, or as it is after the timeout (a long poll; at most 30 s) |
 /// | `POST /transfers/{id}/approve`, `…/reject` | `{"requestId"}` | 200 the transfer, 409 `not_awaiting_approval` |
+/// | `POST /transfers/{id}/cancel` | | 202 the transfer (it refunds and ends `cancelled` unless its deposit has begun), 409 `transfer_finished` |
 enum BankHTTP {
     /// The router, with every route and the middleware that writes errors as JSON.
     static func router(bank: Bank, logger: Logger) -> Router<BasicRequestContext> {
@@ -51,6 +52,9 @@ enum BankHTTP {
             let body = try await decode(DecisionRequest.self, request)
             return try json(await bank.decide(context.parameters.require("id"), approve: false, requestId: body.requestId))
         }
+        router.post("/transfers/:id/cancel") { _, context in
+            try json(await bank.cancelTransfer(context.parameters.require("id")), status: .accepted)
+        }
         return router
     }
 
@@ -59,7 +63,7 @@ enum BankHTTP {
         var statuses = Set<Transfer.Status>()
         for name in wanted.split(separator: ",") {
             guard let status = Transfer.Status(rawValue: String(name)), status != .new else {
-                throw BankError(.invalidRequest, "waitFor: '\(name)' is not a transfer status (running, awaiting_approval, completed, compensated, rejected, failed)")
+                throw BankError(.invalidRequest, "waitFor: '\(name)' is not a transfer status (running, awaiting_approval, completed, compensated, rejected, failed, cancelled)")
             }
             statuses.insert(status)
         }
@@ -153,7 +157,7 @@ enum BankHTTP {
         switch code {
         case .bodyTooLarge: .contentTooLarge
         case .notFound: .notFound
-        case .insufficientFunds, .notAwaitingApproval, .transferConflict: .conflict
+        case .insufficientFunds, .notAwaitingApproval, .transferConflict, .transferFinished: .conflict
         case .unavailable: .serviceUnavailable
         default: .badRequest
         }

@@ -118,6 +118,21 @@ struct Demo: AsyncParsableCommand {
         let settled = try await states(bank.runtime, people)
         printStates(people, settled)
         try check(settled, people, money: money, inTransit: 0)
+        print("   Then carol sends alice $160.00 (t-4, withdrawn and held for an approval) and cancels it: the")
+        print("   cancellation is recorded, the approval wait ends, and the saga refunds carol before the run ends cancelled.")
+        try await transfer(bank, "t-4", "carol", "alice", 16_000, wait: false)
+        do {
+            _ = try await bank.cancelTransfer("t-4")
+            print("   t-4  cancelled by carol")
+        } catch {
+            guard error.code == .transferFinished else { throw error }
+            print("   t-4  was cancelled in an earlier run: \(error.message)")
+        }
+        let ended = try await bank.awaitTransfer("t-4")
+        print("   t-4  → \(ended.rawValue)\(try await bank.transfer("t-4").reason.map { " (\($0))" } ?? "")")
+        let refunded = try await states(bank.runtime, people)
+        printStates(people, refunded)
+        try check(refunded, people, money: money, inTransit: 0)
         bank.close()
         var runtime = try options.openRuntime()
 

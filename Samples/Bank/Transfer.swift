@@ -17,6 +17,13 @@ import DurableEntities
 /// 4. **deposit** `amount` to `to` (``DepositToAccount``), then **record**: the body sets `completed`
 ///    in the entity's state, which its history makes durable.
 ///
+/// **Cancelling** (``Bank/cancelTransfer(_:)``, `EntityRef.cancel()`): a transfer cancelled before its
+/// deposit refunds what it withdrew and ends `cancelled`; its run ends cancelled too (the body lets
+/// the cancellation out after compensating, so `result()` throws `EntityError.cancelled`). A
+/// cancellation cannot leave a money move in doubt: it stops a transfer between its moves and in
+/// its approval wait, and a move under way always gets the account's answer (see ``move(_:_:_:)``).
+/// A deposit that has begun finishes: the cancellation came too late, and the transfer completes.
+///
 /// Every money move is an activity calling an ``Account`` with an idempotency key derived from the
 /// transfer id and the step (`transfer:<id>:withdraw`, `…:deposit`, `…:refund`): an activity retried
 /// after a crash moves the money once. Money moves retry without limit (backoff up to 5 s): an
@@ -45,9 +52,11 @@ struct Transfer: EntityWorkflow {
         case rejected
         /// A compensation failed: money may be stuck in transit; see `reason`.
         case failed
+        /// Cancelled before its deposit; what was withdrawn was refunded.
+        case cancelled
 
         /// Whether the transfer has finished (nothing will change any more).
-        var isTerminal: Bool { [.completed, .compensated, .rejected, .failed].contains(self) }
+        var isTerminal: Bool { [.completed, .compensated, .rejected, .failed, .cancelled].contains(self) }
     }
 
     /// An approver's answer.
@@ -111,9 +120,12 @@ struct Transfer: EntityWorkflow {
     /// A reminder is worth a few tries, not a stuck transfer: after 5 it is given up.
     static let reminderDelivery = ActivityOptions(retry: RetryPolicy(initialInterval: .seconds(1), backoffCoefficient: 2, maximumAttempts: 5))
 
-    /// Money moves: retried until they get an answer (accepted or refused), never given up.
+    /// Money moves: retried until they get an answer (accepted or refused), never given up. Asked to
+    /// stop (the transfer was cancelled), a move's wait lasts until its attempt has ended, so the body
+    /// learns what the account did.
     static let moneyMove = ActivityOptions(
-        retry: RetryPolicy(initialInterval: .milliseconds(50), backoffCoefficient: 2, maximumInterval: .seconds(5), maximumAttempts: 0))
+        retry: RetryPolicy(initialInterval: .milliseconds(50), backoffCoefficient: 2, maximumInterval: .seconds(5), maximumAttempts: 0),
+        cancellationType: .waitCancellationCompleted)
 
     static var entityType: String { "Transfer" }
 
@@ -139,16 +151,17 @@ struct Transfer: EntityWorkflow {
         var saga = Saga()
         do {
             let debit = Posting(account: input.from, cents: input.amount, step: "withdraw")
-            if case .refused(let reason) = try await context.execute(WithdrawFromAccount.self, debit, options: moneyMove) {
+            if case .refused(let reason) = try await move(WithdrawFromAccount.self, debit, context) {
                 return finish(.rejected, reason: reason, context)
             }
             // Registered only now: refunding a withdrawal that never happened would create money.
             saga.addCompensation("refund \(input.from)") {
                 let refund = Posting(account: input.from, cents: input.amount, step: "refund")
-                if case .refused(let reason) = try await context.execute(DepositToAccount.self, refund, options: moneyMove) {
+                if case .refused(let reason) = try await move(DepositToAccount.self, refund, context) {
                     throw RefundRefused(reason: reason)
                 }
             }
+            try stopIfCancelled(context)  // cancelled while withdrawing: the withdrawal's answer came all the same
             if input.amount >= input.approvalThreshold {
                 context.updateState { $0.status = .awaitingApproval }
                 guard try await awaitDecision(input, context) else {
@@ -160,12 +173,22 @@ struct Transfer: EntityWorkflow {
                     return finish(.rejected, reason: "rejected_by_approver", context)
                 }
             }
+            try stopIfCancelled(context)
             let credit = Posting(account: input.to, cents: input.amount, step: "deposit")
-            if case .refused(let reason) = try await context.execute(DepositToAccount.self, credit, options: moneyMove) {
+            if case .refused(let reason) = try await move(DepositToAccount.self, credit, context) {
                 try await saga.compensate()
                 return finish(.compensated, reason: "deposit_refused: \(reason)", context)
             }
             return finish(.completed, reason: nil, context)
+        } catch where context.isCancellationRequested && (error is CancellationError || (error as? ActivityFailure)?.isCancelled == true) {
+            // Cancelled before the deposit: refund, record, then let the cancellation end the run.
+            do {
+                try await saga.compensate()
+            } catch {
+                return finish(.failed, reason: "cancelled; \(error)", context)
+            }
+            _ = finish(.cancelled, reason: "refunded", context)
+            throw error
         } catch {
             // A refund that failed, or a cancellation: say so rather than hide it. (Money moves retry
             // until they get an answer, so nothing else ends up here.)
@@ -196,6 +219,30 @@ struct Transfer: EntityWorkflow {
             // Undelivered: the wait goes on to its deadline all the same.
         }
         return try await context.condition(untilNanoseconds: since + nanoseconds(approvalTimeout), decided)
+    }
+
+    /// One money move, which always gets the account's answer: a cancellation stops a transfer
+    /// between its moves, never inside one. Asked to stop while an attempt runs, the wait lasts until
+    /// the account answered (``moneyMove``). Cancelled with no attempt running (queued, or between two
+    /// attempts, when an earlier one may have moved the money before it failed), the wait ends at
+    /// once; the move is then asked again with the same idempotency key, and the account returns its
+    /// first answer if the money moved, or moves it now. Either way the transfer knows what happened
+    /// and compensates exactly that.
+    private static func move<A: Activity>(_ activity: A.Type, _ posting: Posting,
+                                          _ context: WorkflowContext<Self>) async throws -> PostingOutcome
+    where A.Input == Posting, A.Output == PostingOutcome {
+        while true {
+            do {
+                return try await context.execute(activity, posting, options: moneyMove)
+            } catch let failure as ActivityFailure where failure.isCancelled {
+                continue  // asked again: the account's idempotency key makes it the same move
+            }
+        }
+    }
+
+    /// Ends the steps with `CancellationError` once the transfer's cancellation was requested.
+    private static func stopIfCancelled(_ context: WorkflowContext<Self>) throws {
+        if context.isCancellationRequested { throw CancellationError() }
     }
 
     private static func nanoseconds(_ duration: Duration) -> UInt64 {

@@ -168,6 +168,85 @@ struct BankApprovalTests {
         #expect(!history.events.contains { $0.kind == .versionMarker })
     }
 
+    @Test("cancelled while it waits for an approval, a transfer refunds its withdrawal and ends cancelled; its run ends cancelled too (result() throws EntityError.cancelled), the refund is the saga's compensation in its history, and cancelling again is refused with transferFinished")
+    func cancelWhileAwaitingApproval() async throws {
+        try await withWaitingTransfer { bank, _, _ in
+            #expect(try await bank.account("alice").balance == 3_000, "withdrawn, held while it waits")
+            let view = try await bank.cancelTransfer("t-1")
+            #expect(view.status == "awaiting_approval", "answered when the cancellation is recorded")
+            #expect(try await bank.awaitTransfer("t-1") == .cancelled)
+            let ended = try await awaitEnd(bank, "t-1")
+            #expect(ended.status == .cancelled && ended.reason == "refunded")
+            #expect(try await bank.account("alice").balance == 9_000)
+            #expect(try await bank.account("bob").balance == 0)
+            do {
+                let status = try await bank.runtime.entity(Transfer.self, id: "t-1").result()
+                Issue.record("the cancelled transfer's run completed: \(status)")
+            } catch {
+                #expect((error as? EntityError)?.code == .cancelled)
+            }
+            let name = EntityName(type: Transfer.entityType, id: "t-1")
+            let history = try bank.runtime.exportHistory(of: name)
+            #expect(try history.activities().map(\.name) == ["bank.withdraw", "bank.deposit"], "the withdrawal, then its refund")
+            #expect(history.events.map(\.kind).contains(.cancelRequested))
+            #expect(history.events.last?.kind == .cancelled)
+            _ = try history.replay(as: Transfer.self)
+            do {
+                _ = try await bank.cancelTransfer("t-1")
+                Issue.record("a finished transfer accepted a cancellation")
+            } catch {
+                #expect((error as? BankError)?.code == .transferFinished)
+            }
+            // The approval wait's durable timer went with the cancellation, in its turn.
+            let kinds = history.events.map(\.kind)
+            #expect(kinds.firstIndex(of: .timerCancelled).map { $0 > kinds.firstIndex(of: .cancelRequested)! } == true)
+        }
+    }
+
+    @Test("a large transfer cancelled right after it starts (while its withdrawal may still be under way) always ends cancelled with the money back: the withdrawal's answer comes first, then its refund")
+    func cancelRightAfterStart() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let bank = try openBank(directory, clock, Inbox())
+        defer { bank.close() }
+        _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
+        for index in 0..<5 {
+            let id = "t-\(index)"
+            _ = try await bank.startTransfer(id: id, from: "alice", to: "bob", cents: 6_000)
+            _ = try await bank.cancelTransfer(id)
+            #expect(try await withDeadline(seconds: 60) { try await bank.awaitTransfer(id) } == .cancelled)
+            #expect(try await bank.account("alice").balance == 9_000)
+        }
+        #expect(try await bank.account("bob").balance == 0)
+    }
+
+    @Test("a transfer under the approval threshold that has completed cannot be cancelled: transferFinished, nothing moves")
+    func cancelAfterCompletion() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let bank = try openBank(directory, clock, Inbox())
+        defer { bank.close() }
+        _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
+        _ = try await bank.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 1_000)
+        #expect(try await bank.awaitTransfer("t-1") == .completed)
+        do {
+            _ = try await bank.cancelTransfer("t-1")
+            Issue.record("a completed transfer accepted a cancellation")
+        } catch {
+            #expect(error.code == .transferFinished)
+        }
+        do {
+            _ = try await bank.cancelTransfer("t-none")
+            Issue.record("an unknown transfer accepted a cancellation")
+        } catch {
+            #expect(error.code == .notFound)
+        }
+        #expect(try await bank.account("alice").balance == 8_000)
+        #expect(try await bank.account("bob").balance == 1_000)
+    }
+
     @Test("a golden history of a transfer waiting under the first version, its outcome in the form before attempts were recorded, replays under the new code")
     func waitRecordedBeforeReminders() throws {
         let golden = URL(fileURLWithPath: #filePath).deletingLastPathComponent()

@@ -29,7 +29,7 @@ struct ErrorBody: Decodable {
     var message: String
 }
 
-let terminal: Set<String> = ["completed", "compensated", "rejected", "failed"]
+let terminal: Set<String> = ["completed", "compensated", "rejected", "failed", "cancelled"]
 
 func transfer(_ id: String, _ from: String, _ to: String, _ amount: Int64) -> Body {
     ["transferId": .string(id), "from": .string(from), "to": .string(to), "amount": .int(amount)]

@@ -162,6 +162,29 @@ struct BankHTTPTests {
         }
     }
 
+    @Test("a large transfer cancelled while it waits for an approval is refunded and ends cancelled; cancelling it again is 409 transfer_finished, an unknown one 404")
+    func transferCancelled() async throws {
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        try await BankFixture.with(clock: clock, approvalThreshold: 5_000) { bank in
+            try await bank.expect("POST", "/accounts/alice/deposits", ["amount": 10_000, "requestId": "d-1"], 200)
+            _ = try await bank.client.request("POST", "/transfers", json: transfer("t-1", "alice", "bob", 8_000))
+            _ = try await bank.awaitStatus("t-1", in: ["awaiting_approval"])
+            let cancelled = try await bank.client.request("POST", "/transfers/t-1/cancel")
+            #expect(cancelled.status == 202, "\(cancelled.text)")
+            #expect(try cancelled.decode(Bank.TransferView.self).status == "awaiting_approval")
+            let done = try await bank.awaitStatus("t-1", in: terminal)
+            #expect(done.status == "cancelled" && done.reason == "refunded")
+            #expect(try await bank.balance("alice") == 10_000)
+            #expect(try await bank.balance("bob") == 0)
+            let again = try await bank.client.request("POST", "/transfers/t-1/cancel")
+            #expect(again.status == 409)
+            #expect(try again.decode(ErrorBody.self).error == "transfer_finished")
+            let unknown = try await bank.client.request("POST", "/transfers/t-9/cancel")
+            #expect(unknown.status == 404)
+            #expect(try unknown.decode(ErrorBody.self).error == "not_found")
+        }
+    }
+
     @Test("a large transfer an approver rejects is refunded")
     func transferRejectedByApprover() async throws {
         let clock = TestClock(skipsTimeWhenIdle: false)
