@@ -44,16 +44,23 @@ struct BankApprovalTests {
         #expect(try await bank.awaitTransferSettled("t-1").status == "awaiting_approval", sourceLocation: sourceLocation)
     }
 
-    /// A fresh bank on the test clock with t-1 waiting for an approval, for `body`.
-    func withWaitingTransfer(_ body: (Bank, TestClock, Inbox) async throws -> Void) async throws {
+    /// A fresh bank on the test clock, for `body`.
+    func withBank(_ body: (Bank, TestClock, Inbox) async throws -> Void) async throws {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
         let inbox = Inbox()
         let bank = try openBank(directory, clock, inbox)
         defer { bank.close() }
-        try await startWaitingTransfer(bank)
         try await body(bank, clock, inbox)
+    }
+
+    /// A fresh bank on the test clock with t-1 waiting for an approval, for `body`.
+    func withWaitingTransfer(_ body: (Bank, TestClock, Inbox) async throws -> Void) async throws {
+        try await withBank { bank, clock, inbox in
+            try await startWaitingTransfer(bank)
+            try await body(bank, clock, inbox)
+        }
     }
 
     @Test("undecided for 4 hours, the approvers are reminded once; approved after that, the transfer completes")
@@ -205,46 +212,36 @@ struct BankApprovalTests {
 
     @Test("a large transfer cancelled right after it starts (while its withdrawal may still be under way) always ends cancelled with the money back: the withdrawal's answer comes first, then its refund")
     func cancelRightAfterStart() async throws {
-        let directory = try TemporaryDirectory()
-        defer { directory.remove() }
-        let clock = TestClock(skipsTimeWhenIdle: false)
-        let bank = try openBank(directory, clock, Inbox())
-        defer { bank.close() }
-        _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
-        for index in 0..<5 {
-            let id = "t-\(index)"
-            _ = try await bank.startTransfer(id: id, from: "alice", to: "bob", cents: 6_000)
-            _ = try await bank.cancelTransfer(id)
-            #expect(try await withDeadline(seconds: 60) { try await bank.awaitTransfer(id) } == .cancelled)
-            #expect(try await bank.account("alice").balance == 9_000)
+        try await withBank { bank, _, _ in
+            _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
+            for index in 0..<5 {
+                let id = "t-\(index)"
+                _ = try await bank.startTransfer(id: id, from: "alice", to: "bob", cents: 6_000)
+                _ = try await bank.cancelTransfer(id)
+                #expect(try await withDeadline(seconds: 60) { try await bank.awaitTransfer(id) } == .cancelled)
+                #expect(try await bank.account("alice").balance == 9_000)
+            }
+            #expect(try await bank.account("bob").balance == 0)
         }
-        #expect(try await bank.account("bob").balance == 0)
     }
 
     @Test("a transfer under the approval threshold that has completed cannot be cancelled: transferFinished, nothing moves")
     func cancelAfterCompletion() async throws {
-        let directory = try TemporaryDirectory()
-        defer { directory.remove() }
-        let clock = TestClock(skipsTimeWhenIdle: false)
-        let bank = try openBank(directory, clock, Inbox())
-        defer { bank.close() }
-        _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
-        _ = try await bank.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 1_000)
-        #expect(try await bank.awaitTransfer("t-1") == .completed)
-        do {
-            _ = try await bank.cancelTransfer("t-1")
-            Issue.record("a completed transfer accepted a cancellation")
-        } catch {
-            #expect(error.code == .transferFinished)
+        try await withBank { bank, _, _ in
+            _ = try await bank.deposit(account: "alice", cents: 9_000, requestId: "d-1")
+            _ = try await bank.startTransfer(id: "t-1", from: "alice", to: "bob", cents: 1_000)
+            #expect(try await bank.awaitTransfer("t-1") == .completed)
+            for (id, code) in [("t-1", BankError.Code.transferFinished), ("t-none", .notFound)] {
+                do {
+                    _ = try await bank.cancelTransfer(id)
+                    Issue.record("transfer \(id) accepted a cancellation")
+                } catch {
+                    #expect((error as? BankError)?.code == code)
+                }
+            }
+            #expect(try await bank.account("alice").balance == 8_000)
+            #expect(try await bank.account("bob").balance == 1_000)
         }
-        do {
-            _ = try await bank.cancelTransfer("t-none")
-            Issue.record("an unknown transfer accepted a cancellation")
-        } catch {
-            #expect(error.code == .notFound)
-        }
-        #expect(try await bank.account("alice").balance == 8_000)
-        #expect(try await bank.account("bob").balance == 1_000)
     }
 
     @Test("a golden history of a transfer waiting under the first version, its outcome in the form before attempts were recorded, replays under the new code")
