@@ -190,8 +190,8 @@ struct Transfer: EntityWorkflow {
             _ = finish(.cancelled, reason: "refunded", context)
             throw error
         } catch {
-            // A refund that failed, or a cancellation: say so rather than hide it. (Money moves retry
-            // until they get an answer, so nothing else ends up here.)
+            // A refund that failed: say so rather than hide it. (Money moves retry until they get an
+            // answer, and a cancellation is handled above, so nothing else ends up here.)
             return finish(.failed, reason: "\(error)", context)
         }
     }
@@ -227,14 +227,16 @@ struct Transfer: EntityWorkflow {
     /// attempts, when an earlier one may have moved the money before it failed), the wait ends at
     /// once; the move is then asked again with the same idempotency key, and the account returns its
     /// first answer if the money moved, or moves it now. Either way the transfer knows what happened
-    /// and compensates exactly that.
+    /// and compensates exactly that. (A body whose own task is cancelled — the runtime closing, or
+    /// the entity leaving memory, unwinds it to be replayed later — is not asked again: each new wait
+    /// would fail at once.)
     private static func move<A: Activity>(_ activity: A.Type, _ posting: Posting,
                                           _ context: WorkflowContext<Self>) async throws -> PostingOutcome
     where A.Input == Posting, A.Output == PostingOutcome {
         while true {
             do {
                 return try await context.execute(activity, posting, options: moneyMove)
-            } catch let failure as ActivityFailure where failure.isCancelled {
+            } catch let failure as ActivityFailure where failure.isCancelled && !Task.isCancelled {
                 continue  // asked again: the account's idempotency key makes it the same move
             }
         }
