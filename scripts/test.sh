@@ -9,4 +9,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/ensure-lmdb.sh
 scripts/ensure-jemalloc.sh  # optional: the benchmarks' allocator
 swift build --build-tests
-swift test --skip-build "$@"
+# Line-buffered output (stdbuf's setting is inherited by the test process), so that a log cut short
+# by a hang or a kill names the test that was running.
+stdbuf -oL -eL swift test --skip-build "$@"
