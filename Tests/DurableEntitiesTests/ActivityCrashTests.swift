@@ -59,6 +59,13 @@ final class CrashRunLog: Sendable {
     private let runs = Mutex<[Run]>([])
     func add(_ run: Run) { runs.withLock { $0.append(run) } }
     var all: [Run] { runs.withLock { $0 } }
+    /// What the child's activities do, without their stalls: applies the effect keyed by the
+    /// attempt's idempotency key (once per key), logs the attempt, and returns the key.
+    func apply(_ input: Int, context: ActivityContext, to effects: CrashEffectsFile) -> String {
+        let key = context.idempotencyKey
+        add(.init(label: "\(input)", key: key, applied: effects.applyOnce(key: key, line: key)))
+        return key
+    }
 }
 
 /// The child's `Effect` and `LocalEffect` (same name, input, output and side effect), without the stalls.
@@ -68,10 +75,7 @@ struct CrashEffect: Activity {
     let log: CrashRunLog
 
     func run(_ input: Int, context: ActivityContext) async throws -> String {
-        let key = context.idempotencyKey
-        let applied = effects.applyOnce(key: key, line: key)
-        log.add(.init(label: "\(input)", key: key, applied: applied))
-        return key
+        log.apply(input, context: context, to: effects)
     }
 }
 
@@ -107,10 +111,7 @@ struct CrashStubborn: Activity {
     let log: CrashRunLog
 
     func run(_ input: Int, context: ActivityContext) async throws -> String {
-        let key = context.idempotencyKey
-        let applied = effects.applyOnce(key: key, line: key)
-        log.add(.init(label: "\(input)", key: key, applied: applied))
-        return key
+        log.apply(input, context: context, to: effects)
     }
 }
 
