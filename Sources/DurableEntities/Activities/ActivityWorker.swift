@@ -245,6 +245,33 @@ final class ActivityWorker: @unchecked Sendable {
         for (task, outcome, attempt) in parked { finish(task, outcome, attempt) }
     }
 
+    /// Where an activity's attempt is in this process (for ``EntityDescription``).
+    enum Progress: Sendable, Hashable {
+        /// Queued for a slot in the pool, as this attempt.
+        case queued(attempt: Int)
+        /// Running now: a pool attempt (its number) or a local one that left its turn (`nil`: the
+        /// stored task has its number).
+        case running(attempt: Int?)
+    }
+
+    /// What the pool is doing now with the activities `ids` of entity `entityKey`: those queued or
+    /// running, looked up one by one (two lock holds, no scan of the pool).
+    func progress(entity entityKey: UInt64, activities ids: [UInt64]) -> [UInt64: Progress] {
+        guard !ids.isEmpty else { return [:] }
+        let queued = pool.withLock { pool in
+            ids.compactMap { id in pool.active[ActivityTask.ID(entityKey: entityKey, activityID: id)].map { (id, $0) } }
+        }
+        let runningIDs = running.withLock { running in
+            ids.filter { running.entries[ActivityTask.ID(entityKey: entityKey, activityID: $0)] != nil }
+        }
+        var progress: [UInt64: Progress] = [:]
+        for (id, attempt) in queued { progress[id] = .queued(attempt: attempt) }
+        for id in runningIDs {
+            if case .queued(let attempt)? = progress[id] { progress[id] = .running(attempt: attempt) } else { progress[id] = .running(attempt: nil) }
+        }
+        return progress
+    }
+
     /// Queues an attempt of `task`, once: a task already queued or running at that attempt is left
     /// alone, and a later attempt waits for the slot of the one before (see ``Pool/enqueue(_:)``).
     func dispatch(_ task: ActivityTask) {

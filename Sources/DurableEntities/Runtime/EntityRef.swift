@@ -49,6 +49,14 @@ public struct EntityRef<W: EntityWorkflow>: Sendable {
             as! W.UpdateResult
     }
 
+    /// What the entity is doing now, from what is committed: its run's status and what the run waits
+    /// for (see ``EntityDescription``); `nil` for an entity with no acknowledged message.
+    /// - Throws: ``EntityError`` `storage`, `failedOnReplay`, `undecodablePayload` (see
+    ///   ``EntityRuntime/describe(_:)``).
+    public func describe() throws(EntityError) -> EntityDescription? {
+        try runtime.describe(name)
+    }
+
     /// Reads the entity's committed state: every acknowledged signal and update is in it, nothing
     /// uncommitted is. Never recorded. A resident entity answers on the calling task; a passivated
     /// entity without a run body is activated there too (snapshot plus the events after it), and one

@@ -289,6 +289,47 @@ public final class EntityRuntime: Sendable {
         }
     }
 
+    /// What the entity `name` is doing now, read from what is committed: its run's status and what the
+    /// run waits for — activities with their retry state (attempt, last failure, next attempt, last
+    /// heartbeat), timers, child entities. See ``EntityDescription``. Reads the journal on the calling
+    /// thread (like ``exportHistory(of:)``); the entity is neither activated nor sent anything.
+    /// - Returns: `nil` for an entity that has no acknowledged message.
+    /// - Throws: ``EntityError`` `storage` when the journal cannot be read; `failedOnReplay` for an
+    ///   event this runtime does not know; `undecodablePayload` for one that does not parse.
+    public func describe(_ name: EntityName) throws(EntityError) -> EntityDescription? {
+        let journal = core.journal
+        let key: EntityKey
+        var tasks: [UInt64: ActivityTask] = [:]
+        var cancelRequested: Set<UInt64> = []
+        do {
+            guard let found = try journal.key(for: name) else { return nil }
+            key = found
+            // The stored tasks before the events (see EntityDescription): an outcome committed between
+            // the two reads shows as an activity no longer pending, never as one without its task.
+            func prefix(_ first: UInt8) -> [UInt8] { [first] + withUnsafeBytes(of: key.rawValue.bigEndian) { Array($0) } }
+            for row in try journal.tasks(prefix: prefix(ActivityTask.keyPrefix)) where row.isIntact {
+                guard let task = ActivityTask.decode(row.value) else { continue }
+                tasks[task.activityID] = task
+            }
+            for row in try journal.tasks(prefix: prefix(ActivityTask.cancelKeyPrefix)) where row.isIntact {
+                if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofCancelKey: $0) }) { cancelRequested.insert(id.activityID) }
+            }
+        } catch {
+            throw EntityError(.storage, entity: name, "reading the entity's tasks failed", underlying: error)
+        }
+        let history: ExportedHistory
+        do {
+            history = try exportHistory(of: name)
+        } catch {
+            if error.code == .rejected { return nil }  // registered, nothing committed with it
+            throw error
+        }
+        let worker = core.activities
+        return try EntityDescription(
+            history: history, tasks: tasks.filter { $0.value.run == history.run }, cancelRequested: cancelRequested,
+            live: { ids in worker.progress(entity: key.rawValue, activities: ids) }, now: core.clock.nowNanoseconds())
+    }
+
     /// How many entities are in memory now.
     public var residentEntities: Int { core.residentCount }
 
