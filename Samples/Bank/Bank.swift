@@ -171,6 +171,79 @@ final class Bank: Sendable {
         return current
     }
 
+    /// A transfer's run as the runtime describes it (``EntityRuntime/describe(_:)``): what an operator
+    /// asks when a transfer has not finished — is it waiting for an approval's timer, or retrying a
+    /// money move that keeps failing (which attempt, the last error, when the next one starts)?
+    /// Times are nanoseconds since the Unix epoch.
+    struct TransferRunView: Codable, Sendable, Equatable {
+        struct ActivityView: Codable, Sendable, Equatable {
+            var name: String
+            /// `scheduled`, `running`, `backing_off` or `cancel_requested`.
+            var state: String
+            var scheduledAt: UInt64
+            var attempt: Int?
+            var nextAttemptAt: UInt64?
+            var lastFailure: String?
+        }
+        struct TimerView: Codable, Sendable, Equatable {
+            var dueAt: UInt64
+        }
+        var transferId: String
+        /// `running`, `completed`, `failed`, `cancelled` or `terminated`.
+        var run: String
+        /// The failure's or termination's text.
+        var message: String?
+        var startedAt: UInt64?
+        var closedAt: UInt64?
+        /// How many events the run has recorded.
+        var events: Int
+        /// What the run waits for: the money moves in flight, and its timers (an approval's reminder
+        /// and deadline).
+        var activities: [ActivityView]
+        var timers: [TimerView]
+
+        init(id: String, _ description: EntityDescription) {
+            transferId = id
+            switch description.status {
+            case .idle, .running: run = "running"
+            case .completed: run = "completed"
+            case .failed(let text): run = "failed"; message = text
+            case .cancelled(let text): run = "cancelled"; message = text
+            case .terminated(let reason): run = "terminated"; message = reason
+            }
+            startedAt = description.startedAt
+            closedAt = description.closedAt
+            events = description.historyLength
+            activities = description.pendingActivities.map { activity in
+                let state = switch activity.state {
+                case .scheduled: "scheduled"
+                case .running: "running"
+                case .backingOff: "backing_off"
+                case .cancelRequested: "cancel_requested"
+                }
+                return ActivityView(name: activity.name, state: state, scheduledAt: activity.scheduledAt, attempt: activity.attempt,
+                                    nextAttemptAt: activity.nextAttemptAt,
+                                    lastFailure: activity.lastFailure.map { "\($0.type): \($0.message)" })
+            }
+            timers = description.pendingTimers.map { TimerView(dueAt: $0.dueAt) }
+        }
+    }
+
+    /// The transfer `id`'s run: its status and what it waits for (see ``TransferRunView``). Reads
+    /// what is committed; sends the transfer nothing.
+    /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
+    func transferRun(_ id: String) throws(BankError) -> TransferRunView {
+        try Self.check(id: id, "transfer id")
+        let description: EntityDescription?
+        do {
+            description = try runtime.describe(EntityName(type: Transfer.entityType, id: id))
+        } catch {
+            throw Self.bankError(error)
+        }
+        guard let description, description.status != .idle else { throw BankError(.notFound, "no transfer '\(id)'") }
+        return TransferRunView(id: id, description)
+    }
+
     /// Waits for the transfer's run body to finish (in-process callers: the demo; HTTP clients poll).
     /// - Returns: its final status (`cancelled` for a run that ended cancelled).
     func awaitTransfer(_ id: String) async throws(BankError) -> Transfer.Status {

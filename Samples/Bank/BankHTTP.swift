@@ -13,6 +13,7 @@ import Logging
 /// | `POST /transfers` | `{"transferId", "from", "to", "amount"}` | 202 `{"transferId", "status", "from", "to", "amount"}` |
 /// | `GET /transfers/{id}` | | 200 the transfer, 404 `not_found` |
 /// | `GET /transfers/{id}?waitFor=completed,rejected&timeoutMs=10000` | | 200 the transfer once its status is one of those, or as it is after the timeout (a long poll; at most 30 s) |
+/// | `GET /transfers/{id}/run` | | 200 the transfer's run: its status and what it waits for — money moves with their attempt, last failure and next attempt; timers with their due time (see `Bank.TransferRunView`), 404 `not_found` |
 /// | `POST /transfers/{id}/approve`, `…/reject` | `{"requestId"}` | 200 the transfer, 409 `not_awaiting_approval` |
 /// | `POST /transfers/{id}/cancel` | | 202 the transfer (it refunds and ends `cancelled` unless its deposit has begun), 409 `transfer_finished` |
 enum BankHTTP {
@@ -43,6 +44,9 @@ enum BankHTTP {
             guard let wanted = request.uri.queryParameters["waitFor"] else { return try json(await bank.transfer(id)) }
             let (statuses, timeout) = try waitParameters(String(wanted), request.uri.queryParameters["timeoutMs"].map(String.init))
             return try json(await bank.transfer(id, waitingFor: statuses, timeout: timeout))
+        }
+        router.get("/transfers/:id/run") { _, context in
+            try json(bank.transferRun(context.parameters.require("id")))
         }
         router.post("/transfers/:id/approve") { request, context in
             let body = try await decode(DecisionRequest.self, request)

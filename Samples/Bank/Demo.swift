@@ -92,7 +92,8 @@ struct Demo: AsyncParsableCommand {
 
         step(7, "A restart. Close the runtime and open a NEW one on the same directory: each account's")
         print("   state is rebuilt from LMDB: its latest snapshot, if any, then a replay of the history after it;")
-        print("   t-2's run body is replayed to where it waited, its 24-hour timer still pending.")
+        print("   t-2's run body is replayed to where it waits for an approval, its timer still pending (the")
+        print("   approvers are reminded after 4 hours, and the transfer is given up 24 hours after the wait began).")
         bank.close()
         let reopening = ContinuousClock.now
         bank = try options.openBank(approvalThreshold: approvalThreshold)
@@ -105,6 +106,7 @@ struct Demo: AsyncParsableCommand {
             throw ExitCode.failure
         }
         print("   ✔ Identical to before the restart; t-2 is \(try await bank.transfer("t-2").status).")
+        try printRun(of: "t-2", bank)
 
         step(8, "An approver approves t-2 (a retried approval with the same requestId would get the same answer).")
         do {
@@ -319,6 +321,19 @@ struct Demo: AsyncParsableCommand {
             let took = activity.closedAt.map { "; recorded \(String(format: "%.1f", Double($0 &- activity.scheduledAt) / 1e6)) ms after its schedule" } ?? ""
             print("     \(activity.name.padding(width))  \(outcome)\(attempt)\(took)")
         }
+    }
+
+    /// What a transfer's run waits for, as the runtime describes it (`GET /transfers/{id}/run`).
+    private func printRun(of transfer: String, _ bank: Bank) throws(BankError) {
+        let run = try bank.transferRun(transfer)
+        let now = UInt64(Date().timeIntervalSince1970 * 1e9)
+        let timers = run.timers.map { timer in
+            "a timer due in \(String(format: "%.2f", Double(timer.dueAt > now ? timer.dueAt - now : 0) / 3.6e12)) h"
+        }
+        let moves = run.activities.map { "\($0.name) (\($0.state), attempt \($0.attempt ?? 1))" }
+        let waits = timers + moves
+        print("   Described by the runtime, \(transfer)'s run is \(run.run) after \(run.events) events, waiting for "
+              + (waits.isEmpty ? "nothing." : waits.joined(separator: ", ") + "."))
     }
 
     private func step(_ number: Int, _ text: String) {

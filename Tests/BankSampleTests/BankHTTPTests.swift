@@ -185,6 +185,32 @@ struct BankHTTPTests {
         }
     }
 
+    @Test("a transfer's run (GET /transfers/{id}/run): while it waits for an approval, running with the reminder's timer 4 hours after the wait began and no money move in flight; once cancelled, the run ended cancelled and waits for nothing; an unknown transfer 404")
+    func transferRun() async throws {
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        try await BankFixture.with(clock: clock, approvalThreshold: 5_000) { bank in
+            try await bank.expect("POST", "/accounts/alice/deposits", ["amount": 10_000, "requestId": "d-1"], 200)
+            let since = clock.nowNanoseconds()
+            _ = try await bank.client.request("POST", "/transfers", json: transfer("t-1", "alice", "bob", 8_000))
+            _ = try await bank.awaitStatus("t-1", in: ["awaiting_approval"])
+            let waiting = try await bank.client.request("GET", "/transfers/t-1/run")
+            #expect(waiting.status == 200, "\(waiting.text)")
+            let run = try waiting.decode(Bank.TransferRunView.self)
+            #expect(run.transferId == "t-1" && run.run == "running" && run.startedAt == since && run.closedAt == nil)
+            #expect(run.timers == [.init(dueAt: since + UInt64(Transfer.approvalReminderAfter.components.seconds) * 1_000_000_000)])
+            #expect(run.activities.isEmpty, "the withdrawal is done: \(run.activities)")
+
+            _ = try await bank.client.request("POST", "/transfers/t-1/cancel")
+            _ = try await bank.awaitStatus("t-1", in: terminal)
+            // The transfer's state says cancelled once its compensation is recorded; its run ends in that same turn.
+            let ended = try await bank.client.request("GET", "/transfers/t-1/run").decode(Bank.TransferRunView.self)
+            #expect(ended.run == "cancelled" && ended.closedAt != nil && ended.timers.isEmpty && ended.activities.isEmpty, "\(ended)")
+            let unknown = try await bank.client.request("GET", "/transfers/t-9/run")
+            #expect(unknown.status == 404)
+            #expect(try unknown.decode(ErrorBody.self).error == "not_found")
+        }
+    }
+
     @Test("a large transfer an approver rejects is refunded")
     func transferRejectedByApprover() async throws {
         let clock = TestClock(skipsTimeWhenIdle: false)

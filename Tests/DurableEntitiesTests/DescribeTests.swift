@@ -186,6 +186,7 @@ struct DescribeTests {
         #expect(done.status == .completed && done.pendingChildren.isEmpty)
 
         try await account.terminate(reason: "closed by the bank")
-        #expect(try account.describe()?.status == .terminated(reason: "closed by the bank"))
+        let terminated = try account.describe()
+        #expect(terminated?.status == .terminated(reason: "closed by the bank"), "\(String(describing: terminated))")
     }
 }
