@@ -65,6 +65,12 @@ struct DescribeTests {
         #expect(activity.nextAttemptAt == first.time + 30_000_000_000)
         #expect(heartbeat(activity) == 20)
 
+        // For people: one line for the run, one for what it waits for.
+        #expect(try #require(try call.describe()).description.split(separator: "\n") == [
+            "CallStep/retry, run 1: running, started at \(first.time), 2 events, the last at \(first.time)",
+            "  activity \(activity.id) Step: backingOff, attempt 3, next at \(first.time + 30_000_000_000), last failure \(activity.lastFailure!.type): \(activity.lastFailure!.message)",
+        ])
+
         clock.advance(by: .seconds(20))
         var attempts = started.makeAsyncIterator()
         #expect(await attempts.next() == 3)
@@ -79,6 +85,7 @@ struct DescribeTests {
         #expect(finished.status == .completed && finished.status.isFinished)
         #expect(finished.closedAt == log.all.last?.time && finished.lastEventAt == finished.closedAt)
         #expect(finished.pendingActivities.isEmpty && finished.historyLength == 4)
+        #expect(finished.description == "CallStep/retry, run 1: completed, started at \(first.time), ended at \(finished.closedAt!), 4 events")
         #expect(log.all.map(\.number) == [1, 2, 3])
     }
 

@@ -203,3 +203,42 @@ extension EntityDescription {
                   pendingChildren: status.isFinished ? [] : try history.children().filter { $0.outcome == nil })
     }
 }
+
+extension EntityDescription: CustomStringConvertible {
+    /// For people (logs, a support tool): a first line with the run, its status and its history, then
+    /// one line for each thing the run waits for. Times are nanoseconds on the runtime's clock.
+    ///
+    ///     Transfer/t-7, run 1: running, started at 1767225600000000000, 3 events, the last at 1767225601000000000
+    ///       activity 4294967298 bank.deposit: backingOff, attempt 3, next at 1767225604000000000, last failure BankError: unavailable
+    ///       timer 4294967299 due at 1767240000000000000
+    ///       child Payment/p-7 (command 4294967300)
+    public var description: String {
+        var first = "\(name), run \(run): \(status)" + (startedAt.map { ", started at \($0)" } ?? "")
+            + (closedAt.map { ", ended at \($0)" } ?? "") + ", \(historyLength) event\(historyLength == 1 ? "" : "s")"
+        if closedAt == nil, let last = lastEventAt { first += ", the last at \(last)" }
+        var lines = [first]
+        for activity in pendingActivities {
+            var line = "  activity \(activity.id) \(activity.name): \(activity.state)"
+            if let attempt = activity.attempt { line += ", attempt \(attempt)" }
+            if let next = activity.nextAttemptAt { line += ", next at \(next)" }
+            if let failure = activity.lastFailure { line += ", last failure \(failure.type): \(failure.message)" }
+            lines.append(line)
+        }
+        for timer in pendingTimers { lines.append("  timer \(timer.id) due at \(timer.dueAt)") }
+        for child in pendingChildren { lines.append("  child \(child.name) (command \(child.id))") }
+        return lines.joined(separator: "\n")
+    }
+}
+
+extension EntityDescription.Status: CustomStringConvertible {
+    public var description: String {
+        switch self {
+        case .idle: "idle"
+        case .running: "running"
+        case .completed: "completed"
+        case .failed(let message): "failed (\(message))"
+        case .cancelled(let message): "cancelled (\(message))"
+        case .terminated(let reason): "terminated (\(reason))"
+        }
+    }
+}
