@@ -50,6 +50,17 @@ struct ActivityTask: Codable, Sendable {
         }
     }
 
+    /// The first bytes of every key of that shape with `prefix` for `entity`: a scan of one entity's rows.
+    private static func entityPrefix(_ prefix: UInt8, entity: UInt64) -> [UInt8] {
+        [prefix] + withUnsafeBytes(of: entity.bigEndian) { Array($0) }
+    }
+
+    /// The first bytes of every task key of `entity`.
+    static func keyPrefix(entity: UInt64) -> [UInt8] { entityPrefix(keyPrefix, entity: entity) }
+
+    /// The first bytes of every cancellation row key of `entity`.
+    static func cancelKeyPrefix(entity: UInt64) -> [UInt8] { entityPrefix(cancelKeyPrefix, entity: entity) }
+
     /// The identity a key of that shape with `prefix` holds; `nil` for a key of another shape.
     private static func id(ofKey key: UnsafeRawBufferPointer, prefix: UInt8) -> ID? {
         guard key.count == 17, key[0] == prefix else { return nil }

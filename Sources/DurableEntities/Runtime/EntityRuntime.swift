@@ -306,12 +306,11 @@ public final class EntityRuntime: Sendable {
             key = found
             // The stored tasks before the events (see EntityDescription): an outcome committed between
             // the two reads shows as an activity no longer pending, never as one without its task.
-            func prefix(_ first: UInt8) -> [UInt8] { [first] + withUnsafeBytes(of: key.rawValue.bigEndian) { Array($0) } }
-            for row in try journal.tasks(prefix: prefix(ActivityTask.keyPrefix)) where row.isIntact {
+            for row in try journal.tasks(prefix: ActivityTask.keyPrefix(entity: key.rawValue)) where row.isIntact {
                 guard let task = ActivityTask.decode(row.value) else { continue }
                 tasks[task.activityID] = task
             }
-            for row in try journal.tasks(prefix: prefix(ActivityTask.cancelKeyPrefix)) where row.isIntact {
+            for row in try journal.tasks(prefix: ActivityTask.cancelKeyPrefix(entity: key.rawValue)) where row.isIntact {
                 if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofCancelKey: $0) }) { cancelRequested.insert(id.activityID) }
             }
         } catch {
