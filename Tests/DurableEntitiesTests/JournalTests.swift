@@ -228,6 +228,73 @@ struct JournalTests {
         #expect(try journal.tasks().count == 2)
     }
 
+    @Test("expectations make a batch a compare-and-set: it commits only if the task rows and timer it expects are as read, after the batches before it; otherwise it alone is refused with conflict and nothing of it is written")
+    func expectations() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let journal = try Journal(configuration: .init(directory: directory.path, logger: quietLogger))
+        defer { journal.close() }
+        let entity = try await journal.register(EntityName(type: "Account", id: "a"))
+        let task = ActivityTask.key(entity: entity.rawValue, activity: 1)
+        let absent = ActivityTask.key(entity: entity.rawValue, activity: 2)
+        let timer = JournalTimer(dueNanoseconds: 500, entity: entity, id: 9, payload: bytes("t"))
+        var setUp = JournalBatch()
+        setUp.putTask(task, value: bytes("v1"))
+        setUp.scheduleTimer(timer)
+        _ = try await journal.commit(setUp)
+
+        /// A batch that expects `value` in `task`, the timer stored and nothing in `absent`, and writes `write`.
+        func conditional(expecting value: [UInt8]?, timerDue: UInt64 = 500, write: String) -> JournalBatch {
+            var batch = JournalBatch()
+            batch.expectTask(task, value: value)
+            batch.expectTask(absent, value: nil)
+            batch.expectTimer(dueNanoseconds: timerDue, entity: entity, id: 9)
+            batch.putTask(task, value: bytes(write))
+            batch.putTask(key: bytes("written-by-\(write)"), value: [1])
+            return batch
+        }
+        // Submitted back to back, committed in order (often in one transaction): the second expects
+        // the row the first replaced.
+        let (outcomes, outcome) = AsyncStream.makeStream(of: (Int, Result<CommitReceipt, JournalError>).self)
+        let batches = [conditional(expecting: bytes("v1"), write: "v2"), conditional(expecting: bytes("v1"), write: "stale"),
+                       conditional(expecting: bytes("v2"), write: "v3")]
+        for (index, batch) in batches.enumerated() { journal.submit(batch) { outcome.yield((index, $0)) } }
+        var results: [Int: Result<CommitReceipt, JournalError>] = [:]
+        for await (index, result) in outcomes {
+            results[index] = result
+            if results.count == batches.count { break }
+        }
+        #expect(throws: Never.self) { try results[0]?.get() }
+        #expect(throws: Never.self) { try results[2]?.get() }
+        guard case .failure(let conflict)? = results[1] else { Issue.record("the stale batch committed"); return }
+        #expect(conflict.code == .conflict)
+        #expect(try journal.task(forKey: task.bytes) == bytes("v3"))
+        #expect(try journal.task(forKey: bytes("written-by-stale")) == nil)
+        #expect(try journal.task(forKey: bytes("written-by-v2")) == [1] && journal.task(forKey: bytes("written-by-v3")) == [1])
+
+        // Each expectation on its own refuses the batch: a row that should be absent, a timer not stored.
+        var present = JournalBatch()
+        present.putTask(absent, value: bytes("now here"))
+        _ = try await journal.commit(present)
+        for batch in [conditional(expecting: bytes("v3"), write: "w1"), {
+            var batch = JournalBatch()
+            batch.expectTask(task, value: nil)
+            batch.putTask(task, value: bytes("w2"))
+            return batch
+        }()] {
+            let error = await #expect(throws: JournalError.self) { try await journal.commit(batch) }
+            #expect(error?.code == .conflict)
+        }
+        var gone = JournalBatch()
+        gone.deleteTask(absent)
+        gone.cancelTimer(dueNanoseconds: 500, entity: entity, id: 9)
+        _ = try await journal.commit(gone)
+        let missingTimer = await #expect(throws: JournalError.self) { try await journal.commit(conditional(expecting: bytes("v3"), write: "w3")) }
+        #expect(missingTimer?.code == .conflict)
+        #expect(try journal.task(forKey: task.bytes) == bytes("v3"))
+        #expect(try journal.tasks().map(\.key).filter { $0.starts(with: bytes("written-by-w")) }.isEmpty)
+    }
+
     @Test("a damaged record gives a typed error naming the entity and sequence", arguments: ["history", "log"])
     func corruptedRecord(database: String) async throws {
         let directory = TemporaryDirectory()

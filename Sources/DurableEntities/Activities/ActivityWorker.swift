@@ -201,6 +201,9 @@ final class ActivityWorker: @unchecked Sendable {
     let coreReleased = Mutex<(@Sendable () -> Void)?>(nil)
     /// Called once a heartbeat's details are stored (tests await it).
     let heartbeatStored = Mutex<(@Sendable (ActivityTask.ID) -> Void)?>(nil)
+    /// Called by ``retryNow(entity:activity:resettingAttempts:)`` between its read and its commit
+    /// (tests make the task move on there).
+    let retryNowRead = Mutex<(@Sendable () async -> Void)?>(nil)
     /// How long a close waits for cancelled attempts to end before it abandons them.
     private let cancellationWait: Duration
     /// The least time between two stores of one attempt's heartbeats, ns.
@@ -279,6 +282,74 @@ final class ActivityWorker: @unchecked Sendable {
             pool.enqueue(task) && pool.startsDrain(limit: limit, maxDrains: maxDrains)
         }
         if start { startDrain() }
+    }
+
+    /// What ``retryNow(entity:activity:resettingAttempts:)`` found or did.
+    enum RetryNow: Sendable, Hashable {
+        /// The task was backing off: its next attempt (this one) was made due now and dispatched.
+        case retrying(attempt: Int)
+        /// An attempt is queued or running in this process, or its stored row says one runs.
+        case running(attempt: Int)
+        /// Its next attempt is due already (waiting for a slot, or for its activity's registration).
+        case due(attempt: Int)
+        /// No such task is stored: it ended, or it never existed.
+        case notPending
+        /// Its run requested its cancellation and waits for its end: no further attempt.
+        case cancelRequested
+    }
+
+    /// An operator's "retry now" (after fixing what made the attempts fail): a task backing off gets
+    /// its next attempt at once instead of at the end of its backoff, optionally as attempt 1 again
+    /// (a fresh budget of `maximumAttempts`, and backoff intervals from the initial one). Its
+    /// idempotency key, input, last heartbeat and schedule-to-close deadline stay.
+    ///
+    /// A compare-and-set: the commit that makes it due holds only if the task row, its retry timer
+    /// and the absence of a cancellation request are as read. Any of them changed meanwhile — the
+    /// retry timer rang and started the attempt, the attempt ended, the run gave the activity up — and
+    /// it reads again and decides again, so it never overwrites a newer attempt's row or starts an
+    /// attempt twice. The commit deletes the old retry timer; a crash after it runs the attempt at the
+    /// next open (its row is due).
+    func retryNow(entity: UInt64, activity: UInt64, resettingAttempts: Bool) async throws(JournalError) -> RetryNow {
+        let key = ActivityTask.key(entity: entity, activity: activity)
+        let cancelKey = ActivityTask.cancelKey(entity: entity, activity: activity)
+        // Each round that conflicts saw the task move on (an attempt started or ended): a handful
+        // settles it; the bound only keeps a row that never holds still from looping for good.
+        for _ in 0..<16 {
+            let rows = try core.journal.tasks(forKeys: [key.bytes, cancelKey.bytes])
+            guard let stored = rows[0], var task = ActivityTask.decode(stored) else { return .notPending }
+            if rows[1] != nil { return .cancelRequested }
+            switch progress(entity: entity, activities: [activity])[activity] {
+            case .running(let attempt)?: return .running(attempt: attempt ?? task.attempt)
+            case .queued(let attempt)?: return .due(attempt: attempt)
+            case nil: break
+            }
+            if task.runningAttempt == task.attempt { return .running(attempt: task.attempt) }
+            let now = core.clock.nowNanoseconds()
+            guard task.notBefore > now else { return .due(attempt: task.attempt) }
+            if let hook = retryNowRead.withLock({ $0 }) { await hook() }
+            let timer = Self.retryTimer(of: task)
+            var batch = JournalBatch()
+            batch.expectTask(key, value: stored)
+            batch.expectTask(cancelKey, value: nil)
+            batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+            batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+            if resettingAttempts { task.attempt = 1 }
+            task.notBefore = now
+            batch.putTask(key, value: task.encoded())
+            let committed = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<CommitReceipt, JournalError>, Never>) in
+                core.journal.submit(batch) { continuation.resume(returning: $0) }
+            }
+            switch committed {
+            case .success:
+                dispatch(task)
+                return .retrying(attempt: task.attempt)
+            case .failure(let error):
+                guard error.code == .conflict else { throw error }
+                continue  // changed meanwhile: read again
+            }
+        }
+        throw JournalError(.conflict, key: EntityKey(rawValue: entity),
+                           "activity \(activity)'s task kept changing while it was made due; nothing was changed, try again")
     }
 
     /// Starts a drain (already counted) on a thread of Dispatch's global pool: not a task, since it

@@ -575,6 +575,24 @@ private struct CommitContext {
                 guard (1...511).contains(key.count) else {
                     throw JournalError(.nameTooLong, "a task key must have 1...511 bytes (got \(key.count)); nothing was written")
                 }
+            case .expectTask(let key, let expected):
+                let holds = try key.withUnsafeBytes { key in
+                    try txn.withValue(forKey: key, in: stores.tasks) { value -> Bool in
+                        guard let value else { return expected == nil }
+                        guard let expected, let payload = JournalLayout.keyedPayload(key: key, value: value) else { return false }
+                        return payload.elementsEqual(expected)
+                    }
+                }
+                guard holds else {
+                    throw JournalError(.conflict, "the task row the batch expected changed since it was read; nothing was written")
+                }
+            case .expectTimer(let due, let entity, let id):
+                let stored = try Key24(due, entity.rawValue, id).withBytes { key in
+                    try txn.withValue(forKey: key, in: stores.timers) { $0 != nil }
+                }
+                guard stored else {
+                    throw JournalError(.conflict, key: entity, "the timer the batch expected is no longer stored; nothing was written")
+                }
             case .recordResult(let key, let payload, _):
                 guard (1...JournalLayout.maxResultKeyBytes).contains(key.count) else {
                     throw JournalError(.nameTooLong,
@@ -667,6 +685,8 @@ private struct CommitContext {
                 }
             case .deleteTask(let key):
                 _ = try key.withUnsafeBytes { key in try txn.delete(key, in: stores.tasks) }
+            case .expectTask, .expectTimer:
+                break  // checked by `validate`
             case .recordResult(let key, let payload, let recordedAt):
                 do {
                     try key.withUnsafeBytes { key in

@@ -29,6 +29,10 @@ public struct JournalBatch: Sendable {
         case putTask(key: TaskKey, value: [UInt8])
         case replaceTask(key: TaskKey, value: [UInt8])
         case deleteTask(key: TaskKey)
+        /// A condition, not a write: see ``JournalBatch/expectTask(_:value:)``.
+        case expectTask(key: TaskKey, value: [UInt8]?)
+        /// A condition, not a write: see ``JournalBatch/expectTimer(dueNanoseconds:entity:id:)``.
+        case expectTimer(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64)
     }
 
     var operations: [Operation] = []
@@ -127,6 +131,22 @@ public struct JournalBatch: Sendable {
     /// Removes a pending task (no effect when absent).
     public mutating func deleteTask(_ key: TaskKey) {
         operations.append(.deleteTask(key: key))
+    }
+
+    /// Makes the batch conditional on a task row: it commits only if, when the writer comes to it (after
+    /// the batches before it in the same transaction), the row under `key` holds exactly `value` —
+    /// `nil`: no row. Otherwise the batch alone is refused with ``JournalError/Code/conflict`` and
+    /// nothing of it is written. A compare-and-set for rows that other writers may change meanwhile:
+    /// read, decide, then write with the row read as the expectation.
+    public mutating func expectTask(_ key: TaskKey, value: [UInt8]?) {
+        operations.append(.expectTask(key: key, value: value))
+    }
+
+    /// Makes the batch conditional on a timer row: it commits only if the timer is still stored when
+    /// the writer comes to it (not fired and deleted by another batch); otherwise the batch alone is
+    /// refused with ``JournalError/Code/conflict``. See ``expectTask(_:value:)``.
+    public mutating func expectTimer(dueNanoseconds: UInt64, entity: EntityKey, id: UInt64) {
+        operations.append(.expectTimer(dueNanoseconds: dueNanoseconds, entity: entity, id: id))
     }
 
     /// Records the result for an idempotency key (1...503 bytes). The first recorded result wins, and

@@ -7,7 +7,7 @@ public struct JournalError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         fileprivate enum Base: Hashable, Sendable {
             case nonConsecutiveSequence, corruptedRecord, unknownEntity, payloadTooLarge
-            case nameTooLong, alreadyOpen, closed, storage, unsupportedFormat
+            case nameTooLong, alreadyOpen, closed, storage, unsupportedFormat, conflict
         }
         fileprivate let base: Base
         fileprivate init(_ base: Base) { self.base = base }
@@ -31,6 +31,10 @@ public struct JournalError: Error, Sendable, CustomStringConvertible {
         /// The directory was written in a format this version cannot read (by a newer version of the
         /// library). The open changed nothing.
         public static let unsupportedFormat = Code(.unsupportedFormat)
+        /// A batch's expectation (``JournalBatch/expectTask(_:value:)``,
+        /// ``JournalBatch/expectTimer(dueNanoseconds:entity:id:)``) did not hold: the row changed
+        /// since it was read. Nothing of the batch was written; read again and decide again.
+        public static let conflict = Code(.conflict)
 
         public var description: String { "\(base)" }
     }
