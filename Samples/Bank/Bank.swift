@@ -26,9 +26,10 @@ final class Bank: Sendable {
     /// activities registered. Transfers that were in flight when the process stopped carry on.
     /// - Throws: ``EntityError`` `storage` when the directory cannot be opened.
     /// - Parameter onReminder: called when a transfer's approvers are reminded (after 4 hours
-    ///   without a decision); the reminder is also logged.
+    ///   without a decision); the reminder is also logged. What it throws fails the reminder's
+    ///   attempt, which is retried (see ``Transfer/reminderDelivery``).
     init(configuration: EntityRuntime.Configuration, approvalThreshold: Int64 = Bank.defaultApprovalThreshold,
-         onReminder: @escaping @Sendable (ApprovalReminder) -> Void = { _ in }) throws(EntityError) {
+         onReminder: @escaping @Sendable (ApprovalReminder) throws -> Void = { _ in }) throws(EntityError) {
         runtime = try EntityRuntime(configuration: configuration, entityTypes: [Account.self, Transfer.self])
         self.approvalThreshold = approvalThreshold
         // The activities call accounts through the runtime, so they are registered once it exists;
@@ -242,6 +243,48 @@ final class Bank: Sendable {
         }
         guard let description, description.status != .idle else { throw BankError(.notFound, "no transfer '\(id)'") }
         return TransferRunView(id: id, description)
+    }
+
+    /// What ``retryTransfer(_:)`` made due.
+    struct TransferRetryView: Codable, Sendable, Equatable {
+        struct Step: Codable, Sendable, Equatable {
+            var name: String
+            /// The attempt that starts now.
+            var attempt: Int
+        }
+        var transferId: String
+        /// The steps that were waiting for their next attempt and start it now (none when nothing
+        /// was backing off: a step running, or none in flight).
+        var retried: [Step]
+    }
+
+    /// Starts now every step of the transfer that waits for its next attempt after a failure,
+    /// instead of at the end of its backoff: what an operator does once whatever made it fail (the
+    /// approvers' chat down) is fixed (``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``).
+    /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
+    func retryTransfer(_ id: String) async throws(BankError) -> TransferRetryView {
+        try Self.check(id: id, "transfer id")
+        let name = EntityName(type: Transfer.entityType, id: id)
+        let description: EntityDescription?
+        do {
+            description = try runtime.describe(name)
+        } catch {
+            throw Self.bankError(error)
+        }
+        guard let description, description.status != .idle else { throw BankError(.notFound, "no transfer '\(id)'") }
+        var retried: [TransferRetryView.Step] = []
+        for activity in description.pendingActivities where activity.state == .backingOff {
+            do {
+                // `alreadyDue`: it started on its own meanwhile.
+                if case .retrying(let attempt) = try await runtime.retryActivityNow(of: name, activity: activity.id) {
+                    retried.append(.init(name: activity.name, attempt: attempt))
+                }
+            } catch {
+                if error.code == .rejected { continue }  // it ended meanwhile: nothing is owed to it any more
+                throw Self.bankError(error)
+            }
+        }
+        return TransferRetryView(transferId: id, retried: retried)
     }
 
     /// Waits for the transfer's run body to finish (in-process callers: the demo; HTTP clients poll).

@@ -87,7 +87,9 @@ struct ApprovalReminder: Codable, Sendable, Equatable {
 /// `deliver` (the bank's `onReminder`; a real bank would send an email or a chat message here, with
 /// `context.idempotencyKey` so that a retried attempt does not send it twice).
 struct RemindApprovers: Activity {
-    let deliver: @Sendable (ApprovalReminder) -> Void
+    /// Throws when the reminder cannot be delivered now (the approvers' chat is down): the attempt
+    /// fails and the retry policy tries again.
+    let deliver: @Sendable (ApprovalReminder) throws -> Void
 
     static var name: String { "bank.remindApprovers" }
 
@@ -96,7 +98,7 @@ struct RemindApprovers: Activity {
             "from": "\(input.from)", "to": "\(input.to)", "amount": "\(Money.format(input.amount))",
             "idempotencyKey": "\(context.idempotencyKey)",
         ])
-        deliver(input)
+        try deliver(input)
         return true
     }
 }

@@ -14,7 +14,22 @@ struct BankApprovalTests {
     /// Reminders the bank delivered, in order.
     final class Inbox: Sendable {
         private let reminders = Mutex<[ApprovalReminder]>([])
-        func deliver(_ reminder: ApprovalReminder) { reminders.withLock { $0.append(reminder) } }
+        /// While set, the approvers' chat is down: a delivery throws ``ChatDown``.
+        private let down = Mutex(false)
+        /// One element per delivery that failed.
+        let failures: AsyncStream<Void>
+        private let failed: AsyncStream<Void>.Continuation
+        struct ChatDown: Error {}
+
+        init() { (failures, failed) = AsyncStream.makeStream(of: Void.self) }
+        func deliver(_ reminder: ApprovalReminder) throws {
+            guard !down.withLock({ $0 }) else {
+                failed.yield()
+                throw ChatDown()
+            }
+            reminders.withLock { $0.append(reminder) }
+        }
+        func setDown(_ isDown: Bool) { down.withLock { $0 = isDown } }
         var all: [ApprovalReminder] { reminders.withLock { $0 } }
     }
 
@@ -60,6 +75,31 @@ struct BankApprovalTests {
         try await withBank { bank, clock, inbox in
             try await startWaitingTransfer(bank)
             try await body(bank, clock, inbox)
+        }
+    }
+
+    @Test("the approvers' chat is down when the reminder falls due: the reminder backs off; once the chat is back, an operator's retry delivers it at once, not at the end of its backoff")
+    func reminderRetriedNow() async throws {
+        try await withWaitingTransfer { bank, clock, inbox in
+            let since = clock.nowNanoseconds()
+            inbox.setDown(true)
+            var failures = inbox.failures.makeAsyncIterator()
+            clock.advance(by: Transfer.approvalReminderAfter)
+            #expect(await failures.next() != nil)  // attempt 1 failed
+            await bank.runtime.waitUntilIdle()  // its retry is stored
+            let run = try bank.transferRun("t-1")
+            #expect(run.activities.map(\.state) == ["backing_off"] && run.activities.first?.attempt == 2, "\(run)")
+            #expect(run.activities.first?.lastFailure?.contains("ChatDown") == true, "\(run)")
+
+            inbox.setDown(false)
+            let retried = try await bank.retryTransfer("t-1")
+            #expect(retried == .init(transferId: "t-1", retried: [.init(name: RemindApprovers.name, attempt: 2)]))
+            let reminded = try await awaitTransfer(bank, "t-1") { $0.remindedAt != nil }
+            // The clock stayed at the reminder's due time: delivered now, not after the 1 s backoff.
+            #expect(reminded.remindedAt == since + 4 * 3_600 * 1_000_000_000)
+            #expect(inbox.all.map(\.transfer) == ["t-1"])
+            #expect(try await bank.retryTransfer("t-1").retried.isEmpty, "nothing waits for a retry any more")
+            await #expect(throws: BankError.self) { try await bank.retryTransfer("t-9") }
         }
     }
 

@@ -199,6 +199,11 @@ struct BankHTTPTests {
             #expect(run.transferId == "t-1" && run.run == "running" && run.startedAt == since && run.closedAt == nil)
             #expect(run.timers == [.init(dueAt: since + UInt64(Transfer.approvalReminderAfter.components.seconds) * 1_000_000_000)])
             #expect(run.activities.isEmpty, "the withdrawal is done: \(run.activities)")
+            // Nothing waits for a retry: the operator's "retry now" makes nothing due.
+            let retry = try await bank.client.request("POST", "/transfers/t-1/retry")
+            #expect(retry.status == 200, "\(retry.text)")
+            #expect(try retry.decode(Bank.TransferRetryView.self) == .init(transferId: "t-1", retried: []))
+            #expect(try await bank.client.request("POST", "/transfers/t-9/retry").status == 404)
 
             _ = try await bank.client.request("POST", "/transfers/t-1/cancel")
             _ = try await bank.awaitStatus("t-1", in: terminal)

@@ -335,6 +335,16 @@ public final class EntityRuntime: Sendable {
     /// The journal underneath (for inspection and tools).
     public var journal: Journal { core.journal }
 
+    /// Waits until the runtime has nothing in flight — turns, commits, activity attempts and their
+    /// retries being stored, outcomes on their way — without holding a thread of the cooperative pool.
+    /// For tests: once something a test awaits has happened (an activity's attempt was seen to
+    /// fail), what follows from it (its retry stored) is done when this returns. A timer that fell
+    /// due on a ``TestClock`` move may not have been handed over yet: await what it causes instead.
+    @_spi(Testing)
+    public func waitUntilIdle() async {
+        _ = await Task.detached { [core] in core.waitUntilIdle() }.value
+    }
+
     /// Drops the runtime as a crash would: messages not yet committed are lost (their senders get an
     /// error, never an acknowledgement), nothing acknowledged is. The directory can then be opened
     /// again in the same process. For recovery tests (see `DurableEntitiesTesting`).
