@@ -2,6 +2,7 @@
 import DurableEntitiesTesting
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 /// The activity the tests stub: takes a label, returns a string.
@@ -370,6 +371,53 @@ struct ActivityTests {
         // It goes once the attempt's last step on the attempt's thread is done.
         #expect(await iterator.next() == "released")
         #expect(core == nil, "the core is released once the abandoned attempt ended")
+    }
+
+    @Test("a simulated crash while an attempt runs: the runtime may be released at once; the attempt, which goes on, still finds the core (kept until it ended); its outcome is dropped, and the next open runs it again with the same key",
+          .timeLimit(.minutes(10)))
+    func simulatedCrashAbandonsAttempts() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        weak var core: RuntimeCore?
+        // A task stored by a runtime that had no such activity registered: at the next open its
+        // attempt runs with no entity in memory, so nothing but the runtime holds the core.
+        do {
+            let first = try EntityRuntime(configuration: .quiet(directory, clock))
+            try await first.entity(CallStep.self, id: "crashed").start(.init(label: "c", options: .default))
+            await first.shutdown()
+        }
+        do {
+            let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [ActivityStub<Step> { label, context in
+                log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+                event.yield("started")
+                await gate.wait()
+                event.yield("returning")
+                return "first:\(label)"
+            }])
+            core = runtime.core
+            runtime.core.activities.coreReleased.withLock { $0 = { event.yield("released") } }
+            #expect(await iterator.next() == "started")
+            runtime.simulateCrash()
+        }
+        #expect(core != nil, "the core went while the attempt could still reach it")
+        gate.open()
+        #expect(await iterator.next() == "returning")
+        #expect(await iterator.next() == "released")
+        #expect(core == nil, "the core is released once the attempt ended")
+
+        let reopened = try EntityRuntime(configuration: .quiet(directory, clock), activities: [ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            return "second:\(label)"
+        }])
+        defer { reopened.close() }
+        #expect(try await withDeadline(seconds: 60) { try await reopened.entity(CallStep.self, id: "crashed").result() } == "second:c")
+        #expect(log.all.map(\.number) == [1, 1] && Set(log.all.map(\.key)).count == 1)
     }
 }
 

@@ -369,12 +369,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// - Parameter waitUntilIdle: waits until the runtime is idle or the deadline passes; returns
     ///   whether it became idle.
     func close(gracePeriod: Duration, waitUntilIdle: (ContinuousClock.Instant) -> Bool) {
-        withPool { pool in
-            pool.closing = true
-            for task in pool.queue { pool.active.removeValue(forKey: task.id) }
-            pool.queue.removeAll()
-            pool.following.removeAll()  // stored: the next open runs them
-        }
+        stopStarting()
         if waitUntilIdle(.now + gracePeriod) { return }
         let running = detached.withLock { Array($0.tasks.values) }
         let count = runningAttempts
@@ -384,13 +379,40 @@ final class ActivityWorker: @unchecked Sendable {
         }
         for attempt in running { attempt.cancel() }
         if waitUntilIdle(.now + cancellationWait) { return }
-        // `core` is unowned: the runtime may be gone when an abandoned attempt ends, and its code
-        // still reaches the core. The core is held until the last of them ended. (One that ends
-        // between this count and the flag below is not counted: the core is then kept for good.)
-        keepAlive.withLock { $0 = (core, runningAttempts) }
-        abandonedFlag.store(true, ordering: .releasing)
         core.logger.warning("closing: activity attempts that ignore cancellation are abandoned; they run again at the next open",
                             metadata: ["attempts": "\(runningAttempts)"])
+        abandonRunning()
+    }
+
+    /// The runtime is dropped as a crash would drop it (``EntityRuntime/simulateCrash()``): no
+    /// attempt starts from now on, and running ones are abandoned at once — their outcomes dropped,
+    /// their tasks left stored for the next open, as after a real crash. Their code goes on in this
+    /// process, so the core stays until the last of them has ended (see ``abandonRunning()``).
+    func abandon() {
+        stopStarting()
+        abandonRunning()
+    }
+
+    /// No attempt starts from now on; queued ones stay stored for the next open.
+    private func stopStarting() {
+        withPool { pool in
+            pool.closing = true
+            for task in pool.queue { pool.active.removeValue(forKey: task.id) }
+            pool.queue.removeAll()
+            pool.following.removeAll()  // stored: the next open runs them
+        }
+    }
+
+    /// Drops the outcomes of the attempts still running. `core` is unowned: the runtime may be gone
+    /// when an abandoned attempt ends, and its code still reaches the core, so the core is held
+    /// until the last of them ended. (One that ends between this count and the flag below is not
+    /// counted: the core is then kept for good.)
+    private func abandonRunning() {
+        keepAlive.withLock { kept in
+            let left = runningAttempts
+            kept = (left > 0 ? core : nil, left)
+        }
+        abandonedFlag.store(true, ordering: .releasing)
     }
 
     /// Whether an attempt's outcome must be dropped (the runtime closed without it).

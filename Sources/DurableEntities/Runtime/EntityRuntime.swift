@@ -347,13 +347,17 @@ public final class EntityRuntime: Sendable {
 
     /// Drops the runtime as a crash would: messages not yet committed are lost (their senders get an
     /// error, never an acknowledgement), nothing acknowledged is. The directory can then be opened
-    /// again in the same process. For recovery tests (see `DurableEntitiesTesting`).
+    /// again in the same process. Activity attempts still running go on in this process (their code
+    /// cannot be stopped from outside), but their outcomes are dropped: their tasks run again at the
+    /// next open, as after a real crash, and the runtime may be released at once. For recovery
+    /// tests (see `DurableEntitiesTesting`).
     @_spi(Testing)
     public func simulateCrash() {
         guard !core.closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         core.journal.abandon()
         core.failAllWatches()
         core.timers.stop()
+        core.activities.abandon()  // attempts still running go on in this process: their outcomes are dropped
         for shard in core.shards { shard.stop() }
     }
 
