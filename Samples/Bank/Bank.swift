@@ -179,7 +179,7 @@ final class Bank: Sendable {
     struct TransferRunView: Codable, Sendable, Equatable {
         struct ActivityView: Codable, Sendable, Equatable {
             var name: String
-            /// `scheduled`, `running`, `backing_off` or `cancel_requested`.
+            /// `scheduled`, `running`, `backing_off`, `paused` or `cancel_requested`.
             var state: String
             var scheduledAt: UInt64
             var attempt: Int?
@@ -220,6 +220,7 @@ final class Bank: Sendable {
                 case .scheduled: "scheduled"
                 case .running: "running"
                 case .backingOff: "backing_off"
+                case .paused: "paused"
                 case .cancelRequested: "cancel_requested"
                 }
                 return ActivityView(name: activity.name, state: state, scheduledAt: activity.scheduledAt, attempt: activity.attempt,

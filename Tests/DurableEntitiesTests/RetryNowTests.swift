@@ -5,7 +5,7 @@ import Synchronization
 import TestSupport
 import Testing
 
-@Suite("Retrying an activity now", .timeLimit(.minutes(10)))
+@Suite("Retrying and pausing an activity", .timeLimit(.minutes(10)))
 struct RetryNowTests {
     /// The one activity `entity` waits for.
     func pending(_ entity: EntityRef<some EntityWorkflow>) throws -> EntityDescription.PendingActivity {
@@ -74,6 +74,51 @@ struct RetryNowTests {
         #expect(try retryTimers(runtime).isEmpty)
     }
 
+    @Test("pausing an activity backing off: no attempt when its backoff ends, nor after a restart, and no retry timer; describe shows it paused; pausing again changes nothing; a retry now resumes it")
+    func pauseAndResume() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let failing = Atomic(true)
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            if failing.load(ordering: .acquiring) { throw Flake() }
+            return "ok:\(label)"
+        }
+        let options = ActivityOptions(retry: .init(initialInterval: .seconds(10)))
+        let id: UInt64
+        do {
+            let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+            defer { runtime.close() }
+            let call = runtime.entity(CallStep.self, id: "paused")
+            try await call.start(.init(label: "x", options: options))
+            await runtime.untilIdle()
+            id = try pending(call).id
+            #expect(try await call.pauseActivity(id) == .paused(attempt: 2))
+            let paused = try pending(call)
+            #expect(paused.state == .paused && paused.attempt == 2 && paused.nextAttemptAt == nil)
+            #expect(paused.lastFailure?.type.hasSuffix("Flake") == true)
+            #expect(try call.describe()?.description.contains("activity \(id) Step: paused, attempt 2") == true)
+            #expect(try retryTimers(runtime).isEmpty)
+            #expect(try await call.pauseActivity(id) == .paused(attempt: 2))
+            await runtime.advance(clock, by: .seconds(3_600))
+            #expect(log.all.count == 1)
+        }
+        failing.store(false, ordering: .releasing)
+        let reopened = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { reopened.close() }
+        let call = reopened.entity(CallStep.self, id: "paused")
+        await reopened.advance(clock, by: .seconds(3_600))
+        #expect(log.all.count == 1)
+        #expect(try pending(call).state == .paused)
+        #expect(try retryTimers(reopened).isEmpty, "the open stores no timer for a paused activity")
+        #expect(try await call.retryActivityNow(id) == .retrying(attempt: 2))
+        #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:x")
+        #expect(log.all.map(\.number) == [1, 2])
+        #expect(log.all.last?.time == clock.nowNanoseconds(), "resumed at once")
+    }
+
     @Test("racing the retry timers: while the clock reaches every activity's retry, operators retry them all now; each attempt still runs exactly once")
     func raceWithRetryTimers() async throws {
         let directory = TemporaryDirectory()
@@ -135,7 +180,7 @@ struct RetryNowTests {
         let activity = try pending(call)
         #expect(activity.state == .backingOff && activity.attempt == 2)
         let rang = Atomic(false)
-        runtime.core.activities.retryNowRead.withLock {
+        runtime.core.activities.rescheduleRead.withLock {
             $0 = {
                 guard !rang.exchange(true, ordering: .acquiringAndReleasing) else { return }
                 clock.advance(by: .seconds(10))  // the retry timer rings: attempt 2 starts
@@ -167,7 +212,7 @@ struct RetryNowTests {
         await runtime.untilIdle()
         let activity = try pending(call)
         #expect(activity.state == .backingOff)
-        runtime.core.activities.retryNowRead.withLock {
+        runtime.core.activities.rescheduleRead.withLock {
             $0 = { try? await call.terminate(reason: "closed meanwhile") }
         }
         let error = await #expect(throws: EntityError.self) { try await call.retryActivityNow(activity.id) }
@@ -198,6 +243,7 @@ struct RetryNowTests {
         #expect(running.state == .running)
         #expect(try await call.retryActivityNow(running.id) == .alreadyDue(attempt: 1))
         #expect(try await call.retryActivityNow(running.id, resettingAttempts: true) == .alreadyDue(attempt: 1))
+        #expect(try await call.pauseActivity(running.id) == .notBackingOff(attempt: 1))
 
         // Its cancellation requested (waitCancellationCompleted), while the attempt still runs: refused.
         let race = runtime.entity(RaceTypedStep.self, id: "race")
@@ -209,6 +255,8 @@ struct RetryNowTests {
         #expect(stopping.state == .cancelRequested)
         let cancelled = await #expect(throws: EntityError.self) { try await race.retryActivityNow(stopping.id) }
         #expect(cancelled?.code == .rejected && cancelled?.message.contains("cancellation") == true, "\(String(describing: cancelled))")
+        let notPaused = await #expect(throws: EntityError.self) { try await race.pauseActivity(stopping.id) }
+        #expect(notPaused?.code == .rejected)
 
         gate.open()
         #expect(try await withDeadline(seconds: 60) { try await call.result() } == "late:x")
@@ -222,6 +270,8 @@ struct RetryNowTests {
         runtime.close()
         let closed = await #expect(throws: EntityError.self) { try await call.retryActivityNow(running.id) }
         #expect(closed?.code == .closed)
+        let closedPause = await #expect(throws: EntityError.self) { try await call.pauseActivity(running.id) }
+        #expect(closedPause?.code == .closed)
     }
 
     @Test("a retry made due is durable: a runtime that has not registered the activity makes it due (then reports it due), crashes, and the next open runs the attempt at once, not at the end of its backoff")

@@ -201,9 +201,9 @@ final class ActivityWorker: @unchecked Sendable {
     let coreReleased = Mutex<(@Sendable () -> Void)?>(nil)
     /// Called once a heartbeat's details are stored (tests await it).
     let heartbeatStored = Mutex<(@Sendable (ActivityTask.ID) -> Void)?>(nil)
-    /// Called by ``retryNow(entity:activity:resettingAttempts:)`` between its read and its commit
+    /// Called by ``reschedule(entity:activity:_:)`` between its read and its commit
     /// (tests make the task move on there).
-    let retryNowRead = Mutex<(@Sendable () async -> Void)?>(nil)
+    let rescheduleRead = Mutex<(@Sendable () async -> Void)?>(nil)
     /// How long a close waits for cancelled attempts to end before it abandons them.
     private let cancellationWait: Duration
     /// The least time between two stores of one attempt's heartbeats, ns.
@@ -284,10 +284,19 @@ final class ActivityWorker: @unchecked Sendable {
         if start { startDrain() }
     }
 
-    /// What ``retryNow(entity:activity:resettingAttempts:)`` found or did.
-    enum RetryNow: Sendable, Hashable {
-        /// The task was backing off: its next attempt (this one) was made due now and dispatched.
+    /// What an operator asks of a task backing off: its next attempt now (as attempt 1 again when
+    /// resetting), or none until asked again (paused).
+    enum Reschedule: Sendable, Hashable {
+        case now(resettingAttempts: Bool)
+        case pause
+    }
+
+    /// What ``reschedule(entity:activity:_:)`` found or did.
+    enum Rescheduled: Sendable, Hashable {
+        /// The task was backing off (or paused): its next attempt (this one) was made due now and dispatched.
         case retrying(attempt: Int)
+        /// The task is paused before this attempt (now, or it was already).
+        case paused(attempt: Int)
         /// An attempt is queued or running in this process, or its stored row says one runs.
         case running(attempt: Int)
         /// Its next attempt is due already (waiting for a slot, or for its activity's registration).
@@ -298,18 +307,22 @@ final class ActivityWorker: @unchecked Sendable {
         case cancelRequested
     }
 
-    /// An operator's "retry now" (after fixing what made the attempts fail): a task backing off gets
-    /// its next attempt at once instead of at the end of its backoff, optionally as attempt 1 again
-    /// (a fresh budget of `maximumAttempts`, and backoff intervals from the initial one). Its
-    /// idempotency key, input, last heartbeat and schedule-to-close deadline stay.
+    /// A paused task's `notBefore`: never due by itself. It has no retry timer (a timer that far
+    /// would be the next one a skipping test clock jumps to).
+    static let pausedNotBefore = UInt64.max
+
+    /// An operator's "retry now" (after fixing what made the attempts fail) or "pause" (until then),
+    /// for a task backing off. Now: its next attempt starts at once instead of at the end of its
+    /// backoff, optionally as attempt 1 again (a fresh budget of `maximumAttempts`, and backoff
+    /// intervals from the initial one). Pause: no attempt starts until a "retry now"; its retry timer
+    /// goes. Its idempotency key, input, last heartbeat and schedule-to-close deadline stay.
     ///
-    /// A compare-and-set: the commit that makes it due holds only if the task row, its retry timer
-    /// and the absence of a cancellation request are as read. Any of them changed meanwhile — the
-    /// retry timer rang and started the attempt, the attempt ended, the run gave the activity up — and
-    /// it reads again and decides again, so it never overwrites a newer attempt's row or starts an
-    /// attempt twice. The commit deletes the old retry timer; a crash after it runs the attempt at the
-    /// next open (its row is due).
-    func retryNow(entity: UInt64, activity: UInt64, resettingAttempts: Bool) async throws(JournalError) -> RetryNow {
+    /// A compare-and-set: the commit holds only if the task row, its retry timer and the absence of a
+    /// cancellation request are as read. Any of them changed meanwhile — the retry timer rang and
+    /// started the attempt, the attempt ended, the run gave the activity up — and it reads again and
+    /// decides again, so it never overwrites a newer attempt's row or starts an attempt twice. A crash
+    /// after a "retry now" commit runs the attempt at the next open (its row is due).
+    func reschedule(entity: UInt64, activity: UInt64, _ change: Reschedule) async throws(JournalError) -> Rescheduled {
         let key = ActivityTask.key(entity: entity, activity: activity)
         let cancelKey = ActivityTask.cancelKey(entity: entity, activity: activity)
         // Each round that conflicts saw the task move on (an attempt started or ended): a handful
@@ -326,21 +339,31 @@ final class ActivityWorker: @unchecked Sendable {
             if task.runningAttempt == task.attempt { return .running(attempt: task.attempt) }
             let now = core.clock.nowNanoseconds()
             guard task.notBefore > now else { return .due(attempt: task.attempt) }
-            if let hook = retryNowRead.withLock({ $0 }) { await hook() }
-            let timer = Self.retryTimer(of: task)
+            let wasPaused = task.notBefore == Self.pausedNotBefore
+            if change == .pause, wasPaused { return .paused(attempt: task.attempt) }
+            if let hook = rescheduleRead.withLock({ $0 }) { await hook() }
             var batch = JournalBatch()
             batch.expectTask(key, value: stored)
             batch.expectTask(cancelKey, value: nil)
-            batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-            batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-            if resettingAttempts { task.attempt = 1 }
-            task.notBefore = now
+            if !wasPaused {
+                let timer = Self.retryTimer(of: task)
+                batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+                batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+            }
+            switch change {
+            case .now(let resettingAttempts):
+                if resettingAttempts { task.attempt = 1 }
+                task.notBefore = now
+            case .pause:
+                task.notBefore = Self.pausedNotBefore
+            }
             batch.putTask(key, value: task.encoded())
             let committed = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<CommitReceipt, JournalError>, Never>) in
                 core.journal.submit(batch) { continuation.resume(returning: $0) }
             }
             switch committed {
             case .success:
+                guard change != .pause else { return .paused(attempt: task.attempt) }
                 dispatch(task)
                 return .retrying(attempt: task.attempt)
             case .failure(let error):
@@ -349,7 +372,7 @@ final class ActivityWorker: @unchecked Sendable {
             }
         }
         throw JournalError(.conflict, key: EntityKey(rawValue: entity),
-                           "activity \(activity)'s task kept changing while it was made due; nothing was changed, try again")
+                           "activity \(activity)'s task kept changing while it was rescheduled; nothing was changed, try again")
     }
 
     /// Starts a drain (already counted) on a thread of Dispatch's global pool: not a task, since it
@@ -483,7 +506,7 @@ final class ActivityWorker: @unchecked Sendable {
                 resumeInterrupted(task)
             } else if task.notBefore <= now {
                 dispatch(task)
-            } else {
+            } else if task.notBefore != Self.pausedNotBefore {  // a paused task waits for a "retry now", without a timer
                 waiting.append(Self.retryTimer(of: task))
             }
         }

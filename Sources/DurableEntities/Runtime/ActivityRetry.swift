@@ -9,9 +9,18 @@ public enum ActivityRetry: Sendable, Hashable {
     case alreadyDue(attempt: Int)
 }
 
+/// What ``EntityRuntime/pauseActivity(of:activity:)`` did.
+public enum ActivityPause: Sendable, Hashable {
+    /// No attempt starts until a "retry now"; the next one will be this one. Also when it already was paused.
+    case paused(attempt: Int)
+    /// Not backing off: an attempt with this number runs now or is due. Pause it once that attempt has failed.
+    case notBackingOff(attempt: Int)
+}
+
 extension EntityRuntime {
     /// Runs an activity's next attempt now instead of at the end of its backoff — an operator's
     /// "retry now" once whatever made its attempts fail (a gateway down, a bad credential) is fixed.
+    /// It also resumes an activity paused by ``pauseActivity(of:activity:)``.
     /// Find the activity with ``describe(_:)``: its ``EntityDescription/PendingActivity/id``, in state
     /// ``EntityDescription/PendingActivity/State/backingOff``.
     ///
@@ -41,23 +50,56 @@ extension EntityRuntime {
     ///   or the id is wrong) or the run requested its cancellation; `closed`; `storage`.
     public func retryActivityNow(of name: EntityName, activity id: UInt64, resettingAttempts: Bool = false)
         async throws(EntityError) -> ActivityRetry {
+        switch try await reschedule(name, id, .now(resettingAttempts: resettingAttempts)) {
+        case .retrying(let attempt): .retrying(attempt: attempt)
+        case .running(let attempt), .due(let attempt), .paused(let attempt): .alreadyDue(attempt: attempt)
+        }
+    }
+
+    /// Pauses an activity that is backing off: no further attempt starts — not at the end of its
+    /// backoff, not after a restart — until ``retryActivityNow(of:activity:resettingAttempts:)``
+    /// resumes it (Temporal's activity pause). What an operator does while whatever makes its
+    /// attempts fail is being fixed, so that the retries stop hammering it and stop using up
+    /// `maximumAttempts`. ``describe(_:)`` shows it as ``EntityDescription/PendingActivity/State/paused``.
+    ///
+    /// The run still waits for the activity (a timer or a cancellation in the run body can end that
+    /// wait); its schedule-to-close deadline is not checked while it is paused, only when its next
+    /// attempt starts. Durable, and a compare-and-set like a retry.
+    /// - Returns: ``ActivityPause/paused(attempt:)`` (also when it already was), or
+    ///   ``ActivityPause/notBackingOff(attempt:)`` when an attempt runs or is due already: pause it
+    ///   once that attempt has failed.
+    /// - Throws: ``EntityError`` `rejected` when the entity's run awaits no such activity or the run
+    ///   requested its cancellation; `closed`; `storage`.
+    public func pauseActivity(of name: EntityName, activity id: UInt64) async throws(EntityError) -> ActivityPause {
+        switch try await reschedule(name, id, .pause) {
+        case .paused(let attempt): .paused(attempt: attempt)
+        case .retrying(let attempt), .running(let attempt), .due(let attempt): .notBackingOff(attempt: attempt)
+        }
+    }
+
+    /// What an operator's change of an activity's schedule came to, refusals thrown.
+    private enum Outcome { case retrying(Int), paused(Int), running(Int), due(Int) }
+
+    private func reschedule(_ name: EntityName, _ id: UInt64, _ change: ActivityWorker.Reschedule) async throws(EntityError) -> Outcome {
         guard !core.closed.load(ordering: .acquiring) else { throw EntityError(.closed, entity: name, "the runtime is closed") }
-        let outcome: ActivityWorker.RetryNow
+        let outcome: ActivityWorker.Rescheduled
         do {
             guard let key = try core.journal.key(for: name) else {
-                throw EntityError(.rejected, entity: name, "the entity has no history, so no activity \(id) to retry")
+                throw EntityError(.rejected, entity: name, "the entity has no history, so no activity \(id)")
             }
-            outcome = try await core.activities.retryNow(entity: key.rawValue, activity: id, resettingAttempts: resettingAttempts)
+            outcome = try await core.activities.reschedule(entity: key.rawValue, activity: id, change)
         } catch let error as EntityError {
             throw error
         } catch let error as JournalError {
-            throw EntityError(error.code == .closed ? .closed : .storage, entity: name, "retrying activity \(id) failed", underlying: error)
+            throw EntityError(error.code == .closed ? .closed : .storage, entity: name, "rescheduling activity \(id) failed", underlying: error)
         } catch {
-            throw EntityError(.storage, entity: name, "retrying activity \(id) failed", underlying: error)
+            throw EntityError(.storage, entity: name, "rescheduling activity \(id) failed", underlying: error)
         }
         switch outcome {
-        case .retrying(let attempt): return .retrying(attempt: attempt)
-        case .running(let attempt), .due(let attempt): return .alreadyDue(attempt: attempt)
+        case .retrying(let attempt): return .retrying(attempt)
+        case .paused(let attempt): return .paused(attempt)
+        case .running(let attempt): return .running(attempt)
+        case .due(let attempt): return .due(attempt)
         case .notPending:
             throw EntityError(.rejected, entity: name, "the entity awaits no activity \(id): its outcome is recorded, its run gave it up, or the id is wrong")
         case .cancelRequested:
@@ -67,9 +109,15 @@ extension EntityRuntime {
 }
 
 extension EntityRef {
-    /// Runs the activity `id`'s next attempt now instead of at the end of its backoff: see
-    /// ``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``.
+    /// Runs the activity `id`'s next attempt now instead of at the end of its backoff (or resumes it
+    /// when paused): see ``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``.
     public func retryActivityNow(_ id: UInt64, resettingAttempts: Bool = false) async throws(EntityError) -> ActivityRetry {
         try await runtime.retryActivityNow(of: name, activity: id, resettingAttempts: resettingAttempts)
+    }
+
+    /// Pauses the activity `id`, which is backing off, until a "retry now": see
+    /// ``EntityRuntime/pauseActivity(of:activity:)``.
+    public func pauseActivity(_ id: UInt64) async throws(EntityError) -> ActivityPause {
+        try await runtime.pauseActivity(of: name, activity: id)
     }
 }

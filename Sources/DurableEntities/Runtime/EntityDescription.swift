@@ -51,6 +51,9 @@ public struct EntityDescription: Sendable, Hashable {
             /// Its last attempt failed and the retry policy retries it: the next attempt starts at
             /// ``PendingActivity/nextAttemptAt``.
             case backingOff
+            /// An operator paused it after a failed attempt (``EntityRuntime/pauseActivity(of:activity:)``):
+            /// no attempt starts until a "retry now" (``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``).
+            case paused
             /// The run asked it to stop and waits for how it ends
             /// (``ActivityCancellationType/waitCancellationCompleted``); no attempt starts any more.
             case cancelRequested
@@ -188,7 +191,9 @@ extension EntityDescription {
                     case .queued(let attempt)?:
                         pending.attempt = attempt
                     case nil:
-                        if let task, task.notBefore > now, task.attempt > 1 {
+                        if let task, task.notBefore == ActivityWorker.pausedNotBefore {
+                            pending.state = .paused
+                        } else if let task, task.notBefore > now, task.attempt > 1 {
                             pending.state = .backingOff
                             pending.nextAttemptAt = task.notBefore
                         }
