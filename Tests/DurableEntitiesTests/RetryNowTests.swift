@@ -14,6 +14,16 @@ struct RetryNowTests {
         return try #require(description.pendingActivities.first)
     }
 
+    /// A `Step` that logs each attempt in `log` (time on `clock`, number, idempotency key) and fails
+    /// with `Flake` while `fails(attempt)` says so; otherwise it returns `ok:` and its label.
+    func loggedStep(_ log: AttemptLog, _ clock: TestClock, failsWhile fails: @escaping @Sendable (_ attempt: Int) -> Bool) -> ActivityStub<Step> {
+        ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            if fails(context.attempt) { throw Flake() }
+            return "ok:\(label)"
+        }
+    }
+
     /// The retry timers stored, by due time.
     func retryTimers(_ runtime: EntityRuntime) throws -> [UInt64] {
         try runtime.journal.timers().filter { ActivityWorker.isRetryTimer(id: $0.id) }.map(\.dueNanoseconds)
@@ -81,11 +91,7 @@ struct RetryNowTests {
         let clock = TestClock(skipsTimeWhenIdle: false)
         let log = AttemptLog()
         let failing = Atomic(true)
-        let stub = ActivityStub<Step> { label, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            if failing.load(ordering: .acquiring) { throw Flake() }
-            return "ok:\(label)"
-        }
+        let stub = loggedStep(log, clock) { _ in failing.load(ordering: .acquiring) }
         let options = ActivityOptions(retry: .init(initialInterval: .seconds(10)))
         let id: UInt64
         do {
@@ -125,11 +131,7 @@ struct RetryNowTests {
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
         let log = AttemptLog()
-        let stub = ActivityStub<Step> { label, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            if context.attempt == 1 { throw Flake() }
-            return "ok:\(label)"
-        }
+        let stub = loggedStep(log, clock) { $0 == 1 }
         let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { runtime.close() }
         let calls = (0..<40).map { runtime.entity(CallStep.self, id: "c\($0)") }
@@ -201,10 +203,7 @@ struct RetryNowTests {
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
         let log = AttemptLog()
-        let stub = ActivityStub<Step> { _, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            throw Flake()
-        }
+        let stub = loggedStep(log, clock) { _ in true }
         let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { runtime.close() }
         let call = runtime.entity(CallStep.self, id: "given-up")
@@ -300,10 +299,7 @@ struct RetryNowTests {
             unregistered.simulateCrash()
         }
         let log = AttemptLog()
-        let stub = ActivityStub<Step> { label, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            return "ok:\(label)"
-        }
+        let stub = loggedStep(log, clock) { _ in false }
         let reopened = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { reopened.close() }
         let call = reopened.entity(CallStep.self, id: "later")
