@@ -235,6 +235,12 @@ final class Bank: Sendable {
     /// what is committed; sends the transfer nothing.
     /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
     func transferRun(_ id: String) throws(BankError) -> TransferRunView {
+        TransferRunView(id: id, try describeTransfer(id))
+    }
+
+    /// The transfer `id`'s run as ``EntityRuntime/describe(_:)`` tells it.
+    /// - Throws: ``BankError``: `notFound` (no transfer was started under that id), `invalidID`, `unavailable`.
+    private func describeTransfer(_ id: String) throws(BankError) -> EntityDescription {
         try Self.check(id: id, "transfer id")
         let description: EntityDescription?
         do {
@@ -243,7 +249,7 @@ final class Bank: Sendable {
             throw Self.bankError(error)
         }
         guard let description, description.status != .idle else { throw BankError(.notFound, "no transfer '\(id)'") }
-        return TransferRunView(id: id, description)
+        return description
     }
 
     /// What ``retryTransfer(_:)`` made due.
@@ -264,15 +270,8 @@ final class Bank: Sendable {
     /// approvers' chat down) is fixed (``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``).
     /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
     func retryTransfer(_ id: String) async throws(BankError) -> TransferRetryView {
-        try Self.check(id: id, "transfer id")
-        let name = EntityName(type: Transfer.entityType, id: id)
-        let description: EntityDescription?
-        do {
-            description = try runtime.describe(name)
-        } catch {
-            throw Self.bankError(error)
-        }
-        guard let description, description.status != .idle else { throw BankError(.notFound, "no transfer '\(id)'") }
+        let description = try describeTransfer(id)
+        let name = description.name
         var retried: [TransferRetryView.Step] = []
         for activity in description.pendingActivities where activity.state == .backingOff {
             do {

@@ -6,13 +6,6 @@ import Testing
 
 @Suite("Describing an entity", .timeLimit(.minutes(10)))
 struct DescribeTests {
-    /// The one activity `entity` waits for.
-    func pending(_ entity: EntityRef<some EntityWorkflow>) throws -> EntityDescription.PendingActivity? {
-        let description = try #require(try entity.describe())
-        #expect(description.pendingActivities.count == 1)
-        return description.pendingActivities.first
-    }
-
     /// The activity's last heartbeat details, decoded.
     func heartbeat(_ activity: EntityDescription.PendingActivity) -> Int? {
         activity.heartbeatDetails.flatMap { bytes in bytes.withUnsafeBytes { try? BinaryEntityCodec().decode(Int.self, from: $0) } }
@@ -50,7 +43,7 @@ struct DescribeTests {
         let first = try #require(log.all.first)
         #expect(description.startedAt == first.time && description.lastEventAt == first.time)
         #expect(description.pendingTimers.isEmpty && description.pendingChildren.isEmpty)
-        var activity = try #require(try pending(call))
+        var activity = try call.onlyPendingActivity()
         #expect(activity.name == "Step" && activity.options == options && activity.scheduledAt == first.time)
         #expect(activity.state == .backingOff)
         #expect(activity.attempt == 2)
@@ -60,7 +53,7 @@ struct DescribeTests {
         #expect(activity.scheduleToCloseDeadline == first.time + 3_600_000_000_000)
 
         await runtime.advance(clock, by: .seconds(10))
-        activity = try #require(try pending(call))
+        activity = try call.onlyPendingActivity()
         #expect(activity.state == .backingOff && activity.attempt == 3)
         #expect(activity.nextAttemptAt == first.time + 30_000_000_000)
         #expect(heartbeat(activity) == 20)
@@ -74,7 +67,7 @@ struct DescribeTests {
         clock.advance(by: .seconds(20))
         var attempts = started.makeAsyncIterator()
         #expect(await attempts.next() == 3)
-        activity = try #require(try pending(call))
+        activity = try call.onlyPendingActivity()
         #expect(activity.state == .running && activity.attempt == 3 && activity.nextAttemptAt == nil)
         #expect(activity.lastFailure?.type.hasSuffix("Flake") == true)
 
@@ -105,11 +98,11 @@ struct DescribeTests {
         let reopened = try EntityRuntime(configuration: .quiet(directory, clock))
         defer { reopened.close() }
         let call = reopened.entity(CallStep.self, id: "later")
-        var activity = try #require(try pending(call))
+        var activity = try call.onlyPendingActivity()
         #expect(activity.state == .backingOff && activity.attempt == 2)
         #expect(activity.lastFailure?.type.hasSuffix("Flake") == true)
         await reopened.advance(clock, by: .seconds(10))
-        activity = try #require(try pending(call))
+        activity = try call.onlyPendingActivity()
         #expect(activity.state == .scheduled && activity.attempt == 2 && activity.nextAttemptAt == nil)
         #expect(activity.lastFailure?.type.hasSuffix("Flake") == true)
         #expect(try call.describe()?.status == .running)

@@ -7,13 +7,6 @@ import Testing
 
 @Suite("Retrying and pausing an activity", .timeLimit(.minutes(10)))
 struct RetryNowTests {
-    /// The one activity `entity` waits for.
-    func pending(_ entity: EntityRef<some EntityWorkflow>) throws -> EntityDescription.PendingActivity {
-        let description = try #require(try entity.describe())
-        #expect(description.pendingActivities.count == 1)
-        return try #require(description.pendingActivities.first)
-    }
-
     /// A `Step` that logs each attempt in `log` (time on `clock`, number, idempotency key) and fails
     /// with `Flake` while `fails(attempt)` says so; otherwise it returns `ok:` and its label.
     func loggedStep(_ log: AttemptLog, _ clock: TestClock, failsWhile fails: @escaping @Sendable (_ attempt: Int) -> Bool) -> ActivityStub<Step> {
@@ -51,21 +44,21 @@ struct RetryNowTests {
         let begun = clock.nowNanoseconds()
         try await call.start(.init(label: "x", options: options))
         await runtime.untilIdle()
-        var activity = try pending(call)
+        var activity = try call.onlyPendingActivity()
         #expect(activity.state == .backingOff && activity.attempt == 2 && activity.nextAttemptAt == begun + 10_000_000_000)
         #expect(try retryTimers(runtime) == [begun + 10_000_000_000])
 
         // Now, not in 10 s: attempt 2 runs with the clock where it was, fails, and backs off 20 s.
         #expect(try await call.retryActivityNow(activity.id) == .retrying(attempt: 2))
         await runtime.untilIdle()
-        activity = try pending(call)
+        activity = try call.onlyPendingActivity()
         #expect(activity.state == .backingOff && activity.attempt == 3 && activity.nextAttemptAt == begun + 20_000_000_000)
         #expect(try retryTimers(runtime) == [begun + 20_000_000_000])  // the 10 s timer went with the retry
 
         // Attempt 3 would be the last; reset, it is attempt 1 again, and the backoff starts at 10 s.
         #expect(try await call.retryActivityNow(activity.id, resettingAttempts: true) == .retrying(attempt: 1))
         await runtime.untilIdle()
-        activity = try pending(call)
+        activity = try call.onlyPendingActivity()
         #expect(activity.state == .backingOff && activity.attempt == 2 && activity.nextAttemptAt == begun + 10_000_000_000)
         #expect(activity.scheduleToCloseDeadline == begun + 3_600_000_000_000)
         #expect(try retryTimers(runtime) == [begun + 10_000_000_000])
@@ -100,9 +93,9 @@ struct RetryNowTests {
             let call = runtime.entity(CallStep.self, id: "paused")
             try await call.start(.init(label: "x", options: options))
             await runtime.untilIdle()
-            id = try pending(call).id
+            id = try call.onlyPendingActivity().id
             #expect(try await call.pauseActivity(id) == .paused(attempt: 2))
-            let paused = try pending(call)
+            let paused = try call.onlyPendingActivity()
             #expect(paused.state == .paused && paused.attempt == 2 && paused.nextAttemptAt == nil)
             #expect(paused.lastFailure?.type.hasSuffix("Flake") == true)
             #expect(try call.describe()?.description.contains("activity \(id) Step: paused, attempt 2") == true)
@@ -117,7 +110,7 @@ struct RetryNowTests {
         let call = reopened.entity(CallStep.self, id: "paused")
         await reopened.advance(clock, by: .seconds(3_600))
         #expect(log.all.count == 1)
-        #expect(try pending(call).state == .paused)
+        #expect(try call.onlyPendingActivity().state == .paused)
         #expect(try retryTimers(reopened).isEmpty, "the open stores no timer for a paused activity")
         #expect(try await call.retryActivityNow(id) == .retrying(attempt: 2))
         #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:x")
@@ -137,7 +130,7 @@ struct RetryNowTests {
         let calls = (0..<40).map { runtime.entity(CallStep.self, id: "c\($0)") }
         for call in calls { try await call.start(.init(label: call.name.id, options: ActivityOptions(retry: .init(initialInterval: .seconds(10))))) }
         await runtime.untilIdle()
-        let ids = try calls.map { try pending($0).id }
+        let ids = try calls.map { try $0.onlyPendingActivity().id }
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { clock.advance(by: .seconds(10)) }
             for (call, id) in zip(calls, ids) {
@@ -179,7 +172,7 @@ struct RetryNowTests {
         let call = runtime.entity(CallStep.self, id: "meanwhile")
         try await call.start(.init(label: "x", options: ActivityOptions(retry: .init(initialInterval: .seconds(10)))))
         await runtime.untilIdle()
-        let activity = try pending(call)
+        let activity = try call.onlyPendingActivity()
         #expect(activity.state == .backingOff && activity.attempt == 2)
         let rang = Atomic(false)
         runtime.core.activities.rescheduleRead.withLock {
@@ -191,7 +184,7 @@ struct RetryNowTests {
             }
         }
         #expect(try await call.retryActivityNow(activity.id) == .alreadyDue(attempt: 2))
-        #expect(try pending(call).state == .running)
+        #expect(try call.onlyPendingActivity().state == .running)
         gate.open()
         #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:x")
         #expect(log.all.map(\.number) == [1, 2])
@@ -209,7 +202,7 @@ struct RetryNowTests {
         let call = runtime.entity(CallStep.self, id: "given-up")
         try await call.start(.init(label: "x", options: ActivityOptions(retry: .init(initialInterval: .seconds(10)))))
         await runtime.untilIdle()
-        let activity = try pending(call)
+        let activity = try call.onlyPendingActivity()
         #expect(activity.state == .backingOff)
         runtime.core.activities.rescheduleRead.withLock {
             $0 = { try? await call.terminate(reason: "closed meanwhile") }
@@ -238,7 +231,7 @@ struct RetryNowTests {
         try await call.start(.init(label: "x", options: ActivityOptions(retry: .init(initialInterval: .seconds(10)))))
         var iterator = events.makeAsyncIterator()
         #expect(await iterator.next() == "started")
-        let running = try pending(call)
+        let running = try call.onlyPendingActivity()
         #expect(running.state == .running)
         #expect(try await call.retryActivityNow(running.id) == .alreadyDue(attempt: 1))
         #expect(try await call.retryActivityNow(running.id, resettingAttempts: true) == .alreadyDue(attempt: 1))
@@ -250,7 +243,7 @@ struct RetryNowTests {
         #expect(await iterator.next() == "started")
         clock.advance(by: .seconds(60))  // the race's deadline: the activity is asked to stop
         #expect(await iterator.next() == "cancelled")
-        let stopping = try pending(race)
+        let stopping = try race.onlyPendingActivity()
         #expect(stopping.state == .cancelRequested)
         let cancelled = await #expect(throws: EntityError.self) { try await race.retryActivityNow(stopping.id) }
         #expect(cancelled?.code == .rejected && cancelled?.message.contains("cancellation") == true, "\(String(describing: cancelled))")
@@ -289,11 +282,11 @@ struct RetryNowTests {
         do {
             let unregistered = try EntityRuntime(configuration: .quiet(directory, clock))
             let call = unregistered.entity(CallStep.self, id: "later")
-            let activity = try pending(call)
+            let activity = try call.onlyPendingActivity()
             #expect(activity.state == .backingOff && activity.attempt == 2)
             #expect(try await call.retryActivityNow(activity.id) == .retrying(attempt: 2))
             await unregistered.untilIdle()  // its attempt parked, waiting for the registration (a crash keeps no thread)
-            let due = try pending(call)
+            let due = try call.onlyPendingActivity()
             #expect(due.state == .scheduled && due.attempt == 2 && due.nextAttemptAt == nil)
             #expect(try await call.retryActivityNow(activity.id) == .alreadyDue(attempt: 2))
             unregistered.simulateCrash()

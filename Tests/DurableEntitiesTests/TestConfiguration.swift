@@ -1,5 +1,6 @@
 @testable import DurableEntities
 import DurableEntitiesTesting
+import Testing
 
 extension EntityRuntime.Configuration {
     /// The suites' usual start: `directory`, the test `clock`, and loggers that drop everything.
@@ -33,5 +34,15 @@ extension EntityRuntime {
             _ = timers.park(timeout: .seconds(60)) { $0.parkings > before && $0.inFlight == 0 }
             self.core.waitUntilIdle()
         }.value
+    }
+}
+
+extension EntityRef {
+    /// The one activity the entity's run waits for, as ``EntityRuntime/describe(_:)`` tells it (an
+    /// issue is recorded when it waits for none or for several).
+    func onlyPendingActivity(sourceLocation: SourceLocation = #_sourceLocation) throws -> EntityDescription.PendingActivity {
+        let description = try #require(try describe(), sourceLocation: sourceLocation)
+        #expect(description.pendingActivities.count == 1, sourceLocation: sourceLocation)
+        return try #require(description.pendingActivities.first, sourceLocation: sourceLocation)
     }
 }
