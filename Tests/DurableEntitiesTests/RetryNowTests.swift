@@ -215,7 +215,7 @@ struct RetryNowTests {
         #expect(try call.describe()?.status == .terminated(reason: "closed meanwhile"))
     }
 
-    @Test("nothing changes where an attempt is running or due, and what cannot be retried is refused: an activity whose outcome is recorded, an unknown activity or entity, one whose cancellation the run requested, a closed runtime")
+    @Test("a retry changes nothing where an attempt is running or due, a pause lets the running attempt go on (which then succeeds), and what cannot be retried is refused: an activity whose outcome is recorded, an unknown activity or entity, one whose cancellation the run requested, a closed runtime")
     func refusals() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
@@ -235,7 +235,8 @@ struct RetryNowTests {
         #expect(running.state == .running)
         #expect(try await call.retryActivityNow(running.id) == .alreadyDue(attempt: 1))
         #expect(try await call.retryActivityNow(running.id, resettingAttempts: true) == .alreadyDue(attempt: 1))
-        #expect(try await call.pauseActivity(running.id) == .notBackingOff(attempt: 1))
+        #expect(try await call.pauseActivity(running.id) == .pausedAfterAttempt(attempt: 1))
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.pauseKeyPrefix]).count == 1)
 
         // Its cancellation requested (waitCancellationCompleted), while the attempt still runs: refused.
         let race = runtime.entity(RaceTypedStep.self, id: "race")
@@ -254,6 +255,7 @@ struct RetryNowTests {
         #expect(try await withDeadline(seconds: 60) { try await call.result() } == "late:x")
         #expect(try await withDeadline(seconds: 60) { try await race.result() } == "deadline,step:late:y")
         await runtime.untilIdle()
+        #expect(try runtime.journal.tasks(prefix: [ActivityTask.pauseKeyPrefix]).isEmpty, "the pause went with the activity that succeeded")
         // Recorded: nothing to retry.
         for (entity, id) in [(call.name, running.id), (call.name, 999), (EntityName(type: CallStep.entityType, id: "nobody"), 1)] {
             let error = await #expect(throws: EntityError.self) { try await runtime.retryActivityNow(of: entity, activity: id) }
@@ -300,5 +302,317 @@ struct RetryNowTests {
         #expect(log.all.map(\.number) == [2])
         #expect(log.all.map(\.time) == [begun])  // the clock never moved: not the backoff's 10 s
         #expect(clock.nowNanoseconds() == begun)
+    }
+
+    // MARK: Pausing what runs or waits, and the deadline while paused
+
+    /// The pause rows stored.
+    func pauseRows(_ runtime: EntityRuntime) throws -> Int {
+        try runtime.journal.tasks(prefix: [ActivityTask.pauseKeyPrefix]).count
+    }
+
+    @Test("pausing an activity whose attempt runs: the attempt goes on; when it fails, its retry is stored paused (no timer, no attempt), and stays so across a crash; a retry now resumes it")
+    func pauseRunningAttempt() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let log = AttemptLog()
+        let (started, start) = AsyncStream.makeStream(of: Int.self)
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            start.yield(context.attempt)
+            if context.attempt == 1 {
+                await gate.wait()
+                throw Flake()
+            }
+            return "ok:\(label)"
+        }
+        let options = ActivityOptions(retry: .init(initialInterval: .seconds(10)))
+        let id: UInt64
+        do {
+            let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+            defer { runtime.close() }
+            let call = runtime.entity(CallStep.self, id: "running")
+            try await call.start(.init(label: "x", options: options))
+            var attempts = started.makeAsyncIterator()
+            #expect(await attempts.next() == 1)
+            let running = try call.onlyPendingActivity()
+            id = running.id
+            #expect(running.state == .running && !running.pausedAfterAttempt)
+            #expect(try await call.pauseActivity(id) == .pausedAfterAttempt(attempt: 1))
+            #expect(try await call.pauseActivity(id) == .pausedAfterAttempt(attempt: 1))
+            let pausing = try call.onlyPendingActivity()
+            #expect(pausing.state == .running && pausing.pausedAfterAttempt)
+            #expect(try call.describe()?.description.contains("activity \(id) Step: running, attempt 1, paused after it") == true)
+            #expect(try pauseRows(runtime) == 1)
+
+            gate.open()  // attempt 1 fails: its retry is stored paused
+            await runtime.untilIdle()
+            let paused = try call.onlyPendingActivity()
+            #expect(paused.state == .paused && paused.attempt == 2 && !paused.pausedAfterAttempt && paused.nextAttemptAt == nil)
+            #expect(try retryTimers(runtime).isEmpty)
+            await runtime.advance(clock, by: .seconds(3_600))
+            #expect(log.all.count == 1)
+            runtime.simulateCrash()
+        }
+        let reopened = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { reopened.close() }
+        let call = reopened.entity(CallStep.self, id: "running")
+        await reopened.advance(clock, by: .seconds(3_600))
+        #expect(log.all.count == 1)
+        #expect(try call.onlyPendingActivity().state == .paused)
+        #expect(try await call.retryActivityNow(id) == .retrying(attempt: 2))
+        #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:x")
+        #expect(log.all.map(\.number) == [1, 2])
+        await reopened.untilIdle()
+        #expect(try pauseRows(reopened) == 0)
+    }
+
+    @Test("a pause made while an attempt runs holds across a crash that cuts the attempt off: the attempt counts as failed and the next one is stored paused at the open")
+    func pauseHoldsAcrossCrashMidAttempt() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let silence = Silence()
+        let (events, event) = AsyncStream.makeStream(of: String.self)
+        var iterator = events.makeAsyncIterator()
+        let options = ActivityOptions(retry: .init(initialInterval: .seconds(10)))
+        let first = try EntityRuntime(configuration: .quiet(directory, clock), activities: [ActivityStub<Step> { _, context in
+            context.heartbeat(1)  // stored at once, with the mark that the attempt runs
+            try await silence.wait()  // until the process dies
+        }])
+        first.core.activities.heartbeatStored.withLock { $0 = { _ in event.yield("stored") } }
+        let crashed = first.entity(CallStep.self, id: "cut-off")
+        try await crashed.start(.init(label: "x", options: options))
+        #expect(await iterator.next() == "stored")
+        let id = try crashed.onlyPendingActivity().id
+        #expect(try await crashed.pauseActivity(id) == .pausedAfterAttempt(attempt: 1))
+        first.simulateCrash()
+
+        let log = AttemptLog()
+        let second = try EntityRuntime(configuration: .quiet(directory, clock), activities: [loggedStep(log, clock) { _ in false }])
+        defer { second.close() }
+        defer { silence.finish() }
+        let call = second.entity(CallStep.self, id: "cut-off")
+        await second.advance(clock, by: .seconds(3_600))
+        let paused = try call.onlyPendingActivity()
+        #expect(paused.state == .paused && paused.attempt == 2 && paused.lastFailure?.type == "interrupted")
+        #expect(paused.heartbeatDetails != nil)
+        #expect(log.all.isEmpty)
+        #expect(try retryTimers(second).isEmpty)
+        #expect(try await call.retryActivityNow(id) == .retrying(attempt: 2))
+        #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:x")
+        #expect(log.all.map(\.number) == [2])
+        withExtendedLifetime(first) {}
+    }
+
+    @Test("pausing an activity queued for a slot in the pool: it never starts, not when the slot frees; a retry now starts it")
+    func pauseQueued() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let log = AttemptLog()
+        let (started, start) = AsyncStream.makeStream(of: String.self)
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            start.yield(label)
+            if label == "block" { await gate.wait() }
+            return "ok:\(label)"
+        }
+        var configuration = EntityRuntime.Configuration.quiet(directory, clock)
+        configuration.maxConcurrentActivities = 1
+        let runtime = try EntityRuntime(configuration: configuration, activities: [stub])
+        defer { runtime.close() }
+        let blocker = runtime.entity(CallStep.self, id: "blocker")
+        try await blocker.start(.init(label: "block", options: ActivityOptions()))
+        var attempts = started.makeAsyncIterator()
+        #expect(await attempts.next() == "block")
+        let queued = runtime.entity(CallStep.self, id: "queued")
+        try await queued.start(.init(label: "q", options: ActivityOptions()))  // its activity is stored: it waits for the slot
+        let waiting = try queued.onlyPendingActivity()
+        #expect(waiting.state == .scheduled && waiting.attempt == 1)
+        #expect(try await queued.pauseActivity(waiting.id) == .paused(attempt: 1))
+        #expect(try queued.onlyPendingActivity().state == .paused)
+
+        gate.open()  // the slot frees
+        #expect(try await withDeadline(seconds: 60) { try await blocker.result() } == "ok:block")
+        await runtime.untilIdle()
+        #expect(log.all.count == 1)
+        #expect(try queued.onlyPendingActivity().state == .paused)
+        #expect(try await queued.retryActivityNow(waiting.id) == .retrying(attempt: 1))
+        #expect(try await withDeadline(seconds: 60) { try await queued.result() } == "ok:q")
+        #expect(log.all.map(\.key) == ["CallStep/blocker/\(waiting.id)", "CallStep/queued/\(waiting.id)"])
+    }
+
+    @Test("a paused activity's schedule-to-close timeout still ends it on time — at its deadline, not before — also after a reopen, which stores its deadline's timer again")
+    func deadlineWhilePaused() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let stub = loggedStep(log, clock) { _ in true }
+        let options = ActivityOptions(retry: .init(initialInterval: .seconds(10)), scheduleToCloseTimeout: .seconds(100))
+        for (index, reopening) in [false, true].enumerated() {
+            let id = "deadline-\(index)"
+            let deadline = clock.nowNanoseconds() + 100_000_000_000
+            let paused: UInt64
+            do {
+                let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+                defer { runtime.close() }
+                let call = runtime.entity(CallStep.self, id: id)
+                try await call.start(.init(label: "x", options: options))
+                await runtime.untilIdle()
+                paused = try call.onlyPendingActivity().id
+                #expect(try await call.pauseActivity(paused) == .paused(attempt: 2))
+                #expect(try call.onlyPendingActivity().scheduleToCloseDeadline == deadline)
+                #expect(try retryTimers(runtime) == [deadline], "the deadline's timer, not the retry's")
+                if !reopening {
+                    await runtime.advance(clock, by: .seconds(99))
+                    #expect(try call.onlyPendingActivity().state == .paused)
+                    await runtime.advance(clock, by: .seconds(1))
+                    #expect(try await withDeadline(seconds: 60) { try await call.result() } == "failed:scheduleToCloseTimeout:1:Flake")
+                    #expect(clock.nowNanoseconds() == deadline)
+                    continue
+                }
+                // Its timer lost: the open stores it again.
+                var batch = JournalBatch()
+                batch.cancelTimer(dueNanoseconds: deadline, entity: try #require(try runtime.journal.key(for: call.name)), id: paused | 1 << 63)
+                _ = try await runtime.journal.commit(batch)
+                #expect(try retryTimers(runtime).isEmpty)
+            }
+            let reopened = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+            defer { reopened.close() }
+            let call = reopened.entity(CallStep.self, id: id)
+            await reopened.untilIdle()
+            #expect(try retryTimers(reopened) == [deadline])
+            await reopened.advance(clock, by: .seconds(100))
+            #expect(try await withDeadline(seconds: 60) { try await call.result() } == "failed:scheduleToCloseTimeout:1:Flake")
+        }
+        #expect(log.all.map(\.number) == [1, 1])
+    }
+
+    @Test("a retry now withdraws a pause made while the attempt ran: the attempt's failure is retried by its policy")
+    func retryNowWithdrawsPause() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let log = AttemptLog()
+        let (started, start) = AsyncStream.makeStream(of: Int.self)
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            start.yield(context.attempt)
+            if context.attempt == 1 {
+                await gate.wait()
+                throw Flake()
+            }
+            return "ok:\(label)"
+        }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let call = runtime.entity(CallStep.self, id: "withdrawn")
+        let begun = clock.nowNanoseconds()
+        try await call.start(.init(label: "x", options: ActivityOptions(retry: .init(initialInterval: .seconds(10)))))
+        var attempts = started.makeAsyncIterator()
+        #expect(await attempts.next() == 1)
+        let id = try call.onlyPendingActivity().id
+        #expect(try await call.pauseActivity(id) == .pausedAfterAttempt(attempt: 1))
+        #expect(try await call.retryActivityNow(id) == .alreadyDue(attempt: 1))
+        #expect(try pauseRows(runtime) == 0)
+        #expect(try !call.onlyPendingActivity().pausedAfterAttempt)
+        gate.open()
+        await runtime.untilIdle()
+        let backingOff = try call.onlyPendingActivity()
+        #expect(backingOff.state == .backingOff && backingOff.nextAttemptAt == begun + 10_000_000_000)
+        #expect(try retryTimers(runtime) == [begun + 10_000_000_000])
+        await runtime.advance(clock, by: .seconds(10))
+        #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:x")
+        #expect(log.all.map(\.number) == [1, 2])
+    }
+
+    @Test("a pause whose activity's retry timer rings between its read and its commit: the attempt is held back and stored paused, the pause's commit is refused, and it reads again and finds it paused")
+    func pauseWhileTimerRings() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let stub = loggedStep(log, clock) { $0 == 1 }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let call = runtime.entity(CallStep.self, id: "rings")
+        try await call.start(.init(label: "x", options: ActivityOptions(retry: .init(initialInterval: .seconds(10)))))
+        await runtime.untilIdle()
+        let id = try call.onlyPendingActivity().id
+        let rang = Atomic(false)
+        runtime.core.activities.rescheduleRead.withLock {
+            $0 = {
+                guard !rang.exchange(true, ordering: .acquiringAndReleasing) else { return }
+                await runtime.advance(clock, by: .seconds(10))  // the retry timer rings: attempt 2 is due
+            }
+        }
+        #expect(try await call.pauseActivity(id) == .paused(attempt: 2))
+        let timerRang = rang.load(ordering: .acquiring)
+        #expect(timerRang)
+        await runtime.advance(clock, by: .seconds(60))
+        #expect(log.all.map(\.number) == [1])
+        #expect(try call.onlyPendingActivity().state == .paused)
+        #expect(try await call.retryActivityNow(id) == .retrying(attempt: 2))
+        #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:x")
+        #expect(log.all.map(\.number) == [1, 2])
+    }
+
+    @Test("racing the retry timers with pauses: while the clock reaches 40 activities' retries, each is paused; an attempt held back never runs until a retry now, and every activity runs each attempt once")
+    func pauseRacesRetryTimers() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let stub = loggedStep(log, clock) { $0 == 1 }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let calls = (0..<40).map { runtime.entity(CallStep.self, id: "p\($0)") }
+        for call in calls { try await call.start(.init(label: call.name.id, options: ActivityOptions(retry: .init(initialInterval: .seconds(10))))) }
+        await runtime.untilIdle()
+        let ids = try calls.map { try $0.onlyPendingActivity().id }
+        let held = await withTaskGroup(of: String?.self) { group in
+            group.addTask {
+                clock.advance(by: .seconds(10))
+                return nil
+            }
+            for (call, id) in zip(calls, ids) {
+                group.addTask {
+                    do {
+                        let outcome = try await call.pauseActivity(id)
+                        #expect(outcome == .paused(attempt: 2) || outcome == .pausedAfterAttempt(attempt: 2), "\(outcome)")
+                        return outcome == .paused(attempt: 2) ? call.name.id : nil
+                    } catch {
+                        #expect((error as? EntityError)?.code == .rejected, "\(error)")  // its attempt 2 already completed
+                        return nil
+                    }
+                }
+            }
+            var held: Set<String> = []
+            for await id in group { if let id { held.insert(id) } }
+            return held
+        }
+        await runtime.advance(clock, by: .seconds(60))
+        let ran = Set(log.all.filter { $0.number == 2 }.map(\.key))
+        for (call, id) in zip(calls, ids) where held.contains(call.name.id) {
+            #expect(!ran.contains("CallStep/\(call.name.id)/\(id)"), "\(call.name) was paused before attempt 2, which ran anyway")
+        }
+        for (call, id) in zip(calls, ids) {
+            let state = try call.describe()?.pendingActivities.first?.state
+            if state == .paused { _ = try await call.retryActivityNow(id) } else { #expect(state == nil, "\(call.name): \(String(describing: state))") }
+        }
+        for call in calls { #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:\(call.name.id)") }
+        await runtime.untilIdle()
+        let attempts = Dictionary(grouping: log.all, by: \.key).mapValues { $0.map(\.number) }
+        #expect(attempts.count == calls.count && attempts.values.allSatisfy { $0 == [1, 2] }, "\(attempts)")
+        #expect(try pauseRows(runtime) == 0)
     }
 }

@@ -82,6 +82,36 @@ struct ActivityTask: Codable, Sendable {
     /// The identity a cancellation row's key holds; `nil` for a key of another shape.
     static func id(ofCancelKey key: UnsafeRawBufferPointer) -> ID? { id(ofKey: key, prefix: cancelKeyPrefix) }
 
+    /// `p`, the entity key, the activity id: the row that says an operator paused the activity
+    /// (``EntityRuntime/pauseActivity(of:activity:)``) while an attempt of it ran or was due. No
+    /// attempt of it starts while the row is stored; an attempt running when it came goes on, and if
+    /// it fails the next one is stored paused (see ``isPaused``). Stored by the pause, deleted by a
+    /// "retry now" and once the activity ended. A row of its own, like the cancellation row, since the
+    /// worker rewrites a running attempt's task from its own copy.
+    static func pauseKey(entity: UInt64, activity: UInt64) -> TaskKey { key(pauseKeyPrefix, entity: entity, activity: activity) }
+
+    static let pauseKeyPrefix: UInt8 = 0x70  // "p"
+    /// A pause row's value: its key says it all.
+    static let pauseRequestValue: [UInt8] = [1]
+
+    /// The first bytes of every pause row key of `entity`.
+    static func pauseKeyPrefix(entity: UInt64) -> [UInt8] { entityPrefix(pauseKeyPrefix, entity: entity) }
+
+    /// The identity a pause row's key holds; `nil` for a key of another shape.
+    static func id(ofPauseKey key: UnsafeRawBufferPointer) -> ID? { id(ofKey: key, prefix: pauseKeyPrefix) }
+
+    /// A paused task's `notBefore`: never due by itself. Its only timer is its schedule-to-close
+    /// deadline's, if it has one (a timer that far would be the next one a skipping test clock jumps to).
+    static let pausedNotBefore = UInt64.max
+
+    /// Paused by an operator after a failed attempt: no attempt starts until a "retry now".
+    var isPaused: Bool { notBefore == Self.pausedNotBefore }
+
+    /// When its schedule-to-close timeout ends it, ns on the runtime's clock; `nil` without one.
+    var scheduleToCloseDeadline: UInt64? {
+        options.scheduleToCloseTimeout.map { scheduledAt.saturatingAdd($0.nanoseconds) }
+    }
+
     /// The task's identity in memory (its ``key``'s content, without building the bytes).
     struct ID: Hashable, Sendable {
         var entityKey: UInt64

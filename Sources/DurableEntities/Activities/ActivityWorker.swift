@@ -148,6 +148,9 @@ final class ActivityWorker: @unchecked Sendable {
     /// How many requests ``RunningAttempts/pendingCancels`` holds, read without its lock where every
     /// outcome would otherwise take it for nothing.
     private let pendingCancelCount = Atomic<Int>(0)
+    /// How many tasks ``RunningAttempts/paused`` holds, read without its lock where every attempt
+    /// would otherwise take it for nothing.
+    private let pausedCount = Atomic<Int>(0)
 
     /// See ``running``.
     private struct RunningAttempts {
@@ -165,6 +168,13 @@ final class ActivityWorker: @unchecked Sendable {
         /// (``insert(_:for:)``), a retry stored (``storeRetry(_:)``), a retry timer
         /// (``retryDue(_:done:)``), or the outcome's commit (``finish(_:_:_:)``).
         var pendingCancels: Set<ActivityTask.ID> = []
+        /// Activities an operator paused (``reschedule(entity:activity:_:)``) whose pause row is
+        /// stored or being stored (see ``ActivityTask/pauseKey(entity:activity:)``), loaded from those
+        /// rows at open: no attempt of them starts (one taken from the queue is stored paused instead,
+        /// see ``storePaused(_:rounds:)``), and a running attempt's failure stores the next one paused.
+        /// Under this lock, so a pause either finds an attempt's entry (which then runs on) or comes
+        /// before it.
+        var paused: Set<ActivityTask.ID> = []
 
         /// Adds `runner`'s entry for task `id`; a request pending for the task cancels it. Returns
         /// whether it did (the caller cancels the runner's task).
@@ -181,6 +191,42 @@ final class ActivityWorker: @unchecked Sendable {
         guard running.withLock({ $0.insert(runner, for: id) }) else { return }
         pendingCancelCount.subtract(1, ordering: .relaxed)
         runner.task.cancel()
+    }
+
+    /// Whether an operator's pause holds task `id` (see ``RunningAttempts/paused``).
+    private func isPauseHeld(_ id: ActivityTask.ID) -> Bool {
+        guard pausedCount.load(ordering: .relaxed) > 0 else { return false }
+        return running.withLock { $0.paused.contains(id) }
+    }
+
+    /// Holds task `id` paused from now on (see ``RunningAttempts/paused``). Returns whether an attempt
+    /// of it runs now: that one goes on.
+    private func holdPaused(_ id: ActivityTask.ID) -> Bool {
+        running.withLock { running in
+            if running.paused.insert(id).inserted { pausedCount.add(1, ordering: .relaxed) }
+            return running.entries[id] != nil
+        }
+    }
+
+    /// Task `id` is no longer held paused; whether it was.
+    @discardableResult
+    private func releasePause(_ id: ActivityTask.ID) -> Bool {
+        guard pausedCount.load(ordering: .relaxed) > 0 else { return false }
+        return running.withLock { running in
+            guard running.paused.remove(id) != nil else { return false }
+            pausedCount.subtract(1, ordering: .relaxed)
+            return true
+        }
+    }
+
+    /// Task `id` ended (its outcome recorded) or was given up: its pause, if it had one, goes with its
+    /// row (not waited for; a row left by a crash goes at the next open).
+    private func dropPause(_ id: ActivityTask.ID) {
+        guard releasePause(id) else { return }
+        var batch = JournalBatch()
+        batch.deleteTask(ActivityTask.pauseKey(entity: id.entityKey, activity: id.activityID))
+        core.becameBusy()
+        core.journal.submit(batch) { [core] _ in core!.becameIdle() }
     }
 
     /// Takes a pending cancellation request for `id`; whether there was one.
@@ -284,7 +330,7 @@ final class ActivityWorker: @unchecked Sendable {
         if start { startDrain() }
     }
 
-    /// What an operator asks of a task backing off: its next attempt now (as attempt 1 again when
+    /// What an operator asks of an activity: its next attempt now (as attempt 1 again when
     /// resetting), or none until asked again (paused).
     enum Reschedule: Sendable, Hashable {
         case now(resettingAttempts: Bool)
@@ -293,10 +339,12 @@ final class ActivityWorker: @unchecked Sendable {
 
     /// What ``reschedule(entity:activity:_:)`` found or did.
     enum Rescheduled: Sendable, Hashable {
-        /// The task was backing off (or paused): its next attempt (this one) was made due now and dispatched.
+        /// The task was backing off or paused: its next attempt (this one) was made due now and dispatched.
         case retrying(attempt: Int)
         /// The task is paused before this attempt (now, or it was already).
         case paused(attempt: Int)
+        /// An attempt (this one) runs: it goes on, and if it fails the next one is stored paused.
+        case pausedAfter(attempt: Int)
         /// An attempt is queued or running in this process, or its stored row says one runs.
         case running(attempt: Int)
         /// Its next attempt is due already (waiting for a slot, or for its activity's registration).
@@ -307,63 +355,106 @@ final class ActivityWorker: @unchecked Sendable {
         case cancelRequested
     }
 
-    /// A paused task's `notBefore`: never due by itself. It has no retry timer (a timer that far
-    /// would be the next one a skipping test clock jumps to).
-    static let pausedNotBefore = UInt64.max
-
-    /// An operator's "retry now" (after fixing what made the attempts fail) or "pause" (until then),
-    /// for a task backing off. Now: its next attempt starts at once instead of at the end of its
-    /// backoff, optionally as attempt 1 again (a fresh budget of `maximumAttempts`, and backoff
-    /// intervals from the initial one). Pause: no attempt starts until a "retry now"; its retry timer
-    /// goes. Its idempotency key, input, last heartbeat and schedule-to-close deadline stay.
+    /// An operator's "pause" (while whatever makes an activity's attempts fail is being fixed) or
+    /// "retry now" (once it is), for a stored task.
     ///
-    /// A compare-and-set: the commit holds only if the task row, its retry timer and the absence of a
-    /// cancellation request are as read. Any of them changed meanwhile — the retry timer rang and
-    /// started the attempt, the attempt ended, the run gave the activity up — and it reads again and
-    /// decides again, so it never overwrites a newer attempt's row or starts an attempt twice. A crash
-    /// after a "retry now" commit runs the attempt at the next open (its row is due).
+    /// Pause: no attempt starts until a "retry now". A task backing off, due or queued is stored
+    /// paused (``ActivityTask/isPaused``): its retry timer goes, and its only timer is its
+    /// schedule-to-close deadline's. A running attempt goes on; if it fails, its next attempt is
+    /// stored paused. The pause row (``ActivityTask/pauseKey(entity:activity:)``) is stored first: it
+    /// holds the pause across a crash while the task row cannot say it (an attempt runs).
+    ///
+    /// Now: the pause row goes, and a task backing off or paused gets its next attempt at once
+    /// instead of at the end of its backoff, optionally as attempt 1 again (a fresh budget of
+    /// `maximumAttempts`, backoff intervals from the initial one). A running attempt is left alone.
+    /// The idempotency key, input, last heartbeat and schedule-to-close deadline stay.
+    ///
+    /// Each change of the task row is a compare-and-set: the commit holds only if the task row, its
+    /// timer and the absence of a cancellation request are as read. Anything that moved meanwhile —
+    /// the retry timer rang and started the attempt, the attempt ended, the run gave the activity up —
+    /// and it reads again and decides again, so it never overwrites a newer attempt's row or starts an
+    /// attempt twice. A crash after a "retry now" commit runs the attempt at the next open (its row is due).
     func reschedule(entity: UInt64, activity: UInt64, _ change: Reschedule) async throws(JournalError) -> Rescheduled {
+        let id = ActivityTask.ID(entityKey: entity, activityID: activity)
         let key = ActivityTask.key(entity: entity, activity: activity)
         let cancelKey = ActivityTask.cancelKey(entity: entity, activity: activity)
+        let pauseKey = ActivityTask.pauseKey(entity: entity, activity: activity)
+        // A "retry now" withdrew a pause: a task due then was held back by it, and resumes.
+        var withdrew = false
         // Each round that conflicts saw the task move on (an attempt started or ended): a handful
         // settles it; the bound only keeps a row that never holds still from looping for good.
         for _ in 0..<16 {
-            let rows = try core.journal.tasks(forKeys: [key.bytes, cancelKey.bytes])
+            let rows = try core.journal.tasks(forKeys: [key.bytes, cancelKey.bytes, pauseKey.bytes])
             guard let stored = rows[0], var task = ActivityTask.decode(stored) else { return .notPending }
             if rows[1] != nil { return .cancelRequested }
-            switch progress(entity: entity, activities: [activity])[activity] {
-            case .running(let attempt)?: return .running(attempt: attempt ?? task.attempt)
-            case .queued(let attempt)?: return .due(attempt: attempt)
-            case nil: break
-            }
-            if task.runningAttempt == task.attempt { return .running(attempt: task.attempt) }
-            let now = core.clock.nowNanoseconds()
-            guard task.notBefore > now else { return .due(attempt: task.attempt) }
-            let wasPaused = task.notBefore == Self.pausedNotBefore
-            if change == .pause, wasPaused { return .paused(attempt: task.attempt) }
-            if let hook = rescheduleRead.withLock({ $0 }) { await hook() }
+            let pauseStored = rows[2] != nil
             var batch = JournalBatch()
-            batch.expectTask(key, value: stored)
-            batch.expectTask(cancelKey, value: nil)
-            if !wasPaused {
-                let timer = Self.retryTimer(of: task)
-                batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-                batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-            }
             switch change {
+            case .pause:
+                if task.isPaused { return .paused(attempt: task.attempt) }
+                // Held here before the row is stored, so that no attempt starts in between; a
+                // running attempt's entry says it runs on.
+                let runs = holdPaused(id)
+                if !pauseStored {
+                    batch.putTask(pauseKey, value: ActivityTask.pauseRequestValue)
+                    if case .failure(let error) = await commit(batch) {
+                        releasePause(id)
+                        throw error
+                    }
+                    continue  // stored: decide on what the task is now
+                }
+                if runs || task.runningAttempt == task.attempt { return .pausedAfter(attempt: task.attempt) }
+                if case .queued(let attempt)? = progress(entity: entity, activities: [activity])[activity] {
+                    // Taken from the queue before it starts; one already taken is stored paused as it
+                    // would start (see `storePaused`), and this commit then conflicts.
+                    guard withPool({ $0.take(id) }) != nil else { return .pausedAfter(attempt: attempt) }
+                }
+                if let timer = Self.timer(of: task), task.notBefore > core.clock.nowNanoseconds() {
+                    // Its retry timer goes (a due one has rung, or rings and finds the task paused).
+                    batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+                    batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+                }
+                task.notBefore = ActivityTask.pausedNotBefore
+                if let deadline = Self.timer(of: task) { batch.scheduleTimer(deadline) }
             case .now(let resettingAttempts):
+                if pauseStored || isPauseHeld(id) {
+                    // The pause goes first (no attempt starts while it is held), then the task is decided
+                    // on again: an attempt that failed meanwhile may have been stored paused. A task
+                    // held back as it would have started is dispatched by its `storePaused` once that
+                    // finds the pause gone.
+                    releasePause(id)
+                    batch.deleteTask(pauseKey)
+                    if case .failure(let error) = await commit(batch) {
+                        if pauseStored { _ = holdPaused(id) }
+                        throw error
+                    }
+                    withdrew = true
+                    continue
+                }
+                switch progress(entity: entity, activities: [activity])[activity] {
+                case .running(let attempt)?: return .running(attempt: attempt ?? task.attempt)
+                case .queued(let attempt)?: return withdrew ? .retrying(attempt: attempt) : .due(attempt: attempt)
+                case nil: break
+                }
+                if task.runningAttempt == task.attempt { return .running(attempt: task.attempt) }
+                let now = core.clock.nowNanoseconds()
+                guard task.isPaused || task.notBefore > now else {
+                    return withdrew ? .retrying(attempt: task.attempt) : .due(attempt: task.attempt)
+                }
+                if let timer = Self.timer(of: task) {
+                    batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+                    batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+                }
                 if resettingAttempts { task.attempt = 1 }
                 task.notBefore = now
-            case .pause:
-                task.notBefore = Self.pausedNotBefore
             }
+            if let hook = rescheduleRead.withLock({ $0 }) { await hook() }
+            batch.expectTask(key, value: stored)
+            batch.expectTask(cancelKey, value: nil)
             batch.putTask(key, value: task.encoded())
-            let committed = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<CommitReceipt, JournalError>, Never>) in
-                core.journal.submit(batch) { continuation.resume(returning: $0) }
-            }
-            switch committed {
+            switch await commit(batch) {
             case .success:
-                guard change != .pause else { return .paused(attempt: task.attempt) }
+                if task.isPaused { return .paused(attempt: task.attempt) }
                 dispatch(task)
                 return .retrying(attempt: task.attempt)
             case .failure(let error):
@@ -373,6 +464,63 @@ final class ActivityWorker: @unchecked Sendable {
         }
         throw JournalError(.conflict, key: EntityKey(rawValue: entity),
                            "activity \(activity)'s task kept changing while it was rescheduled; nothing was changed, try again")
+    }
+
+    /// Commits `batch` and waits until it is durable.
+    private func commit(_ batch: JournalBatch) async -> Result<CommitReceipt, JournalError> {
+        await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<CommitReceipt, JournalError>, Never>) in
+            core.journal.submit(batch) { continuation.resume(returning: $0) }
+        }
+    }
+
+    /// Task `id` was due, but a pause held its attempt back (see ``RunningAttempts/paused``): its row
+    /// is stored paused, with its schedule-to-close deadline's timer. A compare-and-set against the
+    /// rows as read, so a "retry now" that withdrew the pause meanwhile (and dispatched the task) or
+    /// an end of the activity wins; whatever moved, it reads again.
+    private func storePaused(_ id: ActivityTask.ID, rounds: Int = 16) {
+        let key = ActivityTask.key(entity: id.entityKey, activity: id.activityID)
+        let pauseKey = ActivityTask.pauseKey(entity: id.entityKey, activity: id.activityID)
+        guard rounds > 0,
+              case .success(let rows) = Result(catching: { () throws(JournalError) in try core.journal.tasks(forKeys: [key.bytes, pauseKey.bytes]) }),
+              let stored = rows[0], var task = ActivityTask.decode(stored), !task.isPaused
+        else { return }  // ended, or paused already
+        guard rows[1] != nil || isPauseHeld(id) else {
+            // A "retry now" withdrew the pause: the attempt held back starts after all.
+            if task.notBefore <= now, task.runningAttempt != task.attempt { dispatch(task) }
+            return
+        }
+        guard rows[1] != nil else { return }  // its pause row is being stored: the pause that holds it stores the task paused
+        var batch = JournalBatch()
+        batch.expectTask(key, value: stored)
+        batch.expectTask(pauseKey, value: ActivityTask.pauseRequestValue)
+        task.notBefore = ActivityTask.pausedNotBefore
+        batch.putTask(key, value: task.encoded())
+        if let deadline = Self.timer(of: task) { batch.scheduleTimer(deadline) }
+        core.becameBusy()
+        core.journal.submit(batch) { [self] result in
+            if case .failure(let error) = result {
+                if error.code == .conflict {
+                    storePaused(id, rounds: rounds - 1)
+                } else if !journalEnded(error) {
+                    core.logger.warning("storing a paused activity failed; its pause row holds it until a retry now",
+                                        metadata: ["task.key": "\(key)", "error": "\(error)"])
+                }
+            } else {
+                core.timers.wake()
+            }
+            core.becameIdle()
+        }
+    }
+
+    /// A paused task's schedule-to-close deadline passed (its timer rang): the activity fails with
+    /// reason `scheduleToCloseTimeout`, counting the attempts made.
+    private func expirePaused(_ task: ActivityTask) {
+        let made = task.attempt - 1
+        let last = task.lastError.map { "; the last attempt failed with: \($0)" } ?? ""
+        finish(task, .failure(ActivityFailure(activity: task.name, reason: .scheduleToCloseTimeout, attempts: made,
+                                              causeType: task.lastErrorType ?? "scheduleToCloseTimeout",
+                                              cause: "the activity was paused when its schedule-to-close timeout ended\(last)")),
+               ActivityAttempt(number: made, startedAt: nil))
     }
 
     /// Starts a drain (already counted) on a thread of Dispatch's global pool: not a task, since it
@@ -479,17 +627,25 @@ final class ActivityWorker: @unchecked Sendable {
         let now = core.clock.nowNanoseconds()
         let stored: [JournalTask]
         var cancelled: Set<ActivityTask.ID> = []
+        var pauses: Set<ActivityTask.ID> = []
         do {
             for row in try core.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]) {
                 if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofCancelKey: $0) }) { cancelled.insert(id) }
+            }
+            for row in try core.journal.tasks(prefix: [ActivityTask.pauseKeyPrefix]) {
+                if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofPauseKey: $0) }) { pauses.insert(id) }
             }
             stored = try core.journal.tasks(prefix: [ActivityTask.keyPrefix])
         } catch {
             core.logger.error("reading stored activity tasks failed; they run at the next open", metadata: ["error": "\(error)"])
             return
         }
+        // Held before any attempt can start or fail (see `RunningAttempts.paused`).
+        for id in pauses { _ = holdPaused(id) }
         var waiting: [JournalTimer] = []
+        var owned: Set<ActivityTask.ID> = []
         for row in stored {
+            if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofKey: $0) }) { owned.insert(id) }
             guard row.isIntact else {
                 repairTask(key: row.key)
                 continue
@@ -503,14 +659,32 @@ final class ActivityWorker: @unchecked Sendable {
                 // (an attempt cut off by the crash counts as made).
                 cancelUnstarted(task, atOpen: true)
             } else if task.runningAttempt == task.attempt {
-                resumeInterrupted(task)
+                resumeInterrupted(task)  // paused, the next attempt is stored paused
+            } else if task.isPaused {
+                if let deadline = Self.timer(of: task) { waiting.append(deadline) }  // a "retry now" resumes it
+            } else if pauses.contains(task.id) {
+                storePaused(task.id)  // paused while its attempt ran or was due
             } else if task.notBefore <= now {
                 dispatch(task)
-            } else if task.notBefore != Self.pausedNotBefore {  // a paused task waits for a "retry now", without a timer
-                waiting.append(Self.retryTimer(of: task))
+            } else {
+                waiting.append(Self.timer(of: task)!)
             }
         }
         restoreRetryTimers(waiting)
+        dropStalePauses(pauses.subtracting(owned))
+    }
+
+    /// Pause rows whose task is gone (it ended before its pause row was deleted, by a crash in
+    /// between) are deleted.
+    private func dropStalePauses(_ ids: Set<ActivityTask.ID>) {
+        guard !ids.isEmpty else { return }
+        var batch = JournalBatch()
+        for id in ids {
+            releasePause(id)
+            batch.deleteTask(ActivityTask.pauseKey(entity: id.entityKey, activity: id.activityID))
+        }
+        core.becameBusy()
+        core.journal.submit(batch) { [core] _ in core!.becameIdle() }
     }
 
     /// Tasks that wait for a retry: their timers are stored again where missing or damaged (a task
@@ -525,7 +699,9 @@ final class ActivityWorker: @unchecked Sendable {
         guard !missing.isEmpty else { return }
         var batch = JournalBatch()
         for timer in missing { batch.scheduleTimer(timer) }
+        core.becameBusy()
         core.journal.submit(batch) { [core] result in
+            defer { core!.becameIdle() }
             switch result {
             case .success:
                 core!.logger.warning("retry timers of stored activity tasks were missing or damaged; they were stored again",
@@ -591,7 +767,8 @@ final class ActivityWorker: @unchecked Sendable {
         core.journal.submit(batch, completion: completion)
     }
 
-    /// A retry timer fell due: run the task's next attempt (if it is still owed).
+    /// A retry timer fell due: run the task's next attempt (if it is still owed), or fail a paused one
+    /// whose schedule-to-close deadline it was.
     func retryDue(_ timer: JournalTimer, done: @escaping @Sendable () -> Void) {
         let key = Array(timer.payload.dropFirst())
         var batch = JournalBatch()
@@ -608,6 +785,9 @@ final class ActivityWorker: @unchecked Sendable {
                 if rows[1] != nil {
                     _ = takePendingCancel(task.id)
                     cancelUnstarted(task)  // its cancellation was requested: no further attempt
+                } else if task.isPaused {
+                    // Its schedule-to-close deadline's timer: it fails on time, paused or not.
+                    if let deadline = task.scheduleToCloseDeadline, deadline <= core.clock.nowNanoseconds() { expirePaused(task) }
                 } else if task.notBefore <= core.clock.nowNanoseconds() {
                     dispatch(task)
                 }
@@ -651,6 +831,11 @@ final class ActivityWorker: @unchecked Sendable {
     /// something outside and goes on by itself (it then ends its slot itself), or it waits for its
     /// activity's registration (its slot ended before it was parked).
     private func attempt(_ task: ActivityTask) -> Bool {
+        // Paused by an operator while it waited: it does not start, and is stored paused.
+        if isPauseHeld(task.id) {
+            storePaused(task.id)
+            return true
+        }
         // An activity not registered (yet) waits for its registration: after a restart, tasks are
         // recovered before the application has registered everything. The task leaves the pool
         // before a registration can see it parked: a registration dispatches what it finds parked,
@@ -993,8 +1178,13 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    /// Stores the next attempt and its retry timer (the timer runs it, see ``retryDue(_:done:)``).
-    private func storeRetry(_ next: ActivityTask) {
+    /// Stores the next attempt and its retry timer (the timer runs it, see ``retryDue(_:done:)``), or
+    /// it paused when an operator paused the activity meanwhile.
+    private func storeRetry(_ retry: ActivityTask) {
+        var paused = retry
+        // Paused while the attempt ran: the next one waits for a "retry now".
+        if isPauseHeld(retry.id) { paused.notBefore = ActivityTask.pausedNotBefore }
+        let next = paused
         var batch = JournalBatch()
         // Only while the task is stored: its entity may have given it up meanwhile (terminated, or
         // its run cancelled), and a retry must not bring it back.
@@ -1017,19 +1207,23 @@ final class ActivityWorker: @unchecked Sendable {
     /// the task is written only if it is still stored (the timer then finds nothing to run).
     static func addRetry(_ next: ActivityTask, to batch: inout JournalBatch, replacing: Bool) {
         if replacing { batch.replaceTask(next.key, value: next.encoded()) } else { batch.putTask(next.key, value: next.encoded()) }
-        batch.scheduleTimer(retryTimer(of: next))
+        if let timer = timer(of: next) { batch.scheduleTimer(timer) }
     }
 
-    /// The timer that runs `task`'s next attempt at its `notBefore`: its activity id with the top bit
-    /// set (apart from a run body's timers), and a payload of `1` and the task's key.
-    static func retryTimer(of task: ActivityTask) -> JournalTimer {
-        JournalTimer(dueNanoseconds: task.notBefore, entity: EntityKey(rawValue: task.entityKey),
-                     id: task.activityID | retryTimerBit, payload: [1] + task.key.bytes)
+    /// The timer a stored task waits for: the one that runs its next attempt at its `notBefore`, or
+    /// while it is paused its schedule-to-close deadline's (`nil` without one). Its activity id with
+    /// the top bit set (apart from a run body's timers), and a payload of `1` and the task's key.
+    static func timer(of task: ActivityTask) -> JournalTimer? {
+        let due = task.isPaused ? task.scheduleToCloseDeadline : task.notBefore
+        return due.map {
+            JournalTimer(dueNanoseconds: $0, entity: EntityKey(rawValue: task.entityKey),
+                         id: task.activityID | retryTimerBit, payload: [1] + task.key.bytes)
+        }
     }
 
     private static let retryTimerBit: UInt64 = 1 << 63
 
-    /// Whether a timer's id is a retry timer's (see ``retryTimer(of:)``).
+    /// Whether a timer's id is a retry timer's (see ``timer(of:)``).
     static func isRetryTimer(id: UInt64) -> Bool { id & retryTimerBit != 0 }
 
     // MARK: Damaged rows
@@ -1041,11 +1235,12 @@ final class ActivityWorker: @unchecked Sendable {
         let activity = timer.id & ~Self.retryTimerBit
         let key = ActivityTask.key(entity: timer.entity.rawValue, activity: activity)
         guard case .success(let value?) = Result(catching: { () throws(JournalError) in try core.journal.task(forKey: key.bytes) }),
-              let task = ActivityTask.decode(value), task.entityKey == timer.entity.rawValue, task.activityID == activity
+              let task = ActivityTask.decode(value), task.entityKey == timer.entity.rawValue, task.activityID == activity,
+              let rebuilt = Self.timer(of: task)
         else { return done(false) }
         var batch = JournalBatch()
         batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-        batch.scheduleTimer(Self.retryTimer(of: task))  // after the delete: the same key when only the payload was damaged
+        batch.scheduleTimer(rebuilt)  // after the delete: the same key when only the payload was damaged
         core.journal.submit(batch) { [core] result in
             guard case .success = result else { return done(false) }
             core!.logger.warning("an activity's retry timer failed its check (damaged on disk); it was rebuilt from the activity's task",
@@ -1170,6 +1365,7 @@ final class ActivityWorker: @unchecked Sendable {
                 }
             }
         }
+        for key in keys { dropPause(key) }
     }
 
     /// The run of entity `entity` requested the cancellation of activities `ids` and waits for how
@@ -1269,8 +1465,10 @@ final class ActivityWorker: @unchecked Sendable {
             if case .failure(let error) = result, error.code == .storage, !core.closed.load(ordering: .acquiring) {
                 core.retryShortly { [self] in finish(task, outcome, attempt) }
             } else {
-                // The outcome is recorded: a cancellation request still pending for it has nothing left to do.
+                // The outcome is recorded: a cancellation request still pending for it has nothing left
+                // to do, and a pause goes with its row.
                 _ = takePendingCancel(task.id)
+                if case .success = result { dropPause(task.id) }
             }
             core.becameIdle()
         }

@@ -1,26 +1,30 @@
 /// What ``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)`` did.
 public enum ActivityRetry: Sendable, Hashable {
-    /// The activity was backing off: its next attempt, with this number, was made due now and
-    /// queued in the pool.
+    /// The activity was backing off or paused: its next attempt, with this number, was made due now
+    /// and queued in the pool.
     case retrying(attempt: Int)
-    /// Nothing to change: an attempt with this number runs now (or is marked as running in its stored
-    /// task), or is queued, or is due already and waits for a slot in the pool or for its activity
-    /// type's registration.
+    /// No attempt to bring forward: an attempt with this number runs now (or is marked as running in
+    /// its stored task), or is queued, or is due already and waits for a slot in the pool or for its
+    /// activity type's registration. A pause made while it ran was withdrawn: if it fails, it is
+    /// retried by its policy.
     case alreadyDue(attempt: Int)
 }
 
 /// What ``EntityRuntime/pauseActivity(of:activity:)`` did.
 public enum ActivityPause: Sendable, Hashable {
-    /// No attempt starts until a "retry now"; the next one will be this one. Also when it already was paused.
+    /// No attempt runs, and none starts until a "retry now"; the next one will be this one. Also when
+    /// it already was paused.
     case paused(attempt: Int)
-    /// Not backing off: an attempt with this number runs now or is due. Pause it once that attempt has failed.
-    case notBackingOff(attempt: Int)
+    /// An attempt with this number runs: it goes on (it may still succeed, or fail for good), and if
+    /// it fails with a retry to come, the activity is paused before that retry.
+    case pausedAfterAttempt(attempt: Int)
 }
 
 extension EntityRuntime {
     /// Runs an activity's next attempt now instead of at the end of its backoff — an operator's
     /// "retry now" once whatever made its attempts fail (a gateway down, a bad credential) is fixed.
-    /// It also resumes an activity paused by ``pauseActivity(of:activity:)``.
+    /// It also resumes an activity paused by ``pauseActivity(of:activity:)``, and withdraws a pause
+    /// made while an attempt ran.
     /// Find the activity with ``describe(_:)``: its ``EntityDescription/PendingActivity/id``, in state
     /// ``EntityDescription/PendingActivity/State/backingOff``.
     ///
@@ -52,33 +56,41 @@ extension EntityRuntime {
         async throws(EntityError) -> ActivityRetry {
         switch try await reschedule(name, id, .now(resettingAttempts: resettingAttempts)) {
         case .retrying(let attempt): .retrying(attempt: attempt)
-        case .running(let attempt), .due(let attempt), .paused(let attempt): .alreadyDue(attempt: attempt)
+        case .running(let attempt), .due(let attempt), .paused(let attempt), .pausedAfter(let attempt): .alreadyDue(attempt: attempt)
         }
     }
 
-    /// Pauses an activity that is backing off: no further attempt starts — not at the end of its
-    /// backoff, not after a restart — until ``retryActivityNow(of:activity:resettingAttempts:)``
-    /// resumes it (Temporal's activity pause). What an operator does while whatever makes its
-    /// attempts fail is being fixed, so that the retries stop hammering it and stop using up
-    /// `maximumAttempts`. ``describe(_:)`` shows it as ``EntityDescription/PendingActivity/State/paused``.
+    /// Pauses an activity: no further attempt starts — not at the end of its backoff, not after a
+    /// restart — until ``retryActivityNow(of:activity:resettingAttempts:)`` resumes it (Temporal's
+    /// activity pause). What an operator does while whatever makes its attempts fail is being fixed,
+    /// so that the retries stop hammering it and stop using up `maximumAttempts`. ``describe(_:)``
+    /// shows it as ``EntityDescription/PendingActivity/State/paused``.
+    ///
+    /// An activity backing off, queued or due is paused at once: its retry timer goes. One whose
+    /// attempt runs is paused after that attempt: the attempt goes on (it cannot be taken back, and it
+    /// may succeed), and if it fails with a retry to come, that retry waits for a "retry now"
+    /// (``EntityDescription/PendingActivity/pausedAfterAttempt`` meanwhile).
     ///
     /// The run still waits for the activity (a timer or a cancellation in the run body can end that
-    /// wait); its schedule-to-close deadline is not checked while it is paused, only when its next
-    /// attempt starts. Durable, and a compare-and-set like a retry.
+    /// wait), and its schedule-to-close timeout still ends it on time: a paused activity fails with
+    /// reason `scheduleToCloseTimeout` at its deadline. Durable: the pause is stored before the call
+    /// returns, and holds across a crash (an attempt cut off by it counts as failed, and the next one
+    /// is paused). Each change of the stored task is a compare-and-set, as for a retry.
     /// - Returns: ``ActivityPause/paused(attempt:)`` (also when it already was), or
-    ///   ``ActivityPause/notBackingOff(attempt:)`` when an attempt runs or is due already: pause it
-    ///   once that attempt has failed.
+    ///   ``ActivityPause/pausedAfterAttempt(attempt:)`` when an attempt runs.
     /// - Throws: ``EntityError`` `rejected` when the entity's run awaits no such activity or the run
     ///   requested its cancellation; `closed`; `storage`.
     public func pauseActivity(of name: EntityName, activity id: UInt64) async throws(EntityError) -> ActivityPause {
         switch try await reschedule(name, id, .pause) {
         case .paused(let attempt): .paused(attempt: attempt)
-        case .retrying(let attempt), .running(let attempt), .due(let attempt): .notBackingOff(attempt: attempt)
+        case .pausedAfter(let attempt): .pausedAfterAttempt(attempt: attempt)
+        case .running(let attempt): .pausedAfterAttempt(attempt: attempt)
+        case .retrying(let attempt), .due(let attempt): .paused(attempt: attempt)  // not answered to a pause
         }
     }
 
     /// What an operator's change of an activity's schedule came to, refusals thrown.
-    private enum Outcome { case retrying(Int), paused(Int), running(Int), due(Int) }
+    private enum Outcome { case retrying(Int), paused(Int), pausedAfter(Int), running(Int), due(Int) }
 
     private func reschedule(_ name: EntityName, _ id: UInt64, _ change: ActivityWorker.Reschedule) async throws(EntityError) -> Outcome {
         guard !core.closed.load(ordering: .acquiring) else { throw EntityError(.closed, entity: name, "the runtime is closed") }
@@ -98,6 +110,7 @@ extension EntityRuntime {
         switch outcome {
         case .retrying(let attempt): return .retrying(attempt)
         case .paused(let attempt): return .paused(attempt)
+        case .pausedAfter(let attempt): return .pausedAfter(attempt)
         case .running(let attempt): return .running(attempt)
         case .due(let attempt): return .due(attempt)
         case .notPending:

@@ -51,8 +51,10 @@ public struct EntityDescription: Sendable, Hashable {
             /// Its last attempt failed and the retry policy retries it: the next attempt starts at
             /// ``PendingActivity/nextAttemptAt``.
             case backingOff
-            /// An operator paused it after a failed attempt (``EntityRuntime/pauseActivity(of:activity:)``):
-            /// no attempt starts until a "retry now" (``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``).
+            /// An operator paused it (``EntityRuntime/pauseActivity(of:activity:)``): no attempt starts
+            /// until a "retry now" (``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``).
+            /// One paused while its attempt ran shows as ``running`` with ``PendingActivity/pausedAfterAttempt``
+            /// until that attempt ends.
             case paused
             /// The run asked it to stop and waits for how it ends
             /// (``ActivityCancellationType/waitCancellationCompleted``); no attempt starts any more.
@@ -86,8 +88,11 @@ public struct EntityDescription: Sendable, Hashable {
         /// The last heartbeat details stored (what the next attempt reads in
         /// ``ActivityContext/heartbeatDetails``).
         public var heartbeatDetails: [UInt8]?
-        /// When its schedule-to-close timeout ends it, if it has one.
+        /// When its schedule-to-close timeout ends it, if it has one. It does while paused too.
         public var scheduleToCloseDeadline: UInt64?
+        /// An operator paused it while its attempt ran: that attempt goes on, and if it fails, no
+        /// further attempt starts until a "retry now".
+        public var pausedAfterAttempt = false
     }
 
     /// A durable timer the run started that has neither fired nor been cancelled: a `sleep`, or the
@@ -126,9 +131,10 @@ extension EntityDescription {
     /// - Parameters:
     ///   - tasks: the entity's stored activity tasks, by activity id.
     ///   - cancelRequested: the activities whose cancellation request row is stored.
+    ///   - paused: the activities whose pause row is stored (see ``ActivityTask/pauseKey(entity:activity:)``).
     ///   - live: what the worker is doing now with each pending activity.
     ///   - now: the runtime's clock.
-    init(history: ExportedHistory, tasks: [UInt64: ActivityTask], cancelRequested: Set<UInt64>,
+    init(history: ExportedHistory, tasks: [UInt64: ActivityTask], cancelRequested: Set<UInt64>, paused: Set<UInt64>,
          live: (_ ids: [UInt64]) -> [UInt64: ActivityWorker.Progress], now: UInt64) throws(EntityError) {
         let events = try history.decodedEvents()
         var status = Status.idle
@@ -187,11 +193,13 @@ extension EntityDescription {
                     switch progress[activity.id] {
                     case .running(let attempt)?:
                         pending.state = .running
+                        pending.pausedAfterAttempt = paused.contains(activity.id)
                         if let attempt { pending.attempt = attempt }
                     case .queued(let attempt)?:
                         pending.attempt = attempt
+                        if paused.contains(activity.id) { pending.state = .paused }  // it does not start
                     case nil:
-                        if let task, task.notBefore == ActivityWorker.pausedNotBefore {
+                        if let task, task.isPaused || paused.contains(activity.id) {
                             pending.state = .paused
                         } else if let task, task.notBefore > now, task.attempt > 1 {
                             pending.state = .backingOff
@@ -225,6 +233,7 @@ extension EntityDescription: CustomStringConvertible {
         for activity in pendingActivities {
             var line = "  activity \(activity.id) \(activity.name): \(activity.state)"
             if let attempt = activity.attempt { line += ", attempt \(attempt)" }
+            if activity.pausedAfterAttempt { line += ", paused after it" }
             if let next = activity.nextAttemptAt { line += ", next at \(next)" }
             if let failure = activity.lastFailure { line += ", last failure \(failure.type): \(failure.message)" }
             lines.append(line)

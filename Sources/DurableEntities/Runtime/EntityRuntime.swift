@@ -301,6 +301,7 @@ public final class EntityRuntime: Sendable {
         let key: EntityKey
         var tasks: [UInt64: ActivityTask] = [:]
         var cancelRequested: Set<UInt64> = []
+        var paused: Set<UInt64> = []
         do {
             guard let found = try journal.key(for: name) else { return nil }
             key = found
@@ -312,6 +313,9 @@ public final class EntityRuntime: Sendable {
             }
             for row in try journal.tasks(prefix: ActivityTask.cancelKeyPrefix(entity: key.rawValue)) where row.isIntact {
                 if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofCancelKey: $0) }) { cancelRequested.insert(id.activityID) }
+            }
+            for row in try journal.tasks(prefix: ActivityTask.pauseKeyPrefix(entity: key.rawValue)) where row.isIntact {
+                if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofPauseKey: $0) }) { paused.insert(id.activityID) }
             }
         } catch {
             throw EntityError(.storage, entity: name, "reading the entity's tasks failed", underlying: error)
@@ -325,7 +329,7 @@ public final class EntityRuntime: Sendable {
         }
         let worker = core.activities
         return try EntityDescription(
-            history: history, tasks: tasks.filter { $0.value.run == history.run }, cancelRequested: cancelRequested,
+            history: history, tasks: tasks.filter { $0.value.run == history.run }, cancelRequested: cancelRequested, paused: paused,
             live: { ids in worker.progress(entity: key.rawValue, activities: ids) }, now: core.clock.nowNanoseconds())
     }
 
