@@ -185,6 +185,9 @@ final class Bank: Sendable {
             var attempt: Int?
             var nextAttemptAt: UInt64?
             var lastFailure: String?
+            /// `true` for a step paused while its attempt runs: if that attempt fails, the step waits
+            /// for a retry (absent otherwise).
+            var pausedAfterAttempt: Bool?
         }
         struct TimerView: Codable, Sendable, Equatable {
             var dueAt: UInt64
@@ -225,7 +228,8 @@ final class Bank: Sendable {
                 }
                 return ActivityView(name: activity.name, state: state, scheduledAt: activity.scheduledAt, attempt: activity.attempt,
                                     nextAttemptAt: activity.nextAttemptAt,
-                                    lastFailure: activity.lastFailure.map { "\($0.type): \($0.message)" })
+                                    lastFailure: activity.lastFailure.map { "\($0.type): \($0.message)" },
+                                    pausedAfterAttempt: activity.pausedAfterAttempt ? true : nil)
             }
             timers = description.pendingTimers.map { TimerView(dueAt: $0.dueAt) }
         }
@@ -266,14 +270,17 @@ final class Bank: Sendable {
     }
 
     /// Starts now every step of the transfer that waits for its next attempt after a failure,
-    /// instead of at the end of its backoff: what an operator does once whatever made it fail (the
-    /// approvers' chat down) is fixed (``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``).
+    /// instead of at the end of its backoff, and resumes the paused ones: what an operator does once
+    /// whatever made it fail (the approvers' chat down) is fixed
+    /// (``EntityRuntime/retryActivityNow(of:activity:resettingAttempts:)``). A pause made while a
+    /// step's attempt runs is withdrawn.
     /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
     func retryTransfer(_ id: String) async throws(BankError) -> TransferRetryView {
         let description = try describeTransfer(id)
         let name = description.name
         var retried: [TransferRetryView.Step] = []
-        for activity in description.pendingActivities where activity.state == .backingOff {
+        for activity in description.pendingActivities
+        where activity.state == .backingOff || activity.state == .paused || activity.pausedAfterAttempt {
             do {
                 // `alreadyDue`: it started on its own meanwhile.
                 if case .retrying(let attempt) = try await runtime.retryActivityNow(of: name, activity: activity.id) {
@@ -285,6 +292,42 @@ final class Bank: Sendable {
             }
         }
         return TransferRetryView(transferId: id, retried: retried)
+    }
+
+    /// What ``pauseTransfer(_:)`` paused.
+    struct TransferPauseView: Codable, Sendable, Equatable {
+        struct Step: Codable, Sendable, Equatable {
+            var name: String
+            /// The attempt that waits for a retry (or, `afterRunningAttempt`, the one that runs on).
+            var attempt: Int
+            /// The step's attempt runs: it goes on, and if it fails the step waits for a retry.
+            var afterRunningAttempt: Bool
+        }
+        var transferId: String
+        /// The steps in flight, paused (none when nothing is in flight).
+        var paused: [Step]
+    }
+
+    /// Pauses every step of the transfer in flight: none starts another attempt until
+    /// ``retryTransfer(_:)`` (``EntityRuntime/pauseActivity(of:activity:)``). What an operator does
+    /// while whatever makes a step fail (the approvers' chat down) is being fixed, so that its
+    /// retries stop. A step whose attempt runs is paused after that attempt.
+    /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
+    func pauseTransfer(_ id: String) async throws(BankError) -> TransferPauseView {
+        let description = try describeTransfer(id)
+        var paused: [TransferPauseView.Step] = []
+        for activity in description.pendingActivities where activity.state != .cancelRequested {
+            do {
+                switch try await runtime.pauseActivity(of: description.name, activity: activity.id) {
+                case .paused(let attempt): paused.append(.init(name: activity.name, attempt: attempt, afterRunningAttempt: false))
+                case .pausedAfterAttempt(let attempt): paused.append(.init(name: activity.name, attempt: attempt, afterRunningAttempt: true))
+                }
+            } catch {
+                if error.code == .rejected { continue }  // it ended meanwhile
+                throw Self.bankError(error)
+            }
+        }
+        return TransferPauseView(transferId: id, paused: paused)
     }
 
     /// Waits for the transfer's run body to finish (in-process callers: the demo; HTTP clients poll).

@@ -14,7 +14,8 @@ import Logging
 /// | `GET /transfers/{id}` | | 200 the transfer, 404 `not_found` |
 /// | `GET /transfers/{id}?waitFor=completed,rejected&timeoutMs=10000` | | 200 the transfer once its status is one of those, or as it is after the timeout (a long poll; at most 30 s) |
 /// | `GET /transfers/{id}/run` | | 200 the transfer's run: its status and what it waits for — money moves with their attempt, last failure and next attempt; timers with their due time (see `Bank.TransferRunView`), 404 `not_found` |
-/// | `POST /transfers/{id}/retry` | | 200 `{"transferId", "retried": [{"name", "attempt"}]}`: the steps that waited for their next attempt after a failure start it now (an operator's "retry now"), 404 `not_found` |
+/// | `POST /transfers/{id}/retry` | | 200 `{"transferId", "retried": [{"name", "attempt"}]}`: the steps that waited for their next attempt after a failure, or were paused, start it now (an operator's "retry now"), 404 `not_found` |
+/// | `POST /transfers/{id}/pause` | | 200 `{"transferId", "paused": [{"name", "attempt", "afterRunningAttempt"}]}`: no step in flight starts another attempt until a retry (an operator's "pause"; a running attempt goes on), 404 `not_found` |
 /// | `POST /transfers/{id}/approve`, `…/reject` | `{"requestId"}` | 200 the transfer, 409 `not_awaiting_approval` |
 /// | `POST /transfers/{id}/cancel` | | 202 the transfer (it refunds and ends `cancelled` unless its deposit has begun), 409 `transfer_finished` |
 enum BankHTTP {
@@ -51,6 +52,9 @@ enum BankHTTP {
         }
         router.post("/transfers/:id/retry") { _, context in
             try json(await bank.retryTransfer(context.parameters.require("id")))
+        }
+        router.post("/transfers/:id/pause") { _, context in
+            try json(await bank.pauseTransfer(context.parameters.require("id")))
         }
         router.post("/transfers/:id/approve") { request, context in
             let body = try await decode(DecisionRequest.self, request)

@@ -24,12 +24,16 @@ struct BankApprovalTests {
         init() { (failures, failed) = AsyncStream.makeStream(of: Void.self) }
         func deliver(_ reminder: ApprovalReminder) throws {
             guard !down.withLock({ $0 }) else {
+                failureTotal.withLock { $0 += 1 }
                 failed.yield()
                 throw ChatDown()
             }
             reminders.withLock { $0.append(reminder) }
         }
         func setDown(_ isDown: Bool) { down.withLock { $0 = isDown } }
+        /// How many deliveries failed.
+        var failureCount: Int { failureTotal.withLock { $0 } }
+        private let failureTotal = Mutex(0)
         var all: [ApprovalReminder] { reminders.withLock { $0 } }
     }
 
@@ -100,6 +104,36 @@ struct BankApprovalTests {
             #expect(inbox.all.map(\.transfer) == ["t-1"])
             #expect(try await bank.retryTransfer("t-1").retried.isEmpty, "nothing waits for a retry any more")
             await #expect(throws: BankError.self) { try await bank.retryTransfer("t-9") }
+        }
+    }
+
+    @Test("while the approvers' chat is down, an operator pauses the transfer: its reminder makes no attempt while the clock passes its backoffs, and shows as paused; once the chat is back, a retry resumes it at once")
+    func reminderPausedThenResumed() async throws {
+        try await withWaitingTransfer { bank, clock, inbox in
+            let since = clock.nowNanoseconds()
+            inbox.setDown(true)
+            var failures = inbox.failures.makeAsyncIterator()
+            clock.advance(by: Transfer.approvalReminderAfter)
+            #expect(await failures.next() != nil)  // attempt 1 failed
+            await bank.runtime.waitUntilIdle()  // its retry is stored
+            let paused = try await bank.pauseTransfer("t-1")
+            #expect(paused == .init(transferId: "t-1", paused: [.init(name: RemindApprovers.name, attempt: 2, afterRunningAttempt: false)]))
+            var run = try bank.transferRun("t-1")
+            #expect(run.activities.map(\.state) == ["paused"] && run.activities.first?.nextAttemptAt == nil, "\(run)")
+            #expect(try await bank.pauseTransfer("t-1") == paused, "pausing again changes nothing")
+
+            clock.advance(by: .seconds(600))  // past the 1 s backoff and all the ones after it
+            await bank.runtime.waitUntilIdle()
+            #expect(inbox.failureCount == 1, "no attempt while paused")
+            run = try bank.transferRun("t-1")
+            #expect(run.activities.map(\.state) == ["paused"], "\(run)")
+
+            inbox.setDown(false)
+            let retried = try await bank.retryTransfer("t-1")
+            #expect(retried == .init(transferId: "t-1", retried: [.init(name: RemindApprovers.name, attempt: 2)]))
+            let reminded = try await awaitTransfer(bank, "t-1") { $0.remindedAt != nil }
+            #expect(reminded.remindedAt == since + 4 * 3_600 * 1_000_000_000 + 600 * 1_000_000_000, "delivered when resumed")
+            #expect(inbox.all.map(\.transfer) == ["t-1"] && inbox.failureCount == 1)
         }
     }
 

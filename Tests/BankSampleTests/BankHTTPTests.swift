@@ -204,6 +204,11 @@ struct BankHTTPTests {
             #expect(retry.status == 200, "\(retry.text)")
             #expect(try retry.decode(Bank.TransferRetryView.self) == .init(transferId: "t-1", retried: []))
             #expect(try await bank.client.request("POST", "/transfers/t-9/retry").status == 404)
+            // Nothing in flight: the operator's "pause" pauses nothing.
+            let pause = try await bank.client.request("POST", "/transfers/t-1/pause")
+            #expect(pause.status == 200, "\(pause.text)")
+            #expect(try pause.decode(Bank.TransferPauseView.self) == .init(transferId: "t-1", paused: []))
+            #expect(try await bank.client.request("POST", "/transfers/t-9/pause").status == 404)
 
             _ = try await bank.client.request("POST", "/transfers/t-1/cancel")
             _ = try await bank.awaitStatus("t-1", in: terminal)

@@ -219,10 +219,11 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    /// Task `id` ended (its outcome recorded) or was given up: its pause, if it had one, goes with its
-    /// row (not waited for; a row left by a crash goes at the next open).
-    private func dropPause(_ id: ActivityTask.ID) {
-        guard releasePause(id) else { return }
+    /// Task `id` ended (its outcome recorded) or was given up: its pause, if it had one (or `stored`:
+    /// its row is known to be there), goes with its row (not waited for; a row left by a crash goes at
+    /// the next open).
+    private func dropPause(_ id: ActivityTask.ID, stored: Bool = false) {
+        guard releasePause(id) || stored else { return }
         var batch = JournalBatch()
         batch.deleteTask(ActivityTask.pauseKey(entity: id.entityKey, activity: id.activityID))
         core.becameBusy()
@@ -385,7 +386,11 @@ final class ActivityWorker: @unchecked Sendable {
         // settles it; the bound only keeps a row that never holds still from looping for good.
         for _ in 0..<16 {
             let rows = try core.journal.tasks(forKeys: [key.bytes, cancelKey.bytes, pauseKey.bytes])
-            guard let stored = rows[0], var task = ActivityTask.decode(stored) else { return .notPending }
+            guard let stored = rows[0], var task = ActivityTask.decode(stored) else {
+                // A pause row left without its task (stored as the activity ended) goes.
+                if rows[2] != nil || isPauseHeld(id) { dropPause(id, stored: true) }
+                return .notPending
+            }
             if rows[1] != nil { return .cancelRequested }
             let pauseStored = rows[2] != nil
             var batch = JournalBatch()
@@ -404,11 +409,8 @@ final class ActivityWorker: @unchecked Sendable {
                     continue  // stored: decide on what the task is now
                 }
                 if runs || task.runningAttempt == task.attempt { return .pausedAfter(attempt: task.attempt) }
-                if case .queued(let attempt)? = progress(entity: entity, activities: [activity])[activity] {
-                    // Taken from the queue before it starts; one already taken is stored paused as it
-                    // would start (see `storePaused`), and this commit then conflicts.
-                    guard withPool({ $0.take(id) }) != nil else { return .pausedAfter(attempt: attempt) }
-                }
+                // Not running. An attempt of it queued in the pool is skipped when its turn comes
+                // (see `attempt(_:)`, which may store it paused first: this commit then conflicts).
                 if let timer = Self.timer(of: task), task.notBefore > core.clock.nowNanoseconds() {
                     // Its retry timer goes (a due one has rung, or rings and finds the task paused).
                     batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
@@ -431,15 +433,18 @@ final class ActivityWorker: @unchecked Sendable {
                     withdrew = true
                     continue
                 }
-                switch progress(entity: entity, activities: [activity])[activity] {
-                case .running(let attempt)?: return .running(attempt: attempt ?? task.attempt)
-                case .queued(let attempt)?: return withdrew ? .retrying(attempt: attempt) : .due(attempt: attempt)
-                case nil: break
-                }
-                if task.runningAttempt == task.attempt { return .running(attempt: task.attempt) }
                 let now = core.clock.nowNanoseconds()
-                guard task.isPaused || task.notBefore > now else {
-                    return withdrew ? .retrying(attempt: task.attempt) : .due(attempt: task.attempt)
+                // A paused row is always made due again, even with an attempt of it queued (dispatched
+                // after it was paused; dispatching again leaves that one alone): else a crash before
+                // that attempt ended would leave it paused.
+                if !task.isPaused {
+                    switch progress(entity: entity, activities: [activity])[activity] {
+                    case .running(let attempt)?: return .running(attempt: attempt ?? task.attempt)
+                    case .queued(let attempt)?: return withdrew ? .retrying(attempt: attempt) : .due(attempt: attempt)
+                    case nil: break
+                    }
+                    if task.runningAttempt == task.attempt { return .running(attempt: task.attempt) }
+                    guard task.notBefore > now else { return withdrew ? .retrying(attempt: task.attempt) : .due(attempt: task.attempt) }
                 }
                 if let timer = Self.timer(of: task) {
                     batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
@@ -771,9 +776,14 @@ final class ActivityWorker: @unchecked Sendable {
     /// whose schedule-to-close deadline it was.
     func retryDue(_ timer: JournalTimer, done: @escaping @Sendable () -> Void) {
         let key = Array(timer.payload.dropFirst())
+        // The timer's row is the right to act on it: whoever deletes it acts. A "retry now" or a pause
+        // that took it between the service's read and this commit (see `reschedule`) has dispatched
+        // or paused the task itself, and a timer handed over twice acts once.
         var batch = JournalBatch()
+        batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
         batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-        core.journal.submit(batch) { [self] _ in
+        core.journal.submit(batch) { [self] result in
+            if case .failure(let error) = result, error.code == .conflict { return done() }
             // The stored task may be a later attempt than the timer's (a stale timer, left from before
             // a restart that ran its attempt at open): it then waits for its own timer, so the backoff holds.
             // With its cancellation row, read in the same snapshot: the commit that records the
