@@ -277,21 +277,33 @@ final class Bank: Sendable {
     /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
     func retryTransfer(_ id: String) async throws(BankError) -> TransferRetryView {
         let description = try describeTransfer(id)
-        let name = description.name
-        var retried: [TransferRetryView.Step] = []
-        for activity in description.pendingActivities
-        where activity.state == .backingOff || activity.state == .paused || activity.pausedAfterAttempt {
+        let retried = try await changeSteps(of: description) { activity in
+            activity.state == .backingOff || activity.state == .paused || activity.pausedAfterAttempt
+        } _: { activity throws(EntityError) -> TransferRetryView.Step? in
+            // `alreadyDue`: it started on its own meanwhile.
+            guard case .retrying(let attempt) = try await runtime.retryActivityNow(of: description.name, activity: activity.id) else { return nil }
+            return .init(name: activity.name, attempt: attempt)
+        }
+        return TransferRetryView(transferId: id, retried: retried)
+    }
+
+    /// Applies an operator's `change` to each step of the transfer in flight that `selected` picks,
+    /// and collects what it reports; a step that ended meanwhile (`rejected`: nothing is owed to it
+    /// any more) is left out.
+    private func changeSteps<Step>(of description: EntityDescription,
+                                   where selected: (EntityDescription.PendingActivity) -> Bool,
+                                   _ change: (EntityDescription.PendingActivity) async throws(EntityError) -> Step?)
+        async throws(BankError) -> [Step] {
+        var changed: [Step] = []
+        for activity in description.pendingActivities where selected(activity) {
             do {
-                // `alreadyDue`: it started on its own meanwhile.
-                if case .retrying(let attempt) = try await runtime.retryActivityNow(of: name, activity: activity.id) {
-                    retried.append(.init(name: activity.name, attempt: attempt))
-                }
+                if let step = try await change(activity) { changed.append(step) }
             } catch {
-                if error.code == .rejected { continue }  // it ended meanwhile: nothing is owed to it any more
+                if error.code == .rejected { continue }
                 throw Self.bankError(error)
             }
         }
-        return TransferRetryView(transferId: id, retried: retried)
+        return changed
     }
 
     /// What ``pauseTransfer(_:)`` paused.
@@ -315,16 +327,10 @@ final class Bank: Sendable {
     /// - Throws: ``BankError``: `notFound`, `invalidID`, `unavailable`.
     func pauseTransfer(_ id: String) async throws(BankError) -> TransferPauseView {
         let description = try describeTransfer(id)
-        var paused: [TransferPauseView.Step] = []
-        for activity in description.pendingActivities where activity.state != .cancelRequested {
-            do {
-                switch try await runtime.pauseActivity(of: description.name, activity: activity.id) {
-                case .paused(let attempt): paused.append(.init(name: activity.name, attempt: attempt, afterRunningAttempt: false))
-                case .pausedAfterAttempt(let attempt): paused.append(.init(name: activity.name, attempt: attempt, afterRunningAttempt: true))
-                }
-            } catch {
-                if error.code == .rejected { continue }  // it ended meanwhile
-                throw Self.bankError(error)
+        let paused = try await changeSteps(of: description) { $0.state != .cancelRequested } _: { activity throws(EntityError) -> TransferPauseView.Step? in
+            switch try await runtime.pauseActivity(of: description.name, activity: activity.id) {
+            case .paused(let attempt): .init(name: activity.name, attempt: attempt, afterRunningAttempt: false)
+            case .pausedAfterAttempt(let attempt): .init(name: activity.name, attempt: attempt, afterRunningAttempt: true)
             }
         }
         return TransferPauseView(transferId: id, paused: paused)

@@ -82,15 +82,21 @@ struct BankApprovalTests {
         }
     }
 
+    /// The approvers' chat goes down and the reminder falls due: its attempt 1 fails, and its retry
+    /// is stored (the chat stays down).
+    func reminderFailsOnce(_ bank: Bank, _ clock: TestClock, _ inbox: Inbox) async {
+        inbox.setDown(true)
+        var failures = inbox.failures.makeAsyncIterator()
+        clock.advance(by: Transfer.approvalReminderAfter)
+        #expect(await failures.next() != nil)  // attempt 1 failed
+        await bank.runtime.waitUntilIdle()  // its retry is stored
+    }
+
     @Test("the approvers' chat is down when the reminder falls due: the reminder backs off; once the chat is back, an operator's retry delivers it at once, not at the end of its backoff")
     func reminderRetriedNow() async throws {
         try await withWaitingTransfer { bank, clock, inbox in
             let since = clock.nowNanoseconds()
-            inbox.setDown(true)
-            var failures = inbox.failures.makeAsyncIterator()
-            clock.advance(by: Transfer.approvalReminderAfter)
-            #expect(await failures.next() != nil)  // attempt 1 failed
-            await bank.runtime.waitUntilIdle()  // its retry is stored
+            await reminderFailsOnce(bank, clock, inbox)
             let run = try bank.transferRun("t-1")
             #expect(run.activities.map(\.state) == ["backing_off"] && run.activities.first?.attempt == 2, "\(run)")
             #expect(run.activities.first?.lastFailure?.contains("ChatDown") == true, "\(run)")
@@ -111,11 +117,7 @@ struct BankApprovalTests {
     func reminderPausedThenResumed() async throws {
         try await withWaitingTransfer { bank, clock, inbox in
             let since = clock.nowNanoseconds()
-            inbox.setDown(true)
-            var failures = inbox.failures.makeAsyncIterator()
-            clock.advance(by: Transfer.approvalReminderAfter)
-            #expect(await failures.next() != nil)  // attempt 1 failed
-            await bank.runtime.waitUntilIdle()  // its retry is stored
+            await reminderFailsOnce(bank, clock, inbox)
             let paused = try await bank.pauseTransfer("t-1")
             #expect(paused == .init(transferId: "t-1", paused: [.init(name: RemindApprovers.name, attempt: 2, afterRunningAttempt: false)]))
             var run = try bank.transferRun("t-1")

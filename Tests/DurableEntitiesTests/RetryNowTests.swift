@@ -306,6 +306,22 @@ struct RetryNowTests {
 
     // MARK: Pausing what runs or waits, and the deadline while paused
 
+    /// A `Step` whose attempt 1 waits for `gate`, then fails with `Flake`; later ones return `ok:`
+    /// and their label. Each attempt is logged, and its number yielded as it starts.
+    func failsFirstAfter(_ gate: AsyncGate, _ log: AttemptLog, _ clock: TestClock) -> (ActivityStub<Step>, AsyncStream<Int>) {
+        let (started, start) = AsyncStream.makeStream(of: Int.self)
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            start.yield(context.attempt)
+            if context.attempt == 1 {
+                await gate.wait()
+                throw Flake()
+            }
+            return "ok:\(label)"
+        }
+        return (stub, started)
+    }
+
     /// The pause rows stored.
     func pauseRows(_ runtime: EntityRuntime) throws -> Int {
         try runtime.journal.tasks(prefix: [ActivityTask.pauseKeyPrefix]).count
@@ -319,16 +335,7 @@ struct RetryNowTests {
         let gate = AsyncGate()
         defer { gate.open() }
         let log = AttemptLog()
-        let (started, start) = AsyncStream.makeStream(of: Int.self)
-        let stub = ActivityStub<Step> { label, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            start.yield(context.attempt)
-            if context.attempt == 1 {
-                await gate.wait()
-                throw Flake()
-            }
-            return "ok:\(label)"
-        }
+        let (stub, started) = failsFirstAfter(gate, log, clock)
         let options = ActivityOptions(retry: .init(initialInterval: .seconds(10)))
         let id: UInt64
         do {
@@ -503,16 +510,7 @@ struct RetryNowTests {
         let gate = AsyncGate()
         defer { gate.open() }
         let log = AttemptLog()
-        let (started, start) = AsyncStream.makeStream(of: Int.self)
-        let stub = ActivityStub<Step> { label, context in
-            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
-            start.yield(context.attempt)
-            if context.attempt == 1 {
-                await gate.wait()
-                throw Flake()
-            }
-            return "ok:\(label)"
-        }
+        let (stub, started) = failsFirstAfter(gate, log, clock)
         let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { runtime.close() }
         let call = runtime.entity(CallStep.self, id: "withdrawn")
