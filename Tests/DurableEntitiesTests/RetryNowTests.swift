@@ -377,6 +377,128 @@ struct RetryNowTests {
         #expect(try pauseRows(reopened) == 0)
     }
 
+    /// A `Step` that notes what each attempt reads (its number, the last heartbeat's details, its
+    /// pause) and gives a heartbeat `<attempt>:a`, then yields its number. Its first attempt then waits
+    /// for `gate`, gives a heartbeat `1:b`, notes what it sees (paused, cancelled) and ends with
+    /// `ended(cancelled)`; later attempts return `ok:` and their label.
+    func heartbeatsAfter(_ gate: AsyncGate, _ notes: CallLog,
+                         ended: @escaping @Sendable (_ cancelled: Bool) throws -> String) -> (ActivityStub<Step>, AsyncStream<Int>) {
+        let (started, start) = AsyncStream.makeStream(of: Int.self)
+        let first = Atomic<Bool>(true)
+        let stub = ActivityStub<Step> { label, context in
+            notes.add("attempt \(context.attempt) read \(context.lastHeartbeat(as: String.self) ?? "nothing"), paused \(context.isPaused)")
+            context.heartbeat("\(context.attempt):a")
+            start.yield(context.attempt)
+            guard first.exchange(false, ordering: .relaxed) else { return "ok:\(label)" }
+            await gate.wait()
+            context.heartbeat("1:b")
+            notes.add("paused \(context.isPaused), cancelled \(context.isCancelled)")
+            return try ended(context.isCancelled)
+        }
+        return (stub, started)
+    }
+
+    @Test("a pause interrupts a heartbeating attempt at its next heartbeat (Temporal's pause): the attempt sees isPaused and isCancelled; its failure is not counted, even on its last allowed attempt: the activity is stored paused at the same attempt, with that heartbeat's details, and makes no attempt; a retry now runs it again at once, reading them")
+    func pauseInterruptsHeartbeatingAttempt() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let notes = CallLog()
+        let (stub, started) = heartbeatsAfter(gate, notes) { cancelled in
+            if cancelled { throw CancellationError() }
+            return "not interrupted"
+        }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let call = runtime.entity(CallStep.self, id: "beating")
+        // One attempt allowed: a counted failure would end the activity.
+        try await call.start(.init(label: "x", options: ActivityOptions(retry: .never)))
+        var attempts = started.makeAsyncIterator()
+        #expect(await attempts.next() == 1)  // its first heartbeat came before the pause: it runs on
+        let id = try call.onlyPendingActivity().id
+        #expect(try await call.pauseActivity(id) == .pausedAfterAttempt(attempt: 1))
+        gate.open()  // the next heartbeat interrupts it
+        await runtime.untilIdle()
+        #expect(notes.all == ["attempt 1 read nothing, paused false", "paused true, cancelled true"])
+        let paused = try call.onlyPendingActivity()
+        #expect(paused.state == .paused && paused.attempt == 1 && paused.nextAttemptAt == nil)
+        // Stored paused (not merely held by its pause row), with the details the throttle had kept
+        // in memory only.
+        let entity = try #require(try runtime.journal.key(for: call.name))
+        let stored = try #require(try runtime.journal.task(forKey: ActivityTask.key(entity: entity.rawValue, activity: id).bytes))
+        let task = try #require(ActivityTask.decode(stored))
+        #expect(task.isPaused && task.attempt == 1 && task.runningAttempt == nil)
+        #expect(try retryTimers(runtime).isEmpty)
+        await runtime.advance(clock, by: .seconds(3_600))
+        #expect(notes.all.count == 2)
+        #expect(try await call.retryActivityNow(id) == .retrying(attempt: 1))
+        #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:x")
+        #expect(notes.all.last == "attempt 1 read 1:b, paused false")
+        await runtime.untilIdle()
+        #expect(try pauseRows(runtime) == 0)
+    }
+
+    @Test("a local attempt that left its turn is paused as a pool attempt is: interrupted at its next heartbeat, stored paused at the same attempt, and run again on the pool by a retry now")
+    func pauseInterruptsDetachedLocalAttempt() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let notes = CallLog()
+        let (stub, started) = heartbeatsAfter(gate, notes) { cancelled in
+            if cancelled { throw CancellationError() }
+            return "not interrupted"
+        }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let (stored, store) = AsyncStream.makeStream(of: Void.self)
+        runtime.core.activities.heartbeatStored.withLock { $0 = { _ in store.yield() } }
+        let steps = runtime.entity(LocalSteps.self, id: "local")
+        try await steps.start(.init(labels: ["x"], options: ActivityOptions(retry: .never)))
+        var attempts = started.makeAsyncIterator()
+        #expect(await attempts.next() == 1)
+        // It waits for the gate, so it leaves its turn; the turn's commit stores its task, and then
+        // the heartbeat it gave inside the turn.
+        var storedHeartbeats = stored.makeAsyncIterator()
+        await storedHeartbeats.next()
+        let id = try steps.onlyPendingActivity().id
+        #expect(try await steps.pauseActivity(id) == .pausedAfterAttempt(attempt: 1))
+        gate.open()
+        await runtime.untilIdle()
+        #expect(notes.all == ["attempt 1 read nothing, paused false", "paused true, cancelled true"])
+        let paused = try steps.onlyPendingActivity()
+        #expect(paused.state == .paused && paused.attempt == 1)
+        #expect(try await steps.retryActivityNow(id) == .retrying(attempt: 1))
+        #expect(try await withDeadline(seconds: 60) { try await steps.result() } == "ok:x")
+        #expect(notes.all.last == "attempt 1 read 1:b, paused false")
+    }
+
+    @Test("an attempt that a pause interrupted and that returns anyway succeeds: its output is the outcome, and its pause row goes")
+    func interruptedAttemptReturns() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let gate = AsyncGate()
+        defer { gate.open() }
+        let notes = CallLog()
+        let (stub, started) = heartbeatsAfter(gate, notes) { cancelled in "done, cancelled \(cancelled)" }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        let call = runtime.entity(CallStep.self, id: "returns")
+        try await call.start(.init(label: "x", options: ActivityOptions(retry: .never)))
+        var attempts = started.makeAsyncIterator()
+        #expect(await attempts.next() == 1)
+        #expect(try await call.pauseActivity(call.onlyPendingActivity().id) == .pausedAfterAttempt(attempt: 1))
+        gate.open()
+        #expect(try await withDeadline(seconds: 60) { try await call.result() } == "done, cancelled true")
+        #expect(notes.all == ["attempt 1 read nothing, paused false", "paused true, cancelled true"])
+        await runtime.untilIdle()
+        #expect(try pauseRows(runtime) == 0)
+    }
+
     @Test("a pause made while an attempt runs holds across a crash that cuts the attempt off: the attempt counts as failed and the next one is stored paused at the open")
     func pauseHoldsAcrossCrashMidAttempt() async throws {
         let directory = TemporaryDirectory()

@@ -146,6 +146,8 @@ public final class ActivityContext: Sendable {
             store.worker.storeHeartbeat(bytes, of: store.task)
         }
         onHeartbeat?()
+        // Outside the lock: an operator's pause interrupts the attempt here (see ``isPaused``).
+        if let store = heartbeats.withLock({ $0.store }) { store.worker.heartbeatGiven(by: store.task.id) }
     }
 
     /// A local attempt that left its turn: the turn's commit stored its task (`task`, with its
@@ -181,6 +183,17 @@ public final class ActivityContext: Sendable {
     /// throw `CancellationError` then. A cancelled attempt that fails is not retried; one that
     /// returns anyway is not an error, but its outcome is dropped when its run no longer awaits it.
     public var isCancelled: Bool { Task.isCancelled }
+
+    /// Whether an operator paused the activity (``EntityRuntime/pauseActivity(of:activity:)``) while
+    /// this attempt runs, and has not resumed it. An attempt is not stopped by a pause until it gives
+    /// a heartbeat: that heartbeat cancels it (``isCancelled``), and this says why — Temporal's
+    /// pause of a heartbeating activity. An attempt that then fails is not counted: the activity
+    /// waits, paused, at this attempt's number, and the next attempt reads the last heartbeat's
+    /// details. Always `false` for a local attempt inside its turn (its task is not stored yet).
+    public var isPaused: Bool {
+        guard let store = heartbeats.withLock({ $0.store }) else { return false }
+        return store.worker.isPauseHeld(store.task.id)
+    }
 }
 
 /// How an activity is retried. Delays grow from `initialInterval` by `backoffCoefficient` up to

@@ -157,8 +157,15 @@ final class ActivityWorker: @unchecked Sendable {
         struct Entry {
             let runner: TurnRunner
             /// Its run requested the activity's cancellation and waits for how the attempt ends
-            /// (``ActivityCancellationType/waitCancellationCompleted``): see ``decide(_:_:cancelRequested:)``.
+            /// (``ActivityCancellationType/waitCancellationCompleted``): see ``decide(_:_:_:)``.
             var cancelRequested = false
+            /// An operator's pause interrupted it at a heartbeat (see ``heartbeatGiven(by:)``).
+            var pauseInterrupted = false
+
+            /// What was done to the attempt while it ran, for the decision on its end.
+            var interruption: Interruption {
+                cancelRequested ? .cancelRequested : pauseInterrupted ? .paused : .none
+            }
         }
         var entries: [ActivityTask.ID: Entry] = [:]
         /// Cancellation requests (see ``requestCancel(entity:_:)``) for tasks that were neither
@@ -194,9 +201,23 @@ final class ActivityWorker: @unchecked Sendable {
     }
 
     /// Whether an operator's pause holds task `id` (see ``RunningAttempts/paused``).
-    private func isPauseHeld(_ id: ActivityTask.ID) -> Bool {
+    func isPauseHeld(_ id: ActivityTask.ID) -> Bool {
         guard pausedCount.load(ordering: .relaxed) > 0 else { return false }
         return running.withLock { $0.paused.contains(id) }
+    }
+
+    /// A running attempt of task `id` gave a heartbeat: if an operator's pause holds the task, the
+    /// attempt is interrupted — its task is cancelled, once — and a failure it ends with is not
+    /// counted (see ``decide(_:_:_:)``). One whose run requested its cancellation is left to that.
+    /// Without a pause held, one relaxed atomic load.
+    func heartbeatGiven(by id: ActivityTask.ID) {
+        guard pausedCount.load(ordering: .relaxed) > 0 else { return }
+        let runner = running.withLock { running -> TurnRunner? in
+            guard running.paused.contains(id), let entry = running.entries[id], entry.interruption == .none else { return nil }
+            running.entries[id]!.pauseInterrupted = true
+            return entry.runner
+        }
+        runner?.task.cancel()
     }
 
     /// Holds task `id` paused from now on (see ``RunningAttempts/paused``). Returns whether an attempt
@@ -872,8 +893,8 @@ final class ActivityWorker: @unchecked Sendable {
                                           startStored: activity.recordsAttemptStart)
                 // Removed before the decision: a cancellation request either reached the entry (and
                 // counts) or finds it gone (and waits for what comes next, see `pendingCancels`).
-                let cancelRequested = running.withLock { $0.entries.removeValue(forKey: task.id)?.cancelRequested ?? false }
-                decision = decide(task, ended, cancelRequested: cancelRequested)
+                let interruption = running.withLock { $0.entries.removeValue(forKey: task.id)?.interruption ?? .none }
+                decision = decide(task, ended, interruption)
                 activity.metrics.attemptEnded(decision, timedOut: ended.timedOut, due: max(task.scheduledAt, task.notBefore),
                                               startedAt: ended.startedAt, endedAt: now)
                 if case .dropped = decision, ended.marked { unmark(task, heartbeat: ended.heartbeat) }
@@ -1104,15 +1125,36 @@ final class ActivityWorker: @unchecked Sendable {
         case dropped
     }
 
-    /// Applies the retry policy to an attempt's end. `cancelRequested`: the run asked for the
-    /// activity's cancellation during the attempt and waits for its end
-    /// (``ActivityCancellationType/waitCancellationCompleted``): output returned anyway is the
-    /// outcome, and any failure ends the activity as cancelled (no retry).
-    private func decide(_ task: ActivityTask, _ ended: Ended, cancelRequested: Bool = false) -> Decision {
+    /// What the worker did to a running attempt.
+    enum Interruption: Sendable, Hashable {
+        case none
+        /// Its run requested the activity's cancellation and waits for its end
+        /// (``ActivityCancellationType/waitCancellationCompleted``).
+        case cancelRequested
+        /// An operator's pause interrupted it at a heartbeat (``heartbeatGiven(by:)``).
+        case paused
+    }
+
+    /// Applies the retry policy to an attempt's end, after `interruption`:
+    /// - `cancelRequested`: output returned anyway is the outcome, and any failure ends the activity
+    ///   as cancelled (no retry);
+    /// - `paused`: output returned anyway is the outcome; a failure is not counted (the pause, not
+    ///   the activity, ended it): the same attempt is stored again, with the heartbeat's details, and
+    ///   paused if the pause still holds (else due at once), even where the policy would have ended
+    ///   the activity — a pause never uses up `maximumAttempts` nor fails the activity.
+    private func decide(_ task: ActivityTask, _ ended: Ended, _ interruption: Interruption = .none) -> Decision {
         // Cancelled by a closing runtime: a failure is not recorded (nor is anything once the attempt
         // was abandoned); the stored task runs again at the next open.
         if abandoned { return .dropped }
-        if cancelRequested {
+        if interruption == .paused, case .failure(let error) = ended.result {
+            var again = task
+            again.heartbeat = ended.heartbeat
+            again.notBefore = now
+            again.lastErrorType = String(describing: Swift.type(of: error))
+            again.lastError = "attempt \(task.attempt) was interrupted by a pause at a heartbeat, and ended with: \(error)"
+            return .retry(again)
+        }
+        if interruption == .cancelRequested {
             let attempt = ActivityAttempt(number: task.attempt, startedAt: ended.startedAt)
             switch ended.result {
             case .success(let output):
@@ -1322,9 +1364,10 @@ final class ActivityWorker: @unchecked Sendable {
             if committed {
                 var stored = task
                 stored.entityKey = key
-                let cancelRequested = running.withLock { $0.entries.removeValue(forKey: stored.id)?.cancelRequested ?? false }
-                // A cancellation its run requested once it was stored (and waits for) decides its end.
-                let decision = cancelRequested ? decide(stored, ended, cancelRequested: true) : decision
+                let interruption = running.withLock { $0.entries.removeValue(forKey: stored.id)?.interruption ?? .none }
+                // A cancellation its run requested once it was stored (and waits for), or a pause that
+                // interrupted it at a heartbeat, decides its end.
+                let decision = interruption == .none ? decision : decide(stored, ended, interruption)
                 if case .dropped = decision, ended.marked { unmark(stored, heartbeat: ended.heartbeat) }
                 apply(decision, to: stored)
             }
@@ -1385,7 +1428,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// - an attempt not started (queued, following a running one, waiting for the activity's
     ///   registration or for its retry) ends at once as cancelled, without running;
     /// - a running attempt is cancelled (``ActivityContext/isCancelled``); how it ends is the outcome
-    ///   (see ``decide(_:_:cancelRequested:)``);
+    ///   (see ``decide(_:_:_:)``);
     /// - one between those states gets the request from whoever moves it next (see
     ///   ``RunningAttempts/pendingCancels``).
     func requestCancel(entity: UInt64, _ ids: [UInt64]) {

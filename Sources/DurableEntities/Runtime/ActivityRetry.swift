@@ -16,7 +16,8 @@ public enum ActivityPause: Sendable, Hashable {
     /// it already was paused.
     case paused(attempt: Int)
     /// An attempt with this number runs: it goes on (it may still succeed, or fail for good), and if
-    /// it fails with a retry to come, the activity is paused before that retry.
+    /// it fails with a retry to come, the activity is paused before that retry. If it gives a
+    /// heartbeat meanwhile, it is interrupted there (see ``EntityRuntime/pauseActivity(of:activity:)``).
     case pausedAfterAttempt(attempt: Int)
 }
 
@@ -70,6 +71,13 @@ extension EntityRuntime {
     /// attempt runs is paused after that attempt: the attempt goes on (it cannot be taken back, and it
     /// may succeed), and if it fails with a retry to come, that retry waits for a "retry now"
     /// (``EntityDescription/PendingActivity/pausedAfterAttempt`` meanwhile).
+    ///
+    /// An attempt that gives heartbeats is interrupted at its next one, as Temporal interrupts a
+    /// heartbeating activity: its task is cancelled (``ActivityContext/isCancelled``, and
+    /// cancellation-aware waits throw), and ``ActivityContext/isPaused`` tells it why, so it can clean
+    /// up and stop. If it then fails, the failure does not count against `maximumAttempts`: the
+    /// activity is paused at that same attempt number, with the heartbeat details it gave, so a pause
+    /// never uses up the budget nor fails the activity. Output it returns anyway is its outcome.
     ///
     /// The run still waits for the activity (a timer or a cancellation in the run body can end that
     /// wait), and its schedule-to-close timeout still ends it on time: a paused activity fails with
