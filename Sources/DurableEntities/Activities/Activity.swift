@@ -134,20 +134,21 @@ public final class ActivityContext: Sendable {
     /// before, if any, at once).
     public func heartbeat<Details: Codable & Sendable>(_ details: Details) {
         guard let bytes = try? codec.encode(details) else { return }
-        heartbeats.withLock { state in
+        let stored = heartbeats.withLock { state -> (worker: ActivityWorker, task: ActivityTask)? in
             state.details = bytes
             state.beat = true
-            guard let store = state.store, !state.ended else { return }
+            guard let store = state.store, !state.ended else { return nil }
             let now = store.worker.now
-            if let last = state.storedAt, now < last.saturatingAdd(store.worker.heartbeatStoreInterval) { return }
+            if let last = state.storedAt, now < last.saturatingAdd(store.worker.heartbeatStoreInterval) { return store }
             state.storedAt = now
             // Submitted under the lock: never after ``end()``, so never behind the row the attempt's
             // end stores (a retry's), which it would overwrite.
             store.worker.storeHeartbeat(bytes, of: store.task)
+            return store
         }
         onHeartbeat?()
         // Outside the lock: an operator's pause interrupts the attempt here (see ``isPaused``).
-        if let store = heartbeats.withLock({ $0.store }) { store.worker.heartbeatGiven(by: store.task.id) }
+        if let stored { stored.worker.heartbeatGiven(by: stored.task.id) }
     }
 
     /// A local attempt that left its turn: the turn's commit stored its task (`task`, with its
