@@ -577,6 +577,43 @@ struct RetryNowTests {
         #expect(log.all.map(\.key) == ["CallStep/blocker/\(waiting.id)", "CallStep/queued/\(waiting.id)"])
     }
 
+    @Test("a pause that comes while an attempt is taken from the pool but has not started yet answers paused truly: the attempt does not start, and is stored paused (test hook)")
+    func pauseAsAttemptStarts() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let clock = TestClock(skipsTimeWhenIdle: false)
+        let log = AttemptLog()
+        let stub = loggedStep(log, clock) { _ in false }
+        let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
+        defer { runtime.close() }
+        // The first attempt to start holds its drain's thread at its start until released.
+        let (reached, reach) = AsyncStream.makeStream(of: Void.self)
+        let release = DispatchSemaphore(value: 0)
+        defer { release.signal() }
+        let first = Atomic<Bool>(true)
+        runtime.core.activities.attemptStarting.withLock {
+            $0 = { _ in
+                guard first.exchange(false, ordering: .relaxed) else { return }
+                reach.yield()
+                _ = release.wait(timeout: .now() + 60)
+            }
+        }
+        let call = runtime.entity(CallStep.self, id: "starting")
+        try await call.start(.init(label: "s", options: ActivityOptions()))
+        var held = reached.makeAsyncIterator()
+        await held.next()
+        let id = try call.onlyPendingActivity().id
+        #expect(try await call.pauseActivity(id) == .paused(attempt: 1))
+        release.signal()  // the attempt goes on to its start, and finds the pause
+        await runtime.untilIdle()
+        #expect(log.all.isEmpty)
+        let paused = try call.onlyPendingActivity()
+        #expect(paused.state == .paused && paused.attempt == 1)
+        #expect(try await call.retryActivityNow(id) == .retrying(attempt: 1))
+        #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:s")
+        #expect(log.all.map(\.number) == [1])
+    }
+
     @Test("a paused activity's schedule-to-close timeout still ends it on time — at its deadline, not before — also after a reopen, which stores its deadline's timer again")
     func deadlineWhilePaused() async throws {
         let directory = TemporaryDirectory()

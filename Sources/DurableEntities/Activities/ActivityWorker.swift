@@ -200,6 +200,23 @@ final class ActivityWorker: @unchecked Sendable {
         runner.task.cancel()
     }
 
+    /// Adds the entry of `runner`, about to run an attempt of task `id`, unless an operator's pause
+    /// holds the task; returns whether the attempt runs. Under the lock a pause takes to hold the
+    /// task, so a pause either finds the entry (the attempt runs on, ``Rescheduled/pausedAfter(attempt:)``)
+    /// or comes before it (the attempt does not start, and the pause answers ``Rescheduled/paused(attempt:)``
+    /// truly). A cancellation request pending for the task cancels it at once.
+    private func startRunning(_ runner: TurnRunner, for id: ActivityTask.ID) -> Bool {
+        let (runs, cancelled) = running.withLock { running -> (Bool, Bool) in
+            if !running.paused.isEmpty, running.paused.contains(id) { return (false, false) }
+            return (true, running.insert(runner, for: id))
+        }
+        if cancelled {
+            pendingCancelCount.subtract(1, ordering: .relaxed)
+            runner.task.cancel()
+        }
+        return runs
+    }
+
     /// Whether an operator's pause holds task `id` (see ``RunningAttempts/paused``).
     func isPauseHeld(_ id: ActivityTask.ID) -> Bool {
         guard pausedCount.load(ordering: .relaxed) > 0 else { return false }
@@ -272,6 +289,9 @@ final class ActivityWorker: @unchecked Sendable {
     /// Called by ``reschedule(entity:activity:_:)`` between its read and its commit
     /// (tests make the task move on there).
     let rescheduleRead = Mutex<(@Sendable () async -> Void)?>(nil)
+    /// Called on the drain's thread as a pool attempt of a task is about to start, before anything is
+    /// checked (tests hold it there).
+    let attemptStarting = Mutex<(@Sendable (ActivityTask.ID) -> Void)?>(nil)
     /// How long a close waits for cancelled attempts to end before it abandons them.
     private let cancellationWait: Duration
     /// The least time between two stores of one attempt's heartbeats, ns.
@@ -862,11 +882,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// something outside and goes on by itself (it then ends its slot itself), or it waits for its
     /// activity's registration (its slot ended before it was parked).
     private func attempt(_ task: ActivityTask) -> Bool {
-        // Paused by an operator while it waited: it does not start, and is stored paused.
-        if isPauseHeld(task.id) {
-            storePaused(task.id)
-            return true
-        }
+        if let hook = attemptStarting.withLock({ $0 }) { hook(task.id) }
         // An activity not registered (yet) waits for its registration: after a restart, tasks are
         // recovered before the application has registered everything. The task leaves the pool
         // before a registration can see it parked: a registration dispatches what it finds parked,
@@ -884,6 +900,11 @@ final class ActivityWorker: @unchecked Sendable {
             return false
         }
         let runner = TurnRunner.start(in: core.runners) { [self] runner in
+            // Paused by an operator while it waited: it does not start, and is stored paused.
+            guard startRunning(runner, for: task.id) else {
+                storePaused(task.id)
+                return runner.executor.finishInline()
+            }
             let decision: Decision
             if activity.recordsAttemptStart, let instead = await storeStart(of: task) {
                 decision = instead
@@ -904,8 +925,7 @@ final class ActivityWorker: @unchecked Sendable {
             detachedAttemptEnded(task, id: runner.executor.trackingID)
             return false
         }
-        // Before its first job runs (in the drain below): the entry goes when that job's work returns.
-        trackRunning(runner, for: task.id)
+        // Its job adds its entry first thing (in the drain below); the entry goes when that job's work returns.
         if runner.drain().parked { return true }
         // It waits for something outside: it goes on by itself.
         let left = detach(runner)
