@@ -723,13 +723,19 @@ struct RetryNowTests {
         #expect(log.all.map(\.number) == [1, 2])
     }
 
-    @Test("racing the retry timers with pauses: while the clock reaches 40 activities' retries, each is paused; an attempt held back never runs until a retry now, and every activity runs each attempt once")
+    @Test("racing the retry timers with pauses: while the clock reaches 40 activities' retries, each is paused; no attempt starts while its activity is paused, one held back runs only after a retry now, and every activity runs each attempt once")
     func pauseRacesRetryTimers() async throws {
         let directory = TemporaryDirectory()
         defer { directory.remove() }
         let clock = TestClock(skipsTimeWhenIdle: false)
         let log = AttemptLog()
-        let stub = loggedStep(log, clock) { $0 == 1 }
+        let startedPaused = CallLog()
+        let stub = ActivityStub<Step> { label, context in
+            log.add(.init(time: clock.nowNanoseconds(), number: context.attempt, key: context.idempotencyKey))
+            if context.isPaused { startedPaused.add(context.idempotencyKey) }
+            if context.attempt == 1 { throw Flake() }
+            return "ok:\(label)"
+        }
         let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { runtime.close() }
         let calls = (0..<40).map { runtime.entity(CallStep.self, id: "p\($0)") }
@@ -758,12 +764,16 @@ struct RetryNowTests {
             return held
         }
         await runtime.advance(clock, by: .seconds(60))
-        let ran = Set(log.all.filter { $0.number == 2 }.map(\.key))
-        for (call, id) in zip(calls, ids) where held.contains(call.name.id) {
-            #expect(!ran.contains("CallStep/\(call.name.id)/\(id)"), "\(call.name) was paused before attempt 2, which ran anyway")
-        }
+        // The property itself: no attempt started while its activity's pause was held. (A pause
+        // answering `paused` may still see attempt 2 run: one that had ended before the pause came,
+        // its outcome not yet recorded; that outcome then ends the activity, checked below.)
+        #expect(startedPaused.all.isEmpty, "attempts started while their activity was paused: \(startedPaused.all)")
+        let ranSecond = Set(log.all.filter { $0.number == 2 }.map(\.key))
         for (call, id) in zip(calls, ids) {
             let state = try call.describe()?.pendingActivities.first?.state
+            if held.contains(call.name.id), !ranSecond.contains("CallStep/\(call.name.id)/\(id)") {
+                #expect(state == .paused, "\(call.name): \(String(describing: state))")
+            }
             if state == .paused { _ = try await call.retryActivityNow(id) } else { #expect(state == nil, "\(call.name): \(String(describing: state))") }
         }
         for call in calls { #expect(try await withDeadline(seconds: 60) { try await call.result() } == "ok:\(call.name.id)") }

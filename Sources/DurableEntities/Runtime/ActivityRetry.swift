@@ -85,7 +85,10 @@ extension EntityRuntime {
     /// returns, and holds across a crash (an attempt cut off by it counts as failed, and the next one
     /// is paused). Each change of the stored task is a compare-and-set, as for a retry.
     /// - Returns: ``ActivityPause/paused(attempt:)`` (also when it already was), or
-    ///   ``ActivityPause/pausedAfterAttempt(attempt:)`` when an attempt runs.
+    ///   ``ActivityPause/pausedAfterAttempt(attempt:)`` when an attempt runs. No attempt starts once a
+    ///   pause answered: one that had started before is the running one. One answer is not exact: a
+    ///   pause that comes just after an attempt ended, while its outcome is being recorded, answers
+    ///   `paused`; that outcome then ends the activity (its pause row goes with it).
     /// - Throws: ``EntityError`` `rejected` when the entity's run awaits no such activity or the run
     ///   requested its cancellation; `closed`; `storage`.
     public func pauseActivity(of name: EntityName, activity id: UInt64) async throws(EntityError) -> ActivityPause {
