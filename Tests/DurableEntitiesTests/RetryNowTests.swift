@@ -380,9 +380,13 @@ struct RetryNowTests {
     /// A `Step` that notes what each attempt reads (its number, the last heartbeat's details, its
     /// pause) and gives a heartbeat `<attempt>:a`, then yields its number. Its first attempt then waits
     /// for `gate`, gives a heartbeat `1:b`, notes what it sees (paused, cancelled) and ends with
-    /// `ended(cancelled)`; later attempts return `ok:` and their label.
+    /// `ended(cancelled)` (by default: it throws `CancellationError` when cancelled, as an activity
+    /// that stops when interrupted); later attempts return `ok:` and their label.
     func heartbeatsAfter(_ gate: AsyncGate, _ notes: CallLog,
-                         ended: @escaping @Sendable (_ cancelled: Bool) throws -> String) -> (ActivityStub<Step>, AsyncStream<Int>) {
+                         ended: @escaping @Sendable (_ cancelled: Bool) throws -> String = { cancelled in
+                             if cancelled { throw CancellationError() }
+                             return "not interrupted"
+                         }) -> (ActivityStub<Step>, AsyncStream<Int>) {
         let (started, start) = AsyncStream.makeStream(of: Int.self)
         let first = Atomic<Bool>(true)
         let stub = ActivityStub<Step> { label, context in
@@ -406,10 +410,7 @@ struct RetryNowTests {
         let gate = AsyncGate()
         defer { gate.open() }
         let notes = CallLog()
-        let (stub, started) = heartbeatsAfter(gate, notes) { cancelled in
-            if cancelled { throw CancellationError() }
-            return "not interrupted"
-        }
+        let (stub, started) = heartbeatsAfter(gate, notes)
         let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { runtime.close() }
         let call = runtime.entity(CallStep.self, id: "beating")
@@ -448,10 +449,7 @@ struct RetryNowTests {
         let gate = AsyncGate()
         defer { gate.open() }
         let notes = CallLog()
-        let (stub, started) = heartbeatsAfter(gate, notes) { cancelled in
-            if cancelled { throw CancellationError() }
-            return "not interrupted"
-        }
+        let (stub, started) = heartbeatsAfter(gate, notes)
         let runtime = try EntityRuntime(configuration: .quiet(directory, clock), activities: [stub])
         defer { runtime.close() }
         let (stored, store) = AsyncStream.makeStream(of: Void.self)
