@@ -192,22 +192,15 @@ final class ActivityWorker: @unchecked Sendable {
         }
     }
 
-    /// Adds the entry of `runner`, which runs an attempt of task `id`; a cancellation request pending
-    /// for the task cancels it at once.
-    private func trackRunning(_ runner: TurnRunner, for id: ActivityTask.ID) {
-        guard running.withLock({ $0.insert(runner, for: id) }) else { return }
-        pendingCancelCount.subtract(1, ordering: .relaxed)
-        runner.task.cancel()
-    }
-
-    /// Adds the entry of `runner`, about to run an attempt of task `id`, unless an operator's pause
-    /// holds the task; returns whether the attempt runs. Under the lock a pause takes to hold the
-    /// task, so a pause either finds the entry (the attempt runs on, ``Rescheduled/pausedAfter(attempt:)``)
+    /// Adds the entry of `runner`, which runs an attempt of task `id`, unless `unlessPaused` and an
+    /// operator's pause holds the task; returns whether it did. Under the lock a pause takes to hold
+    /// the task, so a pause either finds the entry (the attempt runs on, ``Rescheduled/pausedAfter(attempt:)``)
     /// or comes before it (the attempt does not start, and the pause answers ``Rescheduled/paused(attempt:)``
     /// truly). A cancellation request pending for the task cancels it at once.
-    private func startRunning(_ runner: TurnRunner, for id: ActivityTask.ID) -> Bool {
+    @discardableResult
+    private func trackRunning(_ runner: TurnRunner, for id: ActivityTask.ID, unlessPaused: Bool = false) -> Bool {
         let (runs, cancelled) = running.withLock { running -> (Bool, Bool) in
-            if !running.paused.isEmpty, running.paused.contains(id) { return (false, false) }
+            if unlessPaused, !running.paused.isEmpty, running.paused.contains(id) { return (false, false) }
             return (true, running.insert(runner, for: id))
         }
         if cancelled {
@@ -262,8 +255,14 @@ final class ActivityWorker: @unchecked Sendable {
     /// the next open).
     private func dropPause(_ id: ActivityTask.ID, stored: Bool = false) {
         guard releasePause(id) || stored else { return }
+        deletePauseRows([id])
+    }
+
+    /// Deletes the pause rows of tasks `ids` (not waited for; counted busy until committed).
+    private func deletePauseRows(_ ids: some Collection<ActivityTask.ID>) {
+        guard !ids.isEmpty else { return }
         var batch = JournalBatch()
-        batch.deleteTask(ActivityTask.pauseKey(entity: id.entityKey, activity: id.activityID))
+        for id in ids { batch.deleteTask(ActivityTask.pauseKey(entity: id.entityKey, activity: id.activityID)) }
         core.becameBusy()
         core.journal.submit(batch) { [core] _ in core!.becameIdle() }
     }
@@ -290,7 +289,7 @@ final class ActivityWorker: @unchecked Sendable {
     /// (tests make the task move on there).
     let rescheduleRead = Mutex<(@Sendable () async -> Void)?>(nil)
     /// Called on the drain's thread as a pool attempt of a task is about to start, before anything is
-    /// checked (tests hold it there).
+    /// checked (tests hold it there). Debug builds only: it would cost a lock on every attempt.
     let attemptStarting = Mutex<(@Sendable (ActivityTask.ID) -> Void)?>(nil)
     /// How long a close waits for cancelled attempts to end before it abandons them.
     private let cancellationWait: Duration
@@ -723,14 +722,8 @@ final class ActivityWorker: @unchecked Sendable {
     /// Pause rows whose task is gone (it ended before its pause row was deleted, by a crash in
     /// between) are deleted.
     private func dropStalePauses(_ ids: Set<ActivityTask.ID>) {
-        guard !ids.isEmpty else { return }
-        var batch = JournalBatch()
-        for id in ids {
-            releasePause(id)
-            batch.deleteTask(ActivityTask.pauseKey(entity: id.entityKey, activity: id.activityID))
-        }
-        core.becameBusy()
-        core.journal.submit(batch) { [core] _ in core!.becameIdle() }
+        for id in ids { releasePause(id) }
+        deletePauseRows(ids)
     }
 
     /// Tasks that wait for a retry: their timers are stored again where missing or damaged (a task
@@ -882,7 +875,9 @@ final class ActivityWorker: @unchecked Sendable {
     /// something outside and goes on by itself (it then ends its slot itself), or it waits for its
     /// activity's registration (its slot ended before it was parked).
     private func attempt(_ task: ActivityTask) -> Bool {
+        #if DEBUG
         if let hook = attemptStarting.withLock({ $0 }) { hook(task.id) }
+        #endif
         // An activity not registered (yet) waits for its registration: after a restart, tasks are
         // recovered before the application has registered everything. The task leaves the pool
         // before a registration can see it parked: a registration dispatches what it finds parked,
@@ -901,7 +896,7 @@ final class ActivityWorker: @unchecked Sendable {
         }
         let runner = TurnRunner.start(in: core.runners) { [self] runner in
             // Paused by an operator while it waited: it does not start, and is stored paused.
-            guard startRunning(runner, for: task.id) else {
+            guard trackRunning(runner, for: task.id, unlessPaused: true) else {
                 storePaused(task.id)
                 return runner.executor.finishInline()
             }

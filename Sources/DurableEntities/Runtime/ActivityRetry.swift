@@ -139,8 +139,8 @@ extension EntityRef {
         try await runtime.retryActivityNow(of: name, activity: id, resettingAttempts: resettingAttempts)
     }
 
-    /// Pauses the activity `id`, which is backing off, until a "retry now": see
-    /// ``EntityRuntime/pauseActivity(of:activity:)``.
+    /// Pauses the activity `id` (backing off, queued or due at once; running, after its attempt)
+    /// until a "retry now": see ``EntityRuntime/pauseActivity(of:activity:)``.
     public func pauseActivity(_ id: UInt64) async throws(EntityError) -> ActivityPause {
         try await runtime.pauseActivity(of: name, activity: id)
     }
