@@ -1,5 +1,6 @@
 @testable import DurableEntities
 import Foundation
+import Synchronization
 import Testing
 
 @Suite("BinaryEntityCodec")
@@ -386,6 +387,94 @@ struct BinaryEntityCodecTests {
         #expect(try !violates(Dog(name: "Rex", legs: 4)))
         #expect(try !violates(Everything()))
         #expect(try !violates(Silent()))
+    }
+
+    /// Encodes a message of its own inside `encode(to:)`, while its own message is being encoded.
+    struct Wrapper: Codable, Equatable {
+        var inner: Everything
+        var label: String
+        enum CodingKeys: String, CodingKey { case inner, label }
+        init(inner: Everything, label: String) {
+            self.inner = inner
+            self.label = label
+        }
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: CodingKeys.self)
+            try container.encode(BinaryEntityCodec().encode(inner), forKey: .inner)
+            try container.encode(label, forKey: .label)
+        }
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            let bytes = try container.decode([UInt8].self, forKey: .inner)
+            inner = try bytes.withUnsafeBytes { try BinaryEntityCodec().decode(Everything.self, from: $0) }
+            label = try container.decode(String.self, forKey: .label)
+        }
+    }
+
+    /// Throws after writing part of its container.
+    struct Refuses: Encodable {
+        enum CodingKeys: String, CodingKey { case a, b }
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: CodingKeys.self)
+            try container.encode(1, forKey: .a)
+            var nested = container.nestedUnkeyedContainer(forKey: .b)
+            try nested.encode("half")
+            throw EncodingError.invalidValue(self, .init(codingPath: [], debugDescription: "refused"))
+        }
+    }
+
+    @Test("a thread's encoder state is kept between messages: each message encodes as with a new state, after a large one, a failed one, one that fell back to the isolated encoder, or one encoded inside another")
+    func keptEncoderState() throws {
+        let everything = Everything()
+        let fresh = BinaryEncoderState(isolated: false, root: 1)
+        fresh.put(BinaryFormat.marker)
+        try fresh.encodeValue(everything, at: fresh.slot)
+        while fresh.depth > 0 { fresh.closeTop() }
+        let expected = Array(fresh.written)
+        /// Encodes `everything` on the state the thread kept, as the next message would, checking
+        /// that it streams (a state left dirty would fall back to the isolated encoder, which hides
+        /// the damage in the bytes), then gives it back.
+        func encodeOnKeptState() throws {
+            let state = try #require(EncoderStates.take(), "the thread kept no encoder state")
+            state.put(BinaryFormat.marker)
+            try state.encodeValue(everything, at: state.slot)
+            #expect(!state.violated)
+            while state.depth > 0 { state.closeTop() }
+            #expect(Array(state.written) == expected)
+            #expect(state.prepareForReuse())
+            EncoderStates.keep(state)
+        }
+        #expect(try codec.encode(everything) == expected)
+        try encodeOnKeptState()
+        #expect(try codec.encode(everything) == expected)
+        try encodeOnKeptState()
+        // Larger than a kept state's buffer may be: it is not kept; the next message makes a new one.
+        let large = Array(repeating: "a string of some length", count: 2_000)
+        #expect(try decode([String].self, codec.encode(large)) == large)
+        #expect(EncoderStates.take() == nil)
+        #expect(try codec.encode(everything) == expected)
+        try encodeOnKeptState()
+        // A message that throws half-way leaves nothing behind.
+        #expect(throws: EncodingError.self) { try codec.encode(Refuses()) }
+        try encodeOnKeptState()
+        // Out-of-order containers (the isolated encoder), then a message inside a message.
+        let outOfOrder = OutOfOrder(a: 1, x: "x", y: [1, 2, 3], b: true)
+        #expect(try roundTrip(outOfOrder) == outOfOrder)
+        try encodeOnKeptState()
+        let wrapper = Wrapper(inner: everything, label: "outer")
+        #expect(try roundTrip(wrapper) == wrapper)
+        #expect(try roundTrip([wrapper, wrapper]) == [wrapper, wrapper])
+        try encodeOnKeptState()
+        // Many threads at once, each with its own state.
+        let results = Mutex<[[UInt8]]>([])
+        DispatchQueue.concurrentPerform(iterations: 64) { index in
+            var state = AccountState()
+            state.balance = Int64(index)
+            let bytes = (try? BinaryEntityCodec().encode(state)) ?? []
+            let back = try? bytes.withUnsafeBytes { try BinaryEntityCodec().decode(AccountState.self, from: $0) }
+            if back != state { results.withLock { $0.append(bytes) } }
+        }
+        #expect(results.withLock { $0.isEmpty })
     }
 
     @Test("the format is stable: golden bytes")

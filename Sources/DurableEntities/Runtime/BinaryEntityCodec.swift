@@ -348,6 +348,37 @@ struct BinaryEncodingRestart: Error {}
 ///
 /// Its hot mutable fields are `@exclusivity(unchecked)`: a state lives within one synchronous
 /// `encode` call on one thread and never overlaps its own accesses, and the dynamic checks cost ~15%.
+/// One streaming ``BinaryEncoderState`` per thread, kept between messages: a state is two
+/// allocations (the object and its first buffers), and every message a turn, an attempt or a caller
+/// encodes made both (eight a transfer in `saga-transfer`). ``BinaryEncoderState/encodeMessage(_:)``
+/// is synchronous, so it gives the state back on the thread it took it from; a message encoded while
+/// another is being encoded on the same thread (an `encode(to:)` that encodes a message itself) finds
+/// none and makes its own.
+enum EncoderStates {
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        let status = pthread_key_create(&key) { kept in
+            // The thread ends: its kept state goes with it.
+            if let kept { Unmanaged<BinaryEncoderState>.fromOpaque(kept).release() }
+        }
+        precondition(status == 0, "pthread_key_create failed (\(status))")
+        return key
+    }()
+
+    /// The thread's kept state, now the caller's; `nil` if it has none.
+    static func take() -> BinaryEncoderState? {
+        guard let kept = pthread_getspecific(key) else { return nil }
+        pthread_setspecific(key, nil)
+        return Unmanaged<BinaryEncoderState>.fromOpaque(kept).takeRetainedValue()
+    }
+
+    /// Keeps `state` for the thread's next message (unless it already keeps one).
+    static func keep(_ state: BinaryEncoderState) {
+        guard pthread_getspecific(key) == nil else { return }
+        pthread_setspecific(key, Unmanaged.passRetained(state).toOpaque())
+    }
+}
+
 final class BinaryEncoderState: Encoder {
     struct Frame {
         var start: Int
@@ -416,7 +447,12 @@ final class BinaryEncoderState: Encoder {
 
     /// Encodes one message.
     static func encodeMessage<Value: Encodable>(_ value: Value) throws -> [UInt8] {
-        let state = BinaryEncoderState(isolated: false, root: 1)
+        var state = EncoderStates.take() ?? BinaryEncoderState(isolated: false, root: 1)
+        defer {
+            // Kept for the thread's next message unless something held on to it (an `encode(to:)`
+            // that stored its encoder) or it grew large.
+            if isKnownUniquelyReferenced(&state), state.prepareForReuse() { EncoderStates.keep(state) }
+        }
         state.put(BinaryFormat.marker)
         do {
             try state.encodeValue(value, at: state.slot)
@@ -797,6 +833,26 @@ final class BinaryEncoderState: Encoder {
         bytes = grown
         capacity = newCapacity
     }
+
+    /// Makes a streaming state whose message is done ready for the next one, as if new; `false`
+    /// if it should not be kept (its buffers grew past ``reusableBytes``).
+    func prepareForReuse() -> Bool {
+        guard !isolated, capacity <= Self.reusableBytes else { return false }
+        length = 0
+        depth = 0
+        nextGeneration = 1
+        slot = .root(at: 1)
+        violated = false
+        pendingError = nil
+        if !children.isEmpty { children = [] }
+        if !basePath.isEmpty { basePath = [] }
+        recordsKeyType = false
+        recordedKeyType = nil
+        return true
+    }
+
+    /// A kept state's output buffer at most: one large message does not pin its buffer to the thread.
+    static let reusableBytes = 16_384
 
     private func growFrames() {
         let grown = UnsafeMutablePointer<Frame>.allocate(capacity: frameCapacity * 2)
