@@ -21,36 +21,19 @@ struct ActivityTask: Codable, Sendable {
             self.options = options
         }
 
-        func with(entityType: String? = nil, entityID: String? = nil, name: String? = nil, input: [UInt8]? = nil,
-                  options: ActivityOptions? = nil) -> Fixed {
-            Fixed(entityType: entityType ?? self.entityType, entityID: entityID ?? self.entityID, name: name ?? self.name,
-                  input: input ?? self.input, options: options ?? self.options)
-        }
     }
     private var fixed: Fixed
 
-    var entityType: String {
-        get { fixed.entityType }
-        set { fixed = fixed.with(entityType: newValue) }
-    }
-    var entityID: String {
-        get { fixed.entityID }
-        set { fixed = fixed.with(entityID: newValue) }
-    }
+    var entityType: String { fixed.entityType }
+    var entityID: String { fixed.entityID }
     var entityKey: UInt64
     var run: UInt64
     var activityID: UInt64
-    var name: String {
-        get { fixed.name }
-        set { fixed = fixed.with(name: newValue) }
-    }
-    var input: [UInt8] {
-        get { fixed.input }
-        set { fixed = fixed.with(input: newValue) }
-    }
+    var name: String { fixed.name }
+    var input: [UInt8] { fixed.input }
     var options: ActivityOptions {
         get { fixed.options }
-        set { fixed = fixed.with(options: newValue) }
+        set { fixed = Fixed(entityType: entityType, entityID: entityID, name: name, input: input, options: newValue) }
     }
     /// The next attempt's number (1 for the first).
     var attempt: Int
@@ -213,6 +196,16 @@ struct ActivityTask: Codable, Sendable {
     struct ID: Hashable, Sendable {
         var entityKey: UInt64
         var activityID: UInt64
+    }
+
+    /// The identities that `rows` keyed `prefix` · entity · activity id hold (``cancelKeyPrefix``,
+    /// ``pauseKeyPrefix``); rows with keys of another shape are skipped.
+    static func ids(in rows: [JournalTask], prefix: UInt8) -> Set<ID> {
+        var ids: Set<ID> = []
+        for row in rows {
+            if let id = row.key.withUnsafeBytes({ id(ofKey: $0, prefix: prefix) }) { ids.insert(id) }
+        }
+        return ids
     }
 
     /// The identity a task row's key holds; `nil` for a key of another shape (not an activity task's).

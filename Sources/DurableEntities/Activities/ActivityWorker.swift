@@ -453,8 +453,7 @@ final class ActivityWorker: @unchecked Sendable {
                 // (see `attempt(_:)`, which may store it paused first: this commit then conflicts).
                 if let timer = Self.timer(of: task), task.notBefore > core.clock.nowNanoseconds() {
                     // Its retry timer goes (a due one has rung, or rings and finds the task paused).
-                    batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-                    batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+                    batch.claimTimer(timer)
                 }
                 task.notBefore = ActivityTask.pausedNotBefore
                 if let deadline = Self.timer(of: task) { batch.scheduleTimer(deadline) }
@@ -487,8 +486,7 @@ final class ActivityWorker: @unchecked Sendable {
                     guard task.notBefore > now else { return withdrew ? .retrying(attempt: task.attempt) : .due(attempt: task.attempt) }
                 }
                 if let timer = Self.timer(of: task) {
-                    batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-                    batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+                    batch.claimTimer(timer)
                 }
                 if resettingAttempts { task.attempt = 1 }
                 task.notBefore = now
@@ -671,15 +669,11 @@ final class ActivityWorker: @unchecked Sendable {
     func recover() {
         let now = core.clock.nowNanoseconds()
         let stored: [JournalTask]
-        var cancelled: Set<ActivityTask.ID> = []
-        var pauses: Set<ActivityTask.ID> = []
+        let cancelled: Set<ActivityTask.ID>
+        let pauses: Set<ActivityTask.ID>
         do {
-            for row in try core.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]) {
-                if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofCancelKey: $0) }) { cancelled.insert(id) }
-            }
-            for row in try core.journal.tasks(prefix: [ActivityTask.pauseKeyPrefix]) {
-                if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofPauseKey: $0) }) { pauses.insert(id) }
-            }
+            cancelled = ActivityTask.ids(in: try core.journal.tasks(prefix: [ActivityTask.cancelKeyPrefix]), prefix: ActivityTask.cancelKeyPrefix)
+            pauses = ActivityTask.ids(in: try core.journal.tasks(prefix: [ActivityTask.pauseKeyPrefix]), prefix: ActivityTask.pauseKeyPrefix)
             stored = try core.journal.tasks(prefix: [ActivityTask.keyPrefix])
         } catch {
             core.logger.error("reading stored activity tasks failed; they run at the next open", metadata: ["error": "\(error)"])
@@ -814,8 +808,7 @@ final class ActivityWorker: @unchecked Sendable {
         // that took it between the service's read and this commit (see `reschedule`) has dispatched
         // or paused the task itself, and a timer handed over twice acts once.
         var batch = JournalBatch()
-        batch.expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
-        batch.cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+        batch.claimTimer(timer)
         core.journal.submit(batch) { [self] result in
             if case .failure(let error) = result, error.code == .conflict { return done() }
             // The stored task may be a later attempt than the timer's (a stale timer, left from before
@@ -1248,10 +1241,10 @@ final class ActivityWorker: @unchecked Sendable {
     /// Stores the next attempt and its retry timer (the timer runs it, see ``retryDue(_:done:)``), or
     /// it paused when an operator paused the activity meanwhile.
     private func storeRetry(_ retry: ActivityTask) {
-        var paused = retry
+        var retry = retry
         // Paused while the attempt ran: the next one waits for a "retry now".
-        if isPauseHeld(retry.id) { paused.notBefore = ActivityTask.pausedNotBefore }
-        let next = paused
+        if isPauseHeld(retry.id) { retry.notBefore = ActivityTask.pausedNotBefore }
+        let next = retry
         var batch = JournalBatch()
         // Only while the task is stored: its entity may have given it up meanwhile (terminated, or
         // its run cancelled), and a retry must not bring it back.

@@ -149,6 +149,13 @@ public struct JournalBatch: Sendable {
         operations.append(.expectTimer(dueNanoseconds: dueNanoseconds, entity: entity, id: id))
     }
 
+    /// Deletes `timer`, and makes the batch conditional on its being stored still (see
+    /// ``expectTimer(dueNanoseconds:entity:id:)``): whoever deletes a timer's row acts on it, once.
+    public mutating func claimTimer(_ timer: JournalTimer) {
+        expectTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+        cancelTimer(dueNanoseconds: timer.dueNanoseconds, entity: timer.entity, id: timer.id)
+    }
+
     /// Records the result for an idempotency key (1...503 bytes). The first recorded result wins, and
     /// its `recordedAt` (ns, the caller's clock) is what ``expireResults(recordedBefore:limit:)`` goes by.
     public mutating func recordResult(forKey key: [UInt8], payload: [UInt8], recordedAt: UInt64) {

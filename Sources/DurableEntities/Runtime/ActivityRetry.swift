@@ -56,8 +56,9 @@ extension EntityRuntime {
     public func retryActivityNow(of name: EntityName, activity id: UInt64, resettingAttempts: Bool = false)
         async throws(EntityError) -> ActivityRetry {
         switch try await reschedule(name, id, .now(resettingAttempts: resettingAttempts)) {
-        case .retrying(let attempt): .retrying(attempt: attempt)
-        case .running(let attempt), .due(let attempt), .paused(let attempt), .pausedAfter(let attempt): .alreadyDue(attempt: attempt)
+        case .retrying(let attempt): return .retrying(attempt: attempt)
+        case .running(let attempt), .due(let attempt), .paused(let attempt), .pausedAfter(let attempt): return .alreadyDue(attempt: attempt)
+        case let refusal: throw refused(refusal, name, id)
         }
     }
 
@@ -93,24 +94,22 @@ extension EntityRuntime {
     ///   requested its cancellation; `closed`; `storage`.
     public func pauseActivity(of name: EntityName, activity id: UInt64) async throws(EntityError) -> ActivityPause {
         switch try await reschedule(name, id, .pause) {
-        case .paused(let attempt): .paused(attempt: attempt)
-        case .pausedAfter(let attempt): .pausedAfterAttempt(attempt: attempt)
-        case .running(let attempt): .pausedAfterAttempt(attempt: attempt)
-        case .retrying(let attempt), .due(let attempt): .paused(attempt: attempt)  // not answered to a pause
+        case .paused(let attempt): return .paused(attempt: attempt)
+        case .pausedAfter(let attempt), .running(let attempt): return .pausedAfterAttempt(attempt: attempt)
+        case .retrying(let attempt), .due(let attempt): return .paused(attempt: attempt)  // not answered to a pause
+        case let refusal: throw refused(refusal, name, id)
         }
     }
 
-    /// What an operator's change of an activity's schedule came to, refusals thrown.
-    private enum Outcome { case retrying(Int), paused(Int), pausedAfter(Int), running(Int), due(Int) }
-
-    private func reschedule(_ name: EntityName, _ id: UInt64, _ change: ActivityWorker.Reschedule) async throws(EntityError) -> Outcome {
+    /// What the worker did with an operator's change of an activity's schedule.
+    private func reschedule(_ name: EntityName, _ id: UInt64, _ change: ActivityWorker.Reschedule)
+        async throws(EntityError) -> ActivityWorker.Rescheduled {
         guard !core.closed.load(ordering: .acquiring) else { throw EntityError(.closed, entity: name, "the runtime is closed") }
-        let outcome: ActivityWorker.Rescheduled
         do {
             guard let key = try core.journal.key(for: name) else {
                 throw EntityError(.rejected, entity: name, "the entity has no history, so no activity \(id)")
             }
-            outcome = try await core.activities.reschedule(entity: key.rawValue, activity: id, change)
+            return try await core.activities.reschedule(entity: key.rawValue, activity: id, change)
         } catch let error as EntityError {
             throw error
         } catch let error as JournalError {
@@ -118,17 +117,15 @@ extension EntityRuntime {
         } catch {
             throw EntityError(.storage, entity: name, "rescheduling activity \(id) failed", underlying: error)
         }
-        switch outcome {
-        case .retrying(let attempt): return .retrying(attempt)
-        case .paused(let attempt): return .paused(attempt)
-        case .pausedAfter(let attempt): return .pausedAfter(attempt)
-        case .running(let attempt): return .running(attempt)
-        case .due(let attempt): return .due(attempt)
-        case .notPending:
-            throw EntityError(.rejected, entity: name, "the entity awaits no activity \(id): its outcome is recorded, its run gave it up, or the id is wrong")
-        case .cancelRequested:
-            throw EntityError(.rejected, entity: name, "activity \(id)'s cancellation was requested: no further attempt starts")
+    }
+
+    /// The error for a worker's answer that refuses the change (the activity is not pending, or its
+    /// cancellation was requested).
+    private func refused(_ answer: ActivityWorker.Rescheduled, _ name: EntityName, _ id: UInt64) -> EntityError {
+        if case .cancelRequested = answer {
+            return EntityError(.rejected, entity: name, "activity \(id)'s cancellation was requested: no further attempt starts")
         }
+        return EntityError(.rejected, entity: name, "the entity awaits no activity \(id): its outcome is recorded, its run gave it up, or the id is wrong")
     }
 }
 

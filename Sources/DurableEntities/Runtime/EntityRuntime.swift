@@ -300,8 +300,8 @@ public final class EntityRuntime: Sendable {
         let journal = core.journal
         let key: EntityKey
         var tasks: [UInt64: ActivityTask] = [:]
-        var cancelRequested: Set<UInt64> = []
-        var paused: Set<UInt64> = []
+        let cancelRequested: Set<UInt64>
+        let paused: Set<UInt64>
         do {
             guard let found = try journal.key(for: name) else { return nil }
             key = found
@@ -311,12 +311,12 @@ public final class EntityRuntime: Sendable {
                 guard let task = ActivityTask.decode(row.value) else { continue }
                 tasks[task.activityID] = task
             }
-            for row in try journal.tasks(prefix: ActivityTask.cancelKeyPrefix(entity: key.rawValue)) where row.isIntact {
-                if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofCancelKey: $0) }) { cancelRequested.insert(id.activityID) }
+            /// The activities that the entity's intact rows under `keys` (of the shape `prefix`) name.
+            func activities(_ keys: [UInt8], _ prefix: UInt8) throws(JournalError) -> Set<UInt64> {
+                Set(ActivityTask.ids(in: try journal.tasks(prefix: keys).filter(\.isIntact), prefix: prefix).map(\.activityID))
             }
-            for row in try journal.tasks(prefix: ActivityTask.pauseKeyPrefix(entity: key.rawValue)) where row.isIntact {
-                if let id = row.key.withUnsafeBytes({ ActivityTask.id(ofPauseKey: $0) }) { paused.insert(id.activityID) }
-            }
+            cancelRequested = try activities(ActivityTask.cancelKeyPrefix(entity: key.rawValue), ActivityTask.cancelKeyPrefix)
+            paused = try activities(ActivityTask.pauseKeyPrefix(entity: key.rawValue), ActivityTask.pauseKeyPrefix)
         } catch {
             throw EntityError(.storage, entity: name, "reading the entity's tasks failed", underlying: error)
         }
